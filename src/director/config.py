@@ -1,0 +1,438 @@
+"""Settings from the environment: parse once, validate everything, guard production.
+
+Every variable the daemon reads is declared in ``VARIABLES`` below, next to its default and
+its documentation; README.rst's configuration table is generated from the same list
+(``director config docs``) so the two cannot drift apart.
+
+Parsing never touches the disk or the network: ``load_settings(environ)`` is a pure
+function returning a frozen ``Settings`` or raising ``ConfigError`` with one line per
+problem, each naming the variable, what is wrong with its value, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+ENVIRONMENTS = ("development", "production", "test", "staging")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal", "silent")
+DANGEROUS_FLAGS = (
+    "DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS",
+    "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS",
+    "DANGEROUSLY_ENABLE_SEEDING",
+)
+MIN_SECRET_LENGTH = 32
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class ConfigError(Exception):
+    """The environment does not describe a runnable daemon; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Invalid(Exception):
+    """Raised by a parser: the value's problem and the fix, without the variable's name."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+@attrs.frozen
+class Variable:
+    name: str
+    default: str | None
+    description: str
+    parse: Callable[[str], Any]
+    field: str
+
+
+@attrs.frozen
+class Settings:
+    """The daemon's whole configuration. Frozen: built once at start, shared read-only."""
+
+    environment: str = "development"
+    database_url: str | None = None
+    auth_secret: str | None = None
+    base_url: str = "http://localhost:3673"
+    host: str = "0.0.0.0"  # noqa: S104 - a gateway listens on all interfaces unless told
+    port: int = 3673
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    telemetry_enabled: bool = False
+    telemetry_url: str = "https://telemetry.director.run/v1/events"
+    registry_url: str = "https://registry.director.run"
+    rate_limit_window_seconds: int = 60
+    rate_limit_max_requests: int = 1000
+    allow_arbitrary_stdio_servers: bool = False
+    allow_insecure_http_servers: bool = False
+    enable_seeding: bool = False
+    waitlist_enabled: bool = False
+    log_level: str = "info"
+    state_directory: str = ""
+    max_request_body_bytes: int = 4 * 1024 * 1024
+    shutdown_timeout_seconds: float = 10.0
+    database_pool_size: int = 4
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def base_origin(self) -> str:
+        return origin_of(self.base_url)
+
+    @property
+    def embedded_database(self) -> bool:
+        """True when the daemon runs its own private PostgreSQL under the state directory."""
+        return self.database_url is None
+
+
+# --- value parsers: each returns the parsed value or raises _Invalid(problem, fix) ---------
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _Invalid("is not a boolean", "use true or false")
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise _Invalid("is not a whole number", "use a whole number greater than 0") from None
+    if value <= 0:
+        raise _Invalid("must be greater than 0", "use a whole number greater than 0")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise _Invalid("is not a number", "use a number of seconds greater than 0") from None
+    if not value > 0:
+        raise _Invalid("must be greater than 0", "use a number of seconds greater than 0")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = _positive_int(raw)
+    except _Invalid as invalid:
+        raise _Invalid(invalid.problem, "use a TCP port between 1 and 65535") from None
+    if value > 65535:
+        raise _Invalid("is not a TCP port", "use a port between 1 and 65535")
+    return value
+
+
+def _listen_host(raw: str) -> str:
+    value = raw.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if value not in ("localhost",):
+            raise _Invalid(
+                "is not an IP address", "use an address to listen on, e.g. 127.0.0.1 or 0.0.0.0"
+            ) from None
+    return value
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("is not an http(s) URL", "use a URL such as https://director.example.com")
+    if parts.query or parts.fragment:
+        raise _Invalid("has a query or fragment", "remove everything after ? or #")
+    return value.rstrip("/")
+
+
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise _Invalid(
+            "is not a PostgreSQL URL",
+            "use postgres://user:password@host:5432/dbname, or unset it for the embedded database",
+        )
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        parse_dsn(value)
+    except Exception as error:  # psycopg2.ProgrammingError, but keep the import local
+        raise _Invalid(
+            f"cannot be parsed ({str(error).strip()})",
+            "use postgres://user:password@host:5432/dbname",
+        ) from None
+    return value
+
+
+def _secret(raw: str) -> str:
+    if len(raw) < MIN_SECRET_LENGTH:
+        raise _Invalid(
+            f"is {len(raw)} characters long, at least {MIN_SECRET_LENGTH} are required",
+            "generate one with: openssl rand -base64 48",
+        )
+    return raw
+
+
+def _origin_list(raw: str) -> tuple[str, ...]:
+    origins = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise _Invalid(
+                f"contains {item!r}, which is not an origin",
+                "list origins as scheme://host[:port], separated by commas",
+            )
+        origins.append(origin_of(item))
+    return tuple(origins)
+
+
+def _host_list(raw: str) -> tuple[str, ...]:
+    hosts = []
+    for item in raw.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if "/" in item or " " in item:
+            raise _Invalid(
+                f"contains {item!r}, which is not a host name",
+                "list host names (optionally with :port), separated by commas",
+            )
+        hosts.append(item)
+    return tuple(hosts)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _Invalid("is not recognised", "use one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _directory(raw: str) -> str:
+    # systemd passes several directories separated by colons when StateDirectory= lists several.
+    first = raw.split(":")[0].strip()
+    if not first.startswith("/"):
+        raise _Invalid("is not an absolute path", "use an absolute directory path")
+    return first
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("DATABASE_URL", None,
+             "PostgreSQL connection URL. Unset outside production: a private PostgreSQL cluster is "
+             "started under the state directory. Required in production.",
+             _database_url, "database_url"),
+    Variable("BETTER_AUTH_SECRET", None,
+             f"Secret (at least {MIN_SECRET_LENGTH} characters) for session signing and for the "
+             "encryption key of secrets at rest. Required in production; elsewhere one is generated "
+             "once and kept in the state directory.",
+             _secret, "auth_secret"),
+    Variable("BASE_URL", "http://localhost:3673",
+             "Public URL where Director is reached; the CORS origin, Host check and the URLs it "
+             "hands out derive from it. Required in production.",
+             _http_url, "base_url"),
+    Variable("PORT", "3673", "HTTP port for the gateway.", _port, "port"),
+    Variable("HOST", "0.0.0.0",  # noqa: S104
+             "Address to listen on (127.0.0.1 when behind a local proxy).",
+             _listen_host, "host"),
+    Variable("ALLOWED_ORIGINS", "",
+             "Comma-separated extra origins allowed for CORS and the Origin check.",
+             _origin_list, "allowed_origins"),
+    Variable("ALLOWED_HOSTS", "",
+             "Comma-separated extra Host header values accepted besides BASE_URL's host and "
+             "loopback (e.g. an internal load balancer name).",
+             _host_list, "allowed_hosts"),
+    Variable("TELEMETRY_ENABLED", "false", "Enable anonymous usage telemetry.", _boolean,
+             "telemetry_enabled"),
+    Variable("TELEMETRY_URL", "https://telemetry.director.run/v1/events",
+             "Where anonymous telemetry is sent when enabled.", _http_url, "telemetry_url"),
+    Variable("REGISTRY_URL", "https://registry.director.run", "MCP server registry endpoint.",
+             _http_url, "registry_url"),
+    Variable("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "60", "Rate-limit window per API key.",
+             _positive_int, "rate_limit_window_seconds"),
+    Variable("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1000", "Requests allowed per key per window.",
+             _positive_int, "rate_limit_max_requests"),
+    Variable("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "false",
+             "Allow users to add stdio servers (arbitrary command execution). Refused in "
+             "production.", _boolean, "allow_arbitrary_stdio_servers"),
+    Variable("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", "false",
+             "Allow plain-http, IP-literal and private-address upstream servers. Refused in "
+             "production.", _boolean, "allow_insecure_http_servers"),
+    Variable("DANGEROUSLY_ENABLE_SEEDING", "false",
+             "Enable `director seed`. Refused in production.", _boolean, "enable_seeding"),
+    Variable("WAITLIST_ENABLED", "false",
+             "New users start pending until an administrator activates them.", _boolean,
+             "waitlist_enabled"),
+    Variable("NODE_ENV", "development",
+             "production, development, test or staging. `DIRECTOR_ENV` is an alias; kept so "
+             "existing env files work.", _one_of(ENVIRONMENTS), "environment"),
+    Variable("LOG_LEVEL", "info", "trace, debug, info, warn, error, fatal or silent.",
+             _one_of(LOG_LEVELS), "log_level"),
+    Variable("STATE_DIRECTORY", None,
+             "Where the embedded database and generated secret live. systemd sets it from "
+             "StateDirectory=; otherwise /var/lib/director for root and "
+             "$XDG_STATE_HOME/director (~/.local/state/director) for other users.",
+             _directory, "state_directory"),
+    Variable("MAX_REQUEST_BODY_BYTES", "4194304",
+             "Largest request body accepted; larger ones get 413.", _positive_int,
+             "max_request_body_bytes"),
+    Variable("SHUTDOWN_TIMEOUT_SECONDS", "10",
+             "How long a stop may drain streams and children before they are cut.",
+             _positive_float, "shutdown_timeout_seconds"),
+    Variable("DATABASE_POOL_SIZE", "4", "Connections in the query pool (plus one for LISTEN).",
+             _positive_int, "database_pool_size"),
+)
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL, lower-cased, default ports dropped."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def default_state_directory(environ: Mapping[str, str]) -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/director"
+    xdg = environ.get("XDG_STATE_HOME", "").strip()
+    if xdg.startswith("/"):
+        return str(Path(xdg) / "director")
+    home = environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
+    return str(Path(home) / ".local" / "state" / "director")
+
+
+def _lookup(environ: Mapping[str, str], name: str) -> str | None:
+    """An unset variable and an empty one are the same, as in the original's env files."""
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    return value
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse and validate the environment; raise ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    environ = dict(environ)
+
+    alias = _lookup(environ, "DIRECTOR_ENV")
+    node_env = _lookup(environ, "NODE_ENV")
+    if alias is not None and node_env is not None and alias.strip() != node_env.strip():
+        problems.append(
+            f"NODE_ENV={node_env!r} and DIRECTOR_ENV={alias!r} disagree; "
+            "set only one of them (DIRECTOR_ENV is an alias of NODE_ENV)"
+        )
+    elif alias is not None:
+        environ["NODE_ENV"] = alias
+
+    for variable in VARIABLES:
+        raw = _lookup(environ, variable.name)
+        if raw is None:
+            raw = variable.default
+        if raw is None:
+            continue
+        try:
+            values[variable.field] = variable.parse(raw)
+        except _Invalid as invalid:
+            shown = "(hidden)" if variable.name == "BETTER_AUTH_SECRET" else repr(raw)
+            problems.append(
+                f"{variable.name}={shown} {invalid.problem}; {invalid.fix}"
+            )
+
+    if "port" in values and _lookup(environ, "BASE_URL") is None:
+        values["base_url"] = f"http://localhost:{values['port']}"
+    if "state_directory" not in values:
+        values["state_directory"] = default_state_directory(environ)
+
+    if values.get("environment") == "production":
+        for name in DANGEROUS_FLAGS:
+            flag = next(v for v in VARIABLES if v.name == name)
+            if values.get(flag.field):
+                problems.append(
+                    f"FATAL: {name} cannot be enabled in production. Remove it from the "
+                    "environment, or set NODE_ENV=development for single-user local development."
+                )
+        for name in ("DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL"):
+            if _lookup(environ, name) is None:
+                problems.append(
+                    f"{name} is required when NODE_ENV=production; set it in the environment "
+                    "file (see README.rst, Configuration)"
+                )
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values)
+
+
+def configuration_table() -> str:
+    """The README's configuration table, as reStructuredText."""
+    rows = [("Variable", "Default", "Meaning")]
+    for variable in VARIABLES:
+        default = "(unset)" if variable.default is None else f"``{variable.default}``"
+        if variable.default == "":
+            default = "(empty)"
+        rows.append((f"``{variable.name}``", default, variable.description))
+    # A simple table's last column may run past its rule, so it stays as wide as its title.
+    widths = [max(len(row[i]) for row in rows) for i in range(2)] + [len(rows[0][2])]
+    rule = " ".join("=" * width for width in widths)
+    lines = [rule, " ".join(cell.ljust(w) for cell, w in zip(rows[0], widths, strict=True)).rstrip(),
+             rule]
+    for row in rows[1:]:
+        lines.append(" ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """Read a systemd ``EnvironmentFile=``: KEY=VALUE lines, # comments, optional quotes."""
+    values: dict[str, str] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            stripped = line.strip()
+            if not stripped or stripped.startswith(("#", ";")):
+                continue
+            if stripped.startswith("export "):
+                stripped = stripped[len("export "):].lstrip()
+            key, sep, value = stripped.partition("=")
+            if not sep or not key.strip().replace("_", "").isalnum():
+                raise ConfigError([f"{path}:{number}: expected KEY=VALUE, found {stripped!r}"])
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key.strip()] = value
+    return values

@@ -1,0 +1,1 @@
+"""PostgreSQL: the connection pool and LISTEN hub, schema migrations, the embedded default."""

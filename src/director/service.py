@@ -1,0 +1,232 @@
+"""The service tree: database (embedded or external), schema check, HTTP listener, systemd.
+
+Start order, and why:
+
+1. the HTTP port listens at once (``READY=1`` follows), so load balancers get an honest 503
+   with a reason instead of a refused connection while the database is still coming up;
+2. the database: the private cluster is started when ``DATABASE_URL`` is unset; an external
+   one is retried until it answers (``database unreachable … retrying`` is logged once);
+3. the schema: migrated automatically for the embedded database, only *checked* for an external
+   one (operators run ``director db upgrade``); an un-migrated or too-new schema stops the
+   daemon with a FATAL line naming the command to run, and exit status 1;
+4. the pool and the LISTEN connection; ``/api/health`` turns 200 when both are up.
+
+Stop (SIGTERM/SIGINT): health turns 503, the port stops accepting, open connections are given
+``SHUTDOWN_TIMEOUT_SECONDS`` to finish and are then cut, the database connections close, and the
+private cluster is shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints, task, threads
+from twisted.logger import Logger
+
+from director import __version__, systemd
+from director.config import Settings
+from director.db import migrate
+from director.db.database import Database
+from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from director.web.app import DirectorApp
+from director.web.edge import DirectorSite, EdgeResource
+
+log = Logger(namespace="gateway")
+
+EX_CONFIG = 78  # sysexits.h: systemd units can use RestartPreventExitStatus= on it
+
+
+class FatalStartupError(Exception):
+    """The daemon cannot serve; the message says what to do."""
+
+
+class DirectorService(MultiService):
+    """The whole daemon. Two of these can run in one process (tests do), sharing nothing."""
+
+    def __init__(self, settings: Settings, reactor: Any, listen: str | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.listen_description = listen or (
+            f"tcp:{settings.port}:interface={settings.host}:backlog=1024"
+        )
+        self.embedded: EmbeddedPostgres | None = None
+        if settings.embedded_database:
+            self.embedded = EmbeddedPostgres(Path(settings.state_directory))
+        self.database: Database | None = None
+        self.port: Any = None  # IListeningPort
+        self.site: DirectorSite | None = None
+        self.web = DirectorApp(self.health_reason)
+        self.schema_ready = False
+        self.stopping = False
+        self.exit_code = 0
+        self.started_at = time.monotonic()
+        self.ready = defer.Deferred[None]()  # fires when healthy for the first time
+        self.addService(systemd.WatchdogService())
+
+    # --- health ------------------------------------------------------------------------
+
+    async def health_reason(self) -> str | None:
+        if self.stopping:
+            return "shutting down"
+        if self.database is None or not self.schema_ready:
+            return "database: not connected yet"
+        try:
+            await self.database.ping()
+        except Exception as error:
+            return f"database: {' '.join(str(error).split()) or type(error).__name__}"
+        return None
+
+    # --- start -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._fatal)
+
+    async def _start(self) -> None:
+        await self._listen()
+        dsn = await self._database_dsn()
+        await self._check_schema(dsn)
+        self.database = Database(dsn, self.settings.database_pool_size, self.reactor)
+        self.database.start()
+        await self._wait_until_available()
+        elapsed = time.monotonic() - self.started_at
+        log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
+        systemd.notify("STATUS=serving")
+        self.ready.callback(None)
+
+    async def _listen(self) -> None:
+        resource = EdgeResource(self.web.resource(), self.settings)
+        self.site = DirectorSite(resource, self.settings)
+        self.site.noisy = False
+        endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
+        try:
+            self.port = await endpoint.listen(self.site)
+        except Exception as error:
+            raise FatalStartupError(
+                f"cannot listen on {self.listen_description}: {error}; is another process "
+                "using the port? Set PORT to a free one"
+            ) from error
+        bound = self.port.getHost()
+        log.info("director gateway running on port {port}", port=getattr(bound, "port", bound),
+                 version=__version__)
+        systemd.notify(f"READY=1\nSTATUS=listening on port {getattr(bound, 'port', bound)}, "
+                       f"connecting to the database\nMAINPID={os.getpid()}")
+
+    async def _database_dsn(self) -> str:
+        if self.embedded is None:
+            assert self.settings.database_url is not None
+            return self.settings.database_url
+        embedded = self.embedded
+        try:
+            created = await threads.deferToThread(embedded.initialise)
+            if created:
+                log.info("created the private PostgreSQL cluster in {path}",
+                         path=str(embedded.data_directory))
+            # Launched from the reactor thread: the parent-death signal is tied to it.
+            outcome = embedded.launch()
+            while not embedded.poll_ready():
+                await task.deferLater(self.reactor, 0.02, lambda: None)
+            await threads.deferToThread(embedded.ensure_database)
+        except EmbeddedDatabaseError as error:
+            raise FatalStartupError(str(error)) from error
+        log.info("private PostgreSQL {outcome} in {path}", outcome=outcome,
+                 path=str(embedded.root))
+        return embedded.dsn()
+
+    async def _check_schema(self, dsn: str) -> None:
+        reported = False
+        while True:
+            try:
+                if self.embedded is not None:
+                    applied = await threads.deferToThread(migrate.upgrade, dsn)
+                    for migration in applied:
+                        log.info("applied migration {version:04d}_{migration}",
+                                 version=migration.version, migration=migration.name)
+                    self.schema_ready = True
+                    return
+                status = await threads.deferToThread(migrate.status, dsn)
+                break
+            except migrate.MigrationError as error:
+                raise FatalStartupError(str(error)) from error
+            except Exception as error:  # psycopg2.OperationalError: not reachable yet
+                if not reported:
+                    log.warn("database unreachable: {reason}; retrying until it answers",
+                             reason=" ".join(str(error).split()))
+                    reported = True
+                await task.deferLater(self.reactor, 1.0, lambda: None)
+                if self.stopping:
+                    raise FatalStartupError("stopped before the database answered") from None
+        if status.newer_than_code:
+            raise FatalStartupError(migrate.newer_schema_message(status.current, status.latest))
+        if not status.up_to_date:
+            raise FatalStartupError(migrate.outdated_schema_message(status.current, status.latest))
+        self.schema_ready = True
+
+    async def _wait_until_available(self) -> None:
+        assert self.database is not None
+        while not self.database.available:
+            await task.deferLater(self.reactor, 0.01, lambda: None)
+
+    def _fatal(self, failure: Any) -> None:
+        if self.stopping:
+            return
+        if failure.check(FatalStartupError):
+            log.critical("FATAL: {reason}", reason=str(failure.value))
+        else:
+            log.failure("FATAL: unexpected error while starting", failure)
+        self.exit_code = 1
+        exit_after_shutdown(self.reactor, 1)
+        self.reactor.stop()
+
+    # --- stop --------------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.stopping = True
+        systemd.notify("STOPPING=1\nSTATUS=draining")
+        log.info("stopping: draining connections (at most {timeout} s)",
+                 timeout=self.settings.shutdown_timeout_seconds)
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+        if self.port is not None:
+            await self.port.stopListening()
+        await self._drain_connections()
+        if self.database is not None:
+            self.database.stop()
+        if self.embedded is not None:
+            await threads.deferToThread(self.embedded.stop, self.settings.shutdown_timeout_seconds)
+        log.info("stopped")
+
+    async def _drain_connections(self) -> None:
+        """Wait for in-flight responses, then cut what remains (idle keep-alives, streams)."""
+        if self.site is None:
+            return
+        site = self.site
+        deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
+        busy = {request.channel.transport for request in site.in_flight}
+        for channel in list(site.open_channels):
+            if channel.transport not in busy:
+                channel.transport.loseConnection()
+        while site.in_flight and time.monotonic() < deadline:
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        for channel in list(site.open_channels):
+            channel.transport.abortConnection()
+
+
+def exit_after_shutdown(reactor: Any, code: int) -> None:
+    """twistd always exits 0 after ``reactor.stop()``; make a fatal start visible to systemd."""
+
+    def leave() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    reactor.addSystemEventTrigger("after", "shutdown", leave)

@@ -1,0 +1,1 @@
+"""The HTTP side: edge policy (headers, CORS, Host/Origin, trace ids, size limits) and routes."""
