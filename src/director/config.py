@@ -172,6 +172,10 @@ def _database_url(raw: str) -> str:
             "is not a PostgreSQL URL",
             "use postgres://user:password@host:5432/dbname, or unset it for the embedded database",
         )
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise _Invalid("has an invalid port", "use a port number such as 5432") from None
     from psycopg2.extensions import parse_dsn
 
     try:

@@ -40,6 +40,8 @@ THRESHOLD = {"trace": 10, "debug": 20, "info": 30, "warn": 40, "error": 50, "fat
              "silent": 1000}
 SYSLOG_PRIORITY = {20: 7, 30: 6, 40: 4, 50: 3, 60: 2}
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+#: Overridable only so tests can stand in for journald with a socket of their own.
+JOURNAL_SOCKET_VARIABLE = "DIRECTOR_JOURNAL_SOCKET"
 IDENTIFIER = "director"
 
 _SKIP_KEYS = frozenset({"format", "message", "isError", "system", "time", "failure", "why"})
@@ -192,7 +194,8 @@ class _StdlibToTwisted(logging.Handler):
 def observer() -> DirectorLogObserver:
     """twistd ``--logger`` factory: level from LOG_LEVEL, journald when stdout is the journal."""
     level = os.environ.get("LOG_LEVEL", "").strip().lower() or "info"
-    journal = JOURNAL_SOCKET if stdout_is_journal() and os.path.exists(JOURNAL_SOCKET) else None
+    socket_path = os.environ.get(JOURNAL_SOCKET_VARIABLE) or JOURNAL_SOCKET
+    journal = socket_path if stdout_is_journal() and os.path.exists(socket_path) else None
     root = logging.getLogger()
     if not any(isinstance(handler, _StdlibToTwisted) for handler in root.handlers):
         root.addHandler(_StdlibToTwisted())

@@ -35,9 +35,9 @@ class Options(usage.Options):
 
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger"):
-            from director.logs import observer
-
-            parent["logger"] = observer
+            # twistd resolves --logger after its sub-command's options: our JSON/journald
+            # output becomes the default without anyone passing --logger.
+            parent["logger"] = "director.logs.observer"
         try:
             self["settings"] = load_settings(os.environ)
         except ConfigError as error:

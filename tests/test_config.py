@@ -1,0 +1,273 @@
+"""Configuration: every variable parsed, every bad value refused with one precise line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from director.config import (
+    DANGEROUS_FLAGS,
+    VARIABLES,
+    ConfigError,
+    configuration_table,
+    load_settings,
+    read_env_file,
+)
+from tests.harness import DIRECTOR, SECRET, base_environment, make_temp_dir
+
+PRODUCTION = {
+    "NODE_ENV": "production",
+    "DATABASE_URL": "postgres://director:pw@db.internal:5432/director",
+    "BETTER_AUTH_SECRET": SECRET,
+    "BASE_URL": "https://director.example.com",
+}
+
+
+def problems_for(environ: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    return caught.value.problems
+
+
+def test_defaults_match_the_deployment_guide() -> None:
+    settings = load_settings({"HOME": "/home/someone"})
+    assert settings.port == 3673
+    assert settings.base_url == "http://localhost:3673"
+    assert settings.allowed_origins == ()
+    assert settings.telemetry_enabled is False
+    assert settings.registry_url == "https://registry.director.run"
+    assert settings.rate_limit_window_seconds == 60
+    assert settings.rate_limit_max_requests == 1000
+    assert settings.environment == "development"
+    assert settings.log_level == "info"
+    assert settings.database_url is None and settings.embedded_database
+    assert not (settings.allow_arbitrary_stdio_servers or settings.allow_insecure_http_servers
+                or settings.enable_seeding)
+
+
+def test_every_variable_is_parsed() -> None:
+    settings = load_settings({
+        "DATABASE_URL": "postgresql://u:p@h:5433/d",
+        "BETTER_AUTH_SECRET": SECRET,
+        "BASE_URL": "https://director.example.com/",
+        "PORT": "8080",
+        "HOST": "127.0.0.1",
+        "ALLOWED_ORIGINS": "https://a.example.com, http://localhost:5173/",
+        "ALLOWED_HOSTS": "lb.internal,10.0.0.5",
+        "TELEMETRY_ENABLED": "true",
+        "REGISTRY_URL": "https://registry.example.com",
+        "API_KEY_RATE_LIMIT_WINDOW_SECONDS": "30",
+        "API_KEY_RATE_LIMIT_MAX_REQUESTS": "5",
+        "DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS": "TRUE",
+        "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS": "1",
+        "DANGEROUSLY_ENABLE_SEEDING": "yes",
+        "WAITLIST_ENABLED": "on",
+        "NODE_ENV": "staging",
+        "LOG_LEVEL": "WARN",
+        "STATE_DIRECTORY": "/srv/director:/srv/other",
+        "MAX_REQUEST_BODY_BYTES": "1024",
+        "SHUTDOWN_TIMEOUT_SECONDS": "2.5",
+        "DATABASE_POOL_SIZE": "2",
+    })
+    assert settings.database_url == "postgresql://u:p@h:5433/d"
+    assert settings.base_url == "https://director.example.com"  # trailing slash dropped
+    assert settings.base_origin == "https://director.example.com"
+    assert settings.port == 8080 and settings.host == "127.0.0.1"
+    assert settings.allowed_origins == ("https://a.example.com", "http://localhost:5173")
+    assert settings.allowed_hosts == ("lb.internal", "10.0.0.5")
+    assert settings.telemetry_enabled and settings.waitlist_enabled
+    assert settings.rate_limit_window_seconds == 30 and settings.rate_limit_max_requests == 5
+    assert settings.allow_arbitrary_stdio_servers and settings.allow_insecure_http_servers
+    assert settings.enable_seeding
+    assert settings.environment == "staging" and settings.log_level == "warn"
+    assert settings.state_directory == "/srv/director"
+    assert settings.max_request_body_bytes == 1024
+    assert settings.shutdown_timeout_seconds == 2.5 and settings.database_pool_size == 2
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_base_url_follows_port_when_unset() -> None:
+    assert load_settings({"PORT": "9000"}).base_url == "http://localhost:9000"
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("PORT", "abc", "PORT='abc' is not a whole number; use a TCP port between 1 and 65535"),
+    ("PORT", "0", "PORT='0' must be greater than 0"),
+    ("PORT", "70000", "PORT='70000' is not a TCP port"),
+    ("HOST", "example.com", "HOST='example.com' is not an IP address"),
+    ("DATABASE_URL", "mysql://x", "DATABASE_URL='mysql://x' is not a PostgreSQL URL"),
+    ("DATABASE_URL", "postgres://u@h:notaport/d", "DATABASE_URL='postgres://u@h:notaport/d' "
+                                                   "has an invalid port"),
+    ("DATABASE_URL", "postgres://h/d?bogus=1",
+     'cannot be parsed (invalid dsn: invalid URI query parameter: "bogus")'),
+    ("BETTER_AUTH_SECRET", "short", "BETTER_AUTH_SECRET=(hidden) is 5 characters long, at least "
+                                    "32 are required; generate one with: openssl rand -base64 48"),
+    ("BASE_URL", "director.example.com", "BASE_URL='director.example.com' is not an http(s) URL"),
+    ("BASE_URL", "https://x.example.com/?a=1", "has a query or fragment"),
+    ("ALLOWED_ORIGINS", "https://ok.example.com,ftp://bad", "contains 'ftp://bad', which is not an"
+                                                            " origin"),
+    ("ALLOWED_ORIGINS", "https://x.example.com/path", "which is not an origin"),
+    ("ALLOWED_HOSTS", "a b", "which is not a host name"),
+    ("TELEMETRY_ENABLED", "ture", "TELEMETRY_ENABLED='ture' is not a boolean; use true or false"),
+    ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) URL"),
+    ("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "-5", "must be greater than 0"),
+    ("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1e3", "is not a whole number"),
+    ("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "maybe", "is not a boolean"),
+    ("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", "2", "is not a boolean"),
+    ("DANGEROUSLY_ENABLE_SEEDING", "y", "is not a boolean"),
+    ("WAITLIST_ENABLED", "enabled", "is not a boolean"),
+    ("NODE_ENV", "prod", "NODE_ENV='prod' is not recognised; use one of development, production"),
+    ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose' is not recognised; use one of trace"),
+    ("STATE_DIRECTORY", "relative/dir", "STATE_DIRECTORY='relative/dir' is not an absolute path"),
+    ("MAX_REQUEST_BODY_BYTES", "big", "is not a whole number"),
+    ("SHUTDOWN_TIMEOUT_SECONDS", "0", "must be greater than 0"),
+    ("DATABASE_POOL_SIZE", "x", "is not a whole number"),
+])
+def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
+    problems = problems_for({name: value})
+    assert len(problems) == 1
+    assert expected in problems[0]
+    assert problems[0].startswith(name)
+    assert "\n" not in problems[0]
+
+
+def test_every_variable_has_a_bad_value_test() -> None:
+    tested = {"PORT", "HOST", "DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL", "ALLOWED_ORIGINS",
+              "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL",
+              "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
+              *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
+              "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
+              "TELEMETRY_URL"}
+    assert {variable.name for variable in VARIABLES} <= tested
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    problems = problems_for({"PORT": "x", "LOG_LEVEL": "loud", "TELEMETRY_ENABLED": "?"})
+    assert [p.split("=")[0] for p in problems] == ["PORT", "TELEMETRY_ENABLED", "LOG_LEVEL"]
+
+
+def test_empty_values_mean_unset() -> None:
+    settings = load_settings({"PORT": "", "DATABASE_URL": "", "BETTER_AUTH_SECRET": ""})
+    assert settings.port == 3673 and settings.database_url is None
+
+
+@pytest.mark.parametrize("flag", DANGEROUS_FLAGS)
+def test_each_dangerous_flag_is_fatal_in_production(flag: str) -> None:
+    problems = problems_for({**PRODUCTION, flag: "true"})
+    assert problems == [
+        f"FATAL: {flag} cannot be enabled in production. Remove it from the environment, or set "
+        "NODE_ENV=development for single-user local development."
+    ]
+
+
+def test_dangerous_flags_are_allowed_outside_production() -> None:
+    settings = load_settings({**PRODUCTION, "NODE_ENV": "development",
+                              **{flag: "true" for flag in DANGEROUS_FLAGS}})
+    assert settings.allow_arbitrary_stdio_servers and settings.enable_seeding
+
+
+def test_false_dangerous_flags_are_fine_in_production() -> None:
+    assert load_settings({**PRODUCTION, DANGEROUS_FLAGS[0]: "false"}).production
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL"])
+def test_production_requires_the_guides_required_variables(name: str) -> None:
+    environ = dict(PRODUCTION)
+    del environ[name]
+    assert problems_for(environ) == [
+        f"{name} is required when NODE_ENV=production; set it in the environment file "
+        "(see README.rst, Configuration)"
+    ]
+
+
+def test_director_env_is_an_alias_of_node_env() -> None:
+    assert load_settings({**PRODUCTION, "NODE_ENV": "", "DIRECTOR_ENV": "production"}).production
+    problems = problems_for({"NODE_ENV": "production", "DIRECTOR_ENV": "development"})
+    assert "disagree" in problems[0]
+    flagged = problems_for({**PRODUCTION, "NODE_ENV": "", "DIRECTOR_ENV": "production",
+                            "DANGEROUSLY_ENABLE_SEEDING": "true"})
+    assert flagged[0].startswith("FATAL: DANGEROUSLY_ENABLE_SEEDING")
+
+
+def test_state_directory_defaults() -> None:
+    settings = load_settings({"XDG_STATE_HOME": "/xdg", "HOME": "/home/u"})
+    expected = "/var/lib/director" if os.geteuid() == 0 else "/xdg/director"
+    assert settings.state_directory == expected
+
+
+def test_env_file_parsing(tmp_path: object) -> None:
+    directory = make_temp_dir("director-env-")
+    path = directory / "director.env"
+    path.write_text("# comment\n\nPORT=4000\nexport LOG_LEVEL=warn\nBASE_URL=\"https://x.example.com\"\n"
+                    "ALLOWED_ORIGINS='https://a.example.com'\n")
+    assert read_env_file(str(path)) == {"PORT": "4000", "LOG_LEVEL": "warn",
+                                        "BASE_URL": "https://x.example.com",
+                                        "ALLOWED_ORIGINS": "https://a.example.com"}
+    path.write_text("this is not an assignment\n")
+    with pytest.raises(ConfigError, match=r"director.env:1: expected KEY=VALUE"):
+        read_env_file(str(path))
+
+
+def test_configuration_table_lists_every_variable() -> None:
+    table = configuration_table()
+    for variable in VARIABLES:
+        assert f"``{variable.name}``" in table
+
+
+def run_director(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DIRECTOR, *args], env=base_environment(**env), capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_config_check_accepts_a_valid_environment() -> None:
+    result = run_director("config", "check", "--json", **PRODUCTION)
+    assert result.returncode == 0, result.stderr
+    assert '"ok": true' in result.stdout and '"environment": "production"' in result.stdout
+
+
+def test_config_check_refuses_with_one_line_per_problem_and_exit_78() -> None:
+    result = run_director("config", "check", **PRODUCTION, DANGEROUSLY_ENABLE_SEEDING="true",
+                          PORT="http")
+    assert result.returncode == 78
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "PORT='http' is not a whole number; use a TCP port between 1 and 65535",
+        "FATAL: DANGEROUSLY_ENABLE_SEEDING cannot be enabled in production. Remove it from the "
+        "environment, or set NODE_ENV=development for single-user local development.",
+    ]
+
+
+def test_config_check_reads_an_env_file_under_the_process_environment() -> None:
+    directory = make_temp_dir("director-env-")
+    path = directory / "director.env"
+    path.write_text("PORT=4123\nLOG_LEVEL=error\n")
+    result = run_director("--env-file", str(path), "config", "check", LOG_LEVEL="debug")
+    assert result.returncode == 0, result.stderr
+    assert "0.0.0.0:4123" in result.stdout
+    missing = run_director("--env-file", str(directory / "absent.env"), "config", "check")
+    assert missing.returncode == 78
+    assert "cannot read the environment file" in missing.stderr
+
+
+def test_daemon_refuses_to_start_on_invalid_configuration() -> None:
+    for argv in ([DIRECTOR, "serve"], [DIRECTOR.replace("director", "twistd"), "-n", "director"]):
+        result = subprocess.run(argv, env=base_environment(**PRODUCTION,
+                                DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true"),
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 78, (argv, result.stdout, result.stderr)
+        assert ("FATAL: DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS cannot be enabled in production."
+                in result.stderr)
+
+
+def test_version() -> None:
+    from director import __version__
+
+    result = run_director("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"director {__version__}"

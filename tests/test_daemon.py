@@ -1,0 +1,408 @@
+"""The daemon as operators run it: a real ``director serve`` process over real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from director.db import migrate
+from director.db.embedded import EmbeddedPostgres
+from tests.harness import TWISTD, Daemon, free_port, make_temp_dir, query
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def state_directory() -> Iterator[Path]:
+    path = make_temp_dir("director-test-state-")
+    yield path
+    cluster = EmbeddedPostgres(path)
+    pid = cluster.running_postmaster()
+    if pid is not None:
+        os.kill(pid, signal.SIGQUIT)
+        time.sleep(0.2)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- start, health, logs --------------------------------------------------------------------
+
+
+def test_serves_health_with_an_external_database(start_daemon: StartDaemon,
+                                                 migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url)
+    daemon.wait_healthy()
+    status, headers, body = daemon.request("GET", "/api/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+    assert headers["content-type"] == "application/json"
+    assert headers["cache-control"] == "no-store"
+
+    running = daemon.wait_for_log("director gateway running on port")
+    assert running["msg"] == f"director gateway running on port {daemon.port}"
+    assert running["level"] == 30 and running["name"] == "gateway"
+    assert abs(running["time"] - time.time() * 1000) < 120_000
+    assert daemon.terminate() == 0
+    daemon.wait_for_log("stopped")
+
+
+def test_plain_twistd_plugin_serves_with_json_logs(start_daemon: StartDaemon,
+                                                  migrated_url: str) -> None:
+    daemon = start_daemon([TWISTD, "-n", "--pidfile=", "director"], DATABASE_URL=migrated_url)
+    daemon.wait_healthy()
+    assert daemon.wait_for_log("director gateway running on port")["level"] == 30
+    # twistd's convention: exit by the stop signal itself (systemd counts SIGTERM as clean).
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    daemon.wait_for_log("stopped")
+
+
+def test_refuses_an_unmigrated_database_naming_the_command(start_daemon: StartDaemon,
+                                                          database_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=database_url)
+    assert daemon.wait_exit() == 1
+    fatal = daemon.wait_for_log("FATAL")
+    assert fatal["level"] == 60
+    assert "run `director db upgrade`" in fatal["msg"]
+    assert query(database_url, "SELECT to_regclass('director_schema')") == [(None,)]
+
+
+def test_refuses_a_newer_schema(start_daemon: StartDaemon, migrated_url: str) -> None:
+    query(migrated_url, "INSERT INTO director_schema VALUES (999, 'future')")
+    daemon = start_daemon(DATABASE_URL=migrated_url)
+    assert daemon.wait_exit() == 1
+    assert "newer than this Director knows" in daemon.wait_for_log("FATAL")["msg"]
+
+
+def test_database_down_at_start_then_recovers_without_restart(start_daemon: StartDaemon) -> None:
+    cluster = EmbeddedPostgres(make_temp_dir("director-test-late-"), fast_and_unsafe=True)
+    try:
+        cluster.start()
+        migrate.upgrade(cluster.dsn())
+        cluster.stop()
+        daemon = start_daemon(DATABASE_URL=cluster.url())
+        body = daemon.wait_for_health(503)
+        assert body["status"] == "unavailable" and body["reason"].startswith("database:")
+        assert "retrying" in daemon.wait_for_log("database unreachable")["msg"]
+        cluster.start()
+        daemon.wait_healthy()
+
+        # And a restart while serving: 503 while down, 200 again afterwards, same process.
+        cluster.stop()
+        assert daemon.wait_for_health(503)["reason"].startswith("database:")
+        cluster.start()
+        daemon.wait_healthy()
+        assert daemon.process.poll() is None
+        assert daemon.terminate() == 0
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.state_directory, ignore_errors=True)
+
+
+# --- the embedded default -------------------------------------------------------------------
+
+
+def test_embedded_default_first_and_later_starts(start_daemon: StartDaemon,
+                                                 state_directory: Path) -> None:
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    assert daemon.wait_for_log("created the private PostgreSQL cluster")
+    assert daemon.wait_for_log("applied migration 0001_deployment")
+    cluster = EmbeddedPostgres(state_directory)
+    assert cluster.running_postmaster() is not None
+    socket_directory = state_directory / "postgres" / "run"
+    assert oct(socket_directory.stat().st_mode & 0o777) == "0o700"
+    assert "listen_addresses" not in (state_directory / "postgres" / "data" /
+                                      "postgresql.auto.conf").read_text()
+    assert daemon.terminate() == 0
+    assert cluster.running_postmaster() is None, "the private cluster outlived the daemon"
+
+    again = start_daemon(STATE_DIRECTORY=str(state_directory))
+    again.wait_healthy()
+    assert "started" in again.wait_for_log("private PostgreSQL")["msg"]
+    assert not any("created the private" in r.get("msg", "") for r in again.records())
+    assert again.terminate() == 0
+
+
+def test_killed_daemon_leaves_no_database_behind_and_restarts(start_daemon: StartDaemon,
+                                                              state_directory: Path) -> None:
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    cluster = EmbeddedPostgres(state_directory)
+    postmaster = cluster.running_postmaster()
+    assert postmaster is not None
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.wait_exit()
+    deadline = time.monotonic() + 10
+    while cluster.running_postmaster() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.running_postmaster() is None, "postgres survived the daemon's SIGKILL"
+
+    again = start_daemon(STATE_DIRECTORY=str(state_directory))
+    again.wait_healthy()
+    assert again.terminate() == 0
+
+
+def test_orphaned_database_is_adopted_and_stopped(start_daemon: StartDaemon,
+                                                  state_directory: Path) -> None:
+    # An orphan: a postmaster whose recorded owner is dead (its parent-death signal never came).
+    orphan = EmbeddedPostgres(state_directory)
+    orphan.start()
+    orphan.owner_file.write_text("999999")
+    pid = orphan.running_postmaster()
+
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    assert "adopted" in daemon.wait_for_log("private PostgreSQL")["msg"]
+    assert orphan.running_postmaster() == pid
+    assert daemon.terminate() == 0
+    deadline = time.monotonic() + 10
+    while orphan.running_postmaster() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert orphan.running_postmaster() is None
+
+
+def test_cli_shares_the_running_daemons_database(start_daemon: StartDaemon,
+                                                 state_directory: Path) -> None:
+    import subprocess
+
+    from tests.harness import DIRECTOR, base_environment
+
+    environ = base_environment(STATE_DIRECTORY=str(state_directory))
+    alone = subprocess.run([DIRECTOR, "db", "status"], env=environ, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert alone.returncode == 1 and "pending: 0001_deployment" in alone.stdout
+    cluster = EmbeddedPostgres(state_directory)
+    assert cluster.running_postmaster() is None, "the command left its database running"
+
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    status = subprocess.run([DIRECTOR, "db", "status"], env=environ, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert status.returncode == 0 and "up to date" in status.stdout
+    assert cluster.running_postmaster() is not None, "the command stopped the daemon's database"
+    daemon.wait_healthy()
+    assert daemon.terminate() == 0
+
+
+# --- edge policy ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon(start_daemon: StartDaemon, migrated_url: str) -> Daemon:
+    started = start_daemon(DATABASE_URL=migrated_url, MAX_REQUEST_BODY_BYTES="1000",
+                           BASE_URL="https://director.example.com",
+                           ALLOWED_ORIGINS="https://app.example.com",
+                           ALLOWED_HOSTS="lb.internal")
+    started.wait_healthy()
+    return started
+
+
+def test_json_errors_for_unknown_routes_and_methods(daemon: Daemon) -> None:
+    status, headers, body = daemon.request("GET", "/no/such/thing")
+    assert status == 404 and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"error": {"code": "not_found",
+                                          "message": "no route for GET /no/such/thing",
+                                          "details": {}}}
+    status, headers, body = daemon.request("DELETE", "/api/health")
+    assert status == 405
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert "GET" in headers["allow"]
+
+
+def test_security_headers_and_trace_ids(daemon: Daemon) -> None:
+    _, headers, _ = daemon.request("GET", "/api/health")
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-xss-protection"] == "0"
+    assert headers["referrer-policy"] == "strict-origin-when-cross-origin"
+    assert "camera=()" in headers["permissions-policy"]
+    assert len(headers["x-trace-id"]) == 32
+    _, again, _ = daemon.request("GET", "/api/health")
+    assert again["x-trace-id"] != headers["x-trace-id"]
+
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    _, traced, _ = daemon.request("GET", "/api/health", headers={"traceparent": parent})
+    assert traced["x-trace-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    _, bogus, _ = daemon.request("GET", "/api/health", headers={"traceparent": "00-zz-yy-01"})
+    assert len(bogus["x-trace-id"]) == 32 and bogus["x-trace-id"] != "zz"
+
+
+def test_oversized_bodies_are_refused_with_413(daemon: Daemon) -> None:
+    status, headers, body = daemon.request("POST", "/api/health", body=b"x" * 5000,
+                                           headers={"content-type": "application/json"})
+    assert status == 413
+    assert json.loads(body)["error"] == {"code": "payload_too_large",
+                                         "message": "request body exceeds the limit of 1000 bytes",
+                                         "details": {"limit": 1000}}
+    assert headers["connection"] == "close"
+
+    # Chunked: no Content-Length to check up front; refused once it crosses the limit.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            sock.sendall(b"1f4\r\n" + b"y" * 500 + b"\r\n")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert daemon.health()[0] == 200  # the daemon is unharmed
+
+
+def test_malformed_http_gets_400_and_changes_nothing(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nContent-Length: -4\r\n\r\n")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert daemon.health()[0] == 200
+
+
+def test_foreign_host_is_refused_but_health_answers_any_host(daemon: Daemon) -> None:
+    status, _, body = daemon.request("GET", "/anything", headers={"host": "evil.example"})
+    assert status == 403
+    assert json.loads(body)["error"]["code"] == "host_not_allowed"
+    assert "ALLOWED_HOSTS" in json.loads(body)["error"]["message"]
+    for host in ("director.example.com", "lb.internal:3673", "localhost:1", "127.0.0.1",
+                 "[::1]:3673"):
+        status, _, _ = daemon.request("GET", "/anything", headers={"host": host})
+        assert status == 404, host  # past the Host check, no such route
+    status, _, _ = daemon.request("GET", "/api/health", headers={"host": "10.1.2.3:3673"})
+    assert status == 200  # load balancers probe by address
+
+
+def test_origin_check_and_cors(daemon: Daemon) -> None:
+    status, _, body = daemon.request("GET", "/api/health",
+                                     headers={"origin": "https://evil.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    for origin in ("https://director.example.com", "https://app.example.com"):
+        status, headers, _ = daemon.request("GET", "/api/health", headers={"origin": origin})
+        assert status == 200
+        assert headers["access-control-allow-origin"] == origin
+        assert headers["access-control-allow-credentials"] == "true"
+        exposed = headers["access-control-expose-headers"]
+        assert "Mcp-Session-Id" in exposed and "WWW-Authenticate" in exposed
+    status, headers, _ = daemon.request("OPTIONS", "/playbooks/x/mcp", headers={
+        "origin": "https://app.example.com",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type, mcp-session-id",
+    })
+    assert status == 204
+    assert "POST" in headers["access-control-allow-methods"]
+    assert headers["access-control-allow-headers"] == "content-type, mcp-session-id"
+    # Development accepts loopback origins (local tools); see the production test below.
+    status, _, _ = daemon.request("GET", "/api/health", headers={"origin": "http://localhost:5173"})
+    assert status == 200
+
+
+def test_production_refuses_loopback_origins(start_daemon: StartDaemon, migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, NODE_ENV="production",
+                          BASE_URL="https://director.example.com")
+    daemon.wait_healthy()
+    status, _, _ = daemon.request("GET", "/api/health", headers={"origin": "http://localhost:5173"})
+    assert status == 403
+    status, _, _ = daemon.request("GET", "/api/health",
+                                  headers={"origin": "https://director.example.com"})
+    assert status == 200
+
+
+def test_request_log_lines_redact_api_keys(daemon: Daemon) -> None:
+    daemon.request("GET", "/no/route?key=dk_secretvalue&x=1")
+    line = daemon.wait_for_log("GET /no/route")
+    assert line["path"] == "/no/route?key=[REDACTED]&x=1"
+    assert line["status"] == 404 and line["method"] == "GET"
+    assert len(line["trace_id"]) == 32 and isinstance(line["duration_ms"], float)
+    assert "dk_secretvalue" not in daemon.output()
+
+
+# --- lifecycle: systemd and signals ---------------------------------------------------------
+
+
+def receive_all(sock: socket.socket, until: Callable[[list[str]], bool],
+                timeout: float = 15.0) -> list[str]:
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while not until(messages) and time.monotonic() < deadline:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            continue
+    return messages
+
+
+def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrated_url: str) -> None:
+    directory = make_temp_dir("director-test-notify-")
+    path = str(directory / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
+                              WATCHDOG_USEC="200000")
+        messages = receive_all(sock, lambda m: sum("WATCHDOG=1" in x for x in m) >= 3)
+        ready = [m for m in messages if "READY=1" in m]
+        assert ready and f"MAINPID={daemon.process.pid}" in ready[0]
+        assert any("STATUS=serving" in m for m in messages)
+        daemon.process.send_signal(signal.SIGTERM)
+        messages = receive_all(sock, lambda m: any("STOPPING=1" in x for x in m))
+        assert any("STOPPING=1" in m for m in messages)
+        assert daemon.wait_exit() == 0
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_sigterm_drains_in_flight_streams_within_the_timeout(start_daemon: StartDaemon,
+                                                            migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, SHUTDOWN_TIMEOUT_SECONDS="2")
+    daemon.wait_healthy()
+    idle = socket.create_connection(("127.0.0.1", daemon.port))
+    idle.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")  # now an idle keep-alive
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGINT)
+    assert daemon.wait_exit() == 0
+    assert time.monotonic() - started < 5
+    idle.settimeout(5)
+    assert idle.recv(100) == b""  # closed by the daemon
+    idle.close()
+
+
+def test_native_journald_entries_when_stdout_is_the_journal(start_daemon: StartDaemon,
+                                                           migrated_url: str) -> None:
+    directory = make_temp_dir("director-test-journal-")
+    path = str(directory / "journal.sock")
+    stdout_path = directory / "stdout"
+    stdout_path.touch()
+    stat = os.stat(stdout_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        from tests.harness import base_environment
+
+        environ = base_environment(DATABASE_URL=migrated_url, PORT=str(free_port()),
+                                   JOURNAL_STREAM=f"{stat.st_dev}:{stat.st_ino}",
+                                   DIRECTOR_JOURNAL_SOCKET=path)
+        daemon = Daemon(environ, stdout_path=stdout_path)
+        try:
+            entries = receive_all(sock, lambda m: any("director is healthy" in x for x in m))
+            running = next(e for e in entries if "MESSAGE=director gateway running" in e)
+            fields = dict(line.split("=", 1) for line in running.splitlines() if "=" in line)
+            assert fields["PRIORITY"] == "6"
+            assert fields["SYSLOG_IDENTIFIER"] == "director"
+            assert fields["LOGGER_NAME"] == "gateway"
+            assert fields["PORT"] == str(daemon.port)
+            daemon.request("GET", "/api/health?key=dk_x", headers={"traceparent":
+                           "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+            entries = receive_all(sock, lambda m: any("TRACE_ID=4bf92f" in x for x in m))
+            access = next(e for e in entries if "TRACE_ID=" in e)
+            assert "TRACE_ID=4bf92f3577b34da6a3ce929d0e0e4736" in access
+            assert "PATH=/api/health?key=[REDACTED]" in access
+            assert daemon.terminate() == 0
+            assert "director gateway running" not in stdout_path.read_text()
+        finally:
+            daemon.stop()
+    shutil.rmtree(directory, ignore_errors=True)
