@@ -271,3 +271,25 @@ def test_version() -> None:
 
     result = run_director("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"director {__version__}"
+
+
+def test_auth_secret_is_generated_once_outside_production() -> None:
+    from director.state import auth_secret
+
+    directory = make_temp_dir("director-secret-")
+    settings = load_settings({"STATE_DIRECTORY": str(directory)})
+    first = auth_secret(settings)
+    assert len(first) >= 32
+    assert auth_secret(settings) == first
+    assert oct((directory / "auth-secret").stat().st_mode & 0o777) == "0o600"
+    explicit = load_settings({"STATE_DIRECTORY": str(directory), "BETTER_AUTH_SECRET": SECRET})
+    assert auth_secret(explicit) == SECRET
+
+
+def test_readme_opens_with_the_two_commands_and_documents_every_variable() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    code = readme.split(".. code-block:: sh", 1)[1].split("\n\n")[1]
+    assert [line.strip() for line in code.splitlines()] == ["make run", "make test"]
+    assert configuration_table() in readme

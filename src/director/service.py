@@ -28,7 +28,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
-from director import __version__, systemd
+from director import __version__, state, systemd
 from director.config import Settings
 from director.db import migrate
 from director.db.database import Database
@@ -66,6 +66,7 @@ class DirectorService(MultiService):
         self.stopping = False
         self.exit_code = 0
         self.started_at = time.monotonic()
+        self.auth_secret = state.auth_secret(settings)
         self.ready = defer.Deferred[None]()  # fires when healthy for the first time
         self.addService(systemd.WatchdogService())
 
