@@ -29,12 +29,16 @@ from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
 from director import __version__, state, systemd
+from director.accounts.cache import AccountCache
+from director.accounts.ratelimit import RateLimiter
 from director.config import Settings
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
 from director.web.app import DirectorApp
+from director.web.auth import Authenticator
 from director.web.edge import DirectorSite, EdgeResource
+from director.web.v1 import ApiV1
 
 log = Logger(namespace="gateway")
 
@@ -58,10 +62,17 @@ class DirectorService(MultiService):
         self.embedded: EmbeddedPostgres | None = None
         if settings.embedded_database:
             self.embedded = EmbeddedPostgres(Path(settings.state_directory))
-        self.database: Database | None = None
+        dsn = settings.database_url if self.embedded is None else self.embedded.dsn()
+        assert dsn is not None
+        self.database = Database(dsn, settings.database_pool_size, reactor)
+        self.accounts = AccountCache(self.database)
+        self.rate_limiter = RateLimiter(self.database)
+        self.authenticator = Authenticator(settings, self.database, self.accounts,
+                                           self.rate_limiter)
         self.port: Any = None  # IListeningPort
         self.site: DirectorSite | None = None
-        self.web = DirectorApp(self.health_reason)
+        self.web = DirectorApp(self.health_reason,
+                               ApiV1(settings, self.database, self.authenticator))
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -75,7 +86,7 @@ class DirectorService(MultiService):
     async def health_reason(self) -> str | None:
         if self.stopping:
             return "shutting down"
-        if self.database is None or not self.schema_ready:
+        if not self.schema_ready or not self.accounts.loaded:
             return "database: not connected yet"
         try:
             await self.database.ping()
@@ -94,9 +105,10 @@ class DirectorService(MultiService):
         await self._listen()
         dsn = await self._database_dsn()
         await self._check_schema(dsn)
-        self.database = Database(dsn, self.settings.database_pool_size, self.reactor)
         self.database.start()
         await self._wait_until_available()
+        await self.accounts.start()
+        self.rate_limiter.start()
         elapsed = time.monotonic() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
         systemd.notify("STATUS=serving")
@@ -171,7 +183,6 @@ class DirectorService(MultiService):
         self.schema_ready = True
 
     async def _wait_until_available(self) -> None:
-        assert self.database is not None
         while not self.database.available:
             await task.deferLater(self.reactor, 0.01, lambda: None)
 
@@ -200,8 +211,8 @@ class DirectorService(MultiService):
         if self.port is not None:
             await self.port.stopListening()
         await self._drain_connections()
-        if self.database is not None:
-            self.database.stop()
+        self.rate_limiter.stop()
+        self.database.stop()
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop, self.settings.shutdown_timeout_seconds)
         log.info("stopped")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg2
 from twisted.internet import defer
@@ -25,6 +25,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
+
+from director.db.interactions import Interaction, run_in_cursor
+
+T = TypeVar("T")
 
 log = Logger(namespace="db")
 
@@ -257,6 +261,10 @@ class Database:
                 return defer.ensureDeferred(coroutine_function(cursor, *a))
 
         return self._guard(self._pool.runInteraction(interaction, *args))
+
+    def run(self, interaction: Interaction[T]) -> defer.Deferred[T]:
+        """Run a shared interaction (see ``director.db.interactions``) in one transaction."""
+        return self.runInteraction(run_in_cursor, interaction)
 
     def ping(self, timeout: float = 2.0) -> defer.Deferred[Any]:
         """``SELECT 1`` with a deadline: what the health endpoint asks."""

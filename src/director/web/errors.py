@@ -8,7 +8,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+
+log = Logger(namespace="web")
 
 
 class ApiError(Exception):
@@ -26,6 +33,16 @@ class ApiError(Exception):
             self.status = status
         if code is not None:
             self.code = code
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(ApiError):
+    status = 429
+    code = "rate_limited"
 
 
 class NotFound(ApiError):
@@ -72,3 +89,64 @@ def write_error(request: Request, error: ApiError) -> bytes:
     for name, value in error.headers.items():
         request.setHeader(name.encode(), value.encode())
     return error_body(error.code, error.message, error.details)
+
+
+# --- handlers every Klein app of ours shares ------------------------------------------------
+
+
+def _not_found(instance: Any, request: Any, failure: Failure) -> bytes:
+    return write_error(request, NotFound(
+        f"no route for {request.method.decode()} {request.path.decode('latin-1')}"))
+
+
+def _method_not_allowed(instance: Any, request: Any, failure: Failure) -> bytes:
+    allowed = sorted(getattr(failure.value, "valid_methods", None) or [])
+    if allowed:
+        request.setHeader(b"allow", ", ".join(allowed).encode())
+    return write_error(request, ApiError(
+        f"{request.method.decode()} is not allowed on {request.path.decode('latin-1')}",
+        status=405, code="method_not_allowed", details={"allowed": allowed},
+    ))
+
+
+def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
+    error = failure.value
+    assert isinstance(error, ApiError)
+    return write_error(request, error)
+
+
+def _unexpected(instance: Any, request: Any, failure: Failure) -> bytes:
+    trace_id = getattr(request, "trace_id", "")
+    log.failure("unhandled error in {method} {path}", failure,
+                method=request.method.decode(), path=request.path.decode("latin-1"),
+                trace_id=trace_id)
+    request.setResponseCode(500)
+    request.setHeader(b"content-type", b"application/json")
+    return error_body("internal", "unexpected error; the trace id is in the logs",
+                      {"trace_id": trace_id})
+
+
+def install_error_handlers(app: Klein) -> None:
+    """JSON for unrouted paths, wrong methods, ``ApiError`` and anything unexpected."""
+    handlers: list[tuple[type[Exception], Any]] = [
+        (RouteNotFound, _not_found), (MethodNotAllowed, _method_not_allowed),
+        (ApiError, _api_error), (Exception, _unexpected),
+    ]
+    for exception, handler in handlers:
+        app.handle_errors(exception)(handler)
+
+
+def read_json_object(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or 415 / 400 naming what is wrong."""
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if content_type != b"application/json":
+        raise UnsupportedMediaType("send the body as application/json",
+                                   details={"content_type": content_type.decode("latin-1")})
+    raw = request.content.read() if request.content is not None else b""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(f"the body is not valid JSON: {error}", code="malformed_json") from None
+    if not isinstance(body, dict):
+        raise ApiError("the body must be a JSON object", code="malformed_json")
+    return body

@@ -1,0 +1,1 @@
+"""Accounts: users, passwords, cookie sessions, API keys, rate limits and login throttling."""

@@ -1,0 +1,167 @@
+"""Users, API keys and cookie sessions held in memory, kept fresh by NOTIFY.
+
+Resolving a credential on a request is a dictionary lookup. A committed change anywhere (this
+instance, another one, or the admin command) arrives as ``user:<id>``, ``api_key:<id>``,
+``session:<id>`` or ``sessions_of:<user id>`` on ``director_changes``; the affected entry is
+evicted at once and re-read, so a revoked key stops working everywhere within milliseconds.
+When the LISTEN connection was lost, everything is reloaded (notifications sent meanwhile are
+gone).
+
+A key missing from the cache (created a moment ago on another instance, racing its
+notification) is looked up once in the database; unknown keys are remembered briefly so that
+a client hammering with a wrong key costs no query per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+from uuid import UUID
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from director.accounts import store
+from director.accounts.credentials import hash_token
+from director.db.database import Database
+from director.db.interactions import CHANGES_CHANNEL
+
+log = Logger(namespace="accounts")
+
+SESSION_CACHE_SECONDS = 60.0
+UNKNOWN_KEY_CACHE_SECONDS = 5.0
+UNKNOWN_KEY_CACHE_SIZE = 10_000
+
+
+@attrs.frozen
+class CachedSession:
+    session: store.Session
+    cached_at: float
+
+
+class AccountCache:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.users: dict[UUID, store.User] = {}
+        self.keys_by_hash: dict[bytes, store.ApiKey] = {}
+        self.keys_by_id: dict[UUID, store.ApiKey] = {}
+        self._sessions: dict[bytes, CachedSession] = {}
+        self._unknown_keys: OrderedDict[bytes, float] = OrderedDict()
+        self.loaded = False
+
+    # --- loading and change notifications ----------------------------------------------------
+
+    async def start(self) -> None:
+        await self.database.listen(CHANGES_CHANNEL, self._changed)
+        self.database.on_reconnect(self.reload)
+        await self.reload()
+
+    async def reload(self) -> None:
+        users = await self.database.run(store.all_users())
+        keys = await self.database.run(store.live_keys())
+        self.users = {user.id: attrs.evolve(user, password_hash="") for user in users}
+        self.keys_by_hash = {key.key_hash: key for key in keys}
+        self.keys_by_id = {key.id: key for key in keys}
+        self._sessions.clear()
+        self._unknown_keys.clear()
+        self.loaded = True
+        log.info("account cache loaded: {users} users, {keys} API keys",
+                 users=len(self.users), keys=len(keys))
+
+    def _changed(self, channel: str, payload: str) -> None:
+        kind, _, key = payload.partition(":")
+        try:
+            identifier = UUID(key)
+        except ValueError:
+            return
+        if kind == "api_key":
+            self.forget_key(identifier)
+            defer.ensureDeferred(self._refresh_key(identifier)).addErrback(self._refresh_failed)
+        elif kind == "user":
+            self._sessions = {h: s for h, s in self._sessions.items()
+                              if s.session.user_id != identifier}
+            defer.ensureDeferred(self._refresh_user(identifier)).addErrback(self._refresh_failed)
+        elif kind == "session":
+            self._sessions = {h: s for h, s in self._sessions.items()
+                              if s.session.id != identifier}
+        elif kind == "sessions_of":
+            self._sessions = {h: s for h, s in self._sessions.items()
+                              if s.session.user_id != identifier}
+
+    def _refresh_failed(self, failure: Any) -> None:
+        log.failure("refreshing the account cache failed; reloading everything", failure)
+        defer.ensureDeferred(self.reload()).addErrback(lambda f: log.failure("reload failed", f))
+
+    def forget_key(self, key_id: UUID) -> None:
+        old = self.keys_by_id.pop(key_id, None)
+        if old is not None:
+            self.keys_by_hash.pop(old.key_hash, None)
+
+    def remember_key(self, key: store.ApiKey) -> None:
+        self.forget_key(key.id)
+        self.keys_by_id[key.id] = key
+        self.keys_by_hash[key.key_hash] = key
+        self._unknown_keys.pop(key.key_hash, None)
+
+    async def _refresh_key(self, key_id: UUID) -> None:
+        key = await self.database.run(store.live_key(key_id))
+        if key is not None:
+            self.remember_key(key)
+
+    async def _refresh_user(self, user_id: UUID) -> None:
+        user = await self.database.run(store.user_by_id(user_id))
+        if user is None:
+            self.users.pop(user_id, None)
+        else:
+            self.users[user_id] = attrs.evolve(user, password_hash="")
+
+    # --- lookups on the request path ---------------------------------------------------------
+
+    async def key(self, value: str) -> store.ApiKey | None:
+        digest = hash_token(value)
+        found = self.keys_by_hash.get(digest)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        seen = self._unknown_keys.get(digest)
+        if seen is not None and now - seen < UNKNOWN_KEY_CACHE_SECONDS:
+            return None
+        rows = await self.database.runQuery(
+            "SELECT id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (digest,))
+        if rows:
+            await self._refresh_key(UUID(str(rows[0][0])))
+            return self.keys_by_hash.get(digest)
+        self._unknown_keys[digest] = now
+        self._unknown_keys.move_to_end(digest)
+        while len(self._unknown_keys) > UNKNOWN_KEY_CACHE_SIZE:
+            self._unknown_keys.popitem(last=False)
+        return None
+
+    async def user(self, user_id: UUID) -> store.User | None:
+        found = self.users.get(user_id)
+        if found is None:
+            await self._refresh_user(user_id)
+            found = self.users.get(user_id)
+        return found
+
+    async def session(self, token: str) -> store.Session | None:
+        digest = hash_token(token)
+        cached = self._sessions.get(digest)
+        now = time.monotonic()
+        if (cached is not None and now - cached.cached_at < SESSION_CACHE_SECONDS
+                and cached.session.expires_at.timestamp() > time.time()):
+            return cached.session
+        found = await self.database.run(store.session_by_token(token))
+        if found is None:
+            self._sessions.pop(digest, None)
+            return None
+        self._sessions[digest] = CachedSession(found, now)
+        return found
+
+    def forget_session(self, token: str) -> None:
+        self._sessions.pop(hash_token(token), None)
+
+    def remember_session(self, token: str, session: store.Session) -> None:
+        self._sessions[hash_token(token)] = CachedSession(session, time.monotonic())

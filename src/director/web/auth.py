@@ -1,0 +1,200 @@
+"""Who is calling: API keys and cookie sessions resolved to a user, rate limits applied.
+
+Credentials, in order: ``x-api-key``; ``Authorization: Bearer dk_…``; on MCP routes only,
+``?key=dk_…``; then the session cookie. A credential that is present but wrong is a 401 —
+never a fall-through to the next source, and never a 500. Keys are rate limited (429 with
+``Retry-After`` and ``RateLimit-*``); cookie sessions are not (they are a person at a browser
+or the CLI, already throttled at login).
+
+Cookie-authenticated requests that change state must carry an ``Origin`` header (which the
+edge has already checked against BASE_URL and ALLOWED_ORIGINS) or ``Content-Type:
+application/json`` — which a cross-site HTML form cannot send and a cross-site script cannot
+send without a CORS preflight that the edge refuses. That plus ``SameSite=Lax`` is the CSRF
+defence; API keys need none (browsers never attach them by themselves).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import attrs
+from twisted.web.server import Request
+
+from director.accounts import store
+from director.accounts.cache import AccountCache
+from director.accounts.credentials import looks_like_api_key
+from director.accounts.ratelimit import RateLimiter
+from director.config import Settings
+from director.db.database import Database
+from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
+
+SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
+
+
+@attrs.frozen
+class Principal:
+    user: store.User
+    key: store.ApiKey | None = None
+    session: store.Session | None = None
+    session_token: str | None = None
+
+    @property
+    def via(self) -> str:
+        return "api_key" if self.key is not None else "session"
+
+
+def cookie_name(settings: Settings) -> str:
+    # The __Secure- prefix makes browsers refuse the cookie over plain http.
+    secure = urlsplit(settings.base_url).scheme == "https"
+    return "__Secure-director_session" if secure else "director_session"
+
+
+def read_cookie(header: bytes | None, name: str) -> str | None:
+    """Tolerant ``Cookie`` parsing: clients that echo a raw ``Set-Cookie`` value (with
+    ``Path=/; HttpOnly; Max-Age=…``) work, as do several cookies and odd spacing."""
+    if not header:
+        return None
+    for part in header.decode("latin-1").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key.strip() == name:
+            value = value.strip().strip('"')
+            return value or None
+    return None
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, database: Database, cache: AccountCache,
+                 limiter: RateLimiter) -> None:
+        self.settings = settings
+        self.database = database
+        self.cache = cache
+        self.limiter = limiter
+        self.cookie = cookie_name(settings)
+        self.secure_cookie = urlsplit(settings.base_url).scheme == "https"
+
+    # --- cookies ------------------------------------------------------------------------
+
+    def set_session_cookie(self, request: Request, token: str,
+                           expires_at: datetime.datetime) -> None:
+        max_age = max(0, int((expires_at - datetime.datetime.now(datetime.UTC)).total_seconds()))
+        attributes = [f"{self.cookie}={token}", "Path=/", f"Max-Age={max_age}", "HttpOnly",
+                      "SameSite=Lax"]
+        if self.secure_cookie:
+            attributes.append("Secure")
+        request.responseHeaders.addRawHeader(b"set-cookie", "; ".join(attributes).encode())
+
+    def clear_session_cookie(self, request: Request) -> None:
+        attributes = [f"{self.cookie}=", "Path=/", "Max-Age=0", "HttpOnly", "SameSite=Lax"]
+        if self.secure_cookie:
+            attributes.append("Secure")
+        request.responseHeaders.addRawHeader(b"set-cookie", "; ".join(attributes).encode())
+
+    # --- resolution ---------------------------------------------------------------------
+
+    def _presented_key(self, request: Request, allow_query_key: bool) -> str | None:
+        header = request.getHeader(b"x-api-key")
+        if header is not None:
+            return header.decode("latin-1").strip()
+        authorization = request.getHeader(b"authorization")
+        if authorization is not None:
+            scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and value.strip().startswith("dk_"):
+                return value.strip()
+        if allow_query_key:
+            values = request.args.get(b"key")
+            if values:
+                return values[0].decode("latin-1").strip()
+        return None
+
+    async def authenticate(self, request: Request, *, allow_query_key: bool = False,
+                           allow_pending: bool = False) -> Principal:
+        """The caller, or an ``ApiError`` (401, 403, 429) saying why not."""
+        principal = await self._resolve(request, allow_query_key)
+        if principal is None:
+            raise Unauthorized(
+                "authentication required: send an API key (x-api-key or Authorization: Bearer) "
+                "or sign in", headers={"WWW-Authenticate": 'Bearer realm="director"'})
+        if principal.user.status == "disabled":
+            raise Unauthorized("this account is disabled")
+        if (principal.user.status == "pending" and self.settings.waitlist_enabled
+                and not allow_pending):
+            raise Forbidden("this account is waiting for an administrator to activate it",
+                            code="user_pending")
+        if principal.key is not None:
+            await self._apply_rate_limit(request, principal.key)
+        elif request.method not in SAFE_METHODS:
+            self._check_csrf(request)
+        return principal
+
+    async def _resolve(self, request: Request, allow_query_key: bool) -> Principal | None:
+        presented = self._presented_key(request, allow_query_key)
+        if presented is not None:
+            if not looks_like_api_key(presented):
+                raise Unauthorized("invalid API key")
+            key = await self.cache.key(presented)
+            if key is None:
+                raise Unauthorized("invalid API key")
+            user = await self.cache.user(key.user_id)
+            if user is None:
+                raise Unauthorized("invalid API key")
+            return Principal(user, key=key)
+        token = read_cookie(request.getHeader(b"cookie"), self.cookie)
+        if token is None:
+            return None
+        session = await self.cache.session(token)
+        if session is None:
+            raise Unauthorized("the session has expired or was signed out; sign in again")
+        user = await self.cache.user(session.user_id)
+        if user is None:
+            raise Unauthorized("the session has expired or was signed out; sign in again")
+        await self._renew_if_due(request, token, session)
+        return Principal(user, session=session, session_token=token)
+
+    async def _renew_if_due(self, request: Request, token: str, session: store.Session) -> None:
+        """Sliding expiry: at most one write per session per day."""
+        age = datetime.datetime.now(datetime.UTC) - session.renewed_at
+        if age < store.SESSION_RENEW_AFTER:
+            return
+        expires_at = await self.database.run(store.renew_session(session.id))
+        self.cache.remember_session(token, attrs.evolve(
+            session, expires_at=expires_at, renewed_at=datetime.datetime.now(datetime.UTC)))
+        self.set_session_cookie(request, token, expires_at)
+
+    def _check_csrf(self, request: Request) -> None:
+        if request.getHeader(b"origin") is not None:
+            return  # the edge allowed this origin already
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip()
+        if content_type.lower() == b"application/json":
+            return
+        raise Forbidden(
+            "a cookie-authenticated request that changes state needs an Origin header or a JSON "
+            "body (cross-site request forgery protection)", code="csrf_rejected")
+
+    async def _apply_rate_limit(self, request: Request, key: store.ApiKey) -> None:
+        window = key.rate_limit_window_seconds or self.settings.rate_limit_window_seconds
+        maximum = key.rate_limit_max_requests or self.settings.rate_limit_max_requests
+        decision = await self.limiter.check(key.id, window, maximum)
+        for name, value in decision.headers().items():
+            request.setHeader(name.encode(), value.encode())
+        if not decision.allowed:
+            raise TooManyRequests(
+                f"rate limit of {maximum} requests per {window} s exceeded for this API key; "
+                f"retry in {decision.reset_seconds} s",
+                details={"retry_after": decision.reset_seconds},
+                headers=decision.headers())
+
+
+def parse_uuid(value: str) -> UUID:
+    """A path id; anything that is not a UUID is simply not found (never a 500)."""
+    try:
+        return UUID(value)
+    except ValueError:
+        raise ApiError(f"no such object: {value!r}", status=404, code="not_found") from None
+
+
+def client_address(request: Request) -> str:
+    peer: Any = request.getClientAddress()
+    return str(getattr(peer, "host", "unknown"))

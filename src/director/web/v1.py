@@ -1,0 +1,30 @@
+"""``ApiV1``: the ``/api/v1`` Klein app bound to what its routes need.
+
+Each capability's routes live in a mixin of their own (``accounts_api.AccountRoutes``, …);
+importing them here registers them on the shared ``api`` app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from director.accounts.throttle import LoginThrottle
+from director.config import Settings
+from director.db.database import Database
+from director.web.accounts_api import AccountRoutes
+from director.web.api import api
+from director.web.auth import Authenticator
+from director.web.openapi import OpenApiRoutes
+
+
+class ApiV1(AccountRoutes, OpenApiRoutes):
+    app = api
+
+    def __init__(self, settings: Settings, database: Database, auth: Authenticator) -> None:
+        self.settings = settings
+        self.database = database
+        self.auth = auth
+        self.throttle = LoginThrottle()
+
+    def resource(self) -> Any:
+        return self.app.resource()
