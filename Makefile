@@ -29,3 +29,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/twisted/plugins/dropin.cache
+
+deb:
+	packaging/build-deb
