@@ -189,7 +189,7 @@ def cmd_db_status(arguments: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="director",
-        description="Director, the MCP gateway: run it and look after its database.",
+        description="Director, the MCP gateway: run it, look after its database and its accounts.",
     )
     parser.add_argument("--version", action="version", version=f"director {__version__}")
     parser.add_argument(
@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show the schema version; exit 1 when migrations are pending")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_db_status)
+
+    from director import admin  # imports this module: registered once both are loaded
+
+    admin.add_commands(commands)
     return parser
 
 
@@ -243,4 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m director.cli`: run the copy imported as director.cli, the one whose
+    # CommandError the admin commands (director.admin) raise.
+    from director.cli import main as imported_main
+
+    sys.exit(imported_main())
