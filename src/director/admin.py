@@ -75,6 +75,8 @@ def _reports_failures(handler: Handler) -> Handler:
             return handler(arguments)
         except ValidationFailed as error:
             raise _invalid(error.fields) from None
+        except UnicodeError as error:  # e.g. undecodable bytes from a terminal or environment
+            raise CommandError(f"invalid input: {error}", EX_USAGE) from None
         except psycopg2.OperationalError as error:
             raise CommandError(f"cannot reach the database: {_one_line(error)}") from None
         except psycopg2.Error as error:
