@@ -1,0 +1,84 @@
+"""The Director daemon as the bench runs it: a hermetic environment and a guaranteed stop.
+
+The daemon is ``director --env-file= serve`` (the operator's command, without any
+``/etc/director/director.env``), on 127.0.0.1, with ``LOG_LEVEL=warn`` so that logging does
+not dominate what is measured. With the embedded database it starts a postmaster in its own
+session; if that postmaster is still alive after the daemon has exited, the bench stops it
+and records the leak (``leftover_postmasters``) because the daemon should have.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from bench.probe import HOST
+from bench.reaper import Reaper, pid_alive, stop_pid
+from bench.servers import Server, launch
+from director.config import VARIABLES
+
+#: Variables that would make a run depend on the calling shell or service manager.
+_SCRUBBED = {variable.name for variable in VARIABLES} | {
+    "DIRECTOR_ENV", "DIRECTOR_ENV_FILE", "NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC",
+    "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+}
+
+
+def director_command() -> list[str]:
+    script = Path(sys.executable).parent / "director"
+    found = str(script) if script.exists() else shutil.which("director")
+    if found is None:
+        raise SystemExit("bench: the `director` command is not installed; run `make .venv/.installed`")
+    return [found, "--env-file=", "serve"]
+
+
+def environment(port: int, state_directory: Path, database_url: str | None) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in _SCRUBBED}
+    env.update(PORT=str(port), HOST=HOST, LOG_LEVEL="warn", NODE_ENV="development",
+               STATE_DIRECTORY=str(state_directory))
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
+def _postmaster_pid(state_directory: Path) -> int | None:
+    try:
+        pid = int((state_directory / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    # initdb's bootstrap backend writes its pid negated; only a postmaster counts here.
+    return pid if pid > 0 and pid_alive(pid) else None
+
+
+def _reap_postmaster(reaper: Reaper, state_directory: Path, patience: float = 2.0) -> None:
+    """Stop a postmaster that outlived its daemon by more than ``patience`` s; note either case.
+
+    A postmaster that is merely finishing a shutdown it was asked for (the daemon's parent-death
+    signal) is given ``patience`` to exit by itself before it counts as left behind.
+    """
+    pid = _postmaster_pid(state_directory)
+    if pid is None:
+        return
+    started = time.monotonic()
+    while time.monotonic() < started + patience and pid_alive(pid):
+        time.sleep(0.02)
+    if not pid_alive(pid):
+        reaper.notes.append(f"the daemon exited {time.monotonic() - started:.2f} s before its "
+                            f"PostgreSQL (pid {pid}) did")
+    else:
+        reaper.notes.append(f"the daemon exited but left its PostgreSQL (pid {pid}) running "
+                            f"in {state_directory}; the bench stopped it")
+        stop_pid(pid)
+
+
+def start_director(reaper: Reaper, *, port: int, state_directory: Path, log_path: Path,
+                   database_url: str | None = None) -> Server:
+    """Start the daemon; returns once it is healthy (``server.readiness`` has the timings)."""
+    return launch(
+        reaper, "director", director_command(),
+        env=environment(port, state_directory, database_url), port=port, log_path=log_path,
+        after_stop=lambda: _reap_postmaster(reaper, state_directory),
+    )
