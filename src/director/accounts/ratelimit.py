@@ -67,6 +67,7 @@ class Decision:
 class _KeyWindow:
     window: int
     ends_at: float
+    max_requests: int  # a changed limit starts a fresh state (leases were sized for the old)
     permits: int = 0
     used: int = 0
     exhausted: bool = False  # the database has no more permits for this window
@@ -94,8 +95,9 @@ class RateLimiter:
         window = int(now // window_seconds)
         reset = max(1, math.ceil((window + 1) * window_seconds - now))
         state = self._windows.get(key_id)
-        if state is None or state.window != window:
-            state = self._windows[key_id] = _KeyWindow(window, (window + 1) * window_seconds)
+        if state is None or state.window != window or state.max_requests != max_requests:
+            state = self._windows[key_id] = _KeyWindow(
+                window, (window + 1) * window_seconds, max_requests)
         batch = max(1, math.ceil(max_requests * BATCH_FRACTION))
         while state.permits == 0 and not state.exhausted:
             await self._claim(key_id, state, window * window_seconds, batch, max_requests)
@@ -115,7 +117,8 @@ class RateLimiter:
             return state.claiming
 
         def granted(rows: Any) -> None:
-            amount = int(rows[0][0]) if rows else 0
+            # Negative when the limit was lowered below what this window already leased.
+            amount = max(0, int(rows[0][0])) if rows else 0
             state.permits += amount
             if amount < batch:
                 state.exhausted = True

@@ -48,17 +48,26 @@ def check_password(value: Any, field: str = "password") -> str:
         raise ValidationFailed({field: f"must be at most {MAX_PASSWORD_LENGTH} characters"})
     if "\x00" in value:
         raise ValidationFailed({field: "must not contain NUL characters"})
+    if _has_lone_surrogate(value):
+        raise ValidationFailed({field: "must be valid Unicode text"})
     return value
+
+
+def _has_lone_surrogate(value: str) -> bool:
+    # JSON can carry "\ud800" alone; it has no UTF-8 form, so it could be neither hashed nor stored.
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
 
 
 def check_name(value: Any, field: str = "name") -> str:
     if not isinstance(value, str):
         raise ValidationFailed({field: "must be a string"})
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValidationFailed({field: f"must be at most {MAX_NAME_LENGTH} characters"})
+    if _has_lone_surrogate(value):
+        raise ValidationFailed({field: "must be valid Unicode text"})
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValidationFailed({field: "must not contain control characters"})
     name = unicodedata.normalize("NFKC", value).strip()
     if not name:
         raise ValidationFailed({field: "must not be empty"})
-    if len(name) > MAX_NAME_LENGTH:
-        raise ValidationFailed({field: f"must be at most {MAX_NAME_LENGTH} characters"})
-    if any(unicodedata.category(c)[0] == "C" for c in name):
-        raise ValidationFailed({field: "must not contain control characters"})
     return name

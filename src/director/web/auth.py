@@ -65,6 +65,10 @@ def read_cookie(header: bytes | None, name: str) -> str | None:
     return None
 
 
+def _unauthorized(message: str) -> Unauthorized:
+    return Unauthorized(message, headers={"WWW-Authenticate": 'Bearer realm="director"'})
+
+
 class Authenticator:
     def __init__(self, settings: Settings, database: Database, cache: AccountCache,
                  limiter: RateLimiter) -> None:
@@ -114,11 +118,11 @@ class Authenticator:
         """The caller, or an ``ApiError`` (401, 403, 429) saying why not."""
         principal = await self._resolve(request, allow_query_key)
         if principal is None:
-            raise Unauthorized(
+            raise _unauthorized(
                 "authentication required: send an API key (x-api-key or Authorization: Bearer) "
-                "or sign in", headers={"WWW-Authenticate": 'Bearer realm="director"'})
+                "or sign in")
         if principal.user.status == "disabled":
-            raise Unauthorized("this account is disabled")
+            raise _unauthorized("this account is disabled")
         if (principal.user.status == "pending" and self.settings.waitlist_enabled
                 and not allow_pending):
             raise Forbidden("this account is waiting for an administrator to activate it",
@@ -133,23 +137,23 @@ class Authenticator:
         presented = self._presented_key(request, allow_query_key)
         if presented is not None:
             if not looks_like_api_key(presented):
-                raise Unauthorized("invalid API key")
+                raise _unauthorized("invalid API key")
             key = await self.cache.key(presented)
             if key is None:
-                raise Unauthorized("invalid API key")
+                raise _unauthorized("invalid API key")
             user = await self.cache.user(key.user_id)
             if user is None:
-                raise Unauthorized("invalid API key")
+                raise _unauthorized("invalid API key")
             return Principal(user, key=key)
         token = read_cookie(request.getHeader(b"cookie"), self.cookie)
         if token is None:
             return None
         session = await self.cache.session(token)
         if session is None:
-            raise Unauthorized("the session has expired or was signed out; sign in again")
+            raise _unauthorized("the session has expired or was signed out; sign in again")
         user = await self.cache.user(session.user_id)
         if user is None:
-            raise Unauthorized("the session has expired or was signed out; sign in again")
+            raise _unauthorized("the session has expired or was signed out; sign in again")
         await self._renew_if_due(request, token, session)
         return Principal(user, session=session, session_token=token)
 

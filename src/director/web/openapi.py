@@ -40,6 +40,11 @@ _BODY_ERRORS = {
     "413": _error("Body too large"),
     "415": _error("Body is not application/json"),
 }
+_PASSWORD = {"type": "string", "minLength": 8, "maxLength": 256, "pattern": "^[^\u0000]*$"}
+#: A label: no control characters, something besides white space.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 100,
+         "pattern": "^[^\u0000-\u001f\u007f-\u009f]*[^\\s\u0000-\u001f\u007f-\u009f]"
+                    "[^\u0000-\u001f\u007f-\u009f]*$"}
 _KEY_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -52,7 +57,7 @@ def document() -> dict[str, Any]:
         "type": "object", "additionalProperties": False, "required": ["email", "password"],
         "properties": {
             "email": {"type": "string", "format": "email", "maxLength": 254},
-            "password": {"type": "string", "minLength": 8, "maxLength": 256},
+            "password": _PASSWORD,
             "name": {"type": "string", "description": "Accepted and ignored (old clients)"},
         },
     }
@@ -153,8 +158,7 @@ def document() -> dict[str, Any]:
                     "type": "object", "additionalProperties": False,
                     "required": ["current_password", "new_password"],
                     "properties": {"current_password": {"type": "string"},
-                                   "new_password": {"type": "string", "minLength": 8,
-                                                    "maxLength": 256}}}),
+                                   "new_password": _PASSWORD}}),
                 "responses": {"204": {"description": "Changed"}, **_BODY_ERRORS,
                               **_COMMON_ERRORS},
             }},
@@ -165,7 +169,9 @@ def document() -> dict[str, Any]:
                     "parameters": [
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                        {"name": "cursor", "in": "query", "description": "next_cursor of the "
+                         "previous page", "schema": {"type": "string",
+                                                     "pattern": "^[A-Za-z0-9_-]+$"}},
                     ],
                     "responses": {"200": _json({
                         "type": "object", "required": ["items", "next_cursor"],
@@ -179,9 +185,7 @@ def document() -> dict[str, Any]:
                     "security": _SECURITY,
                     "requestBody": _body({"type": "object", "additionalProperties": False,
                                           "required": ["name"],
-                                          "properties": {"name": {"type": "string",
-                                                                  "minLength": 1,
-                                                                  "maxLength": 100}}}),
+                                          "properties": {"name": _NAME}}),
                     "responses": {"201": _json(_ref("NewApiKey"), "Created; the key is shown once"),
                                   "409": _error("A live key of that name exists"),
                                   **_BODY_ERRORS, **_COMMON_ERRORS},

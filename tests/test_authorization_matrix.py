@@ -1,0 +1,145 @@
+"""Every management route x every kind of caller, with the status each must get.
+
+The table is checked against the routes the daemon actually has and the OpenAPI document, so a
+route cannot be added without deciding here who may call it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import pytest
+
+from director.accounts import store
+from director.db.interactions import run_sync
+from director.web import v1  # noqa: F401 - importing it registers every route
+from director.web.api import api
+from director.web.openapi import document
+from tests.accounts_helpers import Account, call, eventually, sign_up
+from tests.harness import Daemon
+
+CALLERS = ("anonymous", "wrong_key", "revoked_key", "other_user", "owner", "pending_user")
+
+#: (method, OpenAPI path) -> expected status per caller. "other_user" acts on the owner's
+#: objects (404: never reveal that they exist); on routes without an object it acts on itself.
+MATRIX: dict[tuple[str, str], dict[str, int]] = {
+    ("post", "/auth/logout"): dict(anonymous=401, wrong_key=401, revoked_key=401,
+                                   other_user=204, owner=204, pending_user=204),
+    ("get", "/me"): dict(anonymous=401, wrong_key=401, revoked_key=401, other_user=200,
+                         owner=200, pending_user=200),
+    ("post", "/me/password"): dict(anonymous=401, wrong_key=401, revoked_key=401,
+                                   other_user=204, owner=204, pending_user=204),
+    ("get", "/api-keys"): dict(anonymous=401, wrong_key=401, revoked_key=401, other_user=200,
+                               owner=200, pending_user=403),
+    ("post", "/api-keys"): dict(anonymous=401, wrong_key=401, revoked_key=401, other_user=201,
+                                owner=201, pending_user=403),
+    ("delete", "/api-keys/{key_id}"): dict(anonymous=401, wrong_key=401, revoked_key=401,
+                                           other_user=404, owner=204, pending_user=403),
+    ("post", "/api-keys/{key_id}/regenerate"): dict(anonymous=401, wrong_key=401,
+                                                    revoked_key=401, other_user=404, owner=200,
+                                                    pending_user=403),
+}
+PUBLIC = {("post", "/auth/signup"), ("post", "/auth/login"), ("get", "/openapi.json")}
+
+
+def test_every_route_is_documented_and_in_the_matrix() -> None:
+    documented = {(method, path) for path, item in document()["paths"].items()
+                  for method in item}
+    assert documented == set(MATRIX) | PUBLIC
+    routed = set()
+    for rule in api.url_map.iter_rules():
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        for method in rule.methods or ():
+            if method not in ("HEAD", "OPTIONS"):
+                routed.add((method.lower(), path))
+    assert routed == documented
+
+
+@pytest.fixture(scope="module")
+def world(postgres: Any) -> Any:  # one daemon and its users for the whole matrix
+    from director.db import migrate
+    from tests.harness import Daemon as DaemonClass
+    from tests.harness import base_environment, free_port
+
+    name = postgres.create_database()
+    url = postgres.url_for(name)
+    migrate.upgrade(url)
+    daemon = DaemonClass(base_environment(DATABASE_URL=url, PORT=str(free_port()),
+                                          WAITLIST_ENABLED="true"))
+    daemon.wait_healthy()
+    yield daemon, url
+    daemon.stop()
+    postgres.drop_database(name)
+
+
+def _activate(daemon: Daemon, url: str, account: Account) -> None:
+    connection = psycopg2.connect(url)
+    try:
+        run_sync(connection, store.set_status(account.email, "active"))
+    finally:
+        connection.close()
+    eventually(lambda: call(daemon, "GET", "/api/v1/api-keys", key=account.key)[0] == 200, 1.0)
+
+
+def _new_key(daemon: Daemon, account: Account) -> dict[str, Any]:
+    status, _, body = call(daemon, "POST", "/api/v1/api-keys",
+                           {"name": f"k-{uuid.uuid4().hex[:8]}"}, key=account.key)
+    assert status == 201, body
+    return dict(body)
+
+
+def _request_for(method: str, path: str, owner: Account, daemon: Daemon,
+                 password: str) -> tuple[str, Any]:
+    concrete = path
+    if "{key_id}" in path:
+        concrete = path.replace("{key_id}", _new_key(daemon, owner)["id"])
+    body: Any = {}
+    if path == "/api-keys" and method == "post":
+        body = {"name": f"n-{uuid.uuid4().hex[:8]}"}
+    elif path == "/me/password":
+        body = {"current_password": password, "new_password": password}
+    return "/api/v1" + concrete, (body if method != "get" else None)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize(("method", "path"), sorted(MATRIX))
+def test_authorization(world: Any, method: str, path: str, caller: str) -> None:
+    daemon, url = world
+    suffix = uuid.uuid4().hex[:10]
+    owner = sign_up(daemon, f"owner-{suffix}@example.com")
+    _activate(daemon, url, owner)
+    presented: dict[str, Callable[[], dict[str, str]]] = {
+        "anonymous": lambda: {},
+        "wrong_key": lambda: {"x-api-key": "dk_" + "Z" * 64},
+        "owner": lambda: {"x-api-key": owner.key},
+    }
+    if caller == "revoked_key":
+        doomed = _new_key(daemon, owner)
+        assert call(daemon, "DELETE", f"/api/v1/api-keys/{doomed['id']}", key=owner.key)[0] == 204
+        presented["revoked_key"] = lambda: {"x-api-key": doomed["key"]}
+    elif caller == "other_user":
+        other = sign_up(daemon, f"other-{suffix}@example.com")
+        _activate(daemon, url, other)
+        presented["other_user"] = lambda: {"x-api-key": other.key}
+    elif caller == "pending_user":
+        pending = sign_up(daemon, f"pending-{suffix}@example.com")
+        presented["pending_user"] = lambda: {"x-api-key": pending.key}
+
+    target, body = _request_for(method, path, owner, daemon, "correct horse battery")
+    if path in ("/auth/logout", "/me/password") and caller in ("owner", "other_user",
+                                                               "pending_user"):
+        # Cookie routes: sign the caller in and use the session.
+        email = {"owner": owner.email}.get(caller) or f"{caller.split('_')[0]}-{suffix}@example.com"
+        _, headers, _ = call(daemon, "POST", "/api/v1/auth/login",
+                             {"email": email, "password": "correct horse battery"})
+        status, _, response = call(daemon, method.upper(), target, body,
+                                   cookie=headers["set-cookie"])
+    else:
+        status, _, response = call(daemon, method.upper(), target, body,
+                                   headers=presented[caller]())
+    assert status == MATRIX[(method, path)][caller], (caller, method, path, response)
+    if status >= 400:
+        assert set(response["error"]) == {"code", "message", "details"}
