@@ -144,7 +144,7 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
-              "TELEMETRY_URL"}
+              "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 

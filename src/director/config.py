@@ -80,6 +80,8 @@ class Settings:
     allow_insecure_http_servers: bool = False
     enable_seeding: bool = False
     waitlist_enabled: bool = False
+    seed_user_email: str = "user@director.run"
+    seed_user_password: str = "password"  # noqa: S105 - the original's documented dev default
     log_level: str = "info"
     state_directory: str = ""
     max_request_body_bytes: int = 4 * 1024 * 1024
@@ -293,6 +295,10 @@ VARIABLES: tuple[Variable, ...] = (
              "production.", _boolean, "allow_insecure_http_servers"),
     Variable("DANGEROUSLY_ENABLE_SEEDING", "false",
              "Enable `director seed`. Refused in production.", _boolean, "enable_seeding"),
+    Variable("SEED_USER_EMAIL", "user@director.run",
+             "Account `director seed` creates (development only).", _text, "seed_user_email"),
+    Variable("SEED_USER_PASSWORD", "password",
+             "Its password (development only).", _text, "seed_user_password"),
     Variable("WAITLIST_ENABLED", "false",
              "New users start pending until an administrator activates them.", _boolean,
              "waitlist_enabled"),
