@@ -32,9 +32,11 @@ from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
 from director.accounts.ratelimit import RateLimiter
 from director.config import Settings
+from director.crypto import SecretBox
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from director.playbooks.cache import PlaybookCache
 from director.web.app import DirectorApp
 from director.web.auth import Authenticator
 from director.web.edge import DirectorSite, EdgeResource
@@ -59,6 +61,7 @@ class DirectorService(MultiService):
         self.listen_description = listen or (
             f"tcp:{settings.port}:interface={settings.host}:backlog=1024"
         )
+        self.auth_secret = state.auth_secret(settings)
         self.embedded: EmbeddedPostgres | None = None
         if settings.embedded_database:
             self.embedded = EmbeddedPostgres(Path(settings.state_directory))
@@ -71,13 +74,14 @@ class DirectorService(MultiService):
                                            self.rate_limiter)
         self.port: Any = None  # IListeningPort
         self.site: DirectorSite | None = None
-        self.web = DirectorApp(self.health_reason,
-                               ApiV1(settings, self.database, self.authenticator))
+        self.secret_box = SecretBox(self.auth_secret)
+        self.playbooks = PlaybookCache(self.database, self.secret_box)
+        self.web = DirectorApp(self.health_reason, ApiV1(
+            settings, self.database, self.authenticator, self.playbooks, self.secret_box))
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
         self.started_at = time.monotonic()
-        self.auth_secret = state.auth_secret(settings)
         self.ready = defer.Deferred[None]()  # fires when healthy for the first time
         self.addService(systemd.WatchdogService())
 
@@ -86,7 +90,7 @@ class DirectorService(MultiService):
     async def health_reason(self) -> str | None:
         if self.stopping:
             return "shutting down"
-        if not self.schema_ready or not self.accounts.loaded:
+        if not self.schema_ready or not self.accounts.loaded or not self.playbooks.loaded:
             return "database: not connected yet"
         try:
             await self.database.ping()
@@ -108,6 +112,7 @@ class DirectorService(MultiService):
         self.database.start()
         await self._wait_until_available()
         await self.accounts.start()
+        await self.playbooks.start()
         self.rate_limiter.start()
         elapsed = time.monotonic() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)

@@ -10,20 +10,26 @@ from typing import Any
 
 from director.accounts.throttle import LoginThrottle
 from director.config import Settings
+from director.crypto import SecretBox
 from director.db.database import Database
+from director.playbooks.cache import PlaybookCache
 from director.web.accounts_api import AccountRoutes
 from director.web.api import api
 from director.web.auth import Authenticator
 from director.web.openapi import OpenApiRoutes
+from director.web.playbooks_api import PlaybookRoutes
 
 
-class ApiV1(AccountRoutes, OpenApiRoutes):
+class ApiV1(AccountRoutes, PlaybookRoutes, OpenApiRoutes):
     app = api
 
-    def __init__(self, settings: Settings, database: Database, auth: Authenticator) -> None:
+    def __init__(self, settings: Settings, database: Database, auth: Authenticator,
+                 playbooks: PlaybookCache, box: SecretBox) -> None:
         self.settings = settings
         self.database = database
         self.auth = auth
+        self.playbooks = playbooks
+        self.box = box
         self.throttle = LoginThrottle()
 
     def resource(self) -> Any:

@@ -1,0 +1,1 @@
+"""Playbooks: the model, its storage, the cache every instance keeps, YAML documents."""

@@ -1,0 +1,399 @@
+"""Playbooks as values: parsing and validating the JSON (or YAML) form, and rendering it.
+
+A playbook bundles upstream servers and prompts. Everything here is pure: ``parse_*``
+functions take decoded JSON, raise ``ValidationFailed`` naming every bad field (with a
+JSON-pointer-ish path such as ``servers.github.url``), and return frozen values; ``*_json``
+functions render them back. The same parsers serve the REST API and YAML import, so both
+accept exactly the same documents.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from director.accounts.validation import ValidationFailed
+
+SERVER_TYPES = ("stdio", "http", "sse")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HEADER_NAME_PATTERN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+MAX_TEXT = 10_000
+MAX_BODY = 100_000
+MAX_ITEMS = 200
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
+@attrs.frozen
+class SecretValue:
+    """A value the API shows only to its owner on request (env values, header values)."""
+
+    value: str
+    secret: bool = False
+
+
+@attrs.frozen
+class Server:
+    name: str
+    type: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, SecretValue], ...] = ()
+    cwd: str | None = None
+    url: str | None = None
+    headers: tuple[tuple[str, SecretValue], ...] = ()
+    disabled: bool = False
+    prefix: str = ""
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    expose_prompts: bool = False
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    isolate_sessions: bool = False
+
+
+@attrs.frozen
+class PromptArgument:
+    name: str
+    description: str = ""
+    required: bool = False
+
+
+@attrs.frozen
+class Prompt:
+    name: str
+    body: str
+    title: str = ""
+    description: str = ""
+    arguments: tuple[PromptArgument, ...] = ()
+
+
+@attrs.frozen
+class PlaybookFields:
+    name: str
+    description: str = ""
+    position: int = 0
+
+
+# --- small checkers -----------------------------------------------------------------------
+
+
+def _text(value: Any, path: str, *, required: bool = False, limit: int = MAX_TEXT,
+          allow_empty: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationFailed({path: "must be a string"})
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise ValidationFailed({path: "must be valid Unicode text"})
+    if "\x00" in value:
+        raise ValidationFailed({path: "must not contain NUL characters"})
+    if len(value) > limit:
+        raise ValidationFailed({path: f"must be at most {limit} characters"})
+    if not allow_empty and not value.strip():
+        raise ValidationFailed({path: "must not be empty"})
+    return value
+
+
+def _name(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationFailed({path: "must be a string"})
+    if not NAME_PATTERN.match(value):
+        raise ValidationFailed({path: "must be 1-64 letters, digits, '.', '_' or '-', starting "
+                                      "with a letter or digit"})
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationFailed({path: "must be true or false"})
+    return value
+
+
+def _string_list(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValidationFailed({path: "must be a list of strings"})
+    if len(value) > MAX_ITEMS * 5:
+        raise ValidationFailed({path: f"must have at most {MAX_ITEMS * 5} items"})
+    return tuple(_text(item, f"{path}[{index}]", required=True, limit=4096)
+                 for index, item in enumerate(value))
+
+
+def _secret_map(value: Any, path: str, key_pattern: re.Pattern[str],
+                key_rule: str) -> tuple[tuple[str, SecretValue], ...]:
+    """``{"NAME": "value"}`` or ``{"NAME": {"value": "…", "secret": true}}``."""
+    if not isinstance(value, dict):
+        raise ValidationFailed({path: "must be an object"})
+    if len(value) > MAX_ITEMS:
+        raise ValidationFailed({path: f"must have at most {MAX_ITEMS} entries"})
+    items = []
+    for key, item in value.items():
+        if not key_pattern.match(key):
+            raise ValidationFailed({f"{path}.{key}": key_rule})
+        if isinstance(item, dict):
+            unknown = set(item) - {"value", "secret"}
+            if unknown:
+                raise ValidationFailed({f"{path}.{key}.{sorted(unknown)[0]}": "is not a known "
+                                                                             "field"})
+            items.append((key, SecretValue(
+                _text(item.get("value"), f"{path}.{key}.value", required=True, limit=8192),
+                _bool(item.get("secret", False), f"{path}.{key}.secret"))))
+        else:
+            items.append((key, SecretValue(_text(item, f"{path}.{key}", required=True,
+                                                 limit=8192))))
+    return tuple(sorted(items))
+
+
+def reject_unknown(body: Mapping[str, Any], allowed: set[str], path: str = "") -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValidationFailed({f"{path}{name}": "is not a known field" for name in unknown})
+
+
+def _refuse(fields: dict[str, str]) -> None:
+    raise ValidationFailed(fields)
+
+
+def _collect(checks: list[tuple[str, Any]]) -> None:
+    """Run several independent checks and report every failure at once."""
+    problems: dict[str, str] = {}
+    for _, check in checks:
+        try:
+            check()
+        except ValidationFailed as failed:
+            problems.update(failed.fields)
+    if problems:
+        raise ValidationFailed(problems)
+
+
+# --- playbooks ----------------------------------------------------------------------------
+
+
+def slugify(name: str) -> str:
+    """``My GitHub Tools!`` -> ``my-github-tools``; what the URLs use."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
+    return slug[:64].strip("-")
+
+
+PLAYBOOK_FIELDS = {"name", "description", "position", "id"}
+
+
+def parse_playbook_fields(body: Mapping[str, Any], base: PlaybookFields | None = None,
+                          partial: bool = False) -> PlaybookFields:
+    reject_unknown(body, PLAYBOOK_FIELDS | ({"version"} if partial else set()))
+    fields = attrs.asdict(base) if base is not None else {"name": None, "description": "",
+                                                          "position": 0}
+    if "name" in body or not partial:
+        fields["name"] = _text(body.get("name"), "name", required=True, limit=200,
+                               allow_empty=False).strip()
+    if "description" in body:
+        fields["description"] = _text(body["description"], "description")
+    if "position" in body:
+        position = body["position"]
+        if not isinstance(position, int) or isinstance(position, bool) or not (
+                -1_000_000 <= position <= 1_000_000):
+            raise ValidationFailed({"position": "must be a whole number"})
+        fields["position"] = position
+    return PlaybookFields(**fields)
+
+
+def playbook_id_from(body: Mapping[str, Any], name: str) -> str:
+    """An explicit ``id`` (a slug), else one derived from the name."""
+    if "id" in body and body["id"] is not None:
+        value = body["id"]
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?",
+                                                          value):
+            raise ValidationFailed({"id": "must be 1-64 lower-case letters, digits and '-'"})
+        return value
+    slug = slugify(name)
+    if not slug:
+        raise ValidationFailed({"name": "must contain a letter or digit (it names the URL)"})
+    return slug
+
+
+# --- servers ------------------------------------------------------------------------------
+
+SERVER_FIELDS = {"name", "type", "command", "args", "env", "cwd", "url", "headers", "disabled",
+                 "prefix", "include", "exclude", "expose_prompts", "timeout_seconds",
+                 "isolate_sessions"}
+
+
+def parse_server(body: Mapping[str, Any], base: Server | None = None, path: str = "") -> Server:
+    """A whole server (``base`` None) or ``base`` with ``body``'s fields changed."""
+    if not isinstance(body, Mapping):
+        raise ValidationFailed({path.rstrip(".") or "body": "must be an object"})
+    reject_unknown(body, SERVER_FIELDS, path)
+    values: dict[str, Any] = attrs.asdict(base, recurse=False) if base is not None else {}
+    server_type = body.get("type", values.get("type"))
+    if base is not None and "type" in body and body["type"] != base.type:
+        raise ValidationFailed({f"{path}type": "cannot change; remove the server and add it "
+                                               "again"})
+    if server_type not in SERVER_TYPES:
+        raise ValidationFailed({f"{path}type": "must be one of stdio, http, sse"})
+    values["type"] = server_type
+
+    def field(name: str, parse: Any) -> Any:
+        return lambda: values.__setitem__(name, parse(body[name], f"{path}{name}"))
+
+    checks: list[tuple[str, Any]] = []
+    if base is None or "name" in body:
+        checks.append(("name", lambda: values.__setitem__("name", _name(body.get("name"),
+                                                                        f"{path}name"))))
+    stdio_only, http_only = ("command", "args", "env", "cwd", "isolate_sessions"), ("url",
+                                                                                     "headers")
+    for name in stdio_only if server_type != "stdio" else http_only:
+        if name in body and body[name] is not None:
+            checks.append((name, lambda n=name: _refuse(
+                {f"{path}{n}": f"does not apply to a {server_type} server"})))
+    if server_type == "stdio":
+        if base is None or "command" in body:
+            checks.append(("command", lambda: values.__setitem__("command", _text(
+                body.get("command"), f"{path}command", required=True, limit=4096,
+                allow_empty=False))))
+        if "args" in body:
+            checks.append(("args", field("args", _string_list)))
+        if "env" in body:
+            checks.append(("env", lambda: values.__setitem__("env", _secret_map(
+                body["env"], f"{path}env", ENV_NAME_PATTERN,
+                "must be an environment variable name"))))
+        if "cwd" in body:
+            checks.append(("cwd", lambda: values.__setitem__("cwd", _cwd(body["cwd"],
+                                                                         f"{path}cwd"))))
+        if "isolate_sessions" in body:
+            checks.append(("isolate_sessions", field("isolate_sessions", _bool)))
+    else:
+        if base is None or "url" in body:
+            checks.append(("url", lambda: values.__setitem__("url", _url(body.get("url"),
+                                                                         f"{path}url"))))
+        if "headers" in body:
+            checks.append(("headers", lambda: values.__setitem__("headers", _secret_map(
+                body["headers"], f"{path}headers", HEADER_NAME_PATTERN,
+                "must be an HTTP header name"))))
+    for name in ("disabled", "expose_prompts"):
+        if name in body:
+            checks.append((name, field(name, _bool)))
+    if "prefix" in body:
+        checks.append(("prefix", lambda: values.__setitem__("prefix", _text(
+            body["prefix"], f"{path}prefix", limit=64))))
+    for name in ("include", "exclude"):
+        if name in body:
+            checks.append((name, lambda n=name: values.__setitem__(
+                n, None if body[n] is None else _string_list(body[n], f"{path}{n}"))))
+    if "timeout_seconds" in body:
+        checks.append(("timeout_seconds", lambda: values.__setitem__(
+            "timeout_seconds", _timeout(body["timeout_seconds"], f"{path}timeout_seconds"))))
+    _collect(checks)
+    if values.get("include") is not None and values.get("exclude") is not None:
+        raise ValidationFailed({f"{path}include": "cannot be combined with exclude; use one"})
+    return Server(**values)
+
+
+def _url(value: Any, path: str) -> str:
+    url = _text(value, path, required=True, limit=2048, allow_empty=False).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed({path: "must be an http(s) URL"})
+    return url
+
+
+def _cwd(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    text = _text(value, path, limit=4096)
+    if not text.startswith("/"):
+        raise ValidationFailed({path: "must be an absolute path"})
+    return text
+
+
+def _timeout(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ValidationFailed({path: "must be a number of seconds from 0 to 3600"})
+    return float(value)
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+PROMPT_FIELDS = {"name", "title", "description", "body", "arguments"}
+
+
+def parse_prompt(body: Mapping[str, Any], base: Prompt | None = None, path: str = "") -> Prompt:
+    if not isinstance(body, Mapping):
+        raise ValidationFailed({path.rstrip(".") or "body": "must be an object"})
+    reject_unknown(body, PROMPT_FIELDS, path)
+    values: dict[str, Any] = attrs.asdict(base, recurse=False) if base is not None else {}
+    checks: list[tuple[str, Any]] = []
+    if base is None or "name" in body:
+        checks.append(("name", lambda: values.__setitem__("name", _name(body.get("name"),
+                                                                        f"{path}name"))))
+    if base is None or "body" in body:
+        checks.append(("body", lambda: values.__setitem__("body", _text(
+            body.get("body"), f"{path}body", required=True, limit=MAX_BODY,
+            allow_empty=False))))
+    for name in ("title", "description"):
+        if name in body:
+            checks.append((name, lambda n=name: values.__setitem__(n, _text(body[n],
+                                                                            f"{path}{n}"))))
+    if "arguments" in body:
+        checks.append(("arguments", lambda: values.__setitem__("arguments", _arguments(
+            body["arguments"], f"{path}arguments"))))
+    _collect(checks)
+    return Prompt(**values)
+
+
+def _arguments(value: Any, path: str) -> tuple[PromptArgument, ...]:
+    if not isinstance(value, list) or len(value) > 50:
+        raise ValidationFailed({path: "must be a list of at most 50 arguments"})
+    arguments, seen = [], set()
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(item, dict):
+            raise ValidationFailed({where: "must be an object"})
+        reject_unknown(item, {"name", "description", "required"}, f"{where}.")
+        name = _name(item.get("name"), f"{where}.name")
+        if name in seen:
+            raise ValidationFailed({f"{where}.name": f"repeats the argument {name!r}"})
+        seen.add(name)
+        arguments.append(PromptArgument(name, _text(item.get("description"),
+                                                    f"{where}.description"),
+                                        _bool(item.get("required", False), f"{where}.required")))
+    return tuple(arguments)
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def _render_map(items: tuple[tuple[str, SecretValue], ...], reveal: bool) -> dict[str, Any]:
+    rendered: dict[str, Any] = {}
+    for key, item in items:
+        if not item.secret:
+            rendered[key] = item.value
+        else:
+            rendered[key] = {"secret": True, "value": item.value if reveal else None}
+    return rendered
+
+
+def server_json(server: Server, reveal_secrets: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": server.name, "type": server.type}
+    if server.type == "stdio":
+        data |= {"command": server.command, "args": list(server.args),
+                 "env": _render_map(server.env, reveal_secrets), "cwd": server.cwd,
+                 "isolate_sessions": server.isolate_sessions}
+    else:
+        data |= {"url": server.url, "headers": _render_map(server.headers, reveal_secrets)}
+    data |= {"disabled": server.disabled, "prefix": server.prefix,
+             "include": list(server.include) if server.include is not None else None,
+             "exclude": list(server.exclude) if server.exclude is not None else None,
+             "expose_prompts": server.expose_prompts,
+             "timeout_seconds": server.timeout_seconds}
+    return data
+
+
+def prompt_json(prompt: Prompt) -> dict[str, Any]:
+    return {"name": prompt.name, "title": prompt.title, "description": prompt.description,
+            "body": prompt.body,
+            "arguments": [attrs.asdict(argument) for argument in prompt.arguments]}
