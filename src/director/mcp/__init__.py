@@ -1,0 +1,1 @@
+"""MCP: JSON-RPC framing, upstream clients, the playbook router and downstream sessions."""

@@ -1,0 +1,1 @@
+"""Director as an MCP client of upstream servers: stdio child processes and HTTP servers."""

@@ -1,0 +1,99 @@
+"""What the router needs from an upstream MCP connection, whatever its transport.
+
+An ``UpstreamSession`` is one initialised MCP session with one upstream server. Transports
+(``stdio.py``, ``http.py``) implement it; the router and the downstream sessions use only this.
+
+Contract:
+
+* ``start()`` connects and performs the handshake (``initialize`` + ``notifications/
+  initialized``); afterwards ``initialize_result`` holds the upstream's answer (``capabilities``,
+  ``serverInfo``, ``protocolVersion``, ``instructions``). Failure raises ``UpstreamError``
+  with a message of the form ``[name] what happened``.
+* ``request(method, params, timeout=…, on_progress=…)`` sends one request and returns its
+  ``result`` object untouched (a dict, byte-faithful to what the upstream sent). A JSON-RPC
+  error from the upstream raises ``UpstreamRequestError`` carrying the upstream's error object
+  unchanged. Ids are remapped so concurrent callers never collide. If ``params._meta.
+  progressToken`` is present, it is replaced by a token unique to this connection on the way
+  up and restored on the way down; ``on_progress(params)`` receives each matching
+  ``notifications/progress`` params (with the caller's original token). Each progress
+  notification restarts the timeout. On timeout, and when the returned Deferred is cancelled
+  (the downstream client cancelled or went away), ``notifications/cancelled`` with the
+  upstream request id is sent and the Deferred fails (``UpstreamTimeout`` /
+  ``CancelledError``).
+* ``notify(method, params)`` sends a notification (e.g. ``notifications/roots/list_changed``).
+* ``on_notification`` (settable attribute, default no-op): called with every notification that
+  is not a progress notification matched to a pending request (``notifications/message``,
+  ``…/list_changed``, ``notifications/resources/updated``, …) as the whole message dict.
+* ``on_request`` (settable attribute): async callable ``(method, params) -> result dict``
+  answering server→client requests (``sampling/createMessage``, ``elicitation/create``,
+  ``roots/list``, ``ping``); raising ``ProtocolError`` answers with that JSON-RPC error. The
+  default answers ``ping`` with ``{}`` and anything else with -32601.
+* ``on_closed`` (settable attribute): called once with a reason string when the session ends
+  for any reason other than ``close()`` (process exited, connection lost, 404 on a session).
+* ``close()`` ends the session (stdio: close stdin, SIGTERM after a grace period, SIGKILL
+  after another; HTTP: DELETE the session) and fails pending requests with
+  ``UpstreamError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from director.mcp.jsonrpc import METHOD_NOT_FOUND, Message, ProtocolError
+
+LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+LATEST_LEGACY_VERSION = LEGACY_VERSIONS[0]
+CLIENT_INFO = {"name": "director", "version": "0.1.0"}
+
+
+class UpstreamError(Exception):
+    """The upstream cannot be reached or misbehaved; ``str()`` starts with ``[server name]``."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No answer (nor progress) within the server's timeout."""
+
+
+class UpstreamRequestError(UpstreamError):
+    """The upstream answered with a JSON-RPC error; ``error`` is its error object verbatim."""
+
+    def __init__(self, name: str, error: dict[str, Any]) -> None:
+        super().__init__(f"[{name}] {error.get('message', 'error')}")
+        self.error = error
+
+
+RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def default_request_handler(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    if method == "ping":
+        return {}
+    raise ProtocolError(METHOD_NOT_FOUND, f"method not supported by the gateway: {method}")
+
+
+class UpstreamSession(Protocol):
+    name: str
+    initialize_result: dict[str, Any]
+    on_notification: Callable[[Message], object]
+    on_request: RequestHandler
+    on_closed: Callable[[str], object]
+
+    async def start(self) -> None: ...
+
+    async def request(self, method: str, params: dict[str, Any] | None = None, *,
+                      timeout: float = 60.0,
+                      on_progress: Callable[[dict[str, Any]], object] | None = None
+                      ) -> dict[str, Any]: ...
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def initialize_params(client_capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the gateway sends upstream: it declares the client capabilities it can relay."""
+    return {"protocolVersion": LATEST_LEGACY_VERSION,
+            "capabilities": client_capabilities if client_capabilities is not None else {
+                "roots": {"listChanged": True}, "sampling": {}, "elicitation": {}},
+            "clientInfo": CLIENT_INFO}
