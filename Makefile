@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NPM_STAMP := tests/npm/node_modules/.installed
 
 .PHONY: run test lint bench deb clean
 
@@ -17,7 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/director serve
 
-test: $(STAMP) lint
+# Real MCP servers from npm that the tests run against (pinned in tests/npm/package-lock.json).
+$(NPM_STAMP): tests/npm/package.json tests/npm/package-lock.json
+	cd tests/npm && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(STAMP) $(NPM_STAMP) lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
@@ -28,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info src/twisted/plugins/dropin.cache
+	rm -rf $(VENV) build dist src/*.egg-info src/twisted/plugins/dropin.cache tests/npm/node_modules
 
 deb:
 	packaging/build-deb
