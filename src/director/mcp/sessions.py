@@ -1,0 +1,496 @@
+"""Downstream MCP sessions (handshake era) and the engine that owns them.
+
+Each session is independent: its own aggregated routes, its own upstream sessions for HTTP
+servers, its own GET stream, subscriptions, log level and pending server→client requests.
+Many sessions on one playbook never see each other's answers or notifications (the original
+shared one server object between all of them).
+
+Messages for a session travel on one of two kinds of ``Channel``:
+
+* ``CallChannel`` — the answer to one POST. It stays plain ``application/json`` unless
+  something must be sent before the result (progress, a log line, a sampling request), in
+  which case it turns into an SSE stream on the fly (headers are not sent until then).
+* the session channel — the GET stream (Streamable HTTP) or the one stream of the legacy
+  HTTP+SSE transport — for notifications outside any request.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Protocol
+from uuid import UUID
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from director.config import Settings
+from director.mcp import jsonrpc
+from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
+from director.mcp.router import Aggregator, render_prompt, upstream_error
+from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, frame, json_bytes
+from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamError, UpstreamTimeout
+from director.mcp.upstreams import LIST_METHODS, Upstream, UpstreamManager
+from director.playbooks.cache import PlaybookCache
+from director.playbooks.model import Server
+from director.playbooks.store import Playbook
+
+log = Logger(namespace="mcp.sessions")
+
+SERVER_INFO = {"name": "director", "title": "Director MCP gateway", "version": "0.1.0"}
+CLIENT_REQUEST_TIMEOUT = 300.0
+SERVER_CAPABILITIES = {
+    "tools": {"listChanged": True},
+    "prompts": {"listChanged": True},
+    "resources": {"subscribe": True, "listChanged": True},
+    "logging": {},
+    "completions": {},
+}
+LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_changed",
+                "notifications/resources/list_changed")
+
+
+class Channel(Protocol):
+    @property
+    def open(self) -> bool: ...
+
+    def send(self, message: Message) -> None: ...
+
+
+class CallChannel:
+    """The answer to one POSTed request: JSON, or SSE once something precedes the result."""
+
+    def __init__(self, request: Any, streams: StreamRegistry) -> None:
+        self.request = request
+        self.streams = streams
+        self.stream: EventStream | None = None
+        self.open = True
+        request.notifyFinish().addBoth(self._gone)
+
+    def _gone(self, _: object) -> None:
+        self.open = False
+
+    def send(self, message: Message) -> None:
+        if not self.open:
+            return
+        if self.stream is None:
+            self.request.setResponseCode(200)
+            self.stream = EventStream(self.request, self.streams)
+        self.stream.send(frame(json_bytes(message)))
+
+    def finish(self, response: Message) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self.stream is not None:
+            self.stream.send(frame(json_bytes(response)))
+            self.stream.finish()
+            return
+        self.request.setResponseCode(200)
+        self.request.setHeader(b"content-type", b"application/json")
+        self.request.write(json_bytes(response))
+        self.request.finish()
+
+
+class SessionChannel:
+    """The session's notifications: its GET stream, remembered for ``Last-Event-ID``."""
+
+    def __init__(self, session_id: str) -> None:
+        self.replay = ReplayBuffer(session_id[:8])
+        self.stream: EventStream | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.stream is not None and self.stream.open
+
+    def send(self, message: Message) -> None:
+        chunk = self.replay.record(json_bytes(message))
+        if self.stream is not None and self.stream.open:
+            self.stream.send(chunk)
+
+
+class DownstreamSession:
+    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, playbook_pk: UUID,
+                 transport: str) -> None:
+        self.engine = engine
+        self.id = session_id
+        self.user_id = user_id
+        self.playbook_pk = playbook_pk
+        self.transport = transport  # "streamable" or "sse"
+        self.protocol_version = LEGACY_VERSIONS[0]
+        self.client_capabilities: dict[str, Any] = {}
+        self.client_info: dict[str, Any] = {}
+        self.initialized = False
+        self.channel = SessionChannel(session_id)
+        self.upstreams: dict[str, Upstream] = {}
+        self.aggregator = Aggregator(self._fetch, self._list)
+        self.in_flight: dict[Any, defer.Deferred[Any]] = {}
+        self.call_channels: list[Channel] = []
+        self.client_requests: dict[str, defer.Deferred[Any]] = {}
+        self.subscriptions: set[str] = set()
+        self.log_level: str | None = None
+        self.last_active = time.monotonic()
+        self.closed = False
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @property
+    def playbook(self) -> Playbook:
+        playbook = self.engine.playbooks.by_pk(self.playbook_pk)
+        if playbook is None:
+            raise ProtocolError(-32603, "the playbook was deleted")
+        return playbook
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    def upstream(self, server: Server) -> Upstream:
+        upstream = self.engine.upstreams.upstream_for(self.playbook_pk, server, self.upstreams,
+                                                      self)
+        upstream.users[self] = time.monotonic()
+        return upstream
+
+    async def _fetch(self, server: Server) -> Upstream | None:
+        upstream = self.upstream(server)
+        try:
+            await self.engine.upstreams.ready(upstream)
+        except UpstreamError:
+            return None
+        return upstream
+
+    async def _list(self, upstream: Upstream, method: str) -> list[dict[str, Any]]:
+        cached = upstream.lists.get(method)
+        if cached is not None:
+            return cached
+        key = LIST_METHODS[method][0]
+        session = await self.engine.upstreams.ready(upstream)
+        entries: list[dict[str, Any]] = []
+        cursor = None
+        for _ in range(100):  # bounded: an upstream paging forever is a bug, not our hang
+            params = {"cursor": cursor} if cursor else None
+            result = await session.request(method, params, timeout=min(
+                30.0, upstream.server.timeout_seconds))
+            entries.extend(e for e in result.get(key, []) if isinstance(e, dict))
+            cursor = result.get("nextCursor")
+            if not cursor:
+                break
+        upstream.lists[method] = entries
+        return entries
+
+    # --- requests from the client ---------------------------------------------------------
+
+    async def handle(self, message: Message, channel: Channel) -> Message:
+        """The response to one client request (never raises)."""
+        self.touch()
+        request_id = message.get("id")
+        self.call_channels.append(channel)
+        try:
+            value = await self._dispatch(message["method"], message.get("params") or {},
+                                         channel)
+            return jsonrpc.result(request_id, value)
+        except ProtocolError as failure:
+            return {"jsonrpc": "2.0", "id": request_id, "error": failure.error_object()}
+        except UpstreamTimeout as failure:
+            return jsonrpc.error(request_id, jsonrpc.REQUEST_TIMEOUT, str(failure))
+        except UpstreamError as failure:
+            return {"jsonrpc": "2.0", "id": request_id,
+                    "error": upstream_error(failure).error_object()}
+        except defer.CancelledError:
+            return jsonrpc.error(request_id, jsonrpc.REQUEST_TIMEOUT, "request cancelled")
+        finally:
+            self.call_channels.remove(channel)
+
+    async def _dispatch(self, method: str, params: dict[str, Any], channel: Channel) -> Any:
+        playbook = self.playbook
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return await self.aggregator.tools(playbook)
+        if method == "prompts/list":
+            return await self.aggregator.prompts(playbook)
+        if method == "resources/list":
+            return await self.aggregator.resources(playbook)
+        if method == "resources/templates/list":
+            return await self.aggregator.templates(playbook)
+        if method == "tools/call":
+            name = _required_string(params, "name")
+            server, original = await self.aggregator.tool_route(playbook, name)
+            return await self._forward(server, method, dict(params, name=original), channel)
+        if method == "prompts/get":
+            name = _required_string(params, "name")
+            source = await self.aggregator.prompt_route(playbook, name)
+            if source is None:
+                prompt = playbook.prompt(name)
+                assert prompt is not None
+                arguments = params.get("arguments") or {}
+                if not isinstance(arguments, dict):
+                    raise ProtocolError(INVALID_PARAMS, "arguments must be an object")
+                return render_prompt(prompt, arguments)
+            return await self._forward(source, method, params, channel)
+        if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+            uri = _required_string(params, "uri")
+            server = await self.aggregator.resource_route(playbook, uri)
+            result = await self._forward(server, method, params, channel)
+            if method == "resources/subscribe":
+                self.subscriptions.add(uri)
+            elif method == "resources/unsubscribe":
+                self.subscriptions.discard(uri)
+            return result
+        if method == "completion/complete":
+            return await self._complete(playbook, params, channel)
+        if method == "logging/setLevel":
+            self.log_level = _required_string(params, "level")
+            await self._set_upstream_log_levels(playbook, params)
+            return {}
+        raise ProtocolError(METHOD_NOT_FOUND, f"method not found: {method}")
+
+    async def _forward(self, server: Server, method: str, params: dict[str, Any],
+                       channel: Channel) -> dict[str, Any]:
+        upstream = self.upstream(server)
+        session = await self.engine.upstreams.ready(upstream)
+
+        def progress(notification_params: dict[str, Any]) -> None:
+            channel.send(jsonrpc.notification("notifications/progress", notification_params))
+
+        has_token = isinstance(params.get("_meta"), dict) and "progressToken" in params["_meta"]
+        return await session.request(method, params, timeout=server.timeout_seconds,
+                                     on_progress=progress if has_token else None)
+
+    async def _complete(self, playbook: Playbook, params: dict[str, Any],
+                        channel: Channel) -> Any:
+        ref = params.get("ref")
+        if not isinstance(ref, dict):
+            raise ProtocolError(INVALID_PARAMS, "ref must be an object")
+        server: Server | None
+        if ref.get("type") == "ref/prompt":
+            server = await self.aggregator.prompt_route(playbook, _required_string(ref, "name"))
+            if server is None:
+                return {"completion": {"values": [], "hasMore": False}}
+        elif ref.get("type") == "ref/resource":
+            server = await self.aggregator.template_route(playbook, _required_string(ref, "uri"))
+        else:
+            raise ProtocolError(INVALID_PARAMS, "ref.type must be ref/prompt or ref/resource")
+        return await self._forward(server, "completion/complete", params, channel)
+
+    async def _set_upstream_log_levels(self, playbook: Playbook, params: dict[str, Any]) -> None:
+        async def one(server: Server) -> None:
+            upstream = await self._fetch(server)
+            if upstream is not None and "logging" in upstream.capabilities:
+                try:
+                    session = await self.engine.upstreams.ready(upstream)
+                    await session.request("logging/setLevel", params, timeout=10.0)
+                except UpstreamError as failure:
+                    log.info("logging/setLevel failed: {error}", error=str(failure))
+
+        await defer.gatherResults([defer.ensureDeferred(one(s)) for s in playbook.servers
+                                   if not s.disabled], consumeErrors=True)
+
+    # --- notifications and responses from the client --------------------------------------
+
+    def handle_notification(self, message: Message) -> None:
+        self.touch()
+        method = message.get("method")
+        params = message.get("params") or {}
+        if method == "notifications/initialized":
+            self.initialized = True
+        elif method == "notifications/cancelled":
+            pending = self.in_flight.get(params.get("requestId"))
+            if pending is not None:
+                pending.cancel()
+        elif method == "notifications/roots/list_changed":
+            for upstream in self.upstreams.values():
+                if upstream.session is not None:
+                    upstream.session.notify(method, params or None)
+
+    def handle_response(self, message: Message) -> None:
+        self.touch()
+        waiting = self.client_requests.pop(str(message.get("id")), None)
+        if waiting is None:
+            log.info("a response to no pending request of this session: {id}",
+                     id=message.get("id"))
+            return
+        if "error" in message:
+            error = message["error"] if isinstance(message["error"], dict) else {}
+            waiting.errback(ProtocolError(int(error.get("code", -32603)),
+                                          str(error.get("message", "")), error.get("data")))
+        else:
+            waiting.callback(message.get("result"))
+
+    # --- server→client ----------------------------------------------------------------------
+
+    async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Relay an upstream's request (sampling, elicitation, roots) to this client."""
+        channel: Channel = next((c for c in reversed(self.call_channels) if c.open),
+                                self.channel)
+        if not channel.open and self.transport == "streamable":
+            raise ProtocolError(-32603, "the client has no open stream to receive the request")
+        request_id = f"director-{secrets.token_hex(8)}"
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        self.client_requests[request_id] = waiting
+        channel.send(jsonrpc.request(request_id, method, params))
+        waiting.addTimeout(CLIENT_REQUEST_TIMEOUT, self.engine.reactor)
+        try:
+            result = await waiting
+        except defer.TimeoutError:
+            raise ProtocolError(jsonrpc.REQUEST_TIMEOUT,
+                                f"the client did not answer {method} in time") from None
+        finally:
+            self.client_requests.pop(request_id, None)
+        return dict(result or {})
+
+    def notify(self, message: Message) -> None:
+        """A notification outside any request: on the session's own stream."""
+        if not self.closed:
+            self.channel.send(message)
+
+    # --- end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for pending in list(self.in_flight.values()):
+            pending.cancel()
+        for waiting in list(self.client_requests.values()):
+            if not waiting.called:
+                waiting.errback(ProtocolError(-32603, "session closed"))
+        self.engine.upstreams.release(self, self.upstreams)
+        if self.channel.stream is not None:
+            self.channel.stream.finish()
+
+
+def _required_string(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(INVALID_PARAMS, f"{name} must be a non-empty string")
+    return value
+
+
+class McpEngine:
+    """All downstream sessions of this process, their upstreams and streams."""
+
+    def __init__(self, settings: Settings, playbooks: PlaybookCache, upstreams: UpstreamManager,
+                 reactor: Any, max_sessions_per_user: int = 100,
+                 idle_seconds: float = 1800.0) -> None:
+        self.settings = settings
+        self.playbooks = playbooks
+        self.upstreams = upstreams
+        self.reactor = reactor
+        self.streams = StreamRegistry()
+        self.sessions: dict[str, DownstreamSession] = {}
+        self.max_sessions_per_user = max_sessions_per_user
+        self.idle_seconds = idle_seconds
+        self._expiry: task.LoopingCall | None = None
+        upstreams.on_notification = self._upstream_notified
+        upstreams.on_request = self._upstream_asks
+        playbooks.subscribe(self._playbook_changed)
+
+    def start(self) -> None:
+        self.streams.start()
+        self._expiry = task.LoopingCall(self.expire_idle)
+        self._expiry.start(min(60.0, self.idle_seconds / 2), now=False)
+
+    async def stop(self) -> None:
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        for session in list(self.sessions.values()):
+            self.end(session)
+        self.streams.stop()
+        self.streams.close_all()
+        await self.upstreams.close_all()
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def create(self, user_id: UUID, playbook: Playbook, transport: str) -> DownstreamSession:
+        mine = [s for s in self.sessions.values() if s.user_id == user_id]
+        if len(mine) >= self.max_sessions_per_user:
+            oldest = min(mine, key=lambda s: s.last_active)
+            log.info("session cap reached for a user: ending their least recently used session",
+                     user_id=str(user_id))
+            self.end(oldest)
+        session_id = secrets.token_urlsafe(24)
+        session = DownstreamSession(self, session_id, user_id, playbook.pk, transport)
+        self.sessions[session_id] = session
+        return session
+
+    def find(self, session_id: str, user_id: UUID, playbook: Playbook) -> DownstreamSession | None:
+        """The caller's session on this playbook, or None (unknown, ended, or not theirs)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.user_id != user_id or session.playbook_pk != playbook.pk:
+            return None
+        return session
+
+    def end(self, session: DownstreamSession) -> None:
+        self.sessions.pop(session.id, None)
+        session.close()
+
+    def expire_idle(self) -> None:
+        cutoff = time.monotonic() - self.idle_seconds
+        for session in list(self.sessions.values()):
+            if session.last_active < cutoff and not session.channel.open and \
+                    not session.in_flight:
+                self.end(session)
+
+    # --- change routing -------------------------------------------------------------------
+
+    def _users_of(self, upstream: Upstream) -> list[DownstreamSession]:
+        return [u for u in upstream.users if isinstance(u, DownstreamSession) and not u.closed]
+
+    def _upstream_notified(self, upstream: Upstream, message: Message) -> None:
+        method = message.get("method", "")
+        params = message.get("params") or {}
+        for session in self._users_of(upstream):
+            if method == "notifications/resources/updated":
+                if params.get("uri") in session.subscriptions:
+                    session.notify(message)
+            elif method in LIST_CHANGED or method == "notifications/message":
+                session.notify(message)
+
+    async def _upstream_asks(self, upstream: Upstream, method: str,
+                             params: dict[str, Any]) -> dict[str, Any]:
+        users = self._users_of(upstream)
+        if method == "ping":
+            return {}
+        if not users:
+            raise ProtocolError(-32603, "no client session to relay the request to")
+        latest = max(users, key=lambda s: upstream.users.get(s, 0.0))
+        return await latest.ask_client(method, params)
+
+    def _playbook_changed(self, old: Playbook | None, new: Playbook | None) -> None:
+        playbook = new or old
+        assert playbook is not None
+        self.upstreams.playbook_changed(
+            playbook.pk, {s.name: s for s in new.servers} if new is not None else None)
+        affected = [s for s in self.sessions.values() if s.playbook_pk == playbook.pk]
+        if new is None:
+            for session in affected:
+                self.end(session)
+            return
+        servers_changed = old is None or old.servers != new.servers
+        prompts_changed = old is None or old.prompts != new.prompts or servers_changed
+        for session in affected:
+            if servers_changed:
+                session.notify(jsonrpc.notification("notifications/tools/list_changed"))
+                session.notify(jsonrpc.notification("notifications/resources/list_changed"))
+            if prompts_changed:
+                session.notify(jsonrpc.notification("notifications/prompts/list_changed"))
+
+    # --- the handshake --------------------------------------------------------------------
+
+    @staticmethod
+    def initialize_result(session: DownstreamSession, params: dict[str, Any],
+                          playbook: Playbook) -> dict[str, Any]:
+        requested = params.get("protocolVersion")
+        version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
+        session.protocol_version = version
+        capabilities = params.get("capabilities")
+        session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
+        info = params.get("clientInfo")
+        session.client_info = info if isinstance(info, dict) else {}
+        result: dict[str, Any] = {"protocolVersion": version,
+                                  "capabilities": SERVER_CAPABILITIES,
+                                  "serverInfo": dict(SERVER_INFO, name=f"director/{playbook.id}")}
+        if playbook.description:
+            result["instructions"] = playbook.description
+        return result
+

@@ -1,0 +1,200 @@
+"""Server-sent-event streams to MCP clients: framing, heartbeats, back-pressure, replay.
+
+One ``EventStream`` wraps one open HTTP response. It writes ``id:``/``event:``/``data:``
+frames, remembers the last events (for a client that reconnects with ``Last-Event-ID``),
+and registers as the transport's push producer: when the client stops reading and the kernel
+buffer fills, Twisted pauses us; events queue up to a bound, and a stream that stays paused
+past ``STUCK_SECONDS`` (or overflows) is disconnected rather than eating memory.
+
+All streams of a process share one heartbeat loop (a ``: ping`` comment every
+``HEARTBEAT_SECONDS``) instead of one timer each; that is what lets one process hold
+tens of thousands of idle streams and notice dead peers behind proxies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger(namespace="mcp.streams")
+
+HEARTBEAT_SECONDS = 15.0
+STUCK_SECONDS = 30.0
+MAX_QUEUED_EVENTS = 1000
+REPLAY_EVENTS = 100
+
+
+def frame(data: bytes, event_id: str | None = None, event: str | None = "message") -> bytes:
+    head = b""
+    if event_id is not None:
+        head += b"id: " + event_id.encode() + b"\n"
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    body = b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
+    return head + body + b"\n"
+
+
+def json_bytes(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@implementer(IPushProducer)
+class EventStream:
+    """One open ``text/event-stream`` response."""
+
+    def __init__(self, request: Any, registry: StreamRegistry,
+                 on_close: Callable[[EventStream], object] | None = None) -> None:
+        self.request = request
+        self.registry = registry
+        self.on_close = on_close
+        self.open = True
+        self.paused_since: float | None = None
+        self._queue: deque[bytes] = deque()
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache, no-transform")
+        request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer this response
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(self._finished)
+        registry.add(self)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def send(self, chunk: bytes) -> None:
+        if not self.open:
+            return
+        if self.paused_since is not None:
+            if len(self._queue) >= MAX_QUEUED_EVENTS:
+                log.warn("closing a stream whose reader fell {count} events behind",
+                         count=len(self._queue))
+                self.abort()
+                return
+            self._queue.append(chunk)
+            return
+        self.request.write(chunk)
+
+    def comment(self, text: bytes = b"ping") -> None:
+        self.send(b": " + text + b"\n\n")
+
+    def finish(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self.registry.discard(self)
+        self.request.unregisterProducer()
+        self.request.finish()
+        self._closed()
+
+    def abort(self) -> None:
+        if not self.open:
+            return
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    # --- IPushProducer ------------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self.paused_since is None:
+            self.paused_since = time.monotonic()
+
+    def resumeProducing(self) -> None:
+        self.paused_since = None
+        while self._queue and self.paused_since is None and self.open:
+            self.request.write(self._queue.popleft())
+
+    def stopProducing(self) -> None:
+        self.open = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def _finished(self, _: object) -> None:
+        was_open = self.open
+        self.open = False
+        self.registry.discard(self)
+        self._queue.clear()
+        if was_open:
+            self._closed()
+
+    def _closed(self) -> None:
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            try:
+                callback(self)
+            except Exception:
+                log.failure("stream close handler failed")
+
+
+class StreamRegistry:
+    """Every open stream of this process, for heartbeats, stuck-reader checks and shutdown."""
+
+    def __init__(self, clock: Any = None) -> None:
+        self._streams: set[EventStream] = set()
+        self._loop: task.LoopingCall | None = None
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: EventStream) -> None:
+        self._streams.add(stream)
+
+    def discard(self, stream: EventStream) -> None:
+        self._streams.discard(stream)
+
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self.beat)
+        if self._clock is not None:
+            self._loop.clock = self._clock
+        self._loop.start(HEARTBEAT_SECONDS, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        for stream in list(self._streams):
+            if stream.paused_since is not None and now - stream.paused_since > STUCK_SECONDS:
+                log.info("disconnecting a stream whose reader has not read for {seconds:.0f} s",
+                         seconds=now - stream.paused_since)
+                stream.abort()
+            else:
+                stream.comment()
+
+    def close_all(self) -> None:
+        for stream in list(self._streams):
+            stream.finish()
+
+
+class ReplayBuffer:
+    """The last events of a session's GET stream, for ``Last-Event-ID`` resumption."""
+
+    def __init__(self, prefix: str, size: int = REPLAY_EVENTS) -> None:
+        self.prefix = prefix
+        self._counter = 0
+        self._events: deque[tuple[int, bytes]] = deque(maxlen=size)
+
+    def record(self, data: bytes) -> bytes:
+        """The framed event (with a fresh id), remembered for replay."""
+        self._counter += 1
+        chunk = frame(data, f"{self.prefix}-{self._counter}")
+        self._events.append((self._counter, chunk))
+        return chunk
+
+    def after(self, last_event_id: str) -> list[bytes] | None:
+        """Events after ``last_event_id``; None if that id is not ours or already forgotten."""
+        prefix, _, number = last_event_id.rpartition("-")
+        if prefix != self.prefix or not number.isdigit():
+            return None
+        seen = int(number)
+        if self._events and self._events[0][0] > seen + 1:
+            return None  # a gap: events were dropped from the buffer
+        return [chunk for counter, chunk in self._events if counter > seen]

@@ -1,0 +1,194 @@
+"""Which upstream session serves which downstream session, and keeping them alive.
+
+* stdio servers: one child process per (playbook, server), shared by all of the playbook's
+  sessions (ids and progress tokens are remapped by the transport) — unless the server is
+  marked ``isolate_sessions``, then one process per downstream session;
+* HTTP and SSE servers: one upstream MCP session per downstream session (pooled TCP
+  underneath), so that server→client requests, log levels and subscriptions reach exactly
+  the client they belong to.
+
+An upstream that fails to start contributes nothing (its error is remembered and shown in
+logs) and is retried on a later use after a backoff; it never fails the whole playbook.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from director.mcp.jsonrpc import Message
+from director.mcp.upstream.base import UpstreamError, UpstreamSession
+from director.playbooks.model import Server
+
+log = Logger(namespace="mcp.upstreams")
+
+RETRY_AFTER_FAILURE_SECONDS = 5.0
+LIST_METHODS = {
+    "tools/list": ("tools", "notifications/tools/list_changed"),
+    "prompts/list": ("prompts", "notifications/prompts/list_changed"),
+    "resources/list": ("resources", "notifications/resources/list_changed"),
+    "resources/templates/list": ("resourceTemplates", "notifications/resources/list_changed"),
+}
+
+Factory = Callable[[Server], UpstreamSession]
+
+
+@attrs.define(eq=False)
+class Upstream:
+    """One upstream session and what the gateway knows about it."""
+
+    server: Server
+    session: UpstreamSession | None = None
+    error: str | None = None
+    retry_at: float = 0.0
+    starting: defer.Deferred[None] | None = None
+    lists: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
+    # Downstream sessions that use this upstream (several when it is a shared stdio process),
+    # with the time of each one's latest request: server→client requests go to the latest.
+    users: dict[Any, float] = attrs.field(factory=dict)
+    closed: bool = False
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        if self.session is None:
+            return {}
+        return dict(self.session.initialize_result.get("capabilities") or {})
+
+
+class UpstreamManager:
+    def __init__(self, factory: Factory) -> None:
+        self.factory = factory
+        self._shared: dict[tuple[UUID, str], Upstream] = {}
+        #: Set by the session layer: routes upstream notifications and requests downstream.
+        self.on_notification: Callable[[Upstream, Message], object] = lambda u, m: None
+        self.on_request: Callable[[Upstream, str, dict[str, Any]], Any] | None = None
+
+    def shared_count(self) -> int:
+        return len(self._shared)
+
+    def upstream_for(self, playbook_pk: UUID, server: Server, owned: dict[str, Upstream],
+                     user: Any) -> Upstream:
+        """The upstream serving ``user`` (a downstream session) for ``server``."""
+        if server.type == "stdio" and not server.isolate_sessions:
+            key = (playbook_pk, server.name)
+            upstream = self._shared.get(key)
+            if upstream is None or upstream.server != server or upstream.closed:
+                if upstream is not None:
+                    self._close(upstream)
+                upstream = self._shared[key] = Upstream(server)
+        else:
+            upstream = owned.get(server.name)
+            if upstream is None or upstream.server != server or upstream.closed:
+                if upstream is not None:
+                    self._close(upstream)
+                upstream = owned[server.name] = Upstream(server)
+        upstream.users.setdefault(user, 0.0)
+        return upstream
+
+    async def ready(self, upstream: Upstream) -> UpstreamSession:
+        """The started session, starting it if needed; ``UpstreamError`` when it cannot be."""
+        if upstream.session is not None:
+            return upstream.session
+        if upstream.starting is None:
+            if upstream.error is not None and time.monotonic() < upstream.retry_at:
+                raise UpstreamError(upstream.error)
+            upstream.starting = defer.ensureDeferred(self._start(upstream))
+        starting = upstream.starting
+        await _shielded(starting)
+        if upstream.session is None:
+            raise UpstreamError(upstream.error or f"[{upstream.server.name}] not available")
+        return upstream.session
+
+    async def _start(self, upstream: Upstream) -> None:
+        session = self.factory(upstream.server)
+        session.on_notification = lambda message: self._notified(upstream, message)
+        if self.on_request is not None:
+            handler = self.on_request
+
+            async def relay(method: str, params: dict[str, Any]) -> dict[str, Any]:
+                return await handler(upstream, method, params)
+
+            session.on_request = relay
+        session.on_closed = lambda reason: self._lost(upstream, reason)
+        try:
+            await session.start()
+        except Exception as failure:
+            message = str(failure) if isinstance(failure, UpstreamError) else \
+                f"[{upstream.server.name}] {failure}"
+            upstream.error = message
+            upstream.retry_at = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
+            log.warn("upstream unavailable: {error}", error=message,
+                     server=upstream.server.name)
+        else:
+            if upstream.closed:
+                await session.close()
+                return
+            upstream.session = session
+            upstream.error = None
+        finally:
+            upstream.starting = None
+
+    def _notified(self, upstream: Upstream, message: Message) -> None:
+        method = message.get("method", "")
+        for list_method, (_, changed) in LIST_METHODS.items():
+            if method == changed:
+                upstream.lists.pop(list_method, None)
+        self.on_notification(upstream, message)
+
+    def _lost(self, upstream: Upstream, reason: str) -> None:
+        # The transport restarts stdio processes by itself; cached lists may be stale now.
+        upstream.lists.clear()
+        log.info("upstream session ended: {reason}", reason=reason,
+                 server=upstream.server.name)
+
+    def release(self, user: Any, owned: dict[str, Upstream]) -> None:
+        """A downstream session ended: close what was its own, leave shared ones running."""
+        for upstream in owned.values():
+            self._close(upstream)
+        owned.clear()
+        for upstream in self._shared.values():
+            upstream.users.pop(user, None)
+
+    def playbook_changed(self, playbook_pk: UUID, servers: dict[str, Server] | None) -> None:
+        """Close shared upstreams whose server was removed or changed (None: all)."""
+        for (pk, name), upstream in list(self._shared.items()):
+            if pk != playbook_pk:
+                continue
+            if servers is None or servers.get(name) != upstream.server:
+                self._close(upstream)
+                del self._shared[(pk, name)]
+
+    def _close(self, upstream: Upstream) -> None:
+        upstream.closed = True
+        session, upstream.session = upstream.session, None
+        if session is not None:
+            d = defer.ensureDeferred(session.close())
+            d.addErrback(lambda failure: log.failure("closing an upstream failed", failure))
+
+    async def close_all(self) -> None:
+        sessions = [u.session for u in self._shared.values() if u.session is not None]
+        for upstream in self._shared.values():
+            upstream.closed = True
+            upstream.session = None
+        self._shared.clear()
+        await defer.DeferredList([defer.ensureDeferred(s.close()) for s in sessions],
+                                 consumeErrors=True)
+
+
+def _shielded(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    """Wait for ``d`` without letting one waiter's cancellation cancel it for the others."""
+    waiter: defer.Deferred[Any] = defer.Deferred()
+
+    def release(result: Any) -> Any:
+        if not waiter.called:
+            waiter.callback(None)
+        return result
+
+    d.addBoth(release)
+    return waiter
