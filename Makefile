@@ -38,3 +38,7 @@ clean:
 
 deb:
 	packaging/build-deb
+
+.PHONY: deb-test
+deb-test: $(STAMP)
+	DIRECTOR_TEST_DEB=1 $(BIN)/pytest tests/test_packaging.py
