@@ -129,6 +129,8 @@ def test_base_url_follows_port_when_unset() -> None:
     ("MAX_REQUEST_BODY_BYTES", "big", "is not a whole number"),
     ("SHUTDOWN_TIMEOUT_SECONDS", "0", "must be greater than 0"),
     ("DATABASE_POOL_SIZE", "x", "is not a whole number"),
+    ("MCP_SESSION_IDLE_SECONDS", "-1", "must be greater than 0"),
+    ("MCP_MAX_SESSIONS_PER_USER", "many", "is not a whole number"),
 ])
 def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
     problems = problems_for({name: value})
@@ -144,7 +146,8 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
-              "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD"}
+              "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
+              "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 

@@ -87,6 +87,8 @@ class Settings:
     max_request_body_bytes: int = 4 * 1024 * 1024
     shutdown_timeout_seconds: float = 10.0
     database_pool_size: int = 4
+    mcp_session_idle_seconds: float = 1800.0
+    mcp_max_sessions_per_user: int = 100
 
     @property
     def production(self) -> bool:
@@ -320,6 +322,12 @@ VARIABLES: tuple[Variable, ...] = (
              _positive_float, "shutdown_timeout_seconds"),
     Variable("DATABASE_POOL_SIZE", "4", "Connections in the query pool (plus one for LISTEN).",
              _positive_int, "database_pool_size"),
+    Variable("MCP_SESSION_IDLE_SECONDS", "1800",
+             "A handshake-era MCP session with no request and no open stream for this long "
+             "ends (the client re-initialises).", _positive_float, "mcp_session_idle_seconds"),
+    Variable("MCP_MAX_SESSIONS_PER_USER", "100",
+             "Open MCP sessions per user on one instance; past it the least recently used "
+             "one ends.", _positive_int, "mcp_max_sessions_per_user"),
 )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
 
 from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
@@ -36,10 +37,14 @@ from director.crypto import SecretBox
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from director.mcp.factory import upstream_factory
+from director.mcp.sessions import McpEngine
+from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
 from director.web.app import DirectorApp
 from director.web.auth import Authenticator
 from director.web.edge import DirectorSite, EdgeResource
+from director.web.mcp_routes import McpRoutes
 from director.web.v1 import ApiV1
 
 log = Logger(namespace="gateway")
@@ -76,8 +81,16 @@ class DirectorService(MultiService):
         self.site: DirectorSite | None = None
         self.secret_box = SecretBox(self.auth_secret)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
-        self.web = DirectorApp(self.health_reason, ApiV1(
-            settings, self.database, self.authenticator, self.playbooks, self.secret_box))
+        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
+        self.http_pool.maxPersistentPerHost = 16
+        self.mcp = McpEngine(settings, self.playbooks,
+                             UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
+                             max_sessions_per_user=settings.mcp_max_sessions_per_user,
+                             idle_seconds=settings.mcp_session_idle_seconds)
+        self.web = DirectorApp(
+            self.health_reason,
+            ApiV1(settings, self.database, self.authenticator, self.playbooks, self.secret_box),
+            McpRoutes(self.mcp, self.authenticator, self.playbooks))
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -114,6 +127,7 @@ class DirectorService(MultiService):
         await self.accounts.start()
         await self.playbooks.start()
         self.rate_limiter.start()
+        self.mcp.start()
         elapsed = time.monotonic() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
         systemd.notify("STATUS=serving")
@@ -215,7 +229,9 @@ class DirectorService(MultiService):
         await super().stopService()
         if self.port is not None:
             await self.port.stopListening()
+        await self.mcp.stop()
         await self._drain_connections()
+        await self.http_pool.closeCachedConnections()
         self.rate_limiter.stop()
         self.database.stop()
         if self.embedded is not None:

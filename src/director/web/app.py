@@ -22,9 +22,14 @@ class DirectorApp:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, health_check: HealthCheck, api_v1: Any) -> None:
+    def __init__(self, health_check: HealthCheck, api_v1: Any, mcp: Any) -> None:
         self.health_check = health_check
         self.api_v1 = api_v1
+        self.mcp = mcp
+
+    @app.route("/playbooks/", branch=True)
+    def mcp_routes(self, request: Request) -> Any:
+        return self.mcp.resource()
 
     @app.route("/api/v1/", branch=True)
     def api_v1_routes(self, request: Request) -> Any:

@@ -1,0 +1,282 @@
+"""The playbook MCP endpoints: ``/playbooks/{id}/mcp`` (Streamable HTTP, handshake era) and
+``/playbooks/{id}/sse`` + ``/playbooks/{id}/message`` (legacy HTTP+SSE).
+
+Every route authenticates like the API (``x-api-key``, ``Authorization: Bearer dk_…``, the
+session cookie) and also accepts ``?key=dk_…`` for clients that cannot set headers; errors
+are JSON-RPC error objects with the HTTP status that says what happened (401 with
+``WWW-Authenticate``, 404 for a playbook that is not the caller's, 429 when rate limited).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from director.mcp import jsonrpc
+from director.mcp.jsonrpc import Message, ProtocolError
+from director.mcp.sessions import CallChannel, DownstreamSession, McpEngine
+from director.mcp.streams import EventStream, frame
+from director.mcp.upstream.base import LEGACY_VERSIONS
+from director.playbooks.cache import PlaybookCache
+from director.playbooks.store import Playbook
+from director.web.auth import Authenticator, Principal
+from director.web.errors import ApiError
+
+log = Logger(namespace="mcp.http")
+
+MODERN_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+SERVER_ERROR = -32000
+
+
+class McpHttpError(Exception):
+    """An HTTP-level refusal, answered as a JSON-RPC error with this status."""
+
+    def __init__(self, status: int, code: int, message: str, request_id: Any = None,
+                 headers: dict[str, str] | None = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.request_id, self.headers, self.data = request_id, headers or {}, data
+
+
+def _error_response(request: Request, error: McpHttpError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name.encode(), value.encode())
+    body = jsonrpc.error(error.request_id, error.code, error.message, error.data)
+    return json.dumps(body).encode()
+
+
+class McpRoutes:
+    app = Klein()
+
+    def __init__(self, engine: McpEngine, auth: Authenticator, playbooks: PlaybookCache) -> None:
+        self.engine = engine
+        self.auth = auth
+        self.playbooks = playbooks
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # --- errors ---------------------------------------------------------------------------
+
+    @app.handle_errors(McpHttpError)
+    def mcp_error(self, request: Request, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, McpHttpError)
+        return _error_response(request, error)
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: Request, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, ApiError)
+        return _error_response(request, McpHttpError(
+            error.status, SERVER_ERROR, error.message, headers=error.headers,
+            data={"code": error.code, **error.details}))
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: Request, failure: Failure) -> bytes:
+        if failure.check(defer.CancelledError):
+            return b""
+        log.failure("unhandled error on an MCP route", failure)
+        return _error_response(request, McpHttpError(500, jsonrpc.INTERNAL_ERROR,
+                                                     "internal error"))
+
+    # --- shared ---------------------------------------------------------------------------
+
+    async def _caller(self, request: Request, playbook_id: str) -> tuple[Principal, Playbook]:
+        principal = await self.auth.authenticate(request, allow_query_key=True)
+        playbook = self.playbooks.get(principal.user.id, playbook_id)
+        if playbook is None:
+            raise McpHttpError(404, SERVER_ERROR, f"no playbook {playbook_id!r}")
+        return principal, playbook
+
+    def _session(self, request: Request, principal: Principal, playbook: Playbook,
+                 required: bool = True) -> DownstreamSession | None:
+        raw = request.getHeader(b"mcp-session-id")
+        if raw is None:
+            if required:
+                raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
+                                   "Bad Request: the Mcp-Session-Id header is required "
+                                   "(send initialize first)")
+            return None
+        session = self.engine.find(raw.decode("latin-1"), principal.user.id, playbook)
+        if session is None:
+            raise McpHttpError(404, SERVER_ERROR,
+                               "session not found: it ended or expired; initialize again")
+        return session
+
+    @staticmethod
+    def _read_message(request: Request) -> Message:
+        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            raise McpHttpError(415, jsonrpc.INVALID_REQUEST,
+                               "Unsupported Media Type: send application/json")
+        raw = request.content.read() if request.content is not None else b""
+        try:
+            return jsonrpc.parse_message(raw)
+        except ProtocolError as failure:
+            raise McpHttpError(400, failure.code, failure.message) from None
+
+    @staticmethod
+    def _check_modern(message: Message) -> None:
+        """Modern-era (2026-07-28) requests get a precise error until that era is served, so
+        that clients in ``auto`` mode fall back to the handshake."""
+        params = message.get("params") or {}
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        asked = meta.get(MODERN_VERSION_META) if isinstance(meta, dict) else None
+        if message.get("method") == "server/discover" or (asked and asked not in LEGACY_VERSIONS):
+            raise McpHttpError(
+                400, UNSUPPORTED_PROTOCOL_VERSION,
+                f"unsupported protocol version {asked or '2026-07-28'}: this server speaks "
+                f"{', '.join(LEGACY_VERSIONS)}; initialize first",
+                request_id=message.get("id"), data={"supported": list(LEGACY_VERSIONS)})
+
+    # --- Streamable HTTP ------------------------------------------------------------------
+
+    @app.route("/<playbook_id>/mcp", methods=["POST"])
+    async def post(self, request: Request, playbook_id: str) -> Any:
+        principal, playbook = await self._caller(request, playbook_id)
+        accept = (request.getHeader(b"accept") or b"*/*").decode("latin-1").lower()
+        if not ("*/*" in accept or ("application/json" in accept and
+                                    "text/event-stream" in accept)):
+            raise McpHttpError(406, jsonrpc.INVALID_REQUEST,
+                               "Not Acceptable: accept application/json and text/event-stream")
+        message = self._read_message(request)
+        self._check_modern(message)
+        if message.get("method") == "initialize":
+            return self._initialize(request, principal, playbook, message)
+        session = self._session(request, principal, playbook)
+        assert session is not None
+        version = request.getHeader(b"mcp-protocol-version")
+        if version is not None and version.decode("latin-1") not in LEGACY_VERSIONS:
+            raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
+                               f"Bad Request: unsupported MCP-Protocol-Version "
+                               f"{version.decode('latin-1')!r}; supported: "
+                               f"{', '.join(LEGACY_VERSIONS)}")
+        if jsonrpc.is_notification(message):
+            session.handle_notification(message)
+            request.setResponseCode(202)
+            return b""
+        if jsonrpc.is_response(message):
+            session.handle_response(message)
+            request.setResponseCode(202)
+            return b""
+        return await self._call(request, session, message)
+
+    def _initialize(self, request: Request, principal: Principal, playbook: Playbook,
+                    message: Message) -> bytes:
+        if request.getHeader(b"mcp-session-id") is not None:
+            raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
+                               "Bad Request: initialize opens a new session; send it without "
+                               "Mcp-Session-Id", request_id=message.get("id"))
+        if "id" not in message:
+            raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be a request")
+        session = self.engine.create(principal.user.id, playbook, "streamable")
+        result = self.engine.initialize_result(session, message.get("params") or {}, playbook)
+        request.setHeader(b"mcp-session-id", session.id.encode())
+        request.setHeader(b"content-type", b"application/json")
+        log.info("MCP session opened", playbook_id=playbook.id, session=session.id[:8],
+                 client=str(session.client_info.get("name", "")))
+        return json.dumps(jsonrpc.result(message["id"], result)).encode()
+
+    async def _call(self, request: Request, session: DownstreamSession,
+                    message: Message) -> None:
+        channel = CallChannel(request, self.engine.streams)
+        request_id = message["id"]
+        handling = defer.ensureDeferred(session.handle(message, channel))
+        session.in_flight[request_id] = handling
+        try:
+            response = await handling
+        finally:
+            session.in_flight.pop(request_id, None)
+        channel.finish(response)
+
+    @app.route("/<playbook_id>/mcp", methods=["GET"])
+    async def get(self, request: Request, playbook_id: str) -> Any:
+        principal, playbook = await self._caller(request, playbook_id)
+        session = self._session(request, principal, playbook)
+        assert session is not None
+        if session.channel.open:
+            raise McpHttpError(409, SERVER_ERROR, "Conflict: this session already has an open "
+                                                  "GET stream")
+        closed: defer.Deferred[None] = defer.Deferred()
+        stream = EventStream(request, self.engine.streams,
+                             on_close=lambda _: closed.callback(None))
+        session.channel.stream = stream
+        session.touch()
+        last_event_id = request.getHeader(b"last-event-id")
+        if last_event_id is not None:
+            missed = session.channel.replay.after(last_event_id.decode("latin-1"))
+            for chunk in missed or ():
+                stream.send(chunk)
+        stream.comment(b"stream open")
+        await closed
+
+    @app.route("/<playbook_id>/mcp", methods=["DELETE"])
+    async def delete(self, request: Request, playbook_id: str) -> bytes:
+        principal, playbook = await self._caller(request, playbook_id)
+        session = self._session(request, principal, playbook)
+        assert session is not None
+        self.engine.end(session)
+        request.setResponseCode(204)
+        return b""
+
+    # --- legacy HTTP+SSE ------------------------------------------------------------------
+
+    @app.route("/<playbook_id>/sse", methods=["GET"])
+    async def sse(self, request: Request, playbook_id: str) -> Any:
+        principal, playbook = await self._caller(request, playbook_id)
+        session = self.engine.create(principal.user.id, playbook, "sse")
+        closed: defer.Deferred[None] = defer.Deferred()
+
+        def ended(_: EventStream) -> None:
+            self.engine.end(session)
+            closed.callback(None)
+
+        stream = EventStream(request, self.engine.streams, on_close=ended)
+        session.channel.stream = stream
+        endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
+        if request.args.get(b"key") and principal.key is not None:
+            endpoint += "&key=" + request.args[b"key"][0].decode("latin-1")
+        stream.send(frame(endpoint.encode(), event="endpoint"))
+        log.info("legacy SSE session opened", playbook_id=playbook.id, session=session.id[:8])
+        await closed
+
+    @app.route("/<playbook_id>/message", methods=["POST"])
+    async def message(self, request: Request, playbook_id: str) -> bytes:
+        principal, playbook = await self._caller(request, playbook_id)
+        values = request.args.get(b"sessionId")
+        if not values:
+            raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "Bad Request: sessionId is required")
+        session = self.engine.find(values[0].decode("latin-1"), principal.user.id, playbook)
+        if session is None or session.transport != "sse":
+            raise McpHttpError(404, SERVER_ERROR, "session not found")
+        message = self._read_message(request)
+        self._check_modern(message)
+        if jsonrpc.is_notification(message):
+            session.handle_notification(message)
+        elif jsonrpc.is_response(message):
+            session.handle_response(message)
+        elif message["method"] == "initialize":
+            result = self.engine.initialize_result(session, message.get("params") or {},
+                                                   playbook)
+            session.channel.send(jsonrpc.result(message["id"], result))
+        else:
+            handling = defer.ensureDeferred(session.handle(message, session.channel))
+            session.in_flight[message["id"]] = handling
+
+            def answered(response: Message) -> None:
+                session.in_flight.pop(message["id"], None)
+                session.channel.send(response)
+
+            handling.addCallback(answered)
+        request.setResponseCode(202)
+        return b"Accepted"
