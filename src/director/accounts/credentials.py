@@ -58,8 +58,11 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 #: Verified against when the email is unknown, so that "no such user" costs as much as
-#: "wrong password" and timing does not reveal which accounts exist.
-DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+#: "wrong password" and timing does not reveal which accounts exist. A constant (the hash of
+#: a random password nobody kept) rather than computed at import: that would cost a scrypt
+#: run and 32 MiB on the main thread at every start.
+DUMMY_PASSWORD_HASH = ("scrypt$32768$8$1$Mn3RJ7+K9glciOP7QCDYPw$"
+                       "uvCxevJujqkNbKGkLFOlRy5NP5rwgdoXwLLHOrUDEOg")
 
 
 def generate_api_key() -> str:
