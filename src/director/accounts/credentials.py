@@ -61,7 +61,7 @@ def verify_password(password: str, stored: str) -> bool:
 #: "wrong password" and timing does not reveal which accounts exist. A constant (the hash of
 #: a random password nobody kept) rather than computed at import: that would cost a scrypt
 #: run and 32 MiB on the main thread at every start.
-DUMMY_PASSWORD_HASH = ("scrypt$32768$8$1$Mn3RJ7+K9glciOP7QCDYPw$"
+DUMMY_PASSWORD_HASH = ("scrypt$32768$8$1$Mn3RJ7+K9glciOP7QCDYPw$"  # noqa: S105
                        "uvCxevJujqkNbKGkLFOlRy5NP5rwgdoXwLLHOrUDEOg")
 
 

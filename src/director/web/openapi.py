@@ -52,6 +52,399 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
+# --- playbooks ------------------------------------------------------------------------------
+# Lengths and patterns mirror director.playbooks.model exactly, so that what the document calls
+# valid the server accepts. Rules JSON Schema cannot state are in the descriptions.
+
+_NO_NUL = "^[^\u0000]*$"
+#: Something besides white space (as Python's str.strip() sees it), and no NUL.
+_NON_BLANK = "^[^\u0000]*[^\\s\u0000\u001c-\u001f\u0085][^\u0000]*$"
+_PART_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_PLAYBOOK_ID_PATTERN = "^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
+#: An https URL naming a host by a dotted name whose last label starts with a letter (so never
+#: an IP address), an optional port from 0 to 65535, then a path, query or fragment.
+_HTTPS_URL_PATTERN = (
+    "^https://(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)+"
+    "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.?"
+    "(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+    "(?:[/?#][^\\s\u0000]*)?$")
+
+
+def _text(limit: int, *, nullable: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"type": ["string", "null"] if nullable else "string", "maxLength": limit,
+            "pattern": _NO_NUL, **extra}
+
+
+def _non_blank(limit: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": _NON_BLANK,
+            **extra}
+
+
+def _absent(description: str) -> dict[str, Any]:
+    return {"type": "null", "description": description}
+
+
+_PART_NAME = {"type": "string", "pattern": _PART_NAME_PATTERN}
+_PLAYBOOK_ID = {"name": "playbook_id", "in": "path", "required": True,
+                "schema": {"type": "string", "pattern": _PLAYBOOK_ID_PATTERN}}
+_SERVER_NAME = {"name": "name", "in": "path", "required": True, "description": "Server name",
+                "schema": _PART_NAME}
+_PROMPT_NAME = {"name": "name", "in": "path", "required": True, "description": "Prompt name",
+                "schema": _PART_NAME}
+_REVEAL_SECRETS = {
+    "name": "reveal_secrets", "in": "query",
+    "description": "Show the values of secret env/header entries (otherwise null); "
+                   "1 and 0 are accepted too",
+    "schema": {"type": "boolean", "default": False}}
+_IF_MATCH = {
+    "name": "If-Match", "in": "header",
+    "description": "The playbook's ETag as last read: the write is refused with 409 "
+                   "version_conflict if the playbook changed since",
+    "schema": {"type": "string", "pattern": '^(?:W/)?"[0-9]+"$'}}
+_PAGE = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+    {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
+     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}},
+]
+_ETAG = {"ETag": {"required": True, "description": "The playbook's version, quoted",
+                  "schema": {"type": "string", "pattern": '^"[0-9]+"$'}}}
+_NOT_FOUND = _error("No such playbook of yours (or no such server / prompt in it)")
+_VERSION_CONFLICT = _error("If-Match is stale: code version_conflict, details.current_version")
+_BAD_IF_MATCH = _error("If-Match is not an ETag (details.fields)")
+
+
+def _with_etag(response: dict[str, Any]) -> dict[str, Any]:
+    return {**response, "headers": _ETAG}
+
+
+def _items(schema: dict[str, Any], description: str, paged: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {"items": {"type": "array", "items": schema}}
+    required = ["items"]
+    if paged:
+        properties["next_cursor"] = {"type": ["string", "null"]}
+        required.append("next_cursor")
+    return _json({"type": "object", "required": required, "properties": properties},
+                 description)
+
+
+def _playbook_schemas() -> dict[str, Any]:
+    secret_in = {"anyOf": [
+        _text(8192),
+        {"type": "object", "additionalProperties": False, "required": ["value"],
+         "properties": {"value": _text(8192), "secret": {"type": "boolean", "default": False}}},
+    ], "description": 'A value, or {"value": …, "secret": true} to have it sealed at rest and '
+                      "hidden in answers"}
+    secret_out = {"anyOf": [
+        {"type": "string"},
+        {"type": "object", "required": ["secret", "value"],
+         "properties": {"secret": {"const": True},
+                        "value": {"type": ["string", "null"],
+                                  "description": "null unless reveal_secrets"}}},
+    ]}
+
+    def secret_map(pattern: str, what: str) -> dict[str, Any]:
+        return {"type": "object", "maxProperties": 200, "description": f"{what} -> value",
+                "propertyNames": {"pattern": pattern}, "additionalProperties": secret_in}
+
+    tool_list = {"type": ["array", "null"], "maxItems": 1000, "items": _text(4096)}
+    common_in: dict[str, Any] = {
+        "name": _PART_NAME,
+        "disabled": {"type": "boolean", "default": False},
+        "prefix": _text(64, nullable=True, description="Prepended to the server's tool names"),
+        "include": {**tool_list, "description": "Only these tools (null: all)"},
+        "exclude": {**tool_list, "description": "All tools but these (null: none excluded)"},
+        "expose_prompts": {"type": "boolean", "default": False},
+        "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                            "default": 60},
+    }
+    stdio_in = {
+        "type": {"const": "stdio"},
+        "command": _non_blank(4096),
+        "args": {"type": "array", "maxItems": 1000, "items": _text(4096)},
+        "env": secret_map("^[A-Za-z_][A-Za-z0-9_]*$", "environment variable"),
+        "cwd": _text(4096, nullable=True, pattern="^/[^\u0000]*$",
+                     description="Absolute working directory"),
+        "isolate_sessions": {"type": "boolean", "default": False},
+        "url": _absent("Not for stdio servers"),
+        "headers": _absent("Not for stdio servers"),
+    }
+    http_in = {
+        "type": {"enum": ["http", "sse"]},
+        "url": {"type": "string", "maxLength": 2048, "pattern": _HTTPS_URL_PATTERN,
+                "description": "https and a host name that does not resolve to a loopback, "
+                               "link-local or private address; an operator may allow http, "
+                               "IP addresses and private networks with "
+                               "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS"},
+        "headers": secret_map("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "HTTP header"),
+        **{name: _absent("Only for stdio servers")
+           for name in ("command", "args", "env", "cwd", "isolate_sessions")},
+    }
+    #: include and exclude are alternatives: at most one of them may be a list.
+    one_tool_filter = {"not": {"required": ["include", "exclude"],
+                               "properties": {"include": {"type": "array"},
+                                              "exclude": {"type": "array"}}}}
+
+    def server_in(specific: dict[str, Any], required: list[str]) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "object", "additionalProperties": False,
+                                  "properties": {**common_in, **specific}, **one_tool_filter}
+        if required:
+            schema["required"] = required
+        return schema
+
+    common_out = {
+        "name": {"type": "string"}, "disabled": {"type": "boolean"},
+        "prefix": {"type": "string"}, "include": {"type": ["array", "null"],
+                                                  "items": {"type": "string"}},
+        "exclude": {"type": ["array", "null"], "items": {"type": "string"}},
+        "expose_prompts": {"type": "boolean"}, "timeout_seconds": {"type": "number"},
+    }
+    stdio_out = {"type": {"const": "stdio"}, "command": {"type": "string"},
+                 "args": {"type": "array", "items": {"type": "string"}},
+                 "env": {"type": "object", "additionalProperties": secret_out},
+                 "cwd": {"type": ["string", "null"]}, "isolate_sessions": {"type": "boolean"}}
+    http_out = {"type": {"enum": ["http", "sse"]}, "url": {"type": "string"},
+                "headers": {"type": "object", "additionalProperties": secret_out}}
+    argument_in = {"type": "object", "additionalProperties": False, "required": ["name"],
+                   "properties": {"name": _PART_NAME, "description": _text(10_000, nullable=True),
+                                  "required": {"type": "boolean", "default": False}}}
+    prompt_in = {"name": _PART_NAME, "title": _text(10_000, nullable=True),
+                 "description": _text(10_000, nullable=True), "body": _non_blank(100_000),
+                 "arguments": {"type": "array", "maxItems": 50, "items": argument_in,
+                               "description": "Argument names must differ"}}
+    urls = {"type": "object", "required": ["streamable_http", "sse"],
+            "properties": {"streamable_http": {"type": "string", "format": "uri"},
+                           "sse": {"type": "string", "format": "uri"}}}
+    playbook_fields = ["id", "name", "description", "position", "version", "created_at",
+                       "updated_at", "urls", "servers", "prompts"]
+    playbook_common = {
+        "id": {"type": "string", "pattern": _PLAYBOOK_ID_PATTERN,
+               "description": "Part of the MCP URLs; never changes"},
+        "name": {"type": "string"}, "description": {"type": "string"},
+        "position": {"type": "integer"},
+        "version": {"type": "integer", "minimum": 1, "description": "Also the ETag"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"}, "urls": urls}
+    playbook_name = {**_non_blank(200), "description": "Surrounding white space is dropped"}
+    return {
+        "StdioServer": {"type": "object", "required": [*common_out, *stdio_out],
+                        "properties": {**common_out, **stdio_out}},
+        "HttpServer": {"type": "object", "required": [*common_out, *http_out],
+                       "properties": {**common_out, **http_out}},
+        "Server": {"oneOf": [_ref("StdioServer"), _ref("HttpServer")],
+                   "discriminator": {"propertyName": "type", "mapping": {
+                       "stdio": "#/components/schemas/StdioServer",
+                       "http": "#/components/schemas/HttpServer",
+                       "sse": "#/components/schemas/HttpServer"}}},
+        "NewStdioServer": {
+            **server_in(stdio_in, ["name", "type", "command"]),
+            "description": "Runs a command on the gateway host: refused (400) unless an "
+                           "operator set DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS"},
+        "NewHttpServer": server_in(http_in, ["name", "type", "url"]),
+        "NewServer": {"oneOf": [_ref("NewStdioServer"), _ref("NewHttpServer")],
+                      "discriminator": {"propertyName": "type", "mapping": {
+                          "stdio": "#/components/schemas/NewStdioServer",
+                          "http": "#/components/schemas/NewHttpServer",
+                          "sse": "#/components/schemas/NewHttpServer"}}},
+        "StdioServerChange": server_in(stdio_in, []),
+        "HttpServerChange": server_in(http_in, []),
+        "ServerChange": {
+            "anyOf": [_ref("StdioServerChange"), _ref("HttpServerChange")],
+            "description": "The fields to change. type cannot change, and a field of the other "
+                           "type's variant is refused; setting include (exclude) needs the "
+                           "other null, as stored or in the same change"},
+        "PromptArgument": {"type": "object", "required": ["name", "description", "required"],
+                           "properties": {"name": {"type": "string"},
+                                          "description": {"type": "string"},
+                                          "required": {"type": "boolean"}}},
+        "Prompt": {"type": "object",
+                   "required": ["name", "title", "description", "body", "arguments"],
+                   "properties": {"name": {"type": "string"}, "title": {"type": "string"},
+                                  "description": {"type": "string"}, "body": {"type": "string"},
+                                  "arguments": {"type": "array",
+                                                "items": _ref("PromptArgument")}}},
+        "NewPrompt": {"type": "object", "additionalProperties": False,
+                      "required": ["name", "body"], "properties": prompt_in},
+        "PromptChange": {"type": "object", "additionalProperties": False,
+                         "properties": prompt_in},
+        "Playbook": {"type": "object", "required": playbook_fields, "properties": {
+            **playbook_common, "servers": {"type": "array", "items": _ref("Server")},
+            "prompts": {"type": "array", "items": _ref("Prompt")}}},
+        "PlaybookSummary": {"type": "object", "required": playbook_fields, "properties": {
+            **playbook_common, "servers": {"type": "integer", "minimum": 0},
+            "prompts": {"type": "integer", "minimum": 0}}},
+        "NewPlaybook": {
+            "type": "object", "additionalProperties": False, "required": ["name"],
+            "properties": {
+                "name": playbook_name,
+                "description": _text(10_000, nullable=True),
+                "position": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000,
+                             "default": 0, "description": "Lists sort by position, then name"},
+                "id": {"type": ["string", "null"], "pattern": _PLAYBOOK_ID_PATTERN,
+                       "description": "Default: derived from the name (lower-cased, runs of "
+                                      "other characters made '-')"}},
+            # Without an explicit id the name must yield one: a letter or digit.
+            "anyOf": [{"required": ["id"], "properties": {"id": {"type": "string"}}},
+                      {"properties": {"name": {
+                          "pattern": "^[^\u0000]*[A-Za-z0-9][^\u0000]*$"}}}]},
+        "PlaybookChange": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "name": playbook_name,
+                "description": _text(10_000, nullable=True),
+                "position": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000},
+                "version": {"type": "integer",
+                            "description": "Accepted and ignored: send If-Match instead"}}},
+        "ToolChanges": {
+            "type": "object", "additionalProperties": False, "required": ["tools"],
+            "properties": {"tools": {"type": "array", "minItems": 1, "maxItems": 1000, "items": {
+                "type": "object", "additionalProperties": False,
+                "required": ["server", "name", "disabled"],
+                "properties": {
+                    "server": {**_PART_NAME, "description": "A server of the playbook"},
+                    "name": {"type": "string", "minLength": 1, "maxLength": 256,
+                             "pattern": _NO_NUL, "description": "Tool name"},
+                    "disabled": {"type": "boolean"}}}}},
+            "description": "Enables or disables tools by editing each server's include "
+                           "(if it has one) or exclude list"},
+        "HistoryEntry": {
+            "type": "object", "required": ["seq", "at", "actor", "action", "detail", "version"],
+            "properties": {
+                "seq": {"type": "integer"}, "at": {"type": "string", "format": "date-time"},
+                "actor": {"type": "string", "description": "Email of who made the change"},
+                "action": {"type": "string", "description": "create, update, delete, "
+                           "add_server, update_server, remove_server, update_tools, "
+                           "add_prompt, update_prompt, remove_prompt, import"},
+                "detail": {"type": "object"},
+                "version": {"type": "integer", "description": "The version it produced"}}},
+        "Connection": {
+            "type": "object", "required": ["playbook_id", "urls", "headers", "clients"],
+            "properties": {
+                "playbook_id": {"type": "string"}, "urls": urls,
+                "headers": {"type": "object", "required": ["x-api-key"], "properties": {
+                    "x-api-key": {"type": "string", "description": "The key the request was "
+                                  "made with, or a placeholder (keys are stored hashed)"}}},
+                "clients": {
+                    "type": "object",
+                    "required": ["claude_desktop", "claude_code", "cursor", "vscode"],
+                    "properties": {
+                        "claude_desktop": {"type": "object"},
+                        "claude_code": {"type": "object", "required": ["command"],
+                                        "properties": {"command": {"type": "string"}}},
+                        "cursor": {"type": "object"}, "vscode": {"type": "object"}}}}},
+    }
+
+
+def _playbook_paths() -> dict[str, Any]:
+    base = [_PLAYBOOK_ID]
+    write = {**_COMMON_ERRORS, "400": _BAD_IF_MATCH, "404": _NOT_FOUND,
+             "409": _VERSION_CONFLICT}
+    body_write = {**write, **_BODY_ERRORS,
+                  "400": _error("Malformed JSON, invalid fields (details.fields names each) "
+                                "or a bad If-Match")}
+    read = {**_COMMON_ERRORS, "404": _NOT_FOUND}
+    read_secrets = {**read, "400": _error("reveal_secrets is not true or false")}
+
+    def op(operation_id: str, summary: str, parameters: list[dict[str, Any]],
+           responses: dict[str, Any], body: str | None = None) -> dict[str, Any]:
+        operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
+                                     "security": _SECURITY, "parameters": parameters,
+                                     "responses": responses}
+        if body is not None:
+            operation["requestBody"] = _body(_ref(body))
+        return operation
+
+    # The playbook itself comes after its parts: tools that walk the document in order (the
+    # schemathesis test) then create before they delete.
+    return {
+        "/playbooks": {
+            "get": op("listPlaybooks", "The caller's playbooks, by position then name", _PAGE, {
+                "200": _items(_ref("PlaybookSummary"), "A page of playbooks", paged=True),
+                "400": _error("Invalid limit or cursor"), **_COMMON_ERRORS}),
+            "post": op("createPlaybook", "Create a playbook", [], {
+                "201": _with_etag(_json(_ref("Playbook"), "Created")),
+                "409": _error("The id is already one of your playbooks'"),
+                **_BODY_ERRORS, **_COMMON_ERRORS}, body="NewPlaybook"),
+        },
+        "/playbooks/{playbook_id}/servers": {
+            "get": op("listServers", "The playbook's upstream servers", [*base, _REVEAL_SECRETS],
+                      {"200": _with_etag(_items(_ref("Server"), "Servers, in order")),
+                       **read_secrets}),
+            "post": op("addServer", "Add an upstream server", [*base, _IF_MATCH], {
+                "201": _with_etag(_json(_ref("Server"), "Added")),
+                **body_write,
+                "400": _error("Malformed JSON, invalid fields (details.fields names each), a "
+                              "server the security rails refuse, or a bad If-Match"),
+                "409": _error("A server of that name exists (code conflict), or If-Match is "
+                              "stale (code version_conflict)")}, body="NewServer"),
+        },
+        "/playbooks/{playbook_id}/tools": {
+            "patch": op("updateTools", "Enable or disable tools, several at once",
+                        [*base, _IF_MATCH],
+                        {"200": _with_etag(_json(_ref("Playbook"), "Changed")), **body_write},
+                        body="ToolChanges"),
+        },
+        "/playbooks/{playbook_id}/servers/{name}": {
+            "get": op("getServer", "One upstream server", [*base, _SERVER_NAME, _REVEAL_SECRETS],
+                      {"200": _with_etag(_json(_ref("Server"), "The server")),
+                       **read_secrets}),
+            "patch": op("updateServer", "Change (or rename) an upstream server",
+                        [*base, _SERVER_NAME, _IF_MATCH], {
+                            "200": _with_etag(_json(_ref("Server"), "Changed")), **body_write,
+                            "400": _error("Malformed JSON, invalid fields (details.fields "
+                                          "names each), a server the security rails refuse, "
+                                          "or a bad If-Match"),
+                            "409": _error("Renamed to a name in use (code conflict), or "
+                                          "If-Match is stale (code version_conflict)")},
+                        body="ServerChange"),
+            "delete": op("removeServer", "Remove an upstream server",
+                         [*base, _SERVER_NAME, _IF_MATCH],
+                         {"204": {"description": "Removed", "headers": _ETAG}, **write}),
+        },
+        "/playbooks/{playbook_id}/prompts": {
+            "get": op("listPrompts", "The playbook's prompts", base,
+                      {"200": _with_etag(_items(_ref("Prompt"), "Prompts, in order")), **read}),
+            "post": op("addPrompt", "Add a prompt", [*base, _IF_MATCH], {
+                "201": _with_etag(_json(_ref("Prompt"), "Added")), **body_write,
+                "409": _error("A prompt of that name exists (code conflict), or If-Match is "
+                              "stale (code version_conflict)")}, body="NewPrompt"),
+        },
+        "/playbooks/{playbook_id}/prompts/{name}": {
+            "get": op("getPrompt", "One prompt", [*base, _PROMPT_NAME],
+                      {"200": _with_etag(_json(_ref("Prompt"), "The prompt")), **read}),
+            "patch": op("updatePrompt", "Change (or rename) a prompt",
+                        [*base, _PROMPT_NAME, _IF_MATCH], {
+                            "200": _with_etag(_json(_ref("Prompt"), "Changed")), **body_write,
+                            "409": _error("Renamed to a name in use (code conflict), or "
+                                          "If-Match is stale (code version_conflict)")},
+                        body="PromptChange"),
+            "delete": op("removePrompt", "Remove a prompt", [*base, _PROMPT_NAME, _IF_MATCH],
+                         {"204": {"description": "Removed", "headers": _ETAG}, **write}),
+        },
+        "/playbooks/{playbook_id}/connection": {
+            "get": op("playbookConnection", "Ready-to-paste MCP client configuration", base,
+                      {"200": _json(_ref("Connection"), "Snippets per client"), **read}),
+        },
+        "/playbooks/{playbook_id}/history": {
+            "get": op("playbookHistory", "Every change to the playbook, newest first",
+                      [*base, *_PAGE], {
+                          "200": _items(_ref("HistoryEntry"), "A page of changes", paged=True),
+                          "400": _error("Invalid limit or cursor"), **read}),
+        },
+        "/playbooks/{playbook_id}": {
+            "get": op("getPlaybook", "A playbook with its servers and prompts",
+                      [*base, _REVEAL_SECRETS],
+                      {"200": _with_etag(_json(_ref("Playbook"), "The playbook")),
+                       **read_secrets}),
+            "patch": op("updatePlaybook", "Change a playbook's name, description or position",
+                        [*base, _IF_MATCH],
+                        {"200": _with_etag(_json(_ref("Playbook"), "Changed")), **body_write},
+                        body="PlaybookChange"),
+            "delete": op("deletePlaybook", "Delete a playbook (its history is kept)",
+                         [*base, _IF_MATCH], {"204": {"description": "Deleted"}, **write}),
+        },
+    }
+
+
 def document() -> dict[str, Any]:
     credentials = {
         "type": "object", "additionalProperties": False, "required": ["email", "password"],
@@ -107,6 +500,7 @@ def document() -> dict[str, Any]:
                     "properties": {"key": {"type": "string", "pattern": "^dk_[A-Za-z0-9]{64}$",
                                            "description": "Shown once"}},
                 }]},
+                **_playbook_schemas(),
             },
         },
         "paths": {
@@ -204,6 +598,7 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _json(_ref("NewApiKey"), "The replacement, shown once"),
                               "404": _error("No such key of yours"), **_COMMON_ERRORS},
             }},
+            **_playbook_paths(),
             "/openapi.json": {"get": {
                 "operationId": "openapi", "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1",
