@@ -241,6 +241,7 @@ def test_deb_metadata(deb: Path) -> None:
     for path in ("./lib/systemd/system/director.service", "./lib/systemd/system/director@.service",
                  "./lib/systemd/system/director.socket", "./usr/share/director/director.env.example",
                  "./usr/share/director/socket-activation.conf", "./etc/default/director",
+                 "./usr/share/doc/director/operations.rst",  # named by the units' Documentation=
                  "./opt/venvs/director/bin/director"):
         assert f" {path}\n" in contents or f" {path} " in contents, path
     assert "./usr/bin/director -> /opt/venvs/director/bin/director" in contents
