@@ -117,8 +117,11 @@ class Aggregator:
                          server=server.name)
                 return server, []
 
-        results = await defer.gatherResults(
-            [defer.ensureDeferred(one(server)) for server in servers], consumeErrors=True)
+        try:
+            results = await defer.gatherResults(
+                [defer.ensureDeferred(one(server)) for server in servers], consumeErrors=True)
+        except defer.FirstError as first:
+            first.subFailure.raiseException()  # e.g. the client cancelled: say so, not "FirstError"
         return list(results)
 
     async def tools(self, playbook: Playbook) -> dict[str, Any]:

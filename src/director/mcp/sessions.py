@@ -197,6 +197,10 @@ class DownstreamSession:
                     "error": upstream_error(failure).error_object()}
         except defer.CancelledError:
             return jsonrpc.error(request_id, jsonrpc.REQUEST_TIMEOUT, "request cancelled")
+        except Exception:
+            log.failure("unexpected error handling {method}", method=message.get("method"))
+            return jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR,
+                                 "internal error in the gateway; the details are in its log")
         finally:
             self.call_channels.remove(channel)
 

@@ -204,15 +204,20 @@ class McpRoutes:
         principal, playbook = await self._caller(request, playbook_id)
         session = self._session(request, principal, playbook)
         assert session is not None
+        last_event_id = request.getHeader(b"last-event-id")
         if session.channel.open:
-            raise McpHttpError(409, SERVER_ERROR, "Conflict: this session already has an open "
-                                                  "GET stream")
+            if last_event_id is None:
+                raise McpHttpError(409, SERVER_ERROR, "Conflict: this session already has an "
+                                                      "open GET stream")
+            # A client resuming has given up on its old stream, even if we have not noticed
+            # yet (a closed socket is only seen on the next write): the new one replaces it.
+            assert session.channel.stream is not None
+            session.channel.stream.finish()
         closed: defer.Deferred[None] = defer.Deferred()
         stream = EventStream(request, self.engine.streams,
                              on_close=lambda _: closed.callback(None))
         session.channel.stream = stream
         session.touch()
-        last_event_id = request.getHeader(b"last-event-id")
         if last_event_id is not None:
             missed = session.channel.replay.after(last_event_id.decode("latin-1"))
             for chunk in missed or ():

@@ -1,0 +1,473 @@
+"""The gateway end to end: real MCP clients (the SDK, raw HTTP) through a real daemon to real
+upstream servers (the SDK's reference server over stdio)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client, StdioServerParameters, types
+
+from tests.accounts_helpers import Account, call, eventually, sign_up
+from tests.harness import Daemon, make_temp_dir
+
+StartDaemon = Callable[..., Daemon]
+REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
+ACCEPT = "application/json, text/event-stream"
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}}}
+
+
+class Gateway:
+    def __init__(self, daemon: Daemon, owner: Account, cancel_log: Path) -> None:
+        self.daemon = daemon
+        self.owner = owner
+        self.cancel_log = cancel_log
+
+    def url(self, playbook: str = "ref", key: str | None = None) -> str:
+        return f"{self.daemon.base}/playbooks/{playbook}/mcp?key={key or self.owner.key}"
+
+    def post(self, message: dict[str, Any], session: str | None = None,
+             playbook: str = "ref", headers: dict[str, str] | None = None
+             ) -> tuple[int, dict[str, str], bytes]:
+        sent = {"accept": ACCEPT, "content-type": "application/json",
+                "x-api-key": self.owner.key, **(headers or {})}
+        if session:
+            sent["mcp-session-id"] = session
+        return self.daemon.request("POST", f"/playbooks/{playbook}/mcp",
+                                   json.dumps(message).encode(), sent)
+
+    def open_session(self) -> str:
+        status, headers, _ = self.post(INIT)
+        assert status == 200
+        session = headers["mcp-session-id"]
+        assert self.post({"jsonrpc": "2.0", "method": "notifications/initialized"},
+                         session)[0] == 202
+        return session
+
+
+def reference_server(**overrides: Any) -> dict[str, Any]:
+    return {"name": "reference", "type": "stdio", "command": sys.executable,
+            "args": [REFERENCE], **overrides}
+
+
+@pytest.fixture
+def gateway(start_daemon: StartDaemon, migrated_url: str) -> Iterator[Gateway]:
+    directory = make_temp_dir("director-test-mcp-")
+    cancel_log = directory / "cancelled.log"
+    os.environ["REFERENCE_CANCEL_LOG"] = str(cancel_log)  # inherited by the daemon's children
+    daemon = start_daemon(DATABASE_URL=migrated_url,
+                          DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true")
+    daemon.wait_healthy()
+    owner = sign_up(daemon, "mcp@example.com")
+    assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Ref"}, key=owner.key)[0] == 201
+    server = reference_server(env={"REFERENCE_CANCEL_LOG": str(cancel_log)})
+    status, _, body = call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
+                           key=owner.key)
+    assert status == 201, body
+    assert call(daemon, "POST", "/api/v1/playbooks/ref/prompts", {
+        "name": "welcome", "title": "Welcome", "body": "Welcome {{name}} to {{place}}.",
+        "arguments": [{"name": "name", "required": True}, {"name": "place"}]},
+        key=owner.key)[0] == 201
+    yield Gateway(daemon, owner, cancel_log)
+    os.environ.pop("REFERENCE_CANCEL_LOG", None)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+# --- real clients -------------------------------------------------------------------------
+
+
+def test_sdk_client_lists_calls_and_gets_prompts(gateway: Gateway) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with Client(gateway.url(), mode="legacy") as client:
+            tools = await client.list_tools()
+            echoed = await client.call_tool("echo", {"text": "héllo"})
+            added = await client.call_tool("add", {"a": 2, "b": 40})
+            prompts = await client.list_prompts()
+            welcome = await client.get_prompt("welcome", {"name": "Ada", "place": "Director"})
+            resources = await client.list_resources()
+            static = await client.read_resource("test://static")
+            return {"tools": tools, "echo": echoed, "add": added, "prompts": prompts,
+                    "welcome": welcome, "resources": resources, "static": static,
+                    "server": client.server_info}
+
+    got = run(scenario())
+    names = [tool.name for tool in got["tools"].tools]
+    assert names[:3] == ["echo", "add", "norm"] and "ask" in names
+    assert got["echo"].content[0].text == "héllo" and not got["echo"].is_error
+    assert got["add"].structured_content == {"result": 42}
+    assert [p.name for p in got["prompts"].prompts] == ["welcome", ]
+    assert got["welcome"].messages[0].content.text == "Welcome Ada to Director."
+    assert [str(r.uri) for r in got["resources"].resources] == ["test://static"]
+    assert got["static"].contents[0].text == "static content"
+    assert got["server"].name == "director/ref"
+
+
+def test_schemas_pass_through_byte_faithfully(gateway: Gateway) -> None:
+    async def both() -> tuple[Any, Any]:
+        direct = StdioServerParameters(command=sys.executable, args=[REFERENCE])
+        async with Client(direct, mode="legacy") as client:
+            upstream = await client.list_tools()
+        async with Client(gateway.url(), mode="legacy") as client:
+            through = await client.list_tools()
+        return upstream, through
+
+    upstream, through = run(both())
+    assert [t.model_dump(mode="json") for t in through.tools] == \
+        [t.model_dump(mode="json") for t in upstream.tools]
+    norm = next(t for t in through.tools if t.name == "norm")
+    assert "$defs" in norm.input_schema
+
+
+def test_auto_mode_falls_back_to_the_handshake(gateway: Gateway) -> None:
+    async def scenario() -> str:
+        async with Client(gateway.url(), mode="auto") as client:
+            result = await client.call_tool("echo", {"text": "auto"})
+            return str(result.content[0].text)
+
+    assert run(scenario()) == "auto"
+
+
+def test_progress_logging_and_sampling_reach_the_calling_client(gateway: Gateway) -> None:
+    progress: list[float] = []
+    logs: list[Any] = []
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        question = params.messages[0].content.text
+        return types.CreateMessageResult(role="assistant", model="test-model",
+                                         content=types.TextContent(type="text",
+                                                                   text=f"answer to {question}"))
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logs.append(params.data)
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        async with Client(gateway.url(), mode="legacy", sampling_callback=sampling,
+                          logging_callback=on_log) as client:
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                progress.append(value)
+
+            slow = await client.call_tool("slow", {"steps": 3, "delay": 0.05},
+                                          progress_callback=on_progress)
+            chatty = await client.call_tool("chatty", {"message": "hello log"})
+            asked = await client.call_tool("ask", {"question": "2+2?"})
+            return slow, chatty, asked
+
+    slow, chatty, asked = run(scenario())
+    assert slow.content[0].text == "done after 3 steps" and progress == [1, 2, 3]
+    assert chatty.content[0].text == "logged" and "hello log" in json.dumps(logs)
+    assert asked.content[0].text == "answer to 2+2?"
+
+
+def test_many_sessions_each_get_their_own_answers(gateway: Gateway) -> None:
+    async def one(index: int) -> list[str]:
+        async with Client(gateway.url(), mode="legacy") as client:
+            return [str((await client.call_tool("echo", {"text": f"s{index}-{n}"}))
+                        .content[0].text) for n in range(5)]
+
+    async def scenario() -> list[list[str]]:
+        return list(await asyncio.gather(*(one(i) for i in range(8))))
+
+    results = run(scenario())
+    assert results == [[f"s{i}-{n}" for n in range(5)] for i in range(8)]
+
+
+# --- playbook settings take effect ----------------------------------------------------------
+
+
+def test_prefix_filters_and_list_changed(gateway: Gateway) -> None:
+    session = gateway.open_session()
+    stream = GetStream(gateway, session)
+    try:
+        status, _, _ = call(gateway.daemon, "PATCH", "/api/v1/playbooks/ref/servers/reference",
+                            {"prefix": "ref_", "include": ["echo", "add"]},
+                            key=gateway.owner.key)
+        assert status == 200
+        assert stream.wait_for("notifications/tools/list_changed")
+    finally:
+        stream.close()
+    status, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session)
+    tools = [t["name"] for t in parse_response(body)["result"]["tools"]]
+    assert tools == ["ref_echo", "ref_add"]
+    status, _, body = gateway.post({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                                    "params": {"name": "ref_echo", "arguments": {"text": "p"}}},
+                                   session)
+    assert parse_response(body)["result"]["content"][0]["text"] == "p"
+    status, _, body = gateway.post({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                                    "params": {"name": "norm", "arguments": {}}}, session)
+    assert parse_response(body)["error"]["code"] == -32602
+
+
+def test_disabled_and_broken_servers_contribute_nothing(gateway: Gateway) -> None:
+    call(gateway.daemon, "POST", "/api/v1/playbooks/ref/servers",
+         {"name": "broken", "type": "stdio", "command": "/nonexistent/mcp-server"},
+         key=gateway.owner.key)
+    session = gateway.open_session()
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, session)
+    assert "echo" in [t["name"] for t in parse_response(body)["result"]["tools"]]
+    call(gateway.daemon, "PATCH", "/api/v1/playbooks/ref/servers/reference", {"disabled": True},
+         key=gateway.owner.key)
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}, session)
+    assert parse_response(body)["result"]["tools"] == []
+
+
+# --- raw HTTP edge cases --------------------------------------------------------------------
+
+
+def parse_response(body: bytes) -> dict[str, Any]:
+    """A JSON body, or the last ``data:`` event of an SSE body."""
+    text = body.decode()
+    if text.lstrip().startswith("{"):
+        return dict(json.loads(text))
+    events = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return dict(json.loads(events[-1]))
+
+
+def test_session_rules(gateway: Gateway) -> None:
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    status, _, body = gateway.post(listing)
+    assert status == 400 and json.loads(body)["error"]["code"] == -32600
+    status, _, body = gateway.post(listing, session="no-such-session")
+    assert status == 404
+    session = gateway.open_session()
+    status, _, body = gateway.post(listing, session, headers={"mcp-protocol-version": "1999-01-01"})
+    assert status == 400 and "MCP-Protocol-Version" in json.loads(body)["error"]["message"]
+    assert gateway.post(listing, session)[0] == 200
+    status, _, _ = gateway.daemon.request("DELETE", "/playbooks/ref/mcp", headers={
+        "x-api-key": gateway.owner.key, "mcp-session-id": session})
+    assert status == 204
+    assert gateway.post(listing, session)[0] == 404
+
+
+def test_bad_requests_get_precise_json_rpc_errors(gateway: Gateway) -> None:
+    session = gateway.open_session()
+    base = {"accept": ACCEPT, "x-api-key": gateway.owner.key, "mcp-session-id": session}
+    status, _, body = gateway.daemon.request("POST", "/playbooks/ref/mcp", b"{oops",
+                                             {**base, "content-type": "application/json"})
+    assert status == 400 and json.loads(body)["error"]["code"] == -32700
+    status, _, body = gateway.daemon.request("POST", "/playbooks/ref/mcp", b"[]",
+                                             {**base, "content-type": "application/json"})
+    assert status == 400 and json.loads(body)["error"]["code"] == -32600
+    status, _, _ = gateway.daemon.request("POST", "/playbooks/ref/mcp", b"{}",
+                                          {**base, "content-type": "text/plain"})
+    assert status == 415
+    status, _, _ = gateway.daemon.request("POST", "/playbooks/ref/mcp",
+                                          json.dumps(INIT).encode(),
+                                          {"accept": "text/html", "x-api-key": gateway.owner.key,
+                                           "content-type": "application/json"})
+    assert status == 406
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 9, "method": "no/such"}, session)
+    assert json.loads(body)["error"]["code"] == -32601
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 10, "method": "tools/call",
+                               "params": {"name": "nope", "arguments": {}}}, session)
+    assert json.loads(body)["error"]["code"] == -32602
+    modern = {"jsonrpc": "2.0", "id": 11, "method": "server/discover", "params": {}}
+    status, _, body = gateway.post(modern)
+    assert status == 400 and json.loads(body)["error"]["code"] == -32022
+    assert "2025-11-25" in json.loads(body)["error"]["message"]
+
+
+def test_authentication_and_ownership(gateway: Gateway) -> None:
+    status, headers, body = gateway.daemon.request(
+        "POST", "/playbooks/ref/mcp", json.dumps(INIT).encode(),
+        {"accept": ACCEPT, "content-type": "application/json"})
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert json.loads(body)["error"]["message"].startswith("authentication required")
+    other = sign_up(gateway.daemon, "intruder@example.com")
+    status, _, _ = gateway.post(INIT, headers={"x-api-key": other.key})
+    assert status == 404
+    status, _, _ = gateway.daemon.request(
+        "POST", f"/playbooks/ref/mcp?key={gateway.owner.key}", json.dumps(INIT).encode(),
+        {"accept": ACCEPT, "content-type": "application/json"})
+    assert status == 200
+    session = gateway.open_session()
+    status, _, _ = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "ping"}, session,
+                                headers={"x-api-key": other.key})
+    assert status == 404  # another user's session id is no session at all
+
+
+# --- streams --------------------------------------------------------------------------------
+
+
+class GetStream:
+    """A raw GET stream of a session, read in the background."""
+
+    def __init__(self, gateway: Gateway, session: str, last_event_id: str | None = None) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_connection(("127.0.0.1", gateway.daemon.port), timeout=30)
+        extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        self.sock.sendall(
+            f"GET /playbooks/ref/mcp HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream"
+            f"\r\nx-api-key: {gateway.owner.key}\r\nMcp-Session-Id: {session}\r\n{extra}\r\n"
+            .encode())
+        self.data = b""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+        except OSError:
+            pass
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.data and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return text.encode() in self.data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_get_stream_headers_resumption_and_second_stream(gateway: Gateway) -> None:
+    session = gateway.open_session()
+    stream = GetStream(gateway, session)
+    assert stream.wait_for("stream open")
+    head = stream.data.split(b"\r\n\r\n")[0].lower()
+    assert b"content-type: text/event-stream" in head and b"x-accel-buffering: no" in head
+    second = GetStream(gateway, session)
+    assert second.wait_for("409")
+    second.close()
+    call(gateway.daemon, "PATCH", "/api/v1/playbooks/ref", {"description": "x"},
+         key=gateway.owner.key)
+    call(gateway.daemon, "POST", "/api/v1/playbooks/ref/prompts", {"name": "p2", "body": "b"},
+         key=gateway.owner.key)
+    assert stream.wait_for("notifications/prompts/list_changed")
+    first_id = next(line for line in stream.data.decode().splitlines()
+                    if line.startswith("id: ")).split(": ")[1]
+    stream.close()
+    time.sleep(0.2)
+    # A change while the client is away: replayed when it comes back with Last-Event-ID.
+    call(gateway.daemon, "POST", "/api/v1/playbooks/ref/prompts", {"name": "p3", "body": "b"},
+         key=gateway.owner.key)
+    resumed = GetStream(gateway, session, last_event_id=first_id)
+    try:
+        assert resumed.wait_for("notifications/prompts/list_changed")
+        assert first_id.encode() not in resumed.data  # only what came after it
+    finally:
+        resumed.close()
+
+
+def test_legacy_sse_transport(gateway: Gateway) -> None:
+    from mcp.client.session import ClientSession
+    from mcp.client.sse import sse_client
+
+    async def scenario() -> str:
+        url = f"{gateway.daemon.base}/playbooks/ref/sse?key={gateway.owner.key}"
+        async with sse_client(url) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            result = await session.call_tool("echo", {"text": "over sse"})
+            return str(result.content[0].text)
+
+    assert run(scenario()) == "over sse"
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+def test_upstream_crash_mid_call_then_recovery(gateway: Gateway) -> None:
+    session = gateway.open_session()
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                               "params": {"name": "crash", "arguments": {}}}, session)
+    response = parse_response(body)
+    assert "error" in response and "reference" in response["error"]["message"]
+
+    def works() -> bool:
+        _, _, body = gateway.post({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                                   "params": {"name": "echo", "arguments": {"text": "back"}}},
+                                  session)
+        result = parse_response(body).get("result")
+        return bool(result) and result["content"][0]["text"] == "back"
+
+    eventually(works, timeout=10, interval=0.2)
+
+
+def test_upstream_hang_times_out_and_is_cancelled(gateway: Gateway) -> None:
+    call(gateway.daemon, "PATCH", "/api/v1/playbooks/ref/servers/reference",
+         {"timeout_seconds": 1}, key=gateway.owner.key)
+    session = gateway.open_session()
+    started = time.monotonic()
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                               "params": {"name": "hang", "arguments": {"tag": "t1"}}}, session)
+    assert time.monotonic() - started < 5
+    assert parse_response(body)["error"]["code"] == -32001
+    eventually(lambda: gateway.cancel_log.exists() and "cancelled t1" in
+               gateway.cancel_log.read_text(), timeout=5)
+
+
+def test_client_cancellation_and_disconnect_reach_the_upstream(gateway: Gateway) -> None:
+    import socket
+    import threading
+
+    session = gateway.open_session()
+    gateway.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, session)  # started
+    result: dict[str, Any] = {}
+
+    def hang() -> None:
+        result["response"] = gateway.post({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                           "params": {"name": "hang", "arguments": {"tag": "c1"}}},
+                                          session)
+
+    thread = threading.Thread(target=hang)
+    thread.start()
+    time.sleep(0.5)
+    assert gateway.post({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                         "params": {"requestId": 7}}, session)[0] == 202
+    thread.join(10)
+    status, _, body = result["response"]
+    assert status == 200 and parse_response(body)["error"]["message"] == "request cancelled"
+    eventually(lambda: gateway.cancel_log.exists() and "cancelled c1" in
+               gateway.cancel_log.read_text(), timeout=5)
+
+    body = json.dumps({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+                       "params": {"name": "hang", "arguments": {"tag": "d1"}}}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.daemon.port)) as sock:
+        sock.sendall(b"POST /playbooks/ref/mcp HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nAccept: " + ACCEPT.encode() +
+                     b"\r\nx-api-key: " + gateway.owner.key.encode() +
+                     b"\r\nMcp-Session-Id: " + session.encode() +
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.5)
+    eventually(lambda: "cancelled d1" in gateway.cancel_log.read_text(), timeout=5)
+
+
+def test_abandoned_sessions_are_capped_and_expire(start_daemon: StartDaemon,
+                                                  migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, MCP_MAX_SESSIONS_PER_USER="50",
+                          MCP_SESSION_IDLE_SECONDS="4",
+                          API_KEY_RATE_LIMIT_MAX_REQUESTS="100000")
+    daemon.wait_healthy()
+    owner = sign_up(daemon, "many@example.com")
+    call(daemon, "POST", "/api/v1/playbooks", {"name": "Empty"}, key=owner.key)
+    headers = {"accept": ACCEPT, "content-type": "application/json", "x-api-key": owner.key}
+    sessions = []
+    for _ in range(1000):
+        status, response_headers, _ = daemon.request("POST", "/playbooks/empty/mcp",
+                                                     json.dumps(INIT).encode(), headers)
+        assert status == 200
+        sessions.append(response_headers["mcp-session-id"])
+    ping = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "ping"}).encode()
+    def status(session: str) -> int:
+        return daemon.request("POST", "/playbooks/empty/mcp", ping,
+                              {**headers, "mcp-session-id": session})[0]
+
+    # The cap ended the least recently used ones; the newest 50 live.
+    assert [status(s) for s in sessions[-50:]] == [200] * 50
+    assert [status(s) for s in sessions[:900:100]] == [404] * 9
+    time.sleep(4 + 2.5)  # idle past MCP_SESSION_IDLE_SECONDS (checked every 2 s); no touching
+    assert status(sessions[-1]) == 404
