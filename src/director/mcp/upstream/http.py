@@ -1,0 +1,1425 @@
+"""Upstream MCP servers over HTTP: Streamable HTTP and the 2024-11-05 HTTP+SSE transport.
+
+Handshake era only (protocol revisions 2024-11-05 … 2025-11-25). Everything runs on the
+Twisted reactor through ``twisted.web.client.Agent`` over a shared, persistent
+``HTTPConnectionPool`` (TLS verified by the Agent's default browser-like policy with
+service-identity); the ``mcp`` SDK is never used here.
+
+``StreamableHttpUpstream`` — one MCP session over Streamable HTTP:
+
+* every message is a POST (``Accept: application/json, text/event-stream``) carrying the
+  configured headers, ``Mcp-Session-Id`` once the server issued one and
+  ``MCP-Protocol-Version`` once negotiated. A request's answer is either one JSON body or an
+  SSE stream that may carry notifications, progress, log messages and server→client
+  requests before the response; server→client requests are answered by POSTing the
+  response. Notifications and responses expect 202.
+* after ``initialize`` + ``notifications/initialized`` a GET stream is opened for
+  server-initiated messages (405: the server has none, fine). When it drops it is reopened
+  with a growing delay (the server's ``retry:`` if it sent one) and ``Last-Event-ID``.
+  A POST stream that ends before its response is resumed the same way, if the server gave
+  its events ids (the 2025-11-25 polling pattern); otherwise the request fails.
+* session expiry: a 404 to a request that carried a session id (or a 400 whose body talks
+  about the session, as servers built on the TypeScript SDK's example answer) means the
+  server forgot the session. The session re-initialises transparently, once per request,
+  and retries that request; this is logged but ``on_closed`` is *not* called, because the
+  session object goes on working (see ``on_reinitialized`` below). Only if re-initialising
+  fails is ``on_closed`` called (once per such loss); the next request tries the handshake
+  again, so the object heals itself when the server comes back.
+* ``close()`` aborts everything in flight and DELETEs the session.
+
+``LegacySseUpstream`` — the 2024-11-05 HTTP+SSE transport: GET the SSE URL, wait for the
+``endpoint`` event (resolved against the SSE URL; it must stay on the same origin, so the
+configured credentials are never sent elsewhere), POST messages there (202) and read every
+answer, notification and server→client request from the one stream. That stream *is* the
+session: when it ends, pending requests fail and ``on_closed`` is called; the next request
+reconnects and re-initialises.
+
+``connect_http`` follows the specification's backwards-compatibility procedure: try
+Streamable HTTP, and if the ``initialize`` POST is answered 400, 404 or 405, fall back to
+the legacy transport at the same URL. ``HttpUpstream`` does the same inside ``start()``,
+for factories that must hand out an unstarted session.
+
+Common behaviour: per-request timeouts restarted by each progress notification; on timeout
+or cancellation ``notifications/cancelled`` is POSTed and the request's HTTP exchange is
+aborted. Progress tokens are remapped per connection. Messages larger than
+``max_message_size`` (16 MiB) fail the request (or are dropped from the GET stream) without
+ever being buffered whole. Error messages read ``[name] POST https://host/path: HTTP 401
+Unauthorized: <first 200 characters of the body>`` or ``[name] failed to connect to
+https://host/path: connection refused``; query strings are never shown (they may hold keys).
+
+A later protocol era (2026-07-28, stateless) can subclass ``StreamableHttpUpstream``:
+``_handshake`` (what ``start()`` and re-initialisation do) and ``_post_headers`` (the
+headers of each POST) are the two places that differ.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from director import __version__
+from director.mcp import jsonrpc
+from director.mcp.jsonrpc import Message, ProtocolError, RequestId
+from director.mcp.sse import Event, EventTooLarge, SseParser
+from director.mcp.upstream.base import (
+    LEGACY_VERSIONS,
+    RequestHandler,
+    UpstreamError,
+    UpstreamRequestError,
+    UpstreamSession,
+    UpstreamTimeout,
+    default_request_handler,
+    initialize_params,
+)
+
+log = Logger(namespace="mcp.upstream.http")
+
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+#: How long close() waits for the DELETE, and a notification or response POST for its 202.
+SHORT_EXCHANGE_TIMEOUT = 10.0
+ERROR_BODY_CHARS = 200
+#: Answers to the ``initialize`` POST that mean "no Streamable HTTP here" (spec, backwards
+#: compatibility); 401/403 and the rest are real errors and are reported as such.
+FALLBACK_STATUSES = frozenset({400, 404, 405})
+#: Reconnection delays of the GET stream (and of a POST stream's resumption), in seconds.
+RECONNECT_INITIAL = 1.0
+RECONNECT_MAX = 30.0
+#: A dropped POST stream is resumed at most this many times in a row without news.
+RESUME_ATTEMPTS = 3
+DEFAULT_POOL_SIZE = 16
+
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream"
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory …" log line for every connection
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
+def new_pool(reactor: Any, max_per_host: int = DEFAULT_POOL_SIZE) -> HTTPConnectionPool:
+    """The one connection pool all HTTP upstream sessions of a daemon share: persistent,
+    at most ``max_per_host`` idle connections kept per host (busy ones are not limited)."""
+    pool = _QuietPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    return pool
+
+
+def display_url(url: str) -> str:
+    """``url`` for messages: no credentials, no query (``?key=…``), no fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
+
+
+class _Timer(Protocol):
+    """What ``reactor.callLater`` returns (``_Timer``, which mypy cannot use as a type)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def reset(self, seconds: float) -> None: ...
+
+
+class _Response(Protocol):
+    """The parts of ``_Response`` used here (zope interfaces are no types to mypy)."""
+
+    code: int
+    phrase: bytes
+    headers: Headers
+    length: Any
+
+    def deliverBody(self, protocol: protocol.Protocol) -> None: ...
+
+
+class HttpStatusError(UpstreamError):
+    """The server answered with an HTTP error status (``body``: the start of its body)."""
+
+    def __init__(self, message: str, status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class _SessionExpired(Exception):
+    """404 (or a 400 about the session) to a message that carried a session id."""
+
+
+class _Aborted(Exception):
+    """We dropped the exchange ourselves (cancelled, timed out, closed, finished)."""
+
+
+class _Enough(Exception):
+    """Enough of an error body was read."""
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _BodyReader(protocol.Protocol):
+    """Hands a response body to ``sink`` chunk by chunk; ``abort()`` drops the connection."""
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self._sink = sink
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.finished = False
+        self.aborted = False
+        self.failure: Exception | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.aborted:
+            return
+        try:
+            self._sink(data)
+        except Exception as failure:
+            self.failure = failure
+            self.abort()
+
+    def abort(self) -> None:
+        if self.aborted or self.finished:
+            return
+        self.aborted = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.finished = True
+        if self.failure is not None:
+            self.done.errback(self.failure)
+        elif self.aborted:
+            self.done.errback(_Aborted())
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class _HttpCall:
+    """One HTTP exchange in flight; ``abort()`` drops it at whatever stage it is."""
+
+    def __init__(self, keep_on_success: bool = True) -> None:
+        #: A request's own POST stream is left to end by itself once the response is in (so
+        #: its connection goes back to the pool); resumption streams are dropped.
+        self.keep_on_success = keep_on_success
+        self.requesting: defer.Deferred[_Response] | None = None
+        self.reader: _BodyReader | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.requesting is not None and not self.requesting.called:
+            self.requesting.cancel()
+        if self.reader is not None:
+            self.reader.abort()
+
+
+@attrs.define(eq=False)
+class _Pending:
+    id: int
+    method: str
+    message: Message
+    timeout: float
+    on_progress: Callable[[dict[str, Any]], object] | None
+    deferred: defer.Deferred[dict[str, Any]]
+    token: Any = None
+    original_token: Any = None
+    handshake: bool = False
+    timer: _Timer | None = None
+    calls: set[_HttpCall] = attrs.field(factory=set)
+    sent: bool = False
+    finished: bool = False
+    #: The ``Mcp-Session-Id`` of the answer (initialize).
+    session_id: str | None = None
+
+
+class _Once:
+    """Runs one coroutine at a time: concurrent callers share its outcome, and a caller's
+    cancellation never cancels it for the others."""
+
+    def __init__(self) -> None:
+        self._waiters: list[defer.Deferred[None]] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._waiters is not None
+
+    async def run(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self._waiters is None:
+            self._waiters = [waiter]
+            defer.ensureDeferred(factory()).addBoth(self._finish)
+        else:
+            self._waiters.append(waiter)
+        await waiter
+
+    def _finish(self, result: object) -> None:
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            if waiter.called:
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+
+class _HttpSession:
+    """What both HTTP transports share: requests, progress, timeouts, dispatch."""
+
+    transport_name = "http"
+
+    def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
+                 pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 client_capabilities: dict[str, Any] | None = None,
+                 agent: Any = None) -> None:
+        self.name = name
+        self.url = url
+        self.headers = dict(headers)
+        self.timeout_default = timeout_default
+        self.max_message_size = max_message_size
+        self.client_capabilities = client_capabilities
+        self.initialize_result: dict[str, Any] = {}
+        self.protocol_version: str | None = None
+        self.on_notification: Callable[[Message], object] = lambda message: None
+        self.on_request: RequestHandler = default_request_handler
+        self.on_closed: Callable[[str], object] = lambda reason: None
+        #: Called with the new ``initialize`` result after a transparent re-initialisation
+        #: (the upstream forgot the session): subscriptions, log levels and cached lists of
+        #: the old session are gone upstream.
+        self.on_reinitialized: Callable[[dict[str, Any]], object] = lambda result: None
+        self._reactor: Any = reactor
+        self._agent: Any = agent if agent is not None else Agent(
+            reactor, pool=pool, connectTimeout=CONNECT_TIMEOUT)
+        self._display = display_url(url)
+        self._pending: dict[int, _Pending] = {}
+        self._progress: dict[Any, _Pending] = {}
+        self._inbound: dict[RequestId, defer.Deferred[dict[str, Any]]] = {}
+        self._calls: set[_HttpCall] = set()
+        self._sleeps: set[defer.Deferred[None]] = set()
+        self._next_id = 0
+        self._closed = False
+        self._established = False
+        self._ever_established = False
+        self._loss_reported = False
+        self._connecting = _Once()
+
+    # --- the UpstreamSession interface ---------------------------------------------------
+
+    async def start(self) -> None:
+        await self._establish()
+
+    async def request(self, method: str, params: dict[str, Any] | None = None, *,
+                      timeout: float | None = None,
+                      on_progress: Callable[[dict[str, Any]], object] | None = None
+                      ) -> dict[str, Any]:
+        if self._closed:
+            raise UpstreamError(f"[{self.name}] the session is closed")
+        pending = self._new_pending(method, params, timeout, on_progress)
+        defer.ensureDeferred(self._deliver(pending)).addErrback(self._delivery_failed, pending)
+        return await pending.deferred
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        if self._closed:
+            return
+        message = jsonrpc.notification(method, params)
+
+        async def send() -> None:
+            await self._ensure_established()
+            await self._send_message(message)
+
+        defer.ensureDeferred(send()).addErrback(
+            lambda failure: log.warn("[{server}] {method} could not be sent: {error}",
+                                     server=self.name, method=method,
+                                     error=failure.getErrorMessage()))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._established = False
+        reason = UpstreamError(f"[{self.name}] the session was closed")
+        for pending in list(self._pending.values()):
+            self._fail(pending, reason)
+        for inbound in list(self._inbound.values()):
+            inbound.cancel()
+        for sleep in list(self._sleeps):
+            sleep.cancel()
+        for call in list(self._calls):
+            call.abort()
+        await self._close_transport()
+
+    # --- what the transports implement -------------------------------------------------
+
+    async def _handshake(self) -> None:
+        raise NotImplementedError
+
+    async def _send_request(self, pending: _Pending) -> None:
+        raise NotImplementedError
+
+    async def _send_message(self, message: Message) -> None:
+        """POST a notification or a response (no answer expected but an HTTP status)."""
+        raise NotImplementedError
+
+    async def _close_transport(self) -> None:
+        pass
+
+    # --- session establishment ---------------------------------------------------------
+
+    async def _establish(self) -> None:
+        if self._closed:
+            raise UpstreamError(f"[{self.name}] the session is closed")
+        await self._connecting.run(self._handshake_once)
+
+    async def _handshake_once(self) -> None:
+        if self._established:
+            return
+        try:
+            await self._handshake()
+        except _Aborted:
+            raise UpstreamError(f"[{self.name}] the handshake was aborted"
+                                f"{' (the session was closed)' if self._closed else ''}"
+                                ) from None
+        if self._closed:
+            raise UpstreamError(f"[{self.name}] the session was closed")
+        self._established = True
+        self._loss_reported = False
+        reinitialised = self._ever_established
+        self._ever_established = True
+        if reinitialised:
+            try:
+                self.on_reinitialized(self.initialize_result)
+            except Exception:
+                log.failure("[{server}] on_reinitialized failed", server=self.name)
+
+    async def _ensure_established(self) -> None:
+        if not self._established:
+            await self._establish()
+
+    async def _initialize(self) -> tuple[dict[str, Any], _Pending]:
+        """Send ``initialize``: its result, and the request (with the answer's session id)."""
+        pending = self._new_pending("initialize", initialize_params(self.client_capabilities),
+                                    None, None, handshake=True)
+        defer.ensureDeferred(self._deliver(pending)).addErrback(self._delivery_failed, pending)
+        return await pending.deferred, pending
+
+    def _accept(self, result: dict[str, Any]) -> None:
+        version = result.get("protocolVersion")
+        if version not in LEGACY_VERSIONS:
+            raise UpstreamError(f"[{self.name}] the server answered initialize with protocol "
+                                f"version {version!r}, which the gateway does not speak")
+        self.initialize_result = result
+        self.protocol_version = version
+
+    def _report_lost(self, reason: str) -> None:
+        self._established = False
+        if self._closed or self._loss_reported or not self._ever_established:
+            return
+        self._loss_reported = True
+        log.warn("[{server}] upstream session lost: {reason}", server=self.name, reason=reason)
+        try:
+            self.on_closed(reason)
+        except Exception:
+            log.failure("[{server}] on_closed failed", server=self.name)
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _new_pending(self, method: str, params: dict[str, Any] | None, timeout: float | None,
+                     on_progress: Callable[[dict[str, Any]], object] | None, *,
+                     handshake: bool = False) -> _Pending:
+        self._next_id += 1
+        request_id = self._next_id
+        token = original = None
+        meta = params.get("_meta") if params else None
+        if isinstance(meta, dict) and "progressToken" in meta:
+            original = meta["progressToken"]
+            token = f"director-{request_id}"
+            params = {**(params or {}), "_meta": {**meta, "progressToken": token}}
+        deferred: defer.Deferred[dict[str, Any]] = defer.Deferred(
+            lambda d: self._cancelled(pending))
+        pending = _Pending(
+            id=request_id, method=method, message=jsonrpc.request(request_id, method, params),
+            timeout=self.timeout_default if timeout is None else timeout,
+            on_progress=on_progress, deferred=deferred, token=token, original_token=original,
+            handshake=handshake)
+        self._pending[request_id] = pending
+        if token is not None:
+            self._progress[token] = pending
+        pending.timer = self._reactor.callLater(pending.timeout, self._timed_out, pending)
+        return pending
+
+    async def _deliver(self, pending: _Pending) -> None:
+        if not pending.handshake:
+            await self._ensure_established()
+        if not pending.finished:
+            await self._send_request(pending)
+
+    def _delivery_failed(self, failure: Failure, pending: _Pending) -> None:
+        if pending.finished:
+            return
+        if failure.check(UpstreamError):
+            self._fail(pending, failure.value)  # type: ignore[arg-type]
+        elif failure.check(_Aborted, defer.CancelledError):
+            self._fail(pending, UpstreamError(f"[{self.name}] {pending.method}: aborted"))
+        else:
+            log.failure("[{server}] sending {method} failed", failure, server=self.name,
+                        method=pending.method)
+            self._fail(pending, UpstreamError(
+                f"[{self.name}] {pending.method}: {failure.getErrorMessage()}"))
+
+    def _finish(self, pending: _Pending, success: bool) -> None:
+        pending.finished = True
+        self._pending.pop(pending.id, None)
+        if pending.token is not None:
+            self._progress.pop(pending.token, None)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        pending.timer = None
+        for call in list(pending.calls):
+            if not (success and call.keep_on_success):
+                call.abort()
+        pending.calls.clear()
+
+    def _resolve(self, pending: _Pending, result: dict[str, Any]) -> None:
+        if pending.finished:
+            return
+        self._finish(pending, True)
+        pending.deferred.callback(result)
+
+    def _fail(self, pending: _Pending, failure: Exception) -> None:
+        if pending.finished:
+            return
+        self._finish(pending, False)
+        pending.deferred.errback(failure)
+
+    def _timed_out(self, pending: _Pending) -> None:
+        pending.timer = None
+        if pending.finished:
+            return
+        self._send_cancelled(pending, "timed out")
+        self._fail(pending, UpstreamTimeout(
+            f"[{self.name}] {pending.method} timed out after {pending.timeout:g} s"))
+
+    def _cancelled(self, pending: _Pending) -> None:
+        # The Deferred's canceller: it errbacks with CancelledError once this returns.
+        if pending.finished:
+            return
+        self._send_cancelled(pending, "cancelled by the client")
+        self._finish(pending, False)
+
+    def _send_cancelled(self, pending: _Pending, reason: str) -> None:
+        # The spec forbids cancelling initialize; a request never sent needs no cancellation.
+        if pending.handshake or not pending.sent or self._closed:
+            return
+        message = jsonrpc.notification("notifications/cancelled",
+                                       {"requestId": pending.id, "reason": reason})
+        defer.ensureDeferred(self._send_message(message)).addErrback(
+            lambda failure: log.info("[{server}] cancellation of {method} not delivered: {error}",
+                                     server=self.name, method=pending.method,
+                                     error=failure.getErrorMessage()))
+
+    # --- incoming messages ------------------------------------------------------------------
+
+    def _event(self, event: Event) -> None:
+        if event.event == "message" and event.data.strip():
+            self._received(event.data)
+
+    def _received(self, raw: str | bytes) -> None:
+        try:
+            message = jsonrpc.parse_message(raw)
+        except ProtocolError as problem:
+            log.warn("[{server}] ignored a malformed message from the upstream: {problem}",
+                     server=self.name, problem=problem.message)
+            return
+        try:
+            self._dispatch(message)
+        except Exception:
+            log.failure("[{server}] handling an upstream message failed", server=self.name)
+
+    def _received_json_body(self, body: bytes) -> None:
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list):  # a 2025-03-26 batch
+            for item in decoded:
+                self._received(json.dumps(item))
+        else:
+            self._received(body)
+
+    def _dispatch(self, message: Message) -> None:
+        if jsonrpc.is_response(message):
+            pending = self._pending.get(message["id"])
+            if pending is None and isinstance(message["id"], str) and message["id"].isdigit():
+                pending = self._pending.get(int(message["id"]))
+            if pending is None:
+                log.debug("[{server}] answer to an unknown or finished request {id}",
+                          server=self.name, id=message["id"])
+            elif "error" in message:
+                error_object = message["error"]
+                if not isinstance(error_object, dict):
+                    error_object = {"code": jsonrpc.INTERNAL_ERROR, "message": str(error_object)}
+                self._fail(pending, UpstreamRequestError(self.name, error_object))
+            else:
+                self._resolve(pending, message["result"])
+        elif jsonrpc.is_request(message):
+            defer.ensureDeferred(self._answer(message))
+        else:
+            self._notification(message)
+
+    def _notification(self, message: Message) -> None:
+        method = message["method"]
+        params = message.get("params") or {}
+        if method == "notifications/progress":
+            pending = self._progress.get(params.get("progressToken"))
+            if pending is not None:
+                if pending.timer is not None and pending.timer.active():
+                    pending.timer.reset(pending.timeout)
+                if pending.on_progress is not None:
+                    pending.on_progress({**params, "progressToken": pending.original_token})
+                return
+        elif method == "notifications/cancelled":
+            inbound = self._inbound.get(params.get("requestId"))  # type: ignore[arg-type]
+            if inbound is not None:
+                inbound.cancel()
+                return
+        self.on_notification(message)
+
+    async def _answer(self, message: Message) -> None:
+        request_id, method = message["id"], message["method"]
+        try:
+            handling: defer.Deferred[dict[str, Any]] = defer.Deferred.fromCoroutine(
+                _awaited(self.on_request(method, message.get("params") or {})))
+            self._inbound[request_id] = handling
+            result = await handling
+            if not isinstance(result, dict):
+                raise ProtocolError(jsonrpc.INTERNAL_ERROR, "the gateway produced no result")
+            answer = jsonrpc.result(request_id, result)
+        except ProtocolError as problem:
+            answer = jsonrpc.error(request_id, problem.code, problem.message, problem.data)
+        except defer.CancelledError:
+            return  # cancelled by the server (or the session closed): no answer is sent
+        except Exception as failure:
+            log.failure("[{server}] answering {method} failed", server=self.name, method=method)
+            answer = jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR, f"gateway error: {failure}")
+        finally:
+            self._inbound.pop(request_id, None)
+        if self._closed:
+            return
+        try:
+            await self._send_message(answer)
+        except Exception as failure:
+            log.warn("[{server}] the answer to {method} could not be delivered: {error}",
+                     server=self.name, method=method, error=str(failure))
+
+    # --- HTTP plumbing ------------------------------------------------------------------------
+
+    def _base_headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"director/{__version__}"}
+        headers.update(self.headers)
+        return headers
+
+    async def _http(self, call: _HttpCall, method: str, url: str, headers: dict[str, str],
+                    body: bytes | None = None) -> _Response:
+        if call.aborted:
+            raise _Aborted()
+        self._calls.add(call)
+        producer: Any = _BytesProducer(body) if body is not None else None
+        requesting: defer.Deferred[_Response] = self._agent.request(
+            method.encode(), url.encode(),
+            Headers({key: [value] for key, value in headers.items()}), producer)
+        call.requesting = requesting
+        try:
+            return await requesting
+        except defer.CancelledError:
+            raise _Aborted() from None
+        except Exception as failure:
+            if call.aborted:
+                raise _Aborted() from None
+            raise self._connection_error(method, url, failure) from None
+
+    def _connection_error(self, method: str, url: str, failure: Exception) -> UpstreamError:
+        shown = display_url(url)
+        reasons = getattr(failure, "reasons", None)
+        if reasons:  # ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed
+            inner = reasons[0].value
+            if isinstance(inner, error.ConnectionDone | error.ConnectionLost):
+                detail = "the connection closed without an answer"
+            else:
+                detail = _describe(inner)
+            return UpstreamError(f"[{self.name}] {method} {shown}: {detail}")
+        if isinstance(failure, error.ConnectError | error.DNSLookupError):
+            return UpstreamError(f"[{self.name}] failed to connect to {shown}: "
+                                 f"{_describe(failure)}")
+        return UpstreamError(f"[{self.name}] {method} {shown}: {_describe(failure)}")
+
+    async def _read_body(self, response: _Response, call: _HttpCall, limit: int, *,
+                         truncate: bool = False) -> bytes:
+        """The body, at most ``limit`` bytes (more: ``truncate`` cuts, otherwise it fails)."""
+        parts: list[bytes] = []
+        size = 0
+
+        def sink(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            parts.append(data)
+            if size > limit:
+                raise _Enough() if truncate else UpstreamError(
+                    f"[{self.name}] a message from {self._display} is larger than {limit} bytes")
+
+        reader = _BodyReader(sink)
+        call.reader = reader
+        response.deliverBody(reader)
+        if call.aborted:
+            reader.abort()
+        elif response.length is not UNKNOWN_LENGTH and response.length > limit:
+            if not truncate:
+                reader.failure = UpstreamError(f"[{self.name}] a message from {self._display} "
+                                               f"is larger than {limit} bytes")
+            reader.abort()
+        try:
+            await reader.done
+        except _Enough:
+            pass
+        except (UpstreamError, _Aborted):
+            raise
+        except Exception as failure:
+            if not truncate:
+                raise self._connection_error("read", self.url, failure) from None
+        return b"".join(parts)[:limit]
+
+    async def _discard(self, response: _Response, call: _HttpCall) -> None:
+        await self._read_body(response, call, 65536, truncate=True)
+
+    async def _read_events(self, response: _Response, call: _HttpCall,
+                           on_event: Callable[[Event], None],
+                           parser: SseParser | None = None) -> tuple[SseParser, str | None]:
+        """Read an SSE body to its end: the parser (last event id, retry) and why it ended
+        early (``None``: the server ended it)."""
+        parser = parser or SseParser(self.max_message_size)
+
+        def sink(data: bytes) -> None:
+            for event in parser.feed(data):
+                on_event(event)
+
+        reader = _BodyReader(sink)
+        call.reader = reader
+        response.deliverBody(reader)
+        if call.aborted:
+            reader.abort()
+        try:
+            await reader.done
+        except EventTooLarge:
+            raise UpstreamError(f"[{self.name}] a message from {self._display} is larger than "
+                                f"{self.max_message_size} bytes") from None
+        except _Aborted:
+            raise
+        except Exception as failure:
+            return parser, _describe(failure)
+        return parser, None
+
+    async def _status_error(self, method: str, url: str, response: _Response,
+                            call: _HttpCall) -> HttpStatusError:
+        body = await self._read_body(response, call, ERROR_BODY_CHARS * 4, truncate=True)
+        text = body.decode("utf-8", errors="replace").strip()[:ERROR_BODY_CHARS]
+        phrase = response.phrase.decode("latin-1", errors="replace") if response.phrase else ""
+        message = f"[{self.name}] {method} {display_url(url)}: HTTP {response.code}"
+        if phrase:
+            message += f" {phrase}"
+        location = _header(response, b"location")
+        if 300 <= response.code < 400 and location:
+            message += f" (to {display_url(urljoin(url, location))}; redirects are not followed)"
+        if text:
+            message += f": {text}"
+        return HttpStatusError(message, response.code, text)
+
+    async def _sleep(self, seconds: float) -> None:
+        def stop(sleep: defer.Deferred[None]) -> None:
+            if timer.active():
+                timer.cancel()
+
+        sleep: defer.Deferred[None] = defer.Deferred(stop)
+        timer = self._reactor.callLater(seconds, sleep.callback, None)
+        self._sleeps.add(sleep)
+        try:
+            await sleep
+        finally:
+            self._sleeps.discard(sleep)
+
+    def _timed_call(self, seconds: float) -> tuple[_HttpCall, _Timer]:
+        call = _HttpCall()
+        return call, self._reactor.callLater(seconds, call.abort)
+
+
+async def _awaited(awaitable: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    return await awaitable
+
+
+def _describe(failure: BaseException) -> str:
+    if isinstance(failure, SSL.Error):
+        details = failure.args[0] if failure.args and isinstance(failure.args[0], list) else []
+        texts = [str(detail[-1]) for detail in details if isinstance(detail, tuple) and detail]
+        return "TLS: " + ("; ".join(texts) or str(failure) or "handshake failed")
+    if isinstance(failure, VerificationError):
+        return "TLS: the certificate is not valid for this host name"
+    if isinstance(failure, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(failure, error.DNSLookupError):
+        return "host name not found"
+    if isinstance(failure, error.TimeoutError):
+        return "connection timed out"
+    if isinstance(failure, error.ConnectionDone | error.ConnectionLost):
+        return "connection lost"
+    reasons = getattr(failure, "reasons", None)
+    if reasons:
+        return _describe(reasons[0].value)
+    text = str(failure).strip()
+    return f"{type(failure).__name__}: {text}" if text else type(failure).__name__
+
+
+def _content_type(response: _Response) -> str:
+    raw = response.headers.getRawHeaders(b"content-type") or [b""]
+    return raw[0].split(b";")[0].strip().lower().decode("latin-1")
+
+
+def _header(response: _Response, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _valid_session_id(value: str) -> bool:
+    return bool(value) and all(0x21 <= ord(char) <= 0x7E for char in value)
+
+
+class StreamableHttpUpstream(_HttpSession):
+    """One MCP session with a Streamable HTTP server (see the module docstring)."""
+
+    transport_name = "streamable-http"
+
+    def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
+                 pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 client_capabilities: dict[str, Any] | None = None, agent: Any = None) -> None:
+        super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
+                         max_message_size=max_message_size,
+                         client_capabilities=client_capabilities, agent=agent)
+        self.session_id: str | None = None
+        self._get_generation = 0
+        self._get_call: _HttpCall | None = None
+        #: False once the server answered the GET stream with 405.
+        self.get_stream_supported: bool | None = None
+
+    # --- the handshake ---------------------------------------------------------------------
+
+    async def _handshake(self) -> None:
+        self._stop_get_stream()
+        self.session_id = None
+        self.protocol_version = None
+        result, pending = await self._initialize()
+        if pending.session_id is not None and not _valid_session_id(pending.session_id):
+            raise UpstreamError(f"[{self.name}] the server issued an invalid session id")
+        self.session_id = pending.session_id
+        try:
+            self._accept(result)
+            await self._send_message(jsonrpc.notification("notifications/initialized"))
+        except HttpStatusError as failure:
+            # Only the initialize POST's status decides about falling back to HTTP+SSE.
+            self._abandon_session()
+            raise UpstreamError(str(failure)) from None
+        except BaseException:
+            self._abandon_session()
+            raise
+        self._start_get_stream()
+
+    def _abandon_session(self) -> None:
+        """A half-made session: DELETE it in the background."""
+        if self.session_id is not None:
+            defer.ensureDeferred(self._delete_session()).addErrback(lambda failure: None)
+
+    async def _renew(self, stale: str | None) -> None:
+        """The server forgot session ``stale``: initialise a new one (once for everyone)."""
+        if self._closed:
+            raise UpstreamError(f"[{self.name}] the session is closed")
+        if self._established and self.session_id != stale:
+            return  # somebody else renewed it already
+        if self._established:
+            log.info("[{server}] the upstream forgot session {session}; re-initialising",
+                     server=self.name, session=stale)
+            self._established = False
+            self._stop_get_stream()
+        try:
+            await self._establish()
+        except UpstreamError as failure:
+            self._report_lost(f"the session expired and re-initialising failed: {failure}")
+            raise
+
+    def _post_headers(self, message: Message, session_id: str | None) -> dict[str, str]:
+        headers = self._base_headers()
+        headers["Accept"] = f"{JSON}, {EVENT_STREAM}"
+        headers["Content-Type"] = JSON
+        if message.get("method") != "initialize":
+            if session_id is not None:
+                headers["Mcp-Session-Id"] = session_id
+            if self.protocol_version is not None:
+                headers["MCP-Protocol-Version"] = self.protocol_version
+        return headers
+
+    def _get_headers(self, session_id: str | None, last_event_id: str) -> dict[str, str]:
+        headers = self._base_headers()
+        headers["Accept"] = EVENT_STREAM
+        if session_id is not None:
+            headers["Mcp-Session-Id"] = session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        return headers
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def _send_request(self, pending: _Pending) -> None:
+        retried = False
+        while not pending.finished:
+            if not pending.handshake:
+                await self._ensure_established()
+            session_id = self.session_id
+            try:
+                await self._post(pending.message, session_id, pending)
+                return
+            except _SessionExpired:
+                if pending.handshake:
+                    raise UpstreamError(f"[{self.name}] POST {self._display}: HTTP 404 "
+                                        f"to initialize") from None
+                if retried:
+                    raise UpstreamError(f"[{self.name}] {pending.method}: the upstream "
+                                        f"forgot the session again right after "
+                                        f"re-initialising") from None
+                retried = True
+                await self._renew(session_id)
+
+    async def _send_message(self, message: Message) -> None:
+        call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+        try:
+            await self._post(message, self.session_id, None, call)
+        except _SessionExpired:
+            log.info("[{server}] {what} not delivered: the session expired", server=self.name,
+                     what=message.get("method") or "an answer")
+        finally:
+            if deadline.active():
+                deadline.cancel()
+
+    async def _post(self, message: Message, session_id: str | None, pending: _Pending | None,
+                    call: _HttpCall | None = None) -> None:
+        """POST one message and read what comes back, dispatching every message in it."""
+        call = call or _HttpCall()
+        if pending is not None:
+            pending.calls.add(call)
+            pending.sent = True
+        try:
+            response = await self._http(call, "POST", self.url,
+                                        self._post_headers(message, session_id),
+                                        jsonrpc.encode(message))
+            if pending is not None and pending.handshake:
+                pending.session_id = _header(response, b"mcp-session-id")
+            if response.code == 404 and session_id is not None:
+                await self._discard(response, call)
+                raise _SessionExpired()
+            if not 200 <= response.code < 300:
+                problem = await self._status_error("POST", self.url, response, call)
+                if (problem.status == 400 and session_id is not None and
+                        "session" in problem.body.lower()):
+                    raise _SessionExpired()
+                raise problem
+            content_type = _content_type(response)
+            if pending is not None and response.code != 202 and response.length == 0:
+                await self._discard(response, call)
+                raise UpstreamError(f"[{self.name}] POST {self._display}: HTTP "
+                                    f"{response.code} with an empty body to {pending.method}")
+            if pending is None or response.code == 202:
+                # (202 to a request breaks the spec; its answer may still come on the GET stream.)
+                await self._discard(response, call)
+                return
+            if content_type == EVENT_STREAM:
+                parser, dropped = await self._read_events(response, call, self._event)
+                if not pending.finished:
+                    await self._resume(pending, parser, dropped)
+            elif content_type == JSON:
+                self._received_json_body(
+                    await self._read_body(response, call, self.max_message_size))
+                if not pending.finished:
+                    raise UpstreamError(f"[{self.name}] POST {self._display}: the JSON answer "
+                                        f"did not answer {pending.method}")
+            else:
+                await self._discard(response, call)
+                raise UpstreamError(f"[{self.name}] POST {self._display}: unexpected content "
+                                    f"type {content_type or 'none'!r}")
+        finally:
+            self._calls.discard(call)
+            if pending is not None:
+                pending.calls.discard(call)
+
+    async def _resume(self, pending: _Pending, parser: SseParser, dropped: str | None) -> None:
+        """A request's stream ended before its response: GET it again from its last event id
+        (2025-11-25 resumability), as long as the server gave its events ids."""
+        attempts = 0
+        delay = RECONNECT_INITIAL
+        while not pending.finished:
+            if not parser.last_event_id or attempts >= RESUME_ATTEMPTS:
+                how = f"was lost ({dropped})" if dropped else "ended"
+                raise UpstreamError(f"[{self.name}] POST {self._display}: the stream {how} "
+                                    f"before the answer to {pending.method}")
+            attempts += 1
+            if parser.retry is not None:
+                delay = parser.retry / 1000
+            await self._sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+            if pending.finished:
+                return
+            before = parser.last_event_id
+            call = _HttpCall(keep_on_success=False)
+            pending.calls.add(call)
+            session_id = self.session_id
+            try:
+                response = await self._http(call, "GET", self.url,
+                                            self._get_headers(session_id, before))
+                if response.code == 404 and session_id is not None:
+                    await self._discard(response, call)
+                    raise _SessionExpired()
+                if response.code != 200 or _content_type(response) != EVENT_STREAM:
+                    raise await self._status_error("GET", self.url, response, call)
+                try:
+                    parser, dropped = await self._read_events(response, call, self._event,
+                                                              parser)
+                except _Aborted:
+                    if pending.finished:
+                        return
+                    raise
+            finally:
+                self._calls.discard(call)
+                pending.calls.discard(call)
+            if parser.last_event_id != before:
+                attempts = 0
+
+    # --- the GET stream ------------------------------------------------------------------------
+
+    def _start_get_stream(self) -> None:
+        self._stop_get_stream()
+        if self.get_stream_supported is False or self._closed:
+            return
+        generation = self._get_generation
+        defer.ensureDeferred(self._get_stream(generation)).addErrback(
+            lambda failure: None if failure.check(_Aborted, defer.CancelledError) else
+            log.failure("[{server}] the GET stream failed", failure, server=self.name))
+
+    def _stop_get_stream(self) -> None:
+        self._get_generation += 1
+        if self._get_call is not None:
+            self._get_call.abort()
+            self._get_call = None
+
+    async def _get_stream(self, generation: int) -> None:
+        delay = RECONNECT_INITIAL
+        last_event_id = ""
+        warned = False
+        while generation == self._get_generation and not self._closed:
+            session_id = self.session_id
+            call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+            self._get_call = call
+            parser: SseParser | None = None
+            problem: str | None = None
+            try:
+                try:
+                    response = await self._http(call, "GET", self.url,
+                                                self._get_headers(session_id, last_event_id))
+                finally:
+                    if deadline.active():
+                        deadline.cancel()
+                    elif generation == self._get_generation and not self._closed:
+                        problem = "no answer to the GET"
+                if response.code == 405:
+                    await self._discard(response, call)
+                    self.get_stream_supported = False
+                    log.debug("[{server}] no GET stream (405)", server=self.name)
+                    return
+                if response.code == 404 and session_id is not None:
+                    await self._discard(response, call)
+                    if generation == self._get_generation:
+                        defer.ensureDeferred(self._renew(session_id)).addErrback(
+                            lambda failure: None)
+                    return
+                if response.code != 200 or _content_type(response) != EVENT_STREAM:
+                    problem = str(await self._status_error("GET", self.url, response, call))
+                else:
+                    self.get_stream_supported = True
+                    delay, warned = RECONNECT_INITIAL, False
+                    parser = SseParser(self.max_message_size)
+                    parser.last_event_id = last_event_id
+                    parser, dropped = await self._read_events(response, call, self._event,
+                                                              parser)
+                    problem = dropped
+            except _Aborted:
+                if problem is None:
+                    return
+            except UpstreamError as failure:
+                problem = str(failure)
+            finally:
+                self._calls.discard(call)
+                if self._get_call is call:
+                    self._get_call = None
+            if parser is not None:
+                last_event_id = parser.last_event_id
+                if parser.retry is not None:
+                    delay = parser.retry / 1000
+            if problem is not None:
+                if not warned:
+                    log.info("[{server}] GET stream: {problem}; reconnecting",
+                             server=self.name, problem=problem)
+                warned = True
+            try:
+                await self._sleep(delay)
+            except defer.CancelledError:
+                return
+            delay = min(max(delay, RECONNECT_INITIAL) * 2, RECONNECT_MAX)
+
+    # --- closing -----------------------------------------------------------------------------
+
+    async def _close_transport(self) -> None:
+        self._stop_get_stream()
+        await self._delete_session()
+
+    async def _delete_session(self) -> None:
+        session_id, self.session_id = self.session_id, None
+        if session_id is None:
+            return
+        headers = self._base_headers()
+        headers["Mcp-Session-Id"] = session_id
+        if self.protocol_version is not None:
+            headers["MCP-Protocol-Version"] = self.protocol_version
+        call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+        try:
+            response = await self._http(call, "DELETE", self.url, headers)
+            await self._discard(response, call)
+            if response.code not in (200, 202, 204, 404, 405):
+                log.info("[{server}] DELETE of the session answered HTTP {code}",
+                         server=self.name, code=response.code)
+        except (UpstreamError, _Aborted) as failure:
+            log.info("[{server}] DELETE of the session failed: {error}", server=self.name,
+                     error=str(failure) or "timed out")
+        finally:
+            self._calls.discard(call)
+            if deadline.active():
+                deadline.cancel()
+
+
+class LegacySseUpstream(_HttpSession):
+    """One MCP session over the 2024-11-05 HTTP+SSE transport (see the module docstring)."""
+
+    transport_name = "sse"
+
+    def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
+                 pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 client_capabilities: dict[str, Any] | None = None, agent: Any = None) -> None:
+        super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
+                         max_message_size=max_message_size,
+                         client_capabilities=client_capabilities, agent=agent)
+        self.endpoint: str | None = None
+        self._stream_call: _HttpCall | None = None
+        self._endpoint_waiter: defer.Deferred[str] | None = None
+
+    async def _handshake(self) -> None:
+        try:
+            await self._connect()
+        except BaseException:
+            self._drop_stream()
+            raise
+
+    async def _connect(self) -> None:
+        self._drop_stream()
+        self.endpoint = None
+        call, deadline = self._timed_call(self.timeout_default)
+        self._stream_call = call
+        headers = self._base_headers()
+        headers["Accept"] = EVENT_STREAM
+        try:
+            try:
+                response = await self._http(call, "GET", self.url, headers)
+            except _Aborted:
+                if deadline.active():  # aborted by close()
+                    raise
+                raise UpstreamError(f"[{self.name}] GET {self._display}: no answer within "
+                                    f"{self.timeout_default:g} s") from None
+            finally:
+                if deadline.active():
+                    deadline.cancel()
+            if response.code != 200:
+                raise await self._status_error("GET", self.url, response, call)
+            if _content_type(response) != EVENT_STREAM:
+                await self._discard(response, call)
+                raise UpstreamError(f"[{self.name}] GET {self._display}: not an SSE stream "
+                                    f"({_content_type(response) or 'no content type'})")
+        except BaseException:
+            self._calls.discard(call)
+            raise
+        waiter = self._endpoint_waiter = defer.Deferred()
+        defer.ensureDeferred(self._read_stream(response, call)).addErrback(
+            lambda failure: log.failure("[{server}] reading the SSE stream failed", failure,
+                                        server=self.name))
+        timer = self._reactor.callLater(self.timeout_default, waiter.errback, UpstreamError(
+            f"[{self.name}] GET {self._display}: no endpoint event within "
+            f"{self.timeout_default:g} s"))
+        try:
+            self.endpoint = await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+            self._endpoint_waiter = None
+        result, _ = await self._initialize()
+        self._accept(result)
+        await self._send_message(jsonrpc.notification("notifications/initialized"))
+
+    def _drop_stream(self) -> None:
+        call, self._stream_call = self._stream_call, None
+        if call is not None:
+            call.abort()
+            self._calls.discard(call)
+
+    def _legacy_event(self, event: Event, call: _HttpCall) -> None:
+        if call is not self._stream_call:
+            return
+        if event.event == "endpoint":
+            endpoint = urljoin(self.url, event.data.strip())
+            mine, theirs = urlsplit(self.url), urlsplit(endpoint)
+            waiter = self._endpoint_waiter
+            if (mine.scheme, mine.hostname, mine.port) != (theirs.scheme, theirs.hostname,
+                                                           theirs.port):
+                if waiter is not None and not waiter.called:
+                    waiter.errback(UpstreamError(
+                        f"[{self.name}] the SSE endpoint {display_url(endpoint)} is on another "
+                        f"origin than {self._display}; refusing to send messages there"))
+                return
+            if waiter is not None and not waiter.called:
+                waiter.callback(endpoint)
+            else:
+                self.endpoint = endpoint
+        else:
+            self._event(event)
+
+    async def _read_stream(self, response: _Response, call: _HttpCall) -> None:
+        try:
+            _, dropped = await self._read_events(
+                response, call, lambda event: self._legacy_event(event, call))
+            reason = f"the SSE stream was lost ({dropped})" if dropped else \
+                "the server ended the SSE stream"
+        except _Aborted:
+            reason = "the SSE stream was closed"
+        except UpstreamError as failure:
+            reason = str(failure).removeprefix(f"[{self.name}] ")
+            call.abort()
+        finally:
+            self._calls.discard(call)
+        if call is not self._stream_call:
+            return
+        self._stream_call = None
+        self.endpoint = None
+        waiter = self._endpoint_waiter
+        if waiter is not None and not waiter.called:
+            waiter.errback(UpstreamError(f"[{self.name}] GET {self._display}: {reason} before "
+                                         f"the endpoint event"))
+        self._report_lost(reason)
+        lost = UpstreamError(f"[{self.name}] {reason}")
+        for pending in list(self._pending.values()):
+            self._fail(pending, lost)
+
+    async def _send_request(self, pending: _Pending) -> None:
+        call = _HttpCall()
+        pending.calls.add(call)
+        pending.sent = True
+        try:
+            await self._post(pending.message, call)
+        finally:
+            pending.calls.discard(call)
+
+    async def _send_message(self, message: Message) -> None:
+        call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+        try:
+            await self._post(message, call)
+        finally:
+            if deadline.active():
+                deadline.cancel()
+
+    async def _post(self, message: Message, call: _HttpCall) -> None:
+        endpoint = self.endpoint
+        if endpoint is None:
+            raise UpstreamError(f"[{self.name}] not connected")
+        headers = self._base_headers()
+        headers["Content-Type"] = JSON
+        try:
+            response = await self._http(call, "POST", endpoint, headers,
+                                        jsonrpc.encode(message))
+            if not 200 <= response.code < 300:
+                raise await self._status_error("POST", endpoint, response, call)
+            if _content_type(response) == JSON and response.code != 202:
+                # Not what the transport specifies (answers come on the stream), but harmless.
+                body = await self._read_body(response, call, self.max_message_size)
+                if body.strip():
+                    self._received_json_body(body)
+            else:
+                await self._discard(response, call)
+        finally:
+            self._calls.discard(call)
+
+    async def _close_transport(self) -> None:
+        self._drop_stream()
+        self.endpoint = None
+
+
+class HttpUpstream:
+    """An ``http`` server whose transport is decided at ``start()`` (``connect_http``)."""
+
+    def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
+                 pool: HTTPConnectionPool | None, **options: Any) -> None:
+        self.name = name
+        self.url = url
+        self._arguments = (name, url, headers, reactor, pool)
+        self._options = options
+        self.session: StreamableHttpUpstream | LegacySseUpstream | None = None
+        self.on_notification: Callable[[Message], object] = lambda message: None
+        self.on_request: RequestHandler = default_request_handler
+        self.on_closed: Callable[[str], object] = lambda reason: None
+        self.on_reinitialized: Callable[[dict[str, Any]], object] = lambda result: None
+        self._closed = False
+
+    @property
+    def initialize_result(self) -> dict[str, Any]:
+        return self.session.initialize_result if self.session is not None else {}
+
+    @initialize_result.setter
+    def initialize_result(self, value: dict[str, Any]) -> None:
+        if self.session is not None:
+            self.session.initialize_result = value
+
+    @property
+    def transport_name(self) -> str | None:
+        return self.session.transport_name if self.session is not None else None
+
+    async def start(self) -> None:
+        session = await connect_http(
+            *self._arguments, on_notification=lambda message: self.on_notification(message),
+            on_request=lambda method, params: self.on_request(method, params),
+            on_closed=lambda reason: self.on_closed(reason), **self._options)
+        session.on_reinitialized = lambda result: self.on_reinitialized(result)
+        if self._closed:
+            await session.close()
+            raise UpstreamError(f"[{self.name}] the session was closed")
+        self.session = session
+
+    async def request(self, method: str, params: dict[str, Any] | None = None, *,
+                      timeout: float | None = None,
+                      on_progress: Callable[[dict[str, Any]], object] | None = None
+                      ) -> dict[str, Any]:
+        if self.session is None:
+            raise UpstreamError(f"[{self.name}] not started")
+        return await self.session.request(method, params, timeout=timeout,
+                                          on_progress=on_progress)
+
+    def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
+        if self.session is not None:
+            self.session.notify(method, params)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self.session is not None:
+            await self.session.close()
+
+
+async def connect_http(name: str, url: str, headers: dict[str, str], reactor: Any,
+                       pool: HTTPConnectionPool | None, *,
+                       on_notification: Callable[[Message], object] | None = None,
+                       on_request: RequestHandler | None = None,
+                       on_closed: Callable[[str], object] | None = None,
+                       **options: Any) -> StreamableHttpUpstream | LegacySseUpstream:
+    """A started session: Streamable HTTP, or the 2024-11-05 HTTP+SSE transport if the
+    server answers the ``initialize`` POST with 400, 404 or 405."""
+
+    def wire(session: _HttpSession) -> None:
+        if on_notification is not None:
+            session.on_notification = on_notification
+        if on_request is not None:
+            session.on_request = on_request
+        if on_closed is not None:
+            session.on_closed = on_closed
+
+    streamable = StreamableHttpUpstream(name, url, headers, reactor, pool, **options)
+    wire(streamable)
+    try:
+        await streamable.start()
+        return streamable
+    except HttpStatusError as failure:
+        if failure.status not in FALLBACK_STATUSES:
+            await streamable.close()
+            raise
+        first = failure
+    except BaseException:
+        await streamable.close()
+        raise
+    await streamable.close()
+    log.info("[{server}] no Streamable HTTP at {url} (HTTP {status}); trying the HTTP+SSE "
+             "transport", server=name, url=display_url(url), status=first.status)
+    legacy = LegacySseUpstream(name, url, headers, reactor, pool, **options)
+    wire(legacy)
+    try:
+        await legacy.start()
+    except UpstreamError as failure:
+        await legacy.close()
+        detail = str(failure).removeprefix(f"[{name}] ")
+        raise UpstreamError(f"{first}; HTTP+SSE fallback: {detail}") from failure
+    except BaseException:
+        await legacy.close()
+        raise
+    return legacy
+
+
+if TYPE_CHECKING:  # all three satisfy the contract
+    def _conforms(a: StreamableHttpUpstream, b: LegacySseUpstream,
+                  c: HttpUpstream) -> list[UpstreamSession]:
+        return [a, b, c]
