@@ -33,13 +33,6 @@ UNITS = ("director.service", "director@.service", "director.socket")
 MAX_EXPOSURE = 2.0  # docs/operations.rst records 1.5; a regression past this fails
 SECRET = "test-secret-" + "x" * 40
 
-# setup.cfg runs pytest with --strict-markers and its marker list is not this file's to edit,
-# so the marker is registered here, before its first use. (conftest.py or setup.cfg would be
-# its better home: `markers = slow_packaging: ...`.)
-_MARKER = "slow_packaging: builds or installs the .deb (DIRECTOR_TEST_DEB=1 to build it)"
-_config = getattr(pytest.mark, "_config", None)
-if _config is not None:
-    _config.addinivalue_line("markers", _MARKER)
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
