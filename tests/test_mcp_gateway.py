@@ -471,3 +471,80 @@ def test_abandoned_sessions_are_capped_and_expire(start_daemon: StartDaemon,
     assert [status(s) for s in sessions[:900:100]] == [404] * 9
     time.sleep(4 + 2.5)  # idle past MCP_SESSION_IDLE_SECONDS (checked every 2 s); no touching
     assert status(sessions[-1]) == 404
+
+
+# --- HTTP upstreams ----------------------------------------------------------------------------
+
+HTTP_REFERENCE = str(Path(__file__).parent / "fixtures" / "http_reference_server.py")
+
+
+@pytest.fixture
+def http_upstreams() -> Iterator[dict[str, int]]:
+    """The SDK's reference server over Streamable HTTP and over the legacy SSE transport."""
+    import socket
+    import subprocess
+
+    from tests.harness import free_port
+
+    ports = {"streamable-http": free_port(), "sse": free_port()}
+    processes = [subprocess.Popen([sys.executable, HTTP_REFERENCE, "--transport", transport,
+                                   "--port", str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+                 for transport, port in ports.items()]
+    for port in ports.values():
+        def listening(port: int = port) -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        eventually(listening, timeout=20, interval=0.1)
+    yield ports
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+def test_http_and_sse_upstreams_through_the_gateway(start_daemon: StartDaemon,
+                                                    migrated_url: str,
+                                                    http_upstreams: dict[str, int]) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url,
+                          DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true")
+    daemon.wait_healthy()
+    owner = sign_up(daemon, "http@example.com")
+    call(daemon, "POST", "/api/v1/playbooks", {"name": "Remote"}, key=owner.key)
+    for name, body in (
+        ("streamable", {"type": "http", "prefix": "s_",
+                        "url": f"http://127.0.0.1:{http_upstreams['streamable-http']}/mcp"}),
+        # An ``http`` server that only speaks the legacy transport: found by the fallback.
+        ("fallback", {"type": "http", "prefix": "f_",
+                      "url": f"http://127.0.0.1:{http_upstreams['sse']}/sse"}),
+        ("legacy", {"type": "sse", "prefix": "l_",
+                    "url": f"http://127.0.0.1:{http_upstreams['sse']}/sse"}),
+    ):
+        status, _, response = call(daemon, "POST", "/api/v1/playbooks/remote/servers",
+                                   {"name": name, **body}, key=owner.key)
+        assert status == 201, response
+    url = f"{daemon.base}/playbooks/remote/mcp?key={owner.key}"
+    progress: list[float] = []
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        return types.CreateMessageResult(role="assistant", model="m",
+                                         content=types.TextContent(type="text", text="sampled"))
+
+    async def scenario() -> dict[str, Any]:
+        async with Client(url, mode="legacy", sampling_callback=sampling) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            echoes = {prefix: (await client.call_tool(f"{prefix}echo", {"text": prefix}))
+                      .content[0].text for prefix in ("s_", "f_", "l_")}
+
+            async def on_progress(value: float, total: float | None, message: str | None) -> None:
+                progress.append(value)
+
+            slow = await client.call_tool("s_slow", {"steps": 2, "delay": 0.05},
+                                          progress_callback=on_progress)
+            sample = await client.call_tool("s_sample", {"prompt": "hi"})
+            return {"names": names, "echoes": echoes, "slow": slow, "sample": sample}
+
+    got = run(scenario())
+    assert {"s_echo", "f_echo", "l_echo"} <= set(got["names"])
+    assert got["echoes"] == {"s_": "s_", "f_": "f_", "l_": "l_"}
+    assert progress == [1, 2] and not got["slow"].is_error
+    assert "sampled" in got["sample"].content[0].text
