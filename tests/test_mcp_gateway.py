@@ -548,3 +548,63 @@ def test_http_and_sse_upstreams_through_the_gateway(start_daemon: StartDaemon,
     assert got["echoes"] == {"s_": "s_", "f_": "f_", "l_": "l_"}
     assert progress == [1, 2] and not got["slow"].is_error
     assert "sampled" in got["sample"].content[0].text
+
+
+EVERYTHING = Path(__file__).parent / "npm" / "node_modules" / ".bin" / "mcp-server-everything"
+
+
+def test_server_everything_over_stdio_sse_and_streamable_http(start_daemon: StartDaemon,
+                                                              migrated_url: str) -> None:
+    import socket
+    import subprocess
+
+    from tests.harness import free_port
+
+    assert EVERYTHING.exists(), "run `make test` (it installs tests/npm) first"
+    ports = {"sse": free_port(), "streamableHttp": free_port()}
+    processes = [subprocess.Popen(["node", str(EVERYTHING), mode],
+                                  env={**os.environ, "PORT": str(port)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for mode, port in ports.items()]
+    try:
+        for port in ports.values():
+            def listening(port: int = port) -> bool:
+                with socket.socket() as probe:
+                    return probe.connect_ex(("127.0.0.1", port)) == 0
+            eventually(listening, timeout=30, interval=0.1)
+        daemon = start_daemon(DATABASE_URL=migrated_url,
+                              DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
+                              DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true")
+        daemon.wait_healthy()
+        owner = sign_up(daemon, "everything@example.com")
+        call(daemon, "POST", "/api/v1/playbooks", {"name": "Everything"}, key=owner.key)
+        servers = [
+            {"name": "stdio", "type": "stdio", "command": "node",
+             "args": [str(EVERYTHING), "stdio"], "prefix": "a_"},
+            {"name": "sse", "type": "sse", "prefix": "b_",
+             "url": f"http://127.0.0.1:{ports['sse']}/sse"},
+            {"name": "http", "type": "http", "prefix": "c_",
+             "url": f"http://127.0.0.1:{ports['streamableHttp']}/mcp"},
+        ]
+        for server in servers:
+            status, _, body = call(daemon, "POST", "/api/v1/playbooks/everything/servers",
+                                   server, key=owner.key)
+            assert status == 201, body
+
+        async def scenario() -> tuple[list[str], dict[str, str]]:
+            async with Client(f"{daemon.base}/playbooks/everything/mcp?key={owner.key}",
+                              mode="legacy") as client:
+                names = [t.name for t in (await client.list_tools()).tools]
+                echoes = {}
+                for prefix in ("a_", "b_", "c_"):
+                    result = await client.call_tool(f"{prefix}echo", {"message": prefix})
+                    echoes[prefix] = str(result.content[0].text)
+                return names, echoes
+
+        names, echoes = run(scenario())
+        assert {"a_echo", "b_echo", "c_echo"} <= set(names)
+        assert all(prefix in text for prefix, text in echoes.items()), echoes
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
