@@ -608,3 +608,17 @@ def test_server_everything_over_stdio_sse_and_streamable_http(start_daemon: Star
         for process in processes:
             process.terminate()
             process.wait(10)
+
+
+def test_no_upstream_process_outlives_the_daemon(gateway: Gateway) -> None:
+    import signal
+
+    session = gateway.open_session()
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                               "params": {"name": "pid", "arguments": {}}}, session)
+    child = int(parse_response(body)["result"]["content"][0]["text"])
+    assert Path(f"/proc/{child}").exists()
+    gateway.daemon.process.send_signal(signal.SIGKILL)
+    gateway.daemon.wait_exit()
+    eventually(lambda: not Path(f"/proc/{child}").exists() or
+               Path(f"/proc/{child}/stat").read_text().split()[2] == "Z", timeout=5)
