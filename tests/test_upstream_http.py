@@ -579,6 +579,46 @@ async def test_server_everything(everything: dict[str, Server], pool: Any, closi
     assert text_of(result) == "Echo: hi"
 
 
+
+@pytest_twisted.ensureDeferred
+async def test_server_everything_restart_heals_through_the_get_stream(pool: Any,
+                                                                       closing: Any) -> None:
+    """The TypeScript SDK's example answers 400 "No valid session ID" (not 404) for a
+    forgotten session; the GET stream notices by itself and the session re-initialises."""
+    if not EVERYTHING.exists():
+        pytest.skip("tests/npm/node_modules is missing: `make test` installs "
+                    "@modelcontextprotocol/server-everything")
+    port = free_port()
+    server = Server(["node", str(EVERYTHING), "streamableHttp"], port, {"PORT": str(port)})
+    try:
+        server.wait_ready()
+        session = closing(StreamableHttpUpstream("everything", f"{server.base}/mcp", {},
+                                                 reactor, pool))
+        renewed: list[dict[str, Any]] = []
+        session.on_reinitialized = renewed.append
+        await session.start()
+        progress: list[dict[str, Any]] = []
+        result = await session.request(
+            "tools/call", {"name": "trigger-long-running-operation",
+                           "arguments": {"duration": 0.3, "steps": 3},
+                           "_meta": {"progressToken": 5}}, on_progress=progress.append)
+        assert "completed" in text_of(result)
+        assert [(p["progressToken"], p["progress"]) for p in progress] == [(5, 1), (5, 2), (5, 3)]
+        first = session.session_id
+
+        server.stop()
+        await sleep(0.1)
+        server.launch()
+        server.wait_ready()
+        await eventually(lambda: renewed)
+        assert session.session_id not in (None, first) and len(renewed) == 1
+        result = await session.request("tools/call", {"name": "echo",
+                                                      "arguments": {"message": "again"}})
+        assert text_of(result) == "Echo: again"
+    finally:
+        server.stop()
+
+
 # --- TLS ------------------------------------------------------------------------------------------
 
 def self_signed_certificate(address: str = "127.0.0.1") -> tuple[bytes, bytes]:

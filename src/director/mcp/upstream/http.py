@@ -914,6 +914,19 @@ class StreamableHttpUpstream(_HttpSession):
             headers["Last-Event-ID"] = last_event_id
         return headers
 
+    async def _refusal(self, method: str, response: _Response, call: _HttpCall,
+                       session_id: str | None) -> HttpStatusError:
+        """The error for an unsuccessful answer, or ``_SessionExpired`` if it says that the
+        server forgot the session: 404 (the specification), or a 400 whose body talks about
+        the session (what servers built on the TypeScript SDK's example answer)."""
+        if response.code == 404 and session_id is not None:
+            await self._discard(response, call)
+            raise _SessionExpired()
+        problem = await self._status_error(method, self.url, response, call)
+        if problem.status == 400 and session_id is not None and "session" in problem.body.lower():
+            raise _SessionExpired()
+        return problem
+
     # --- requests ---------------------------------------------------------------------------
 
     async def _send_request(self, pending: _Pending) -> None:
@@ -960,15 +973,8 @@ class StreamableHttpUpstream(_HttpSession):
                                         jsonrpc.encode(message))
             if pending is not None and pending.handshake:
                 pending.session_id = _header(response, b"mcp-session-id")
-            if response.code == 404 and session_id is not None:
-                await self._discard(response, call)
-                raise _SessionExpired()
             if not 200 <= response.code < 300:
-                problem = await self._status_error("POST", self.url, response, call)
-                if (problem.status == 400 and session_id is not None and
-                        "session" in problem.body.lower()):
-                    raise _SessionExpired()
-                raise problem
+                raise await self._refusal("POST", response, call, session_id)
             content_type = _content_type(response)
             if pending is not None and response.code != 202 and response.length == 0:
                 await self._discard(response, call)
@@ -1021,11 +1027,8 @@ class StreamableHttpUpstream(_HttpSession):
             try:
                 response = await self._http(call, "GET", self.url,
                                             self._get_headers(session_id, before))
-                if response.code == 404 and session_id is not None:
-                    await self._discard(response, call)
-                    raise _SessionExpired()
                 if response.code != 200 or _content_type(response) != EVENT_STREAM:
-                    raise await self._status_error("GET", self.url, response, call)
+                    raise await self._refusal("GET", response, call, session_id)
                 try:
                     parser, dropped = await self._read_events(response, call, self._event,
                                                               parser)
@@ -1080,14 +1083,14 @@ class StreamableHttpUpstream(_HttpSession):
                     self.get_stream_supported = False
                     log.debug("[{server}] no GET stream (405)", server=self.name)
                     return
-                if response.code == 404 and session_id is not None:
-                    await self._discard(response, call)
-                    if generation == self._get_generation:
-                        defer.ensureDeferred(self._renew(session_id)).addErrback(
-                            lambda failure: None)
-                    return
                 if response.code != 200 or _content_type(response) != EVENT_STREAM:
-                    problem = str(await self._status_error("GET", self.url, response, call))
+                    try:
+                        problem = str(await self._refusal("GET", response, call, session_id))
+                    except _SessionExpired:
+                        if generation == self._get_generation:
+                            defer.ensureDeferred(self._renew(session_id)).addErrback(
+                                lambda failure: None)
+                        return
                 else:
                     self.get_stream_supported = True
                     delay, warned = RECONNECT_INITIAL, False
