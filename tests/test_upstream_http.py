@@ -331,6 +331,29 @@ async def test_sampling_request_answered_through_on_request(servers: dict[str, S
                e["body"]["result"].get("model") == "test-model"]
     assert len(answers) == 1 and answers[0]["headers"]["mcp-session-id"] == session.session_id
 
+    # A sampling request still being answered when its tool call is cancelled is cancelled
+    # too (the server no longer waits for it), and no answer is POSTed.
+    waiting: list[str] = []
+    abandoned: list[str] = []
+
+    async def slow_answer(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        waiting.append(method)
+        try:
+            await sleep(30)
+        except defer.CancelledError:
+            abandoned.append(method)
+            raise
+        return {}
+
+    session.on_request = slow_answer
+    calling = defer.ensureDeferred(call(session, "sample", prompt="never mind"))
+    await eventually(lambda: waiting)
+    calling.cancel()
+    with pytest.raises(defer.CancelledError):
+        await calling
+    assert abandoned == ["sampling/createMessage"]
+    assert len([e for e in posts(server.log()) if "result" in e["body"]]) == 1
+
 
 @pytest_twisted.ensureDeferred
 async def test_get_stream_notifications_and_reconnection(servers: dict[str, Server], pool: Any,

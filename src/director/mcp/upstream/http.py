@@ -41,7 +41,10 @@ for factories that must hand out an unstarted session.
 
 Common behaviour: per-request timeouts restarted by each progress notification; on timeout
 or cancellation ``notifications/cancelled`` is POSTed and the request's HTTP exchange is
-aborted. Progress tokens are remapped per connection. Messages larger than
+aborted. Server→client requests (``on_request``) that arrived on a request's stream are
+cancelled when that request ends, and so are those the server cancels with
+``notifications/cancelled`` (which is then not passed to ``on_notification``); a cancelled
+one is never answered. Progress tokens are remapped per connection. Messages larger than
 ``max_message_size`` (16 MiB) fail the request (or are dropped from the GET stream) without
 ever being buffered whole. Error messages read ``[name] POST https://host/path: HTTP 401
 Unauthorized: <first 200 characters of the body>`` or ``[name] failed to connect to
@@ -265,6 +268,8 @@ class _Pending:
     handshake: bool = False
     timer: _Timer | None = None
     calls: set[_HttpCall] = attrs.field(factory=set)
+    #: Server→client requests that came on this request's stream, being answered.
+    inbound: set[defer.Deferred[dict[str, Any]]] = attrs.field(factory=set)
     sent: bool = False
     finished: bool = False
     #: The ``Mcp-Session-Id`` of the answer (initialize).
@@ -518,6 +523,8 @@ class _HttpSession:
             if not (success and call.keep_on_success):
                 call.abort()
         pending.calls.clear()
+        for inbound in list(pending.inbound):
+            inbound.cancel()
 
     def _resolve(self, pending: _Pending, result: dict[str, Any]) -> None:
         if pending.finished:
@@ -559,11 +566,12 @@ class _HttpSession:
 
     # --- incoming messages ------------------------------------------------------------------
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: Event, origin: _Pending | None = None) -> None:
         if event.event == "message" and event.data.strip():
-            self._received(event.data)
+            self._received(event.data, origin)
 
-    def _received(self, raw: str | bytes) -> None:
+    def _received(self, raw: str | bytes, origin: _Pending | None = None) -> None:
+        """One message from the upstream; ``origin``: the request on whose stream it came."""
         try:
             message = jsonrpc.parse_message(raw)
         except ProtocolError as problem:
@@ -571,7 +579,7 @@ class _HttpSession:
                      server=self.name, problem=problem.message)
             return
         try:
-            self._dispatch(message)
+            self._dispatch(message, origin)
         except Exception:
             log.failure("[{server}] handling an upstream message failed", server=self.name)
 
@@ -586,7 +594,7 @@ class _HttpSession:
         else:
             self._received(body)
 
-    def _dispatch(self, message: Message) -> None:
+    def _dispatch(self, message: Message, origin: _Pending | None = None) -> None:
         if jsonrpc.is_response(message):
             pending = self._pending.get(message["id"])
             if pending is None and isinstance(message["id"], str) and message["id"].isdigit():
@@ -602,7 +610,7 @@ class _HttpSession:
             else:
                 self._resolve(pending, message["result"])
         elif jsonrpc.is_request(message):
-            defer.ensureDeferred(self._answer(message))
+            defer.ensureDeferred(self._answer(message, origin))
         else:
             self._notification(message)
 
@@ -624,12 +632,18 @@ class _HttpSession:
                 return
         self.on_notification(message)
 
-    async def _answer(self, message: Message) -> None:
+    async def _answer(self, message: Message, origin: _Pending | None = None) -> None:
+        """Answer a server→client request. One that came on a request's stream is cancelled
+        when that request ends (answered, failed, timed out or cancelled): the server no
+        longer waits for it, and whoever answers it downstream can stop."""
         request_id, method = message["id"], message["method"]
+        handling: defer.Deferred[dict[str, Any]] | None = None
         try:
-            handling: defer.Deferred[dict[str, Any]] = defer.Deferred.fromCoroutine(
+            handling = defer.Deferred.fromCoroutine(
                 _awaited(self.on_request(method, message.get("params") or {})))
             self._inbound[request_id] = handling
+            if origin is not None:
+                origin.inbound.add(handling)
             result = await handling
             if not isinstance(result, dict):
                 raise ProtocolError(jsonrpc.INTERNAL_ERROR, "the gateway produced no result")
@@ -643,6 +657,8 @@ class _HttpSession:
             answer = jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR, f"gateway error: {failure}")
         finally:
             self._inbound.pop(request_id, None)
+            if origin is not None and handling is not None:
+                origin.inbound.discard(handling)
         if self._closed:
             return
         try:
@@ -985,7 +1001,8 @@ class StreamableHttpUpstream(_HttpSession):
                 await self._discard(response, call)
                 return
             if content_type == EVENT_STREAM:
-                parser, dropped = await self._read_events(response, call, self._event)
+                parser, dropped = await self._read_events(
+                    response, call, lambda event: self._event(event, pending))
                 if not pending.finished:
                     await self._resume(pending, parser, dropped)
             elif content_type == JSON:
@@ -1030,8 +1047,8 @@ class StreamableHttpUpstream(_HttpSession):
                 if response.code != 200 or _content_type(response) != EVENT_STREAM:
                     raise await self._refusal("GET", response, call, session_id)
                 try:
-                    parser, dropped = await self._read_events(response, call, self._event,
-                                                              parser)
+                    parser, dropped = await self._read_events(
+                        response, call, lambda event: self._event(event, pending), parser)
                 except _Aborted:
                     if pending.finished:
                         return
