@@ -93,8 +93,10 @@ log = Logger(namespace="mcp.upstream.http")
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
-#: How long close() waits for the DELETE, and a notification or response POST for its 202.
+#: How long a notification or response POST may take to be accepted (202).
 SHORT_EXCHANGE_TIMEOUT = 10.0
+#: How long close() waits for the DELETE of the session.
+CLOSE_TIMEOUT = 5.0
 ERROR_BODY_CHARS = 200
 #: Answers to the ``initialize`` POST that mean "no Streamable HTTP here" (spec, backwards
 #: compatibility); 401/403 and the rest are real errors and are reported as such.
@@ -805,6 +807,13 @@ class _HttpSession:
         call = _HttpCall()
         return call, self._reactor.callLater(seconds, call.abort)
 
+    def _unanswered(self, deadline: _Timer) -> UpstreamError:
+        """Why a ``_timed_call`` was aborted: its deadline, or close()."""
+        if deadline.active():
+            return UpstreamError(f"[{self.name}] the session was closed")
+        return UpstreamError(f"[{self.name}] POST {self._display}: no answer within "
+                             f"{SHORT_EXCHANGE_TIMEOUT:g} s")
+
 
 async def _awaited(awaitable: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     return await awaitable
@@ -972,6 +981,8 @@ class StreamableHttpUpstream(_HttpSession):
         except _SessionExpired:
             log.info("[{server}] {what} not delivered: the session expired", server=self.name,
                      what=message.get("method") or "an answer")
+        except _Aborted:
+            raise self._unanswered(deadline) from None
         finally:
             if deadline.active():
                 deadline.cancel()
@@ -1154,7 +1165,7 @@ class StreamableHttpUpstream(_HttpSession):
         headers["Mcp-Session-Id"] = session_id
         if self.protocol_version is not None:
             headers["MCP-Protocol-Version"] = self.protocol_version
-        call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+        call, deadline = self._timed_call(CLOSE_TIMEOUT)
         try:
             response = await self._http(call, "DELETE", self.url, headers)
             await self._discard(response, call)
@@ -1303,6 +1314,8 @@ class LegacySseUpstream(_HttpSession):
         call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
         try:
             await self._post(message, call)
+        except _Aborted:
+            raise self._unanswered(deadline) from None
         finally:
             if deadline.active():
                 deadline.cancel()
