@@ -1,0 +1,871 @@
+"""Playbooks as YAML documents: what ``director playbooks export|import`` and
+``/api/v1/playbooks/{id}/export|import`` read and write, so that playbooks can live in git.
+
+The schema (version 1)::
+
+    version: 1                      # required; the only version this code reads
+    id: github-tools                # optional; else derived from the name (as the API does)
+    name: GitHub tools              # required
+    description: ...                # optional, default ""
+    position: 0                     # optional, default 0 (order in lists)
+    servers:                        # optional, default none
+      - name: github                # required: 1-64 letters, digits, '.', '_', '-'
+        type: stdio                 # required: stdio | http | sse
+        command: npx                # stdio: required
+        args: [-y, server-github]   # stdio: default []
+        env:                        # stdio: default {}; a value is a string, or a secret:
+          GITHUB_TOKEN: {secret: true, value: ghp_...}
+        cwd: /srv/tools             # stdio: absolute path, default none
+        isolate_sessions: false     # stdio: default false
+        # url: https://...          # http/sse: required
+        # headers: {...}            # http/sse: like env, default {}
+        disabled: false             # default false
+        prefix: ""                  # default "" (prepended to tool names)
+        include: [a, b]             # default none (all tools); or exclude, never both
+        exclude: [c]                # default none
+        expose_prompts: false       # default false
+        timeout_seconds: 60.0       # default 60 (0 < t <= 3600)
+    prompts:                        # optional, default none
+      - name: review                # required
+        title: ...                  # default ""
+        description: ...            # default ""
+        body: |                     # required
+          Review {pr}...
+        arguments:                  # default []
+          - {name: pr, description: ..., required: true}
+
+``null`` for a known key means the same as leaving the key out. The defaults above are part of
+version 1 and do not change within it, which is why ``export_document`` leaves out every field
+at its default: the files stay short, and their meaning stable.
+
+Secrets (env and header values marked ``secret: true``) are written only when asked for
+(``include_secrets``); otherwise as ``{secret: true}`` with no value. Importing such a redacted
+entry keeps the value stored for that server and key, and is refused (naming the path) when
+there is none.
+
+``parse_document`` validates the whole document with the same parsers as the REST API
+(``director.playbooks.model``) before anything is written, and reports every problem with its
+path (``servers[0].url``) and its line and column in the text. Only plain data is read (YAML's
+safe loader; anchors, aliases and tags beyond the standard ones are refused) and documents are
+capped at ``MAX_DOCUMENT_BYTES``.
+
+Round trip: ``export_document`` is deterministic, and export → import → export gives the same
+text and the same playbook.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+from uuid import UUID
+
+import attrs
+import yaml
+
+from director.accounts.validation import ValidationFailed
+from director.crypto import SecretBox
+from director.db.interactions import Interaction
+from director.playbooks import model, store
+from director.playbooks.model import PlaybookFields, Prompt, SecretValue, Server
+from director.playbooks.store import Playbook
+
+DOCUMENT_VERSION = 1
+MAX_DOCUMENT_BYTES = 1024 * 1024
+MAX_SERVERS = 500
+MAX_PROMPTS = 500
+MAX_DEPTH = 32
+#: Version 1's default timeout, fixed here rather than taken from the model, so that a
+#: document that leaves it out keeps its meaning whatever the model's default becomes.
+DEFAULT_TIMEOUT_SECONDS = 60.0
+ROOT = "$"  # the path naming the document as a whole (syntax errors, size, encoding)
+
+TOP_FIELDS = ("version", "id", "name", "description", "position", "servers", "prompts")
+SERVER_FIELDS = ("name", "type", "command", "args", "env", "cwd", "isolate_sessions", "url",
+                 "headers", "disabled", "prefix", "include", "exclude", "expose_prompts",
+                 "timeout_seconds")
+PROMPT_FIELDS = ("name", "title", "description", "body", "arguments")
+ARGUMENT_FIELDS = ("name", "description", "required")
+SECRET_FIELDS = ("secret", "value")
+_REDACTED = ""  # stands in for a redacted secret until with_stored_secrets fills it
+
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Problem:
+    path: str
+    message: str
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+
+    def where(self) -> str:
+        return "" if self.line is None else f"{self.line}:{self.column}"
+
+
+class DocumentInvalid(ValidationFailed):
+    """Problems with a document: ``fields`` maps each path to its problem (as every
+    ``ValidationFailed`` does) and ``locations`` each path to its ``(line, column)``."""
+
+    def __init__(self, fields: dict[str, str],
+                 locations: Mapping[str, tuple[int, int]] | None = None) -> None:
+        super().__init__(fields)
+        self.locations = dict(locations or {})
+
+    def problems(self) -> list[Problem]:
+        found = [Problem(path, message, *self.locations.get(path, (None, None)))
+                 for path, message in self.fields.items()]
+        return sorted(found, key=lambda p: (p.line or 0, p.column or 0, p.path))
+
+    def lines(self, source: str) -> list[str]:
+        """``source:line:column: path: message``, one per problem, in document order."""
+        lines = []
+        for problem in self.problems():
+            where = f"{source}:{problem.where()}:" if problem.line is not None else f"{source}:"
+            what = problem.message if problem.path == ROOT else f"{problem.path}: {problem.message}"
+            lines.append(f"{where} {what}")
+        return lines
+
+    def summary(self) -> str:
+        """Every problem on one line: ``servers[0].url (line 5, column 10): must be …``."""
+        return "; ".join(
+            (problem.message if problem.path == ROOT else f"{problem.path}: {problem.message}")
+            if problem.line is None else
+            (f"line {problem.line}, column {problem.column}: {problem.message}"
+             if problem.path == ROOT else
+             f"{problem.path} (line {problem.line}, column {problem.column}): "
+             f"{problem.message}")
+            for problem in self.problems())
+
+    def details(self) -> dict[str, Any]:
+        """The ``details`` of a 400 answer: ``fields`` and ``locations`` keyed by path."""
+        return {"fields": dict(self.fields),
+                "locations": {path: {"line": line, "column": column}
+                              for path, (line, column) in self.locations.items()
+                              if path in self.fields}}
+
+
+class DocumentTooLarge(DocumentInvalid):
+    def __init__(self, size: int) -> None:
+        super().__init__({ROOT: f"the document is larger than {MAX_DOCUMENT_BYTES} bytes "
+                                f"({size} bytes or more)"})
+
+
+# --- where things are in the text -----------------------------------------------------------
+
+
+class _Locator:
+    """Path → (line, column) of every value and mapping key of the document, 1-based."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[int, int]] = {}
+        self.keys: dict[str, tuple[int, int]] = {}
+        self.unquoted: dict[str, tuple[str, str]] = {}  # plain scalars YAML did not read as text
+        self.typed: list[tuple[str, yaml.Node]] = []  # scalars to convert (numbers, dates, …)
+
+    def locate(self, path: str, message: str) -> tuple[int, int] | None:
+        if path in self.keys and (message in _KEY_PROBLEMS or path not in self.values
+                                  or self.values[path][0] > self.keys[path][0]):
+            return self.keys[path]  # about the key, or a block value that starts below it
+        while True:
+            if path in self.values:
+                return self.values[path]
+            if path == ROOT:
+                return None
+            path = _parent(path)
+
+    def invalid(self, fields: Mapping[str, str]) -> DocumentInvalid:
+        explained = {path: self._explain(path, message) for path, message in fields.items()}
+        located = {path: where for path in fields
+                   if (where := self.locate(path, fields[path])) is not None}
+        return DocumentInvalid(explained, located)
+
+    def _explain(self, path: str, message: str) -> str:
+        """``yes``, ``010`` or ``2024-01-01`` unquoted are not text in YAML: say so."""
+        if message == "must be a string" and path in self.unquoted:
+            text, tag = self.unquoted[path]
+            kind = _KINDS.get(tag.rsplit(":", 1)[-1], "something else")
+            return f"must be a string (YAML reads the unquoted {text!r} as {kind}: quote it)"
+        return message
+
+
+#: Problems with a mapping key rather than its value: located at the key.
+_KEY_PROBLEMS = {"is not a known field", "must be an environment variable name",
+                 "must be an HTTP header name", "the name must not end with a line break"}
+_KINDS = {"bool": "a boolean", "int": "a number", "float": "a number", "null": "null",
+          "timestamp": "a date"}
+
+
+def _parent(path: str) -> str:
+    match = re.fullmatch(r"(.+?)(?:\[\d+\]|\.[^.\[\]]*)", path)
+    return match[1] if match else ROOT
+
+
+def _child(path: str, key: str) -> str:
+    return key if path == ROOT else f"{path}.{key}"
+
+
+def _position(mark: Any) -> tuple[int, int]:
+    return int(mark.line) + 1, int(mark.column) + 1
+
+
+def _walk(node: yaml.Node, path: str, locator: _Locator, problems: dict[str, str],
+          seen: set[int], aliases: list[str], depth: int = 0) -> None:
+    """Record where everything is; refuse aliases, non-string and repeated keys, deep nests."""
+    if id(node) in seen:  # the composer hands an alias back as the anchored node itself
+        problems[path] = "aliases (*name) are not supported; write the value out"
+        aliases.append(path)
+        return
+    seen.add(id(node))
+    locator.values[path] = _position(node.start_mark)
+    if depth > MAX_DEPTH:
+        problems[path] = f"nests more than {MAX_DEPTH} levels deep"
+        return
+    if isinstance(node, yaml.ScalarNode) and node.tag != _STR_TAG:
+        locator.typed.append((path, node))
+        if not node.style:
+            locator.unquoted[path] = (str(node.value), node.tag)
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key_node, value_node in node.value:
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            if not scalar or key_node.tag != _STR_TAG:
+                where = _child(path, str(key_node.value) if scalar else "?")
+                locator.values[where] = _position(key_node.start_mark)
+                problems[where] = (
+                    "merge keys (<<) are not supported; write the keys out"
+                    if key_node.tag == "tag:yaml.org,2002:merge" else
+                    "keys must be strings: quote this one" if scalar else "keys must be strings")
+                continue
+            key = str(key_node.value)
+            child = _child(path, key)
+            locator.keys[child] = _position(key_node.start_mark)
+            if key in keys:
+                locator.values[child] = _position(key_node.start_mark)
+                problems[child] = "appears twice in the same mapping"
+                continue
+            keys.add(key)
+            _walk(value_node, child, locator, problems, seen, aliases, depth + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, f"{path}[{index}]", locator, problems, seen, aliases, depth + 1)
+
+
+def _syntax_error(error: yaml.YAMLError, text: str) -> DocumentInvalid:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    context_mark = getattr(error, "context_mark", None)
+    if isinstance(error, yaml.reader.ReaderError):
+        before = text[:error.position]
+        line = before.count("\n") + 1
+        column = error.position - (before.rfind("\n") + 1) + 1
+        return DocumentInvalid({ROOT: f"character {error.character:#06x} is not allowed in "
+                                      "YAML (write it escaped in a double-quoted string)"},
+                               {ROOT: (line, column)})
+    message = problem or str(error).split("\n")[0]
+    if context and context_mark is not None and mark is not None \
+            and _position(context_mark) != _position(mark):
+        where = _position(context_mark)
+        message += f" ({context} at line {where[0]}, column {where[1]})"
+    elif context:
+        message += f" ({context})"
+    return DocumentInvalid({ROOT: f"invalid YAML: {message}"},
+                           {ROOT: _position(mark)} if mark is not None else {})
+
+
+def _unconvertible(locator: _Locator) -> DocumentInvalid:
+    """A scalar YAML resolves to a number or a date that cannot be one (``2024-13-01``,
+    ``0x``, a 5000-digit integer): find which, and say where."""
+    for path, node in locator.typed:
+        try:
+            yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+        except (ValueError, TypeError, OverflowError, yaml.YAMLError) as error:
+            reason = " ".join(str(error).split())[:200]
+            return locator.invalid({path: f"cannot be read ({reason}); quote it if it is text"})
+    return DocumentInvalid({ROOT: "a value cannot be read"})
+
+
+def _load(text: str) -> tuple[Any, _Locator]:
+    """The document's data (plain dicts, lists and scalars) and where each part is."""
+    locator = _Locator()
+    loader = _Loader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise DocumentInvalid({ROOT: "the document is empty"}, {ROOT: (1, 1)})
+            problems: dict[str, str] = {}
+            aliases: list[str] = []
+            _walk(node, ROOT, locator, problems, set(), aliases)
+            if aliases:  # the node carries its anchor's marks: find the aliases' own
+                marks = [event.start_mark for event in yaml.parse(text, Loader=_Loader)
+                         if isinstance(event, yaml.AliasEvent)]
+                for path, mark in zip(aliases, marks, strict=False):
+                    locator.values[path] = _position(mark)
+            if problems:
+                raise locator.invalid(problems)
+            try:
+                return loader.construct_document(node), locator
+            except (ValueError, TypeError, OverflowError):
+                raise _unconvertible(locator) from None
+        except yaml.YAMLError as error:
+            raise _syntax_error(error, text) from None
+        except RecursionError:
+            raise DocumentInvalid({ROOT: "the document nests too deeply"}) from None
+    finally:
+        loader.dispose()
+
+
+def _decode(document: str | bytes) -> str:
+    if isinstance(document, str):
+        if len(document) > MAX_DOCUMENT_BYTES:  # characters: at least as many bytes
+            raise DocumentTooLarge(len(document))
+        size = len(document.encode("utf-8", "surrogatepass"))
+        if size > MAX_DOCUMENT_BYTES:
+            raise DocumentTooLarge(size)
+        return document
+    if len(document) > MAX_DOCUMENT_BYTES:
+        raise DocumentTooLarge(len(document))
+    try:
+        return document.decode("utf-8")
+    except UnicodeDecodeError as error:
+        before = document[:error.start].decode("utf-8", "replace")
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        raise DocumentInvalid({ROOT: "is not valid UTF-8 text"}, {ROOT: (line, column)}) \
+            from None
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RedactedSecret:
+    """A secret written as ``{secret: true}``: its value is to be kept from the stored one."""
+
+    server: str
+    field: str  # "env" or "headers"
+    key: str
+    path: str
+
+
+@attrs.frozen
+class ParsedPlaybook:
+    """A valid document, as values ready for ``store.replace_contents``."""
+
+    id: str
+    fields: PlaybookFields
+    servers: tuple[Server, ...] = ()
+    prompts: tuple[Prompt, ...] = ()
+    redacted: tuple[RedactedSecret, ...] = ()
+    locator: _Locator = attrs.field(factory=_Locator, eq=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.fields.name
+
+    @property
+    def description(self) -> str:
+        return self.fields.description
+
+    @property
+    def position(self) -> int:
+        return self.fields.position
+
+    @staticmethod
+    def server_path(index: int) -> str:
+        """The prefix of server ``index``'s fields in error paths (rails use it too)."""
+        return f"servers[{index}]."
+
+    def invalid(self, fields: Mapping[str, str]) -> DocumentInvalid:
+        """Problems found later (rails, missing stored secrets), located in the document."""
+        return self.locator.invalid(fields)
+
+    def same_as(self, playbook: Playbook | None) -> bool:
+        return playbook is not None and (playbook.fields, playbook.servers, playbook.prompts) \
+            == (self.fields, self.servers, self.prompts)
+
+    def with_stored_secrets(self, existing: Playbook | None) -> ParsedPlaybook:
+        """Fill each redacted secret with the value stored for that server and key (of the
+        playbook this document replaces), or refuse the document naming every one missing."""
+        if not self.redacted:
+            return self
+        missing: dict[str, str] = {}
+        filled: dict[tuple[str, str, str], str] = {}
+        for secret in self.redacted:
+            stored = existing.server(secret.server) if existing is not None else None
+            value = dict(getattr(stored, secret.field, ())).get(secret.key) \
+                if stored is not None else None
+            if value is None:
+                why = (f"no playbook {self.id!r} exists yet" if existing is None
+                       else f"playbook {self.id!r} has no {secret.field} {secret.key!r} for "
+                            f"server {secret.server!r}")
+                missing[secret.path] = (
+                    "is a secret without a value ({secret: true}) and there is no stored value "
+                    f"to keep ({why}); write the value, or import a document exported with "
+                    "its secrets")
+            else:
+                filled[(secret.server, secret.field, secret.key)] = value.value
+        if missing:
+            raise self.invalid(missing)
+
+        def fill(server: Server, field: str) -> tuple[tuple[str, SecretValue], ...]:
+            return tuple((key, SecretValue(filled[(server.name, field, key)], True)
+                          if (server.name, field, key) in filled else item)
+                         for key, item in getattr(server, field))
+
+        servers = tuple(attrs.evolve(s, env=fill(s, "env"), headers=fill(s, "headers"))
+                        for s in self.servers)
+        return attrs.evolve(self, servers=servers, redacted=())
+
+
+def _known(body: Mapping[str, Any], allowed: Sequence[str], path: str,
+           problems: dict[str, str]) -> dict[str, Any]:
+    """``body`` without null values of known keys (null means "not given"); unknown keys are
+    problems."""
+    kept = {}
+    for key, value in body.items():
+        if key not in allowed:
+            problems[_child(path, key)] = "is not a known field"
+        elif value is not None:
+            kept[key] = value
+    return kept
+
+
+def _attempt(problems: dict[str, str], parse: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return parse(*args, **kwargs)
+    except ValidationFailed as failed:
+        problems.update(failed.fields)
+        return None
+
+
+def _list(data: Mapping[str, Any], key: str, limit: int, problems: dict[str, str]) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        problems[key] = "must be a list"
+        return []
+    if len(value) > limit:
+        problems[key] = f"must have at most {limit} items"
+        return []
+    return value
+
+
+def _strict_names(server: Server, path: str, problems: dict[str, str]) -> None:
+    """The model matches names with ``re.match`` and ``$``, which lets one trailing line break
+    through; documents refuse it (a header name ending in a line break is an injection)."""
+    for field in ("env", "headers"):
+        for key, _ in getattr(server, field):
+            if key.endswith("\n"):
+                problems[f"{path}{field}.{key}"] = "the name must not end with a line break"
+    if server.name.endswith("\n"):
+        problems[f"{path}name"] = "must not end with a line break"
+
+
+def _server(item: Any, index: int, problems: dict[str, str],
+            redacted: list[RedactedSecret]) -> Server | None:
+    path = ParsedPlaybook.server_path(index)
+    if not isinstance(item, dict):
+        problems[path.rstrip(".")] = "must be a mapping (a server)"
+        return None
+    body = _known(item, SERVER_FIELDS, path.rstrip("."), problems)
+    found: list[RedactedSecret] = []
+    for field in ("env", "headers"):
+        entries = body.get(field)
+        if not isinstance(entries, dict):
+            continue
+        entries = dict(entries)
+        for key, entry in entries.items():
+            if not isinstance(entry, dict):
+                continue
+            entry = {k: v for k, v in entry.items() if not (v is None and k in SECRET_FIELDS)}
+            if entry.get("secret") is True and "value" not in entry:
+                entry["value"] = _REDACTED
+                found.append(RedactedSecret(str(item.get("name")), field, key,
+                                            f"{path}{field}.{key}"))
+            entries[key] = entry
+        body[field] = entries
+    server = _attempt(problems, model.parse_server, body, path=path)
+    if server is None:
+        return None
+    if "timeout_seconds" not in body:
+        server = attrs.evolve(server, timeout_seconds=DEFAULT_TIMEOUT_SECONDS)
+    _strict_names(server, path, problems)
+    redacted.extend(found)
+    return server
+
+
+def _prompt(item: Any, index: int, problems: dict[str, str]) -> Prompt | None:
+    path = f"prompts[{index}]"
+    if not isinstance(item, dict):
+        problems[path] = "must be a mapping (a prompt)"
+        return None
+    body = _known(item, PROMPT_FIELDS, path, problems)
+    arguments = body.get("arguments")
+    if isinstance(arguments, list):
+        body["arguments"] = [
+            _known(argument, ARGUMENT_FIELDS, f"{path}.arguments[{position}]", problems)
+            if isinstance(argument, dict) else argument
+            for position, argument in enumerate(arguments)]
+    prompt = _attempt(problems, model.parse_prompt, body, path=f"{path}.")
+    if prompt is not None:
+        names = [(f"{path}.name", prompt.name)] + [
+            (f"{path}.arguments[{index}].name", argument.name)
+            for index, argument in enumerate(prompt.arguments)]
+        for where, name in names:
+            if name.endswith("\n"):
+                problems[where] = "must not end with a line break"
+    return prompt
+
+
+def _unique(names: list[tuple[int, str]], what: str, problems: dict[str, str]) -> None:
+    first: dict[str, int] = {}
+    for index, name in names:
+        if name in first:
+            problems[f"{what}s[{index}].name"] = (f"repeats the {what} name {name!r} "
+                                                  f"(also {what}s[{first[name]}])")
+        else:
+            first[name] = index
+
+
+def parse_document(document: str | bytes) -> ParsedPlaybook:
+    """A playbook document, validated in full, or ``DocumentInvalid`` naming every problem.
+
+    Redacted secrets (``{secret: true}``) are still to be filled from the stored playbook:
+    see ``ParsedPlaybook.with_stored_secrets``.
+    """
+    data, locator = _load(_decode(document))
+    if not isinstance(data, dict):
+        raise locator.invalid({ROOT: "must be a mapping with version, name, servers and "
+                                     "prompts"})
+    problems: dict[str, str] = {}
+    version = data.get("version")
+    if "version" not in data or version is None:
+        problems["version"] = f"is required: write `version: {DOCUMENT_VERSION}` first"
+    elif isinstance(version, bool) or not isinstance(version, int) \
+            or version != DOCUMENT_VERSION:
+        problems["version"] = (f"must be {DOCUMENT_VERSION}: this Director reads version "
+                               f"{DOCUMENT_VERSION} playbook documents only")
+    if problems:  # another version's document: the rest would only be noise
+        raise locator.invalid(problems)
+    top = _known(data, TOP_FIELDS, ROOT, problems)
+    body = {key: top[key] for key in ("id", "name", "description", "position") if key in top}
+    fields = _attempt(problems, model.parse_playbook_fields, body)
+    playbook_id = None
+    if fields is not None:
+        playbook_id = _attempt(problems, model.playbook_id_from, body, fields.name)
+    elif "id" in body:  # still check an explicit id
+        _attempt(problems, model.playbook_id_from, body, "-")
+
+    redacted: list[RedactedSecret] = []
+    servers = [_server(item, index, problems, redacted)
+               for index, item in enumerate(_list(top, "servers", MAX_SERVERS, problems))]
+    prompts = [_prompt(item, index, problems)
+               for index, item in enumerate(_list(top, "prompts", MAX_PROMPTS, problems))]
+    _unique([(i, s.name) for i, s in enumerate(servers) if s is not None], "server", problems)
+    _unique([(i, p.name) for i, p in enumerate(prompts) if p is not None], "prompt", problems)
+    if problems:
+        raise locator.invalid(problems)
+    assert fields is not None and playbook_id is not None
+    return ParsedPlaybook(playbook_id, fields, tuple(s for s in servers if s is not None),
+                          tuple(p for p in prompts if p is not None), tuple(redacted), locator)
+
+
+# --- exporting ------------------------------------------------------------------------------
+
+
+class PlaybookLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def servers(self) -> tuple[Server, ...]: ...
+    @property
+    def prompts(self) -> tuple[Prompt, ...]: ...
+
+
+def _secret_map(items: tuple[tuple[str, SecretValue], ...], include_secrets: bool
+                ) -> dict[str, Any]:
+    rendered: dict[str, Any] = {}
+    for key, item in items:
+        if not item.secret:
+            rendered[key] = item.value
+        elif include_secrets:
+            rendered[key] = {"secret": True, "value": item.value}
+        else:
+            rendered[key] = {"secret": True}
+    return rendered
+
+
+def _server_data(server: Server, include_secrets: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": server.name, "type": server.type}
+    if server.type == "stdio":
+        data["command"] = server.command
+        if server.args:
+            data["args"] = list(server.args)
+        if server.env:
+            data["env"] = _secret_map(server.env, include_secrets)
+        if server.cwd is not None:
+            data["cwd"] = server.cwd
+        if server.isolate_sessions:
+            data["isolate_sessions"] = True
+    else:
+        data["url"] = server.url
+        if server.headers:
+            data["headers"] = _secret_map(server.headers, include_secrets)
+    if server.disabled:
+        data["disabled"] = True
+    if server.prefix:
+        data["prefix"] = server.prefix
+    if server.include is not None:
+        data["include"] = list(server.include)
+    if server.exclude is not None:
+        data["exclude"] = list(server.exclude)
+    if server.expose_prompts:
+        data["expose_prompts"] = True
+    if server.timeout_seconds != DEFAULT_TIMEOUT_SECONDS:
+        data["timeout_seconds"] = server.timeout_seconds
+    return data
+
+
+def _prompt_data(prompt: Prompt) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": prompt.name}
+    if prompt.title:
+        data["title"] = prompt.title
+    if prompt.description:
+        data["description"] = prompt.description
+    data["body"] = prompt.body
+    if prompt.arguments:
+        data["arguments"] = []
+        for argument in prompt.arguments:
+            entry: dict[str, Any] = {"name": argument.name}
+            if argument.description:
+                entry["description"] = argument.description
+            if argument.required:
+                entry["required"] = True
+            data["arguments"].append(entry)
+    return data
+
+
+def document_data(playbook: PlaybookLike, include_secrets: bool = False) -> dict[str, Any]:
+    """The document as plain data, keys in schema order, fields at their default left out."""
+    data: dict[str, Any] = {"version": DOCUMENT_VERSION, "id": playbook.id,
+                            "name": playbook.name}
+    if playbook.description:
+        data["description"] = playbook.description
+    if playbook.position:
+        data["position"] = playbook.position
+    if playbook.servers:
+        data["servers"] = [_server_data(s, include_secrets) for s in playbook.servers]
+    if playbook.prompts:
+        data["prompts"] = [_prompt_data(p) for p in playbook.prompts]
+    return data
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sequences indented under their key; multi-line text as literal blocks."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    if "\x85" in text:  # PyYAML's emitter mangles NEL in plain, quoted and block styles alike
+        return dumper.represent_scalar(_STR_TAG, text, style='"')
+    if "\n" in text:  # the emitter falls back to quoting when a block cannot hold it exactly
+        return dumper.represent_scalar(_STR_TAG, text, style="|")
+    return dumper.represent_str(text)
+
+
+_Dumper.add_representer(str, _represent_text)
+
+
+def export_document(playbook: PlaybookLike, include_secrets: bool = False) -> str:
+    """The playbook as a version 1 YAML document (deterministic: same playbook, same text)."""
+    return yaml.dump(document_data(playbook, include_secrets), Dumper=_Dumper, sort_keys=False,
+                     allow_unicode=True, default_flow_style=False, width=100, indent=2)
+
+
+# --- importing ------------------------------------------------------------------------------
+
+
+def describe_changes(existing: Playbook | None, parsed: ParsedPlaybook) -> dict[str, Any]:
+    """What importing ``parsed`` changes: names only, never values."""
+    before_fields = attrs.asdict(existing.fields) if existing is not None else {}
+    after_fields = attrs.asdict(parsed.fields)
+    changed = [name for name in ("name", "description", "position")
+               if before_fields.get(name) != after_fields[name]]
+
+    def parts(before: Sequence[Any], after: Sequence[Any]) -> dict[str, Any]:
+        old = {part.name: part for part in before}
+        new = {part.name: part for part in after}
+        common_old = [name for name in old if name in new]
+        common_new = [name for name in new if name in old]
+        return {"added": [name for name in new if name not in old],
+                "removed": [name for name in old if name not in new],
+                "changed": [name for name in common_new if old[name] != new[name]],
+                "reordered": common_old != common_new}
+
+    return {"fields": changed,
+            "servers": parts(existing.servers if existing else (), parsed.servers),
+            "prompts": parts(existing.prompts if existing else (), parsed.prompts)}
+
+
+def summarise_changes(changes: Mapping[str, Any]) -> str:
+    """``servers added: a, b; prompts changed: c`` (or ``no changes``)."""
+    said = []
+    if changes["fields"]:
+        said.append("fields changed: " + ", ".join(changes["fields"]))
+    for part in ("servers", "prompts"):
+        for kind in ("added", "removed", "changed"):
+            if changes[part][kind]:
+                said.append(f"{part} {kind}: " + ", ".join(changes[part][kind]))
+        if changes[part]["reordered"]:
+            said.append(f"{part} reordered")
+    return "; ".join(said) or "no changes"
+
+
+@attrs.frozen
+class Imported:
+    pk: UUID
+    result: str  # "created", "updated" or "unchanged"
+    version: int
+
+
+def import_playbook(box: SecretBox, user_id: UUID, parsed: ParsedPlaybook,
+                    expected_version: int | None, actor: str) -> Interaction[Imported]:
+    """Create the user's playbook ``parsed.id`` or make it exactly ``parsed``, in one
+    transaction. ``expected_version`` is the version the caller checked the document against
+    (its redacted secrets were filled from it), or None when it found no such playbook: a
+    playbook changed, created or deleted meanwhile raises ``store.VersionConflict``,
+    ``store.Duplicate`` or ``store.NoSuchPlaybook``, and nothing is written."""
+    assert not parsed.redacted, "fill redacted secrets first (with_stored_secrets)"
+    pk = yield from store.find_pk(user_id, parsed.id)
+    if expected_version is None:
+        if pk is not None:
+            raise store.Duplicate(parsed.id)
+        pk = yield from store.create(box, user_id, parsed.id, parsed.fields, actor)
+        version = yield from store.replace_contents(box, pk, parsed.fields, parsed.servers,
+                                                    parsed.prompts, 1, actor)
+        return Imported(pk, "created", version or 1)
+    if pk is None:
+        raise store.NoSuchPlaybook(parsed.id)
+    version = yield from store.replace_contents(box, pk, parsed.fields, parsed.servers,
+                                                parsed.prompts, expected_version, actor)
+    if version is None:
+        return Imported(pk, "unchanged", expected_version)
+    return Imported(pk, "updated", version)
+
+
+def iter_rail_paths(parsed: ParsedPlaybook) -> Iterator[tuple[str, Server]]:
+    """``(path prefix, server)`` for each server, to run the rails with."""
+    for index, server in enumerate(parsed.servers):
+        yield ParsedPlaybook.server_path(index), server
+
+
+# --- the JSON Schema of a document (for the OpenAPI description) -----------------------------
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_NAME = {"type": "string", "pattern": model.NAME_PATTERN.pattern}
+_TEXT = {"type": "string", "maxLength": model.MAX_TEXT}
+_STRINGS = {"type": "array", "maxItems": model.MAX_ITEMS * 5,
+            "items": {"type": "string", "maxLength": 4096}}
+_NULL = {"type": "null"}
+
+
+def _secret_map_schema(key_pattern: str, description: str) -> dict[str, Any]:
+    value = {"type": "string", "maxLength": 8192}
+    return {
+        "type": "object", "maxProperties": model.MAX_ITEMS, "description": description,
+        "propertyNames": {"pattern": key_pattern},
+        "additionalProperties": {"anyOf": [
+            value,
+            {"type": "object", "additionalProperties": False, "required": ["value"],
+             "properties": {"value": value, "secret": {"type": ["boolean", "null"]}}},
+            {"type": "object", "additionalProperties": False, "required": ["secret"],
+             "description": "A redacted secret: importing keeps the stored value",
+             "properties": {"secret": {"const": True}, "value": _NULL}},
+        ]},
+    }
+
+
+_COMMON_SERVER = {
+    "name": _NAME,
+    "disabled": {"type": ["boolean", "null"]},
+    "prefix": {"type": ["string", "null"], "maxLength": 64},
+    "include": _nullable(_STRINGS),
+    "exclude": _nullable(_STRINGS),
+    "expose_prompts": {"type": ["boolean", "null"]},
+    "timeout_seconds": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 3600,
+                        "description": f"Default {DEFAULT_TIMEOUT_SECONDS:g}"},
+}
+_STDIO_ONLY = {
+    "command": {"type": "string", "minLength": 1, "maxLength": 4096},
+    "args": _nullable(_STRINGS),
+    "env": _nullable(_secret_map_schema(model.ENV_NAME_PATTERN.pattern,
+                                        "Environment variables")),
+    "cwd": {"type": ["string", "null"], "pattern": "^/", "maxLength": 4096},
+    "isolate_sessions": {"type": ["boolean", "null"]},
+}
+_HTTP_ONLY = {
+    "url": {"type": "string", "minLength": 1, "maxLength": 2048,
+            "description": "An http(s) URL"},
+    "headers": _nullable(_secret_map_schema(model.HEADER_NAME_PATTERN.pattern,
+                                            "HTTP headers sent upstream")),
+}
+_NOT_BOTH = {"not": {"required": ["include", "exclude"],
+                     "properties": {"include": {"type": "array"},
+                                    "exclude": {"type": "array"}}}}
+
+JSON_SCHEMA: dict[str, Any] = {
+    "title": "Director playbook document, version 1",
+    "type": "object", "additionalProperties": False, "required": ["version", "name"],
+    "properties": {
+        "version": {"const": DOCUMENT_VERSION},
+        "id": {"type": ["string", "null"],
+               "pattern": "^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$",
+               "description": "Default: derived from the name"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": _nullable(_TEXT),
+        "position": {"type": ["integer", "null"], "minimum": -1_000_000,
+                     "maximum": 1_000_000},
+        "servers": _nullable({"type": "array", "maxItems": MAX_SERVERS, "items": {"oneOf": [
+            {"type": "object", "additionalProperties": False, "required": ["name", "type",
+                                                                           "command"],
+             "properties": {"type": {"const": "stdio"}, **_COMMON_SERVER, **_STDIO_ONLY,
+                            **dict.fromkeys(_HTTP_ONLY, _NULL)},
+             **_NOT_BOTH},
+            {"type": "object", "additionalProperties": False, "required": ["name", "type", "url"],
+             "properties": {"type": {"enum": ["http", "sse"]}, **_COMMON_SERVER, **_HTTP_ONLY,
+                            **dict.fromkeys(_STDIO_ONLY, _NULL)},
+             **_NOT_BOTH},
+        ]}}),
+        "prompts": _nullable({"type": "array", "maxItems": MAX_PROMPTS, "items": {
+            "type": "object", "additionalProperties": False, "required": ["name", "body"],
+            "properties": {
+                "name": _NAME, "title": _nullable(_TEXT), "description": _nullable(_TEXT),
+                "body": {"type": "string", "minLength": 1, "maxLength": model.MAX_BODY},
+                "arguments": _nullable({"type": "array", "maxItems": 50, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["name"],
+                    "properties": {"name": _NAME, "description": _nullable(_TEXT),
+                                   "required": {"type": ["boolean", "null"]}}}}),
+            }}}),
+    },
+}
