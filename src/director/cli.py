@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from director import admin  # imports this module: registered once both are loaded
 
     admin.add_commands(commands)
+    from director import playbooks_cli  # likewise
+
+    playbooks_cli.add_commands(commands)
     return parser
 
 
