@@ -18,9 +18,10 @@ from director.web.api import api
 from director.web.auth import Authenticator
 from director.web.openapi import OpenApiRoutes
 from director.web.playbooks_api import PlaybookRoutes
+from director.web.playbooks_yaml_api import PlaybookYamlRoutes
 
 
-class ApiV1(AccountRoutes, PlaybookRoutes, OpenApiRoutes):
+class ApiV1(AccountRoutes, PlaybookYamlRoutes, PlaybookRoutes, OpenApiRoutes):
     app = api
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
