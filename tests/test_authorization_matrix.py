@@ -42,6 +42,34 @@ MATRIX: dict[tuple[str, str], dict[str, int]] = {
                                                     revoked_key=401, other_user=404, owner=200,
                                                     pending_user=403),
 }
+
+
+def _playbook_row(success: int, *, own_object: bool = True) -> dict[str, int]:
+    """Playbook routes: only an active owner may act; another user's playbook is not found."""
+    return dict(anonymous=401, wrong_key=401, revoked_key=401,
+                other_user=404 if own_object else success, owner=success, pending_user=403)
+
+
+MATRIX.update({
+    ("get", "/playbooks"): _playbook_row(200, own_object=False),
+    ("post", "/playbooks"): _playbook_row(201, own_object=False),
+    ("get", "/playbooks/{playbook_id}"): _playbook_row(200),
+    ("patch", "/playbooks/{playbook_id}"): _playbook_row(200),
+    ("delete", "/playbooks/{playbook_id}"): _playbook_row(204),
+    ("get", "/playbooks/{playbook_id}/servers"): _playbook_row(200),
+    ("post", "/playbooks/{playbook_id}/servers"): _playbook_row(201),
+    ("get", "/playbooks/{playbook_id}/servers/{name}"): _playbook_row(200),
+    ("patch", "/playbooks/{playbook_id}/servers/{name}"): _playbook_row(200),
+    ("delete", "/playbooks/{playbook_id}/servers/{name}"): _playbook_row(204),
+    ("patch", "/playbooks/{playbook_id}/tools"): _playbook_row(200),
+    ("get", "/playbooks/{playbook_id}/prompts"): _playbook_row(200),
+    ("post", "/playbooks/{playbook_id}/prompts"): _playbook_row(201),
+    ("get", "/playbooks/{playbook_id}/prompts/{name}"): _playbook_row(200),
+    ("patch", "/playbooks/{playbook_id}/prompts/{name}"): _playbook_row(200),
+    ("delete", "/playbooks/{playbook_id}/prompts/{name}"): _playbook_row(204),
+    ("get", "/playbooks/{playbook_id}/connection"): _playbook_row(200),
+    ("get", "/playbooks/{playbook_id}/history"): _playbook_row(200),
+})
 PUBLIC = {("post", "/auth/signup"), ("post", "/auth/login"), ("get", "/openapi.json")}
 
 
@@ -91,16 +119,58 @@ def _new_key(daemon: Daemon, account: Account) -> dict[str, Any]:
     return dict(body)
 
 
+#: What the owner's fresh playbook holds, for the routes that act on a server or a prompt. An
+#: https URL whose name does not resolve here passes the default rails.
+_SERVER = {"name": "web", "type": "http", "url": "https://mcp.example.com/mcp"}
+_PROMPT = {"name": "greet", "body": "Say hello to {{who}}", "arguments": [{"name": "who"}]}
+#: A valid body for each playbook route that takes one.
+_PLAYBOOK_BODIES: dict[tuple[str, str], Any] = {
+    ("post", "/playbooks"): {"name": "Matrix"},
+    ("patch", "/playbooks/{playbook_id}"): {"description": "changed"},
+    ("post", "/playbooks/{playbook_id}/servers"): {
+        "name": "added", "type": "sse", "url": "https://mcp.example.com/sse"},
+    ("patch", "/playbooks/{playbook_id}/servers/{name}"): {"timeout_seconds": 30},
+    ("patch", "/playbooks/{playbook_id}/tools"): {
+        "tools": [{"server": "web", "name": "search", "disabled": True}]},
+    ("post", "/playbooks/{playbook_id}/prompts"): {"name": "added", "body": "Hi"},
+    ("patch", "/playbooks/{playbook_id}/prompts/{name}"): {"title": "Changed"},
+}
+
+
+def _new_playbook(daemon: Daemon, owner: Account, path: str) -> str:
+    """A fresh playbook of the owner's, with the server or prompt ``path`` acts on."""
+    playbook_id = f"pb-{uuid.uuid4().hex[:10]}"
+    status, _, body = call(daemon, "POST", "/api/v1/playbooks",
+                           {"name": "Matrix", "id": playbook_id}, key=owner.key)
+    assert status == 201, body
+    parts = []
+    if "/servers/" in path or path.endswith("/tools"):
+        parts.append(("servers", _SERVER))
+    if "/prompts/" in path:
+        parts.append(("prompts", _PROMPT))
+    for part, payload in parts:
+        status, _, body = call(daemon, "POST", f"/api/v1/playbooks/{playbook_id}/{part}",
+                               payload, key=owner.key)
+        assert status == 201, body
+    return playbook_id
+
+
 def _request_for(method: str, path: str, owner: Account, daemon: Daemon,
                  password: str) -> tuple[str, Any]:
     concrete = path
     if "{key_id}" in path:
         concrete = path.replace("{key_id}", _new_key(daemon, owner)["id"])
+    if "{playbook_id}" in path:
+        concrete = concrete.replace("{playbook_id}", _new_playbook(daemon, owner, path))
+        concrete = concrete.replace("{name}", _PROMPT["name"] if "/prompts/" in path
+                                    else _SERVER["name"])
     body: Any = {}
     if path == "/api-keys" and method == "post":
         body = {"name": f"n-{uuid.uuid4().hex[:8]}"}
     elif path == "/me/password":
         body = {"current_password": password, "new_password": password}
+    elif (method, path) in _PLAYBOOK_BODIES:
+        body = _PLAYBOOK_BODIES[(method, path)]
     return "/api/v1" + concrete, (body if method != "get" else None)
 
 
