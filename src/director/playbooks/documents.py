@@ -46,7 +46,7 @@ there is none.
 ``parse_document`` validates the whole document with the same parsers as the REST API
 (``director.playbooks.model``) before anything is written, and reports every problem with its
 path (``servers[0].url``) and its line and column in the text. Only plain data is read (YAML's
-safe loader; anchors, aliases and tags beyond the standard ones are refused) and documents are
+safe loader; aliases, merge keys and tags beyond the standard ones are refused) and documents are
 capped at ``MAX_DOCUMENT_BYTES``.
 
 Round trip: ``export_document`` is deterministic, and export → import → export gives the same
