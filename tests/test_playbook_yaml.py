@@ -620,7 +620,7 @@ def test_openapi_paths_describe_the_routes(open_daemon: Daemon) -> None:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @given(case=operation.as_strategy(mode))
-            @settings(max_examples=20, deadline=None, database=None,
+            @settings(max_examples=15, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             def conforms(case: Any) -> None:
                 # A schema cannot say "unique server names" nor know the deployment's rails:
