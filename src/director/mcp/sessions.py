@@ -342,6 +342,14 @@ class DownstreamSession:
             self.client_requests.pop(request_id, None)
         return dict(result or {})
 
+    def send_related(self, message: Message) -> None:
+        """A message that belongs to the call in progress, if any; else the session stream."""
+        channel = next((c for c in reversed(self.call_channels) if c.open), None)
+        if channel is not None:
+            channel.send(message)
+        else:
+            self.notify(message)
+
     def notify(self, message: Message) -> None:
         """A notification outside any request: on the session's own stream."""
         if not self.closed:
@@ -361,6 +369,17 @@ class DownstreamSession:
         self.engine.upstreams.release(self, self.upstreams)
         if self.channel.stream is not None:
             self.channel.stream.finish()
+
+
+#: RFC 5424 severities as MCP names them, least severe first.
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+def log_level_allows(threshold: str | None, level: Any) -> bool:
+    """Whether a message at ``level`` passes a session's ``logging/setLevel`` threshold."""
+    if threshold not in LOG_LEVELS or level not in LOG_LEVELS:
+        return True
+    return LOG_LEVELS.index(level) >= LOG_LEVELS.index(threshold)
 
 
 def _required_string(params: dict[str, Any], name: str) -> str:
@@ -443,11 +462,21 @@ class McpEngine:
     def _upstream_notified(self, upstream: Upstream, message: Message) -> None:
         method = message.get("method", "")
         params = message.get("params") or {}
-        for session in self._users_of(upstream):
+        users = self._users_of(upstream)
+        if method == "notifications/message":
+            # A log line belongs to one client: the session that used this upstream last
+            # (the only one, unless it is a shared stdio process), on the stream of its
+            # call in progress if it has one, and only at or above the level it asked for.
+            if users:
+                latest = max(users, key=lambda s: upstream.users.get(s, 0.0))
+                if log_level_allows(latest.log_level, params.get("level")):
+                    latest.send_related(message)
+            return
+        for session in users:
             if method == "notifications/resources/updated":
                 if params.get("uri") in session.subscriptions:
                     session.notify(message)
-            elif method in LIST_CHANGED or method == "notifications/message":
+            elif method in LIST_CHANGED:
                 session.notify(message)
 
     async def _upstream_asks(self, upstream: Upstream, method: str,
