@@ -333,3 +333,14 @@ def test_notifications_lost_while_listen_is_down_are_recovered(start_daemon: Sta
     connection.close()
     eventually(lambda: call(daemon, "GET", "/api/v1/playbooks/watched",
                             key=owner.key)[2].get("description") == "after restart", timeout=5.0)
+
+
+def test_names_with_a_trailing_newline_are_refused(daemon: Daemon, owner: Account) -> None:
+    create(daemon, owner, {"name": "Tools"})
+    for body, field in (({**STDIO, "name": "web\n"}, "name"),
+                        ({**STDIO, "env": {"PATH\n": "x"}}, "env.PATH\n"),
+                        ({"name": "h", "type": "http", "url": "https://x.invalid/mcp",
+                          "headers": {"X-A\n": "v"}}, "headers.X-A\n")):
+        status, _, response = call(daemon, "POST", "/api/v1/playbooks/tools/servers", body,
+                                   key=owner.key)
+        assert status == 400 and field in response["error"]["details"]["fields"], response

@@ -70,7 +70,7 @@ def generate_api_key() -> str:
 
 
 def looks_like_api_key(value: str) -> bool:
-    return KEY_PATTERN.match(value) is not None
+    return KEY_PATTERN.fullmatch(value) is not None
 
 
 def hash_token(value: str) -> bytes:

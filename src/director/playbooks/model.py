@@ -102,7 +102,7 @@ def _text(value: Any, path: str, *, required: bool = False, limit: int = MAX_TEX
 def _name(value: Any, path: str) -> str:
     if not isinstance(value, str):
         raise ValidationFailed({path: "must be a string"})
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise ValidationFailed({path: "must be 1-64 letters, digits, '.', '_' or '-', starting "
                                       "with a letter or digit"})
     return value
@@ -132,7 +132,7 @@ def _secret_map(value: Any, path: str, key_pattern: re.Pattern[str],
         raise ValidationFailed({path: f"must have at most {MAX_ITEMS} entries"})
     items = []
     for key, item in value.items():
-        if not key_pattern.match(key):
+        if not isinstance(key, str) or not key_pattern.fullmatch(key):
             raise ValidationFailed({f"{path}.{key}": key_rule})
         if isinstance(item, dict):
             unknown = set(item) - {"value", "secret"}
