@@ -622,3 +622,17 @@ def test_no_upstream_process_outlives_the_daemon(gateway: Gateway) -> None:
     gateway.daemon.wait_exit()
     eventually(lambda: not Path(f"/proc/{child}").exists() or
                Path(f"/proc/{child}/stat").read_text().split()[2] == "Z", timeout=5)
+
+
+def test_deleting_a_playbook_ends_its_sessions(gateway: Gateway) -> None:
+    session = gateway.open_session()
+    stream = GetStream(gateway, session)
+    try:
+        assert stream.wait_for("stream open")
+        assert call(gateway.daemon, "DELETE", "/api/v1/playbooks/ref",
+                    key=gateway.owner.key)[0] == 204
+        assert stream.wait_for("\r\n0\r\n\r\n")  # the GET stream was finished
+    finally:
+        stream.close()
+    status, _, _ = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "ping"}, session)
+    assert status == 404
