@@ -23,8 +23,8 @@ from director.db import migrate
 from director.playbooks import documents, rails
 from director.playbooks.documents import DocumentInvalid, export_document, parse_document
 from director.playbooks.model import Prompt, PromptArgument, SecretValue, Server
+from director.playbooks.rails import check_server_sync
 from director.playbooks.store import Playbook
-from director.playbooks_cli import check_server_sync
 from tests.accounts_helpers import Account, call, eventually, sign_up
 from tests.harness import DIRECTOR, Daemon, base_environment, free_port, query
 

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import ipaddress
 import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 from uuid import UUID
 
 from director.admin import (
@@ -53,50 +51,10 @@ if TYPE_CHECKING:
     from director.crypto import SecretBox
     from director.db.interactions import Interaction
     from director.playbooks.documents import DocumentInvalid, ParsedPlaybook
-    from director.playbooks.model import Server
     from director.playbooks.store import Playbook
 
 HISTORY_LIMIT = 20
 MAX_HISTORY_LIMIT = 1000
-
-
-# --- the rails, synchronously ----------------------------------------------------------------
-
-
-def check_server_sync(settings: Settings, server: Server, path: str = "") -> None:
-    """``director.playbooks.rails.check_server`` without a reactor: the same rules, flags and
-    messages (``tests/test_playbook_yaml.py`` holds the two to the same answers)."""
-    from director.playbooks import rails
-
-    if server.type == "stdio":
-        if not settings.allow_arbitrary_stdio_servers:
-            raise rails.RailViolation({f"{path}type": (
-                f"stdio servers run commands on the gateway host and are disabled; an operator "
-                f"can allow them with {rails.STDIO_FLAG}=true (never in production)")})
-        return
-    if settings.allow_insecure_http_servers:
-        return
-    assert server.url is not None
-    parts = urlsplit(server.url)
-    host = parts.hostname or ""
-    if parts.scheme != "https":
-        raise rails.RailViolation({f"{path}url": (
-            f"must use https (credentials would cross the network in clear); "
-            f"{rails.INSECURE_FLAG}=true allows http")})
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        raise rails.RailViolation({f"{path}url": (
-            f"must name a host, not an IP address; {rails.INSECURE_FLAG}=true allows "
-            "addresses")})
-    addresses = rails._resolve(host, parts.port or 443)
-    private = [a for a in addresses if not rails.address_is_public(a)]
-    if private:
-        raise rails.RailViolation({f"{path}url": (
-            f"{host} resolves to a non-public address ({private[0]}): loopback, link-local and "
-            f"private networks are refused; {rails.INSECURE_FLAG}=true allows them")})
 
 
 def check_rails_sync(settings: Settings, parsed: ParsedPlaybook) -> None:
@@ -106,7 +64,7 @@ def check_rails_sync(settings: Settings, parsed: ParsedPlaybook) -> None:
     problems: dict[str, str] = {}
     for path, server in documents.iter_rail_paths(parsed):
         try:
-            check_server_sync(settings, server, path)
+            rails.check_server_sync(settings, server, path)
         except rails.RailViolation as violation:
             problems.update(violation.fields)
     if problems:

@@ -45,6 +45,12 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 async def check_server(settings: Settings, server: Server, path: str = "") -> None:
+    """The rails, in a worker thread: resolving the host name blocks."""
+    await threads.deferToThread(check_server_sync, settings, server, path)
+
+
+def check_server_sync(settings: Settings, server: Server, path: str = "") -> None:
+    """The rails for the CLI (no reactor) and for ``check_server``."""
     if server.type == "stdio":
         if not settings.allow_arbitrary_stdio_servers:
             raise RailViolation({f"{path}type": (
@@ -67,7 +73,7 @@ async def check_server(settings: Settings, server: Server, path: str = "") -> No
     else:
         raise RailViolation({f"{path}url": (
             f"must name a host, not an IP address; {INSECURE_FLAG}=true allows addresses")})
-    addresses = await threads.deferToThread(_resolve, host, parts.port or 443)
+    addresses = _resolve(host, parts.port or 443)
     private = [a for a in addresses if not address_is_public(a)]
     if private:
         raise RailViolation({f"{path}url": (
