@@ -65,6 +65,26 @@ class _QuietConnection(txpostgres.Connection):
         return None
 
 
+def _reconnecting_connection(reactor: Any, cooperator: Any, on_lost: Callable[[Failure], object],
+                             on_recovered: Callable[[], object]) -> _QuietConnection:
+    """A connection whose detector reconnects with backoff and reports each outage once."""
+    detector = reconnection.DeadConnectionDetector(reconnectionIterator=_backoff,
+                                                   reactor=reactor)
+    connection = _QuietConnection(reactor, cooperator, detector=detector)
+    detector.addRecoveryHandler(on_recovered)
+    original = detector.checkForDeadConnection
+
+    def check(failure: Failure) -> Failure:
+        was_dead = detector.connectionIsDead
+        result = original(failure)
+        if detector.connectionIsDead and not was_dead:
+            on_lost(failure)
+        return result
+
+    detector.checkForDeadConnection = check
+    return connection
+
+
 class _Pool(txpostgres.ConnectionPool):
     """The stock pool, but its connections reconnect, and a failed start retries forever."""
 
@@ -74,21 +94,10 @@ class _Pool(txpostgres.ConnectionPool):
         super().__init__(None, dsn, min=size, **_CONNECT_OPTIONS)
 
     def connectionFactory(self, reactor: Any, cooperator: Any) -> _QuietConnection:
-        detector = reconnection.DeadConnectionDetector(
-            reconnectionIterator=_backoff, reactor=self.reactor
-        )
-        connection = _QuietConnection(reactor, cooperator, detector=detector)
-        detector.addRecoveryHandler(lambda: self._on_state(connection, True))
-        original = detector.checkForDeadConnection
-
-        def check(failure: Failure) -> Failure:
-            was_dead = detector.connectionIsDead
-            result = original(failure)
-            if detector.connectionIsDead and not was_dead:
-                self._on_state(connection, False, failure)
-            return result
-
-        detector.checkForDeadConnection = check
+        connection: _QuietConnection = _reconnecting_connection(
+            reactor, cooperator,
+            on_lost=lambda failure: self._on_state(connection, False, failure),
+            on_recovered=lambda: self._on_state(connection, True))
         return connection
 
     def start(self) -> defer.Deferred[None]:
@@ -163,22 +172,11 @@ class Database:
     # --- LISTEN -------------------------------------------------------------------------
 
     def _make_listener(self) -> _QuietConnection:
-        detector = reconnection.DeadConnectionDetector(
-            reconnectionIterator=_backoff, reactor=self.reactor
-        )
-        listener = _QuietConnection(self.reactor, detector=detector)
+        listener: _QuietConnection = _reconnecting_connection(
+            self.reactor, None,
+            on_lost=lambda failure: self._connection_state(listener, False, failure),
+            on_recovered=self._listener_recovered)
         listener.addNotifyObserver(self._dispatch)
-        detector.addRecoveryHandler(self._listener_recovered)
-        original = detector.checkForDeadConnection
-
-        def check(failure: Failure) -> Failure:
-            was_dead = detector.connectionIsDead
-            result = original(failure)
-            if detector.connectionIsDead and not was_dead:
-                self._connection_state(listener, False, failure)
-            return result
-
-        detector.checkForDeadConnection = check
         return listener
 
     def _dispatch(self, notify: Any) -> None:
@@ -218,6 +216,13 @@ class Database:
 
     def _listener_connected(self) -> bool:
         return self._listener not in self._down
+
+    def connection_states(self) -> tuple[int, int, bool]:
+        """(pool connections up, pool size, LISTEN connection up), for metrics."""
+        pool = list(self._pool.connections)
+        up = sum(1 for connection in pool if connection not in self._down)
+        return (up if self._started else 0), len(pool), self._started and \
+            self._listener_connected()
 
     # --- lifecycle and queries --------------------------------------------------------------
 
