@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from director import __version__
 from director.config import ConfigError, Settings, load_settings, read_env_file
@@ -133,19 +134,24 @@ def cmd_config_docs(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_db_upgrade(arguments: argparse.Namespace) -> int:
+def _schema_work(arguments: argparse.Namespace, upgrade: bool) -> tuple[list[Any], Any]:
+    """(migrations applied, the schema status afterwards) on the daemon's database."""
     from director.db import migrate
 
     settings = settings_from(arguments)
     with database_dsn(settings) as dsn:
         try:
-            applied = migrate.upgrade(dsn)
-            state = migrate.status(dsn)
+            applied = migrate.upgrade(dsn) if upgrade else []
+            return applied, migrate.status(dsn)
         except migrate.MigrationError as error:
             raise CommandError(str(error)) from None
         except Exception as error:
             raise CommandError(f"cannot reach the database: {' '.join(str(error).split())}") \
                 from None
+
+
+def cmd_db_upgrade(arguments: argparse.Namespace) -> int:
+    applied, state = _schema_work(arguments, upgrade=True)
     if arguments.json:
         print(json.dumps({"applied": [f"{m.version:04d}_{m.name}" for m in applied],
                           "version": state.current}))
@@ -161,15 +167,7 @@ def cmd_db_upgrade(arguments: argparse.Namespace) -> int:
 def cmd_db_status(arguments: argparse.Namespace) -> int:
     from director.db import migrate
 
-    settings = settings_from(arguments)
-    with database_dsn(settings) as dsn:
-        try:
-            state = migrate.status(dsn)
-        except migrate.MigrationError as error:
-            raise CommandError(str(error)) from None
-        except Exception as error:
-            raise CommandError(f"cannot reach the database: {' '.join(str(error).split())}") \
-                from None
+    _, state = _schema_work(arguments, upgrade=False)
     pending = [f"{m.version:04d}_{m.name}" for m in state.pending]
     if arguments.json:
         print(json.dumps({"version": state.current, "latest": state.latest, "pending": pending}))
