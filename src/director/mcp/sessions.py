@@ -424,7 +424,8 @@ class McpEngine:
 
     # --- sessions -------------------------------------------------------------------------
 
-    def create(self, user_id: UUID, playbook: Playbook, transport: str) -> DownstreamSession:
+    def create(self, user_id: UUID, playbook: Playbook, transport: str,
+               session_type: type[DownstreamSession] = DownstreamSession) -> DownstreamSession:
         mine = [s for s in self.sessions.values() if s.user_id == user_id]
         if len(mine) >= self.max_sessions_per_user:
             oldest = min(mine, key=lambda s: s.last_active)
@@ -432,7 +433,7 @@ class McpEngine:
                      user_id=str(user_id))
             self.end(oldest)
         session_id = secrets.token_urlsafe(24)
-        session = DownstreamSession(self, session_id, user_id, playbook.pk, transport)
+        session = session_type(self, session_id, user_id, playbook.pk, transport)
         self.sessions[session_id] = session
         return session
 
