@@ -1,4 +1,5 @@
-"""The playbook MCP endpoints: ``/playbooks/{id}/mcp`` (Streamable HTTP, handshake era) and
+"""The playbook MCP endpoints: ``/playbooks/{id}/mcp`` (Streamable HTTP: the handshake era,
+and the stateless 2026-07-28 era served by ``director.mcp.modern``) and
 ``/playbooks/{id}/sse`` + ``/playbooks/{id}/message`` (legacy HTTP+SSE).
 
 Every route authenticates like the API (``x-api-key``, ``Authorization: Bearer dk_…``, the
@@ -20,6 +21,7 @@ from twisted.web.server import Request
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
+from director.mcp.modern import ModernGateway, is_modern_request, modern_method_not_allowed
 from director.mcp.sessions import CallChannel, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
 from director.mcp.upstream.base import LEGACY_VERSIONS
@@ -61,6 +63,7 @@ class McpRoutes:
         self.engine = engine
         self.auth = auth
         self.playbooks = playbooks
+        self.modern = ModernGateway(engine)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -108,10 +111,18 @@ class McpRoutes:
                                    "(send initialize first)")
             return None
         session = self.engine.find(raw.decode("latin-1"), principal.user.id, playbook)
-        if session is None:
+        if session is None or session.transport == "modern":  # contexts have no public id
             raise McpHttpError(404, SERVER_ERROR,
                                "session not found: it ended or expired; initialize again")
         return session
+
+    @staticmethod
+    def _refuse_modern(request: Request) -> None:
+        if modern_method_not_allowed(request):
+            raise McpHttpError(405, jsonrpc.INVALID_REQUEST,
+                               "Method Not Allowed: MCP 2026-07-28 has no GET stream and no "
+                               "session to delete; POST requests (subscriptions/listen for "
+                               "notifications)", headers={"Allow": "POST"})
 
     @staticmethod
     def _read_message(request: Request) -> Message:
@@ -150,6 +161,8 @@ class McpRoutes:
             raise McpHttpError(406, jsonrpc.INVALID_REQUEST,
                                "Not Acceptable: accept application/json and text/event-stream")
         message = self._read_message(request)
+        if is_modern_request(request, message):
+            return await self.modern.post(request, principal.user.id, playbook, message)
         self._check_modern(message)
         if message.get("method") == "initialize":
             return self._initialize(request, principal, playbook, message)
@@ -202,6 +215,7 @@ class McpRoutes:
     @app.route("/<playbook_id>/mcp", methods=["GET"])
     async def get(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
+        self._refuse_modern(request)
         session = self._session(request, principal, playbook)
         assert session is not None
         last_event_id = request.getHeader(b"last-event-id")
@@ -228,6 +242,7 @@ class McpRoutes:
     @app.route("/<playbook_id>/mcp", methods=["DELETE"])
     async def delete(self, request: Request, playbook_id: str) -> bytes:
         principal, playbook = await self._caller(request, playbook_id)
+        self._refuse_modern(request)
         session = self._session(request, principal, playbook)
         assert session is not None
         self.engine.end(session)
