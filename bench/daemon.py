@@ -9,10 +9,12 @@ and records the leak (``leftover_postmasters``) because the daemon should have.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from bench.probe import HOST
@@ -35,12 +37,14 @@ def director_command() -> list[str]:
     return [found, "--env-file=", "serve"]
 
 
-def environment(port: int, state_directory: Path, database_url: str | None) -> dict[str, str]:
+def environment(port: int, state_directory: Path, database_url: str | None,
+                extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name not in _SCRUBBED}
     env.update(PORT=str(port), HOST=HOST, LOG_LEVEL="warn", NODE_ENV="development",
                STATE_DIRECTORY=str(state_directory))
     if database_url is not None:
         env["DATABASE_URL"] = database_url
+    env.update(extra or {})
     return env
 
 
@@ -75,10 +79,38 @@ def _reap_postmaster(reaper: Reaper, state_directory: Path, patience: float = 2.
 
 
 def start_director(reaper: Reaper, *, port: int, state_directory: Path, log_path: Path,
-                   database_url: str | None = None) -> Server:
-    """Start the daemon; returns once it is healthy (``server.readiness`` has the timings)."""
+                   database_url: str | None = None,
+                   extra_env: Mapping[str, str] | None = None) -> Server:
+    """Start the daemon; returns once it is healthy (``server.readiness`` has the timings).
+
+    ``extra_env`` adds or overrides configuration variables (``API_KEY_RATE_LIMIT_*``, …).
+    """
     return launch(
         reaper, "director", director_command(),
-        env=environment(port, state_directory, database_url), port=port, log_path=log_path,
+        env=environment(port, state_directory, database_url, extra_env), port=port,
+        log_path=log_path,
         after_stop=lambda: _reap_postmaster(reaper, state_directory),
     )
+
+
+def log_findings(directory: Path, threshold: int = 40) -> list[str]:
+    """What the daemons logged at ``threshold`` or above (40 = warn), one line per distinct
+    message per log file: ``LOG_LEVEL=warn`` makes every line of their logs one of these."""
+    found = []
+    for path in sorted(directory.glob("director-*.log")):
+        counts: dict[str, int] = {}
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+                level = int(event.get("level", 0))
+            except (ValueError, TypeError, AttributeError):
+                event, level = {"msg": line}, threshold  # not JSON: a crash, say so
+            if level < threshold:
+                continue
+            text = str(event.get("msg", ""))
+            lines = text.strip().splitlines() or [""]
+            summary = lines[0] + (f" … {lines[-1]}" if len(lines) > 1 else "")
+            key = f"level {level}: {summary[:300]}"
+            counts[key] = counts.get(key, 0) + 1
+        found += [f"{path.name} logged {count}x {key}" for key, count in counts.items()]
+    return found

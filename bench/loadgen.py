@@ -54,8 +54,8 @@ def _chunked_end(buffer: bytearray, position: int) -> int | None:
             return None
 
 
-def take_response(buffer: bytearray) -> int | None:
-    """Remove the first complete response from ``buffer`` and return its status, else None."""
+def _framed(buffer: bytearray) -> tuple[int, bytes, int, int] | None:
+    """(status, lower-cased head, body start, end) of the first complete response, else None."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
@@ -74,8 +74,32 @@ def take_response(buffer: bytearray) -> int | None:
             return None
     else:
         raise ProtocolError("a response without Content-Length or chunked encoding")
+    return status, head, body_start, end
+
+
+def take_response(buffer: bytearray) -> int | None:
+    """Remove the first complete response from ``buffer`` and return its status, else None."""
+    framed = _framed(buffer)
+    if framed is None:
+        return None
+    del buffer[:framed[3]]
+    return framed[0]
+
+
+def take_message(buffer: bytearray) -> tuple[int, bytes, bytes] | None:
+    """Like ``take_response`` but returns (status, head, body), both as sent.
+
+    The head keeps its case (header values such as session ids are case-sensitive); the body
+    is still chunk-framed when the transfer was chunked.
+    """
+    framed = _framed(buffer)
+    if framed is None:
+        return None
+    status, _, body_start, end = framed
+    head = bytes(buffer[:body_start - 2])
+    body = bytes(buffer[body_start:end])
     del buffer[:end]
-    return status
+    return status, head, body
 
 
 @attrs.define
@@ -152,9 +176,11 @@ def percentile(sorted_values: list[int], fraction: float) -> float:
 
 
 async def generate(port: int, path: str, expected_status: int, connections: int,
-                   duration: float, warmup: float, max_requests: int) -> Tally:
+                   duration: float, warmup: float, max_requests: int,
+                   headers: tuple[str, ...] = ()) -> Tally:
     loop = asyncio.get_running_loop()
-    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+    extra = "".join(f"{header}\r\n" for header in headers)
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}\r\n".encode()
     start = time.perf_counter_ns()
     window_start = start + int(warmup * 1e9)
     tally = Tally(window_start, window_start + int(duration * 1e9), max_requests,
@@ -203,18 +229,22 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measuring window, seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before the window")
     parser.add_argument("--max-requests", type=int, default=2_000_000)
+    parser.add_argument("--header", action="append", default=[],
+                        help="an extra request header, 'name: value' (repeatable)")
     arguments = parser.parse_args()
     if not (1 <= arguments.connections <= 1024 and 0 < arguments.duration <= 60
             and 0 <= arguments.warmup <= 10 and 1 <= arguments.max_requests <= 10_000_000
-            and arguments.path.startswith("/")):
+            and arguments.path.startswith("/")
+            and all(":" in h and "\r" not in h and "\n" not in h for h in arguments.header)):
         parser.error("out of bounds: 1-1024 connections, duration ≤ 60 s, warmup ≤ 10 s, "
-                     "max-requests ≤ 10,000,000, a path starting with /")
+                     "max-requests ≤ 10,000,000, a path starting with /, headers 'name: value'")
     gc.disable()  # bounded run; collector pauses would show up as client-side latency
     cpu_before, wall_before = sum(os.times()[:2]), time.monotonic()
     try:
         tally = asyncio.run(generate(arguments.port, arguments.path, arguments.expect,
                                      arguments.connections, arguments.duration,
-                                     arguments.warmup, arguments.max_requests))
+                                     arguments.warmup, arguments.max_requests,
+                                     tuple(arguments.header)))
     except (OSError, ProtocolError) as error:
         print(f"loadgen: {error}", file=sys.stderr)
         return 1

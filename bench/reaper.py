@@ -32,10 +32,11 @@ def _die_with_parent(signum: int) -> Callable[[], None]:
 
 def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
           output: IO[bytes] | int = subprocess.DEVNULL, cwd: Path | None = None,
-          death_signal: int = signal.SIGTERM) -> subprocess.Popen[bytes]:
+          death_signal: int = signal.SIGTERM,
+          stdin: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a new session; it gets ``death_signal`` if the bench dies."""
     return subprocess.Popen(
-        list(argv), env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
+        list(argv), env=dict(env) if env is not None else None, stdin=stdin,
         stdout=output, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
         preexec_fn=_die_with_parent(death_signal),
     )

@@ -17,13 +17,19 @@ _P90_MIN_SAMPLES = 10  # below this, p90 is just the maximum: show the range ins
 
 @attrs.frozen
 class Budget:
-    """``value <= limit`` (``at_most``) or ``value >= limit``; ``text`` as DESIGN.md states it."""
+    """``value <= limit`` (``at_most``) or ``value >= limit``; ``text`` as DESIGN.md states it.
+
+    With ``low`` set it is a range: ``low <= value <= limit``.
+    """
 
     limit: float
     text: str
     at_most: bool = True
+    low: float | None = None
 
     def met(self, value: float) -> bool:
+        if self.low is not None:
+            return self.low <= value <= self.limit
         return value <= self.limit if self.at_most else value >= self.limit
 
 
@@ -59,7 +65,7 @@ class Figure:
             "samples": list(self.samples),
             "budget": None if self.budget is None else {
                 "limit": self.budget.limit, "text": self.budget.text,
-                "at_most": self.budget.at_most},
+                "at_most": self.budget.at_most, "low": self.budget.low},
             "within_budget": self.within_budget, "baseline": self.baseline,
             "details": self.details,
         }
@@ -67,14 +73,16 @@ class Figure:
 
 def number(value: float, unit: str) -> str:
     """A value at a precision that suits its unit, without the unit."""
-    if unit == "req/s":
+    if unit in ("req/s", "calls/s", "sessions/s", "n"):
         return f"{value:,.0f}"
     if unit == "x":
         return f"{value:.2f}"
+    if unit == "B":
+        return f"{value:,.0f}"
     if unit in ("s", "ms"):
         return f"{value:.3f}" if value < 10 else f"{value:.1f}"
     if unit == "µs":
-        return f"{value:.0f}"
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
     return f"{value:.1f}"
 
 

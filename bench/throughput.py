@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +52,39 @@ class LoadRun:
 
 
 def python_load(port: int, duration: float, warmup: float, path: str = "/api/health",
-                expect: int = 200) -> dict[str, Any]:
+                expect: int = 200, *, connections: int = CONNECTIONS,
+                headers: Sequence[str] = (), max_requests: int | None = None) -> dict[str, Any]:
     """Run ``bench.loadgen`` in its own process and return its JSON summary."""
-    argv = python_module("bench.loadgen", "--port", str(port), "--connections", str(CONNECTIONS),
+    argv = python_module("bench.loadgen", "--port", str(port), "--connections", str(connections),
                          "--duration", str(duration), "--warmup", str(warmup), "--path", path,
                          "--expect", str(expect))
-    process = spawn(argv, output=subprocess.PIPE, cwd=REPOSITORY)
+    for header in headers:
+        argv += ["--header", header]
+    if max_requests is not None:
+        argv += ["--max-requests", str(max_requests)]
+    return run_json(argv, warmup + duration + 30, "loadgen")
+
+
+def start_json(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start a load process whose last stdout line will be a JSON summary."""
+    return spawn(argv, output=subprocess.PIPE, cwd=REPOSITORY)
+
+
+def finish_json(process: subprocess.Popen[bytes], timeout: float, name: str) -> dict[str, Any]:
+    """Wait for a process from ``start_json`` (stopping it for sure) and parse its summary."""
     try:
-        output, _ = process.communicate(timeout=warmup + duration + 30)
+        output, _ = process.communicate(timeout=timeout)
     finally:
         stop_process(process, grace=1.0)
     if process.returncode != 0:
-        raise RuntimeError(f"loadgen failed ({process.returncode}): {output.decode(errors='replace')}")
+        raise RuntimeError(f"{name} failed ({process.returncode}): "
+                           f"{output.decode(errors='replace')[-2000:]}")
     return dict(json.loads(output.decode().strip().splitlines()[-1]))
+
+
+def run_json(argv: list[str], timeout: float, name: str) -> dict[str, Any]:
+    """Run a load process to its end and return its JSON summary."""
+    return finish_json(start_json(argv), timeout, name)
 
 
 def measure(server: Server, database_pid: int | None,
