@@ -1,0 +1,303 @@
+"""MCP gateway (handshake era): per-call overhead, throughput, idle streams and fan-out.
+
+* Added latency: ``tools/call`` of ``echo`` on ``bench.echo_server`` (a stdio server that
+  answers in microseconds), one call in flight, through the gateway (one Streamable HTTP
+  session, ``bench.mcpload gateway``) and straight over the server's stdin/stdout
+  (``bench.mcpload direct``), alternately in the same run; added = the gateway's percentile
+  minus the direct one.
+* Gateway CPU per proxied call: the daemon's ``utime + stime`` over a run divided by every
+  call of the run (the echo server's own CPU is its own process, reported apart).
+* Throughput with 1, 8 and 32 sessions, one connection and one call in flight each; the echo
+  server with as many calls in flight on its pipe is the baseline.
+* Idle sessions: ``bench.streams`` opens ``sessions`` sessions (``initialize``,
+  ``notifications/initialized``, ``GET`` stream) and holds them; memory per session is the
+  daemon's RSS delta divided by their number. The plain twisted.web server holding as many raw
+  SSE responses is the baseline.
+* Fan-out: a prompt added to or removed from the playbook (one REST request) sends
+  ``notifications/prompts/list_changed`` to every one of those streams; timed from the first
+  stream's arrival to the last one's by the kernel's receive stamps, and from the request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import api
+from bench.accounts import NO_LIMIT
+from bench.daemon import start_director
+from bench.probe import HOST, free_port
+from bench.procfs import children_of, cpu_seconds, status_kib
+from bench.reaper import Reaper
+from bench.report import Budget, Figure, formatted
+from bench.servers import Server, python_module, start_baseline
+from bench.streams import StreamHolder, start_holder
+from bench.throughput import LoadRun, measure, run_json
+
+ADDED_P50_BUDGET = Budget(0.5, "≤ 0.5 ms")
+ADDED_P99_BUDGET = Budget(2.0, "≤ 2 ms")
+CPU_BUDGET = Budget(250.0, "≤ 250 µs")
+THROUGHPUT_BUDGET = Budget(3000.0, "≥ 3,000 calls/s", at_most=False)
+#: DESIGN.md says 16 KB; /proc counts KiB, so the figure is in KiB: 16,000 B = 15.6 KiB.
+SESSION_MEMORY_BUDGET = Budget(16_000 / 1024, "≤ 16 KB")
+FANOUT_BUDGET = Budget(100.0, "≤ 100 ms at 10,000")
+FANOUT_BUDGET_SIZE = 10_000
+SESSION_COUNTS = (1, 8, 32)
+
+MCP_ENV = NO_LIMIT | {"DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS": "true",
+                      "MCP_MAX_SESSIONS_PER_USER": "20000"}
+
+
+def start_gateway(reaper: Reaper, workdir: Path, database_url: str,
+                  label: str) -> tuple[Server, api.Client, str]:
+    """A daemon for MCP figures, an account, and a playbook with the echo server."""
+    server = start_director(reaper, port=free_port(), state_directory=workdir / "state-external",
+                            log_path=workdir / f"director-{label}.log",
+                            database_url=database_url, extra_env=MCP_ENV)
+    client = api.sign_up(server.port, label)
+    playbook = api.create_playbook(client, "Bench Echo")
+    api.add_echo_server(client, playbook)
+    return server, client, playbook
+
+
+def gateway_load(port: int, playbook: str, key: str, sessions: int, duration: float,
+                 warmup: float) -> dict[str, Any]:
+    return run_json(python_module(
+        "bench.mcpload", "gateway", "--port", str(port), "--playbook", playbook, "--key", key,
+        "--sessions", str(sessions), "--duration", str(duration), "--warmup", str(warmup)),
+        warmup + duration + 60, "bench.mcpload")
+
+
+def direct_load(in_flight: int, duration: float, warmup: float) -> dict[str, Any]:
+    import sys
+
+    return run_json(python_module(
+        "bench.mcpload", "direct", "--sessions", str(in_flight), "--duration", str(duration),
+        "--warmup", str(warmup), "--", sys.executable, "-I", "-S", str(api.ECHO_SERVER)),
+        warmup + duration + 60, "bench.mcpload")
+
+
+def _echo_pid(daemon_pid: int) -> int | None:
+    """The echo server the daemon started (its child, after the stdio launcher's execs)."""
+    for pid in children_of(daemon_pid):
+        try:
+            if b"echo_server.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _checked(load: dict[str, Any], what: str) -> dict[str, Any]:
+    if load.get("setup_failures") or not load.get("responses_in_window"):
+        raise RuntimeError(f"{what}: no calls measured ({load.get('first_error')})")
+    return load
+
+
+# --- calls ---------------------------------------------------------------------------------
+
+
+def calls(reaper: Reaper, workdir: Path, database_url: str, rounds: int, duration: float,
+          warmup: float = 1.0) -> list[Figure]:
+    """Latency, CPU and throughput of proxied ``tools/call``; direct stdio as the baseline."""
+    server, client, playbook = start_gateway(reaper, workdir, database_url, "mcp-calls")
+    key = str(client.key)
+    _checked(gateway_load(server.port, playbook, key, 1, 0.5, 0.5), "priming call")
+    echo = _echo_pid(server.pid)
+    direct: dict[int, list[dict[str, Any]]] = {1: [], 32: []}
+    gateway: dict[int, list[LoadRun]] = {count: [] for count in SESSION_COUNTS}
+    for _ in range(rounds):
+        for count in SESSION_COUNTS:
+            if count in direct:
+                direct[count].append(_checked(direct_load(count, duration, warmup), "direct"))
+
+            def load(port: int, sessions: int = count) -> dict[str, Any]:
+                return _checked(gateway_load(port, playbook, key, sessions, duration, warmup),
+                                f"gateway, {sessions} sessions")
+
+            gateway[count].append(measure(server, echo, load))
+    server.stop()
+    return _call_figures(direct, gateway, echo is not None)
+
+
+def _call_figures(direct: dict[int, list[dict[str, Any]]], gateway: dict[int, list[LoadRun]],
+                  echo_found: bool) -> list[Figure]:
+    def direct_ms(stat: str) -> list[float]:
+        return [float(load["latency_ms"][stat]) for load in direct[1]]
+
+    def gateway_ms(stat: str) -> list[float]:
+        return [run.latency(stat) for run in gateway[1]]
+
+    def added(stat: str) -> tuple[float, ...]:
+        return tuple(g - d for g, d in zip(gateway_ms(stat), direct_ms(stat), strict=True))
+
+    def versus(stat: str) -> str:
+        return (f"direct stdio {formatted(statistics.median(direct_ms(stat)), 'ms')}, "
+                f"via Director {formatted(statistics.median(gateway_ms(stat)), 'ms')}")
+
+    def rate(count: int) -> tuple[float, ...]:
+        return tuple(run.rate for run in gateway[count])
+
+    def cpu(count: int) -> tuple[float, ...]:
+        return tuple(run.server_cpu_us for run in gateway[count])
+
+    echo_cpu = statistics.median(run.database_cpu_us or 0.0 for run in gateway[32])
+    details = {
+        "direct": direct,
+        "gateway": {count: [run.load | {"daemon_cpu_us_per_call": run.server_cpu_us,
+                                        "echo_cpu_us_per_call": run.database_cpu_us}
+                            for run in runs] for count, runs in gateway.items()},
+    }
+    direct_rate = statistics.median(load["requests_per_second"] for load in direct[32])
+    direct_one = statistics.median(load["requests_per_second"] for load in direct[1])
+    return [
+        Figure("mcp_added_p50", "tools/call latency added by the gateway, p50", "ms",
+               added("p50"), ADDED_P50_BUDGET, versus("p50") + "; TS original ≈8 ms",
+               details=details),
+        Figure("mcp_added_p99", "  added p99", "ms", added("p99"), ADDED_P99_BUDGET,
+               versus("p99")),
+        Figure("mcp_cpu_per_call", "gateway CPU per proxied tools/call (32 sessions)", "µs",
+               cpu(32), CPU_BUDGET,
+               f"1 session {formatted(statistics.median(cpu(1)), 'µs')}; echo server "
+               + (formatted(echo_cpu, 'µs') if echo_found else "not found")
+               + "; original ≈5-6.5 ms"),
+        Figure("mcp_rps_1", "tools/call throughput, 1 session", "calls/s", rate(1),
+               baseline=f"direct stdio 1 in flight {formatted(direct_one, 'calls/s')}"),
+        Figure("mcp_rps_8", "  8 sessions", "calls/s", rate(8),
+               baseline=f"CPU/call {formatted(statistics.median(cpu(8)), 'µs')}"),
+        Figure("mcp_rps_32", "  32 sessions", "calls/s", rate(32), THROUGHPUT_BUDGET,
+               f"direct stdio 32 in flight {formatted(direct_rate, 'calls/s')}; "
+               "original ≈180/s per core"),
+        Figure("mcp_p99_32", "  latency p99 at 32 sessions", "ms",
+               tuple(run.latency("p99") for run in gateway[32]),
+               baseline=f"p50 {formatted(statistics.median(r.latency('p50') for r in gateway[32]), 'ms')}"),
+    ]
+
+
+# --- idle streams and fan-out --------------------------------------------------------------
+
+
+def _settled_rss(pid: int, settle: float = 1.0) -> int:
+    time.sleep(settle)
+    return status_kib(pid, "VmRSS")
+
+
+def _fanouts(holder: StreamHolder, trigger: Callable[[], None], count: int) -> list[dict[str, Any]]:
+    """``count`` changes, each awaited on every stream: kernel stamps relative to the trigger."""
+    results = []
+    for _ in range(count):
+        holder.command("mark")
+        before = time.time_ns()
+        trigger()
+        after = time.time_ns()
+        arrival = holder.command("wait 30", timeout=60)
+        if arrival["first_ns"] is None:
+            results.append({"received": 0, "open": arrival["open"]})
+            continue
+        results.append({
+            "received": arrival["received"], "open": arrival["open"],
+            "spread_ms": (arrival["last_ns"] - arrival["first_ns"]) / 1e6,
+            "request_to_first_ms": (arrival["first_ns"] - before) / 1e6,
+            "request_to_last_ms": (arrival["last_ns"] - before) / 1e6,
+            "request_answered_ms": (after - before) / 1e6,
+            "last_read_after_last_stamp_ms": (arrival["last_read_ns"] - arrival["last_ns"]) / 1e6,
+            "unstamped": arrival["unstamped"],
+        })
+    return results
+
+
+def _holder_arguments(port: int, sessions: int) -> list[str]:
+    return ["--port", str(port), "--sessions", str(sessions), "--timeout", "300"]
+
+
+def _baseline_streams(reaper: Reaper, workdir: Path, sessions: int,
+                      fanouts: int) -> dict[str, Any]:
+    base = start_baseline(reaper, workdir / "baseline-streams.log")
+    rss_before = _settled_rss(base.pid, 0.5)
+    holder = start_holder(reaper, [*_holder_arguments(base.port, sessions), "--plain-sse", "/sse"])
+    rss_after = _settled_rss(base.pid)
+    connection = http.client.HTTPConnection(HOST, base.port, timeout=60)
+
+    def trigger() -> None:
+        connection.request("POST", "/fanout")
+        connection.getresponse().read()
+
+    try:
+        results = _fanouts(holder, trigger, fanouts)
+    finally:
+        connection.close()
+        holder.stop()
+        base.stop()
+    return {"ready": holder.ready, "rss_kib": [rss_before, rss_after],
+            "per_stream_kib": (rss_after - rss_before) / max(1, holder.ready["ready"]),
+            "fanouts": results}
+
+
+def idle_streams(reaper: Reaper, workdir: Path, database_url: str, sessions: int,
+                 fanouts: int) -> list[Figure]:
+    """Hold ``sessions`` idle sessions with GET streams; memory per session; fan-outs."""
+    server, client, playbook = start_gateway(reaper, workdir, database_url, "mcp-streams")
+    key = str(client.key)
+    identity = ["--playbook", playbook, "--key", key]
+    warm = start_holder(reaper, [*_holder_arguments(server.port, 50), *identity])
+    warm.stop()  # every code path has run once; those 50 sessions stay (ended by idle expiry)
+    rss_before = _settled_rss(server.pid, 0.5)
+    cpu_before = cpu_seconds(server.pid)
+    holder = start_holder(reaper, [*_holder_arguments(server.port, sessions), *identity],
+                          timeout=300)
+    open_cpu = cpu_seconds(server.pid) - cpu_before
+    rss_after = _settled_rss(server.pid)
+    toggle = api.PromptToggle(client, playbook)
+    try:
+        results = _fanouts(holder, toggle.toggle, fanouts)
+    finally:
+        holder.stop()
+        server.stop()
+    baseline = _baseline_streams(reaper, workdir, sessions, fanouts)
+    opened = int(holder.ready["ready"])
+    per_session = (rss_after - rss_before) / max(1, opened)
+    return _stream_figures(opened, holder.ready, per_session, open_cpu, results, baseline,
+                           {"rss_kib": [rss_before, rss_after]})
+
+
+def _stream_figures(opened: int, ready: dict[str, Any], per_session: float, open_cpu: float,
+                    results: list[dict[str, Any]], baseline: dict[str, Any],
+                    extra: dict[str, Any]) -> list[Figure]:
+    complete = [r for r in results if r["received"] == r["open"] and r["open"] == opened]
+    base_complete = [r for r in baseline["fanouts"] if r["received"] == r["open"]]
+    base_spread = statistics.median(r["spread_ms"] for r in base_complete) \
+        if base_complete else float("nan")
+    rates = ready.get("open_rate") or {}
+    budget = FANOUT_BUDGET if opened >= FANOUT_BUDGET_SIZE else None
+    return [
+        Figure("mcp_idle_sessions", "idle MCP sessions with a GET stream, one process", "n",
+               (float(opened),),
+               baseline=f"{ready['failures']} failed to open; plain twisted.web held "
+                        f"{baseline['ready']['ready']:,}",
+               details={"ready": ready, "baseline": baseline} | extra),
+        Figure("mcp_session_memory", "  memory per idle session (RSS delta)", "KiB",
+               (per_session,), SESSION_MEMORY_BUDGET,
+               f"plain twisted.web SSE {formatted(baseline['per_stream_kib'], 'KiB')}; "
+               "original ≈90 KB"),
+        Figure("mcp_session_open_rate", "  sessions opened per second (3 requests each)",
+               "sessions/s", (opened / ready["open_seconds"],),
+               baseline=f"first tenth {formatted(rates.get('first_tenth_per_s'), 'sessions/s')}, "
+                        f"last tenth {formatted(rates.get('last_tenth_per_s'), 'sessions/s')}; "
+                        f"daemon CPU {open_cpu / max(1, opened) * 1e6:.0f} µs/session"),
+        Figure("mcp_fanout_spread", f"list_changed fan-out to {opened:,} streams "
+               "(first → last arrival)", "ms", tuple(r["spread_ms"] for r in complete),
+               budget, f"plain twisted.web {formatted(base_spread, 'ms')}",
+               details={"fanouts": results}),
+        Figure("mcp_fanout_request_to_last", "  from the change request to the last stream",
+               "ms", tuple(r["request_to_last_ms"] for r in complete),
+               baseline=f"first stream after {_median_of(complete, 'request_to_first_ms')}, "
+                        f"request answered after {_median_of(complete, 'request_answered_ms')}"),
+    ]
+
+
+def _median_of(results: list[dict[str, Any]], name: str) -> str:
+    return formatted(statistics.median(r[name] for r in results) if results else None, "ms")
