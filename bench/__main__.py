@@ -1,9 +1,14 @@
 """``python -m bench``: run every figure, print the table, save ``bench/results/latest.json``.
 
-The run order is: one external PostgreSQL (started and migrated once), the plain twisted.web
-baseline's start time, then start-to-healthy (external, embedded fresh, embedded existing),
-idle memory, and the cost of ``GET /api/health``. Everything runs under one ``Reaper`` and in
-one throwaway directory under /tmp (kept only when the run fails, for its logs).
+The run order is: one external PostgreSQL (started and migrated once), then the groups
+(``--only`` picks some): ``startup`` (the plain twisted.web baseline's start time, then
+start-to-healthy: external, embedded fresh, embedded existing), ``memory`` (idle), ``health``
+(the cost of ``GET /api/health``), ``accounts`` (API key resolution, ``/api/v1/me``, a rate
+limit shared by two instances), ``playbooks`` (propagation between two instances, 10,000
+playbooks in the cache) and ``mcp`` (the gateway: added latency, CPU and throughput of
+``tools/call``, idle sessions with streams, ``list_changed`` fan-out). A group that fails is
+reported and the others still run. Everything runs under one ``Reaper`` and in one throwaway
+directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -18,16 +23,19 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 import twisted
-from bench import memory, startup, throughput, wrk
-from bench.database import start_external_database
+from bench import accounts, mcp, memory, playbooks, startup, throughput, wrk
+from bench.daemon import log_findings
+from bench.database import ExternalDatabase, start_external_database
 from bench.probe import ProbeError
 from bench.reaper import Reaper
-from bench.report import Figure, save, table
+from bench.report import Figure, formatted, save, table
 from bench.servers import REPOSITORY
 from director.db.embedded import find_server_binaries
 
@@ -36,7 +44,18 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewest runs and 2 s loads: a smoke test of the bench itself")
+    parser.add_argument("--only", type=_groups, default=list(GROUPS),
+                        help=f"comma-separated groups to run (default all: {','.join(GROUPS)})")
     return parser.parse_args(argv)
+
+
+def _groups(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GROUPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown group(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(GROUPS)}")
+    return [name for name in GROUPS if name in names]  # always in the run order
 
 
 def _workdir(reaper: Reaper, keep: list[bool]) -> Path:
@@ -79,16 +98,78 @@ def _machine(load_at_start: float) -> dict[str, Any]:
     }
 
 
-def _run(reaper: Reaper, quick: bool, figures: list[Figure], keep: list[bool]) -> None:
+@attrs.frozen
+class Context:
+    """What every group of figures gets."""
+
+    reaper: Reaper
+    workdir: Path
+    database: ExternalDatabase
+    quick: bool
+
+
+def _startup(c: Context) -> list[Figure]:
+    starts = 5 if c.quick else 10
+    baseline = startup.baseline_starts(c.reaper, c.workdir, starts)
+    return (startup.external_database(c.reaper, c.workdir, c.database.url, starts, baseline)
+            + startup.embedded_database(c.reaper, c.workdir, 3, 5))
+
+
+def _memory(c: Context) -> list[Figure]:
+    return memory.idle_memory(c.reaper, c.workdir, c.database.url, 2 if c.quick else 3)
+
+
+def _health(c: Context) -> list[Figure]:
+    return throughput.health_cost(c.reaper, c.workdir, c.database.url,
+                                  c.database.postmaster_pid, rounds=1 if c.quick else 3,
+                                  duration=2.0 if c.quick else 5.0)
+
+
+def _accounts(c: Context) -> list[Figure]:
+    return (accounts.key_cost(20_000 if c.quick else 100_000)
+            + accounts.me_cost(c.reaper, c.workdir, c.database.url, rounds=1 if c.quick else 2,
+                               duration=2.0 if c.quick else 3.0)
+            + accounts.rate_limit_accuracy(c.reaper, c.workdir, c.database.url,
+                                           rounds=1 if c.quick else 3))
+
+
+def _playbooks(c: Context) -> list[Figure]:
+    return (playbooks.propagation(c.reaper, c.workdir, c.database.url,
+                                  changes=200 if c.quick else 1000)
+            + playbooks.many_playbooks(c.reaper, c.workdir, c.database, 10_000,
+                                       starts=1 if c.quick else 3, reloads=3 if c.quick else 5))
+
+
+def _mcp(c: Context) -> list[Figure]:
+    return (mcp.calls(c.reaper, c.workdir, c.database.url, rounds=1 if c.quick else 2,
+                      duration=2.0 if c.quick else 3.0)
+            + mcp.idle_streams(c.reaper, c.workdir, c.database.url,
+                               sessions=2_000 if c.quick else 10_000,
+                               fanouts=3 if c.quick else 5))
+
+
+#: Every group of figures, in the order they run.
+GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
+    "startup": _startup, "memory": _memory, "health": _health,
+    "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp,
+}
+
+
+def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
+         keep: list[bool], failed: list[str], logged: list[str]) -> None:
     workdir = _workdir(reaper, keep)
-    database = start_external_database(reaper, workdir / "external")
-    starts = 5 if quick else 10
-    baseline = startup.baseline_starts(reaper, workdir, starts)
-    figures += startup.external_database(reaper, workdir, database.url, starts, baseline)
-    figures += startup.embedded_database(reaper, workdir, 3, 5)
-    figures += memory.idle_memory(reaper, workdir, database.url, 2 if quick else 3)
-    figures += throughput.health_cost(reaper, workdir, database.url, database.postmaster_pid,
-                                      rounds=1 if quick else 3, duration=2.0 if quick else 5.0)
+    context = Context(reaper, workdir, start_external_database(reaper, workdir / "external"),
+                      arguments.quick)
+    for name in arguments.only:
+        started = time.monotonic()
+        try:
+            figures += GROUPS[name](context)
+        except (ProbeError, Exception) as error:  # the other groups still run
+            keep.append(True)
+            failed.append(f"group {name} failed: {error}")
+            traceback.print_exc()
+        print(f"bench: {name} done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    logged.extend(log_findings(workdir))
 
 
 def _load_notes(figure: Figure) -> list[str]:
@@ -117,10 +198,33 @@ def findings(figures: list[Figure], load_at_start: float) -> list[str]:
     if load_at_start >= 0.5:
         notes.append(f"the machine was busy before the bench started (1-minute load average "
                      f"{load_at_start:.1f} on {os.cpu_count()} CPUs): figures may be pessimistic")
-    notes += [f"OVER BUDGET: {f.label.strip()} = {f.median:.3g} {f.unit} ({f.budget.text})"
+    notes += [f"OVER BUDGET: {f.label.strip()} = {formatted(f.median, f.unit)} ({f.budget.text})"
               for f in figures if f.within_budget is False and f.budget is not None]
     for figure in figures:
-        notes += _load_notes(figure)
+        notes += _load_notes(figure) + _special_notes(figure)
+    return notes
+
+
+def _special_notes(figure: Figure) -> list[str]:
+    """Caveats that only some figures can have."""
+    notes = []
+    label = figure.label.strip()
+    if figure.key == "rate_limit_two_instances" and max(figure.samples, default=0.0) > 1.0:
+        notes.append(f"{label}: more than N requests were accepted in "
+                     f"{sum(1 for s in figure.samples if s > 1.0)} of {len(figure.samples)} "
+                     f"rounds (up to {max(figure.samples):.2f}x): the limit was exceeded")
+    for result in figure.details.get("fanouts", []):
+        if result.get("received") != result.get("open"):
+            notes.append(f"{label}: a fan-out reached {result.get('received')} of "
+                         f"{result.get('open')} open streams within 30 s")
+    for side in ("director", "gateway"):
+        for runs in (figure.details.get(side) or {}).values() \
+                if isinstance(figure.details.get(side), dict) else []:
+            for load in runs:
+                if load.get("bad_answers") or load.get("lost_connections"):
+                    notes.append(f"{label}: {load['bad_answers']} wrong answers, "
+                                 f"{load['lost_connections']} lost connections with "
+                                 f"{load['connections']} sessions ({load.get('first_error')})")
     return notes
 
 
@@ -132,13 +236,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep: list[bool] = []
     status = 0
     reaper = Reaper()
+    failed: list[str] = []
+    logged: list[str] = []  # what the daemons logged at warn or above
     try:
         with reaper:
             try:
-                _run(reaper, arguments.quick, figures, keep)
+                _run(reaper, arguments, figures, keep, failed, logged)
             except Exception:
                 keep.append(True)  # a failure: its logs are worth reading; an interrupt is not
                 raise
+        if failed:
+            status = 1
     except KeyboardInterrupt:
         print("\nbench: interrupted; everything it started has been stopped", file=sys.stderr)
         status = 130
@@ -150,14 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = 1
     if figures:
         print(table(figures))
-    notes = findings(figures, load_at_start) + reaper.notes
+    notes = failed + findings(figures, load_at_start) + reaper.notes + logged
     for note in notes:
         print("! " + note)
-    if status == 0:
+    if status == 0 or (failed and figures):
         path = save({
             "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "elapsed_s": round(time.monotonic() - started, 1),
             "quick": arguments.quick,
+            "groups": arguments.only,
+            "failed": failed,
             "machine": _machine(load_at_start),
             "figures": [figure.as_json() for figure in figures],
             "findings": notes,
