@@ -448,3 +448,22 @@ def test_rate_limit_holds_across_two_instances(pair: tuple[Daemon, Daemon],
     # The probes above spent a permit on each instance; the window allows 100 in all.
     total = allowed + 2
     assert 90 <= total <= 100, total
+
+
+def test_a_revoked_key_never_comes_back(start_daemon: StartDaemon, migrated_url: str) -> None:
+    # Racing re-reads of the cache (the creation's notification arriving after the revocation)
+    # once resurrected revoked keys now and then; hammer the sequence.
+    daemon = start_daemon(DATABASE_URL=migrated_url, API_KEY_RATE_LIMIT_MAX_REQUESTS="100000")
+    daemon.wait_healthy()
+    account = sign_up(daemon, "race-keys@example.com")
+    resurrected = 0
+    for index in range(150):
+        _, _, key = call(daemon, "POST", "/api/v1/api-keys", {"name": f"k{index}"},
+                         key=account.key)
+        assert call(daemon, "DELETE", f"/api/v1/api-keys/{key['id']}", key=account.key)[0] == 204
+        resurrected += call(daemon, "GET", "/api/v1/me", key=key["key"])[0] != 401
+    import time
+
+    time.sleep(0.3)  # let every notification land, then check the last ones again
+    assert resurrected == 0
+    assert call(daemon, "GET", "/api/v1/me", key=key["key"])[0] == 401

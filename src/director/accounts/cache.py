@@ -49,6 +49,9 @@ class AccountCache:
         self.keys_by_id: dict[UUID, store.ApiKey] = {}
         self._sessions: dict[bytes, CachedSession] = {}
         self._unknown_keys: OrderedDict[bytes, float] = OrderedDict()
+        # Bumped by every change notification of a key or user: a re-read that started before
+        # a later change must not store what it read (it could resurrect a revoked key).
+        self._generation: dict[UUID, int] = {}
         self.loaded = False
 
     # --- loading and change notifications ----------------------------------------------------
@@ -76,6 +79,8 @@ class AccountCache:
             identifier = UUID(key)
         except ValueError:
             return
+        if kind in ("api_key", "user"):
+            self._generation[identifier] = self._generation.get(identifier, 0) + 1
         if kind == "api_key":
             self.forget_key(identifier)
             defer.ensureDeferred(self._refresh_key(identifier)).addErrback(self._refresh_failed)
@@ -99,6 +104,11 @@ class AccountCache:
         if old is not None:
             self.keys_by_hash.pop(old.key_hash, None)
 
+    def key_revoked(self, key_id: UUID) -> None:
+        """This instance revoked the key: forget it now, and outdate reads in flight."""
+        self._generation[key_id] = self._generation.get(key_id, 0) + 1
+        self.forget_key(key_id)
+
     def remember_key(self, key: store.ApiKey) -> None:
         self.forget_key(key.id)
         self.keys_by_id[key.id] = key
@@ -106,12 +116,20 @@ class AccountCache:
         self._unknown_keys.pop(key.key_hash, None)
 
     async def _refresh_key(self, key_id: UUID) -> None:
+        generation = self._generation.get(key_id, 0)
         key = await self.database.run(store.live_key(key_id))
+        if self._generation.get(key_id, 0) != generation:
+            return  # changed again while we read: the newer notification's read decides
         if key is not None:
             self.remember_key(key)
+        else:
+            self.forget_key(key_id)
 
     async def _refresh_user(self, user_id: UUID) -> None:
+        generation = self._generation.get(user_id, 0)
         user = await self.database.run(store.user_by_id(user_id))
+        if self._generation.get(user_id, 0) != generation:
+            return
         if user is None:
             self.users.pop(user_id, None)
         else:

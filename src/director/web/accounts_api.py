@@ -199,7 +199,7 @@ class AccountRoutes:
                                                                parse_uuid(key_id)))
         except store.NoSuchThing:
             raise NotFound(f"no API key {key_id!r}") from None
-        self.auth.cache.forget_key(revoked.id)
+        self.auth.cache.key_revoked(revoked.id)
         request.setResponseCode(204)
         return b""
 
@@ -211,6 +211,6 @@ class AccountRoutes:
                                                                parse_uuid(key_id)))
         except store.NoSuchThing:
             raise NotFound(f"no API key {key_id!r}") from None
-        self.auth.cache.forget_key(parse_uuid(key_id))
+        self.auth.cache.key_revoked(parse_uuid(key_id))
         self.auth.cache.remember_key(new.record)
         return write_json(request, 200, new.public())
