@@ -344,3 +344,39 @@ def test_names_with_a_trailing_newline_are_refused(daemon: Daemon, owner: Accoun
         status, _, response = call(daemon, "POST", "/api/v1/playbooks/tools/servers", body,
                                    key=owner.key)
         assert status == 400 and field in response["error"]["details"]["fields"], response
+
+
+def test_odd_inputs_get_400_not_500(daemon: Daemon, owner: Account) -> None:
+    create(daemon, owner, {"name": "Bugs"})
+    call(daemon, "POST", "/api/v1/playbooks/bugs/servers",
+         {"name": "web", "type": "http", "url": "https://mcp.unresolvable.invalid/mcp"},
+         key=owner.key)
+    cases = [
+        ("PATCH", "/api/v1/playbooks/bugs", {}, {"if-match": "\u00b2"}),
+        ("GET", "/api/v1/playbooks?limit=%B2", None, {}),
+        ("GET", "/api/v1/playbooks?cursor=WyJcdTAwYjIiXQ", None, {}),
+        ("GET", "/api/v1/playbooks?cursor=WyJ4Il0", None, {}),
+        ("GET", "/api/v1/playbooks/bugs/history?cursor=WyI5OTk5OTk5OTk5OTk5OTk5OTk5OSJd",
+         None, {}),
+        ("POST", "/api/v1/playbooks/bugs/servers",
+         {"name": "x", "type": "http", "url": "https://mcp.example.com:99999/mcp"}, {}),
+        ("POST", "/api/v1/playbooks/bugs/servers",
+         {"name": "x", "type": "http", "url": "https://[::1/mcp"}, {}),
+        ("PATCH", "/api/v1/playbooks/bugs/tools",
+         {"tools": [{"server": "web", "name": "a\u0000b", "disabled": True}]}, {}),
+        ("PATCH", "/api/v1/playbooks/bugs/tools",
+         {"tools": [{"server": "web", "name": "\ud800", "disabled": True}]}, {}),
+        ("PATCH", "/api/v1/playbooks/bugs", {"version": 99}, {}),
+    ]
+    for method, path, body, headers in cases:
+        status, _, response = call(daemon, method, path, body, key=owner.key, headers=headers)
+        assert status in (400, 409), (method, path, body, status, response)
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    status, _, response = call(daemon, "POST", "/api/v1/playbooks", deep, key=owner.key)
+    assert status == 400 and response["error"]["code"] == "malformed_json"
+    status, _, created = call(daemon, "POST", "/api/v1/playbooks",
+                              {"name": "Float", "position": 2.0}, key=owner.key)
+    assert status == 201 and created["position"] == 2
+    status, _, _ = call(daemon, "PATCH", "/api/v1/playbooks/bugs", {"description": "x"},
+                        key=owner.key, headers={"if-match": "*"})
+    assert status == 200

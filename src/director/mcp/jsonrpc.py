@@ -80,6 +80,8 @@ def parse_message(raw: bytes | str) -> Message:
     """One JSON-RPC message, or ``ProtocolError`` (-32700 / -32600) saying what is wrong."""
     try:
         message = json.loads(raw)
+    except RecursionError:
+        raise ProtocolError(PARSE_ERROR, "parse error: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as failure:
         raise ProtocolError(PARSE_ERROR, f"parse error: {failure}") from None
     if isinstance(message, list):

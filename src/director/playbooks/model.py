@@ -195,6 +195,8 @@ def parse_playbook_fields(body: Mapping[str, Any], base: PlaybookFields | None =
         fields["description"] = _text(body["description"], "description")
     if "position" in body:
         position = body["position"]
+        if isinstance(position, float) and position.is_integer():
+            position = int(position)  # JSON does not tell 2 from 2.0
         if not isinstance(position, int) or isinstance(position, bool) or not (
                 -1_000_000 <= position <= 1_000_000):
             raise ValidationFailed({"position": "must be a whole number"})
@@ -295,7 +297,12 @@ def parse_server(body: Mapping[str, Any], base: Server | None = None, path: str 
 
 def _url(value: Any, path: str) -> str:
     url = _text(value, path, required=True, limit=2048, allow_empty=False).strip()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        raise ValidationFailed({path: "must be an http(s) URL with a valid host and port"}) \
+            from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationFailed({path: "must be an http(s) URL"})
     return url

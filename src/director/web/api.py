@@ -45,11 +45,26 @@ _first: list[Any] = [([ValidationFailed], _validation_failed),
 api._error_handlers[0:0] = _first
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts ``²``, which ``int`` then refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
+def numeric_cursor(request: Any) -> int | None:
+    """A cursor this API made from a number (an offset or a sequence), else a 400."""
+    cursor = decode_cursor(request, 1)
+    if cursor is None:
+        return None
+    if not is_number(cursor[0]):
+        raise ValidationFailed({"cursor": "is not a cursor this API returned"})
+    return int(cursor[0])
+
+
 def page_size(request: Any) -> int:
     raw = request.args.get(b"limit", [b""])[0].decode("latin-1")
     if not raw:
         return DEFAULT_PAGE_SIZE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+    if not is_number(raw) or not 1 <= int(raw) <= MAX_PAGE_SIZE:
         raise ValidationFailed({"limit": f"must be a whole number from 1 to {MAX_PAGE_SIZE}"})
     return int(raw)
 

@@ -145,6 +145,8 @@ def read_json_object(request: Request) -> dict[str, Any]:
     raw = request.content.read() if request.content is not None else b""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ApiError("the body is nested too deeply", code="malformed_json") from None
     except (UnicodeDecodeError, ValueError) as error:
         raise ApiError(f"the body is not valid JSON: {error}", code="malformed_json") from None
     if not isinstance(body, dict):

@@ -24,8 +24,9 @@ from director.playbooks.cache import PlaybookCache
 from director.playbooks.store import Playbook
 from director.web.api import (
     api,
-    decode_cursor,
     encode_cursor,
+    is_number,
+    numeric_cursor,
     page_size,
     reject_unknown_fields,
     require_field,
@@ -39,7 +40,9 @@ def _expected_version(request: Request) -> int | None:
     if raw is None:
         return None
     text = raw.decode("latin-1").strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
+    if text == "*":
+        return None  # any version
+    if not is_number(text):
         raise ValidationFailed({"If-Match": 'must be the ETag of the playbook, e.g. "3"'})
     return int(text)
 
@@ -113,8 +116,7 @@ class PlaybookRoutes:
     async def list_playbooks(self, request: Request) -> bytes:
         principal = await self.auth.authenticate(request)
         limit = page_size(request)
-        cursor = decode_cursor(request, 1)
-        offset = int(cursor[0]) if cursor and cursor[0].isdigit() else 0
+        offset = numeric_cursor(request) or 0
         mine = self.playbooks.of_user(principal.user.id)
         page = mine[offset:offset + limit]
         return write_json(request, 200, {
@@ -154,8 +156,18 @@ class PlaybookRoutes:
         fields = model.parse_playbook_fields(body, playbook.fields, partial=True)
         if "id" in body:
             raise ValidationFailed({"id": "cannot change (it is part of every client's URL)"})
+        expected = _expected_version(request)
+        if body.get("version") is not None:
+            # The body's version is the same optimistic check as If-Match, for clients that
+            # cannot set headers.
+            version = body["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValidationFailed({"version": "must be the playbook's version, a number"})
+            if expected is not None and expected != version:
+                raise ValidationFailed({"version": "disagrees with If-Match"})
+            expected = version
         fresh = await self._write(playbook.pk, store.update_fields(
-            playbook.pk, fields, _expected_version(request), principal.user.email))
+            playbook.pk, fields, expected, principal.user.email))
         return self._answer(request, 200, fresh, self.playbook_json(fresh))
 
     @api.route("/playbooks/<playbook_id>", methods=["DELETE"])
@@ -266,7 +278,8 @@ class PlaybookRoutes:
             model.reject_unknown(change, {"server", "name", "disabled"}, f"{where}.")
             server_name, tool = change.get("server"), change.get("name")
             disabled = change.get("disabled")
-            if not isinstance(tool, str) or not tool or len(tool) > 256:
+            if not isinstance(tool, str) or not tool or len(tool) > 256 or "\x00" in tool or \
+                    any(0xD800 <= ord(c) <= 0xDFFF for c in tool):
                 raise ValidationFailed({f"{where}.name": "must be a tool name"})
             if not isinstance(disabled, bool):
                 raise ValidationFailed({f"{where}.disabled": "must be true or false"})
@@ -365,8 +378,7 @@ class PlaybookRoutes:
         principal = await self.auth.authenticate(request)
         playbook = self._owned(principal, playbook_id)
         limit = page_size(request)
-        cursor = decode_cursor(request, 1)
-        before = int(cursor[0]) if cursor and cursor[0].isdigit() else None
+        before = numeric_cursor(request)
         entries = await self.database.run(store.history(playbook.pk, limit + 1, before))
         next_cursor = encode_cursor(str(entries[limit - 1]["seq"])) \
             if len(entries) > limit else None
