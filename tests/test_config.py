@@ -131,6 +131,14 @@ def test_base_url_follows_port_when_unset() -> None:
     ("DATABASE_POOL_SIZE", "x", "is not a whole number"),
     ("MCP_SESSION_IDLE_SECONDS", "-1", "must be greater than 0"),
     ("MCP_MAX_SESSIONS_PER_USER", "many", "is not a whole number"),
+    ("METRICS_LISTEN", "metrics.example.com:9464",
+     "METRICS_LISTEN='metrics.example.com:9464' is not an IP address and port; use "
+     "ADDRESS:PORT such as 127.0.0.1:9464"),
+    ("METRICS_LISTEN", "9464", "is not ADDRESS:PORT"),
+    ("METRICS_LISTEN", "127.0.0.1:99999", "is not a TCP port"),
+    ("METRICS_LISTEN", "unix:metrics.sock", "is not an absolute socket path"),
+    ("METRICS_LISTEN", "0.0.0.0:9464", "METRICS_LISTEN='0.0.0.0:9464' is not a loopback address"),
+    ("METRICS_ALLOW_PUBLIC", "sure", "METRICS_ALLOW_PUBLIC='sure' is not a boolean"),
 ])
 def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
     problems = problems_for({name: value})
@@ -147,7 +155,8 @@ def test_every_variable_has_a_bad_value_test() -> None:
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
-              "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER"}
+              "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "METRICS_LISTEN",
+              "METRICS_ALLOW_PUBLIC"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 

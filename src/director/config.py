@@ -89,6 +89,9 @@ class Settings:
     database_pool_size: int = 4
     mcp_session_idle_seconds: float = 1800.0
     mcp_max_sessions_per_user: int = 100
+    #: ``host:port`` (IPv6 as ``[::1]:port``) or ``unix:/path``; None: no metrics listener.
+    metrics_listen: str | None = None
+    metrics_allow_public: bool = False
 
     @property
     def production(self) -> bool:
@@ -254,6 +257,37 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _metrics_listen(raw: str) -> str:
+    """``ADDRESS:PORT`` or ``unix:/absolute/path``, normalised (``localhost`` → 127.0.0.1)."""
+    value = raw.strip()
+    fix = "use ADDRESS:PORT such as 127.0.0.1:9464, or unix:/absolute/path.sock"
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not path.startswith("/") or ":" in path:
+            raise _Invalid("is not an absolute socket path without colons", fix)
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise _Invalid("is not ADDRESS:PORT", fix)
+    port_number = _port(port)
+    host = host.strip("[]") if host.startswith("[") and host.endswith("]") else host
+    if host in ("", "localhost"):
+        host = "0.0.0.0" if host == "" else "127.0.0.1"  # noqa: S104 - ":9464" means all
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _Invalid("is not an IP address and port", fix) from None
+    return f"[{address}]:{port_number}" if address.version == 6 else f"{address}:{port_number}"
+
+
+def metrics_listen_is_loopback(value: str) -> bool:
+    """True for a unix socket or a loopback address: reachable from this host only."""
+    if value.startswith("unix:"):
+        return True
+    host = value.rpartition(":")[0].strip("[]")
+    return ipaddress.ip_address(host).is_loopback
+
+
 VARIABLES: tuple[Variable, ...] = (
     Variable("DATABASE_URL", None,
              "PostgreSQL connection URL. Unset outside production: a private PostgreSQL cluster is "
@@ -279,8 +313,9 @@ VARIABLES: tuple[Variable, ...] = (
              "Comma-separated extra Host header values accepted besides BASE_URL's host and "
              "loopback (e.g. an internal load balancer name).",
              _host_list, "allowed_hosts"),
-    Variable("TELEMETRY_ENABLED", "false", "Enable anonymous usage telemetry.", _boolean,
-             "telemetry_enabled"),
+    Variable("TELEMETRY_ENABLED", "false",
+             "Send an anonymous usage report at start and about once a day; README.rst, "
+             "Telemetry, lists every field sent.", _boolean, "telemetry_enabled"),
     Variable("TELEMETRY_URL", "https://telemetry.director.run/v1/events",
              "Where anonymous telemetry is sent when enabled.", _http_url, "telemetry_url"),
     Variable("REGISTRY_URL", "https://registry.director.run", "MCP server registry endpoint.",
@@ -328,6 +363,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MCP_MAX_SESSIONS_PER_USER", "100",
              "Open MCP sessions per user on one instance; past it the least recently used "
              "one ends.", _positive_int, "mcp_max_sessions_per_user"),
+    Variable("METRICS_LISTEN", None,
+             "Serve Prometheus metrics at /metrics on this separate listener: ADDRESS:PORT "
+             "(e.g. 127.0.0.1:9464) or unix:/path. Unset: no metrics endpoint. Never on PORT.",
+             _metrics_listen, "metrics_listen"),
+    Variable("METRICS_ALLOW_PUBLIC", "false",
+             "Allow METRICS_LISTEN on a non-loopback address (metrics are unauthenticated).",
+             _boolean, "metrics_allow_public"),
 )
 
 
@@ -396,6 +438,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         values["base_url"] = f"http://localhost:{values['port']}"
     if "state_directory" not in values:
         values["state_directory"] = default_state_directory(environ)
+
+    listen = values.get("metrics_listen")
+    if listen is not None and not values.get("metrics_allow_public") and \
+            not metrics_listen_is_loopback(listen):
+        problems.append(
+            f"METRICS_LISTEN={_lookup(environ, 'METRICS_LISTEN')!r} is not a loopback address and "
+            "/metrics has no authentication; use 127.0.0.1:PORT (scrape through a proxy or "
+            "tunnel), or set METRICS_ALLOW_PUBLIC=true if a firewall guards it"
+        )
 
     if values.get("environment") == "production":
         for name in DANGEROUS_FLAGS:
