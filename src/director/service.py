@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints, task, threads
@@ -47,6 +47,9 @@ from director.web.auth import Authenticator
 from director.web.edge import DirectorSite, EdgeResource
 from director.web.mcp_routes import McpRoutes
 from director.web.v1 import ApiV1
+
+if TYPE_CHECKING:
+    from director.metrics import Metrics
 
 log = Logger(namespace="gateway")
 
@@ -76,9 +79,17 @@ class DirectorService(MultiService):
         self.database = Database(dsn, settings.database_pool_size, reactor)
         self.accounts = AccountCache(self.database)
         self.rate_limiter = RateLimiter(self.database)
+        # This service's own registry; only when something reads it (prometheus_client then
+        # costs ~1 MB of resident memory, nothing otherwise; the instruments check for None).
+        self.metrics: Metrics | None = None
+        if settings.metrics_listen is not None or settings.telemetry_enabled:
+            from director.metrics import Metrics
+
+            self.metrics = Metrics()
         self.authenticator = Authenticator(settings, self.database, self.accounts,
-                                           self.rate_limiter)
+                                           self.rate_limiter, self.metrics)
         self.port: Any = None  # IListeningPort
+        self.metrics_port: Any = None  # IListeningPort of METRICS_LISTEN
         self.site: DirectorSite | None = None
         self.secret_box = SecretBox(self.auth_secret)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
@@ -87,7 +98,13 @@ class DirectorService(MultiService):
         self.mcp = McpEngine(settings, self.playbooks,
                              UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
-                             idle_seconds=settings.mcp_session_idle_seconds)
+                             idle_seconds=settings.mcp_session_idle_seconds,
+                             metrics=self.metrics)
+        if self.metrics is not None:
+            from director.metrics import ServiceCollector
+
+            self.metrics.register(ServiceCollector(self.mcp, self.database, self.accounts,
+                                                   self.playbooks))
         self.web = DirectorApp(
             self.health_reason,
             ApiV1(settings, self.database, self.authenticator, self.playbooks, self.secret_box),
@@ -121,6 +138,7 @@ class DirectorService(MultiService):
 
     async def _start(self) -> None:
         await self._listen()
+        await self._listen_metrics()
         dsn = await self._database_dsn()
         await self._check_schema(dsn)
         self.database.start()
@@ -140,7 +158,7 @@ class DirectorService(MultiService):
 
     async def _listen(self) -> None:
         resource = EdgeResource(self.web.resource(), self.settings)
-        self.site = DirectorSite(resource, self.settings)
+        self.site = DirectorSite(resource, self.settings, self.metrics)
         self.site.noisy = False
         endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
         try:
@@ -155,6 +173,24 @@ class DirectorService(MultiService):
                  version=__version__)
         systemd.notify(f"READY=1\nSTATUS=listening on port {getattr(bound, 'port', bound)}, "
                        f"connecting to the database\nMAINPID={os.getpid()}")
+
+    async def _listen_metrics(self) -> None:
+        """``/metrics`` on a listener of its own, before the database: it matters most when
+        that is down."""
+        listen = self.settings.metrics_listen
+        if listen is None or self.metrics is None:
+            return
+        from director.metrics import MetricsSite, endpoint_description
+
+        endpoint = endpoints.serverFromString(self.reactor, endpoint_description(listen))
+        try:
+            self.metrics_port = await endpoint.listen(MetricsSite(self.metrics, listen))
+        except Exception as error:
+            raise FatalStartupError(
+                f"cannot listen on METRICS_LISTEN={listen}: {error}; set it to a free "
+                "address and port"
+            ) from error
+        log.info("metrics at http://{listen}/metrics", listen=listen)
 
     async def _database_dsn(self) -> str:
         if self.embedded is None:
@@ -234,6 +270,8 @@ class DirectorService(MultiService):
         await super().stopService()
         if self.port is not None:
             await self.port.stopListening()
+        if self.metrics_port is not None:
+            await self.metrics_port.stopListening()
         await self.mcp.stop()
         await self._drain_connections()
         await self.http_pool.closeCachedConnections()

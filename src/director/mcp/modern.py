@@ -47,8 +47,10 @@ do not cut a long call); upstream log messages (``notifications/message``) go th
 when the request carries ``io.modelcontextprotocol/logLevel`` and at or above that level.
 Upstreams are handshake-era: the envelope keys are removed from ``_meta`` before forwarding, the
 gateway never sends ``logging/setLevel`` for a modern request (the level is session-wide
-upstream), and logs are attributed to the context's requests that are currently waiting on an
-upstream (one user's own concurrent calls may see each other's log lines). A server→client
+upstream), and — as the engine routes log lines to the latest call of the session that used the
+upstream last — a log line goes to the context's most recent call still waiting on an upstream,
+and only if that request asked for its level (one user's concurrent calls on one playbook can
+therefore see each other's log lines; nobody else's). A server→client
 request from an upstream (sampling, elicitation, roots) while the latest user of that upstream
 is a modern context is answered with a JSON-RPC error (-32600, as the SDK's own modern server
 answers a handler's server request; the upstream's failure then reaches the client as the
@@ -95,6 +97,7 @@ from director.mcp.jsonrpc import (
 )
 from director.mcp.router import enabled_servers
 from director.mcp.sessions import (
+    LOG_LEVELS,
     SERVER_CAPABILITIES,
     SERVER_INFO,
     CallChannel,
@@ -102,6 +105,7 @@ from director.mcp.sessions import (
     DownstreamSession,
     McpEngine,
     SessionChannel,
+    log_level_allows,
 )
 from director.mcp.streams import EventStream, StreamRegistry, frame, json_bytes
 from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamError
@@ -146,7 +150,6 @@ METHODS = frozenset({"server/discover", "subscriptions/listen", "tools/list", "t
 CACHEABLE_METHODS = frozenset({"server/discover", "tools/list", "prompts/list", "resources/list",
                                "resources/templates/list", "resources/read"})
 LIST_TTL_MS = 0
-LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 KEEPALIVE_SECONDS = 15.0
 LISTEN_PREPARE_SECONDS = 10.0
 MAX_PENDING_EVENTS = 100
@@ -439,7 +442,7 @@ class ModernCallChannel(CallChannel):
                  log_level: str | None) -> None:
         self._keepalive: Any = None
         super().__init__(request, streams)
-        self.threshold = LOG_LEVELS.index(log_level) if log_level in LOG_LEVELS else None
+        self.log_level = log_level
         self._keepalive = reactor.callLater(KEEPALIVE_SECONDS, self._commit)
 
     def _gone(self, _: object) -> None:
@@ -458,11 +461,8 @@ class ModernCallChannel(CallChannel):
 
     def log(self, message: Message) -> None:
         """An upstream's ``notifications/message``: sent when the request asked for this level."""
-        if self.threshold is None:
-            return
-        level = (message.get("params") or {}).get("level")
-        rank = LOG_LEVELS.index(level) if level in LOG_LEVELS else len(LOG_LEVELS) - 1
-        if rank >= self.threshold:
+        if self.log_level is not None and \
+                log_level_allows(self.log_level, (message.get("params") or {}).get("level")):
             self.send(message)
 
     def finish(self, response: Message) -> None:
@@ -608,12 +608,21 @@ class StatelessContext(DownstreamSession):
                             f"{method} cannot reach the client: it speaks MCP 2026-07-28 and the "
                             f"gateway does not bridge server requests to that era yet")
 
+    def send_related(self, message: Message) -> None:
+        """An upstream's log line: on the stream of the latest call waiting on an upstream,
+        if that request asked for logs at this level; this era has no other place for it."""
+        if message.get("method") != "notifications/message":
+            super().send_related(message)
+            return
+        channel = next((c for c in reversed(self.forwarding) if c.open), None)
+        if channel is not None:
+            channel.log(message)
+
     def notify(self, message: Message) -> None:
         if self.closed:
             return
         if message.get("method") == "notifications/message":
-            for channel in list(self.forwarding):
-                channel.log(message)
+            self.send_related(message)
         else:
             self.hub.send(message)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from twisted.internet import defer, task
@@ -34,6 +34,9 @@ from director.mcp.upstreams import LIST_METHODS, Upstream, UpstreamManager
 from director.playbooks.cache import PlaybookCache
 from director.playbooks.model import Server
 from director.playbooks.store import Playbook
+
+if TYPE_CHECKING:
+    from director.metrics import Metrics
 
 log = Logger(namespace="mcp.sessions")
 
@@ -184,18 +187,22 @@ class DownstreamSession:
         self.touch()
         request_id = message.get("id")
         self.call_channels.append(channel)
+        started, outcome = time.monotonic(), "error"
         try:
             value = await self._dispatch(message["method"], message.get("params") or {},
                                          channel)
+            outcome = "ok"
             return jsonrpc.result(request_id, value)
         except ProtocolError as failure:
             return {"jsonrpc": "2.0", "id": request_id, "error": failure.error_object()}
         except UpstreamTimeout as failure:
+            outcome = "timeout"
             return jsonrpc.error(request_id, jsonrpc.REQUEST_TIMEOUT, str(failure))
         except UpstreamError as failure:
             return {"jsonrpc": "2.0", "id": request_id,
                     "error": upstream_error(failure).error_object()}
         except defer.CancelledError:
+            outcome = "cancelled"
             return jsonrpc.error(request_id, jsonrpc.REQUEST_TIMEOUT, "request cancelled")
         except Exception:
             log.failure("unexpected error handling {method}", method=message.get("method"))
@@ -203,6 +210,9 @@ class DownstreamSession:
                                  "internal error in the gateway; the details are in its log")
         finally:
             self.call_channels.remove(channel)
+            if self.engine.metrics is not None:
+                self.engine.metrics.mcp_request(message.get("method"), outcome,
+                                                time.monotonic() - started)
 
     async def _dispatch(self, method: str, params: dict[str, Any], channel: Channel) -> Any:
         playbook = self.playbook
@@ -394,8 +404,9 @@ class McpEngine:
 
     def __init__(self, settings: Settings, playbooks: PlaybookCache, upstreams: UpstreamManager,
                  reactor: Any, max_sessions_per_user: int = 100,
-                 idle_seconds: float = 1800.0) -> None:
+                 idle_seconds: float = 1800.0, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.playbooks = playbooks
         self.upstreams = upstreams
         self.reactor = reactor

@@ -72,6 +72,10 @@ class UpstreamManager:
     def shared_count(self) -> int:
         return len(self._shared)
 
+    def shared_upstreams(self) -> list[Upstream]:
+        """The shared (per playbook) upstreams, for metrics."""
+        return list(self._shared.values())
+
     def upstream_for(self, playbook_pk: UUID, server: Server, owned: dict[str, Upstream],
                      user: Any) -> Upstream:
         """The upstream serving ``user`` (a downstream session) for ``server``."""

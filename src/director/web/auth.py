@@ -16,7 +16,7 @@ defence; API keys need none (browsers never attach them by themselves).
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -30,6 +30,9 @@ from director.accounts.ratelimit import RateLimiter
 from director.config import Settings
 from director.db.database import Database
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
+
+if TYPE_CHECKING:
+    from director.metrics import Metrics
 
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 
@@ -71,8 +74,9 @@ def _unauthorized(message: str) -> Unauthorized:
 
 class Authenticator:
     def __init__(self, settings: Settings, database: Database, cache: AccountCache,
-                 limiter: RateLimiter) -> None:
+                 limiter: RateLimiter, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.database = database
         self.cache = cache
         self.limiter = limiter
@@ -184,6 +188,8 @@ class Authenticator:
         for name, value in decision.headers().items():
             request.setHeader(name.encode(), value.encode())
         if not decision.allowed:
+            if self.metrics is not None:
+                self.metrics.rate_limited.inc()
             raise TooManyRequests(
                 f"rate limit of {maximum} requests per {window} s exceeded for this API key; "
                 f"retry in {decision.reset_seconds} s",

@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -22,6 +22,9 @@ from twisted.web.resource import Resource
 
 from director.config import Settings, origin_of
 from director.web.errors import error_body
+
+if TYPE_CHECKING:
+    from director.metrics import Metrics
 
 log = Logger(namespace="http")
 
@@ -128,6 +131,10 @@ class DirectorRequest(server.Request):
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         log.info("{method} {path} 413 body too large", method=self.method.decode("latin-1"),
                  path=redact(self.uri), status=413, trace_id=self.trace_id)
+        metrics = getattr(getattr(self.channel, "site", None), "metrics", None)
+        if metrics is not None:
+            self.code = 413
+            metrics.http_request(self, time.monotonic() - self.started)
         transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -139,8 +146,10 @@ class DirectorRequest(server.Request):
 class DirectorSite(server.Site):
     requestFactory = DirectorRequest
 
-    def __init__(self, resource: Resource, settings: Settings, **kwargs: Any) -> None:
+    def __init__(self, resource: Resource, settings: Settings, metrics: Metrics | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
+        self.metrics = metrics
         self.max_body_bytes = settings.max_request_body_bytes
         self.displayTracebacks = False
         self.open_channels: set[Any] = set()
@@ -161,6 +170,8 @@ class DirectorSite(server.Site):
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", None)
         duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
+        if self.metrics is not None:
+            self.metrics.http_request(request, duration / 1000)
         log.info(
             "{method} {path} {status} {duration_ms:.1f}ms",
             method=request.method.decode("latin-1"),

@@ -1,0 +1,322 @@
+"""Prometheus metrics of one ``DirectorService``: its registry, its instruments, its listener.
+
+Each service owns one ``Metrics`` (its own ``CollectorRegistry``; nothing goes to
+``prometheus_client``'s global one), so two services in one process count separately.
+
+* Counters and histograms are written where things happen: ``DirectorSite.log`` (HTTP),
+  ``DownstreamSession.handle`` (MCP), ``Authenticator`` (rate-limit refusals).
+* Gauges are read from the service tree when scraped (``ServiceCollector``): nothing is kept
+  up to date on the hot path for them.
+* Labels are bounded: an HTTP route is the template of the route that matched
+  (``/playbooks/{playbook_id}/mcp``; never the raw path, which holds ids and keys), ``other``
+  when none did; methods (HTTP and JSON-RPC) outside the known set are ``other``, so a client
+  cannot grow the number of series.
+
+The endpoint is off unless ``METRICS_LISTEN`` is set, and then served on a listener of its own
+that answers ``/metrics`` and nothing else — never on the gateway's port. On a loopback
+address it also refuses ``Host`` headers that are not loopback names (DNS rebinding). With
+neither ``METRICS_LISTEN`` nor telemetry (which reports the MCP counts), the service keeps no
+``Metrics`` at all and this module is not imported.
+
+``prometheus_client`` (rather than a hand-written registry): exposition escaping, histogram
+series and ``process_*`` metrics are its job, and it costs about 10 ms and 0.6 MB of resident
+memory to import on top of the rest of the daemon (this module, all told, about 1.3 MB).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import prometheus_client
+from klein.interfaces import IKleinRequest
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from director import __version__
+
+if TYPE_CHECKING:
+    from director.accounts.cache import AccountCache
+    from director.db.database import Database
+    from director.mcp.sessions import McpEngine
+    from director.mcp.upstreams import Upstream
+    from director.playbooks.cache import PlaybookCache
+
+# ``*_created`` series double the series count and say nothing a restart counter does not.
+prometheus_client.disable_created_metrics()
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: JSON-RPC methods a downstream session answers (``DownstreamSession._dispatch``).
+MCP_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get",
+    "resources/list", "resources/templates/list", "resources/read", "resources/subscribe",
+    "resources/unsubscribe", "completion/complete", "logging/setLevel",
+})
+MCP_OUTCOMES = ("ok", "error", "timeout", "cancelled")
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0)
+#: Tool calls run from sub-millisecond to the longest upstream timeouts (minutes).
+MCP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+               10.0, 30.0, 60.0, 120.0, 300.0)
+UPSTREAM_TYPES = ("stdio", "http", "sse")
+UPSTREAM_STATES = ("starting", "started", "restarting", "failed")
+OTHER = "other"
+#: What ``generate_latest`` writes: the classic text format every scraper reads.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_PARAMETER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+class Metrics:
+    """The registry and the instruments of one service."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(
+            "director_http_requests", "HTTP requests answered on the gateway's port.",
+            ("route", "method", "status"), registry=self.registry)
+        self.http_seconds = Histogram(
+            "director_http_request_seconds",
+            "Time from request received to response finished (event streams excluded).",
+            ("route", "method"), buckets=HTTP_BUCKETS, registry=self.registry)
+        self.mcp_requests = Counter(
+            "director_mcp_requests", "MCP (JSON-RPC) requests answered by a downstream session.",
+            ("method", "outcome"), registry=self.registry)
+        self.mcp_seconds = Histogram(
+            "director_mcp_request_seconds", "Time to answer an MCP request.", ("method",),
+            buckets=MCP_BUCKETS, registry=self.registry)
+        self.rate_limited = Counter(
+            "director_rate_limited", "Requests refused (429) by an API key's rate limit.",
+            registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        # Label children and route templates, looked up once each (labels() costs ~4 µs).
+        self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._mcp: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._templates: dict[tuple[str, str], str] = {}
+
+    # --- instruments ----------------------------------------------------------------------
+
+    def http_request(self, request: http.Request, seconds: float) -> None:
+        """Count a finished request; time it unless it was an event stream."""
+        method = request.method.decode("latin-1")
+        if method not in HTTP_METHODS:
+            method = OTHER
+        key = (self.route(request), method, int(request.code))
+        children = self._http.get(key)
+        if children is None:
+            children = self._http[key] = (
+                self.http_requests.labels(key[0], method, str(key[2])),
+                self.http_seconds.labels(key[0], method))
+        children[0].inc()
+        content_type = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+        if not content_type[0].startswith(b"text/event-stream") or method != "GET":
+            children[1].observe(seconds)
+
+    def mcp_request(self, method: object, outcome: str, seconds: float) -> None:
+        name = method if isinstance(method, str) and method in MCP_METHODS else OTHER
+        key = (name, outcome)
+        children = self._mcp.get(key)
+        if children is None:
+            children = self._mcp[key] = (self.mcp_requests.labels(name, outcome),
+                                         self.mcp_seconds.labels(name))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def route(self, request: http.Request) -> str:
+        """The template of the Klein route that answered, e.g. ``/playbooks/{playbook_id}/mcp``.
+
+        The innermost Klein app leaves its bound URL map on the request; matching it again
+        (a few µs) names the rule without keeping anything from the raw path.
+        """
+        mapper = getattr(IKleinRequest(request), "mapper", None)
+        if mapper is None:
+            return OTHER  # refused at the edge (Host, Origin, preflight) before any route
+        try:
+            rule, _ = mapper.match(return_rule=True)
+        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
+            return OTHER
+        key = (mapper.script_name, rule.rule)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = _PARAMETER.sub(
+                r"{\1}", mapper.script_name.rstrip("/") + rule.rule)
+        return template
+
+    # --- reading --------------------------------------------------------------------------
+
+    def register(self, collector: Any) -> None:
+        self.registry.register(collector)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def mcp_requests_by_method(self) -> dict[str, int]:
+        """Requests answered since start, by method (all outcomes): what telemetry reports."""
+        totals: dict[str, int] = {}
+        for family in self.mcp_requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    method = sample.labels["method"]
+                    totals[method] = totals.get(method, 0) + int(sample.value)
+        return totals
+
+
+def upstream_state(upstream: Upstream) -> str | None:
+    """starting, started, restarting or failed; None for one closed or never used."""
+    if upstream.closed:
+        return None
+    session = upstream.session
+    if session is not None:
+        state = getattr(session, "state", "ready")  # StdioUpstream reports its own
+        if state == "closed":
+            return None
+        return "started" if state == "ready" else state
+    if upstream.starting is not None:
+        return "starting"
+    if upstream.error is not None:
+        return "failed"
+    return None
+
+
+class ServiceCollector:
+    """Gauges read from the service tree at scrape time."""
+
+    def __init__(self, engine: McpEngine, database: Database, accounts: AccountCache,
+                 playbooks: PlaybookCache) -> None:
+        self.engine = engine
+        self.database = database
+        self.accounts = accounts
+        self.playbooks = playbooks
+
+    def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily("director_build_info", "Version of this Director (always 1).",
+                                  labels=("version", "python"))
+        build.add_metric((__version__, platform.python_version()), 1)
+        yield build
+
+        sessions = GaugeMetricFamily("director_mcp_sessions",
+                                     "Open downstream MCP sessions, by transport.",
+                                     labels=("transport",))
+        by_transport = {"streamable": 0, "sse": 0}
+        for session in self.engine.sessions.values():
+            by_transport[session.transport] = by_transport.get(session.transport, 0) + 1
+        for transport, count in by_transport.items():
+            sessions.add_metric((transport,), count)
+        yield sessions
+        yield GaugeMetricFamily("director_mcp_streams",
+                                "Open server-sent-event streams to MCP clients.",
+                                value=len(self.engine.streams))
+
+        upstreams = GaugeMetricFamily("director_upstreams",
+                                      "Upstream MCP server sessions, by type and state.",
+                                      labels=("type", "state"))
+        counts = {(kind, state): 0 for kind in UPSTREAM_TYPES for state in UPSTREAM_STATES}
+        restarts = 0
+        for upstream in self._upstreams():
+            state = upstream_state(upstream)
+            if state is None:
+                continue
+            key = (upstream.server.type, state)
+            counts[key] = counts.get(key, 0) + 1
+            restarts += int(getattr(upstream.session, "restarts", 0) or 0)
+        for (kind, state), count in counts.items():
+            upstreams.add_metric((kind, state), count)
+        yield upstreams
+        yield GaugeMetricFamily(
+            "director_upstream_restarts",
+            "Respawns of the stdio upstream processes open now, since each was opened.",
+            value=restarts)
+
+        yield GaugeMetricFamily("director_database_available",
+                                "1 when the query pool and the LISTEN connection are both up.",
+                                value=1 if self.database.available else 0)
+        pool_up, pool_size, listening = self.database.connection_states()
+        pool = GaugeMetricFamily("director_database_pool_connections",
+                                 "Query pool connections, by state.", labels=("state",))
+        pool.add_metric(("up",), pool_up)
+        pool.add_metric(("down",), pool_size - pool_up)
+        yield pool
+        yield GaugeMetricFamily("director_database_listen_up",
+                                "1 when the LISTEN connection (cache invalidation) is up.",
+                                value=1 if listening else 0)
+
+        caches = GaugeMetricFamily("director_cache_entries", "Entries in the in-memory caches.",
+                                   labels=("cache",))
+        caches.add_metric(("users",), len(self.accounts.users))
+        caches.add_metric(("api_keys",), len(self.accounts.keys_by_id))
+        caches.add_metric(("playbooks",), len(self.playbooks))
+        yield caches
+
+    def _upstreams(self) -> list[Upstream]:
+        found = {id(u): u for u in self.engine.upstreams.shared_upstreams()}
+        for session in self.engine.sessions.values():
+            found.update((id(u), u) for u in session.upstreams.values())
+        return list(found.values())
+
+
+# --- the listener ---------------------------------------------------------------------------
+
+
+def endpoint_description(listen: str) -> str:
+    """The Twisted server endpoint for a ``METRICS_LISTEN`` value (as normalised by config)."""
+    if listen.startswith("unix:"):
+        # lockfile: a socket left by a killed daemon is replaced, a live one is not.
+        return f"{listen}:mode=660:lockfile=1"
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if ":" in host:
+        escaped = host.replace(":", "\\:")  # endpoint strings use ':' as their separator
+        return f"tcp6:{port}:interface={escaped}"
+    return f"tcp:{port}:interface={host}"
+
+
+def _loopback_host(header: bytes | None) -> bool:
+    from director.web.edge import _hostname, _is_loopback_host
+
+    return _is_loopback_host(_hostname((header or b"").decode("latin-1")))
+
+
+class MetricsResource(Resource):
+    """``/metrics`` and nothing else."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, check_host: bool) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.check_host = check_host
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"not found: metrics are at /metrics\n"
+        if self.check_host and not _loopback_host(request.getHeader(b"host")):
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"forbidden: this listener answers loopback names only\n"
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return self.metrics.exposition()
+
+
+class MetricsSite(server.Site):
+    """The metrics listener's site: no access log (a scrape every few seconds is noise)."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        check_host = not listen.startswith("unix:")
+        if check_host:
+            from director.config import metrics_listen_is_loopback
+
+            check_host = metrics_listen_is_loopback(listen)
+        super().__init__(MetricsResource(metrics, check_host))
+        self.noisy = False
+        self.displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        pass
