@@ -50,6 +50,7 @@ from director.web.v1 import ApiV1
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
+    from director.telemetry import TelemetryService
 
 log = Logger(namespace="gateway")
 
@@ -115,6 +116,13 @@ class DirectorService(MultiService):
         self.started_at = time.monotonic()
         self.ready = defer.Deferred[None]()  # fires when healthy for the first time
         self.addService(systemd.WatchdogService())
+        self.telemetry: TelemetryService | None = None
+        if settings.telemetry_enabled and self.metrics is not None:
+            from director.telemetry import TelemetryService
+
+            self.telemetry = TelemetryService(settings.telemetry_url, self.database,
+                                              self.metrics, reactor, self.started_at)
+            self.addService(self.telemetry)
 
     # --- health ------------------------------------------------------------------------
 
@@ -155,6 +163,8 @@ class DirectorService(MultiService):
         gc.collect()
         gc.freeze()
         self.ready.callback(None)
+        if self.telemetry is not None:
+            self.telemetry.begin()
 
     async def _listen(self) -> None:
         resource = EdgeResource(self.web.resource(), self.settings)
