@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from director import playbooks_cli  # likewise
 
     playbooks_cli.add_commands(commands)
+    from director import doctor  # likewise
+
+    doctor.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,823 @@
+"""``director doctor``: check a host's configuration end to end and say what to fix.
+
+Each check reports ``ok``, ``warn``, ``fail`` or ``skip`` (it needs something an earlier check
+found broken), a one-line summary, and for anything but ``ok`` the fix. The command exits 1
+when any check failed and 0 otherwise, so it can gate a deployment; ``--json`` prints the same
+for scripts.
+
+It reads the configuration exactly as the daemon and the other commands do (the environment
+file under the process environment, see ``director.cli.environment``) and changes nothing: it
+opens two database connections of its own, binds the configured port for an instant and asks a
+daemon already on it for ``/api/health``. With ``DATABASE_URL`` unset it uses the private
+cluster the way ``director db status`` does (shared when the daemon runs it, otherwise started
+for the duration), but never creates one.
+
+The checks, in order: the environment file, the configuration, the secret, the database (reach,
+schema, LISTEN/NOTIFY through the configured URL), the port, ``BASE_URL``, the state directory,
+the PostgreSQL tools (server binaries for the private cluster, ``pg_dump`` for backups) and
+Twisted's plugin cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import errno
+import http.client
+import ipaddress
+import json
+import math
+import os
+import pwd
+import re
+import secrets
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from director import cli
+from director.config import (
+    MIN_SECRET_LENGTH,
+    VARIABLES,
+    ConfigError,
+    Settings,
+    load_settings,
+    read_env_file,
+)
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+#: How long a NOTIFY may take to reach the LISTEN connection (over a LAN it takes a millisecond).
+NOTIFY_TIMEOUT_SECONDS = 2.0
+#: libpq's connect timeout for the doctor's connections, unless PGCONNECT_TIMEOUT says otherwise.
+CONNECT_TIMEOUT_SECONDS = 5
+#: Below this many bits of estimated entropy a secret is called weak.
+MIN_SECRET_BITS = 100
+#: Variables Director reads besides the configuration table's.
+OTHER_VARIABLES = ("DIRECTOR_ENV", "DIRECTOR_ENV_FILE", "DIRECTOR_PG_BINDIR")
+#: Fragments of documentation examples and placeholders, compared without case or punctuation.
+PLACEHOLDERS = (
+    "yoursecure", "yoursecret", "randomstring", "securerandom", "secrethere", "changeme",
+    "replaceme", "placeholder", "example", "opensslrand", "generateone", "insertsecret",
+    "putsecret", "mysecret", "supersecret", "testsecret", "notasecret",
+)
+PLACEHOLDER_EXACT = ("secret", "password", "changeit", "todo", "xxx", "none", "null")
+
+LISTEN_RULE = (
+    "Director keeps one dedicated connection open with LISTEN to learn at once of every change "
+    "made by another instance or the `director` command (revoked keys, disabled users, edited "
+    "playbooks). A pooler in transaction mode (PgBouncer pool_mode=transaction) gives that "
+    "connection's server backend to other clients after every transaction, so notifications never "
+    "reach it: caches go stale and a revoked key keeps working until a restart. Point DATABASE_URL "
+    "at PostgreSQL directly, or at a PgBouncer database in session mode "
+    "(`director = host=... dbname=director pool_mode=session` under [databases])."
+)
+
+
+@attrs.frozen
+class Result:
+    name: str
+    status: str
+    summary: str
+    fix: str = ""
+    details: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "summary": self.summary,
+                "fix": self.fix, "details": list(self.details)}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _owner(info: os.stat_result) -> str:
+    import grp
+
+    try:
+        user = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        user = str(info.st_uid)
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    return f"{user}:{group}"
+
+
+# --- the environment file ---------------------------------------------------------------------
+
+
+@attrs.define
+class Environment:
+    """What ``director.cli.environment`` would read, and what the doctor found doing so."""
+
+    values: dict[str, str]
+    result: Result
+    file_values: dict[str, str] = attrs.field(factory=dict)
+
+
+def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environment:
+    """Resolve the environment file the way every ``director`` command does, and read it."""
+    name = "env-file"
+    path = env_file
+    source = "--env-file"
+    if path is None and "DIRECTOR_ENV_FILE" in process:
+        path, source = process["DIRECTOR_ENV_FILE"], "DIRECTOR_ENV_FILE"
+    merged = dict(process)
+    if path is None:
+        default = cli.DEFAULT_ENV_FILE
+        if os.path.exists(default) and not os.access(default, os.R_OK):
+            return Environment(merged, Result(
+                name, WARN,
+                f"{default} exists but {_user()} cannot read it, so it was ignored (as by every "
+                "director command run as this user)",
+                "run the doctor as the service's administrator: sudo director doctor"))
+        if not os.path.exists(default):
+            return Environment(merged, Result(
+                name, OK, f"no {default}; the process environment only"))
+        path, source = default, "default"
+    if path == "":
+        return Environment(merged, Result(name, OK, f"none ({source} is empty); "
+                                                    "the process environment only"))
+    try:
+        info = os.stat(path)
+        file_values = read_env_file(path)
+    except OSError as error:
+        return Environment(merged, Result(
+            name, FAIL, f"cannot read {path}: {error.strerror}",
+            "create it from /usr/share/director/director.env.example (mode 0640 root:director), or "
+            "pass --env-file with the right path"))
+    except ConfigError as error:
+        # The line is not echoed: it may hold a secret.
+        where = error.problems[0].split(": expected", 1)[0]
+        return Environment(merged, Result(
+            name, FAIL, f"{where}: not a KEY=VALUE line",
+            "fix that line: one KEY=VALUE per line, # for comments, no shell syntax"))
+    merged = {**file_values, **process}
+    details = [f"{len(file_values)} variables, mode {stat.S_IMODE(info.st_mode):04o} "
+               f"{_owner(info)}"]
+    overridden = sorted(key for key in file_values if key in process
+                        and process[key] != file_values[key])
+    if overridden:
+        details.append("overridden by the process environment: " + ", ".join(overridden))
+    known = {variable.name for variable in VARIABLES} | set(OTHER_VARIABLES)
+    typos = []
+    for key in file_values:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if close:
+            typos.append(f"{key} (did you mean {close[0]}?)")
+        else:
+            details.append(f"{key} is not a Director variable (stdio servers inherit it)")
+    problems = []
+    fixes = []
+    if typos:
+        problems.append("unknown variables " + ", ".join(typos))
+        fixes.append("rename them; `director config docs` lists every variable")
+    blanked = sorted(key for key in file_values if file_values[key] and process.get(key) == "")
+    if blanked:
+        problems.append(f"{', '.join(blanked)} set in the file but empty in the process "
+                        "environment, which wins (empty counts as unset)")
+        fixes.append("unset " + " ".join(blanked) + " in the calling environment")
+    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL") if file_values.get(key)]
+    if info.st_mode & stat.S_IROTH and sensitive:
+        problems.append(f"{path} is readable by every user and holds {', '.join(sensitive)}")
+        fixes.append(f"chmod 0640 {path} (owner root, group director)")
+    if problems:
+        return Environment(merged, Result(name, WARN, f"{path}: " + "; ".join(problems),
+                                          "; ".join(fixes), tuple(details)), file_values)
+    return Environment(merged, Result(name, OK, f"{path} ({source})", "", tuple(details)),
+                       file_values)
+
+
+# --- configuration and secret -----------------------------------------------------------------
+
+
+def check_configuration(environ: Mapping[str, str]) -> tuple[Settings | None, Result]:
+    try:
+        settings = load_settings(environ)
+    except ConfigError as error:
+        return None, Result(
+            "configuration", FAIL, f"{len(error.problems)} problem(s)",
+            "fix each line (the daemon refuses to start with exit 78 until then)",
+            tuple(error.problems))
+    database = ("external DATABASE_URL" if settings.database_url
+                else f"private cluster in {settings.state_directory}/postgres")
+    details = [f"NODE_ENV={settings.environment}", f"database: {database}",
+               f"listen: {settings.host}:{settings.port}", f"BASE_URL={settings.base_url}"]
+    flags = [name for name, on in (
+        ("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", settings.allow_arbitrary_stdio_servers),
+        ("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", settings.allow_insecure_http_servers),
+        ("DANGEROUSLY_ENABLE_SEEDING", settings.enable_seeding)) if on]
+    if flags:
+        return settings, Result(
+            "configuration", WARN, f"valid, with {', '.join(flags)} on (NODE_ENV="
+            f"{settings.environment})",
+            "these are for single-user local development only; remove them on a shared host",
+            tuple(details))
+    return settings, Result("configuration", OK, f"valid ({settings.environment})", "",
+                            tuple(details))
+
+
+def estimate_entropy_bits(secret: str) -> float:
+    """A conservative guess: the Shannon entropy of the secret's own characters, times its length.
+
+    Random output of ``openssl rand -base64 48`` scores about 340 bits, ``openssl rand -hex 32``
+    about 240; a word padded with a repeated character scores a few dozen.
+    """
+    if not secret:
+        return 0.0
+    counts = Counter(secret)
+    total = len(secret)
+    per_char = -sum(n / total * math.log2(n / total) for n in counts.values())
+    return per_char * total
+
+
+def is_placeholder(secret: str) -> bool:
+    folded = re.sub(r"[^a-z0-9]", "", secret.lower())
+    if folded in PLACEHOLDER_EXACT or len(set(folded)) <= 2:
+        return True
+    return any(fragment in folded for fragment in PLACEHOLDERS)
+
+
+def judge_secret(secret: str, production: bool, where: str) -> Result:
+    name = "secret"
+    generate = "generate one with: openssl rand -base64 48"
+    if len(secret) < MIN_SECRET_LENGTH:
+        return Result(name, FAIL,
+                      f"{where} is {len(secret)} characters long; at least {MIN_SECRET_LENGTH} "
+                      "are required", generate)
+    bits = estimate_entropy_bits(secret)
+    if is_placeholder(secret):
+        return Result(name, FAIL if production else WARN,
+                      f"{where} looks like a placeholder or documentation example",
+                      generate + " (changing it signs everyone out and makes stored upstream "
+                      "secrets unreadable: re-enter them afterwards)")
+    if bits < MIN_SECRET_BITS:
+        return Result(name, WARN,
+                      f"{where} looks weak (about {bits:.0f} bits by a character-frequency "
+                      f"estimate; random secrets score well above {MIN_SECRET_BITS})", generate)
+    return Result(name, OK, f"{where}: {len(secret)} characters, about {bits:.0f} bits",
+                  "", ("back it up with the database: losing it makes stored secrets unreadable",))
+
+
+def check_secret(environ: Mapping[str, str], settings: Settings | None) -> Result:
+    raw = environ.get("BETTER_AUTH_SECRET") or ""
+    production = (environ.get("NODE_ENV") or environ.get("DIRECTOR_ENV") or "").strip().lower() \
+        == "production"
+    if raw:
+        result = judge_secret(raw, production, "BETTER_AUTH_SECRET")
+        if settings is not None and result.status == OK:
+            kept = Path(settings.state_directory) / "auth-secret"
+            with contextlib.suppress(OSError):
+                stored = kept.read_text().strip()
+                if stored and not secrets.compare_digest(stored, raw):
+                    return Result(
+                        "secret", WARN,
+                        f"BETTER_AUTH_SECRET differs from the generated secret in {kept}",
+                        "secrets stored while the generated one was in use cannot be decrypted "
+                        f"with the variable: if there are any, set BETTER_AUTH_SECRET to the "
+                        f"content of {kept}; otherwise remove the file")
+        return result
+    if production:
+        return Result("secret", FAIL, "BETTER_AUTH_SECRET is not set (required in production)",
+                      "set it in the environment file: openssl rand -base64 48")
+    if settings is None:
+        return Result("secret", SKIP, "BETTER_AUTH_SECRET is unset and the configuration is "
+                                      "invalid (the state directory is unknown)")
+    kept = Path(settings.state_directory) / "auth-secret"
+    try:
+        info = kept.stat()
+        stored = kept.read_text().strip()
+    except FileNotFoundError:
+        return Result("secret", OK, f"BETTER_AUTH_SECRET unset: one is generated at the first "
+                                    f"start into {kept}", "",
+                      ("back that file up with the database",))
+    except OSError as error:
+        return Result("secret", FAIL, f"cannot read {kept}: {error.strerror}",
+                      "run as the service's user or root, or set BETTER_AUTH_SECRET")
+    result = judge_secret(stored, production, str(kept))
+    if result.status == OK and stat.S_IMODE(info.st_mode) & 0o077:
+        return Result("secret", WARN, f"{kept} is mode {stat.S_IMODE(info.st_mode):04o}",
+                      f"chmod 0600 {kept}")
+    return result
+
+
+# --- the database -----------------------------------------------------------------------------
+
+
+def _connect(dsn: str) -> Any:
+    import psycopg2
+
+    connection = psycopg2.connect(dsn, application_name="director doctor")
+    connection.autocommit = True
+    return connection
+
+
+def _scalar(connection: Any, sql: str, *args: Any) -> Any:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, args or None)
+        return cursor.fetchone()[0]
+
+
+def _redacted(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    if parts.scheme.startswith("postgres") and parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()
+    return re.sub(r"password=\S+", "password=***", dsn)
+
+
+def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
+    name = "database"
+    try:
+        connection = _connect(dsn)
+    except Exception as error:
+        if embedded:
+            fix = "see the cluster's postgres.log in the state directory"
+        else:
+            fix = ("check DATABASE_URL's form (postgres://user:password@host:5432/dbname), that "
+                   "PostgreSQL runs and listens on that address (listen_addresses, pg_hba.conf), "
+                   "and firewalls between this host and it; `pg_isready -d \"$DATABASE_URL\"` "
+                   "tells them apart")
+        return Result(name, FAIL, f"cannot connect to {_redacted(dsn)}: {_one_line(error)}",
+                      fix), None
+    try:
+        version = int(_scalar(connection, "SHOW server_version_num"))
+        database = _scalar(connection, "SELECT current_database()")
+        role = _scalar(connection, "SELECT current_user")
+    finally:
+        connection.close()
+    shown = f"PostgreSQL {version // 10000}.{version % 10000}, database {database} as {role}"
+    if version < 140000:
+        return Result(name, WARN, shown + ": older than 14",
+                      "Director is tested with PostgreSQL 15; upgrade the server"), version
+    return Result(name, OK, shown), version
+
+
+def check_schema(dsn: str, embedded: bool) -> Result:
+    from director.db import migrate
+
+    name = "schema"
+    try:
+        state = migrate.status(dsn)
+    except Exception as error:
+        return Result(name, FAIL, f"cannot read the schema version: {_one_line(error)}",
+                      "check the role's privileges on the database")
+    if state.newer_than_code:
+        return Result(name, FAIL, migrate.newer_schema_message(state.current, state.latest),
+                      "install the Director version that migrated it, or restore a backup")
+    if state.pending:
+        pending = ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
+        summary = f"at version {state.current} of {state.latest}; pending: {pending}"
+        if embedded:
+            return Result(name, WARN, summary,
+                          "the daemon migrates its private cluster at start; `director db "
+                          "upgrade` does it now")
+        return Result(name, FAIL, summary,
+                      "back up the database, then run `director db upgrade` (the daemon refuses "
+                      "to serve a schema that is behind)")
+    return Result(name, OK, f"up to date (version {state.current})")
+
+
+def _backend_shared(listener: Any, sender: Any) -> bool:
+    """True when two client connections are served by one backend, which a pooler in
+    transaction or statement mode does; PostgreSQL itself gives each connection its own."""
+    first = _scalar(listener, "SELECT pg_backend_pid()")
+    with sender.cursor() as cursor:
+        cursor.execute("BEGIN")
+        try:
+            cursor.execute("SELECT pg_backend_pid()")
+            other = cursor.fetchone()[0]
+            if other == first:
+                return True
+            again = _scalar(listener, "SELECT pg_backend_pid()")
+        finally:
+            cursor.execute("COMMIT")
+    return bool(again != first)
+
+
+def check_listen_notify(dsn: str, timeout: float = NOTIFY_TIMEOUT_SECONDS) -> Result:
+    """LISTEN on one connection, NOTIFY from another: it must arrive within ``timeout``."""
+    name = "listen-notify"
+    channel = "director_doctor_" + secrets.token_hex(6)
+    payload = secrets.token_hex(8)
+    try:
+        listener = _connect(dsn)
+        sender = _connect(dsn)
+    except Exception as error:
+        return Result(name, FAIL, f"cannot open two connections: {_one_line(error)}",
+                      "Director needs DATABASE_POOL_SIZE + 1 connections per instance; raise "
+                      "max_connections or the pooler's limits")
+    try:
+        shared = _backend_shared(listener, sender)
+        with listener.cursor() as cursor:
+            cursor.execute(f'LISTEN "{channel}"')
+        started = time.monotonic()
+        with sender.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        arrived = None
+        while arrived is None and time.monotonic() - started < timeout:
+            remaining = max(0.0, timeout - (time.monotonic() - started))
+            if select.select([listener], [], [], min(remaining, 0.1))[0]:
+                listener.poll()
+            for notify in listener.notifies:
+                if notify.channel == channel and notify.payload == payload:
+                    arrived = time.monotonic() - started
+        sender.poll()
+        misdelivered = any(n.channel == channel for n in sender.notifies)
+    except Exception as error:
+        return Result(name, FAIL, f"LISTEN/NOTIFY failed: {_one_line(error)}", LISTEN_RULE)
+    finally:
+        listener.close()
+        sender.close()
+    if arrived is not None:
+        if shared:
+            return Result(name, WARN,
+                          f"a notification arrived in {arrived * 1000:.0f} ms, but the two "
+                          "connections share server backends (a pooler in transaction mode?)",
+                          LISTEN_RULE)
+        return Result(name, OK, f"a notification arrived in {arrived * 1000:.1f} ms")
+    if misdelivered or shared:
+        why = ("the notification arrived on the sending connection instead"
+               if misdelivered else "the connections share server backends")
+        return Result(name, FAIL,
+                      f"a notification was not delivered within {timeout:.0f} s: {why}, the "
+                      "mark of a pooler in transaction mode (PgBouncer pool_mode=transaction)",
+                      LISTEN_RULE)
+    return Result(name, FAIL,
+                  f"a notification was not delivered within {timeout:.0f} s",
+                  "something between Director and PostgreSQL does not forward asynchronous "
+                  "notifications. " + LISTEN_RULE)
+
+
+def check_database(settings: Settings) -> tuple[list[Result], int | None]:
+    """Reach, schema and LISTEN/NOTIFY, and the server's version (``server_version_num``)."""
+    names = ("database", "schema", "listen-notify")
+    if settings.embedded_database:
+        from director.db.embedded import EmbeddedPostgres
+
+        cluster = EmbeddedPostgres(Path(settings.state_directory))
+        if not (cluster.data_directory / "PG_VERSION").exists():
+            return [Result("database", OK, f"DATABASE_URL unset: the private cluster is created "
+                                           f"in {cluster.root} at the first start"),
+                    Result("schema", SKIP, "no private cluster yet (it is migrated at start)"),
+                    Result("listen-notify", SKIP, "no private cluster yet")], None
+    try:
+        with cli.database_dsn(settings) as dsn:
+            reach, version = check_reach(dsn, settings.embedded_database)
+            if reach.status == FAIL:
+                return [reach, *(Result(n, SKIP, "the database is unreachable")
+                                 for n in names[1:])], None
+            return [reach, check_schema(dsn, settings.embedded_database),
+                    check_listen_notify(dsn)], version
+    except cli.CommandError as error:
+        return [Result("database", FAIL, f"the private cluster did not start: {error}",
+                       "see postgres.log in the state directory's postgres/ folder"),
+                *(Result(n, SKIP, "the database is unreachable") for n in names[1:])], None
+
+
+# --- the port ---------------------------------------------------------------------------------
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's listenTCP
+        try:
+            probe.bind((host, port))
+            probe.listen(1)
+        except OSError as error:
+            return error
+    return None
+
+
+def _health(host: str, port: int) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(host, port, timeout=3)
+    try:
+        connection.request("GET", "/api/health")
+        response = connection.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read(4096))
+    finally:
+        connection.close()
+
+
+def check_port(settings: Settings) -> Result:
+    name = "port"
+    host = "127.0.0.1" if settings.host == "localhost" else settings.host
+    address = f"{settings.host}:{settings.port}"
+    error = _bind_error(host, settings.port)
+    if error is None:
+        return Result(name, OK, f"{address} is free")
+    if error.errno == errno.EACCES:
+        return Result(name, FAIL, f"{address}: permission denied",
+                      "ports below 1024 need privileges; keep PORT above 1024 and let the reverse "
+                      "proxy listen on 443")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return Result(name, FAIL, f"{address}: no such address on this host",
+                      "set HOST to an address of this host, 127.0.0.1 or 0.0.0.0")
+    if error.errno != errno.EADDRINUSE:
+        return Result(name, FAIL, f"cannot listen on {address}: {error.strerror}", "")
+    probe_host = host
+    if ipaddress.ip_address(host).is_unspecified:
+        probe_host = "::1" if ":" in host else "127.0.0.1"
+    try:
+        status, headers, body = _health(probe_host, settings.port)
+    except (OSError, http.client.HTTPException) as failure:
+        return Result(name, FAIL, f"{address} is in use, and /api/health does not answer "
+                                  f"({_one_line(failure)})",
+                      f"find the process: ss -ltnp 'sport = :{settings.port}'; stop it or set "
+                      "PORT to another port")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or "x-trace-id" not in headers:
+        return Result(name, FAIL, f"{address} is in use by something that is not Director "
+                                  f"(/api/health answered {status})",
+                      f"find the process: ss -ltnp 'sport = :{settings.port}'; stop it or set "
+                      "PORT to another port")
+    if status == 200 and answer.get("status") == "ok":
+        return Result(name, OK, f"{address} is served by a running Director (healthy)")
+    return Result(name, WARN, f"{address} is served by a running Director that is not healthy: "
+                              f"{answer.get('reason') or answer.get('status')}",
+                  "journalctl -u director -n 50 tells why; the database checks above may too")
+
+
+def check_metrics_port(settings: Settings) -> Result | None:
+    if settings.metrics_listen is None or settings.metrics_listen.startswith("unix:"):
+        return None
+    host, _, port_text = settings.metrics_listen.rpartition(":")
+    host, port = host.strip("[]"), int(port_text)
+    error = _bind_error(host, port)
+    if error is None:
+        return Result("metrics-port", OK, f"{settings.metrics_listen} is free")
+    if error.errno == errno.EADDRINUSE:
+        probe = "127.0.0.1" if ipaddress.ip_address(host).is_unspecified else host
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            connection = http.client.HTTPConnection(probe, port, timeout=3)
+            try:
+                connection.request("GET", "/metrics")
+                if b"director_build_info" in connection.getresponse().read():
+                    return Result("metrics-port", OK,
+                                  f"{settings.metrics_listen} is served by a running Director")
+            finally:
+                connection.close()
+    return Result("metrics-port", FAIL, f"cannot listen on {settings.metrics_listen}: "
+                                        f"{error.strerror}",
+                  "choose a free port for METRICS_LISTEN (each instance needs its own)")
+
+
+# --- BASE_URL ---------------------------------------------------------------------------------
+
+
+def check_base_url(settings: Settings) -> Result:
+    name = "base-url"
+    parts = urlsplit(settings.base_url)
+    host = parts.hostname or ""
+    try:
+        literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    details = []
+    if settings.host in ("0.0.0.0", "::") and settings.production:  # noqa: S104
+        details.append("HOST listens on every interface: if the reverse proxy runs on this "
+                       "host, HOST=127.0.0.1 keeps the plain-HTTP port off the network")
+    if not settings.production:
+        return Result(name, OK, f"{settings.base_url} (not production: not checked further)",
+                      "", tuple(details))
+    if parts.scheme != "https":
+        return Result(name, FAIL, f"{settings.base_url} is not https in production",
+                      "terminate TLS at the reverse proxy and set BASE_URL=https://your.host "
+                      "(session cookies are only Secure, and API keys only encrypted, over https)",
+                      tuple(details))
+    if literal is not None or host == "localhost" or host.endswith(".localhost"):
+        return Result(name, WARN,
+                      f"{settings.base_url}: the host is "
+                      f"{'an IP address' if literal is not None else 'loopback'}",
+                      "use the public DNS name clients use (certificates, the Host check and the "
+                      "URLs handed out to MCP clients derive from it)", tuple(details))
+    return Result(name, OK, settings.base_url, "", tuple(details))
+
+
+# --- the state directory ----------------------------------------------------------------------
+
+
+def check_state_directory(settings: Settings) -> Result:
+    name = "state-directory"
+    path = Path(settings.state_directory)
+    needed = settings.embedded_database or settings.auth_secret is None
+    why = "it holds " + " and ".join(
+        what for what, on in (("the private database", settings.embedded_database),
+                              ("the generated secret", settings.auth_secret is None)) if on)
+    if settings.embedded_database:
+        socket_path = path / "postgres" / "run" / ".s.PGSQL.5432"
+        if len(str(socket_path)) > 107:
+            return Result(name, FAIL, f"{path} is too long for the cluster's socket path",
+                          "set STATE_DIRECTORY to a shorter directory")
+    if not path.exists():
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not needed:
+            return Result(name, OK, f"{path} does not exist (not needed: DATABASE_URL and "
+                                    "BETTER_AUTH_SECRET are set)")
+        if os.access(parent, os.W_OK | os.X_OK):
+            return Result(name, OK, f"{path} does not exist yet; it is created at the first "
+                                    f"start ({why})")
+        return Result(name, FAIL, f"{path} does not exist and {_user()} cannot create it in "
+                                  f"{parent}", f"create it: install -d -m 0700 -o director "
+                                               f"-g director {path} (systemd's StateDirectory= "
+                                               "does this for the service)")
+    if not path.is_dir():
+        return Result(name, FAIL, f"{path} is not a directory", "remove it or set STATE_DIRECTORY")
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    shown = f"{path} (mode {mode:04o} {_owner(info)})"
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        return Result(name, FAIL if needed else WARN, f"{shown} is not writable by {_user()}",
+                      f"run as its owner or root, or chown it to the service's user ({why})"
+                      if needed else "only needed without DATABASE_URL or BETTER_AUTH_SECRET")
+    if mode & 0o066:
+        return Result(name, WARN, f"{shown} is readable or writable by others",
+                      f"chmod 0700 {path} (0711 when root runs the private cluster as another "
+                      "user)")
+    return Result(name, OK, shown)
+
+
+# --- tools --------------------------------------------------------------------------------------
+
+
+def _major(version_output: str) -> int | None:
+    match = re.search(r"(\d+)(?:\.\d+)?", version_output)
+    return int(match[1]) if match else None
+
+
+def check_server_binaries(settings: Settings) -> Result:
+    name = "postgres-binaries"
+    if not settings.embedded_database:
+        return Result(name, OK, "not needed (DATABASE_URL is set)")
+    from director.db.embedded import EmbeddedDatabaseError, find_server_binaries
+
+    try:
+        bindir = find_server_binaries()
+    except EmbeddedDatabaseError as error:
+        return Result(name, FAIL, "no PostgreSQL server binaries for the private cluster",
+                      str(error))
+    try:
+        version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
+                                 text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return Result(name, FAIL, f"{bindir}/postgres does not run: {_one_line(error)}",
+                      "reinstall the server package (apt-get install --reinstall postgresql-15)")
+    return Result(name, OK, f"{bindir} ({version})")
+
+
+def check_pg_dump(server_version: int | None) -> Result:
+    name = "pg-dump"
+    found = shutil.which("pg_dump")
+    if found is None:
+        return Result(name, WARN, "pg_dump is not installed: no backups from this host",
+                      "apt-get install postgresql-client")
+    try:
+        output = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=10,
+                                check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return Result(name, WARN, f"{found} does not run: {_one_line(error)}", "")
+    major = _major(output.rsplit(")", 1)[-1]) or _major(output)
+    if server_version is not None and major is not None and major < server_version // 10000:
+        return Result(name, WARN, f"pg_dump {major} is older than the server "
+                                  f"({server_version // 10000}) and refuses to dump it",
+                      f"install postgresql-client-{server_version // 10000} (PostgreSQL's apt "
+                      "repository has every version)")
+    return Result(name, OK, f"{found} ({output.strip()})")
+
+
+def check_plugin_cache() -> Result:
+    import importlib.util
+
+    name = "plugin-cache"
+    regenerate = ("regenerate it as the installing user: python -c 'from twisted.plugin import "
+                  "IPlugin, getPlugins; list(getPlugins(IPlugin))' with the virtualenv's python")
+    spec = importlib.util.find_spec("twisted.plugins.director_plugin")
+    if spec is None or spec.origin is None:
+        return Result(name, FAIL, "twisted/plugins/director_plugin.py is not installed: "
+                                  "`twistd director` and `director serve` cannot start",
+                      "reinstall Director")
+    folder = Path(spec.origin).parent
+    cache = folder / "dropin.cache"
+    newest = max(p.stat().st_mtime for p in folder.glob("*.py"))
+    writable = os.access(folder, os.W_OK)
+    if cache.exists() and cache.stat().st_mtime >= newest:
+        return Result(name, OK, f"{cache} is current")
+    state = "is stale" if cache.exists() else "is missing"
+    if writable:
+        return Result(name, OK, f"{cache} {state}; twistd rewrites it at the next start",
+                      "", (f"unless the service's user cannot write {folder}: then {regenerate}",))
+    return Result(name, WARN, f"{cache} {state} and {_user()} cannot write {folder}: twistd "
+                              "rescans the plugins at every start", regenerate)
+
+
+# --- running them -------------------------------------------------------------------------------
+
+
+def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -> list[Result]:
+    process = dict(os.environ if process is None else process)
+    environment = check_env_file(env_file, process)
+    results = [environment.result]
+    settings, configured = check_configuration(environment.values)
+    results.append(configured)
+    results.append(check_secret(environment.values, settings))
+    server_version: int | None = None
+    if settings is None:
+        skipped = ("database", "schema", "listen-notify", "port", "base-url", "state-directory",
+                   "postgres-binaries")
+        results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
+    else:
+        database, server_version = check_database(settings)
+        results += database
+        results.append(check_port(settings))
+        metrics = check_metrics_port(settings)
+        if metrics is not None:
+            results.append(metrics)
+        results.append(check_base_url(settings))
+        results.append(check_state_directory(settings))
+        results.append(check_server_binaries(settings))
+    results.append(check_pg_dump(server_version))
+    results.append(check_plugin_cache())
+    return results
+
+
+@contextlib.contextmanager
+def _connect_timeout() -> Iterator[None]:
+    previous = os.environ.get("PGCONNECT_TIMEOUT")
+    if previous is None:
+        os.environ["PGCONNECT_TIMEOUT"] = str(CONNECT_TIMEOUT_SECONDS)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PGCONNECT_TIMEOUT", None)
+
+
+def render(results: list[Result]) -> str:
+    width = max(len(result.name) for result in results)
+    lines = []
+    for result in results:
+        lines.append(f"{result.status.upper():<5} {result.name:<{width}}  {result.summary}")
+        indent = " " * (width + 8)
+        for detail in result.details:
+            lines.append(f"{indent}{detail}")
+        if result.fix and result.status != OK:
+            lines.append(f"{indent}fix: {result.fix}")
+    counts = Counter(result.status for result in results)
+    lines.append(", ".join(f"{counts[status]} {label}" for status, label in (
+        (FAIL, "failed"), (WARN, "warnings"), (OK, "ok"), (SKIP, "skipped"))))
+    return "\n".join(lines)
+
+
+def cmd_doctor(arguments: argparse.Namespace) -> int:
+    with _connect_timeout():
+        results = run_checks(arguments.env_file)
+    failed = any(result.status == FAIL for result in results)
+    if arguments.json:
+        print(json.dumps({"ok": not failed, "user": _user(),
+                          "checks": [result.as_json() for result in results]}, indent=2))
+    else:
+        print(render(results))
+    return 1 if failed else 0
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``doctor`` on the ``director`` command's subparsers."""
+    doctor = commands.add_parser(
+        "doctor", help="check this host's configuration end to end; exit 1 on any failure",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check the environment file, the configuration, the secret, the database "
+                    "(reach,\nschema, LISTEN/NOTIFY through DATABASE_URL), the port, BASE_URL, the "
+                    "state directory,\nthe PostgreSQL tools and the plugin cache. Each check says "
+                    "OK, WARN or FAIL and\nwhat to fix; the exit status is 1 when any failed.\n\n"
+                    "Run it as the user that administers the service (sudo director doctor), so "
+                    "that it\nreads /etc/director/director.env like the service does.")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(handler=cmd_doctor)
