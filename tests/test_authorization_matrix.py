@@ -70,6 +70,8 @@ MATRIX.update({
     ("delete", "/playbooks/{playbook_id}/prompts/{name}"): _playbook_row(204),
     ("get", "/playbooks/{playbook_id}/connection"): _playbook_row(200),
     ("get", "/playbooks/{playbook_id}/history"): _playbook_row(200),
+    ("get", "/playbooks/{playbook_id}/export"): _playbook_row(200),
+    ("post", "/playbooks/import"): _playbook_row(201, own_object=False),
 })
 PUBLIC = {("post", "/auth/signup"), ("post", "/auth/login"), ("get", "/openapi.json")}
 
@@ -182,6 +184,8 @@ def _request_for(method: str, path: str, owner: Account, daemon: Daemon,
         body = {"current_password": password, "new_password": password}
     elif (method, path) in _PLAYBOOK_BODIES:
         body = _PLAYBOOK_BODIES[(method, path)]
+    elif path == "/playbooks/import":
+        body = f"version: 1\nname: Matrix {uuid.uuid4().hex[:8]}\n".encode()
     return "/api/v1" + concrete, (body if method != "get" else None)
 
 
@@ -220,8 +224,10 @@ def test_authorization(world: Any, owner_account: Account, method: str, path: st
         status, _, response = call(daemon, method.upper(), target, body,
                                    cookie=headers["set-cookie"])
     else:
-        status, _, response = call(daemon, method.upper(), target, body,
-                                   headers=presented[caller]())
+        headers = presented[caller]()
+        if path == "/playbooks/import":
+            headers["content-type"] = "application/yaml"
+        status, _, response = call(daemon, method.upper(), target, body, headers=headers)
     assert status == MATRIX[(method, path)][caller], (caller, method, path, response)
     if status >= 400:
         assert set(response["error"]) == {"code", "message", "details"}

@@ -446,6 +446,15 @@ def _playbook_paths() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
+    """The whole document: the paths below plus those of the YAML routes."""
+    from director.web.playbooks_yaml_api import OPENAPI_PATHS
+
+    described = _document()
+    described["paths"] |= OPENAPI_PATHS
+    return described
+
+
+def _document() -> dict[str, Any]:
     credentials = {
         "type": "object", "additionalProperties": False, "required": ["email", "password"],
         "properties": {
