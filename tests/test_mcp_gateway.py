@@ -130,7 +130,8 @@ def test_schemas_pass_through_byte_faithfully(gateway: Gateway) -> None:
     assert "$defs" in norm.input_schema
 
 
-def test_auto_mode_falls_back_to_the_handshake(gateway: Gateway) -> None:
+def test_auto_mode_client_works_on_the_same_url(gateway: Gateway) -> None:
+    # mode="auto" negotiates 2026-07-28 now (tests/test_mcp_modern.py checks the era itself).
     async def scenario() -> str:
         async with Client(gateway.url(), mode="auto") as client:
             result = await client.call_tool("echo", {"text": "auto"})
