@@ -2,7 +2,10 @@
 
 Never part of the pass/fail suite. Each module owns one job: ``procfs`` reads the kernel's view
 of a process, ``reaper`` guarantees that nothing we start outlives us, ``probe`` asks
-``/api/health``, ``servers``, ``daemon`` and ``database`` start what is measured,
-``loadgen``, ``wrk`` and ``baseline_server`` generate and absorb load, ``startup``, ``memory``
-and ``throughput`` produce the figures, and ``report`` prints and saves them.
+``/api/health``, ``servers``, ``daemon`` and ``database`` start what is measured, ``api`` sets
+the stage through the REST API, ``loadgen``, ``mcpload``, ``streams``, ``wrk``,
+``echo_server`` and ``baseline_server`` generate and absorb load (each in its own process),
+``reload`` times the playbook cache in a process of its own, ``startup``, ``memory``,
+``throughput``, ``accounts``, ``playbooks`` and ``mcp`` produce the figures, and ``report``
+prints and saves them.
 """
