@@ -1,0 +1,491 @@
+"""The deployment guide's nginx configuration in front of real daemons, on loopback.
+
+nginx comes from Debian (``apt-get install nginx-light``); without it every test here skips and
+says so. Most tests run the guide's ``server`` block on a plain-HTTP loopback port (the proxying
+is what is under test); one runs it as published, TLS and HTTP/2 included, with a self-signed
+certificate and ``curl --http2`` (skipped without openssl or curl).
+
+What the tests establish, and docs/manual.rst relies on:
+
+* the guide's configuration passes ``nginx -t``, and its ``location /playbooks/`` block streams
+  SSE unbuffered: the ``endpoint`` event arrives at once while the response stays open, an MCP
+  exchange over the legacy transport and a Streamable HTTP ``initialize`` work through it, and
+  the 15 s heartbeat comes through;
+* ``/api/health`` answers through it, and ``proxy_set_header Host $host`` passes the client's
+  Host, which the daemon's Host check accepts when it is BASE_URL's host (and refuses otherwise);
+* even a bare ``proxy_pass`` streams, because every stream carries ``X-Accel-Buffering: no``;
+* with several instances, handshake-era sessions need affinity: round robin loses them, hashing
+  on ``$http_mcp_session_id`` alone loses them too (``initialize`` carries no session id, so it is
+  not routed where the id will later hash to), hashing on the credential keeps them; modern-era
+  requests need none.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.accounts_helpers import Account, call, eventually, sign_up
+from tests.harness import Daemon, free_port, make_temp_dir
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx-light); the "
+                          "deployment guide's proxy configuration is untested here")
+
+StartDaemon = Callable[..., Daemon]
+SERVER_NAME = "director.test"
+ACCEPT = "application/json, text/event-stream"
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "nginx-test", "version": "1"}}}
+MODERN = "2026-07-28"
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN,
+               "io.modelcontextprotocol/clientCapabilities": {},
+               "io.modelcontextprotocol/clientInfo": {"name": "nginx-test", "version": "1"}}
+
+#: The guide's configuration, verbatim (docs/manual.rst shows the same). The tests change only
+#: the addresses: the upstream's server lines, the listening port, the names and certificates.
+GUIDE_UPSTREAM = """upstream director {
+    server 127.0.0.1:3673;
+    keepalive 32;
+}
+"""
+GUIDE_SERVER = """server {
+    listen 443 ssl http2;
+    server_name director.example.com;
+
+    ssl_certificate /path/to/cert.pem;
+    ssl_certificate_key /path/to/key.pem;
+
+    # SSE requires special handling
+    location /playbooks/ {
+        proxy_pass http://director;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+
+        # SSE-specific: disable buffering
+        proxy_buffering off;
+        proxy_cache off;
+        proxy_read_timeout 86400s;
+    }
+
+    location / {
+        proxy_pass http://director;
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+    }
+}
+"""
+
+
+def _replace(text: str, old: str, new: str) -> str:
+    assert old in text, f"{old!r} is no longer in the guide's text"
+    return text.replace(old, new)
+
+
+def upstream(ports: list[int], balance: str = "", name: str = "director") -> str:
+    """The guide's ``upstream`` block for these ports; a balancing method goes before
+    ``keepalive`` (nginx requires that order)."""
+    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in ports)
+    method = f"    {balance}\n" if balance else ""
+    block = _replace(GUIDE_UPSTREAM, "    server 127.0.0.1:3673;\n", method + servers)
+    return _replace(block, "upstream director", f"upstream {name}")
+
+
+def server(port: int, *, tls: tuple[Path, Path] | None = None, upstream_name: str = "director",
+           locations: str | None = None) -> str:
+    """The guide's ``server`` block on a loopback port: with TLS (and HTTP/2) when given a
+    certificate and key, plain HTTP otherwise."""
+    block = _replace(GUIDE_SERVER, "server_name director.example.com;",
+                     f"server_name {SERVER_NAME};")
+    if tls is None:
+        block = _replace(block, "    listen 443 ssl http2;", f"    listen 127.0.0.1:{port};")
+        block = _replace(block, "    ssl_certificate /path/to/cert.pem;\n", "")
+        block = _replace(block, "    ssl_certificate_key /path/to/key.pem;\n", "")
+    else:
+        block = _replace(block, "    listen 443 ssl http2;",
+                         f"    listen 127.0.0.1:{port} ssl http2;")
+        block = _replace(block, "/path/to/cert.pem", str(tls[0]))
+        block = _replace(block, "/path/to/key.pem", str(tls[1]))
+    if locations is not None:
+        head, _, _ = block.partition("    # SSE requires special handling")
+        block = head + locations + "}\n"
+    return block.replace("http://director;", f"http://{upstream_name};")
+
+
+class Nginx:
+    """One nginx master in the foreground with a configuration of the test's own."""
+
+    def __init__(self, http_block: str) -> None:
+        assert NGINX is not None
+        self.work = make_temp_dir("director-test-nginx-")
+        w = self.work
+        self.config = w / "nginx.conf"
+        self.config.write_text(
+            f"pid {w}/nginx.pid;\nerror_log {w}/error.log info;\nworker_processes 1;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{\naccess_log {w}/access.log;\nclient_body_temp_path {w}/body;\n"
+            f"proxy_temp_path {w}/proxy;\nfastcgi_temp_path {w}/fastcgi;\n"
+            f"uwsgi_temp_path {w}/uwsgi;\nscgi_temp_path {w}/scgi;\n{http_block}}}\n")
+        checked = subprocess.run([NGINX, "-t", "-p", str(w), "-c", str(self.config)],
+                                 capture_output=True, text=True, timeout=30, check=False)
+        assert checked.returncode == 0, checked.stderr
+        self.process = subprocess.Popen(
+            [NGINX, "-p", str(w), "-c", str(self.config), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_listening(self, port: int) -> None:
+        def listening() -> bool:
+            assert self.process.poll() is None, self.error_log()
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        eventually(listening, timeout=10)
+
+    def error_log(self) -> str:
+        try:
+            return (self.work / "error.log").read_text()
+        except OSError:
+            return "(no error log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # graceful: workers finish, then exit
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+@pytest.fixture
+def nginx() -> Iterator[Callable[[str], Nginx]]:
+    started: list[Nginx] = []
+
+    def start(http_block: str) -> Nginx:
+        proxy = Nginx(http_block)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+class Through:
+    """Requests to a daemon through the proxy, as a client of BASE_URL sends them; duck-types
+    ``Daemon.request`` for ``tests.accounts_helpers``."""
+
+    def __init__(self, port: int, host: str = SERVER_NAME) -> None:
+        self.port = port
+        self.host = host
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, body=body,
+                               headers={"Host": f"{self.host}:{self.port}", **(headers or {})})
+            response = connection.getresponse()
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+        finally:
+            connection.close()
+
+    def stream(self, path: str) -> EventStream:
+        return EventStream(self.port, self.host, path)
+
+
+class EventStream:
+    """A GET answered with text/event-stream, read event by event while it stays open."""
+
+    def __init__(self, port: int, host: str, path: str) -> None:
+        self.opened = time.monotonic()
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        self.connection.request("GET", path, headers={"Host": f"{host}:{port}",
+                                                      "Accept": "text/event-stream"})
+        self.response = self.connection.getresponse()
+        self.headers = {k.lower(): v for k, v in self.response.getheaders()}
+
+    def next_event(self) -> dict[str, Any]:
+        """The next event or comment: ``{"event", "data", "comment", "at"}``."""
+        event: dict[str, Any] = {"event": "message", "data": [], "comment": None}
+        while True:
+            line = self.response.readline()
+            if not line:
+                raise AssertionError("the stream ended")
+            text = line.decode().rstrip("\r\n")
+            if text.startswith(":"):
+                return {"comment": text[1:].strip(), "at": time.monotonic() - self.opened}
+            if text == "":
+                if event["data"]:
+                    event["data"] = "\n".join(event["data"])
+                    event["at"] = time.monotonic() - self.opened
+                    return event
+                continue
+            field, _, value = text.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event["event"] = value
+            elif field == "data":
+                event["data"].append(value)
+
+    def next_data_event(self) -> dict[str, Any]:
+        while True:
+            event = self.next_event()
+            if event.get("comment") is None:
+                return event
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def playbook_for(client: Any, email: str) -> tuple[Account, str]:
+    owner = sign_up(client, email)
+    status, _, body = call(client, "POST", "/api/v1/playbooks", {"name": "Proxied"},
+                           key=owner.key)
+    assert status == 201, body
+    return owner, str(body["id"])
+
+
+def post_mcp(client: Any, playbook: str, key: str, message: dict[str, Any],
+             session: str | None = None, modern: bool = False) -> tuple[int, dict[str, str], bytes]:
+    headers = {"content-type": "application/json", "accept": ACCEPT, "x-api-key": key}
+    if session is not None:
+        headers["mcp-session-id"] = session
+        headers["mcp-protocol-version"] = str(INIT["params"]["protocolVersion"])  # type: ignore[index]
+    if modern:
+        headers["mcp-protocol-version"] = MODERN
+        headers["mcp-method"] = message["method"]
+        message = {**message, "params": {**message.get("params", {}), "_meta": MODERN_META}}
+    status, response_headers, body = client.request(
+        "POST", f"/playbooks/{playbook}/mcp", json.dumps(message).encode(), headers)
+    return status, response_headers, body
+
+
+# --- one instance behind the guide's configuration --------------------------------------------
+
+
+def test_guide_configuration_streams_sse_and_passes_host(
+        start_daemon: StartDaemon, migrated_url: str,
+        nginx: Callable[[str], Nginx]) -> None:
+    port = free_port()
+    daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
+                          BASE_URL=f"http://{SERVER_NAME}:{port}")
+    proxy = nginx(upstream([daemon.port]) + server(port))
+    daemon.wait_healthy()
+    proxy.wait_listening(port)
+    client = Through(port)
+
+    status, _, body = client.request("GET", "/api/health")
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
+
+    # Sign-up, the playbook and the stream all go through the proxy, under BASE_URL's host.
+    owner, playbook = playbook_for(client, "nginx@example.com")
+
+    stream = client.stream(f"/playbooks/{playbook}/sse?key={owner.key}")
+    try:
+        assert stream.response.status == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        endpoint = stream.next_data_event()
+        # At once, and while the response is still open: nginx did not hold it back.
+        assert endpoint["event"] == "endpoint" and endpoint["at"] < 2.0, endpoint
+        assert endpoint["data"].startswith(f"/playbooks/{playbook}/message?sessionId=")
+        assert not stream.response.isclosed()
+
+        # The client's messages go through the proxy too; answers come on the open stream.
+        status, _, _ = client.request("POST", endpoint["data"], json.dumps(INIT).encode(),
+                                      {"content-type": "application/json"})
+        assert status == 202
+        answer = stream.next_data_event()
+        assert answer["event"] == "message"
+        assert json.loads(answer["data"])["result"]["serverInfo"]
+
+        # Streamable HTTP through the same location.
+        status, headers, body = post_mcp(client, playbook, owner.key, INIT)
+        assert status == 200, body
+        assert headers.get("mcp-session-id")
+
+        # The Host header is passed on (`proxy_set_header Host $host`): BASE_URL's host is
+        # accepted, another name reaching the same nginx is refused by the daemon.
+        status, _, body = call(client, "GET", "/api/v1/me", key=owner.key)
+        assert status == 200, body
+        status, _, body = call(Through(port, "evil.example"), "GET", "/api/v1/me",
+                               key=owner.key)
+        assert status == 403 and body["error"]["code"] == "host_not_allowed", body
+        status, _, body = Through(port, "evil.example").request(
+            "GET", f"/playbooks/{playbook}/sse?key={owner.key}")
+        assert status == 403, body
+
+        # The 15 s heartbeat passes, unbuffered, and the stream outlives it.
+        heartbeat = stream.next_event()
+        assert heartbeat.get("comment") is not None and heartbeat["at"] < 17, heartbeat
+        assert not stream.response.isclosed()
+    finally:
+        stream.close()
+
+
+def test_guide_server_block_with_tls_and_http2(start_daemon: StartDaemon, migrated_url: str,
+                                               nginx: Callable[[str], Nginx]) -> None:
+    """The guide's block as published (``listen ... ssl http2`` and certificates), a client on
+    HTTP/2 over TLS: the stream's first event arrives while it stays open."""
+    if shutil.which("openssl") is None or shutil.which("curl") is None:
+        pytest.skip("openssl and curl are needed for the TLS variant")
+    port = free_port()
+    work = make_temp_dir("director-test-tls-")
+    try:
+        certificate, key = work / "cert.pem", work / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(certificate),
+                        "-subj", f"/CN={SERVER_NAME}", "-addext",
+                        f"subjectAltName=DNS:{SERVER_NAME}"],
+                       capture_output=True, check=True, timeout=60)
+        key.chmod(0o644)  # nginx's workers read it as nobody when the suite runs as root
+        daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
+                              BASE_URL=f"https://{SERVER_NAME}:{port}")
+        proxy = nginx(upstream([daemon.port]) + server(port, tls=(certificate, key)))
+        daemon.wait_healthy()
+        proxy.wait_listening(port)
+        owner, playbook = playbook_for(daemon, "tls@example.com")
+        curl = ["curl", "-sS", "-N", "--http2", "--cacert", str(certificate),
+                "--resolve", f"{SERVER_NAME}:{port}:127.0.0.1", "-w", "\n%{http_version}"]
+        health = subprocess.run([*curl, f"https://{SERVER_NAME}:{port}/api/health"],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert health.stdout.splitlines() == ['{"status": "ok"}', "2"], health
+        # curl -N https://director.example.com/playbooks/{id}/sse, the guide's own test; the
+        # stream stays open, so curl is stopped after 3 s (exit 28) with the event in hand.
+        started = time.monotonic()
+        stream = subprocess.run([*curl, "--max-time", "3",
+                                 f"https://{SERVER_NAME}:{port}/playbooks/{playbook}/sse"
+                                 f"?key={owner.key}"],
+                                capture_output=True, text=True, timeout=30, check=False)
+        assert stream.returncode == 28, stream
+        assert time.monotonic() - started >= 3
+        assert stream.stdout.startswith("event: endpoint\ndata: /playbooks/"), stream.stdout
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_bare_proxy_pass_streams_too(start_daemon: StartDaemon, migrated_url: str,
+                                     nginx: Callable[[str], Nginx]) -> None:
+    """``X-Accel-Buffering: no`` on every stream: nginx's default buffering does not apply."""
+    port = free_port()
+    daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
+                          BASE_URL=f"http://{SERVER_NAME}:{port}")
+    bare = """
+    location / {
+        proxy_pass http://director;
+        proxy_set_header Host $host;
+    }
+"""
+    proxy = nginx(upstream([daemon.port]) + server(port, locations=bare))
+    daemon.wait_healthy()
+    proxy.wait_listening(port)
+    client = Through(port)
+    owner, playbook = playbook_for(client, "bare@example.com")
+    stream = client.stream(f"/playbooks/{playbook}/sse?key={owner.key}")
+    try:
+        assert stream.headers.get("x-accel-buffering") is None  # nginx consumes it
+        endpoint = stream.next_data_event()
+        assert endpoint["event"] == "endpoint" and endpoint["at"] < 2.0, endpoint
+        assert not stream.response.isclosed()
+    finally:
+        stream.close()
+
+
+# --- several instances behind one nginx --------------------------------------------------------
+
+
+def handshake_sessions(client: Through, playbook: str, key: str, count: int) -> list[int]:
+    """Open ``count`` handshake-era sessions; the statuses of each one's follow-ups
+    (``notifications/initialized``, then ``tools/list``)."""
+    outcomes = []
+    for number in range(count):
+        status, headers, body = post_mcp(client, playbook, key, INIT)
+        assert status == 200, body
+        session = headers["mcp-session-id"]
+        status, _, _ = post_mcp(client, playbook, key, {"jsonrpc": "2.0",
+                                                        "method": "notifications/initialized"},
+                                session)
+        outcomes.append(status)
+        status, _, _ = post_mcp(client, playbook, key, {"jsonrpc": "2.0", "id": 2 + number,
+                                                        "method": "tools/list"}, session)
+        outcomes.append(status)
+    return outcomes
+
+
+def test_several_instances_need_affinity_by_credential(
+        start_daemon: StartDaemon, migrated_url: str, nginx: Callable[[str], Nginx]) -> None:
+    ports = {"round-robin": free_port(), "session-hash": free_port(), "credential-hash": free_port()}
+    base = {"DATABASE_URL": migrated_url, "HOST": "127.0.0.1",
+            "BASE_URL": f"http://{SERVER_NAME}"}
+    daemons = [start_daemon(**base), start_daemon(**base)]
+    blocks = ""
+    for name, balance in (("round-robin", ""),
+                          ("session-hash", "hash $http_mcp_session_id consistent;"),
+                          ("credential-hash",
+                           "hash $http_authorization$http_x_api_key$arg_key consistent;")):
+        blocks += upstream([d.port for d in daemons], balance, name.replace("-", "_"))
+        blocks += server(ports[name], upstream_name=name.replace("-", "_"))
+    proxy = nginx(blocks)
+    for daemon in daemons:
+        daemon.wait_healthy()
+    for port in ports.values():
+        proxy.wait_listening(port)
+
+    owner, playbook = playbook_for(daemons[0], "lb@example.com")
+
+    def everywhere() -> bool:  # a change reaches the other instance by NOTIFY, in milliseconds
+        return all(call(d, "GET", f"/api/v1/playbooks/{playbook}", key=owner.key)[0] == 200
+                   for d in daemons)
+    eventually(everywhere)
+
+    # Without affinity, a session's next request lands on the other instance half the time.
+    outcomes = handshake_sessions(Through(ports["round-robin"]), playbook, owner.key, 6)
+    assert 404 in outcomes, outcomes
+    # Hashing on the session id alone: initialize has none (round robin), the id then hashes to
+    # either instance, regardless of which one created the session.
+    outcomes = handshake_sessions(Through(ports["session-hash"]), playbook, owner.key, 20)
+    assert 404 in outcomes, outcomes
+    # Hashing on the credential: every request of a client goes to one instance.
+    outcomes = handshake_sessions(Through(ports["credential-hash"]), playbook, owner.key, 10)
+    assert outcomes == [202, 200] * 10, outcomes
+
+    # The legacy transport too: the stream and the client's POSTs carry the same ?key=.
+    client = Through(ports["credential-hash"])
+    for _ in range(4):
+        stream = client.stream(f"/playbooks/{playbook}/sse?key={owner.key}")
+        try:
+            endpoint = stream.next_data_event()
+            status, _, _ = client.request("POST", endpoint["data"], json.dumps(INIT).encode(),
+                                          {"content-type": "application/json"})
+            assert status == 202
+            assert json.loads(stream.next_data_event()["data"])["id"] == 1
+        finally:
+            stream.close()
+
+    # Modern-era requests carry everything they need: any instance answers, no affinity.
+    rr = Through(ports["round-robin"])
+    for number in range(6):
+        status, _, body = post_mcp(rr, playbook, owner.key,
+                                   {"jsonrpc": "2.0", "id": number, "method": "tools/list"},
+                                   modern=True)
+        assert status == 200, body
