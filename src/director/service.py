@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
 
 from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
@@ -40,6 +39,7 @@ from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
+from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
 from director.web.app import DirectorApp
@@ -94,8 +94,7 @@ class DirectorService(MultiService):
         self.site: DirectorSite | None = None
         self.secret_box = SecretBox(self.auth_secret)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
-        self.http_pool = HTTPConnectionPool(reactor, persistent=True)
-        self.http_pool.maxPersistentPerHost = 16
+        self.http_pool = new_pool(reactor)
         self.mcp = McpEngine(settings, self.playbooks,
                              UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
