@@ -365,3 +365,39 @@ def test_private_cluster_is_checked_through_its_socket() -> None:
         assert checks["secret"]["status"] == "ok"
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+# --- stored secrets against the configured secret ----------------------------------------------
+
+
+def test_stored_secrets_must_open_with_the_secret(
+        start_daemon: Callable[..., Daemon], migrated_url: str, state: str) -> None:
+    from tests.accounts_helpers import call, sign_up
+    from tests.harness import SECRET
+
+    daemon = start_daemon(DATABASE_URL=migrated_url)
+    daemon.wait_healthy()
+    owner = sign_up(daemon, "sealed@example.com")
+    assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Sealed"}, key=owner.key)[0] == 201
+    status, _, body = call(daemon, "POST", "/api/v1/playbooks/sealed/servers", {
+        "name": "remote", "type": "http", "url": "https://mcp.example.com/mcp",
+        "headers": {"Authorization": {"value": "Bearer upstream-token", "secret": True}}},
+        key=owner.key)
+    assert status == 201, body
+    daemon.terminate()
+
+    common = {"DATABASE_URL": migrated_url, "STATE_DIRECTORY": state, "PORT": str(free_port())}
+    code, checks = report(**common, BETTER_AUTH_SECRET=SECRET)
+    assert checks["stored-secrets"]["status"] == "ok", checks["stored-secrets"]
+    assert "1 stored secret values decrypt" in checks["stored-secrets"]["summary"]
+
+    # Another secret: the daemon would stop at start; the doctor says so, and which value.
+    code, checks = report(**common, BETTER_AUTH_SECRET=STRONG)
+    assert code == 1
+    stored = checks["stored-secrets"]
+    assert stored["status"] == "fail" and "SecretUnreadable" in stored["summary"], stored
+    assert stored["details"] == ["sealed@example.com sealed/remote Authorization"]
+    assert "upstream-token" not in json.dumps(checks)
+    restarted = start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG)
+    assert restarted.wait_exit() != 0
+    assert "SecretUnreadable" in restarted.output()

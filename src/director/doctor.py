@@ -13,7 +13,8 @@ cluster the way ``director db status`` does (shared when the daemon runs it, oth
 for the duration), but never creates one.
 
 The checks, in order: the environment file, the configuration, the secret, the database (reach,
-schema, LISTEN/NOTIFY through the configured URL), the port, ``BASE_URL``, the state directory,
+schema, whether the stored secret values open with the secret, LISTEN/NOTIFY through the
+configured URL), the port, ``BASE_URL``, the state directory,
 the PostgreSQL tools (server binaries for the private cluster, ``pg_dump`` for backups) and
 Twisted's plugin cache.
 """
@@ -470,9 +471,67 @@ def check_listen_notify(dsn: str, timeout: float = NOTIFY_TIMEOUT_SECONDS) -> Re
                   "notifications. " + LISTEN_RULE)
 
 
+def _secret_in_use(settings: Settings) -> str | None:
+    """The secret the daemon would seal and open stored values with, if it exists yet."""
+    if settings.auth_secret is not None:
+        return settings.auth_secret
+    with contextlib.suppress(OSError):
+        stored = (Path(settings.state_directory) / "auth-secret").read_text().strip()
+        if len(stored) >= MIN_SECRET_LENGTH:
+            return stored
+    return None
+
+
+def check_stored_secrets(dsn: str, settings: Settings) -> Result:
+    """Open every sealed value (never shown) with the configured secret, as the daemon does at
+    start: one that does not open stops the daemon with ``SecretUnreadable``."""
+    from director.crypto import SecretBox, SecretUnreadable
+
+    name = "stored-secrets"
+    connection = _connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT u.email, p.id, s.name, s.config FROM playbook_servers s "
+                           "JOIN playbooks p ON p.pk = s.playbook_pk "
+                           "JOIN users u ON u.id = p.user_id ORDER BY u.email, p.id, s.name")
+            rows = cursor.fetchall()
+    finally:
+        connection.close()
+    sealed = [(f"{email} {playbook}/{server} {key}", item["sealed"], key)
+              for email, playbook, server, config in rows
+              for field in ("env", "headers")
+              for key, item in (config.get(field) or {}).items()
+              if isinstance(item, dict) and "sealed" in item]
+    if not sealed:
+        return Result(name, OK, "no secret values stored")
+    secret = _secret_in_use(settings)
+    where = ("BETTER_AUTH_SECRET" if settings.auth_secret is not None
+             else f"{settings.state_directory}/auth-secret")
+    restore = ("put back the secret they were stored with (your backup of the environment file "
+               "or of $STATE_DIRECTORY/auth-secret); if it is lost, so are they: docs/manual.rst, "
+               "\"A lost secret\", removes them so the daemon starts and their owners re-enter them")
+    if secret is None:
+        return Result(name, FAIL, f"{len(sealed)} secret values are stored, but there is no "
+                                  f"secret: BETTER_AUTH_SECRET is unset and {where} is missing "
+                                  "(the daemon would generate a new one and refuse to start)",
+                      restore)
+    box = SecretBox(secret)
+    unreadable = []
+    for label, value, key in sealed:
+        try:
+            box.open(value, key)
+        except SecretUnreadable:
+            unreadable.append(label)
+    if unreadable:
+        return Result(name, FAIL, f"{len(unreadable)} of {len(sealed)} stored secret values do "
+                                  f"not decrypt with {where}: the daemon stops at start "
+                                  "(SecretUnreadable)", restore, tuple(unreadable[:5]))
+    return Result(name, OK, f"{len(sealed)} stored secret values decrypt with {where}")
+
+
 def check_database(settings: Settings) -> tuple[list[Result], int | None]:
     """Reach, schema and LISTEN/NOTIFY, and the server's version (``server_version_num``)."""
-    names = ("database", "schema", "listen-notify")
+    names = ("database", "schema", "stored-secrets", "listen-notify")
     if settings.embedded_database:
         from director.db.embedded import EmbeddedPostgres
 
@@ -481,6 +540,7 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
             return [Result("database", OK, f"DATABASE_URL unset: the private cluster is created "
                                            f"in {cluster.root} at the first start"),
                     Result("schema", SKIP, "no private cluster yet (it is migrated at start)"),
+                    Result("stored-secrets", SKIP, "no private cluster yet"),
                     Result("listen-notify", SKIP, "no private cluster yet")], None
     try:
         with cli.database_dsn(settings) as dsn:
@@ -488,8 +548,17 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
             if reach.status == FAIL:
                 return [reach, *(Result(n, SKIP, "the database is unreachable")
                                  for n in names[1:])], None
-            return [reach, check_schema(dsn, settings.embedded_database),
-                    check_listen_notify(dsn)], version
+            schema = check_schema(dsn, settings.embedded_database)
+            if schema.status == OK:
+                try:
+                    secrets_result = check_stored_secrets(dsn, settings)
+                except Exception as error:
+                    secrets_result = Result("stored-secrets", FAIL,
+                                            f"cannot read the servers: {_one_line(error)}",
+                                            "check the role's privileges on the database")
+            else:
+                secrets_result = Result("stored-secrets", SKIP, "the schema is not current")
+            return [reach, schema, secrets_result, check_listen_notify(dsn)], version
     except cli.CommandError as error:
         return [Result("database", FAIL, f"the private cluster did not start: {error}",
                        "see postgres.log in the state directory's postgres/ folder"),
@@ -522,6 +591,14 @@ def _health(host: str, port: int) -> tuple[int, dict[str, str], bytes]:
         connection.close()
 
 
+def _ephemeral_ports() -> tuple[int, int] | None:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return None
+
+
 def check_port(settings: Settings) -> Result:
     name = "port"
     host = "127.0.0.1" if settings.host == "localhost" else settings.host
@@ -543,6 +620,16 @@ def check_port(settings: Settings) -> Result:
         probe_host = "::1" if ":" in host else "127.0.0.1"
     try:
         status, headers, body = _health(probe_host, settings.port)
+    except ConnectionRefusedError:
+        ephemeral = _ephemeral_ports()
+        hint = ""
+        if ephemeral and ephemeral[0] <= settings.port <= ephemeral[1]:
+            hint = (f"; PORT is inside net.ipv4.ip_local_port_range ({ephemeral[0]}-"
+                    f"{ephemeral[1]}), where the kernel picks outgoing connections' local ports: "
+                    f"choose a port below {ephemeral[0]} (the default 3673 is)")
+        return Result(name, FAIL, f"{address} is held by a socket that is not listening (an "
+                                  "outgoing connection's local port, or one closing in TIME_WAIT)",
+                      f"see it with: ss -tanp 'sport = :{settings.port}'{hint}")
     except (OSError, http.client.HTTPException) as failure:
         return Result(name, FAIL, f"{address} is in use, and /api/health does not answer "
                                   f"({_one_line(failure)})",
@@ -750,8 +837,8 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
     results.append(check_secret(environment.values, settings))
     server_version: int | None = None
     if settings is None:
-        skipped = ("database", "schema", "listen-notify", "port", "base-url", "state-directory",
-                   "postgres-binaries")
+        skipped = ("database", "schema", "stored-secrets", "listen-notify", "port", "base-url",
+                   "state-directory", "postgres-binaries")
         results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
     else:
         database, server_version = check_database(settings)
