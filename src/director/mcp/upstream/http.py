@@ -1410,9 +1410,11 @@ async def connect_http(name: str, url: str, headers: dict[str, str], reactor: An
                        on_notification: Callable[[Message], object] | None = None,
                        on_request: RequestHandler | None = None,
                        on_closed: Callable[[str], object] | None = None,
+                       streamable_class: type[StreamableHttpUpstream] | None = None,
                        **options: Any) -> StreamableHttpUpstream | LegacySseUpstream:
     """A started session: Streamable HTTP, or the 2024-11-05 HTTP+SSE transport if the
-    server answers the ``initialize`` POST with 400, 404 or 405."""
+    server answers the ``initialize`` POST with 400, 404 or 405. ``streamable_class``: the
+    Streamable HTTP session to try first (e.g. ``upstream.modern.ModernHttpUpstream``)."""
 
     def wire(session: _HttpSession) -> None:
         if on_notification is not None:
@@ -1422,7 +1424,8 @@ async def connect_http(name: str, url: str, headers: dict[str, str], reactor: An
         if on_closed is not None:
             session.on_closed = on_closed
 
-    streamable = StreamableHttpUpstream(name, url, headers, reactor, pool, **options)
+    streamable = (streamable_class or StreamableHttpUpstream)(name, url, headers, reactor,
+                                                               pool, **options)
     wire(streamable)
     try:
         await streamable.start()
