@@ -51,11 +51,20 @@ upstream), and — as the engine routes log lines to the latest call of the sess
 upstream last — a log line goes to the context's most recent call still waiting on an upstream,
 and only if that request asked for its level (one user's concurrent calls on one playbook can
 therefore see each other's log lines; nobody else's). A server→client
-request from an upstream (sampling, elicitation, roots) while the latest user of that upstream
-is a modern context is answered with a JSON-RPC error (-32600, as the SDK's own modern server
-answers a handler's server request; the upstream's failure then reaches the client as the
-call's result or error): multi-round-trip
-``input_required`` results are not bridged yet.
+request from an upstream (sampling, elicitation, roots — a handshake-era upstream's real
+request, or one of a stateless upstream's ``inputRequests``) during a modern ``tools/call``,
+``prompts/get`` or ``resources/read`` is bridged (``Exchange``): the client's POST is answered
+at once with ``resultType: "input_required"``, ``inputRequests`` (the upstream's requests,
+verbatim) and a ``requestState`` naming the exchange, while the upstream call stays pending; the
+client's retry with ``inputResponses`` and that ``requestState`` answers the upstream's requests
+and goes on waiting for the call (or for the next question). Limits: the pending call lives in
+the instance that holds the upstream call, so the retry must reach the same instance (another
+instance answers ``-32602`` "unknown or expired requestState": call again from the start), and
+it waits at most ``BRIDGE_WAIT_SECONDS`` for the retry (then the upstream's request is answered
+with a timeout error and the exchange is forgotten); progress and log lines after the first
+round go nowhere (their stream was the first POST). Outside such a call (or for another
+method) the request is refused with -32600, as the SDK's own modern server answers a handler's
+server request.
 
 ``subscriptions/listen``: the response is an SSE stream; the first event is
 ``notifications/subscriptions/acknowledged`` (every requested kind is honoured, as the SDK
@@ -78,6 +87,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from uuid import UUID
@@ -150,6 +160,11 @@ METHODS = frozenset({"server/discover", "subscriptions/listen", "tools/list", "t
 CACHEABLE_METHODS = frozenset({"server/discover", "tools/list", "prompts/list", "resources/list",
                                "resources/templates/list", "resources/read"})
 LIST_TTL_MS = 0
+#: Methods whose modern answer may be ``input_required`` (SEP-2322).
+INPUT_METHODS = frozenset({"tools/call", "prompts/get", "resources/read"})
+#: How long a bridged call waits for the client's retry with ``inputResponses``.
+BRIDGE_WAIT_SECONDS = 60.0
+REQUEST_STATE_PREFIX = "director-exchange:"
 KEEPALIVE_SECONDS = 15.0
 LISTEN_PREPARE_SECONDS = 10.0
 MAX_PENDING_EVENTS = 100
@@ -443,6 +458,8 @@ class ModernCallChannel(CallChannel):
         self._keepalive: Any = None
         super().__init__(request, streams)
         self.log_level = log_level
+        #: Set for a call whose upstream may ask the client something (``INPUT_METHODS``).
+        self.exchange: Exchange | None = None
         self._keepalive = reactor.callLater(KEEPALIVE_SECONDS, self._commit)
 
     def _gone(self, _: object) -> None:
@@ -477,6 +494,98 @@ class ModernCallChannel(CallChannel):
         self.request.setHeader(b"content-type", b"application/json")
         self.request.write(json_bytes(response))
         self.request.finish()
+
+
+class Exchange:
+    """One modern call whose upstream may ask the client (sampling, elicitation, roots),
+    across the client's rounds (module docstring)."""
+
+    def __init__(self, method: str, handling: defer.Deferred[Message], reactor: Any,
+                 on_done: Callable[[Exchange], object]) -> None:
+        self.method = method
+        self.state = REQUEST_STATE_PREFIX + secrets.token_urlsafe(18)
+        self.reactor = reactor
+        self.on_done = on_done
+        self.asks: dict[str, tuple[dict[str, Any], defer.Deferred[Any]]] = {}
+        self.response: Message | None = None
+        self._keys = 0
+        self._wake: defer.Deferred[None] | None = None
+        self._expiry: Any = None
+        handling.addBoth(self._finished)
+
+    @property
+    def done(self) -> bool:
+        return self.response is not None
+
+    def _finished(self, response: Any) -> Any:
+        self.response = response if isinstance(response, dict) else jsonrpc.error(
+            None, jsonrpc.INTERNAL_ERROR, "the call ended without an answer")
+        self._stop_expiry()
+        self._poke()
+        self.on_done(self)
+        return response
+
+    def _poke(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.called:
+            wake.callback(None)
+
+    def _stop_expiry(self) -> None:
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+
+    async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """An upstream's request: held until the client's retry answers it."""
+        self._keys += 1
+        key = f"{method.replace('/', '-')}-{self._keys}"
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        self.asks[key] = ({"method": method, "params": params}, waiting)
+        self._poke()
+        try:
+            result = await waiting
+        finally:
+            self.asks.pop(key, None)
+        if not isinstance(result, dict):
+            raise ProtocolError(INVALID_PARAMS, f"the client answered {method} with no object")
+        return result
+
+    def resume(self, responses: Any) -> None:
+        """The client's retry: its ``inputResponses`` answer the upstream's requests."""
+        self._stop_expiry()
+        if not isinstance(responses, dict):
+            return
+        for key, value in responses.items():
+            held = self.asks.get(key)
+            if held is not None and not held[1].called:
+                held[1].callback(value)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        for _, waiting in list(self.asks.values()):
+            if not waiting.called:
+                waiting.errback(ProtocolError(jsonrpc.REQUEST_TIMEOUT, (
+                    f"the client did not retry with inputResponses within "
+                    f"{BRIDGE_WAIT_SECONDS:g} s")))
+        self.on_done(self)
+
+    async def outcome(self) -> Message | None:
+        """The call's response, or None when the client must be asked first."""
+        while True:
+            if self.response is not None:
+                return self.response
+            if any(not waiting.called for _, waiting in self.asks.values()):
+                return None
+            self._wake = defer.Deferred()
+            await self._wake
+
+    def input_required(self) -> dict[str, Any]:
+        self._stop_expiry()
+        self._expiry = self.reactor.callLater(BRIDGE_WAIT_SECONDS, self._expire)
+        return {"resultType": "input_required",
+                "inputRequests": {key: request for key, (request, waiting) in self.asks.items()
+                                  if not waiting.called},
+                "requestState": self.state}
 
 
 class Listener:
@@ -575,6 +684,8 @@ class StatelessContext(DownstreamSession):
         self.channel = self.hub
         self.forwarding: list[ModernCallChannel] = []
         self.uri_listeners: dict[str, int] = {}
+        #: Calls waiting for the client's retry (or running), by ``requestState``.
+        self.exchanges: dict[str, Exchange] = {}
 
     # --- requests -------------------------------------------------------------------------
 
@@ -604,9 +715,14 @@ class StatelessContext(DownstreamSession):
                 self.forwarding.remove(tracked)
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        raise ProtocolError(INVALID_REQUEST,  # what the SDK's NoBackChannelError says
-                            f"{method} cannot reach the client: it speaks MCP 2026-07-28 and the "
-                            f"gateway does not bridge server requests to that era yet")
+        """Bridged to ``input_required`` for the latest call that can carry it."""
+        exchange = next((c.exchange for c in reversed(self.forwarding)
+                         if c.exchange is not None and not c.exchange.done), None)
+        if exchange is None:
+            raise ProtocolError(INVALID_REQUEST,  # what the SDK's NoBackChannelError says
+                                f"{method} cannot reach the client: it speaks MCP 2026-07-28 "
+                                f"and no call of it that could carry input_required is waiting")
+        return await exchange.ask(method, params)
 
     def send_related(self, message: Message) -> None:
         """An upstream's log line: on the stream of the latest call waiting on an upstream,
@@ -789,6 +905,9 @@ class ModernGateway:
             return None
         channel = ModernCallChannel(request, self.engine.streams, self.engine.reactor,
                                     envelope.log_level)
+        if method in INPUT_METHODS:
+            await self._exchange(request, context, playbook, message, channel)
+            return None
         key = object()
         handling = defer.ensureDeferred(context.handle(message, channel))
         context.in_flight[key] = handling
@@ -798,6 +917,44 @@ class ModernGateway:
             context.in_flight.pop(key, None)
         channel.finish(response)
         return None
+
+    async def _exchange(self, request: Any, context: StatelessContext, playbook: Playbook,
+                        message: Message, channel: ModernCallChannel) -> None:
+        """A call that may need the client's input: a new one, or a retry of a bridged one."""
+        params = message.get("params") or {}
+        state = params.get("requestState")
+        if isinstance(state, str) and state.startswith(REQUEST_STATE_PREFIX):
+            exchange = context.exchanges.get(state)
+            if exchange is None or exchange.method != message["method"] or exchange.done:
+                raise Rejection(INVALID_PARAMS, (
+                    f"unknown or expired requestState: the gateway keeps a call that waits for "
+                    f"input on the instance that started it, for {BRIDGE_WAIT_SECONDS:g} s; "
+                    f"call again without requestState"))
+            exchange.resume(params.get("inputResponses"))
+        else:
+            stripped = {k: v for k, v in params.items() if k not in ("inputResponses",
+                                                                      "requestState")}
+            key = object()
+            handling = defer.ensureDeferred(context.handle(dict(message, params=stripped),
+                                                           channel))
+            context.in_flight[key] = handling
+
+            def done(result: Any) -> Any:
+                context.in_flight.pop(key, None)
+                return result
+
+            handling.addBoth(done)
+            exchange = Exchange(message["method"], handling, self.engine.reactor,
+                                lambda finished: context.exchanges.pop(finished.state, None))
+            context.exchanges[exchange.state] = exchange
+            channel.exchange = exchange
+        response = await exchange.outcome()
+        if response is None:
+            response = jsonrpc.result(message["id"], shape_result(
+                message["method"], exchange.input_required(), server_info(playbook)))
+        else:
+            response = dict(response, id=message["id"])
+        channel.finish(response)
 
     @staticmethod
     async def _check_param_headers(request: Any, context: StatelessContext, playbook: Playbook,
