@@ -104,6 +104,14 @@ def test_unreachable_database_fails(state: str) -> None:
     assert "DATABASE_URL" in checks["database"]["fix"]
     assert checks["schema"]["status"] == checks["listen-notify"]["status"] == "skip"
 
+    # A password with an unencoded @ or /: libpq reads part of it as the host; none of it shown.
+    url = "postgres://director:se@cr/et-pw@127.0.0.1:5432/director"
+    code, checks = report(DATABASE_URL=url, STATE_DIRECTORY=state, PORT=str(free_port()),
+                          **PRODUCTION)
+    assert checks["database"]["status"] == "fail"
+    assert "percent-encode" in checks["database"]["fix"]
+    assert "et-pw" not in json.dumps(checks) and "se@" not in json.dumps(checks)
+
 
 def test_short_secret_fails(migrated_url: str, state: str) -> None:
     code, checks = report(DATABASE_URL=migrated_url, STATE_DIRECTORY=state,

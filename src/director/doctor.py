@@ -340,12 +340,17 @@ def _scalar(connection: Any, sql: str, *args: Any) -> Any:
         return cursor.fetchone()[0]
 
 
-def _redacted(dsn: str) -> str:
-    parts = urlsplit(dsn)
-    if parts.scheme.startswith("postgres") and parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
-    return re.sub(r"password=\S+", "password=***", dsn)
+def _target(dsn: str) -> str:
+    """Where libpq will connect: user, host and port, never the password (a URL whose password
+    holds an unencoded ``@`` or ``/`` is misparsed, so nothing is cut out of the raw text)."""
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        parts = parse_dsn(dsn)
+    except Exception:
+        return "(DATABASE_URL cannot be parsed)"
+    host = parts.get("host") or "the default socket"
+    return f"{parts.get('user') or '(default user)'} at {host} port {parts.get('port') or 5432}"
 
 
 def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
@@ -359,8 +364,12 @@ def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
             fix = ("check DATABASE_URL's form (postgres://user:password@host:5432/dbname), that "
                    "PostgreSQL runs and listens on that address (listen_addresses, pg_hba.conf), "
                    "and firewalls between this host and it; `pg_isready -d \"$DATABASE_URL\"` "
-                   "tells them apart")
-        return Result(name, FAIL, f"cannot connect to {_redacted(dsn)}: {_one_line(error)}",
+                   "says whether the server answers at all (it does not check the password)")
+        if dsn.partition("://")[2].split("/", 1)[0].count("@") > 1 or "@" in \
+                dsn.partition("://")[2].split("/", 1)[-1].split("?", 1)[0]:
+            fix = ("DATABASE_URL has more than one @: percent-encode the password's special "
+                   "characters (@ %40, / %2F, : %3A, # %23, ? %3F, % %25); " + fix)
+        return Result(name, FAIL, f"cannot connect as {_target(dsn)}: {_one_line(error)}",
                       fix), None
     try:
         version = int(_scalar(connection, "SHOW server_version_num"))
