@@ -217,14 +217,13 @@ def _special_notes(figure: Figure) -> list[str]:
         if result.get("received") != result.get("open"):
             notes.append(f"{label}: a fan-out reached {result.get('received')} of "
                          f"{result.get('open')} open streams within 30 s")
-    for side in ("director", "gateway"):
-        for runs in (figure.details.get(side) or {}).values() \
-                if isinstance(figure.details.get(side), dict) else []:
-            for load in runs:
-                if load.get("bad_answers") or load.get("lost_connections"):
-                    notes.append(f"{label}: {load['bad_answers']} wrong answers, "
-                                 f"{load['lost_connections']} lost connections with "
-                                 f"{load['connections']} sessions ({load.get('first_error')})")
+    by_sessions = figure.details.get("gateway")  # MCP loads: {sessions: [summary, …]}
+    for runs in by_sessions.values() if isinstance(by_sessions, dict) else []:
+        for load in runs if isinstance(runs, list) else []:
+            if load.get("bad_answers") or load.get("lost_connections"):
+                notes.append(f"{label}: {load['bad_answers']} wrong answers, "
+                             f"{load['lost_connections']} lost connections with "
+                             f"{load['connections']} sessions ({load.get('first_error')})")
     return notes
 
 
