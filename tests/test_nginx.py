@@ -14,6 +14,8 @@ What the tests establish, and docs/manual.rst relies on:
 * ``/api/health`` answers through it, and ``proxy_set_header Host $host`` passes the client's
   Host, which the daemon's Host check accepts when it is BASE_URL's host (and refuses otherwise);
 * even a bare ``proxy_pass`` streams, because every stream carries ``X-Accel-Buffering: no``;
+* nginx refuses bodies over 1 MB unless ``client_max_body_size`` says otherwise (Director's own
+  limit is 4 MiB);
 * with several instances, handshake-era sessions need affinity: round robin loses them, hashing
   on ``$http_mcp_session_id`` alone loses them too (``initialize`` carries no session id, so it is
   not routed where the id will later hash to), hashing on the credential keeps them; modern-era
@@ -409,6 +411,30 @@ def test_bare_proxy_pass_streams_too(start_daemon: StartDaemon, migrated_url: st
         assert not stream.response.isclosed()
     finally:
         stream.close()
+
+
+def test_bodies_over_1_mb_need_client_max_body_size(
+        start_daemon: StartDaemon, migrated_url: str, nginx: Callable[[str], Nginx]) -> None:
+    """nginx refuses request bodies over 1 MB by default; Director takes MAX_REQUEST_BODY_BYTES
+    (4 MiB): ``client_max_body_size 4m;`` in the server block lines them up."""
+    guide, raised = free_port(), free_port()
+    daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
+                          BASE_URL=f"http://{SERVER_NAME}")
+    with_limit = _replace(server(raised), f"server_name {SERVER_NAME};\n",
+                          f"server_name {SERVER_NAME};\n    client_max_body_size 4m;\n")
+    proxy = nginx(upstream([daemon.port]) + server(guide) + with_limit)
+    daemon.wait_healthy()
+    proxy.wait_listening(guide)
+    proxy.wait_listening(raised)
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "x", "arguments": {"blob": "a" * 2_000_000}}}).encode()
+    headers = {"content-type": "application/json", "accept": ACCEPT}
+    status, response_headers, _ = Through(guide).request("POST", "/playbooks/any/mcp", body,
+                                                         headers)
+    assert status == 413 and "x-trace-id" not in response_headers  # nginx's own answer
+    status, response_headers, answer = Through(raised).request("POST", "/playbooks/any/mcp",
+                                                               body, headers)
+    assert status == 401 and "x-trace-id" in response_headers, answer  # Director's: no key
 
 
 # --- several instances behind one nginx --------------------------------------------------------
