@@ -161,10 +161,12 @@ class PlaybookRoutes:
             # The body's version is the same optimistic check as If-Match, for clients that
             # cannot set headers.
             version = body["version"]
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            if not isinstance(version, int) or isinstance(version, bool):
                 raise ValidationFailed({"version": "must be the playbook's version, a number"})
             if expected is not None and expected != version:
-                raise ValidationFailed({"version": "disagrees with If-Match"})
+                raise Conflict("If-Match and the body's version disagree; at most one of them "
+                               "is current", code="version_conflict",
+                               details={"current_version": playbook.version})
             expected = version
         fresh = await self._write(playbook.pk, store.update_fields(
             playbook.pk, fields, expected, principal.user.email))
