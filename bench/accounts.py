@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from uuid import uuid4
 
 from bench import api
@@ -80,8 +80,9 @@ def key_cost(calls: int, keys: int = 10_000) -> list[Figure]:
     from director.accounts import store
     from director.accounts.cache import AccountCache
     from director.accounts.credentials import generate_api_key, hash_token
+    from director.db.database import Database
 
-    cache = AccountCache(_NoDatabase())  # type: ignore[arg-type]
+    cache = AccountCache(cast(Database, _NoDatabase()))
     values = [generate_api_key() for _ in range(keys)]
     now = datetime.datetime.now(datetime.UTC)
     for value in values:

@@ -123,7 +123,9 @@ def _insert_playbooks(dsn: str, count: int) -> None:
         with connection, connection.cursor() as cursor:
             cursor.execute("INSERT INTO users (email, password_hash, status) VALUES "
                            "('bulk@bench.invalid', 'not-a-hash', 'active') RETURNING id")
-            (user_id,) = cursor.fetchone()
+            row = cursor.fetchone()
+            assert row is not None
+            user_id = row[0]
             cursor.execute(
                 "INSERT INTO playbooks (user_id, id, name, description) "
                 "SELECT %s, 'playbook-' || g, 'Playbook ' || g, "

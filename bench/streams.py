@@ -278,14 +278,14 @@ class Holder:
 
     def serve(self) -> None:
         """Commands from stdin, streams kept read meanwhile (heartbeats, notifications)."""
-        commands = sys.stdin.buffer.raw  # type: ignore[attr-defined]
-        os.set_blocking(commands.fileno(), False)
-        self.selector.register(commands.fileno(), selectors.EVENT_READ, None)
+        commands = sys.stdin.fileno()  # read with os.read: no buffering to hide lines
+        os.set_blocking(commands, False)
+        self.selector.register(commands, selectors.EVENT_READ, None)
         pending = b""
         while True:
             self._poll(1.0)
             try:
-                chunk = os.read(commands.fileno(), 4096)
+                chunk = os.read(commands, 4096)
             except BlockingIOError:
                 continue
             if not chunk:
