@@ -1,8 +1,9 @@
 """Per-API-key rate limits in fixed windows, shared by every instance through PostgreSQL.
 
 No instance writes per request. Instead each instance *leases* permits for a key's current
-window in batches (5% of the limit, at least one) with one ``INSERT … ON CONFLICT`` that never
-grants more than the limit in total, then spends them from memory. So:
+window in batches (5% of the limit, at least one) in a short transaction that locks the
+window's row, so it never grants more than the limit in total, then spends them from memory.
+So:
 
 * the limit is never exceeded across instances (the database hands out at most ``max``);
 * at most one batch per instance is left unspent when a window closes, so a client can be
@@ -27,24 +28,29 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from director.db.database import Database
+from director.db.interactions import Interaction, Query
 
 log = Logger(namespace="ratelimit")
 
 BATCH_FRACTION = 0.05
 CLEANUP_INTERVAL_SECONDS = 60.0
 
-_CLAIM = """
-WITH previous AS (
-    SELECT granted FROM rate_limit_windows WHERE key_id = %(key)s AND window_start = %(window)s
-), upsert AS (
-    INSERT INTO rate_limit_windows (key_id, window_start, granted)
-    VALUES (%(key)s, %(window)s, LEAST(%(batch)s, %(max)s))
-    ON CONFLICT (key_id, window_start)
-    DO UPDATE SET granted = LEAST(rate_limit_windows.granted + %(batch)s, %(max)s)
-    RETURNING granted
-)
-SELECT upsert.granted - coalesce((SELECT granted FROM previous), 0) FROM upsert
-"""
+def _claim_permits(key_id: UUID, window_start: int, batch: int,
+                  max_requests: int) -> Interaction[int]:
+    """Lease up to ``batch`` permits of a key's window; never more than ``max_requests`` in all.
+
+    The row is locked (``FOR UPDATE``) before it is read, so concurrent claims from several
+    instances are serialised and each sees what the others were granted.
+    """
+    yield Query("INSERT INTO rate_limit_windows (key_id, window_start, granted) "
+                "VALUES (%s, %s, 0) ON CONFLICT DO NOTHING", (str(key_id), window_start))
+    rows = yield Query("SELECT granted FROM rate_limit_windows WHERE key_id = %s "
+                       "AND window_start = %s FOR UPDATE", (str(key_id), window_start))
+    grant = max(0, min(batch, max_requests - int(rows[0][0])))
+    if grant:
+        yield Query("UPDATE rate_limit_windows SET granted = granted + %s WHERE key_id = %s "
+                    "AND window_start = %s", (grant, str(key_id), window_start))
+    return grant
 
 
 @attrs.frozen
@@ -116,9 +122,7 @@ class RateLimiter:
         if state.claiming is not None:
             return state.claiming
 
-        def granted(rows: Any) -> None:
-            # Negative when the limit was lowered below what this window already leased.
-            amount = max(0, int(rows[0][0])) if rows else 0
+        def granted(amount: int) -> None:
             state.permits += amount
             if amount < batch:
                 state.exhausted = True
@@ -138,9 +142,8 @@ class RateLimiter:
         def done(_: object) -> None:
             state.claiming = None
 
-        d = self.database.runQuery(_CLAIM, {"key": str(key_id), "window": window_start,
-                                            "batch": batch, "max": max_requests})
-        d.addCallbacks(granted, failed)
+        claimed = self.database.run(_claim_permits(key_id, window_start, batch, max_requests))
+        d: defer.Deferred[None] = claimed.addCallbacks(granted, failed)
         d.addBoth(done)
         state.claiming = d
         return d
