@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,15 @@ import pytest
 from psycopg2.extensions import parse_dsn
 
 from director.doctor import estimate_entropy_bits, is_placeholder
-from tests.harness import DIRECTOR, Daemon, PostgresServer, base_environment, free_port, make_temp_dir
+from tests.harness import (
+    DIRECTOR,
+    Daemon,
+    PostgresServer,
+    base_environment,
+    free_port,
+    make_temp_dir,
+    query,
+)
 
 STRONG = secrets.token_urlsafe(48)
 PRODUCTION = {"NODE_ENV": "production", "BASE_URL": "https://director.example.com",
@@ -389,7 +398,8 @@ def test_stored_secrets_must_open_with_the_secret(
     assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Sealed"}, key=owner.key)[0] == 201
     status, _, body = call(daemon, "POST", "/api/v1/playbooks/sealed/servers", {
         "name": "remote", "type": "http", "url": "https://mcp.example.com/mcp",
-        "headers": {"Authorization": {"value": "Bearer upstream-token", "secret": True}}},
+        "headers": {"Authorization": {"value": "Bearer upstream-token", "secret": True},
+                    "X-Plain": "kept"}},
         key=owner.key)
     assert status == 201, body
     daemon.terminate()
@@ -409,3 +419,15 @@ def test_stored_secrets_must_open_with_the_secret(
     restarted = start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG)
     assert restarted.wait_exit() != 0
     assert "SecretUnreadable" in restarted.output()
+
+    # docs/manual.rst, "A lost secret": its SQL removes the sealed values, keeps the plain ones,
+    # and the daemon starts with the new secret.
+    manual = (Path(__file__).parent.parent / "docs" / "manual.rst").read_text()
+    section = manual[manual.index("A lost secret\n~~~"):]
+    sql = textwrap.dedent(section[section.index("<<'SQL'\n") + 7:section.index("\n   SQL\n")])
+    query(migrated_url, sql)
+    config = query(migrated_url, "SELECT config FROM playbook_servers")[0][0]
+    assert config["headers"] == {"X-Plain": {"value": "kept"}}, config
+    code, checks = report(**common, BETTER_AUTH_SECRET=STRONG)
+    assert checks["stored-secrets"]["summary"] == "no secret values stored"
+    start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG).wait_healthy()
