@@ -431,3 +431,32 @@ def test_stored_secrets_must_open_with_the_secret(
     code, checks = report(**common, BETTER_AUTH_SECRET=STRONG)
     assert checks["stored-secrets"]["summary"] == "no secret values stored"
     start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG).wait_healthy()
+
+
+def test_default_env_file_unreadable_by_this_user_warns() -> None:
+    """A non-root `director` silently skips /etc/director/director.env (mode 0640 root:director);
+    the doctor says so. Run as nobody against a stand-in for the default file."""
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a check as another user")
+    folder = make_temp_dir("director-test-doctor-")  # traversable by nobody
+    env_file = folder / "director.env"
+    env_file.write_text("NODE_ENV=production\n")
+    env_file.chmod(0o600)
+    script = ("import director.cli as cli, director.doctor as doctor, json\n"
+              f"cli.DEFAULT_ENV_FILE = {str(env_file)!r}\n"
+              "print(json.dumps(doctor.check_env_file(None, {}).result.as_json()))\n")
+    try:
+        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=60, check=False, cwd="/")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if result.returncode != 0 and "Permission denied" in result.stderr:
+        pytest.skip(f"nobody cannot run this checkout's python: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stderr
+    check = json.loads(result.stdout)
+    assert check["status"] == "warn", check
+    assert "cannot read it, so it was ignored" in check["summary"]
+    assert "sudo director doctor" in check["fix"]
