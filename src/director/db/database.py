@@ -277,4 +277,8 @@ class Database:
             return defer.fail(DatabaseUnavailable(self._last_error))
         d = self.runQuery("SELECT 1")
         d.addTimeout(timeout, self.reactor)
-        return d
+        # Whoever asked may go away (a probe that hangs up): the query must not be cancelled
+        # half-way (txpostgres raises from its canceller), so the caller waits on a copy.
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        d.addBoth(lambda result: waiter.callback(result) if not waiter.called else None)
+        return waiter

@@ -412,6 +412,8 @@ class McpEngine:
         self.reactor = reactor
         self.streams = StreamRegistry()
         self.sessions: dict[str, DownstreamSession] = {}
+        # Per user, for the cap: scanning every session at each open costs O(sessions).
+        self._of_user: dict[UUID, dict[str, DownstreamSession]] = {}
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_seconds = idle_seconds
         self._expiry: task.LoopingCall | None = None
@@ -437,15 +439,16 @@ class McpEngine:
 
     def create(self, user_id: UUID, playbook: Playbook, transport: str,
                session_type: type[DownstreamSession] = DownstreamSession) -> DownstreamSession:
-        mine = [s for s in self.sessions.values() if s.user_id == user_id]
+        mine = self._of_user.setdefault(user_id, {})
         if len(mine) >= self.max_sessions_per_user:
-            oldest = min(mine, key=lambda s: s.last_active)
+            oldest = min(mine.values(), key=lambda s: s.last_active)
             log.info("session cap reached for a user: ending their least recently used session",
                      user_id=str(user_id))
             self.end(oldest)
         session_id = secrets.token_urlsafe(24)
         session = session_type(self, session_id, user_id, playbook.pk, transport)
         self.sessions[session_id] = session
+        mine[session_id] = session
         return session
 
     def find(self, session_id: str, user_id: UUID, playbook: Playbook) -> DownstreamSession | None:
@@ -457,6 +460,11 @@ class McpEngine:
 
     def end(self, session: DownstreamSession) -> None:
         self.sessions.pop(session.id, None)
+        mine = self._of_user.get(session.user_id)
+        if mine is not None:
+            mine.pop(session.id, None)
+            if not mine:
+                del self._of_user[session.user_id]
         session.close()
 
     def expire_idle(self) -> None:
