@@ -160,6 +160,11 @@ def test_every_variable_has_a_bad_value_test() -> None:
     assert {variable.name for variable in VARIABLES} <= tested
 
 
+def test_database_passwords_stay_out_of_error_messages() -> None:
+    problems = problems_for({"DATABASE_URL": "postgres://app:s3cr3t@db:notaport/director"})
+    assert "s3cr3t" not in problems[0] and "app:***@db" in problems[0]
+
+
 def test_all_problems_are_reported_at_once() -> None:
     problems = problems_for({"PORT": "x", "LOG_LEVEL": "loud", "TELEMETRY_ENABLED": "?"})
     assert [p.split("=")[0] for p in problems] == ["PORT", "TELEMETRY_ENABLED", "LOG_LEVEL"]
@@ -223,8 +228,9 @@ def test_env_file_parsing(tmp_path: object) -> None:
                                         "BASE_URL": "https://x.example.com",
                                         "ALLOWED_ORIGINS": "https://a.example.com"}
     path.write_text("this is not an assignment\n")
-    with pytest.raises(ConfigError, match=r"director.env:1: expected KEY=VALUE"):
+    with pytest.raises(ConfigError, match=r"director.env:1: expected KEY=VALUE") as caught:
         read_env_file(str(path))
+    assert "assignment" not in str(caught.value)  # the line (maybe a secret) is not echoed
 
 
 def test_configuration_table_lists_every_variable() -> None:
@@ -305,3 +311,13 @@ def test_readme_opens_with_the_two_commands_and_documents_every_variable() -> No
     code = readme.split(".. code-block:: sh", 1)[1].split("\n\n")[1]
     assert [line.strip() for line in code.splitlines()] == ["make run", "make test"]
     assert configuration_table() in readme
+
+
+def test_a_broken_env_file_is_one_line_and_exit_78() -> None:
+    directory = make_temp_dir("director-env-")
+    path = directory / "director.env"
+    path.write_text("PORT=4000\nthis line holds s3cret stuff\n")
+    result = run_director("--env-file", str(path), "config", "check")
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+    assert result.stderr.strip().endswith("then the value)")

@@ -45,6 +45,8 @@ def environment(env_file: str | None) -> dict[str, str]:
     if path:
         try:
             merged.update(read_env_file(path))
+        except ConfigError as error:
+            raise CommandError("\n".join(error.problems), EX_CONFIG) from None
         except OSError as error:
             raise CommandError(f"cannot read the environment file {path}: {error.strerror}",
                                EX_CONFIG) from None

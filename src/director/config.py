@@ -294,8 +294,10 @@ VARIABLES: tuple[Variable, ...] = (
              "started under the state directory. Required in production.",
              _database_url, "database_url"),
     Variable("BETTER_AUTH_SECRET", None,
-             f"Secret (at least {MIN_SECRET_LENGTH} characters) for session signing and for the "
-             "encryption key of secrets at rest. Required in production; elsewhere one is generated "
+             f"Secret (at least {MIN_SECRET_LENGTH} characters) from which the key that encrypts "
+             "secrets at rest (secret env values and headers of upstream servers) is derived; "
+             "lose it and they cannot be read. Sessions and API keys are random tokens stored "
+             "hashed and do not depend on it. Required in production; elsewhere one is generated "
              "once and kept in the state directory.",
              _secret, "auth_secret"),
     Variable("BASE_URL", "http://localhost:3673",
@@ -373,6 +375,15 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 
+def _without_password(url: str) -> str:
+    """A database URL fit for an error message: any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
 def origin_of(url: str) -> str:
     """``scheme://host[:port]`` of a URL, lower-cased, default ports dropped."""
     parts = urlsplit(url)
@@ -429,7 +440,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         try:
             values[variable.field] = variable.parse(raw)
         except _Invalid as invalid:
-            shown = "(hidden)" if variable.name == "BETTER_AUTH_SECRET" else repr(raw)
+            shown = ("(hidden)" if variable.name == "BETTER_AUTH_SECRET"
+                     else repr(_without_password(raw)) if variable.name == "DATABASE_URL"
+                     else repr(raw))
             problems.append(
                 f"{variable.name}={shown} {invalid.problem}; {invalid.fix}"
             )
@@ -499,7 +512,9 @@ def read_env_file(path: str) -> dict[str, str]:
                 stripped = stripped[len("export "):].lstrip()
             key, sep, value = stripped.partition("=")
             if not sep or not key.strip().replace("_", "").isalnum():
-                raise ConfigError([f"{path}:{number}: expected KEY=VALUE, found {stripped!r}"])
+                # The line itself is not echoed: it may hold a secret.
+                raise ConfigError([f"{path}:{number}: expected KEY=VALUE (a variable name, '=', "
+                                   "then the value)"])
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
                 value = value[1:-1]
