@@ -1,7 +1,9 @@
 """The official MCP conformance suite (``@modelcontextprotocol/conformance``, its server
 scenarios) against our fixture server directly and through a playbook that contains it: every
 check that passes directly must pass through the gateway, except the gateway-side differences
-listed in ``KNOWN_GATEWAY_FAILURES``. See ``tests/conformance/README.rst``.
+listed in ``KNOWN_GATEWAY_FAILURES``. Twice: the pinned stable line (0.1.x, handshake era) and
+the 0.2 pre-release's 2026-07-28 requirement set (stateless era), each test parametrized by
+suite. See ``tests/conformance/README.rst``.
 
 The suite cannot send headers, so the gateway URL carries the API key as ``?key=``.
 """
@@ -19,46 +21,129 @@ import pytest
 from tests.accounts_helpers import Account, call, sign_up
 from tests.conformance.runner import (
     FIXTURE,
+    NEXT,
+    STABLE,
     HttpFixture,
     Key,
     Run,
+    Suite,
     describe,
     missing_tools,
+    not_scored,
     run_suite,
-    suite_version,
 )
 from tests.harness import Daemon
 
 StartDaemon = Callable[..., Daemon]
 
 # Checks that pass against the fixture directly but not through the gateway, each with its
-# diagnosis, keyed by (scenario, check id). A check that passes directly and fails through the
-# gateway without being listed here fails the test; a listed one that passes again is reported
-# (a warning) so the list stays precise. Details in tests/conformance/README.rst.
-KNOWN_GATEWAY_FAILURES: dict[Key, str] = {
-    ("server-sse-multiple-streams", "server-sse-streams-functional"):
-        "spec-permitted, not a bug: the gateway answers a request that produces no "
-        "server-to-client message (here tools/list) with application/json rather than an SSE "
-        "stream; the suite then reports INFO ('SSE streaming is optional') instead of SUCCESS",
+# diagnosis, keyed by suite label, then (scenario, check id). A check that passes directly and
+# fails through the gateway without being listed here fails the test; a listed one that passes
+# again is reported (a warning) so the list stays precise. Details in
+# tests/conformance/README.rst.
+KNOWN_GATEWAY_FAILURES: dict[str, dict[Key, str]] = {
+    STABLE.label: {
+        ("server-sse-multiple-streams", "server-sse-streams-functional"):
+            "spec-permitted, not a bug: the gateway answers a request that produces no "
+            "server-to-client message (here tools/list) with application/json rather than an "
+            "SSE stream; the suite then reports INFO ('SSE streaming is optional') instead of "
+            "SUCCESS",
+    },
+    NEXT.label: {
+        # The suite, not the gateway: these two scenarios send their requests with their own
+        # HTTP helper, which builds the request line from URL.pathname and drops the query, so
+        # the `?key=` API key never arrives and every request is answered 401 before any
+        # header validation. (The fixture has no auth, so directly they pass.)
+        **{("http-header-validation", check): "suite drops the URL query (?key=) in its raw "
+           "request helper: 401 before header validation"
+           for check in ("sep-2243-header-name-case-insensitive",
+                         "sep-2243-server-accepts-whitespace-header-value",
+                         "sep-2243-server-reject-error-code",
+                         "sep-2243-server-reject-invalid-headers")},
+        **{("http-custom-header-server-validation", check): "suite drops the URL query "
+           "(?key=) in its raw request helper: 401 before Mcp-Param validation"
+           for check in ("sep-2243-server-decode-base64",
+                         "sep-2243-server-reject-invalid-param-chars",
+                         "sep-2243-server-reject-param-mismatch",
+                         "sep-2243-server-validate-param-match")},
+        # Bridging a handshake-era upstream (how the gateway talks to it, stdio or HTTP) into
+        # input_required: the gateway names the questions itself (elicitation-create-1, ...),
+        # asks them one at a time as the upstream sends them, and keeps one requestState for
+        # the whole exchange.
+        ("input-required-result-basic-elicitation", "sep-2322-elicitation-incomplete"):
+            "bridged question keys are the gateway's ('elicitation-create-1'); the scenario "
+            "insists on the key 'user_name' (the spec leaves keys to the server)",
+        ("input-required-result-basic-elicitation", "sep-2322-elicitation-complete"):
+            "not run: follows from sep-2322-elicitation-incomplete",
+        ("input-required-result-ignore-extra-params", "sep-2322-ignore-unexpected-params"):
+            "WARNING: the scenario answers the key 'user_name', which the bridged exchange "
+            "never asked, so the call is asked again instead of completing",
+        ("input-required-result-multiple-input-requests", "sep-2322-multiple-inputs-incomplete"):
+            "a handshake-era upstream sends its three requests one after another (each awaits "
+            "its answer), so each round bridges one question, never the three at once",
+        ("input-required-result-multiple-input-requests", "sep-2322-multiple-inputs-complete"):
+            "not run: follows from sep-2322-multiple-inputs-incomplete",
+        ("input-required-result-multi-round", "sep-2322-multi-round-r2"):
+            "GATEWAY: the second round's input_required repeats the first round's "
+            "requestState (one Exchange.state per call); the scenario requires it to change",
+        ("input-required-result-multi-round", "sep-2322-multi-round-r3"):
+            "not run: follows from sep-2322-multi-round-r2",
+        # Gateway-side: the client's declared capabilities are not enforced when bridging.
+        ("input-required-result-capability-check", "sep-2322-respect-client-capabilities"):
+            "GATEWAY: the upstream sees the gateway's own capabilities (all of them), asks "
+            "for elicitation, and the gateway bridges it although the modern client declared "
+            "only sampling in _meta clientCapabilities",
+        ("server-stateless", "sep-2575-server-rejects-undeclared-capability"):
+            "GATEWAY: a sampling request from the upstream is bridged into input_required "
+            "although the client declared no sampling capability; MUST be -32021",
+        ("server-stateless", "sep-2575-missing-capability-http-400"):
+            "follows from sep-2575-server-rejects-undeclared-capability (no -32021 to check)",
+        ("server-stateless", "sep-2575-server-unsupported-version-error"):
+            "GATEWAY: -32022's data.supported lists the handshake versions too, while "
+            "server/discover's supportedVersions lists only 2026-07-28; the suite requires "
+            "every version in the error to be in discover's list",
+        ("server-stateless", "sep-2575-http-server-method-not-found-404-initialize"):
+            "GATEWAY: a modern-era POST of 'initialize' (MCP-Protocol-Version: 2026-07-28) is "
+            "taken as a handshake and refused 400 -32022; 2026-07-28 removed the method: "
+            "404 -32601 expected",
+        ("sep-2164-resource-not-found", "sep-2164-error-code"):
+            "WARNING: the handshake-era upstream's -32002 'resource not found' is passed "
+            "through; 2026-07-28 (SEP-2164) standardizes -32602, the fixture answers -32602 "
+            "directly. The gateway does not translate error codes between eras",
+        # Vacuous direct passes: the fixture lacks the scenario's diagnostic tool; the SDK
+        # answers an unknown tool with an isError CallToolResult (resultType complete), which
+        # these checks accept, the gateway answers JSON-RPC -32602 'unknown tool' (as the
+        # 2025-11-25 spec says) and the suite reports 'not testable'.
+        **{key: "vacuous direct pass: tool absent from the fixture (SDK: isError result; "
+           "gateway: -32602 unknown tool)"
+           for key in (("server-stateless", "sep-2575-http-server-no-independent-requests-on-stream"),
+                       ("server-stateless", "sep-2575-server-no-log-without-loglevel"),
+                       ("tasks-capability-negotiation", "sep-2663-server-rejects-undeclared-client"),
+                       ("tasks-dispatch-and-envelope", "sep-2663-legacy-task-param-ignored"),
+                       ("tasks-dispatch-and-envelope", "tasks-immediate-result-shortcut"),
+                       ("tasks-dispatch-and-envelope",
+                        "tasks-result-type-complete-on-non-task-responses"),
+                       ("tasks-lifecycle", "tasks-sync-tool-call"))},
+    },
 }
 
-# The fixture implements everything the pinned suite (0.1.x) asks for: this many checks pass.
-DIRECT_MINIMUM = 44
+# The fixture implements everything each suite asks for: at least this many checks pass.
+DIRECT_MINIMUM = {STABLE.label: 44, NEXT.label: 167}
+SUITES = pytest.mark.parametrize("suite", [STABLE, NEXT], ids=lambda suite: suite.label)
 
 
 @functools.cache
-def direct_run() -> Run:
+def direct_run(suite: Suite) -> Run:
     """The suite against the fixture over Streamable HTTP (once per test session)."""
     fixture = HttpFixture()
     try:
-        return run_suite(fixture.url, keep="direct")
+        return run_suite(fixture.url, keep=f"{suite.label}/direct", suite=suite)
     finally:
         fixture.stop()
 
 
-@pytest.fixture
-def tools_present() -> None:
-    reason = missing_tools()
+def require_tools(suite: Suite) -> None:
+    reason = missing_tools(suite)
     if reason:
         pytest.fail(reason)  # make test installs them; a missing suite is a failure, not a skip
 
@@ -85,53 +170,66 @@ def add_server(daemon: Daemon, owner: Account, server: dict[str, Any]) -> str:
     return f"{daemon.base}/playbooks/conformance/mcp?key={owner.key}"
 
 
-def compare(direct: Run, gateway: Run, label: str) -> None:
+def compare(suite: Suite, direct: Run, gateway: Run, label: str) -> None:
     """Fails on every check that passed directly but not through the gateway, unless listed."""
+    known_failures = KNOWN_GATEWAY_FAILURES[suite.label]
     direct_passed, gateway_passed = direct.passed(), gateway.passed()
     lost = {key: count - gateway_passed[key] for key, count in direct_passed.items()
             if count > gateway_passed[key]}
     d_pass, d_fail = direct.counts()
     g_pass, g_fail = gateway.counts()
-    print(f"\nconformance {suite_version()}: direct {d_pass} passed, {d_fail} failed "
-          f"({direct.seconds:.1f}s); through the gateway ({label}) {g_pass} passed, "
+    print(f"\nconformance {suite.version()} ({suite.label}): direct {d_pass} passed, {d_fail} "
+          f"failed ({direct.seconds:.1f}s); through the gateway ({label}) {g_pass} passed, "
           f"{g_fail} failed ({gateway.seconds:.1f}s)")
     for key in sorted(lost):
         checks = [describe(check) for check in gateway.of(key) if check.status != "SUCCESS"]
-        known = "known: " + KNOWN_GATEWAY_FAILURES[key] if key in KNOWN_GATEWAY_FAILURES else "NEW"
+        known = "known: " + known_failures[key] if key in known_failures else "NEW"
         print(f"  gateway-only failure [{known}] {' | '.join(checks) or key}")
-    stale = sorted(key for key in KNOWN_GATEWAY_FAILURES if key not in lost)
+    stale = sorted(key for key in known_failures if key not in lost)
     if stale:
-        warnings.warn(f"KNOWN_GATEWAY_FAILURES lists checks that now pass through the gateway "
-                      f"({label}), remove them: {stale}", stacklevel=2)
+        warnings.warn(f"KNOWN_GATEWAY_FAILURES[{suite.label!r}] lists checks that now pass "
+                      f"through the gateway ({label}), remove them: {stale}", stacklevel=2)
     new = {key: [describe(check) for check in gateway.of(key)] or ["(check not run)"]
-           for key in lost if key not in KNOWN_GATEWAY_FAILURES}
-    assert not new, (f"checks that pass directly but fail through the gateway ({label}):\n"
+           for key in lost if key not in known_failures}
+    assert not new, (f"checks that pass directly but fail through the gateway ({label}, "
+                     f"{suite.label}):\n"
                      + "\n".join(f"  {key}: {details}" for key, details in sorted(new.items())))
 
 
-def test_fixture_passes_the_whole_suite_directly(tools_present: None) -> None:
-    direct = direct_run()
+@SUITES
+def test_fixture_passes_the_whole_suite_directly(suite: Suite) -> None:
+    require_tools(suite)
+    direct = direct_run(suite)
     passed, failed = direct.counts()
-    print(f"\nconformance {suite_version()} against the fixture: {passed} passed, "
-          f"{failed} failed in {direct.seconds:.1f}s ({direct.total_line})")
-    assert not direct.failed(), "\n".join(describe(check) for check in direct.failed())
-    assert passed >= DIRECT_MINIMUM, direct.output[-3000:]
+    print(f"\nconformance {suite.version()} ({suite.label}) against the fixture: {passed} "
+          f"passed, {failed} failed in {direct.seconds:.1f}s ({direct.total_line})")
+    # Failures in what the revision runs without scoring (the tasks extension) are allowed.
+    unscored = not_scored(suite)
+    scored_failures = [check for check in direct.failed() if check.scenario not in unscored]
+    assert not scored_failures, "\n".join(describe(check) for check in scored_failures)
+    assert passed >= DIRECT_MINIMUM[suite.label], direct.output[-3000:]
 
 
+@SUITES
 def test_every_direct_pass_also_passes_through_a_stdio_playbook(
-        tools_present: None, director: tuple[Daemon, Account]) -> None:
+        suite: Suite, director: tuple[Daemon, Account]) -> None:
+    require_tools(suite)
     daemon, owner = director
     url = add_server(daemon, owner, {"name": "fixture", "type": "stdio",
                                      "command": sys.executable, "args": [str(FIXTURE)]})
-    compare(direct_run(), run_suite(url, keep="gateway-stdio"), "stdio upstream")
+    compare(suite, direct_run(suite),
+            run_suite(url, keep=f"{suite.label}/gateway-stdio", suite=suite), "stdio upstream")
 
 
+@SUITES
 def test_every_direct_pass_also_passes_through_an_http_playbook(
-        tools_present: None, director: tuple[Daemon, Account]) -> None:
+        suite: Suite, director: tuple[Daemon, Account]) -> None:
+    require_tools(suite)
     daemon, owner = director
     fixture = HttpFixture()
     try:
         url = add_server(daemon, owner, {"name": "fixture", "type": "http", "url": fixture.url})
-        compare(direct_run(), run_suite(url, keep="gateway-http"), "HTTP upstream")
+        compare(suite, direct_run(suite),
+                run_suite(url, keep=f"{suite.label}/gateway-http", suite=suite), "HTTP upstream")
     finally:
         fixture.stop()

@@ -20,13 +20,15 @@ import base64
 import itertools
 import json
 import weakref
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import mcp_types as types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.prompts.base import UserMessage
+from mcp.server.mcpserver.resolve import Elicit, ListRoots, Resolve, Sample
 from mcp.server.streamable_http import EventMessage, EventStore
+from pydantic import BaseModel
 
 # A 1x1 red PNG and a tiny WAV (RIFF header, two bytes of samples).
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIA"
@@ -214,11 +216,180 @@ def json_schema_2020_12_tool(name: str = "", address: dict[str, Any] | None = No
 server._tool_manager.get_tool("json_schema_2020_12_tool").parameters = {  # type: ignore[union-attr]
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "$defs": {"address": {"type": "object", "properties": {"street": {"type": "string"},
-                                                            "city": {"type": "string"}}}},
-    "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"}},
+    "$defs": {"address": {"$anchor": "addressDef", "type": "object",
+                          "properties": {"street": {"type": "string"},
+                                         "city": {"type": "string"}}}},
+    "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"},
+                   "contactMethod": {"type": "string", "enum": ["phone", "email"]},
+                   "phone": {"type": "string"}, "email": {"type": "string"}},
+    # SEP-2106's broader vocabulary (the 0.2 suite checks that it is preserved).
+    "allOf": [{"anyOf": [{"required": ["phone"]}, {"required": ["email"]}]}],
+    "if": {"properties": {"contactMethod": {"const": "phone"}}, "required": ["contactMethod"]},
+    "then": {"required": ["phone"]},
+    "else": {"required": ["email"]},
     "additionalProperties": False,
 }
+
+
+@server.tool(description="Mirrors its 'region' argument into the Mcp-Param-Region header "
+             "(x-mcp-header, SEP-2243; 2026-07-28).")
+def test_custom_header(region: str) -> str:
+    return f"region={region}"
+
+
+server._tool_manager.get_tool("test_custom_header").parameters = {  # type: ignore[union-attr]
+    "type": "object",
+    "properties": {"region": {"type": "string", "x-mcp-header": "Region"}},
+    "required": ["region"],
+}
+
+
+# --- multi round-trip requests (SEP-2322, 2026-07-28) --------------------------------------
+# Written with the SDK's resolvers, which speak both eras: on 2026-07-28 a question becomes an
+# InputRequiredResult (its key is the resolver's module:qualname, its requestState sealed by the
+# SDK), on the handshake era (how Director talks to its upstreams) a server-to-client request
+# sent during the call. The keys the suite's descriptions show ("user_name", ...) are examples:
+# the scenarios answer whatever keys they are given.
+
+
+class Name(BaseModel):
+    name: str
+
+
+class Confirm(BaseModel):
+    ok: bool
+
+
+class Color(BaseModel):
+    color: str
+
+
+class PromptContext(BaseModel):
+    context: str
+
+
+def user_name() -> Elicit[Name]:
+    return Elicit("What is your name?", Name)
+
+
+def capital_question() -> Sample:
+    return Sample([types.SamplingMessage(role="user", content=text(
+        "What is the capital of France?"))], max_tokens=100)
+
+
+def greeting() -> Sample:
+    return Sample([types.SamplingMessage(role="user", content=text("Generate a greeting"))],
+                  max_tokens=50)
+
+
+def client_roots() -> ListRoots:
+    return ListRoots()
+
+
+def confirm() -> Elicit[Confirm]:
+    return Elicit("Please confirm", Confirm)
+
+
+def step1() -> Elicit[Name]:
+    return Elicit("Step 1: What is your name?", Name)
+
+
+def step2(first: Annotated[Name, Resolve(step1)]) -> Elicit[Color]:
+    return Elicit("Step 2: What is your favorite color?", Color)
+
+
+def sampled_text(result: types.CreateMessageResult) -> str:
+    content = result.content
+    return content.text if isinstance(content, types.TextContent) else str(content)
+
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@server.tool(description="SEP-2322: asks for the user's name (elicitation).")
+async def test_input_required_result_elicitation(
+        ctx: Context) -> types.CallToolResult | types.InputRequiredResult:
+    # By hand rather than with a resolver: the scenarios insist on the key "user_name".
+    if ctx.protocol_version != "2026-07-28":
+        result = await elicit(ctx, "What is your name?", NAME_SCHEMA)
+        content = result.content or {}
+    else:
+        answer = (ctx.input_responses or {}).get("user_name")
+        content = getattr(answer, "content", None)
+        if getattr(answer, "action", None) != "accept" or not isinstance(content, dict) \
+                or not isinstance(content.get("name"), str):
+            return types.InputRequiredResult(input_requests={
+                "user_name": types.ElicitRequest(params=types.ElicitRequestFormParams(
+                    message="What is your name?", requested_schema=NAME_SCHEMA))})
+    return types.CallToolResult(content=[text(f"Hello, {content.get('name')}!")])
+
+
+@server.tool(description="SEP-2322: asks the client's model (sampling).")
+def test_input_required_result_sampling(
+        answer: Annotated[types.CreateMessageResult, Resolve(capital_question)]) -> str:
+    return f"The model answered: {sampled_text(answer)}"
+
+
+@server.tool(description="SEP-2322: asks for the client's roots.")
+def test_input_required_result_list_roots(
+        roots: Annotated[types.ListRootsResult, Resolve(client_roots)]) -> str:
+    return "Roots: " + ", ".join(str(root.uri) for root in roots.roots)
+
+
+@server.tool(description="SEP-2322: a confirmation whose answer rides the sealed requestState.")
+def test_input_required_result_request_state(
+        confirmed: Annotated[Confirm, Resolve(confirm)]) -> str:
+    return f"state-ok (confirmed={confirmed.ok})"
+
+
+@server.tool(description="SEP-2322: elicitation, sampling and roots in one round.")
+def test_input_required_result_multiple_inputs(
+        person: Annotated[Name, Resolve(user_name)],
+        answer: Annotated[types.CreateMessageResult, Resolve(greeting)],
+        roots: Annotated[types.ListRootsResult, Resolve(client_roots)]) -> str:
+    return (f"All inputs received: {person.name}, {sampled_text(answer)}, "
+            f"{len(roots.roots)} root(s)")
+
+
+@server.tool(description="SEP-2322: two questions, one per round, then the answer.")
+def test_input_required_result_multi_round(
+        person: Annotated[Name, Resolve(step1)],
+        color: Annotated[Color, Resolve(step2)]) -> str:
+    return f"{person.name} likes {color.color}"
+
+
+@server.tool(description="SEP-2322: a round whose requestState is sealed (tampering is refused).")
+def test_input_required_result_tampered_state(
+        confirmed: Annotated[Confirm, Resolve(confirm)]) -> str:
+    return f"confirmed={confirmed.ok}"
+
+
+def name_if_elicitable(ctx: Context) -> Elicit[Name] | Name:
+    capabilities = ctx.client_capabilities
+    if capabilities is not None and capabilities.elicitation is not None:
+        return Elicit("What is your name?", Name)
+    return Name(name="(not asked: no elicitation capability)")
+
+
+def greeting_if_samplable(ctx: Context) -> Sample | str:
+    capabilities = ctx.client_capabilities
+    if capabilities is not None and capabilities.sampling is not None:
+        return greeting()
+    return "(not asked: no sampling capability)"
+
+
+@server.tool(description="SEP-2322: asks only what the client declared it can answer.")
+def test_input_required_result_capabilities(
+        person: Annotated[Name, Resolve(name_if_elicitable)],
+        answer: Annotated[Any, Resolve(greeting_if_samplable)]) -> str:
+    said = sampled_text(answer) if isinstance(answer, types.CreateMessageResult) else answer
+    return f"{person.name} / {said}"
+
+
+@server.tool(description="Needs sampling: a client that did not declare it gets -32021 (SEP-2575).")
+def test_missing_capability(
+        answer: Annotated[types.CreateMessageResult, Resolve(greeting)]) -> str:
+    return sampled_text(answer)
 
 
 # --- resources -----------------------------------------------------------------------------
@@ -299,6 +470,24 @@ def test_prompt_with_image() -> list[UserMessage]:
         UserMessage(types.ImageContent(type="image", data=PNG, mime_type="image/png")),
         UserMessage(text("Please analyze the image above.")),
     ]
+
+
+@server.prompt(description="SEP-2322: asks (elicitation) which context to use")
+async def test_input_required_result_prompt(ctx: Context) -> Any:
+    message = "What context should the prompt use?"
+    schema = {"type": "object", "properties": {"context": {"type": "string"}},
+              "required": ["context"]}
+    if ctx.protocol_version == "2026-07-28":
+        answer = (ctx.input_responses or {}).get("user_context")
+        if answer is None:
+            return types.InputRequiredResult(input_requests={
+                "user_context": types.ElicitRequest(params=types.ElicitRequestFormParams(
+                    message=message, requested_schema=schema))})
+        content = getattr(answer, "content", None) or {}
+    else:
+        result = await elicit(ctx, message, schema)
+        content = result.content or {}
+    return [UserMessage(text(f"Use this context: {content.get('context', '')}"))]
 
 
 CANDIDATES = {"arg1": ["paris", "park", "party", "test-value"], "arg2": ["alpha", "beta"],

