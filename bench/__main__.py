@@ -6,10 +6,11 @@ start-to-healthy: external, embedded fresh, embedded existing), ``memory`` (idle
 (the cost of ``GET /api/health``), ``accounts`` (API key resolution, ``/api/v1/me``, a rate
 limit shared by two instances), ``playbooks`` (propagation between two instances, 10,000
 playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput of
-``tools/call``, idle sessions with streams, ``list_changed`` fan-out) and ``ops`` (what
-``METRICS_LISTEN`` costs a proxied ``tools/call``). A group that fails is reported and the
-others still run. Everything runs under one ``Reaper`` and in one throwaway directory under
-/tmp (kept only when the run fails, for its logs).
+``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
+``METRICS_LISTEN`` costs a proxied ``tools/call``) and ``modern`` (the stateless era:
+a modern ``tools/call`` next to a handshake-era one, two instances without affinity). A group
+that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
+one throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import attrs
 
 import twisted
-from bench import accounts, mcp, memory, ops, playbooks, startup, throughput, wrk
+from bench import accounts, mcp, memory, modern, ops, playbooks, startup, throughput, wrk
 from bench.daemon import log_findings
 from bench.database import ExternalDatabase, start_external_database
 from bench.probe import ProbeError
@@ -154,10 +155,19 @@ def _ops(c: Context) -> list[Figure]:
                                 duration=2.0 if c.quick else 3.0)
 
 
+def _modern(c: Context) -> list[Figure]:
+    duration = 2.0 if c.quick else 3.0
+    return (modern.modern_vs_handshake(c.reaper, c.workdir, c.database.url,
+                                       rounds=2 if c.quick else 6, duration=duration)
+            + modern.two_instances(c.reaper, c.workdir, c.database.url,
+                                   rounds=1 if c.quick else 3, duration=duration))
+
+
 #: Every group of figures, in the order they run.
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
+    "modern": _modern,
 }
 
 

@@ -8,7 +8,14 @@ flight on each. ``python -m bench.mcpload direct --sessions S -- CMD…`` starts
 echo server) with pipes, does the same handshake over stdin/stdout, and keeps ``S`` calls in
 flight on the one pipe: what a client of the echo server gets without any gateway.
 
-Both print one JSON object like ``bench.loadgen``'s (``requests_per_second`` is calls/s,
+``python -m bench.mcpload modern --port N[,M…] --playbook ID --key K --sessions S`` speaks
+the stateless era (2026-07-28): no handshake, every call one self-contained POST (routing
+headers ``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name``; ``params._meta`` with the
+protocol version, client capabilities and client info). Each of the ``S`` workers keeps one
+call in flight and holds one keep-alive connection per port; with several ports its calls go
+to them in turn (round-robin, no affinity of any kind).
+
+All print one JSON object like ``bench.loadgen``'s (``requests_per_second`` is calls/s,
 latencies are per call in ms over the window after ``--warmup``, ``responses_total`` counts
 every call of the run for the caller's CPU-per-call division), plus ``bad_answers``: calls
 whose answer was not the echoed text (a JSON-RPC error, ``isError``, a wrong status).
@@ -43,6 +50,23 @@ def initialize_message(request_id: int = 0) -> bytes:
     return _json({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": {
         "protocolVersion": PROTOCOL_VERSION, "capabilities": {},
         "clientInfo": {"name": "director-bench", "version": "1"}}})
+
+
+MODERN_VERSION = "2026-07-28"
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+               "io.modelcontextprotocol/clientCapabilities": {},
+               "io.modelcontextprotocol/clientInfo": {"name": "director-bench", "version": "1"}}
+
+
+def modern_call(port: int, path: str, key: str, request_id: int) -> bytes:
+    body = _json({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+                  "params": {"name": "echo", "arguments": {"text": _TEXT},
+                             "_meta": MODERN_META}})
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "accept: application/json, text/event-stream\r\n"
+            f"content-type: application/json\r\nx-api-key: {key}\r\n"
+            f"mcp-protocol-version: {MODERN_VERSION}\r\nmcp-method: tools/call\r\n"
+            f"mcp-name: echo\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
 
 
 INITIALIZED = _json({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -155,6 +179,107 @@ class GatewaySession(asyncio.Protocol):
             self.done.set_result(None)
 
 
+class ModernWorker:
+    """One call in flight, sent to each of its connections (one per port) in turn."""
+
+    def __init__(self, ports: list[int], playbook: str, key: str, tally: Tally,
+                 counts: Counts, done: asyncio.Future[None]) -> None:
+        self.ports, self.key, self.tally, self.counts, self.done = ports, key, tally, counts, done
+        self.path = f"/playbooks/{playbook}/mcp"
+        self.connections: list[ModernConnection] = []
+        self.turn = 0
+        self.next_id = 1
+        self.sent = 0
+        self.closing = False
+        self.per_port = [0] * len(ports)
+
+    def start(self) -> None:
+        self._send_call()
+
+    def _send_call(self) -> None:
+        now = time.perf_counter_ns()
+        if self.tally.finished(now):
+            self.closing = True
+            for connection in self.connections:
+                if connection.transport is not None:
+                    connection.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.sent = now
+        index = self.turn % len(self.connections)
+        self.turn += 1
+        connection = self.connections[index]
+        assert connection.transport is not None
+        connection.transport.write(modern_call(self.ports[index], self.path, self.key,
+                                               self.next_id))
+        self.next_id += 1
+
+    def answered(self, index: int, status: int, body: bytes) -> None:
+        self.tally.record(status, self.sent, time.perf_counter_ns())
+        if self.tally.window_start <= self.sent:
+            self.per_port[index] += 1
+        if status != 200 or _EXPECTED not in body or b'"isError":true' in body:
+            self.counts.bad(f"port {self.ports[index]}: {status} {body[:200]!r}")
+        self._send_call()
+
+    def lost(self) -> None:
+        if not self.closing:
+            self.tally.lost_connections += 1
+            self.closing = True
+            if not self.done.done():
+                self.done.set_result(None)
+
+
+class ModernConnection(asyncio.Protocol):
+    def __init__(self, worker: ModernWorker, index: int) -> None:
+        self.worker, self.index = worker, index
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (message := take_message(self.buffer)) is not None:
+            status, _, body = message
+            self.worker.answered(self.index, status, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.lost()
+
+
+async def modern(ports: list[int], playbook: str, key: str, sessions: int, duration: float,
+                 warmup: float, max_calls: int) -> tuple[Tally, Counts, list[int]]:
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter_ns()
+    window_start = start + int(warmup * 1e9)
+    tally = Tally(window_start, window_start + int(duration * 1e9), max_calls, 200)
+    counts = Counts()
+    dones = [loop.create_future() for _ in range(sessions)]
+    workers = [ModernWorker(ports, playbook, key, tally, counts, done) for done in dones]
+    transports = []
+    for worker in workers:
+        for index, port in enumerate(ports):
+            transport, connection = await loop.create_connection(
+                lambda w=worker, i=index: ModernConnection(w, i), HOST, port)  # type: ignore[misc]
+            worker.connections.append(connection)
+            transports.append(transport)
+    for worker in workers:
+        worker.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*dones), warmup + duration + _GRACE_SECONDS)
+    except TimeoutError:
+        pass
+    finally:
+        for transport in transports:
+            transport.abort()
+    per_port = [sum(worker.per_port[i] for worker in workers) for i in range(len(ports))]
+    return tally, counts, per_port
+
+
 async def gateway(port: int, playbook: str, key: str, sessions: int, duration: float,
                   warmup: float, max_calls: int) -> tuple[Tally, Counts]:
     loop = asyncio.get_running_loop()
@@ -262,8 +387,8 @@ async def direct(command: list[str], in_flight: int, duration: float, warmup: fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("gateway", "direct"))
-    parser.add_argument("--port", type=int, help="gateway: port on 127.0.0.1")
+    parser.add_argument("mode", choices=("gateway", "direct", "modern"))
+    parser.add_argument("--port", help="gateway: port on 127.0.0.1; modern: port[,port…]")
     parser.add_argument("--playbook", help="gateway: the playbook id")
     parser.add_argument("--key", help="gateway: the API key")
     parser.add_argument("--sessions", type=int, default=1,
@@ -278,17 +403,23 @@ def main() -> int:
     if not (1 <= arguments.sessions <= 1024 and 0 < arguments.duration <= 60
             and 0 <= arguments.warmup <= 10 and 1 <= arguments.max_calls <= 10_000_000):
         parser.error("out of bounds: 1-1024 sessions, duration ≤ 60 s, warmup ≤ 10 s")
-    if arguments.mode == "gateway" and not (arguments.port and arguments.playbook
+    if arguments.mode in ("gateway", "modern") and not (arguments.port and arguments.playbook
                                             and arguments.key):
         parser.error("gateway needs --port, --playbook and --key")
     if arguments.mode == "direct" and not arguments.command:
         parser.error("direct needs the server's command after --")
     gc.disable()  # bounded run; collector pauses would show up as client-side latency
     cpu_before, wall_before = sum(os.times()[:2]), time.monotonic()
+    per_port: list[int] | None = None
     try:
-        if arguments.mode == "gateway":
+        if arguments.mode == "modern":
+            tally, counts, per_port = asyncio.run(modern(
+                [int(port) for port in arguments.port.split(",")], arguments.playbook,
+                arguments.key, arguments.sessions, arguments.duration, arguments.warmup,
+                arguments.max_calls))
+        elif arguments.mode == "gateway":
             tally, counts = asyncio.run(gateway(
-                arguments.port, arguments.playbook, arguments.key, arguments.sessions,
+                int(arguments.port), arguments.playbook, arguments.key, arguments.sessions,
                 arguments.duration, arguments.warmup, arguments.max_calls))
         else:
             tally, counts = asyncio.run(direct(
@@ -301,6 +432,9 @@ def main() -> int:
     result = summary(tally, arguments.duration, arguments.sessions, cpu, wall)
     result.update(mode=arguments.mode, bad_answers=counts.bad_answers,
                   setup_failures=counts.setup_failures, first_error=counts.first_error)
+    if per_port is not None:
+        result.update(calls_per_port=per_port,
+                      ok_in_window=tally.statuses.get(200, 0) - counts.bad_answers)
     print(json.dumps(result))
     return 0
 
