@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from director.web.errors import install_error_handlers, write_json
@@ -44,4 +45,36 @@ class DirectorApp:
         return write_json(request, 503, {"status": "unavailable", "reason": reason})
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _PlaybooksShortcut(self.app.resource(), self.mcp.resource())
+
+
+class _PlaybooksShortcut(Resource):
+    """Hands ``/playbooks/…`` to the MCP routes' resource exactly as the ``/playbooks/``
+    branch route above would (one path segment moved to ``prepath``), without a first Klein
+    dispatch: a URL map match, a Deferred chain and two ``notifyFinish`` Deferreds per request
+    (which an open stream would hold for its whole life). Paths the branch route would not
+    hand over as they are (``//``, which it redirects; non-UTF-8, which it refuses) still go
+    through it."""
+
+    isLeaf = True
+
+    def __init__(self, application: Resource, mcp: Resource) -> None:
+        super().__init__()
+        self.application = application
+        self.mcp = mcp
+
+    def render(self, request: Request) -> Any:
+        postpath = request.postpath
+        if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
+                and not request.prepath:
+            joined = b"/".join(postpath)
+            if b"//" not in joined:
+                try:
+                    joined.decode("utf-8")
+                except UnicodeDecodeError:
+                    return self.application.render(request)
+                assert request.prepath is not None
+                request.prepath.append(b"playbooks")
+                request.postpath = postpath[1:]
+                return self.mcp.render(request)
+        return self.application.render(request)
