@@ -98,14 +98,6 @@ KNOWN_GATEWAY_FAILURES: dict[str, dict[Key, str]] = {
             "although the client declared no sampling capability; MUST be -32021",
         ("server-stateless", "sep-2575-missing-capability-http-400"):
             "follows from sep-2575-server-rejects-undeclared-capability (no -32021 to check)",
-        ("server-stateless", "sep-2575-server-unsupported-version-error"):
-            "GATEWAY: -32022's data.supported lists the handshake versions too, while "
-            "server/discover's supportedVersions lists only 2026-07-28; the suite requires "
-            "every version in the error to be in discover's list",
-        ("server-stateless", "sep-2575-http-server-method-not-found-404-initialize"):
-            "GATEWAY: a modern-era POST of 'initialize' (MCP-Protocol-Version: 2026-07-28) is "
-            "taken as a handshake and refused 400 -32022; 2026-07-28 removed the method: "
-            "404 -32601 expected",
         ("sep-2164-resource-not-found", "sep-2164-error-code"):
             "WARNING: the handshake-era upstream's -32002 'resource not found' is passed "
             "through; 2026-07-28 (SEP-2164) standardizes -32602, the fixture answers -32602 "

@@ -200,9 +200,13 @@ def _header(request: Any, name: str) -> str | None:
 
 def is_modern_request(request: Any, message: Message) -> bool:
     """Whether a POST to the MCP endpoint belongs to the stateless era."""
-    if request.getHeader(b"mcp-session-id") is not None or message.get("method") == "initialize":
-        return False
     version = _header(request, PROTOCOL_VERSION_HEADER)
+    if message.get("method") == "initialize":
+        # initialize does not exist in the stateless era: under its version header it is an
+        # unknown method (404 -32601), otherwise the start of a handshake-era session.
+        return version in MODERN_VERSIONS
+    if request.getHeader(b"mcp-session-id") is not None:
+        return False
     if version is not None and version not in LEGACY_VERSIONS:
         return True
     params = message.get("params")
@@ -223,7 +227,9 @@ def unsupported(requested: Any) -> Rejection:
                      f"Unsupported protocol version {requested!r}: this server speaks "
                      f"{', '.join(MODERN_VERSIONS)} statelessly and {', '.join(LEGACY_VERSIONS)} "
                      f"after initialize",
-                     {"supported": list(SUPPORTED_VERSIONS), "requested": str(requested or "")})
+                     # Only what server/discover also lists (the handshake-era versions are
+                     # reached through initialize, named in the message).
+                     {"supported": list(MODERN_VERSIONS), "requested": str(requested or "")})
 
 
 def duplicated_routing_header(request: Any) -> str | None:
