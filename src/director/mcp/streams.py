@@ -57,7 +57,9 @@ class EventStream:
         self.on_close = on_close
         self.open = True
         self.paused_since: float | None = None
-        self._queue: deque[bytes] = deque()
+        # Created when first needed: an empty deque is ~600 bytes, and most streams never
+        # fall behind.
+        self._queue: deque[bytes] | None = None
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache, no-transform")
         request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer this response
@@ -71,7 +73,9 @@ class EventStream:
         if not self.open:
             return
         if self.paused_since is not None:
-            if len(self._queue) >= MAX_QUEUED_EVENTS:
+            if self._queue is None:
+                self._queue = deque()
+            elif len(self._queue) >= MAX_QUEUED_EVENTS:
                 log.warn("closing a stream whose reader fell {count} events behind",
                          count=len(self._queue))
                 self.abort()
@@ -107,8 +111,9 @@ class EventStream:
 
     def resumeProducing(self) -> None:
         self.paused_since = None
-        while self._queue and self.paused_since is None and self.open:
-            self.request.write(self._queue.popleft())
+        queue = self._queue
+        while queue and self.paused_since is None and self.open:
+            self.request.write(queue.popleft())
 
     def stopProducing(self) -> None:
         self.open = False
@@ -119,7 +124,7 @@ class EventStream:
         was_open = self.open
         self.open = False
         self.registry.discard(self)
-        self._queue.clear()
+        self._queue = None
         if was_open:
             self._closed()
 
@@ -180,12 +185,16 @@ class ReplayBuffer:
     def __init__(self, prefix: str, size: int = REPLAY_EVENTS) -> None:
         self.prefix = prefix
         self._counter = 0
-        self._events: deque[tuple[int, bytes]] = deque(maxlen=size)
+        self._size = size
+        # Created at the first event: most sessions never get one (an empty deque is ~600 B).
+        self._events: deque[tuple[int, bytes]] | None = None
 
     def record(self, data: bytes) -> bytes:
         """The framed event (with a fresh id), remembered for replay."""
         self._counter += 1
         chunk = frame(data, f"{self.prefix}-{self._counter}")
+        if self._events is None:
+            self._events = deque(maxlen=self._size)
         self._events.append((self._counter, chunk))
         return chunk
 
@@ -195,6 +204,7 @@ class ReplayBuffer:
         if prefix != self.prefix or not number.isdigit():
             return None
         seen = int(number)
-        if self._events and self._events[0][0] > seen + 1:
+        events = self._events or ()
+        if events and events[0][0] > seen + 1:
             return None  # a gap: events were dropped from the buffer
-        return [chunk for counter, chunk in self._events if counter > seen]
+        return [chunk for counter, chunk in events if counter > seen]

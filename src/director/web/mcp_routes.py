@@ -17,7 +17,8 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Request
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
@@ -54,6 +55,21 @@ def _error_response(request: Request, error: McpHttpError) -> bytes:
         request.setHeader(name.encode(), value.encode())
     body = jsonrpc.error(error.request_id, error.code, error.message, error.data)
     return json.dumps(body).encode()
+
+
+class _Streaming(Resource):
+    """What a stream route returns once its ``EventStream`` owns the response: Klein renders
+    it (``NOT_DONE_YET``) and leaves the request open. Nothing waits for the stream to end —
+    a coroutine suspended for the stream's whole life, with its Deferred chain, was most of
+    an idle session's memory after the request itself."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        return NOT_DONE_YET
+
+
+STREAMING = _Streaming()
 
 
 class McpRoutes:
@@ -227,9 +243,7 @@ class McpRoutes:
             # yet (a closed socket is only seen on the next write): the new one replaces it.
             assert session.channel.stream is not None
             session.channel.stream.finish()
-        closed: defer.Deferred[None] = defer.Deferred()
-        stream = EventStream(request, self.engine.streams,
-                             on_close=lambda _: closed.callback(None))
+        stream = EventStream(request, self.engine.streams)
         session.channel.stream = stream
         session.touch()
         if last_event_id is not None:
@@ -237,7 +251,7 @@ class McpRoutes:
             for chunk in missed or ():
                 stream.send(chunk)
         stream.comment(b"stream open")
-        await closed
+        return STREAMING
 
     @app.route("/<playbook_id>/mcp", methods=["DELETE"])
     async def delete(self, request: Request, playbook_id: str) -> bytes:
@@ -255,20 +269,15 @@ class McpRoutes:
     async def sse(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
         session = self.engine.create(principal.user.id, playbook, "sse")
-        closed: defer.Deferred[None] = defer.Deferred()
-
-        def ended(_: EventStream) -> None:
-            self.engine.end(session)
-            closed.callback(None)
-
-        stream = EventStream(request, self.engine.streams, on_close=ended)
+        stream = EventStream(request, self.engine.streams,
+                             on_close=lambda _: self.engine.end(session))
         session.channel.stream = stream
         endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
         if request.args.get(b"key") and principal.key is not None:
             endpoint += "&key=" + request.args[b"key"][0].decode("latin-1")
         stream.send(frame(endpoint.encode(), event="endpoint"))
         log.info("legacy SSE session opened", playbook_id=playbook.id, session=session.id[:8])
-        await closed
+        return STREAMING
 
     @app.route("/<playbook_id>/message", methods=["POST"])
     async def message(self, request: Request, playbook_id: str) -> bytes:
