@@ -83,21 +83,10 @@ KNOWN_GATEWAY_FAILURES: dict[str, dict[Key, str]] = {
             "its answer), so each round bridges one question, never the three at once",
         ("input-required-result-multiple-input-requests", "sep-2322-multiple-inputs-complete"):
             "not run: follows from sep-2322-multiple-inputs-incomplete",
-        ("input-required-result-multi-round", "sep-2322-multi-round-r2"):
-            "GATEWAY: the second round's input_required repeats the first round's "
-            "requestState (one Exchange.state per call); the scenario requires it to change",
-        ("input-required-result-multi-round", "sep-2322-multi-round-r3"):
-            "not run: follows from sep-2322-multi-round-r2",
-        # Gateway-side: the client's declared capabilities are not enforced when bridging.
         ("input-required-result-capability-check", "sep-2322-respect-client-capabilities"):
             "GATEWAY: the upstream sees the gateway's own capabilities (all of them), asks "
             "for elicitation, and the gateway bridges it although the modern client declared "
             "only sampling in _meta clientCapabilities",
-        ("server-stateless", "sep-2575-server-rejects-undeclared-capability"):
-            "GATEWAY: a sampling request from the upstream is bridged into input_required "
-            "although the client declared no sampling capability; MUST be -32021",
-        ("server-stateless", "sep-2575-missing-capability-http-400"):
-            "follows from sep-2575-server-rejects-undeclared-capability (no -32021 to check)",
         ("sep-2164-resource-not-found", "sep-2164-error-code"):
             "WARNING: the handshake-era upstream's -32002 'resource not found' is passed "
             "through; 2026-07-28 (SEP-2164) standardizes -32602, the fixture answers -32602 "

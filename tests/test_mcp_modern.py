@@ -149,7 +149,8 @@ def test_sdk_client_negotiates_2026_and_uses_everything(instance: Instance) -> N
     assert got["slow"].content[0].text == "done after 3 steps" and progress == [1, 2, 3]
     assert got["chatty"].content[0].text == "logged" and got["quiet"].content[0].text == "logged"
     assert json.dumps(logs).count("hello log") == 1 and "not asked for" not in json.dumps(logs)
-    assert "Sampling not supported" in str(got["ask"])
+    # A client that declared no sampling: the call fails with -32021 naming the capability.
+    assert "-32021" in str(got["ask"]) and "'sampling' capability" in str(got["ask"])
     assert got["legacy_version"] == "2025-11-25"
     assert got["legacy_echo"].content[0].text == "legacy"
 

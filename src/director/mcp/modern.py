@@ -140,6 +140,9 @@ ENVELOPE_KEYS = (PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META, CLIENT_INFO_ME
 
 HEADER_MISMATCH = -32020
 MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
+#: Which client capability each server→client request needs.
+ASKED_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation",
+                    "roots/list": "roots"}
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 #: JSON-RPC error code -> HTTP status for modern answers (unlisted codes: 200).
 HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400,
@@ -507,8 +510,12 @@ class Exchange:
     across the client's rounds (module docstring)."""
 
     def __init__(self, method: str, handling: defer.Deferred[Message], reactor: Any,
-                 on_done: Callable[[Exchange], object]) -> None:
+                 on_done: Callable[[Exchange], object],
+                 client_capabilities: dict[str, Any] | None = None) -> None:
         self.method = method
+        self.client_capabilities = client_capabilities or {}
+        #: Set when the upstream asked for something the client did not declare it can do.
+        self.refused: Message | None = None
         self.state = REQUEST_STATE_PREFIX + secrets.token_urlsafe(18)
         self.reactor = reactor
         self.on_done = on_done
@@ -543,6 +550,15 @@ class Exchange:
 
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """An upstream's request: held until the client's retry answers it."""
+        capability = ASKED_CAPABILITY.get(method)
+        if capability is not None and capability not in self.client_capabilities:
+            # The client's call fails with -32021 (it cannot answer); the upstream is told too.
+            message = (f"the server needs the client's {capability!r} capability for {method}, "
+                       f"which this request's clientCapabilities do not declare")
+            self.refused = jsonrpc.error(None, MISSING_REQUIRED_CLIENT_CAPABILITY, message,
+                                         {"requiredCapabilities": {capability: {}}})
+            self._poke()
+            raise ProtocolError(MISSING_REQUIRED_CLIENT_CAPABILITY, message)
         self._keys += 1
         key = f"{method.replace('/', '-')}-{self._keys}"
         waiting: defer.Deferred[Any] = defer.Deferred()
@@ -578,6 +594,8 @@ class Exchange:
     async def outcome(self) -> Message | None:
         """The call's response, or None when the client must be asked first."""
         while True:
+            if self.refused is not None:
+                return self.refused
             if self.response is not None:
                 return self.response
             if any(not waiting.called for _, waiting in self.asks.values()):
@@ -586,6 +604,8 @@ class Exchange:
             await self._wake
 
     def input_required(self) -> dict[str, Any]:
+        """This round's questions, under a fresh ``requestState`` (one per round)."""
+        self.state = REQUEST_STATE_PREFIX + secrets.token_urlsafe(18)
         self._stop_expiry()
         self._expiry = self.reactor.callLater(BRIDGE_WAIT_SECONDS, self._expire)
         return {"resultType": "input_required",
@@ -951,13 +971,17 @@ class ModernGateway:
 
             handling.addBoth(done)
             exchange = Exchange(message["method"], handling, self.engine.reactor,
-                                lambda finished: context.exchanges.pop(finished.state, None))
+                                lambda finished: context.exchanges.pop(finished.state, None),
+                                params.get("_meta", {}).get(CLIENT_CAPABILITIES_META))
             context.exchanges[exchange.state] = exchange
             channel.exchange = exchange
         response = await exchange.outcome()
         if response is None:
+            context.exchanges.pop(exchange.state, None)
+            round_result = exchange.input_required()  # rotates the requestState
+            context.exchanges[exchange.state] = exchange
             response = jsonrpc.result(message["id"], shape_result(
-                message["method"], exchange.input_required(), server_info(playbook)))
+                message["method"], round_result, server_info(playbook)))
         else:
             response = dict(response, id=message["id"])
         channel.finish(response)
