@@ -51,6 +51,9 @@ SERVER_CAPABILITIES = {
 }
 LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_changed",
                 "notifications/resources/list_changed")
+#: Each as ``SessionChannel`` writes it, encoded once for a fan-out to every session.
+LIST_CHANGED_ENCODED = {method: json_bytes(jsonrpc.notification(method))
+                        for method in LIST_CHANGED}
 
 
 class Channel(Protocol):
@@ -107,7 +110,11 @@ class SessionChannel:
         return self.stream is not None and self.stream.open
 
     def send(self, message: Message) -> None:
-        chunk = self.replay.record(json_bytes(message))
+        self.send_encoded(json_bytes(message))
+
+    def send_encoded(self, data: bytes) -> None:
+        """``send`` of a message already encoded (``json_bytes``)."""
+        chunk = self.replay.record(data)
         if self.stream is not None and self.stream.open:
             self.stream.send(chunk)
 
@@ -365,6 +372,13 @@ class DownstreamSession:
         if not self.closed:
             self.channel.send(message)
 
+    def notify_list_changed(self, method: str) -> None:
+        """``notify`` of a parameterless ``list_changed``, encoded once for all sessions."""
+        if type(self).notify is not DownstreamSession.notify:  # a subclass routes its own
+            self.notify(jsonrpc.notification(method))
+        elif not self.closed:
+            self.channel.send_encoded(LIST_CHANGED_ENCODED[method])
+
     # --- end ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -523,10 +537,10 @@ class McpEngine:
         prompts_changed = old is None or old.prompts != new.prompts or servers_changed
         for session in affected:
             if servers_changed:
-                session.notify(jsonrpc.notification("notifications/tools/list_changed"))
-                session.notify(jsonrpc.notification("notifications/resources/list_changed"))
+                session.notify_list_changed("notifications/tools/list_changed")
+                session.notify_list_changed("notifications/resources/list_changed")
             if prompts_changed:
-                session.notify(jsonrpc.notification("notifications/prompts/list_changed"))
+                session.notify_list_changed("notifications/prompts/list_changed")
 
     # --- the handshake --------------------------------------------------------------------
 

@@ -38,6 +38,8 @@ def frame(data: bytes, event_id: str | None = None, event: str | None = "message
         head += b"id: " + event_id.encode() + b"\n"
     if event is not None:
         head += b"event: " + event.encode() + b"\n"
+    if b"\n" not in data:  # JSON as json_bytes writes it: one line
+        return head + b"data: " + data + b"\n\n"
     body = b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
     return head + body + b"\n"
 
