@@ -150,7 +150,7 @@ def test_sdk_client_negotiates_2026_and_uses_everything(instance: Instance) -> N
     assert got["chatty"].content[0].text == "logged" and got["quiet"].content[0].text == "logged"
     assert json.dumps(logs).count("hello log") == 1 and "not asked for" not in json.dumps(logs)
     # A client that declared no sampling: the call fails with -32021 naming the capability.
-    assert "-32021" in str(got["ask"]) and "'sampling' capability" in str(got["ask"])
+    assert "-32021" in repr(got["ask"]) and "'sampling' capability" in str(got["ask"])
     assert got["legacy_version"] == "2025-11-25"
     assert got["legacy_echo"].content[0].text == "legacy"
 
