@@ -93,8 +93,24 @@ class DirectorRequest(server.Request):
     def process(self) -> None:
         site: Any = self.channel.site  # type: ignore[attr-defined]
         site.in_flight.add(self)
-        self.notifyFinish().addBoth(lambda _: site.in_flight.discard(self))
         super().process()
+
+    # Leaving ``site.in_flight`` where Twisted fires ``notifyFinish`` (finished, or the
+    # connection lost), not through a Deferred of its own: an open stream held one for its life.
+
+    def _cleanup(self) -> None:
+        self._leave_in_flight()
+        super()._cleanup()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._leave_in_flight()
+        super().connectionLost(reason)
+
+    def _leave_in_flight(self) -> None:
+        site = getattr(getattr(self, "channel", None), "site", None)
+        in_flight = getattr(site, "in_flight", None)
+        if in_flight is not None:
+            in_flight.discard(self)
 
     @property
     def _limit(self) -> int:
