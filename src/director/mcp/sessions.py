@@ -133,16 +133,33 @@ class DownstreamSession:
         self.initialized = False
         self.channel = SessionChannel(session_id)
         self.upstreams: dict[str, Upstream] = {}
-        self.aggregator = Aggregator(self._fetch, self._list)
+        # The aggregator and the subscriptions are created at first use: an idle session (a
+        # client holding its GET stream) never needs them, and they are ~0.7 KB of its memory.
+        self._aggregator: Aggregator | None = None
         self.in_flight: dict[Any, defer.Deferred[Any]] = {}
         self.call_channels: list[Channel] = []
         self.client_requests: dict[str, defer.Deferred[Any]] = {}
-        self.subscriptions: set[str] = set()
+        self._subscriptions: set[str] | None = None
         self.log_level: str | None = None
         self.last_active = time.monotonic()
         self.closed = False
 
     # --- helpers --------------------------------------------------------------------------
+
+    @property
+    def aggregator(self) -> Aggregator:
+        aggregator = self._aggregator
+        if aggregator is None:
+            aggregator = self._aggregator = Aggregator(self._fetch, self._list)
+        return aggregator
+
+    @property
+    def subscriptions(self) -> set[str]:
+        """The resource URIs this client subscribed to."""
+        subscriptions = self._subscriptions
+        if subscriptions is None:
+            subscriptions = self._subscriptions = set()
+        return subscriptions
 
     @property
     def playbook(self) -> Playbook:
@@ -508,7 +525,7 @@ class McpEngine:
             return
         for session in users:
             if method == "notifications/resources/updated":
-                if params.get("uri") in session.subscriptions:
+                if params.get("uri") in (session._subscriptions or ()):
                     session.notify(message)
             elif method in LIST_CHANGED:
                 session.notify(message)
