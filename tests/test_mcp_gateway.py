@@ -637,3 +637,14 @@ def test_deleting_a_playbook_ends_its_sessions(gateway: Gateway) -> None:
         stream.close()
     status, _, _ = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "ping"}, session)
     assert status == 404
+
+
+def test_unknown_mcp_paths_and_methods_are_404_and_405(gateway: Gateway) -> None:
+    key = {"x-api-key": gateway.owner.key}
+    status, _, body = gateway.daemon.request("GET", "/playbooks/ref/nope", headers=key)
+    assert status == 404 and json.loads(body)["error"]["message"].startswith("no such MCP")
+    status, headers, _ = gateway.daemon.request("PUT", "/playbooks/ref/mcp", b"{}", headers=key)
+    assert status == 405 and "POST" in headers["allow"]
+    status, _, _ = gateway.daemon.request("POST", "/playbooks/ref/sse", b"{}", headers=key)
+    assert status == 405
+    assert "unhandled error" not in gateway.daemon.output()

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from werkzeug.exceptions import HTTPException
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
@@ -99,6 +100,25 @@ class McpRoutes:
         return _error_response(request, McpHttpError(
             error.status, SERVER_ERROR, error.message, headers=error.headers,
             data={"code": error.code, **error.details}))
+
+    @app.handle_errors(HTTPException)
+    def unrouted(self, request: Request, failure: Failure) -> bytes:
+        """No such MCP route (404), a method it does not take (405), or a redirect."""
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        status = error.code or 404
+        headers = {}
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:
+            headers["Allow"] = ", ".join(sorted(allowed))
+        location = getattr(error, "new_url", None)
+        if location:
+            headers["Location"] = str(location)
+        reason = {404: "no such MCP endpoint", 405: "method not allowed here"}.get(
+            status, error.name)
+        return _error_response(request, McpHttpError(
+            status, SERVER_ERROR, f"{reason}: {request.method.decode()} "
+                                  f"{request.path.decode('latin-1')}", headers=headers))
 
     @app.handle_errors(Exception)
     def unexpected(self, request: Request, failure: Failure) -> bytes:
