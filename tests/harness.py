@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -205,3 +205,28 @@ class Daemon:
             self.process.wait(10)
         self._log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_servers(commands: list[list[str]], ports: list[int],
+                  env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Run ``commands`` (servers of the tests' own, on loopback) until each port listens;
+    stop them when the block ends."""
+    processes = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=dict(env) if env is not None else None)
+                 for argv in commands]
+    try:
+        deadline = time.monotonic() + 30
+        for port in ports:
+            while True:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+                time.sleep(0.1)
+        yield
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)

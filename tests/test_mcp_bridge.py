@@ -7,8 +7,6 @@ way or the other (``input_required`` ⇄ ``sampling/createMessage``)."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -21,8 +19,8 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from tests.accounts_helpers import Account, call, eventually, sign_up
-from tests.harness import Daemon, free_port
+from tests.accounts_helpers import Account, call, sign_up
+from tests.harness import Daemon, free_port, local_servers
 from tests.test_mcp_gateway import run
 
 StartDaemon = Callable[..., Daemon]
@@ -33,18 +31,9 @@ FIXTURE = str(Path(__file__).parent / "fixtures" / "modern_http_server.py")
 def upstreams() -> Iterator[dict[str, int]]:
     """The SDK's MCPServer restricted to one era each."""
     ports = {"modern": free_port(), "legacy": free_port()}
-    processes = [subprocess.Popen([sys.executable, FIXTURE, "--era", era, "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for era, port in ports.items()]
-    for port in ports.values():
-        def listening(port: int = port) -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        eventually(listening, timeout=20, interval=0.1)
-    yield ports
-    for process in processes:
-        process.terminate()
-        process.wait(10)
+    with local_servers([[sys.executable, FIXTURE, "--era", era, "--port", str(port)]
+                        for era, port in ports.items()], list(ports.values())):
+        yield ports
 
 
 def debug_log(port: int) -> list[dict[str, Any]]:

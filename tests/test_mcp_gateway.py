@@ -482,25 +482,13 @@ HTTP_REFERENCE = str(Path(__file__).parent / "fixtures" / "http_reference_server
 @pytest.fixture
 def http_upstreams() -> Iterator[dict[str, int]]:
     """The SDK's reference server over Streamable HTTP and over the legacy SSE transport."""
-    import socket
-    import subprocess
-
-    from tests.harness import free_port
+    from tests.harness import free_port, local_servers
 
     ports = {"streamable-http": free_port(), "sse": free_port()}
-    processes = [subprocess.Popen([sys.executable, HTTP_REFERENCE, "--transport", transport,
-                                   "--port", str(port)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-                 for transport, port in ports.items()]
-    for port in ports.values():
-        def listening(port: int = port) -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        eventually(listening, timeout=20, interval=0.1)
-    yield ports
-    for process in processes:
-        process.terminate()
-        process.wait(10)
+    with local_servers([[sys.executable, HTTP_REFERENCE, "--transport", transport, "--port",
+                         str(port)] for transport, port in ports.items()],
+                       list(ports.values())):
+        yield ports
 
 
 def test_http_and_sse_upstreams_through_the_gateway(start_daemon: StartDaemon,
