@@ -1,8 +1,9 @@
 """Both protocol eras on both sides of the gateway: the SDK client in ``mode="auto"`` (which
 negotiates 2026-07-28 with the gateway) and ``mode="legacy"`` against upstreams that speak only
-the stateless era or only the handshake era (tests/fixtures/modern_http_server.py), a sampling
-tool in all four combinations — so every server→client request crosses the era boundary one
-way or the other (``input_required`` ⇄ ``sampling/createMessage``)."""
+the stateless era, only the handshake era, or both (tests/fixtures/modern_http_server.py), a
+sampling tool in every combination — so a server→client request crosses the era boundary one way
+or the other (``input_required`` ⇄ ``sampling/createMessage``), or, with the upstream that
+speaks both, stays in the client's own era end to end."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import mcp_types as types
 import pytest
 from mcp.client.client import Client
@@ -30,7 +32,7 @@ FIXTURE = str(Path(__file__).parent / "fixtures" / "modern_http_server.py")
 @pytest.fixture(scope="module")
 def upstreams() -> Iterator[dict[str, int]]:
     """The SDK's MCPServer restricted to one era each."""
-    ports = {"modern": free_port(), "legacy": free_port()}
+    ports = {"modern": free_port(), "legacy": free_port(), "both": free_port()}
     with local_servers([[sys.executable, FIXTURE, "--era", era, "--port", str(port)]
                         for era, port in ports.items()], list(ports.values())):
         yield ports
@@ -77,8 +79,8 @@ def test_sampling_in_all_four_era_combinations(start_daemon: StartDaemon, migrat
                 expected = "2026-07-28" if mode == "auto" else "2025-11-25"
                 assert client.session.protocol_version == expected
                 names = {tool.name for tool in (await client.list_tools()).tools}
-                assert {"m_sample", "l_sample", "m_echo", "l_echo"} <= names, names
-                for prefix in ("m", "l"):
+                assert {"m_sample", "l_sample", "b_sample", "m_echo", "l_echo"} <= names, names
+                for prefix in ("m", "l", "b"):
                     echoed = await client.call_tool(f"{prefix}_echo", {"text": "hi"})
                     assert echoed.content[0].text == "hi"
                     results[(mode, prefix)] = await client.call_tool(
@@ -91,17 +93,29 @@ def test_sampling_in_all_four_era_combinations(start_daemon: StartDaemon, migrat
         assert not result.is_error, (mode, prefix, result)
         assert result.content[0].text == f"the client said: sampled for {mode}", (mode, prefix)
     assert sorted(asked) == sorted([(m, f"{m}->{p}") for m in ("auto", "legacy")
-                                    for p in ("m", "l")])
+                                    for p in ("m", "l", "b")])
     assert time.monotonic() - started < 30
 
-    # The modern-only upstream: initialize was refused once, then server/discover; later
-    # sessions went straight to server/discover (the choice is remembered per server).
-    modern = [entry["rpc"] for entry in debug_log(upstreams["modern"]) if entry["rpc"]]
+    def seen(era: str) -> list[str]:
+        return [entry["rpc"] for entry in debug_log(upstreams[era]) if entry["rpc"]]
+
+    # Modern clients' sessions probe server/discover first, handshake-era clients' sessions
+    # do the handshake first; a refusal is remembered per server, so each era is probed once.
+    modern = seen("modern")
     assert modern.count("initialize") == 1, modern
     assert modern.count("server/discover") >= 2, modern
-    # The handshake-only upstream is never probed: the handshake comes first.
-    legacy = [entry["rpc"] for entry in debug_log(upstreams["legacy"]) if entry["rpc"]]
-    assert "server/discover" not in legacy and "initialize" in legacy, legacy
+    legacy = seen("legacy")
+    assert legacy.count("server/discover") == 1 and "initialize" in legacy, legacy
+    # The upstream that speaks both eras served each client in its own era: the modern
+    # client's sampling went up as input_required and came back as its retry (no bridge, the
+    # server's own requestState), the legacy client's as a real sampling/createMessage.
+    both = debug_log(upstreams["both"])
+    modern_calls = [e for e in both if e["rpc"] == "tools/call" and e["mcp-method"]]
+    legacy_calls = [e for e in both if e["rpc"] == "tools/call" and not e["mcp-method"]]
+    assert [e["rpc"] for e in both].count("server/discover") == 1, both
+    assert len(modern_calls) == 3, both  # echo, sample, and sample's retry
+    assert len(legacy_calls) == 2, both  # echo, sample (answered within the call)
+    assert "initialize" in [e["rpc"] for e in both]
 
 
 def test_a_retry_with_an_unknown_request_state_is_refused(
@@ -134,7 +148,7 @@ def test_a_client_that_refuses_sampling_gets_the_upstreams_error(
         outcomes = []
         for mode in ("auto", "legacy"):
             async with Client(url, mode=mode, sampling_callback=refuse) as client:
-                for prefix in ("m", "l"):
+                for prefix in ("m", "l", "b"):
                     try:
                         result = await client.call_tool(f"{prefix}_sample", {"prompt": "x"})
                         outcomes.append(f"{mode}/{prefix}: error={result.is_error}")
@@ -146,3 +160,88 @@ def test_a_client_that_refuses_sampling_gets_the_upstreams_error(
     # Whatever the combination, the call fails (as a tool error or a JSON-RPC error) and
     # nothing hangs.
     assert all("error=True" in o or "MCPError" in o for o in outcomes), outcomes
+
+
+def test_a_client_without_the_capability_is_told_which_one(
+        start_daemon: StartDaemon, migrated_url: str, upstreams: dict[str, int]) -> None:
+    """A handshake-era upstream asks for sampling during a modern client's call, and that
+    client declared no sampling capability: -32021 naming it, bridged by the gateway; the
+    upstream that speaks both eras sees the client's own capabilities and refuses by itself."""
+    _, _, url = setup(start_daemon, migrated_url, upstreams)
+
+    async def scenario() -> dict[str, Any]:
+        failures: dict[str, Any] = {}
+        async with Client(url, mode="auto") as client:  # no sampling callback: not declared
+            for prefix in ("l", "b"):
+                try:
+                    result = await client.call_tool(f"{prefix}_sample", {"prompt": "x"})
+                    failures[prefix] = result
+                except MCPError as failure:
+                    failures[prefix] = failure
+        return failures
+
+    failures = run(scenario())
+    bridged = failures["l"]
+    assert isinstance(bridged, MCPError) and bridged.error.code == -32021, bridged
+    assert "'sampling' capability" in str(bridged)
+    assert bridged.error.data == {"requiredCapabilities": {"sampling": {}}}
+    direct = failures["b"]  # the SDK server's own answer, verbatim
+    assert isinstance(direct, MCPError) and direct.error.code == -32021, direct
+    assert "resolver" in str(direct), direct
+
+
+def test_change_notifications_from_a_modern_upstream_reach_both_eras(
+        start_daemon: StartDaemon, migrated_url: str, upstreams: dict[str, int]) -> None:
+    """The stateless-era upstream has no GET stream: the gateway keeps a subscriptions/listen
+    open on it, so its list changes reach a handshake-era client's GET stream and a modern
+    client's listen stream, and a legacy resources/subscribe becomes part of that filter."""
+    _, _, url = setup(start_daemon, migrated_url, upstreams)
+    legacy_seen: list[str] = []
+
+    async def scenario() -> dict[str, Any]:
+        got: dict[str, Any] = {}
+        changed, updated = anyio.Event(), anyio.Event()
+
+        async def on_message(message: Any) -> None:
+            root = getattr(message, "root", message)
+            method = getattr(root, "method", None)
+            if method == "notifications/tools/list_changed":
+                legacy_seen.append(method)
+                changed.set()
+            elif method == "notifications/resources/updated":
+                legacy_seen.append(f"{method} {root.params.uri}")
+                updated.set()
+
+        async with Client(url, mode="legacy", message_handler=on_message) as legacy:
+            await legacy.call_tool("m_grow", {"name": "fresh"})
+            with anyio.fail_after(10):
+                await changed.wait()
+            got["legacy_tools"] = {tool.name for tool in (await legacy.list_tools()).tools}
+            await legacy.session.subscribe_resource("memo://note")  # (handshake-era method)
+            await legacy.call_tool("m_touch", {"uri": "memo://note"})
+            with anyio.fail_after(10):
+                await updated.wait()
+        async with Client(url, mode="auto") as modern:
+            async with modern.listen(tools_list_changed=True,
+                                     resource_subscriptions=["memo://note"]) as subscription:
+                await modern.call_tool("m_grow", {"name": "fresher"})
+                events = []
+                with anyio.fail_after(10):
+                    async for event in subscription:
+                        events.append(type(event).__name__)
+                        if len(events) == 1:
+                            await modern.call_tool("m_touch", {"uri": "memo://note"})
+                        if len(events) == 2:
+                            break
+                got["modern_events"] = events
+            got["modern_tools"] = {tool.name for tool in (await modern.list_tools()).tools}
+        return got
+
+    got = run(scenario())
+    assert "m_fresh" in got["legacy_tools"], got
+    assert legacy_seen == ["notifications/tools/list_changed",
+                           "notifications/resources/updated memo://note"], legacy_seen
+    assert got["modern_events"] == ["ToolsListChanged", "ResourceUpdated"], got
+    assert {"m_fresh", "m_fresher"} <= got["modern_tools"], got
+    listens = [e for e in debug_log(upstreams["modern"]) if e["rpc"] == "subscriptions/listen"]
+    assert listens, "the gateway never listened upstream"

@@ -580,9 +580,9 @@ def test_server_everything_over_stdio_sse_and_streamable_http(start_daemon: Star
                                    server, key=owner.key)
             assert status == 201, body
 
-        async def scenario() -> tuple[list[str], dict[str, str]]:
+        async def scenario(mode: str) -> tuple[list[str], dict[str, str]]:
             async with Client(f"{daemon.base}/playbooks/everything/mcp?key={owner.key}",
-                              mode="legacy") as client:
+                              mode=mode) as client:
                 names = [t.name for t in (await client.list_tools()).tools]
                 echoes = {}
                 for prefix in ("a_", "b_", "c_"):
@@ -590,9 +590,13 @@ def test_server_everything_over_stdio_sse_and_streamable_http(start_daemon: Star
                     echoes[prefix] = str(result.content[0].text)
                 return names, echoes
 
-        names, echoes = run(scenario())
-        assert {"a_echo", "b_echo", "c_echo"} <= set(names)
-        assert all(prefix in text for prefix, text in echoes.items()), echoes
+        # A handshake-era client, then a 2026-07-28 one: for the latter the gateway probes
+        # server/discover first (this server speaks only the handshake era) and falls back.
+        for mode in ("legacy", "auto"):
+            names, echoes = run(scenario(mode))
+            assert {"a_echo", "b_echo", "c_echo"} <= set(names), mode
+            assert all(prefix in text for prefix, text in echoes.items()), (mode, echoes)
+        assert "[stdio] no MCP 2026-07-28" in daemon.output()
     finally:
         for process in processes:
             process.terminate()

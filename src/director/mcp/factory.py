@@ -7,18 +7,22 @@ from typing import Any
 
 from director.mcp.upstream.base import UpstreamSession
 from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
-from director.mcp.upstream.modern import ModernHttpUpstream
+from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
 from director.mcp.upstream.stdio import StdioUpstream
 from director.playbooks.model import Server
 
 
-def upstream_factory(reactor: Any, pool: Any) -> Callable[[Server], UpstreamSession]:
-    def make(server: Server) -> UpstreamSession:
+def upstream_factory(reactor: Any, pool: Any) -> Callable[[Server, str], UpstreamSession]:
+    """``make(server, era)``: ``era`` is that of the downstream clients the session will serve
+    ("modern" or "legacy"); a server that speaks both is used in it."""
+
+    def make(server: Server, era: str) -> UpstreamSession:
         if server.type == "stdio":
             assert server.command is not None
             return StdioUpstream(server.name, server.command, list(server.args),
                                  {key: item.value for key, item in server.env}, server.cwd,
-                                 reactor, timeout_default=server.timeout_seconds)
+                                 reactor, timeout_default=server.timeout_seconds,
+                                 prefer_modern=era == "modern")
         headers = {key: item.value for key, item in server.headers}
         if server.type == "sse":
             assert server.url is not None
@@ -26,9 +30,10 @@ def upstream_factory(reactor: Any, pool: Any) -> Callable[[Server], UpstreamSess
                                      timeout_default=server.timeout_seconds)
         # Streamable HTTP, falling back to legacy HTTP+SSE when the server does not speak it.
         assert server.url is not None
-        # The handshake first, the stateless era (server/discover) when it is refused.
+        # In the clients' era when the server speaks it, in the other one otherwise.
         return HttpUpstream(server.name, server.url, headers, reactor, pool,
                             timeout_default=server.timeout_seconds,
-                            streamable_class=ModernHttpUpstream)
+                            streamable_class=ModernFirstHttpUpstream if era == "modern"
+                            else ModernHttpUpstream)
 
     return make

@@ -118,7 +118,7 @@ from director.mcp.sessions import (
     log_level_allows,
 )
 from director.mcp.streams import EventStream, StreamRegistry, frame, json_bytes
-from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamError
+from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamError, UpstreamRequestError
 from director.playbooks.model import Server
 from director.playbooks.store import Playbook
 
@@ -135,6 +135,7 @@ LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
 SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
 #: Request ``_meta`` keys of the modern envelope, removed before forwarding to an upstream.
+RESOURCE_NOT_FOUND_LEGACY = -32002
 ENVELOPE_KEYS = (PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META, CLIENT_INFO_META,
                  LOG_LEVEL_META)
 
@@ -299,6 +300,17 @@ def legacy_params(params: Any) -> dict[str, Any]:
     if kept:
         stripped["_meta"] = kept
     return stripped
+
+
+def translated(method: str, failure: ProtocolError | UpstreamRequestError
+               ) -> ProtocolError | None:
+    """A handshake-era error as this era says it, None when it says it the same way:
+    "resource not found" is -32002 there (the gateway's own for an unknown URI, or a
+    handshake-era upstream's) and -32602 here (SEP-2164); the message and data are kept."""
+    error = failure.error_object() if isinstance(failure, ProtocolError) else failure.error
+    if method != "resources/read" or error.get("code") != RESOURCE_NOT_FOUND_LEGACY:
+        return None
+    return ProtocolError(INVALID_PARAMS, str(error.get("message", "")), error.get("data"))
 
 
 # --- header values and Mcp-Param-* --------------------------------------------------------
@@ -467,6 +479,8 @@ class ModernCallChannel(CallChannel):
         self._keepalive: Any = None
         super().__init__(request, streams)
         self.log_level = log_level
+        #: The request's envelope (the client's capabilities, for a modern upstream).
+        self.envelope: Envelope | None = None
         #: Set for a call whose upstream may ask the client something (``INPUT_METHODS``).
         self.exchange: Exchange | None = None
         self._keepalive = reactor.callLater(KEEPALIVE_SECONDS, self._commit)
@@ -726,7 +740,13 @@ class StatelessContext(DownstreamSession):
         if method == "server/discover":
             value = discover_result(playbook)
         else:
-            value = await super()._dispatch(method, params, channel)
+            try:
+                value = await super()._dispatch(method, params, channel)
+            except (ProtocolError, UpstreamRequestError) as failure:
+                replacement = translated(method, failure)
+                if replacement is None:
+                    raise
+                raise replacement from None
         return shape_result(method, value, server_info(playbook))
 
     async def _forward(self, server: Server, method: str, params: dict[str, Any],
@@ -735,10 +755,36 @@ class StatelessContext(DownstreamSession):
         if tracked is not None:
             self.forwarding.append(tracked)
         try:
-            return await super()._forward(server, method, params, channel)
+            if tracked is not None and tracked.envelope is not None:
+                session = await self.engine.upstreams.ready(self.upstream(server))
+                if getattr(session, "era", None) == "modern":
+                    return await self._relay(session, server, method, params, tracked,
+                                             tracked.envelope)
+            return await super()._forward(server, method, {
+                key: value for key, value in params.items()
+                if key not in ("inputResponses", "requestState")}, channel)
         finally:
             if tracked is not None:
                 self.forwarding.remove(tracked)
+
+    async def _relay(self, session: Any, server: Server, method: str, params: dict[str, Any],
+                     channel: ModernCallChannel, envelope: Envelope) -> dict[str, Any]:
+        """A call to an upstream of this era, as the client made it: with its capabilities and
+        log level, its ``inputResponses`` and ``requestState``; an ``input_required`` answer
+        goes back to the client as it is (no ``Exchange``, nothing kept here)."""
+        meta = dict(params.get("_meta") or {})
+        meta[CLIENT_CAPABILITIES_META] = envelope.client_capabilities
+        if envelope.log_level is not None:
+            meta[LOG_LEVEL_META] = envelope.log_level
+
+        def progress(notification_params: dict[str, Any]) -> None:
+            channel.send(jsonrpc.notification("notifications/progress", notification_params))
+
+        result: dict[str, Any] = await session.request(
+            method, dict(params, _meta=meta), timeout=server.timeout_seconds,
+            on_progress=progress if "progressToken" in meta else None,
+            return_input_required=True)
+        return result
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Bridged to ``input_required`` for the latest call that can carry it."""
@@ -931,6 +977,7 @@ class ModernGateway:
             return None
         channel = ModernCallChannel(request, self.engine.streams, self.engine.reactor,
                                     envelope.log_level)
+        channel.envelope = envelope
         if method in INPUT_METHODS:
             await self._exchange(request, context, playbook, message, channel)
             return None
@@ -958,11 +1005,11 @@ class ModernGateway:
                     f"call again without requestState"))
             exchange.resume(params.get("inputResponses"))
         else:
-            stripped = {k: v for k, v in params.items() if k not in ("inputResponses",
-                                                                      "requestState")}
+            # A new call, or the retry of a modern upstream's own input_required (its
+            # ``inputResponses`` and ``requestState`` go to it; a handshake-era one never sees
+            # them: ``StatelessContext._forward``).
             key = object()
-            handling = defer.ensureDeferred(context.handle(dict(message, params=stripped),
-                                                           channel))
+            handling = defer.ensureDeferred(context.handle(message, channel))
             context.in_flight[key] = handling
 
             def done(result: Any) -> Any:

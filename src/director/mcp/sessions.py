@@ -172,8 +172,9 @@ class DownstreamSession:
         self.last_active = time.monotonic()
 
     def upstream(self, server: Server) -> Upstream:
-        upstream = self.engine.upstreams.upstream_for(self.playbook_pk, server, self.upstreams,
-                                                      self)
+        upstream = self.engine.upstreams.upstream_for(
+            self.playbook_pk, server, self.upstreams, self,
+            "modern" if self.transport == "modern" else "legacy")
         upstream.users[self] = time.monotonic()
         return upstream
 

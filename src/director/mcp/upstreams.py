@@ -1,8 +1,11 @@
 """Which upstream session serves which downstream session, and keeping them alive.
 
-* stdio servers: one child process per (playbook, server), shared by all of the playbook's
-  sessions (ids and progress tokens are remapped by the transport) — unless the server is
-  marked ``isolate_sessions``, then one process per downstream session;
+* stdio servers: one child process per (playbook, server, era of the clients), shared by all
+  of the playbook's sessions of that era (ids and progress tokens are remapped by the
+  transport) — unless the server is marked ``isolate_sessions``, then one process per
+  downstream session. A stdio connection is locked to one protocol era by its first request,
+  so a server that speaks both runs once per era in use; one known to speak only the handshake
+  era (``stdio_speaks_modern``) serves both eras' clients from one process;
 * HTTP and SSE servers: one upstream MCP session per downstream session (pooled TCP
   underneath), so that server→client requests, log levels and subscriptions reach exactly
   the client they belong to.
@@ -24,6 +27,7 @@ from twisted.logger import Logger
 
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamSession
+from director.mcp.upstream.stdio import stdio_speaks_modern
 from director.playbooks.model import Server
 
 log = Logger(namespace="mcp.upstreams")
@@ -36,7 +40,8 @@ LIST_METHODS = {
     "resources/templates/list": ("resourceTemplates", "notifications/resources/list_changed"),
 }
 
-Factory = Callable[[Server], UpstreamSession]
+#: ``factory(server, era)``, era being that of the downstream clients ("modern" or "legacy").
+Factory = Callable[[Server, str], UpstreamSession]
 
 
 @attrs.define(eq=False)
@@ -44,6 +49,8 @@ class Upstream:
     """One upstream session and what the gateway knows about it."""
 
     server: Server
+    #: The era of the downstream clients it was made for ("modern" or "legacy").
+    era: str = "legacy"
     session: UpstreamSession | None = None
     error: str | None = None
     retry_at: float = 0.0
@@ -64,7 +71,7 @@ class Upstream:
 class UpstreamManager:
     def __init__(self, factory: Factory) -> None:
         self.factory = factory
-        self._shared: dict[tuple[UUID, str], Upstream] = {}
+        self._shared: dict[tuple[UUID, str, str], Upstream] = {}
         #: Set by the session layer: routes upstream notifications and requests downstream.
         self.on_notification: Callable[[Upstream, Message], object] = lambda u, m: None
         self.on_request: Callable[[Upstream, str, dict[str, Any]], Any] | None = None
@@ -77,21 +84,28 @@ class UpstreamManager:
         return list(self._shared.values())
 
     def upstream_for(self, playbook_pk: UUID, server: Server, owned: dict[str, Upstream],
-                     user: Any) -> Upstream:
-        """The upstream serving ``user`` (a downstream session) for ``server``."""
+                     user: Any, era: str = "legacy") -> Upstream:
+        """The upstream serving ``user`` (a downstream session of ``era``) for ``server``."""
         if server.type == "stdio" and not server.isolate_sessions:
-            key = (playbook_pk, server.name)
+            if era == "modern":
+                # A server known not to speak the stateless era serves both eras' clients from
+                # its handshake-era process (a running probe's process stays in use).
+                probed = self._shared.get((playbook_pk, server.name, era))
+                if (probed is None or probed.closed or probed.server != server) and \
+                        stdio_speaks_modern(server.command or "", server.args, server.cwd) is False:
+                    era = "legacy"
+            key = (playbook_pk, server.name, era)
             upstream = self._shared.get(key)
             if upstream is None or upstream.server != server or upstream.closed:
                 if upstream is not None:
                     self._close(upstream)
-                upstream = self._shared[key] = Upstream(server)
+                upstream = self._shared[key] = Upstream(server, era)
         else:
             upstream = owned.get(server.name)
             if upstream is None or upstream.server != server or upstream.closed:
                 if upstream is not None:
                     self._close(upstream)
-                upstream = owned[server.name] = Upstream(server)
+                upstream = owned[server.name] = Upstream(server, era)
         upstream.users.setdefault(user, 0.0)
         return upstream
 
@@ -110,7 +124,7 @@ class UpstreamManager:
         return upstream.session
 
     async def _start(self, upstream: Upstream) -> None:
-        session = self.factory(upstream.server)
+        session = self.factory(upstream.server, upstream.era)
         session.on_notification = lambda message: self._notified(upstream, message)
         if self.on_request is not None:
             handler = self.on_request
@@ -161,12 +175,13 @@ class UpstreamManager:
 
     def playbook_changed(self, playbook_pk: UUID, servers: dict[str, Server] | None) -> None:
         """Close shared upstreams whose server was removed or changed (None: all)."""
-        for (pk, name), upstream in list(self._shared.items()):
+        for key, upstream in list(self._shared.items()):
+            pk, name, _ = key
             if pk != playbook_pk:
                 continue
             if servers is None or servers.get(name) != upstream.server:
                 self._close(upstream)
-                del self._shared[(pk, name)]
+                del self._shared[key]
 
     def _close(self, upstream: Upstream) -> None:
         upstream.closed = True

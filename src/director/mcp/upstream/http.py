@@ -1375,6 +1375,11 @@ class HttpUpstream:
     def transport_name(self) -> str | None:
         return self.session.transport_name if self.session is not None else None
 
+    @property
+    def era(self) -> str | None:
+        """"modern" when the session speaks the stateless era (``upstream.modern``)."""
+        return getattr(self.session, "era", None)
+
     async def start(self) -> None:
         session = await connect_http(
             *self._arguments, on_notification=lambda message: self.on_notification(message),
@@ -1388,10 +1393,14 @@ class HttpUpstream:
 
     async def request(self, method: str, params: dict[str, Any] | None = None, *,
                       timeout: float | None = None,
-                      on_progress: Callable[[dict[str, Any]], object] | None = None
-                      ) -> dict[str, Any]:
+                      on_progress: Callable[[dict[str, Any]], object] | None = None,
+                      return_input_required: bool = False) -> dict[str, Any]:
         if self.session is None:
             raise UpstreamError(f"[{self.name}] not started")
+        if return_input_required:  # only asked of a modern session (upstream.modern)
+            return await self.session.request(  # type: ignore[call-arg]
+                method, params, timeout=timeout, on_progress=on_progress,
+                return_input_required=True)
         return await self.session.request(method, params, timeout=timeout,
                                           on_progress=on_progress)
 

@@ -4,18 +4,23 @@
 server; ``connect_http(..., streamable_class=ModernHttpUpstream)`` (what the factory uses for
 ``http`` servers) puts it in front of the HTTP+SSE fallback.
 
-Which era. The handshake comes first: for a server that speaks both eras the handshake era is
-what the gateway's legacy sessions need to stay transparent — ``resources/subscribe``,
-``logging/setLevel``, notifications on the GET stream and tools that ask the client in the
-middle of a call (the SDK's ``ctx.session.create_message``/``ctx.elicit`` fail in the modern
-era) exist only there. When the server refuses ``initialize`` (HTTP 400/404/405, or a JSON-RPC
-error), ``server/discover`` is probed; if it answers with ``2026-07-28`` among its
-``supportedVersions`` the session is modern, otherwise the original refusal stands (and
-``connect_http`` goes on to try HTTP+SSE). The outcome is remembered per URL
-(``ERA_MEMORY``, for ``ERA_MEMORY_SECONDS``) so that later sessions with a modern-only server
-skip the refused ``initialize``; a remembered choice that fails is forgotten and the whole
-sequence runs again, and so does a modern request answered ``-32022`` (the server no longer
-speaks this version): the session re-probes and retries the request once.
+Which era. It depends on the era of the downstream clients the session serves, so that a server
+that speaks both eras is used in the clients' own era and nothing needs bridging:
+
+* a session for modern clients (``prefer_modern``: ``ModernFirstHttpUpstream``) probes
+  ``server/discover`` first and uses the stateless era when the answer lists ``2026-07-28`` among
+  its ``supportedVersions``; otherwise (an error, a 4xx, other versions) it does the handshake;
+* a session for handshake-era clients does the handshake first — ``resources/subscribe``,
+  ``logging/setLevel``, notifications on the GET stream and server→client requests in the middle
+  of a call exist only there — and probes ``server/discover`` when ``initialize`` is refused
+  (HTTP 400/404/405 or a JSON-RPC error).
+
+When both are refused the handshake's refusal stands (and ``connect_http`` goes on to try
+HTTP+SSE); an outage (connection refused, 5xx, timeout) is never taken for an era verdict.
+What was learnt is remembered per URL and era (``SPEAKS``, for ``ERA_MEMORY_SECONDS``): a server
+known not to speak the preferred era is asked in the other one first, and when that fails the
+preferred one is tried again (re-probing); so is a modern request answered ``-32022`` (the server
+no longer speaks this version): the session forgets, re-probes and retries the request once.
 
 In the modern era each request is one POST with the envelope in ``params._meta``
 (``io.modelcontextprotocol/protocolVersion``, ``…/clientCapabilities``, ``…/clientInfo`` and,
@@ -31,7 +36,12 @@ Multi-round trips: a result with ``resultType: "input_required"`` is resolved he
 to ``on_request`` exactly like a handshake-era server→client request (so the gateway relays it
 to the client that caused the call: a real request on a legacy client's stream, or an
 ``input_required`` of its own for a modern client), and the request is sent again with
-``inputResponses`` and the echoed ``requestState``, at most ``INPUT_REQUIRED_MAX_ROUNDS`` times.
+``inputResponses`` and the echoed ``requestState``, at most ``INPUT_REQUIRED_MAX_ROUNDS`` times
+(``envelope.settle``). A caller that relays a modern client's call as is
+(``return_input_required=True``, with the client's ``clientCapabilities`` and ``logLevel`` in
+``params._meta``, which win over the session's) gets the ``input_required`` result verbatim
+instead: the client answers the server itself, and its retry carries the server's own
+``requestState`` through any instance of the gateway.
 """
 
 from __future__ import annotations
@@ -44,8 +54,19 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from director.mcp.jsonrpc import Message, ProtocolError
-from director.mcp.upstream.base import CLIENT_INFO, UpstreamError, UpstreamRequestError
+from director.mcp.jsonrpc import Message
+from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
+from director.mcp.upstream.envelope import (
+    LISTEN_TIMEOUT,
+    MODERN_VERSION,
+    UNSUPPORTED_PROTOCOL_VERSION,
+    ChangeListener,
+    NotModern,
+    discovered,
+    enveloped,
+    listened,
+    settle,
+)
 from director.mcp.upstream.http import (
     EVENT_STREAM,
     FALLBACK_STATUSES,
@@ -60,26 +81,29 @@ from director.mcp.upstream.http import (
 
 log = Logger(namespace="mcp.upstream.modern")
 
-MODERN_VERSION = "2026-07-28"
-PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
-CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
-CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
-UNSUPPORTED_PROTOCOL_VERSION = -32022
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-INPUT_REQUIRED_MAX_ROUNDS = 10
 ERA_MEMORY_SECONDS = 3600.0
-#: URL -> (era, when it was learnt): "modern" or "legacy".
-ERA_MEMORY: dict[str, tuple[str, float]] = {}
+#: (URL, era) -> (whether the server speaks that era, when it was learnt); era: "modern" or
+#: "legacy". Module-wide: every session with one server learns from the others.
+SPEAKS: dict[tuple[str, str], tuple[bool, float]] = {}
 
 
-def remembered_era(url: str) -> str | None:
-    entry = ERA_MEMORY.get(url)
+def speaks(url: str, era: str) -> bool | None:
+    """What is remembered of ``url`` speaking ``era``: True, False or None (not known)."""
+    entry = SPEAKS.get((url, era))
     if entry is None or time.monotonic() - entry[1] > ERA_MEMORY_SECONDS:
-        ERA_MEMORY.pop(url, None)
+        SPEAKS.pop((url, era), None)
         return None
     return entry[0]
+
+
+def learnt(url: str, era: str, verdict: bool) -> None:
+    SPEAKS[(url, era)] = (verdict, time.monotonic())
+
+
+def forget(url: str) -> None:
+    for era in ("modern", "legacy"):
+        SPEAKS.pop((url, era), None)
 
 
 def header_value(value: str) -> str:
@@ -93,12 +117,17 @@ def header_value(value: str) -> str:
 class ModernHttpUpstream(StreamableHttpUpstream):
     """A Streamable HTTP session in whichever era its server speaks (module docstring)."""
 
+    #: Probe ``server/discover`` before the handshake (sessions serving modern clients).
+    prefer_modern = False
+
     def __init__(self, *arguments: Any, **options: Any) -> None:
         super().__init__(*arguments, **options)
         #: "modern" once ``server/discover`` succeeded, "legacy" after a handshake.
         self.era: str | None = None
         self.log_level: str | None = None
         self._probing = False
+        #: The era's change notifications (``envelope.ChangeListener``), once modern.
+        self.changes = ChangeListener(self.name, self._listen, self._reactor)
 
     @property
     def modern(self) -> bool:
@@ -107,30 +136,53 @@ class ModernHttpUpstream(StreamableHttpUpstream):
     # --- establishing ---------------------------------------------------------------------
 
     async def _handshake(self) -> None:
-        remembered = remembered_era(self.url)
-        if remembered == "modern":
-            try:
-                await self._discover()
-                return
-            except UpstreamError as failure:
-                log.info("[{server}] the remembered modern era failed ({error}); probing again",
-                         server=self.name, error=str(failure))
-                ERA_MEMORY.pop(self.url, None)
+        if self.prefer_modern:
+            first, second = self._try_discover, self._try_legacy
+            if speaks(self.url, "modern") is False:
+                first, second = second, first
+        else:
+            first, second = self._try_legacy, self._try_discover
+            if speaks(self.url, "legacy") is False:
+                first, second = second, first
+        refusal = await first()
+        if refusal is None:
+            return
+        other = await second()
+        if other is None:
+            return
+        # Neither era: the handshake's refusal is the precise answer (and lets connect_http
+        # fall back to HTTP+SSE on 400/404/405).
+        legacy_refusal = refusal if first == self._try_legacy else other
+        raise legacy_refusal
+
+    async def _try_legacy(self) -> UpstreamError | None:
+        """The handshake; its refusal (not an outage, which raises) is returned."""
         try:
             await self._legacy_handshake()
         except (HttpStatusError, UpstreamRequestError) as refused:
             if isinstance(refused, HttpStatusError) and refused.status not in FALLBACK_STATUSES:
                 raise
-            try:
-                await self._discover()
-            except UpstreamError as failure:
-                log.debug("[{server}] server/discover failed too: {error}", server=self.name,
-                          error=str(failure))
-                raise refused from None
-            log.info("[{server}] initialize refused; the server speaks MCP {version}",
-                     server=self.name, version=MODERN_VERSION)
-            return
-        ERA_MEMORY[self.url] = ("legacy", time.monotonic())
+            learnt(self.url, "legacy", False)
+            log.debug("[{server}] initialize refused: {error}", server=self.name,
+                      error=str(refused))
+            return refused
+        learnt(self.url, "legacy", True)
+        return None
+
+    async def _try_discover(self) -> UpstreamError | None:
+        """``server/discover``; a refusal is returned, an outage raises."""
+        try:
+            await self._discover()
+        except (HttpStatusError, UpstreamRequestError, NotModern) as refused:
+            learnt(self.url, "modern", False)
+            log.debug("[{server}] server/discover refused: {error}", server=self.name,
+                      error=str(refused))
+            return refused
+        learnt(self.url, "modern", True)
+        log.info("[{server}] the server speaks MCP {version}", server=self.name,
+                 version=MODERN_VERSION)
+        self._reactor.callLater(0, self.changes.start)  # once the handshake has finished
+        return None
 
     async def _legacy_handshake(self) -> None:
         self.era = None
@@ -150,51 +202,30 @@ class ModernHttpUpstream(StreamableHttpUpstream):
             result = await pending.deferred
         finally:
             self._probing = False
-        versions = result.get("supportedVersions")
-        if not isinstance(versions, list) or MODERN_VERSION not in versions:
-            raise UpstreamError(f"[{self.name}] server/discover does not offer "
-                                f"{MODERN_VERSION} (it offers {versions!r})")
-        meta = result.get("_meta")
-        info = meta.get(SERVER_INFO_META) if isinstance(meta, dict) else None
-        capabilities = result.get("capabilities")
-        initialize_result: dict[str, Any] = {
-            "protocolVersion": MODERN_VERSION,
-            "capabilities": capabilities if isinstance(capabilities, dict) else {},
-            "serverInfo": info if isinstance(info, dict) else {"name": self.name,
-                                                                "version": ""}}
-        if isinstance(result.get("instructions"), str):
-            initialize_result["instructions"] = result["instructions"]
-        self.initialize_result = initialize_result
+        self.initialize_result = discovered(self.name, result)
         self.protocol_version = MODERN_VERSION
         self.era = "modern"
-        ERA_MEMORY[self.url] = ("modern", time.monotonic())
 
     # --- requests ---------------------------------------------------------------------------
 
     def _envelope(self, params: dict[str, Any] | None) -> dict[str, Any]:
-        params = dict(params or {})
-        meta = params.get("_meta")
-        envelope: dict[str, Any] = {
-            **(meta if isinstance(meta, dict) else {}),
-            PROTOCOL_VERSION_META: MODERN_VERSION,
-            CLIENT_CAPABILITIES_META: self.client_capabilities if
-            self.client_capabilities is not None else {
-                "sampling": {}, "elicitation": {"form": {}}, "roots": {}},
-            CLIENT_INFO_META: CLIENT_INFO}
-        if self.log_level is not None:
-            envelope[LOG_LEVEL_META] = self.log_level
-        params["_meta"] = envelope
-        return params
+        return enveloped(params, self.client_capabilities, self.log_level)
 
     async def request(self, method: str, params: dict[str, Any] | None = None, *,
                       timeout: float | None = None,
-                      on_progress: Callable[[dict[str, Any]], object] | None = None
-                      ) -> dict[str, Any]:
+                      on_progress: Callable[[dict[str, Any]], object] | None = None,
+                      return_input_required: bool = False) -> dict[str, Any]:
         if self.era is None and not self._closed:
             await self._ensure_established()
         if self.modern and method == "logging/setLevel":
             level = (params or {}).get("level")
             self.log_level = level if isinstance(level, str) else None
+            return {}
+        if self.modern and method in ("resources/subscribe", "resources/unsubscribe"):
+            uri = (params or {}).get("uri")
+            if isinstance(uri, str):
+                (self.changes.subscribe if method == "resources/subscribe"
+                 else self.changes.unsubscribe)(uri)
             return {}
         try:
             result = await super().request(method, params, timeout=timeout,
@@ -204,51 +235,33 @@ class ModernHttpUpstream(StreamableHttpUpstream):
                 raise
             log.info("[{server}] the server no longer speaks {version}; probing again",
                      server=self.name, version=MODERN_VERSION)
-            ERA_MEMORY.pop(self.url, None)
+            forget(self.url)
             self._established = False
             self.era = None
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
-        rounds = 0
-        while isinstance(result, dict) and result.get("resultType") == "input_required":
-            rounds += 1
-            if rounds > INPUT_REQUIRED_MAX_ROUNDS:
-                raise UpstreamError(f"[{self.name}] {method}: still input_required after "
-                                    f"{INPUT_REQUIRED_MAX_ROUNDS} rounds")
-            retry = {key: value for key, value in (params or {}).items()
-                     if key not in ("inputResponses", "requestState")}
-            requests = result.get("inputRequests")
-            if isinstance(requests, dict) and requests:
-                retry["inputResponses"] = await self._fulfil(method, requests)
-            else:
-                await self._sleep(min(0.05 * 2 ** (rounds - 1), 0.25))
-            if isinstance(result.get("requestState"), str):
-                retry["requestState"] = result["requestState"]
-            result = await super().request(method, retry, timeout=timeout,
-                                           on_progress=on_progress)
-        return result
+        if return_input_required:
+            return result
 
-    async def _fulfil(self, method: str, requests: dict[str, Any]) -> dict[str, Any]:
-        """Each input request through ``on_request`` (relayed to the client), concurrently."""
-        async def one(key: str, wanted: Any) -> tuple[str, dict[str, Any]]:
-            if not isinstance(wanted, dict) or not isinstance(wanted.get("method"), str):
-                raise UpstreamError(f"[{self.name}] {method}: malformed input request {key!r}")
-            params = wanted.get("params")
-            return key, await self.on_request(wanted["method"],
-                                              params if isinstance(params, dict) else {})
+        async def resend(retry: dict[str, Any]) -> dict[str, Any]:
+            return await super(ModernHttpUpstream, self).request(
+                method, retry, timeout=timeout, on_progress=on_progress)
 
-        try:
-            answers = await defer.gatherResults(
-                [defer.ensureDeferred(one(key, wanted)) for key, wanted in requests.items()],
-                consumeErrors=True)
-        except defer.FirstError as failure:
-            problem = failure.subFailure.value
-            if isinstance(problem, ProtocolError):
-                raise UpstreamRequestError(self.name, problem.error_object()) from None
-            if isinstance(problem, BaseException):
-                raise problem from None
-            raise
-        return dict(answers)
+        return await settle(self.name, method, params, result, resend, self.on_request,
+                            self._sleep)
+
+    async def _listen(self, params: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("subscriptions/listen", params, timeout=LISTEN_TIMEOUT,
+                                  return_input_required=True)
+
+    def _notification(self, message: Message) -> None:
+        routed = listened(message) if self.modern else message
+        if routed is not None:
+            super()._notification(routed)
+
+    async def close(self) -> None:
+        self.changes.stop()
+        await super().close()
 
     async def _send_request(self, pending: _Pending) -> None:
         if not pending.handshake and not self._established:
@@ -291,3 +304,9 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         text = body.decode("utf-8", errors="replace").strip()[:200]
         return HttpStatusError(f"[{self.name}] {method} {self._display}: HTTP "
                                f"{response.code}: {text}", response.code, text)
+
+
+class ModernFirstHttpUpstream(ModernHttpUpstream):
+    """The session of modern clients: ``server/discover`` first (module docstring)."""
+
+    prefer_modern = True

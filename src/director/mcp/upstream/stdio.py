@@ -50,6 +50,16 @@ for 60 s) and repeats the handshake; ``on_restarted`` (an extension of the contr
 after each successful one. Requests made meanwhile wait for the restart within their own
 timeout, or fail at once while the last attempt has failed (``state == "failed"``). ``state``
 and ``restarts`` (respawn attempts) are there for metrics.
+
+**Era.** A stdio connection is locked to one protocol era by its first request. With
+``prefer_modern`` (the process serves clients of the stateless era) the first request is
+``server/discover`` with the 2026-07-28 envelope: when the answer offers ``2026-07-28`` the
+process speaks that era — every request carries the envelope in ``params._meta`` (``envelope.py``),
+``logging/setLevel`` becomes the envelope's ``logLevel``, and ``input_required`` results are
+resolved through ``on_request`` (or returned as they are with ``return_input_required=True``).
+Any other answer (an error, no answer within ``DISCOVER_TIMEOUT``, other versions) is a verdict:
+the handshake follows on the same process, and the verdict is remembered per command line
+(``stdio_speaks_modern``) so that later processes skip the probe.
 """
 
 from __future__ import annotations
@@ -60,10 +70,11 @@ import os
 import pwd
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -78,6 +89,15 @@ from director.mcp.upstream.base import (
     default_request_handler,
     initialize_params,
 )
+from director.mcp.upstream.envelope import (
+    LISTEN_TIMEOUT,
+    ChangeListener,
+    NotModern,
+    discovered,
+    enveloped,
+    listened,
+    settle,
+)
 
 log = Logger(namespace="upstream.stdio")
 
@@ -86,6 +106,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 STDERR_MAX_LINE = 16 * 1024
 LOG_LINES_PER_SECOND = 20
 STDERR_TAIL_LINES = 10
+DISCOVER_TIMEOUT = 10.0
+SPEAKS_MODERN_SECONDS = 3600.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 60.0
@@ -415,6 +437,21 @@ def _fire_all(waiters: list[defer.Deferred[None]]) -> None:
         waiter.callback(None)
 
 
+#: (command, args, cwd) -> (whether it answered server/discover with 2026-07-28, when).
+_SPEAKS_MODERN: dict[tuple[str, tuple[str, ...], str | None], tuple[bool, float]] = {}
+
+
+def stdio_speaks_modern(command: str, args: list[str] | tuple[str, ...],
+                        cwd: str | None) -> bool | None:
+    """What the last probe of this command line found (None: not probed lately)."""
+    key = (command, tuple(args), cwd)
+    entry = _SPEAKS_MODERN.get(key)
+    if entry is None or time.monotonic() - entry[1] > SPEAKS_MODERN_SECONDS:
+        _SPEAKS_MODERN.pop(key, None)
+        return None
+    return entry[0]
+
+
 class StdioUpstream:
     """One MCP server run as a child process (see the module docstring)."""
 
@@ -422,7 +459,8 @@ class StdioUpstream:
                  cwd: str | None, reactor: Any, *, timeout_default: float = 60.0,
                  restart: bool = True, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_line: int = DEFAULT_MAX_LINE,
-                 client_capabilities: dict[str, Any] | None = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None,
+                 prefer_modern: bool = False) -> None:
         self.name = name
         self.command = command
         self.args = list(args)
@@ -434,6 +472,13 @@ class StdioUpstream:
         self.handshake_timeout = handshake_timeout
         self.max_line = max_line
         self.client_capabilities = client_capabilities
+        self.prefer_modern = prefer_modern
+        #: "modern" or "legacy" once the current process has answered its first request.
+        self.era: str | None = None
+        #: The modern era's ``logLevel`` (it has no ``logging/setLevel``).
+        self.log_level: str | None = None
+        #: The modern era's change notifications (``envelope.ChangeListener``).
+        self.changes = ChangeListener(name, self._listen, reactor)
         self.initialize_result: dict[str, Any] = {}
         self.on_notification: Callable[[Message], object] = _ignore
         self.on_request: RequestHandler = default_request_handler
@@ -491,11 +536,13 @@ class StdioUpstream:
                 self._failed(f"[{self.name}] start cancelled")
             raise
         self._ready()
+        if self.era == "modern":
+            self.changes.start()
 
     async def request(self, method: str, params: dict[str, Any] | None = None, *,
                       timeout: float | None = None,
-                      on_progress: Callable[[dict[str, Any]], object] | None = None
-                      ) -> dict[str, Any]:
+                      on_progress: Callable[[dict[str, Any]], object] | None = None,
+                      return_input_required: bool = False) -> dict[str, Any]:
         timeout = self.timeout_default if timeout is None else timeout
         deadline = self.reactor.seconds() + timeout
         if self.state != "ready":
@@ -506,7 +553,38 @@ class StdioUpstream:
         remaining = deadline - self.reactor.seconds()
         if remaining <= 0:
             raise UpstreamTimeout(f"[{self.name}] no answer to {method} within {timeout:g} s")
-        return await self._call(process, method, params, timeout, on_progress, first=remaining)
+        if self.era != "modern":
+            return await self._call(process, method, params, timeout, on_progress,
+                                    first=remaining)
+        if method == "logging/setLevel":
+            level = (params or {}).get("level")
+            self.log_level = level if isinstance(level, str) else None
+            return {}
+        if method in ("resources/subscribe", "resources/unsubscribe"):
+            uri = (params or {}).get("uri")
+            if isinstance(uri, str):
+                (self.changes.subscribe if method == "resources/subscribe"
+                 else self.changes.unsubscribe)(uri)
+            return {}
+
+        async def send(sent: dict[str, Any] | None, first: float | None = None
+                       ) -> dict[str, Any]:
+            return await self._call(process, method, enveloped(
+                sent, self.client_capabilities, self.log_level), timeout, on_progress,
+                first=first)
+
+        result = await send(params, remaining)
+        if return_input_required:
+            return result
+        return await settle(self.name, method, params, result, send, self.on_request,
+                            self._sleep)
+
+    async def _listen(self, params: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("subscriptions/listen", params, timeout=LISTEN_TIMEOUT,
+                                  return_input_required=True)
+
+    def _sleep(self, seconds: float) -> defer.Deferred[None]:
+        return task.deferLater(self.reactor, seconds, lambda: None)
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         process = self._process
@@ -525,6 +603,7 @@ class StdioUpstream:
             return
         self._close_waiters = []
         self.state = "closed"
+        self.changes.stop()
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
         self._restart_call = None
@@ -566,6 +645,14 @@ class StdioUpstream:
             raise UpstreamError(process.end_message)
         log.info("[{server}] started {command} (pid {pid})", server=self.name,
                  command=self.command, pid=process.pid)
+        self.era = None
+        if self.prefer_modern:
+            if await self._discovered(process):
+                return
+            if process.ended:  # it exited on the probe; the verdict skips it next time
+                self._process = None
+                await self._launch()
+                return
         try:
             result = await self._call(process, "initialize",
                                       initialize_params(self.client_capabilities),
@@ -588,7 +675,42 @@ class StdioUpstream:
                                 "initialize answer")
         process.handshaken = True
         self.initialize_result = result
+        self.era = "legacy"
         self._send(process, jsonrpc.notification("notifications/initialized"))
+
+    async def _discovered(self, process: _Process) -> bool:
+        """Probe ``server/discover``: True when the process now speaks the stateless era."""
+        key = (self.command, tuple(self.args), self.cwd)
+        if stdio_speaks_modern(*key) is False:
+            return False
+        try:
+            answer = await self._call(process, "server/discover",
+                                      enveloped({}, self.client_capabilities, None),
+                                      min(DISCOVER_TIMEOUT, self.handshake_timeout), None,
+                                      cancellable=False)
+            self.initialize_result = discovered(self.name, answer)
+        except (UpstreamRequestError, NotModern, UpstreamTimeout) as refused:
+            verdict = str(refused)
+        except UpstreamError:
+            # Some handshake-only servers exit on a request before ``initialize``: a verdict
+            # too (``_launch`` then starts a fresh process for the handshake).
+            if not await process.wait_ended(PIPES_GRACE):
+                await self._discard(process)
+                raise
+            verdict = "the process exited on server/discover"
+        except defer.CancelledError:
+            await self._discard(process)
+            raise
+        else:
+            _SPEAKS_MODERN[key] = (True, time.monotonic())
+            process.handshaken = True
+            self.era = "modern"
+            log.info("[{server}] speaks MCP 2026-07-28", server=self.name)
+            return True
+        _SPEAKS_MODERN[key] = (False, time.monotonic())
+        log.info("[{server}] no MCP 2026-07-28 ({error}); using the handshake",
+                 server=self.name, error=verdict)
+        return False
 
     def _ready(self) -> None:
         self.state = "ready"
@@ -858,6 +980,11 @@ class StdioUpstream:
             pending.deferred.callback(message["result"])
 
     def _notification(self, message: Message) -> None:
+        if self.era == "modern":
+            routed = listened(message)
+            if routed is None:
+                return
+            message = routed
         method = message["method"]
         params = message.get("params")
         if method == "notifications/progress" and isinstance(params, dict):
