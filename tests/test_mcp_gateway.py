@@ -640,3 +640,12 @@ def test_unknown_mcp_paths_and_methods_are_404_and_405(gateway: Gateway) -> None
     status, _, _ = gateway.daemon.request("POST", "/playbooks/ref/sse", b"{}", headers=key)
     assert status == 405
     assert "unhandled error" not in gateway.daemon.output()
+
+
+def test_an_unknown_resource_is_32002_in_the_handshake_era(gateway: Gateway) -> None:
+    # (-32602 in the 2026-07-28 era: tests/test_mcp_modern.py)
+    session = gateway.open_session()
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 3, "method": "resources/read",
+                               "params": {"uri": "test://nowhere"}}, session)
+    error = parse_response(body)["error"]
+    assert error["code"] == -32002 and error["data"] == {"uri": "test://nowhere"}, error

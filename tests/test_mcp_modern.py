@@ -197,6 +197,11 @@ def test_header_rules_and_errors(instance: Instance) -> None:
     assert error(post("logging/setLevel", {"level": "info"})) == (404, -32601)
     assert error(post("tools/call", {"name": "nope", "arguments": {}},
                       headers={"mcp-name": "nope"})) == (400, -32602)
+    # "Resource not found" is -32602 in this era (SEP-2164), -32002 in the handshake era.
+    status, _, body = post("resources/read", {"uri": "test://nowhere"},
+                           headers={"mcp-name": "test://nowhere"})
+    assert (status, body["error"]["code"]) == (400, -32602), body
+    assert body["error"]["data"] == {"uri": "test://nowhere"}
     # A duplicated routing header: only visible on the raw wire.
     raw = json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/list",
                       "params": {"_meta": META}}).encode()
