@@ -609,3 +609,55 @@ def test_launchers(launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
               for arg in stdio.launch_argv("/usr/bin/touch", [str(marker)], None)]
     assert subprocess.run(orphan, check=False).returncode == 1
     assert not marker.exists()
+
+
+# --- protocol eras -----------------------------------------------------------------------------
+
+
+def received(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_modern_only_server_is_found_after_initialize_is_refused(
+        upstreams: Any, tmp_path: Path) -> None:
+    log = tmp_path / "received.jsonl"
+    upstream: StdioUpstream = upstreams("modern", sys.executable, [str(RAW), "--modern-only"],
+                                        {"RAW_LOG": str(log)})
+    await upstream.start()
+    assert upstream.era == "modern"
+    assert upstream.initialize_result["serverInfo"] == {"name": "raw-modern", "version": "1"}
+    assert text_of(await call(upstream, "echo", text="now")) == "now"
+    methods = [message.get("method") for message in received(log)]
+    assert methods[:2] == ["initialize", "server/discover"], methods
+    assert "notifications/initialized" not in methods
+    sent = next(m for m in received(log) if m.get("method") == "tools/call")
+    meta = sent["params"]["_meta"]
+    assert meta["io.modelcontextprotocol/protocolVersion"] == "2026-07-28"
+    assert "io.modelcontextprotocol/clientCapabilities" in meta
+    # logging/setLevel does not exist in this era: the level rides on later requests.
+    assert await upstream.request("logging/setLevel", {"level": "debug"}) == {}
+    await call(upstream, "echo", text="again")
+    last = [m for m in received(log) if m.get("method") == "tools/call"][-1]
+    assert last["params"]["_meta"]["io.modelcontextprotocol/logLevel"] == "debug"
+    assert "logging/setLevel" not in [m.get("method") for m in received(log)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_only_server_is_probed_once_per_command_line(
+        upstreams: Any, tmp_path: Path) -> None:
+    log = tmp_path / "received.jsonl"
+    arguments = [str(RAW), "--probe-once", str(tmp_path)]  # a command line of this test only
+    first: StdioUpstream = upstreams("legacy", sys.executable, arguments,
+                                     {"RAW_LOG": str(log)}, prefer_modern=True)
+    await first.start()
+    assert first.era == "legacy"
+    assert text_of(await call(first, "echo", text="x")) == "x"
+    assert [m.get("method") for m in received(log)][:2] == ["server/discover", "initialize"]
+    assert stdio.stdio_speaks_modern(sys.executable, arguments, None) is False
+    log.unlink()
+    second: StdioUpstream = upstreams("legacy", sys.executable, arguments,
+                                      {"RAW_LOG": str(log)}, prefer_modern=True)
+    await second.start()
+    assert second.era == "legacy"
+    assert received(log)[0].get("method") == "initialize"

@@ -51,7 +51,9 @@ after each successful one. Requests made meanwhile wait for the restart within t
 timeout, or fail at once while the last attempt has failed (``state == "failed"``). ``state``
 and ``restarts`` (respawn attempts) are there for metrics.
 
-**Era.** A stdio connection is locked to one protocol era by its first request. With
+**Era.** A stdio connection is locked to one protocol era by its first request. Without
+``prefer_modern`` it is ``initialize``, and ``server/discover`` follows only when that is
+refused with a JSON-RPC error (a server of the stateless era only). With
 ``prefer_modern`` (the process serves clients of the stateless era) the first request is
 ``server/discover`` with the 2026-07-28 envelope: when the answer offers ``2026-07-28`` the
 process speaks that era — every request carries the envelope in ``params._meta`` (``envelope.py``),
@@ -658,6 +660,10 @@ class StdioUpstream:
                                       initialize_params(self.client_capabilities),
                                       self.handshake_timeout, None, cancellable=False)
         except UpstreamRequestError as failure:
+            # Refused: perhaps a server of the stateless era only (unless known otherwise).
+            if not self.prefer_modern and not process.ended and \
+                    await self._discovered(process):
+                return
             await self._discard(process)
             raise UpstreamError(f"[{self.name}] initialize failed: "
                                 f"{failure.error.get('message', failure.error)}") from None
