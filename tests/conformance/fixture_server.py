@@ -247,9 +247,9 @@ server._tool_manager.get_tool("test_custom_header").parameters = {  # type: igno
 # --- multi round-trip requests (SEP-2322, 2026-07-28) --------------------------------------
 # Written with the SDK's resolvers, which speak both eras: on 2026-07-28 a question becomes an
 # InputRequiredResult (its key is the resolver's module:qualname, its requestState sealed by the
-# SDK), on the handshake era (how Director talks to its upstreams) a server-to-client request
-# sent during the call. The keys the suite's descriptions show ("user_name", ...) are examples:
-# the scenarios answer whatever keys they are given.
+# SDK), on the handshake era (how Director talks to an upstream for handshake-era clients) a
+# server-to-client request sent during the call. The keys the suite's descriptions show
+# ("user_name", ...) are examples: the scenarios answer whatever keys they are given.
 
 
 class Name(BaseModel):
@@ -390,6 +390,54 @@ def test_input_required_result_capabilities(
 def test_missing_capability(
         answer: Annotated[types.CreateMessageResult, Resolve(greeting)]) -> str:
     return sampled_text(answer)
+
+
+# --- the 2026-07-28 suite's other diagnostic tools -----------------------------------------
+# server-stateless (SEP-2575) calls these two and reads the frames of the call's response: no
+# independent request (test_streaming_elicitation, called with clientCapabilities
+# {elicitation: {}}) and no notifications/message when _meta carries no logLevel
+# (test_logging_tool).
+
+
+@server.tool(description="SEP-2575: asks the user (elicitation) mid-call. On 2026-07-28 the "
+             "question rides an InputRequiredResult, never an independent request on the "
+             "call's response stream; on the handshake era it is an elicitation/create sent "
+             "during the call.")
+def test_streaming_elicitation(person: Annotated[Name, Resolve(user_name)]) -> str:
+    return f"Hello, {person.name}!"
+
+
+@server.tool(description="SEP-2575: sends an info log notification while it runs. On 2026-07-28 "
+             "only if the request's _meta carries io.modelcontextprotocol/logLevel (the SDK "
+             "drops it otherwise); on the handshake era subject to logging/setLevel.")
+async def test_logging_tool(ctx: Context) -> str:
+    await log(ctx, "info", "test_logging_tool ran")
+    return "Logging tool executed"
+
+
+# The tasks extension's scenarios (SEP-2663) list these in their "Required server fixtures".
+# The fixture does not implement the extension (those scenarios are unscored): both tools are
+# plain synchronous tools, which is what the scenarios' non-task checks (a sync call, a call
+# from a client without the extension, a legacy `task` param ignored, seconds: 0) exercise.
+
+
+@server.tool(description="Sync-only: returns 'Hello, {name}!'.")
+def greet(name: str) -> str:
+    return f"Hello, {name}!"
+
+
+# The scenarios' 60-second calls only hold a task open to poll or cancel it; synchronously they
+# would hold the call until the suite's 10-second client timeout (five of them: +50 s a run),
+# so the sleep is capped. Every shorter duration the scenarios ask for (0, 1, 2 s) is honoured.
+SLOW_COMPUTE_CAP = 2.0
+
+
+@server.tool(description="Sleeps `seconds` seconds (at most 2 here), then returns a result: the "
+             "tasks scenarios' task-supporting tool, synchronous (no tasks extension here).")
+async def slow_compute(seconds: float, label: str = "") -> str:
+    slept = min(max(seconds, 0.0), SLOW_COMPUTE_CAP)
+    await anyio.sleep(slept)
+    return f"slow_compute {label or '(no label)'}: done after {slept:g}s"
 
 
 # --- resources -----------------------------------------------------------------------------
