@@ -417,8 +417,8 @@ def test_stored_secrets_must_open_with_the_secret(
     assert stored["details"] == ["sealed@example.com sealed/remote Authorization"]
     assert "upstream-token" not in json.dumps(checks)
     restarted = start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG)
-    assert restarted.wait_exit() != 0
-    assert "SecretUnreadable" in restarted.output()
+    assert restarted.wait_exit() == 78  # EX_CONFIG: not restarted by systemd in a loop
+    assert "FATAL: SecretUnreadable" in restarted.output()
 
     # docs/manual.rst, "A lost secret": its SQL removes the sealed values, keeps the plain ones,
     # and the daemon starts with the new secret.

@@ -133,6 +133,8 @@ def test_template_unit_is_the_service_with_an_instance() -> None:
         "CacheDirectory=director": "CacheDirectory=director-%i",
         "WorkingDirectory=%S/director": "WorkingDirectory=%S/director-%i",
         "SyslogIdentifier=director": "SyslogIdentifier=director-%i",
+        "Environment=DIRECTOR_LOG_IDENTIFIER=director":
+            "Environment=DIRECTOR_LOG_IDENTIFIER=director-%i",
     }
     expected = [instance.get(line, line) for line in expected]
     expected = [line.replace("%S/director ", "%S/director-%i ")

@@ -244,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(arguments.handler(arguments))
     except CommandError as error:
         # Configuration problems are printed as they are: one self-explaining line each.
+        from director.logs import print_problems
+
         prefix = "" if error.code == EX_CONFIG else "director: "
-        for line in str(error).splitlines():
-            print(prefix + line, file=sys.stderr)
+        print_problems(prefix + line for line in str(error).splitlines())
         return error.code
     except KeyboardInterrupt:
         return 130

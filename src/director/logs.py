@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent
@@ -42,7 +42,11 @@ SYSLOG_PRIORITY = {20: 7, 30: 6, 40: 4, 50: 3, 60: 2}
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 #: Overridable only so tests can stand in for journald with a socket of their own.
 JOURNAL_SOCKET_VARIABLE = "DIRECTOR_JOURNAL_SOCKET"
-IDENTIFIER = "director"
+#: ``SYSLOG_IDENTIFIER`` of the daemon's own journal entries; ``director@.service`` sets the
+#: variable to its ``SyslogIdentifier=`` (``director-%i``), which systemd does not pass on.
+IDENTIFIER = os.environ.get("DIRECTOR_LOG_IDENTIFIER") or "director"
+#: journald's stream prefix for priority "err" (``SyslogLevelPrefix=``, on by default).
+JOURNAL_ERR_PREFIX = "<3>"
 
 _SKIP_KEYS = frozenset({"format", "message", "isError", "system", "time", "failure", "why"})
 _FIELD_UNSAFE = re.compile(r"[^A-Z0-9_]")
@@ -120,6 +124,16 @@ def stdout_is_journal(environ: Mapping[str, str] = os.environ, stream: IO[str] |
     except (ValueError, OSError):
         return False
     return stat.st_dev == device and stat.st_ino == inode
+
+
+def print_problems(lines: Iterable[str], stream: IO[str] | None = None) -> None:
+    """Why the daemon refuses to run, one line each on stderr — at priority "err" when stderr
+    is the journal, so that ``journalctl -p err -u director`` shows it next to the unit's
+    failure (a plain stream line would be "info")."""
+    stream = stream or sys.stderr
+    prefix = JOURNAL_ERR_PREFIX if stdout_is_journal(stream=stream) else ""
+    for line in lines:
+        print(prefix + line, file=stream)
 
 
 @implementer(ILogObserver)

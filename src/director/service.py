@@ -8,7 +8,9 @@ Start order, and why:
    one is retried until it answers (``database unreachable … retrying`` is logged once);
 3. the schema: migrated automatically for the embedded database, only *checked* for an external
    one (operators run ``director db upgrade``); an un-migrated or too-new schema stops the
-   daemon with a FATAL line naming the command to run, and exit status 1;
+   daemon with a FATAL line naming the command to run, and exit status 78 (``EX_CONFIG``:
+   the units' ``RestartPreventExitStatus=78`` stops systemd from restarting it in a loop —
+   only the operator can fix it);
 4. the pool and the LISTEN connection; ``/api/health`` turns 200 when both are up.
 
 Stop (SIGTERM/SIGINT): health turns 503, the port stops accepting, open connections are given
@@ -33,7 +35,7 @@ from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
 from director.accounts.ratelimit import RateLimiter
 from director.config import Settings
-from director.crypto import SecretBox
+from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
@@ -58,7 +60,12 @@ EX_CONFIG = 78  # sysexits.h: systemd units can use RestartPreventExitStatus= on
 
 
 class FatalStartupError(Exception):
-    """The daemon cannot serve; the message says what to do."""
+    """The daemon cannot serve; the message says what to do. ``exit_code`` 78 when a restart
+    cannot help (the operator must act), 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class DirectorService(MultiService):
@@ -246,9 +253,11 @@ class DirectorService(MultiService):
                 if self.stopping:
                     raise FatalStartupError("stopped before the database answered") from None
         if status.newer_than_code:
-            raise FatalStartupError(migrate.newer_schema_message(status.current, status.latest))
+            raise FatalStartupError(migrate.newer_schema_message(status.current, status.latest),
+                                    EX_CONFIG)
         if not status.up_to_date:
-            raise FatalStartupError(migrate.outdated_schema_message(status.current, status.latest))
+            raise FatalStartupError(migrate.outdated_schema_message(status.current, status.latest),
+                                    EX_CONFIG)
         self.schema_ready = True
 
     async def _wait_until_available(self) -> None:
@@ -260,10 +269,14 @@ class DirectorService(MultiService):
             return
         if failure.check(FatalStartupError):
             log.critical("FATAL: {reason}", reason=str(failure.value))
+            self.exit_code = failure.value.exit_code
+        elif failure.check(SecretUnreadable):  # only the operator can fix this: no restarts
+            log.critical("FATAL: SecretUnreadable: {reason}", reason=str(failure.value))
+            self.exit_code = EX_CONFIG
         else:
             log.failure("FATAL: unexpected error while starting", failure)
-        self.exit_code = 1
-        exit_after_shutdown(self.reactor, 1)
+            self.exit_code = 1
+        exit_after_shutdown(self.reactor, self.exit_code)
         self.reactor.stop()
 
     # --- stop --------------------------------------------------------------------------

@@ -41,8 +41,9 @@ class Options(usage.Options):
         try:
             self["settings"] = load_settings(os.environ)
         except ConfigError as error:
-            for problem in error.problems:
-                print(problem, file=sys.stderr)
+            from director.logs import print_problems
+
+            print_problems(error.problems)
             sys.exit(EX_CONFIG)
 
 
