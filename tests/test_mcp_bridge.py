@@ -245,3 +245,36 @@ def test_change_notifications_from_a_modern_upstream_reach_both_eras(
     assert {"m_fresh", "m_fresher"} <= got["modern_tools"], got
     listens = [e for e in debug_log(upstreams["modern"]) if e["rpc"] == "subscriptions/listen"]
     assert listens, "the gateway never listened upstream"
+
+
+def switch_era(port: int, era: str) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/debug/era", data=era.encode(),
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310 (http, loopback)
+        assert answer.read().decode() == era
+
+
+def test_a_server_that_changes_era_is_probed_again(
+        start_daemon: StartDaemon, migrated_url: str, upstreams: dict[str, int]) -> None:
+    """The remembered era fails (the server was replaced by one of the other era, same URL):
+    the gateway forgets it, probes again and retries the call, which succeeds."""
+    _, _, url = setup(start_daemon, migrated_url, upstreams)
+    port = upstreams["modern"]
+
+    async def calls() -> list[str]:
+        texts = []
+        async with Client(url, mode="auto") as client:
+            texts.append((await client.call_tool("m_echo", {"text": "before"})).content[0].text)
+            switch_era(port, "legacy")
+            texts.append((await client.call_tool("m_echo", {"text": "after"})).content[0].text)
+        return texts
+
+    seen_before = len(debug_log(port))
+    try:
+        assert run(calls()) == ["before", "after"]
+    finally:
+        switch_era(port, "modern")
+    later = [entry["rpc"] for entry in debug_log(port)[seen_before:] if entry["rpc"]]
+    # The call after the switch was refused, then the handshake succeeded and it was retried.
+    assert later.count("tools/call") == 3, later
+    assert "initialize" in later[later.index("tools/call") + 1:], later

@@ -20,7 +20,8 @@ HTTP+SSE); an outage (connection refused, 5xx, timeout) is never taken for an er
 What was learnt is remembered per URL and era (``SPEAKS``, for ``ERA_MEMORY_SECONDS``): a server
 known not to speak the preferred era is asked in the other one first, and when that fails the
 preferred one is tried again (re-probing); so is a modern request answered ``-32022`` (the server
-no longer speaks this version): the session forgets, re-probes and retries the request once.
+no longer speaks this version), or with a 400/404/405 that carries no JSON-RPC error (the URL no
+longer serves this era): the session forgets, re-probes and retries the request once.
 
 In the modern era each request is one POST with the envelope in ``params._meta``
 (``io.modelcontextprotocol/protocolVersion``, ``…/clientCapabilities``, ``…/clientInfo`` and,
@@ -230,11 +231,11 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         try:
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
-        except UpstreamRequestError as failure:
-            if not self.modern or failure.error.get("code") != UNSUPPORTED_PROTOCOL_VERSION:
+        except (UpstreamRequestError, HttpStatusError) as failure:
+            if not self.modern or not _era_refused(failure):
                 raise
-            log.info("[{server}] the server no longer speaks {version}; probing again",
-                     server=self.name, version=MODERN_VERSION)
+            log.info("[{server}] the server no longer speaks {version} ({error}); probing "
+                     "again", server=self.name, version=MODERN_VERSION, error=str(failure))
             forget(self.url)
             self._established = False
             self.era = None
@@ -304,6 +305,15 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         text = body.decode("utf-8", errors="replace").strip()[:200]
         return HttpStatusError(f"[{self.name}] {method} {self._display}: HTTP "
                                f"{response.code}: {text}", response.code, text)
+
+
+def _era_refused(failure: UpstreamRequestError | HttpStatusError) -> bool:
+    """Whether a modern request's failure says the server stopped speaking the era: -32022,
+    or a 400/404/405 without a JSON-RPC body (a modern server's own errors carry one and
+    fail the request as ``UpstreamRequestError``)."""
+    if isinstance(failure, HttpStatusError):
+        return failure.status in FALLBACK_STATUSES
+    return failure.error.get("code") == UNSUPPORTED_PROTOCOL_VERSION
 
 
 class ModernFirstHttpUpstream(ModernHttpUpstream):
