@@ -8,9 +8,10 @@ limit shared by two instances), ``playbooks`` (propagation between two instances
 playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput of
 ``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
 ``METRICS_LISTEN`` costs a proxied ``tools/call``) and ``modern`` (the stateless era:
-a modern ``tools/call`` next to a handshake-era one, two instances without affinity). A group
-that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
-one throwaway directory under /tmp (kept only when the run fails, for its logs).
+a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
+upstream, two instances without affinity). A group that fails is reported and the others
+still run. Everything runs under one ``Reaper`` and in one throwaway directory under /tmp
+(kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,13 @@ def create_playbook(client: Client, name: str) -> str:
     return str(client.request("POST", "/api/v1/playbooks", {"name": name}, expect=201)["id"])
 
 
-def add_echo_server(client: Client, playbook_id: str, name: str = "echo") -> None:
-    """The stdio echo server (``bench.echo_server``) with this interpreter, no site import."""
+def add_echo_server(client: Client, playbook_id: str, name: str = "echo",
+                    options: Sequence[str] = ()) -> None:
+    """The stdio echo server (``bench.echo_server``) with this interpreter, no site import;
+    ``options`` are its own (``--eras both``)."""
     client.request("POST", f"/api/v1/playbooks/{playbook_id}/servers", {
         "name": name, "type": "stdio", "command": sys.executable,
-        "args": ["-I", "-S", str(ECHO_SERVER)]}, expect=201)
+        "args": ["-I", "-S", str(ECHO_SERVER), *options]}, expect=201)
 
 
 def add_prompt(client: Client, playbook_id: str, name: str) -> None:
