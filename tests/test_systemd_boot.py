@@ -36,6 +36,11 @@ TEMPLATE = CHECKOUT / "systemd" / "director@.service"
 REFERENCE = CHECKOUT / "tests" / "fixtures" / "reference_server.py"
 PYTHON_INSIDE = "/opt/director-python"  # sys.base_prefix, when outside /usr
 VENV_INSIDE = "/usr/lib/director/venv"
+# The checkout (and the virtualenv, if elsewhere) where the service can see them: the unit's
+# PrivateTmp= and ProtectHome= hide /tmp, /root and /home, where a clone may well live.
+CHECKOUT_INSIDE = Path("/opt/director-checkout")
+VENV_ELSEWHERE_INSIDE = Path("/opt/director-venv")
+REFERENCE_INSIDE = CHECKOUT_INSIDE / REFERENCE.relative_to(CHECKOUT)
 POSTGRES_INSIDE = "/run/director-test-postgres"
 ACCEPT = "application/json, text/event-stream"
 START_TIMES: list[float] = []
@@ -84,13 +89,21 @@ def python_layout(ns: SystemdNamespace) -> str:
         for place in places:
             ns.add_symlink(f"{place}/{soname}", target)
     venv = Path(sys.prefix)
-    if not venv.is_relative_to(CHECKOUT):
-        ns.bind_read_only(str(venv), str(venv))
+    if venv.is_relative_to(CHECKOUT):
+        venv_inside = CHECKOUT_INSIDE / venv.relative_to(CHECKOUT)
+    else:
+        ns.bind_read_only(str(venv), str(VENV_ELSEWHERE_INSIDE))
+        venv_inside = VENV_ELSEWHERE_INSIDE
     ns.add_file(f"{VENV_INSIDE}/pyvenv.cfg",
                 f"home = {interpreter.parent}\ninclude-system-site-packages = false\n"
                 f"version = {sys.version.split()[0]}\n")
     ns.add_symlink(f"{VENV_INSIDE}/bin/python3", str(interpreter))
-    ns.add_symlink(f"{VENV_INSIDE}/lib", str(venv / "lib"))
+    # The shim's site-packages holds one .pth: the real one (and its .pth files, whose editable
+    # install names the checkout's outside path) where it is visible, then the checkout's src.
+    site = Path(sysconfig.get_path("purelib"))
+    ns.add_file(f"{VENV_INSIDE}/{site.relative_to(venv)}/director-test.pth",
+                f"import site; site.addsitedir({str(venv_inside / site.relative_to(venv))!r})\n"
+                f"{CHECKOUT_INSIDE / 'src'}\n")
     entry = (venv / "bin" / "director").read_text().split("\n", 1)[1]
     ns.add_file("/usr/bin/director", f"#!{VENV_INSIDE}/bin/python3\n{entry}", 0o755)
     return f"{VENV_INSIDE}/bin/python3"
@@ -192,9 +205,7 @@ def box(postgres: PostgresServer) -> Iterator[Box]:
     try:
         python = python_layout(ns)
         uid, gid = database_layout(ns, postgres)
-        if CHECKOUT.parts[1] in ("root", "home", "run"):
-            raise CannotBoot(f"the checkout {CHECKOUT} is under a directory ProtectHome= hides")
-        ns.bind_read_only(str(CHECKOUT), str(CHECKOUT))
+        ns.bind_read_only(str(CHECKOUT), str(CHECKOUT_INSIDE))
         ns.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
                     f"director:x:{uid}:{gid}:Director:/var/lib/director:/usr/sbin/nologin\n"
                     "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
@@ -408,7 +419,7 @@ def test_stdio_upstream_runs_under_the_hardening_and_dies_with_the_unit(director
     auth = {"x-api-key": key}
     assert request(box.port, "POST", "/api/v1/playbooks", {"name": "Ref"}, auth)[0] == 201
     server = {"name": "reference", "type": "stdio", "command": box.python,
-              "args": [str(REFERENCE)]}
+              "args": [str(REFERENCE_INSIDE)]}
     status, _, body = request(box.port, "POST", "/api/v1/playbooks/ref/servers", server, auth)
     assert status == 201, body
 
@@ -428,7 +439,7 @@ def test_stdio_upstream_runs_under_the_hardening_and_dies_with_the_unit(director
     answer = rpc_result(body)
     assert answer.get("result", {}).get("content", [{}])[0].get("text") == "hardened", \
         str(answer) + diagnostics(box)
-    children = [pid for pid, cmd in box.processes_of() if str(REFERENCE) in cmd]
+    children = [pid for pid, cmd in box.processes_of() if str(REFERENCE_INSIDE) in cmd]
     assert len(children) == 1, box.processes_of()
     assert_hardened(box, children[0])
 
