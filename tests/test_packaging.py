@@ -364,6 +364,9 @@ def pretend_systemd(overlay: Overlay) -> None:
 @slow
 def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     overlay.put("/tmp/director.deb", deb.read_bytes())
+    # The overlay starts from this host's files: drop what a `make run` as root may have left
+    # (/var/lib/director is also its embedded default), as a fresh machine has none of it.
+    overlay.check("rm -rf /var/lib/director /var/cache/director /etc/director")
 
     # First install, nothing configured: account, directories, env file; nothing started.
     output = overlay.check("dpkg -i /tmp/director.deb")
