@@ -18,7 +18,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from director.mcp import modern
+from director.mcp import headers, modern
 from tests.accounts_helpers import Account, call, sign_up
 from tests.harness import Daemon
 from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server
@@ -415,7 +415,7 @@ def test_constants_agree_with_the_sdk_types() -> None:
          mcp_types.MISSING_REQUIRED_CLIENT_CAPABILITY)
     assert dict(inbound.ERROR_CODE_HTTP_STATUS) == modern.HTTP_STATUS
     assert dict(inbound.NAME_BEARING_METHODS) == modern.NAME_BEARING_METHODS
-    assert inbound.MCP_PARAM_HEADER_PREFIX.lower() == modern.PARAM_HEADER_PREFIX
+    assert inbound.MCP_PARAM_HEADER_PREFIX.lower() == headers.PARAM_HEADER_PREFIX
     assert modern.CACHEABLE_METHODS == mcp_types.methods.CACHEABLE_METHODS
     assert {m for m, v in mcp_types.methods.CLIENT_REQUESTS if v == VERSION} == modern.METHODS
     assert tuple(mcp_types.LoggingLevel.__args__) == modern.LOG_LEVELS  # type: ignore[attr-defined]
@@ -444,8 +444,29 @@ def test_mcp_param_headers_agree_with_the_sdk() -> None:
         (schema, {"plain": "p"}, {"mcp-param-plain": "q"}),
         (invalid, {"x": 1.5}, {}),
     ]
-    for tool_schema, arguments, headers in cases:
-        ours = modern.param_header_mismatch(tool_schema, arguments,
-                                            {k: [v] for k, v in headers.items()})
-        theirs = inbound.validate_mcp_param_headers(tool_schema, arguments, headers)
+    for tool_schema, arguments, sent in cases:
+        ours = headers.param_header_mismatch(tool_schema, arguments,
+                                             {k: [v] for k, v in sent.items()})
+        theirs = inbound.validate_mcp_param_headers(tool_schema, arguments, sent)
         assert (ours is None) == (theirs is None), (arguments, headers, ours, theirs)
+
+
+def test_the_headers_the_gateway_sends_upstream_agree_with_the_sdk_client() -> None:
+    from mcp.shared import inbound
+
+    for value in ("eu", " padded", "é", "a\tb", "=?base64?ZXU=?=", "", "x" * 300):
+        assert headers.encode_header_value(value) == inbound.encode_header_value(value), value
+    schema = {"type": "object", "properties": {
+        "region": {"type": "string", "x-mcp-header": "Region"},
+        "count": {"type": "integer", "x-mcp-header": "Count"},
+        "dry": {"type": "boolean", "x-mcp-header": "Dry"},
+        "nested": {"type": "object", "properties": {
+            "id": {"type": "string", "x-mcp-header": "Nested-Id"}}}}}
+    header_map = {path: token for path, token, _ in headers.header_annotations(schema) or ()}
+    for arguments in ({"region": "eu", "count": 3, "dry": False, "nested": {"id": "é"}},
+                      {"region": None, "nested": "not an object"}, {}):
+        ours = headers.param_headers(schema, arguments)
+        assert ours == inbound.mcp_param_headers(header_map, arguments), arguments
+        # and what the gateway sends, its own check accepts
+        assert headers.param_header_mismatch(
+            schema, arguments, {k.lower(): [v] for k, v in ours.items()}) is None

@@ -84,11 +84,8 @@ would add ~10 MB and half a second to every daemon's start); the tests check tha
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import secrets
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -97,6 +94,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from director.mcp import jsonrpc
+from director.mcp.headers import (
+    PARAM_HEADER_PREFIX,
+    decode_header_value,
+    param_header_mismatch,
+)
 from director.mcp.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -153,7 +155,6 @@ HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEAD
 PROTOCOL_VERSION_HEADER = "mcp-protocol-version"
 METHOD_HEADER = "mcp-method"
 NAME_HEADER = "mcp-name"
-PARAM_HEADER_PREFIX = "mcp-param-"
 ROUTING_HEADERS = (PROTOCOL_VERSION_HEADER, METHOD_HEADER, NAME_HEADER)
 #: Method -> the params key mirrored in ``Mcp-Name``.
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
@@ -311,123 +312,6 @@ def translated(method: str, failure: ProtocolError | UpstreamRequestError
     if method != "resources/read" or error.get("code") != RESOURCE_NOT_FOUND_LEGACY:
         return None
     return ProtocolError(INVALID_PARAMS, str(error.get("message", "")), error.get("data"))
-
-
-# --- header values and Mcp-Param-* --------------------------------------------------------
-
-_B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_CANONICAL_DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?$")
-_HEADER_TYPES = frozenset({"string", "integer", "boolean"})
-# JSON Schema 2020-12 keywords whose values are schemas (by shape); only ``properties`` keeps
-# the static path from the root that an ``x-mcp-header`` annotation needs.
-_SUBSCHEMA = frozenset({"items", "contains", "unevaluatedItems", "additionalProperties",
-                        "propertyNames", "unevaluatedProperties", "not", "if", "then", "else",
-                        "contentSchema"})
-_SUBSCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
-_SUBSCHEMA_MAPS = frozenset({"patternProperties", "dependentSchemas", "$defs", "definitions"})
-
-
-def decode_header_value(value: str | None) -> str | None:
-    """A header value, unwrapping the ``=?base64?…?=`` sentinel (None when malformed)."""
-    if value is None:
-        return None
-    match = _B64_SENTINEL.fullmatch(value)
-    if match is None:
-        return value
-    payload = match["payload"]
-    try:
-        decoded = base64.b64decode(payload, validate=True)
-        if base64.b64encode(decoded).decode("ascii") != payload:
-            return None
-        return decoded.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-
-
-def _schema_positions(root: Any) -> Iterator[tuple[tuple[str, ...] | None, dict[str, Any]]]:
-    stack: list[tuple[tuple[str, ...] | None, Any]] = [((), root)]
-    while stack:
-        path, node = stack.pop()
-        if not isinstance(node, dict):
-            continue
-        yield path, node
-        for keyword, value in node.items():
-            if keyword == "properties" and isinstance(value, dict):
-                stack.extend(((*path, name) if path is not None else None, sub)
-                             for name, sub in value.items())
-            elif keyword in _SUBSCHEMA:
-                stack.append((None, value))
-            elif keyword in _SUBSCHEMA_LISTS and isinstance(value, list):
-                stack.extend((None, sub) for sub in value)
-            elif keyword in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                stack.extend((None, sub) for sub in value.values())
-
-
-def header_annotations(schema: Any) -> list[tuple[tuple[str, ...], str, dict[str, Any]]] | None:
-    """``(property path, header token, property schema)`` of each ``x-mcp-header``; None when
-    an annotation is invalid (then clients send no header and nothing is checked)."""
-    found: list[tuple[tuple[str, ...], str, dict[str, Any]]] = []
-    seen: set[str] = set()
-    for path, node in _schema_positions(schema):
-        if "x-mcp-header" not in node:
-            continue
-        token = node["x-mcp-header"]
-        if not path or not isinstance(token, str) or not _TOKEN.fullmatch(token) or \
-                node.get("type") not in _HEADER_TYPES or token.lower() in seen:
-            return None
-        seen.add(token.lower())
-        found.append((path, token, node))
-    return found
-
-
-def _rendered(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        try:
-            return str(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _matches(kind: Any, value: Any, rendered: str, decoded: str) -> bool:
-    if kind == "integer" and not isinstance(value, bool) and \
-            (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) and \
-            _CANONICAL_DECIMAL.fullmatch(decoded):
-        whole, _, fraction = decoded.partition(".")
-        return not (fraction and set(fraction) != {"0"}) and int(whole) == int(value)
-    return decoded == rendered
-
-
-def param_header_mismatch(schema: Any, arguments: Mapping[str, Any],
-                          headers: Mapping[str, list[str]]) -> str | None:
-    """Why the ``Mcp-Param-*`` headers (lower-case name -> values) disagree with the tool's
-    arguments, or None when they agree."""
-    for path, token, node in header_annotations(schema) or ():
-        name = f"Mcp-Param-{token}"
-        values = headers.get(name.lower(), [])
-        value: Any = arguments
-        for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
-        argument = ".".join(path)
-        if len(values) > 1:
-            return f"{name} header appears more than once"
-        raw = values[0] if values else None
-        rendered = _rendered(value) if value is not None else None
-        if rendered is None:
-            if raw is not None:
-                return f"{name} header is present but the {argument!r} argument is absent"
-            continue
-        if raw is None:
-            return f"{name} header is missing but the {argument!r} argument is present"
-        decoded = decode_header_value(raw)
-        if decoded is None:
-            return f"{name} header carries a malformed base64 value"
-        if not _matches(node.get("type"), value, rendered, decoded):
-            return f"{name} header does not match the {argument!r} argument"
-    return None
 
 
 # --- results ------------------------------------------------------------------------------

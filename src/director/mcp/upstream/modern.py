@@ -26,7 +26,9 @@ longer serves this era): the session forgets, re-probes and retries the request 
 In the modern era each request is one POST with the envelope in ``params._meta``
 (``io.modelcontextprotocol/protocolVersion``, ``…/clientCapabilities``, ``…/clientInfo`` and,
 after ``logging/setLevel``, ``…/logLevel`` — the level is kept here since the era has no such
-method) and the headers ``MCP-Protocol-Version``, ``Mcp-Method`` and ``Mcp-Name``; no session id,
+method) and the headers ``MCP-Protocol-Version``, ``Mcp-Method``, ``Mcp-Name`` and, for ``tools/call``,
+the ``Mcp-Param-*`` of the arguments the tool's schema marks ``x-mcp-header`` (schemas from the
+session's own ``tools/list`` answers); no session id,
 no GET stream, no notifications (a cancelled request is cancelled by dropping its exchange).
 Answers with an HTTP error status and a JSON-RPC error body fail the request with that error,
 verbatim. ``initialize_result`` is made from the discover result (``protocolVersion``
@@ -47,7 +49,6 @@ instead: the client answers the server itself, and its retry carries the server'
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director.mcp.headers import encode_header_value, param_headers
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.mcp.upstream.envelope import (
@@ -107,14 +109,6 @@ def forget(url: str) -> None:
         SPEAKS.pop((url, era), None)
 
 
-def header_value(value: str) -> str:
-    """A header-safe rendering of ``Mcp-Name``: as is when visible ASCII, else the base64
-    sentinel the modern era defines (``=?base64?…?=``)."""
-    if value and value == value.strip() and all(0x20 <= ord(c) <= 0x7E for c in value):
-        return value
-    return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
-
-
 class ModernHttpUpstream(StreamableHttpUpstream):
     """A Streamable HTTP session in whichever era its server speaks (module docstring)."""
 
@@ -129,6 +123,9 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         self._probing = False
         #: The era's change notifications (``envelope.ChangeListener``), once modern.
         self.changes = ChangeListener(self.name, self._listen, self._reactor)
+        #: Input schemas from the server's tools/list answers: a tools/call copies the arguments
+        #: they mark ``x-mcp-header`` into ``Mcp-Param-*`` headers, which the server checks.
+        self.tool_schemas: dict[str, Any] = {}
 
     @property
     def modern(self) -> bool:
@@ -241,6 +238,8 @@ class ModernHttpUpstream(StreamableHttpUpstream):
             self.era = None
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
+        if method == "tools/list" and self.modern:
+            self._remember_schemas(result)
         if return_input_required:
             return result
 
@@ -250,6 +249,12 @@ class ModernHttpUpstream(StreamableHttpUpstream):
 
         return await settle(self.name, method, params, result, resend, self.on_request,
                             self._sleep)
+
+    def _remember_schemas(self, listing: Any) -> None:
+        tools = listing.get("tools") if isinstance(listing, dict) else None
+        for tool in tools if isinstance(tools, list) else ():
+            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                self.tool_schemas[tool["name"]] = tool.get("inputSchema")
 
     async def _listen(self, params: dict[str, Any]) -> dict[str, Any]:
         return await self.request("subscriptions/listen", params, timeout=LISTEN_TIMEOUT,
@@ -290,7 +295,10 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         params = message.get("params")
         key = NAME_BEARING_METHODS.get(method)
         if key is not None and isinstance(params, dict) and isinstance(params.get(key), str):
-            headers["Mcp-Name"] = header_value(params[key])
+            headers["Mcp-Name"] = encode_header_value(params[key])
+            if method == "tools/call":
+                headers.update(param_headers(self.tool_schemas.get(params[key]),
+                                             params.get("arguments")))
         return headers
 
     async def _refusal(self, method: str, response: _Response, call: _HttpCall,
