@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.web import resource, server
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
@@ -728,3 +728,29 @@ async def test_tls_is_verified(pool: Any, closing: Any) -> None:
     finally:
         for port in listening:
             await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_modern_call_carries_the_mcp_param_headers_of_its_tool(pool: Any) -> None:
+    """SEP-2243: the SDK server refuses a tools/call whose x-mcp-header argument is not
+    mirrored into Mcp-Param-*. The session derives the headers from the tool's schema, learnt
+    from tools/list, or (a call before any listing) learns it when refused and calls again."""
+    from director.mcp.upstream.modern import ModernFirstHttpUpstream
+    from tests.conformance.runner import HttpFixture
+
+    fixture = await threads.deferToThread(HttpFixture)
+    session = ModernFirstHttpUpstream("fixture", fixture.url, {}, reactor, pool)
+    try:
+        await session.start()
+        assert session.era == "modern"
+        assert session.tool_schemas == {}
+        first = await session.request("tools/call", {"name": "test_custom_header",
+                                                     "arguments": {"region": "eu west"}})
+        assert first["content"][0]["text"] == "region=eu west"
+        assert "test_custom_header" in session.tool_schemas
+        again = await session.request("tools/call", {"name": "test_custom_header",
+                                                     "arguments": {"region": "é"}})
+        assert again["content"][0]["text"] == "region=é"
+    finally:
+        await session.close()  # (its subscriptions/listen stream too)
+        await threads.deferToThread(fixture.stop)

@@ -85,6 +85,7 @@ from director.mcp.upstream.http import (
 log = Logger(namespace="mcp.upstream.modern")
 
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+HEADER_MISMATCH = -32020
 ERA_MEMORY_SECONDS = 3600.0
 #: (URL, era) -> (whether the server speaks that era, when it was learnt); era: "modern" or
 #: "legacy". Module-wide: every session with one server learns from the others.
@@ -229,6 +230,15 @@ class ModernHttpUpstream(StreamableHttpUpstream):
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
         except (UpstreamRequestError, HttpStatusError) as failure:
+            if self.modern and self._schema_unknown(method, params, failure):
+                # A call before this session saw the tool's schema (its Mcp-Param-* headers
+                # could not be derived): learn it, then call again once.
+                self._remember_schemas(await super().request("tools/list", None,
+                                                             timeout=timeout))
+                result = await super().request(method, params, timeout=timeout,
+                                               on_progress=on_progress)
+                return await self._settled(method, params, result, timeout, on_progress,
+                                           return_input_required)
             if not self.modern or not _era_refused(failure):
                 raise
             log.info("[{server}] the server no longer speaks {version} ({error}); probing "
@@ -238,6 +248,13 @@ class ModernHttpUpstream(StreamableHttpUpstream):
             self.era = None
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
+        return await self._settled(method, params, result, timeout, on_progress,
+                                   return_input_required)
+
+    async def _settled(self, method: str, params: dict[str, Any] | None, result: dict[str, Any],
+                       timeout: float | None,
+                       on_progress: Callable[[dict[str, Any]], object] | None,
+                       return_input_required: bool) -> dict[str, Any]:
         if method == "tools/list" and self.modern:
             self._remember_schemas(result)
         if return_input_required:
@@ -249,6 +266,13 @@ class ModernHttpUpstream(StreamableHttpUpstream):
 
         return await settle(self.name, method, params, result, resend, self.on_request,
                             self._sleep)
+
+    def _schema_unknown(self, method: str, params: dict[str, Any] | None,
+                        failure: UpstreamError) -> bool:
+        name = (params or {}).get("name")
+        return method == "tools/call" and isinstance(failure, UpstreamRequestError) \
+            and failure.error.get("code") == HEADER_MISMATCH and isinstance(name, str) \
+            and name not in self.tool_schemas
 
     def _remember_schemas(self, listing: Any) -> None:
         tools = listing.get("tools") if isinstance(listing, dict) else None
