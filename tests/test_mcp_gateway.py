@@ -20,6 +20,7 @@ from tests.harness import Daemon, make_temp_dir
 
 StartDaemon = Callable[..., Daemon]
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
+RAW = str(Path(__file__).parent / "fixtures" / "raw_server.py")
 ACCEPT = "application/json, text/event-stream"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {},
@@ -649,3 +650,51 @@ def test_an_unknown_resource_is_32002_in_the_handshake_era(gateway: Gateway) -> 
                                "params": {"uri": "test://nowhere"}}, session)
     error = parse_response(body)["error"]
     assert error["code"] == -32002 and error["data"] == {"uri": "test://nowhere"}, error
+
+
+def test_a_restarted_upstream_is_told_again_what_its_sessions_asked(
+        gateway: Gateway, tmp_path: Path) -> None:
+    """A stdio upstream that crashed and was restarted has forgotten the subscriptions and the
+    log level: the gateway subscribes again what its sessions still want, and sets the most
+    verbose level any of them asked for (a shared process serves them all)."""
+    received = tmp_path / "raw.jsonl"
+    raw = {"name": "raw", "type": "stdio", "command": sys.executable, "args": [RAW],
+           "env": {"RAW_LOG": str(received)}, "prefix": "raw_"}
+    status, _, body = call(gateway.daemon, "POST", "/api/v1/playbooks/ref/servers", raw,
+                           key=gateway.owner.key)
+    assert status == 201, body
+
+    def ask(session: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        _, _, answer = gateway.post({"jsonrpc": "2.0", "id": 9, "method": method,
+                                     "params": params}, session)
+        return parse_response(answer)
+
+    def sent() -> list[tuple[str, Any]]:
+        if not received.exists():
+            return []
+        messages = [json.loads(line) for line in received.read_text().splitlines()]
+        return [(m.get("method"), m.get("params")) for m in messages if "method" in m]
+
+    quiet, chatty = gateway.open_session(), gateway.open_session()
+    assert "result" in ask(quiet, "logging/setLevel", {"level": "error"})
+    assert "result" in ask(chatty, "logging/setLevel", {"level": "debug"})
+    assert "result" in ask(quiet, "logging/setLevel", {"level": "warning"})  # the last writer
+    assert "result" in ask(chatty, "resources/subscribe", {"uri": "raw://note"})
+    levels = [params["level"] for method, params in sent() if method == "logging/setLevel"]
+    assert levels[-1] == "debug", levels  # the most verbose wanted, not the last one set
+    ask(chatty, "tools/call", {"name": "raw_crash", "arguments": {"code": 3}})
+
+    def told_again() -> bool:
+        methods = [method for method, _ in sent()]
+        restarted = len(methods) - methods[::-1].index("initialize") if \
+            methods.count("initialize") >= 2 else None
+        return restarted is not None and {"logging/setLevel", "resources/subscribe"} <= \
+            set(methods[restarted:])
+
+    try:
+        eventually(told_again, timeout=10)
+    except AssertionError:
+        raise AssertionError(f"{sent()}\n{gateway.daemon.output()[-3000:]}") from None
+    after = sent()[-2:]
+    assert ("logging/setLevel", {"level": "debug"}) in after
+    assert ("resources/subscribe", {"uri": "raw://note"}) in after

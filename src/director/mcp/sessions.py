@@ -269,12 +269,9 @@ class DownstreamSession:
         if method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
             uri = _required_string(params, "uri")
             server = await self.aggregator.resource_route(playbook, uri)
-            result = await self._forward(server, method, params, channel)
-            if method == "resources/subscribe":
-                self.subscriptions.add(uri)
-            elif method == "resources/unsubscribe":
-                self.subscriptions.discard(uri)
-            return result
+            if method == "resources/read":
+                return await self._forward(server, method, params, channel)
+            return await self._subscription(server, method, uri, params, channel)
         if method == "completion/complete":
             return await self._complete(playbook, params, channel)
         if method == "logging/setLevel":
@@ -282,6 +279,22 @@ class DownstreamSession:
             await self._set_upstream_log_levels(playbook, params)
             return {}
         raise ProtocolError(METHOD_NOT_FOUND, f"method not found: {method}")
+
+    async def _subscription(self, server: Server, method: str, uri: str, params: dict[str, Any],
+                            channel: Channel) -> dict[str, Any]:
+        """``resources/(un)subscribe``: an upstream shared with other sessions is unsubscribed
+        only when none of them still wants the URI."""
+        upstream = self.upstream(server)
+        if method == "resources/subscribe":
+            result = await self._forward(server, method, params, channel)
+            self.subscriptions.add(uri)
+            upstream.subscribed.add(uri)
+            return result
+        self.subscriptions.discard(uri)
+        if any(uri in (user._subscriptions or ()) for user in self.engine.users_of(upstream)):
+            return {}
+        upstream.subscribed.discard(uri)
+        return await self._forward(server, method, params, channel)
 
     async def _forward(self, server: Server, method: str, params: dict[str, Any],
                        channel: Channel) -> dict[str, Any]:
@@ -312,14 +325,13 @@ class DownstreamSession:
         return await self._forward(server, "completion/complete", params, channel)
 
     async def _set_upstream_log_levels(self, playbook: Playbook, params: dict[str, Any]) -> None:
+        """Each upstream gets the most verbose level any of its sessions asked for (a shared
+        stdio process serves several): every session still sees only what it asked for, since
+        log lines are filtered per session on their way down."""
         async def one(server: Server) -> None:
             upstream = await self._fetch(server)
-            if upstream is not None and "logging" in upstream.capabilities:
-                try:
-                    session = await self.engine.upstreams.ready(upstream)
-                    await session.request("logging/setLevel", params, timeout=10.0)
-                except UpstreamError as failure:
-                    log.info("logging/setLevel failed: {error}", error=str(failure))
+            if upstream is not None:
+                await self.engine.apply_log_level(upstream)
 
         await defer.gatherResults([defer.ensureDeferred(one(s)) for s in playbook.servers
                                    if not s.disabled], consumeErrors=True)
@@ -451,6 +463,7 @@ class McpEngine:
         self._expiry: task.LoopingCall | None = None
         upstreams.on_notification = self._upstream_notified
         upstreams.on_request = self._upstream_asks
+        upstreams.on_restored = self._upstream_restored
         playbooks.subscribe(self._playbook_changed)
 
     def start(self) -> None:
@@ -508,13 +521,45 @@ class McpEngine:
 
     # --- change routing -------------------------------------------------------------------
 
-    def _users_of(self, upstream: Upstream) -> list[DownstreamSession]:
+    def users_of(self, upstream: Upstream) -> list[DownstreamSession]:
         return [u for u in upstream.users if isinstance(u, DownstreamSession) and not u.closed]
+
+    async def apply_log_level(self, upstream: Upstream) -> None:
+        """``logging/setLevel`` on ``upstream`` at the most verbose level of its sessions."""
+        levels = [user.log_level for user in self.users_of(upstream)
+                  if user.log_level in LOG_LEVELS]
+        if not levels or "logging" not in upstream.capabilities:
+            return
+        level = min(levels, key=LOG_LEVELS.index)
+        try:
+            session = await self.upstreams.ready(upstream)
+            await session.request("logging/setLevel", {"level": level}, timeout=10.0)
+        except UpstreamError as failure:
+            log.info("logging/setLevel failed: {error}", error=str(failure))
+
+    async def _restore(self, upstream: Upstream) -> None:
+        """After a restart or re-initialisation: the log level and the subscriptions the
+        gateway's sessions still want, told again."""
+        await self.apply_log_level(upstream)
+        users = self.users_of(upstream)
+        wanted = sorted(uri for uri in upstream.subscribed
+                        if any(uri in (user._subscriptions or ()) for user in users))
+        upstream.subscribed.intersection_update(wanted)
+        for uri in wanted:
+            try:
+                session = await self.upstreams.ready(upstream)
+                await session.request("resources/subscribe", {"uri": uri}, timeout=10.0)
+            except UpstreamError as failure:
+                log.info("re-subscribing {uri} failed: {error}", uri=uri, error=str(failure))
+
+    def _upstream_restored(self, upstream: Upstream) -> None:
+        restoring = defer.ensureDeferred(self._restore(upstream))
+        restoring.addErrback(lambda failure: log.failure("restoring an upstream", failure))
 
     def _upstream_notified(self, upstream: Upstream, message: Message) -> None:
         method = message.get("method", "")
         params = message.get("params") or {}
-        users = self._users_of(upstream)
+        users = self.users_of(upstream)
         if method == "notifications/message":
             # A log line belongs to one client: the session that used this upstream last
             # (the only one, unless it is a shared stdio process), on the stream of its
@@ -533,7 +578,7 @@ class McpEngine:
 
     async def _upstream_asks(self, upstream: Upstream, method: str,
                              params: dict[str, Any]) -> dict[str, Any]:
-        users = self._users_of(upstream)
+        users = self.users_of(upstream)
         if method == "ping":
             return {}
         if not users:

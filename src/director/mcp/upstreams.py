@@ -59,6 +59,8 @@ class Upstream:
     # Downstream sessions that use this upstream (several when it is a shared stdio process),
     # with the time of each one's latest request: server→client requests go to the latest.
     users: dict[Any, float] = attrs.field(factory=dict)
+    #: Resource URIs the gateway subscribed to on this upstream (re-applied after a restart).
+    subscribed: set[str] = attrs.field(factory=set)
     closed: bool = False
 
     @property
@@ -75,6 +77,9 @@ class UpstreamManager:
         #: Set by the session layer: routes upstream notifications and requests downstream.
         self.on_notification: Callable[[Upstream, Message], object] = lambda u, m: None
         self.on_request: Callable[[Upstream, str, dict[str, Any]], Any] | None = None
+        #: Set by the session layer: the upstream restarted (stdio) or re-initialised (HTTP)
+        #: and has forgotten what the gateway told it (subscriptions, log level).
+        self.on_restored: Callable[[Upstream], object] = lambda u: None
 
     def shared_count(self) -> int:
         return len(self._shared)
@@ -134,6 +139,12 @@ class UpstreamManager:
 
             session.on_request = relay
         session.on_closed = lambda reason: self._lost(upstream, reason)
+        # Not in the UpstreamSession contract: stdio sessions report a restart, HTTP ones a
+        # re-initialisation after the server forgot the session.
+        if hasattr(session, "on_restarted"):
+            session.on_restarted = lambda: self._restored(upstream)
+        if hasattr(session, "on_reinitialized"):
+            session.on_reinitialized = lambda result: self._restored(upstream)
         try:
             await session.start()
         except Exception as failure:
@@ -158,6 +169,11 @@ class UpstreamManager:
             if method == changed:
                 upstream.lists.pop(list_method, None)
         self.on_notification(upstream, message)
+
+    def _restored(self, upstream: Upstream) -> None:
+        upstream.lists.clear()
+        if not upstream.closed:
+            self.on_restored(upstream)
 
     def _lost(self, upstream: Upstream, reason: str) -> None:
         # The transport restarts stdio processes by itself; cached lists may be stale now.
