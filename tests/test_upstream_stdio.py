@@ -4,6 +4,7 @@ servers that crash, hang, flood, or write what no MCP server should."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -661,3 +662,30 @@ async def test_a_handshake_only_server_is_probed_once_per_command_line(
     await second.start()
     assert second.era == "legacy"
     assert received(log)[0].get("method") == "initialize"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_stops_reading_gets_no_unbounded_backlog(upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], max_line=1 << 20)
+    await upstream.start()
+    assert text_of(await call(upstream, "deaf", seconds=30)) == "not listening"
+    big = "x" * (256 * 1024)
+    sent: list[defer.Deferred[dict[str, Any]]] = []
+    refused: UpstreamError | None = None
+    for _ in range(64):  # 16 MiB if nothing stopped it
+        request = defer.ensureDeferred(upstream.request(
+            "tools/call", {"name": "echo", "arguments": {"text": big}}, timeout=30))
+        if request.called:  # failed at once
+            try:
+                await request
+            except UpstreamError as failure:
+                refused = failure
+                break
+        sent.append(request)
+        await sleep(0)  # let the reactor write what it can
+    assert refused is not None and "not reading its input" in str(refused), refused
+    assert len(sent) < 16, len(sent)  # about the pipe's buffer and 1 MiB more, not 16 MiB
+    for request in sent:
+        request.cancel()
+        with contextlib.suppress(Exception):
+            await request

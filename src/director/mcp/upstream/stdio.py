@@ -39,10 +39,12 @@ then in the daemon's, and run by absolute path.
 
 **Framing.** Lines over ``max_line`` bytes (16 MiB) cannot be buffered safely: every pending
 request fails with an ``UpstreamError`` naming the cause and the process is killed and, with
-``restart=True``, restarted. Lines that are not JSON-RPC are logged (rate-limited) and
-dropped. stderr goes to the log line by line (``server=`` field), at most 20 lines a second per
-server, followed by a "suppressed N lines" summary; the last few lines are kept to explain an
-early exit.
+``restart=True``, restarted. In the other direction, a child that stops reading its stdin
+(the pipe's buffer stays full) gets at most ``max_line`` bytes more queued for it; past that,
+new requests fail at once ("not reading its input") until it reads again. Lines that are not
+JSON-RPC are logged (rate-limited) and dropped. stderr goes to the log line by line
+(``server=`` field), at most 20 lines a second per server, followed by a "suppressed N lines"
+summary; the last few lines are kept to explain an early exit.
 
 **Restarts.** An unexpected exit fails the pending requests, calls ``on_closed`` and, with
 ``restart=True``, respawns after 0.5 s, 1 s, 2 s … 30 s (back to 0.5 s once a process has run
@@ -77,8 +79,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 from twisted.internet import defer, error, protocol, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
@@ -280,6 +284,27 @@ class _Pending:
         self.deferred: defer.Deferred[dict[str, Any]] | None = None
 
 
+@implementer(IPushProducer)
+class _StdinPressure:
+    """Told by the child's stdin pipe when its buffer fills (the child is not reading): what
+    the gateway writes meanwhile is counted, so that a child that stopped reading its input
+    makes new requests fail at once instead of growing the daemon's memory without bound."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
 class _Process(protocol.ProcessProtocol):
     """One spawned child; the upstream outlives it across restarts."""
 
@@ -300,9 +325,13 @@ class _Process(protocol.ProcessProtocol):
         self._pipes_timer: _Timer | None = None
         self._exit_waiters: list[defer.Deferred[None]] = []
         self._end_waiters: list[defer.Deferred[None]] = []
+        self.stdin = _StdinPressure()
 
     def connectionMade(self) -> None:
         self.pid = cast(Any, self.transport).pid
+        writer = getattr(self.transport, "pipes", {}).get(0)  # the child's stdin
+        if writer is not None:
+            writer.registerProducer(self.stdin, True)
 
     # --- output ------------------------------------------------------------------------------
 
@@ -890,6 +919,11 @@ class StdioUpstream:
               first: float | None = None) -> defer.Deferred[dict[str, Any]]:
         """Send a request; ``timeout`` is restarted by progress, ``first`` is what is left of
         it for the first wait (the caller may have waited for a restart)."""
+        if process.stdin.backlog > self.max_line:
+            mebibytes = process.stdin.backlog / 1048576
+            return defer.fail(UpstreamError(
+                f"[{self.name}] the server is not reading its input ({mebibytes:.0f} MiB "
+                f"waiting for it): {method} refused"))
         self._next_id += 1
         upstream_id = self._next_id
         pending = _Pending(upstream_id, method, timeout, on_progress, cancellable)
@@ -944,7 +978,10 @@ class StdioUpstream:
     def _send(self, process: _Process, message: Message) -> None:
         if process.exited or process.transport is None or process is not self._process:
             return
-        cast(Any, process.transport).write(jsonrpc.encode(message) + b"\n")
+        data = jsonrpc.encode(message) + b"\n"
+        if process.stdin.paused:
+            process.stdin.backlog += len(data)
+        cast(Any, process.transport).write(data)
 
     # --- what the child says -----------------------------------------------------------------
 
