@@ -142,13 +142,21 @@ def encode_header_value(value: str) -> str:
     return "=?base64?" + base64.b64encode(value.encode()).decode() + "?="
 
 
+Annotations = list[tuple[tuple[str, ...], str, dict[str, Any]]]
+
+
 def param_headers(schema: Any, arguments: Any) -> dict[str, str]:
     """The ``Mcp-Param-*`` headers a client sends for a ``tools/call`` with ``arguments`` of a
     tool whose input schema is ``schema`` (none when an annotation is invalid)."""
+    return mirrored(header_annotations(schema) or [], arguments)
+
+
+def mirrored(annotations: Annotations, arguments: Any) -> dict[str, str]:
+    """``param_headers`` from the schema's ``header_annotations``, computed beforehand."""
     headers: dict[str, str] = {}
     if not isinstance(arguments, Mapping):
         return headers
-    for path, token, _ in header_annotations(schema) or ():
+    for path, token, _ in annotations:
         value: Any = arguments
         for key in path:
             value = value.get(key) if isinstance(value, Mapping) else None

@@ -303,6 +303,17 @@ def legacy_params(params: Any) -> dict[str, Any]:
     return stripped
 
 
+def relayed(params: dict[str, Any], envelope: Envelope) -> dict[str, Any]:
+    """A call for an upstream of this era, as the client made it: with its capabilities and
+    log level, its ``inputResponses`` and ``requestState``; the upstream's ``input_required``
+    then goes back to the client as it is (no ``Exchange``, nothing kept here)."""
+    meta = dict(params.get("_meta") or {})
+    meta[CLIENT_CAPABILITIES_META] = envelope.client_capabilities
+    if envelope.log_level is not None:
+        meta[LOG_LEVEL_META] = envelope.log_level
+    return dict(params, _meta=meta)
+
+
 def translated(method: str, failure: ProtocolError | UpstreamRequestError
                ) -> ProtocolError | None:
     """A handshake-era error as this era says it, None when it says it the same way:
@@ -639,36 +650,18 @@ class StatelessContext(DownstreamSession):
         if tracked is not None:
             self.forwarding.append(tracked)
         try:
-            if tracked is not None and tracked.envelope is not None:
-                session = await self.engine.upstreams.ready(self.upstream(server))
-                if getattr(session, "era", None) == "modern":
-                    return await self._relay(session, server, method, params, tracked,
-                                             tracked.envelope)
-            return await super()._forward(server, method, {
+            session = await self.engine.upstreams.ready(self.upstream(server))
+            if tracked is not None and tracked.envelope is not None and \
+                    getattr(session, "era", None) == "modern":
+                return await self._send(session, server, method,
+                                        relayed(params, tracked.envelope), channel,
+                                        return_input_required=True)
+            return await self._send(session, server, method, {
                 key: value for key, value in params.items()
                 if key not in ("inputResponses", "requestState")}, channel)
         finally:
             if tracked is not None:
                 self.forwarding.remove(tracked)
-
-    async def _relay(self, session: Any, server: Server, method: str, params: dict[str, Any],
-                     channel: ModernCallChannel, envelope: Envelope) -> dict[str, Any]:
-        """A call to an upstream of this era, as the client made it: with its capabilities and
-        log level, its ``inputResponses`` and ``requestState``; an ``input_required`` answer
-        goes back to the client as it is (no ``Exchange``, nothing kept here)."""
-        meta = dict(params.get("_meta") or {})
-        meta[CLIENT_CAPABILITIES_META] = envelope.client_capabilities
-        if envelope.log_level is not None:
-            meta[LOG_LEVEL_META] = envelope.log_level
-
-        def progress(notification_params: dict[str, Any]) -> None:
-            channel.send(jsonrpc.notification("notifications/progress", notification_params))
-
-        result: dict[str, Any] = await session.request(
-            method, dict(params, _meta=meta), timeout=server.timeout_seconds,
-            on_progress=progress if "progressToken" in meta else None,
-            return_input_required=True)
-        return result
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Bridged to ``input_required`` for the latest call that can carry it."""

@@ -29,7 +29,12 @@ from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 from director.mcp.router import Aggregator, render_prompt, upstream_error
 from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, frame, json_bytes
-from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamError, UpstreamTimeout
+from director.mcp.upstream.base import (
+    LEGACY_VERSIONS,
+    UpstreamError,
+    UpstreamSession,
+    UpstreamTimeout,
+)
 from director.mcp.upstreams import LIST_METHODS, Upstream, UpstreamManager
 from director.playbooks.cache import PlaybookCache
 from director.playbooks.model import Server
@@ -298,15 +303,19 @@ class DownstreamSession:
 
     async def _forward(self, server: Server, method: str, params: dict[str, Any],
                        channel: Channel) -> dict[str, Any]:
-        upstream = self.upstream(server)
-        session = await self.engine.upstreams.ready(upstream)
+        session = await self.engine.upstreams.ready(self.upstream(server))
+        return await self._send(session, server, method, params, channel)
 
+    @staticmethod
+    async def _send(session: UpstreamSession, server: Server, method: str,
+                    params: dict[str, Any], channel: Channel, **options: Any) -> dict[str, Any]:
+        """One request to an upstream session, its progress relayed on ``channel``."""
         def progress(notification_params: dict[str, Any]) -> None:
             channel.send(jsonrpc.notification("notifications/progress", notification_params))
 
         has_token = isinstance(params.get("_meta"), dict) and "progressToken" in params["_meta"]
         return await session.request(method, params, timeout=server.timeout_seconds,
-                                     on_progress=progress if has_token else None)
+                                     on_progress=progress if has_token else None, **options)
 
     async def _complete(self, playbook: Playbook, params: dict[str, Any],
                         channel: Channel) -> Any:

@@ -12,7 +12,7 @@ and the request is sent again with ``inputResponses`` and the echoed ``requestSt
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -126,6 +126,29 @@ async def _fulfil(name: str, method: str, requests: dict[str, Any],
             raise problem from None
         raise
     return dict(answers)
+
+
+class ModernSession(Protocol):
+    log_level: str | None
+    changes: ChangeListener
+
+
+def answered_here(session: ModernSession, method: str,
+                  params: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The answer to a handshake-era request that the stateless era has no method for, kept
+    on the client side instead (None for any other request): ``logging/setLevel`` becomes the
+    envelope's ``logLevel``, ``resources/(un)subscribe`` the listen stream's filter."""
+    if method == "logging/setLevel":
+        level = (params or {}).get("level")
+        session.log_level = level if isinstance(level, str) else None
+        return {}
+    if method in ("resources/subscribe", "resources/unsubscribe"):
+        uri = (params or {}).get("uri")
+        if isinstance(uri, str):
+            (session.changes.subscribe if method == "resources/subscribe"
+             else session.changes.unsubscribe)(uri)
+        return {}
+    return None
 
 
 # --- change notifications: subscriptions/listen -------------------------------------------

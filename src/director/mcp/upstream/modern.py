@@ -56,7 +56,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from director.mcp.headers import encode_header_value, param_headers
+from director.mcp.headers import Annotations, encode_header_value, header_annotations, mirrored
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.mcp.upstream.envelope import (
@@ -65,6 +65,7 @@ from director.mcp.upstream.envelope import (
     UNSUPPORTED_PROTOCOL_VERSION,
     ChangeListener,
     NotModern,
+    answered_here,
     discovered,
     enveloped,
     listened,
@@ -124,9 +125,10 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         self._probing = False
         #: The era's change notifications (``envelope.ChangeListener``), once modern.
         self.changes = ChangeListener(self.name, self._listen, self._reactor)
-        #: Input schemas from the server's tools/list answers: a tools/call copies the arguments
-        #: they mark ``x-mcp-header`` into ``Mcp-Param-*`` headers, which the server checks.
-        self.tool_schemas: dict[str, Any] = {}
+        #: The ``x-mcp-header`` annotations of each tool's input schema, from the server's
+        #: tools/list answers: a tools/call copies those arguments into ``Mcp-Param-*``
+        #: headers, which the server checks.
+        self.tool_headers: dict[str, Annotations] = {}
 
     @property
     def modern(self) -> bool:
@@ -216,16 +218,9 @@ class ModernHttpUpstream(StreamableHttpUpstream):
                       return_input_required: bool = False) -> dict[str, Any]:
         if self.era is None and not self._closed:
             await self._ensure_established()
-        if self.modern and method == "logging/setLevel":
-            level = (params or {}).get("level")
-            self.log_level = level if isinstance(level, str) else None
-            return {}
-        if self.modern and method in ("resources/subscribe", "resources/unsubscribe"):
-            uri = (params or {}).get("uri")
-            if isinstance(uri, str):
-                (self.changes.subscribe if method == "resources/subscribe"
-                 else self.changes.unsubscribe)(uri)
-            return {}
+        local = answered_here(self, method, params) if self.modern else None
+        if local is not None:
+            return local
         try:
             result = await super().request(method, params, timeout=timeout,
                                            on_progress=on_progress)
@@ -272,13 +267,13 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         name = (params or {}).get("name")
         return method == "tools/call" and isinstance(failure, UpstreamRequestError) \
             and failure.error.get("code") == HEADER_MISMATCH and isinstance(name, str) \
-            and name not in self.tool_schemas
+            and name not in self.tool_headers
 
     def _remember_schemas(self, listing: Any) -> None:
         tools = listing.get("tools") if isinstance(listing, dict) else None
         for tool in tools if isinstance(tools, list) else ():
             if isinstance(tool, dict) and isinstance(tool.get("name"), str):
-                self.tool_schemas[tool["name"]] = tool.get("inputSchema")
+                self.tool_headers[tool["name"]] = header_annotations(tool.get("inputSchema")) or []
 
     async def _listen(self, params: dict[str, Any]) -> dict[str, Any]:
         return await self.request("subscriptions/listen", params, timeout=LISTEN_TIMEOUT,
@@ -321,8 +316,8 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         if key is not None and isinstance(params, dict) and isinstance(params.get(key), str):
             headers["Mcp-Name"] = encode_header_value(params[key])
             if method == "tools/call":
-                headers.update(param_headers(self.tool_schemas.get(params[key]),
-                                             params.get("arguments")))
+                headers.update(mirrored(self.tool_headers.get(params[key], []),
+                                        params.get("arguments")))
         return headers
 
     async def _refusal(self, method: str, response: _Response, call: _HttpCall,

@@ -99,6 +99,7 @@ from director.mcp.upstream.envelope import (
     LISTEN_TIMEOUT,
     ChangeListener,
     NotModern,
+    answered_here,
     discovered,
     enveloped,
     listened,
@@ -587,16 +588,9 @@ class StdioUpstream:
         if self.era != "modern":
             return await self._call(process, method, params, timeout, on_progress,
                                     first=remaining)
-        if method == "logging/setLevel":
-            level = (params or {}).get("level")
-            self.log_level = level if isinstance(level, str) else None
-            return {}
-        if method in ("resources/subscribe", "resources/unsubscribe"):
-            uri = (params or {}).get("uri")
-            if isinstance(uri, str):
-                (self.changes.subscribe if method == "resources/subscribe"
-                 else self.changes.unsubscribe)(uri)
-            return {}
+        local = answered_here(self, method, params)
+        if local is not None:
+            return local
 
         async def send(sent: dict[str, Any] | None, first: float | None = None
                        ) -> dict[str, Any]:
