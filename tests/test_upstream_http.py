@@ -743,11 +743,11 @@ async def test_a_modern_call_carries_the_mcp_param_headers_of_its_tool(pool: Any
     try:
         await session.start()
         assert session.era == "modern"
-        assert session.tool_schemas == {}
+        assert session.tool_headers == {}
         first = await session.request("tools/call", {"name": "test_custom_header",
                                                      "arguments": {"region": "eu west"}})
         assert first["content"][0]["text"] == "region=eu west"
-        assert "test_custom_header" in session.tool_schemas
+        assert "test_custom_header" in session.tool_headers
         again = await session.request("tools/call", {"name": "test_custom_header",
                                                      "arguments": {"region": "é"}})
         assert again["content"][0]["text"] == "region=é"
