@@ -136,6 +136,20 @@ def test_a_retry_with_an_unknown_request_state_is_refused(
     assert status == 400 and answer["error"]["code"] == -32602, answer
     assert "requestState" in answer["error"]["message"]
 
+    # A state that is not the gateway's, for a handshake-era upstream: refused too, and the
+    # call is not run afresh (it could do its work twice).
+    calls_before = [e["rpc"] for e in debug_log(upstreams["legacy"])].count("tools/call")
+    body["params"] = {**body["params"], "name": "l_echo", "arguments": {"text": "x"},
+                      "requestState": "someone-else's"}
+    status, _, raw = daemon.request("POST", "/playbooks/bridge/mcp", json.dumps(body).encode(), {
+        "accept": "application/json, text/event-stream", "content-type": "application/json",
+        "x-api-key": owner.key, "mcp-protocol-version": version, "mcp-method": "tools/call",
+        "mcp-name": "l_echo"})
+    answer = json.loads(raw)
+    assert status == 400 and answer["error"]["code"] == -32602, answer
+    assert "unknown requestState" in answer["error"]["message"]
+    assert [e["rpc"] for e in debug_log(upstreams["legacy"])].count("tools/call") == calls_before
+
 
 def test_a_client_that_refuses_sampling_gets_the_upstreams_error(
         start_daemon: StartDaemon, migrated_url: str, upstreams: dict[str, int]) -> None:

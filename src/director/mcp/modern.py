@@ -656,9 +656,16 @@ class StatelessContext(DownstreamSession):
                 return await self._send(session, server, method,
                                         relayed(params, tracked.envelope), channel,
                                         return_input_required=True)
+            if "requestState" in params:
+                # Not one of ours (those resume their Exchange) and not for an upstream of
+                # this era: running the call afresh could do its work twice.
+                raise Rejection(INVALID_PARAMS, (
+                    "unknown requestState: this call was not waiting for input; call again "
+                    "without requestState"))
+            # (unsolicited inputResponses are ignored, as the era says)
             return await self._send(session, server, method, {
-                key: value for key, value in params.items()
-                if key not in ("inputResponses", "requestState")}, channel)
+                key: value for key, value in params.items() if key != "inputResponses"},
+                channel)
         finally:
             if tracked is not None:
                 self.forwarding.remove(tracked)
