@@ -470,3 +470,27 @@ def test_the_headers_the_gateway_sends_upstream_agree_with_the_sdk_client() -> N
         # and what the gateway sends, its own check accepts
         assert headers.param_header_mismatch(
             schema, arguments, {k.lower(): [v] for k, v in ours.items()}) is None
+
+
+def test_an_upstreams_discover_answer_that_lies_is_not_taken_for_the_modern_era() -> None:
+    from director.mcp.upstream.envelope import NotModern, discovered, listened
+
+    for answer in (None, [], {}, {"supportedVersions": VERSION},
+                   {"supportedVersions": ["2025-11-25"]}, {"supportedVersions": [None]}):
+        with pytest.raises(NotModern):
+            discovered("up", answer)
+    # Odd fields around a valid version: sane defaults, nothing taken from the wrong types.
+    assert discovered("up", {"supportedVersions": [VERSION], "capabilities": "all",
+                             "_meta": 3, "instructions": 7}) == {
+        "protocolVersion": VERSION, "capabilities": {},
+        "serverInfo": {"name": "up", "version": ""}}
+    # Listen notifications: the upstream's subscription id is dropped, odd params pass as
+    # they are, the acknowledgement stays with the connection that asked.
+    stamped = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": {
+        "_meta": {"io.modelcontextprotocol/subscriptionId": 4, "other": 1}}}
+    assert listened(stamped) == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                                 "params": {"_meta": {"other": 1}}}
+    odd = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed", "params": [1]}
+    assert listened(odd) == odd
+    assert listened({"jsonrpc": "2.0",
+                     "method": "notifications/subscriptions/acknowledged"}) is None
