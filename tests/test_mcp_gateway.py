@@ -698,3 +698,24 @@ def test_a_restarted_upstream_is_told_again_what_its_sessions_asked(
     after = sent()[-2:]
     assert ("logging/setLevel", {"level": "debug"}) in after
     assert ("resources/subscribe", {"uri": "raw://note"}) in after
+
+
+def test_a_roots_question_does_not_fail_a_modern_clients_call(gateway: Gateway) -> None:
+    """A handshake-era server may ask for roots whenever it likes (server-everything does right
+    after ``initialized``), so the question reaches whichever 2026-07-28 call is in flight. A
+    client that declared no roots is answered for as a handshake-era one would be (-32601):
+    the server carries on, and the call is not failed with -32021 as for sampling."""
+    raw = {"name": "raw", "type": "stdio", "command": sys.executable, "args": [RAW],
+           "prefix": "raw_"}
+    status, _, body = call(gateway.daemon, "POST", "/api/v1/playbooks/ref/servers", raw,
+                           key=gateway.owner.key)
+    assert status == 201, body
+
+    async def scenario() -> Any:
+        async with Client(gateway.url(), mode="auto") as client:  # declares no roots
+            return await client.call_tool("raw_roots", {})
+
+    result = run(scenario())
+    assert not result.is_error, result
+    answer = json.loads(result.content[0].text)
+    assert answer["code"] == -32601 and "roots" in answer["message"], answer

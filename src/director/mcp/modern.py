@@ -460,6 +460,12 @@ class Exchange:
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """An upstream's request: held until the client's retry answers it."""
         capability = ASKED_CAPABILITY.get(method)
+        if method == "roots/list" and capability not in self.client_capabilities:
+            # Roots describe the client, not this call: servers ask on their own (right after
+            # `initialized`, on roots/list_changed), so the call in flight may have nothing to
+            # do with the question. Answer as a handshake-era client without roots does (the
+            # SDK's -32601) and let the call go on, rather than failing an unrelated call.
+            raise ProtocolError(METHOD_NOT_FOUND, "the client does not offer roots")
         if capability is not None and capability not in self.client_capabilities:
             # The client's call fails with -32021 (it cannot answer); the upstream is told too.
             message = (f"the server needs the client's {capability!r} capability for {method}, "
