@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.web import resource, server
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from director.mcp.sse import EventTooLarge, SseParser
 from director.mcp.upstream.base import (
@@ -35,6 +35,7 @@ from director.mcp.upstream.base import (
     UpstreamRequestError,
     UpstreamTimeout,
 )
+from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import (
     HttpUpstream,
     LegacySseUpstream,
@@ -140,7 +141,9 @@ def everything() -> Iterator[dict[str, Server]]:
 
 @pytest_twisted.async_yield_fixture
 async def pool() -> AsyncIterator[HTTPConnectionPool]:
-    shared = new_pool(reactor)
+    """The pool of a daemon with DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS on: these servers
+    listen on loopback (tests/test_upstream_connect.py has the rail itself)."""
+    shared = new_pool(reactor, endpoints=CheckedEndpoints(reactor, allow_insecure=True))
     yield shared
     await shared.closeCachedConnections()
 
@@ -644,18 +647,22 @@ async def test_server_everything_restart_heals_through_the_get_stream(pool: Any,
 
 # --- TLS ------------------------------------------------------------------------------------------
 
-def self_signed_certificate(address: str = "127.0.0.1") -> tuple[bytes, bytes]:
-    """A certificate for ``address`` that no platform trusts, and its key (PEM)."""
+def self_signed_certificate(name: str = "127.0.0.1") -> tuple[bytes, bytes]:
+    """A certificate for ``name`` (an IP address or a DNS name) that no platform trusts, and
+    its key (PEM)."""
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    try:
+        alternative: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        alternative = x509.DNSName(name)
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address(address))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([alternative]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256()))
     return (certificate.public_bytes(serialization.Encoding.PEM),
@@ -677,6 +684,8 @@ class StatelessJsonServer(resource.Resource):
         if message["method"] == "initialize":
             result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
                       "serverInfo": {"name": "tiny", "version": "0"}}
+        elif message["method"] == "tools/list":
+            result = {"tools": [{"name": "tiny", "inputSchema": {"type": "object"}}]}
         else:
             result = {"content": [{"type": "text", "text": "tiny answer"}]}
         return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
@@ -698,10 +707,14 @@ async def test_tls_is_verified(pool: Any, closing: Any) -> None:
         listening.append(port)
         return f"https://127.0.0.1:{port.getHost().port}/mcp"
 
-    def trusting(certificate_pem: bytes) -> Agent:
-        return Agent(reactor, pool=pool, contextFactory=BrowserLikePolicyForHTTPS(
-            trustRoot=ssl.Certificate.loadPEM(certificate_pem)))
+    def trusting(certificate_pem: bytes) -> HTTPConnectionPool:
+        trusted = new_pool(reactor, endpoints=CheckedEndpoints(
+            reactor, allow_insecure=True, tls=BrowserLikePolicyForHTTPS(
+                trustRoot=ssl.Certificate.loadPEM(certificate_pem))))
+        pools.append(trusted)
+        return trusted
 
+    pools: list[HTTPConnectionPool] = []
     try:
         certificate_pem, key_pem = self_signed_certificate()
         url = serve(certificate_pem, key_pem)
@@ -710,8 +723,8 @@ async def test_tls_is_verified(pool: Any, closing: Any) -> None:
         assert str(untrusted.value) == f"[tls] POST {url}: TLS: certificate verify failed"
 
         # Trusting that certificate (a private CA) makes it work…
-        session = closing(StreamableHttpUpstream("tls", url, {}, reactor, pool,
-                                                 agent=trusting(certificate_pem)))
+        session = closing(StreamableHttpUpstream("tls", url, {}, reactor,
+                                                 trusting(certificate_pem)))
         await session.start()
         assert session.session_id is None and session.protocol_version == "2025-06-18"
         assert await call(session, "anything") == "tiny answer"
@@ -721,13 +734,15 @@ async def test_tls_is_verified(pool: Any, closing: Any) -> None:
         other_pem, other_key = self_signed_certificate("127.0.0.2")
         other_url = serve(other_pem, other_key)
         with pytest.raises(UpstreamError) as mismatch:
-            await closing(StreamableHttpUpstream("tls", other_url, {}, reactor, pool,
-                                                 agent=trusting(other_pem))).start()
+            await closing(StreamableHttpUpstream("tls", other_url, {}, reactor,
+                                                 trusting(other_pem))).start()
         assert str(mismatch.value) == \
             f"[tls] POST {other_url}: TLS: the certificate is not valid for this host name"
     finally:
         for port in listening:
             await port.stopListening()
+        for each in pools:
+            await each.closeCachedConnections()
 
 
 @pytest_twisted.ensureDeferred

@@ -41,6 +41,7 @@ from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
+from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
@@ -101,7 +102,8 @@ class DirectorService(MultiService):
         self.site: DirectorSite | None = None
         self.secret_box = SecretBox(self.auth_secret)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
-        self.http_pool = new_pool(reactor)
+        self.http_pool = new_pool(reactor, endpoints=CheckedEndpoints(
+            reactor, allow_insecure=settings.allow_insecure_http_servers))
         self.mcp = McpEngine(settings, self.playbooks,
                              UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,

@@ -2,8 +2,10 @@
 
 Handshake era only (protocol revisions 2024-11-05 … 2025-11-25). Everything runs on the
 Twisted reactor through ``twisted.web.client.Agent`` over a shared, persistent
-``HTTPConnectionPool`` (TLS verified by the Agent's default browser-like policy with
-service-identity); the ``mcp`` SDK is never used here.
+``UpstreamPool`` whose every new connection is made by ``connect.CheckedEndpoints``: the
+SSRF rail on the addresses actually connected to, TLS verified by a browser-like policy with
+service-identity. Redirects are not followed (a 3xx is an error naming its target). The
+``mcp`` SDK is never used here.
 
 ``StreamableHttpUpstream`` — one MCP session over Streamable HTTP:
 
@@ -88,11 +90,11 @@ from director.mcp.upstream.base import (
     default_request_handler,
     initialize_params,
 )
+from director.mcp.upstream.connect import CheckedEndpoints, Refused
 
 log = Logger(namespace="mcp.upstream.http")
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
-CONNECT_TIMEOUT = 10.0
 #: How long a notification or response POST may take to be accepted (202).
 SHORT_EXCHANGE_TIMEOUT = 10.0
 #: How long close() waits for the DELETE of the session.
@@ -116,16 +118,31 @@ class _QuietFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory …" log line for every connection
 
 
-class _QuietPool(HTTPConnectionPool):
+class UpstreamPool(HTTPConnectionPool):
+    """Connections to upstream servers, and ``endpoints``: how every new one is made."""
+
     _factory = _QuietFactory
 
+    def __init__(self, reactor: Any, endpoints: CheckedEndpoints, persistent: bool = True) -> None:
+        super().__init__(reactor, persistent=persistent)
+        self.endpoints = endpoints
 
-def new_pool(reactor: Any, max_per_host: int = DEFAULT_POOL_SIZE) -> HTTPConnectionPool:
+
+def new_pool(reactor: Any, max_per_host: int = DEFAULT_POOL_SIZE, *,
+             endpoints: CheckedEndpoints | None = None) -> UpstreamPool:
     """The one connection pool all HTTP upstream sessions of a daemon share: persistent,
-    at most ``max_per_host`` idle connections kept per host (busy ones are not limited)."""
-    pool = _QuietPool(reactor, persistent=True)
+    at most ``max_per_host`` idle connections kept per host (busy ones are not limited).
+    ``endpoints`` default: the rails with ``DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS`` off."""
+    pool = UpstreamPool(reactor, endpoints if endpoints is not None else CheckedEndpoints(reactor))
     pool.maxPersistentPerHost = max_per_host
     return pool
+
+
+def upstream_agent(reactor: Any, pool: HTTPConnectionPool | None) -> Agent:
+    """An Agent whose new connections are all checked: ``pool``'s endpoints, or the strict
+    default for any other pool."""
+    endpoints = pool.endpoints if isinstance(pool, UpstreamPool) else CheckedEndpoints(reactor)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
 
 def display_url(url: str) -> str:
@@ -317,8 +334,7 @@ class _HttpSession:
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None,
-                 agent: Any = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None) -> None:
         self.name = name
         self.url = url
         self.headers = dict(headers)
@@ -335,8 +351,7 @@ class _HttpSession:
         #: the old session are gone upstream.
         self.on_reinitialized: Callable[[dict[str, Any]], object] = lambda result: None
         self._reactor: Any = reactor
-        self._agent: Any = agent if agent is not None else Agent(
-            reactor, pool=pool, connectTimeout=CONNECT_TIMEOUT)
+        self._agent: Any = upstream_agent(reactor, pool)
         self._display = display_url(url)
         self._pending: dict[int, _Pending] = {}
         self._progress: dict[Any, _Pending] = {}
@@ -697,6 +712,8 @@ class _HttpSession:
 
     def _connection_error(self, method: str, url: str, failure: Exception) -> UpstreamError:
         shown = display_url(url)
+        if isinstance(failure, Refused):
+            return UpstreamError(f"[{self.name}] {shown}: {failure}")
         reasons = getattr(failure, "reasons", None)
         if reasons:  # ResponseNeverReceived, RequestTransmissionFailed, ResponseFailed
             inner = reasons[0].value
@@ -863,10 +880,10 @@ class StreamableHttpUpstream(_HttpSession):
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None, agent: Any = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None) -> None:
         super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
                          max_message_size=max_message_size,
-                         client_capabilities=client_capabilities, agent=agent)
+                         client_capabilities=client_capabilities)
         self.session_id: str | None = None
         self._get_generation = 0
         self._get_call: _HttpCall | None = None
@@ -1189,10 +1206,10 @@ class LegacySseUpstream(_HttpSession):
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None, agent: Any = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None) -> None:
         super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
                          max_message_size=max_message_size,
-                         client_capabilities=client_capabilities, agent=agent)
+                         client_capabilities=client_capabilities)
         self.endpoint: str | None = None
         self._stream_call: _HttpCall | None = None
         self._endpoint_waiter: defer.Deferred[str] | None = None
