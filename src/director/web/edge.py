@@ -223,11 +223,14 @@ class EdgeResource(Resource):
         )
 
     def origin_allowed(self, origin: str) -> bool:
-        if origin_of(origin) in self.allowed_origins:
-            return True
-        if self.settings.production:
+        """Only BASE_URL's origin and ALLOWED_ORIGINS, in every environment. Loopback origins
+        get no favour even in development: any local page or process (``http://evil.localhost``,
+        a dev server on another port) could otherwise make credentialed calls with the
+        browser's session cookie. A local tool's origin belongs in ALLOWED_ORIGINS."""
+        try:
+            return origin_of(origin) in self.allowed_origins
+        except ValueError:  # a port that is not a number, an unbalanced [: not an origin
             return False
-        return _is_loopback_host((urlsplit(origin).hostname or "").lower())
 
     def host_allowed(self, host_header: str) -> bool:
         host = _hostname(host_header)
