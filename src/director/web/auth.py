@@ -1,10 +1,11 @@
 """Who is calling: API keys and cookie sessions resolved to a user, rate limits applied.
 
 Credentials, in order: ``x-api-key``; ``Authorization: Bearer dk_…``; on MCP routes only,
-``?key=dk_…``; then the session cookie. A credential that is present but wrong is a 401 —
-never a fall-through to the next source, and never a 500. Keys are rate limited (429 with
-``Retry-After`` and ``RateLimit-*``); cookie sessions are not (they are a person at a browser
-or the CLI, already throttled at login).
+``?key=dk_…`` (the parameter's name in any case or encoding, see ``web/querykey.py``, which
+also redacts it from logs; two different values are a 400); then the session cookie. A
+credential that is present but wrong is a 401 — never a fall-through to the next source, and
+never a 500. Keys are rate limited (429 with ``Retry-After`` and ``RateLimit-*``); cookie
+sessions are not (they are a person at a browser or the CLI, already throttled at login).
 
 Cookie-authenticated requests that change state must carry an ``Origin`` header (which the
 edge has already checked against BASE_URL and ALLOWED_ORIGINS) or ``Content-Type:
@@ -30,6 +31,7 @@ from director.accounts.ratelimit import RateLimiter
 from director.config import Settings
 from director.db.database import Database
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
+from director.web.querykey import query_keys
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
@@ -112,9 +114,12 @@ class Authenticator:
             if scheme.lower() == "bearer" and value.strip().startswith("dk_"):
                 return value.strip()
         if allow_query_key:
-            values = request.args.get(b"key")
-            if values:
-                return values[0].decode("latin-1").strip()
+            keys = query_keys(request.args)
+            if len(keys) > 1:
+                raise ApiError(f"the query string gives the key parameter {len(keys)} different "
+                               "values; send one API key", code="ambiguous_api_key")
+            if keys:
+                return keys[0]
         return None
 
     async def authenticate(self, request: Request, *, allow_query_key: bool = False,
