@@ -453,7 +453,8 @@ def test_rate_limit_holds_across_two_instances(pair: tuple[Daemon, Daemon],
 def test_a_revoked_key_never_comes_back(start_daemon: StartDaemon, migrated_url: str) -> None:
     # Racing re-reads of the cache (the creation's notification arriving after the revocation)
     # once resurrected revoked keys now and then; hammer the sequence.
-    daemon = start_daemon(DATABASE_URL=migrated_url, API_KEY_RATE_LIMIT_MAX_REQUESTS="100000")
+    daemon = start_daemon(DATABASE_URL=migrated_url, API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
+                          USER_RATE_LIMIT_MAX_REQUESTS="100000")
     daemon.wait_healthy()
     account = sign_up(daemon, "race-keys@example.com")
     resurrected = 0
