@@ -32,7 +32,6 @@ def api_daemon(postgres: Any) -> Iterator[Daemon]:
     daemon = Daemon(base_environment(DATABASE_URL=url, PORT=str(free_port()),
                                      API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
                                      USER_RATE_LIMIT_MAX_REQUESTS="100000",
-                                     SIGNUP_RATE_LIMIT_PER_HOUR="100000",
                                      DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true"))
     daemon.wait_healthy()
     yield daemon

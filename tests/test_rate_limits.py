@@ -53,7 +53,7 @@ def test_leases_spent_within_their_lifetime_never_exceed_the_limit_in_any_window
         requests: list[tuple[float, int]], maximum: int) -> None:
     """Two instances, one shared lease log, requests at arbitrary times (clocks may go back
     between instances): the admissions of any window number at most N."""
-    limit = Limit("s", maximum, 10, "test")
+    limit = Limit("test", "s", maximum, 10, "test")
     log: list[tuple[float, int]] = []
     held: list[list[tuple[float, int]]] = [[], []]  # per instance: (expires at, permits)
     admitted: list[float] = []
@@ -73,7 +73,7 @@ def test_leases_spent_within_their_lifetime_never_exceed_the_limit_in_any_window
 
 
 def test_a_refusal_says_when_the_next_permit_frees_up() -> None:
-    limit = Limit("s", 3, 10, "test")  # batch 1, leases count for 11 s
+    limit = Limit("test", "s", 3, 10, "test")  # batch 1, leases count for 11 s
     log: list[tuple[float, int]] = []
     for at in (0.0, 1.0, 2.0):
         grant = lease(log, at, limit)
@@ -110,7 +110,7 @@ async def test_two_instances_admit_at_most_the_limit_in_any_window(
     await until_available(database)
     now = [0.0]
     instances = [RateLimiter(database, clock=lambda: now[0]) for _ in range(2)]
-    limit = Limit(f"key:{uuid.uuid4()}", 100, 10, "this API key")  # batches of 5, E = 1 s
+    limit = Limit("key", uuid.uuid4(), 100, 10, "this API key")  # batches of 5, E = 1 s
     admitted: list[float] = []
 
     async def burst(at: float, count: int) -> int:
@@ -155,8 +155,8 @@ async def test_a_request_is_admitted_under_every_limit_or_spends_none(database: 
     await until_available(database)
     now = [5_000_000.0]
     limiter = RateLimiter(database, clock=lambda: now[0])
-    user = Limit(f"user:{uuid.uuid4()}", 4, 60, "this user")
-    keys = [Limit(f"key:{uuid.uuid4()}", 3, 60, "this API key") for _ in range(2)]
+    user = Limit("user", uuid.uuid4(), 4, 60, "this user")
+    keys = [Limit("key", uuid.uuid4(), 3, 60, "this API key") for _ in range(2)]
     decisions = [await limiter.check(keys[n % 2], user) for n in range(6)]
     assert [d.allowed for d in decisions] == [True] * 4 + [False] * 2
     # Headers follow the limit closest to refusing; a refusal names the limit that refused.
@@ -164,7 +164,7 @@ async def test_a_request_is_admitted_under_every_limit_or_spends_none(database: 
         ("this API key", 2), ("this API key", 2), ("this API key", 1), ("this user", 0)]
     assert decisions[4].limit.name == "this user"
     # The key still has permits: the user's refusals spent none of them.
-    fresh_user = Limit(f"user:{uuid.uuid4()}", 10, 60, "this user")
+    fresh_user = Limit("user", uuid.uuid4(), 10, 60, "this user")
     assert (await limiter.check(keys[0], fresh_user)).remaining == 0
     assert not (await limiter.check(keys[0], fresh_user)).allowed
 

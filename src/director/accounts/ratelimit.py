@@ -39,7 +39,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.internet import defer, task
@@ -58,15 +58,25 @@ CLEANUP_INTERVAL_SECONDS = 60.0
 LeaseLog = list[tuple[float, int]]  # (granted at, permits), in any order
 
 
-@attrs.frozen
-class Limit:
-    """``max_requests`` per ``window_seconds`` for one subject (``key:<id>``, ``user:<id>``,
-    ``signup:<address>``); ``name`` says which limit it is in a 429's message."""
+class Limit(NamedTuple):
+    """``max_requests`` per ``window_seconds`` for one subject: ``kind`` ``key``, ``user`` or
+    ``signup``, ``of`` the key's or user's id or the address; ``name`` says which limit it is
+    in a 429's message. A tuple, not an attrs class, and the id not turned into text: two are
+    built and looked up per authenticated request."""
 
-    subject: str
+    kind: str
+    of: object
     max_requests: int
     window_seconds: int
     name: str
+
+    @property
+    def subject(self) -> str:
+        """The database row's key, e.g. ``key:<id>:1000/60``. The numbers are part of it: a
+        changed limit starts afresh, as it does in memory, rather than inheriting leases that
+        were sized and spent for the old one (a lowered limit would otherwise refuse a key for
+        a whole window over permits that were leased but never used)."""
+        return f"{self.kind}:{self.of}:{self.max_requests}/{self.window_seconds}"
 
     @property
     def batch(self) -> int:
@@ -169,6 +179,7 @@ class _Subject:
     """What one instance knows of one subject's limit."""
 
     limit: Limit  # a changed limit starts a fresh state (leases were sized for the old one)
+    batch: int = attrs.field(init=False)  # the limit's, computed once
     leases: deque[_Lease] = attrs.field(factory=deque)  # unspent, oldest first
     available: int = 0  # permits in ``leases``
     counted: int = 0  # permits counted against the limit, as of the last grant
@@ -176,6 +187,9 @@ class _Subject:
     refused_until: float = 0.0  # the database has no permit to give before then
     own: LeaseLog = attrs.field(factory=list)  # this instance's leases, for counting alone
     claiming: defer.Deferred[None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.batch = self.limit.batch
 
     def drop_expired(self, now: float) -> None:
         while self.leases and self.leases[0].expires_at <= now:
@@ -188,21 +202,25 @@ class _Subject:
         if not first.permits:
             self.leases.popleft()
 
-    def decision(self, now: float, allowed: bool) -> Decision:
+    @property
+    def remaining(self) -> int:
+        return self.limit.max_requests - self.counted + self.available
+
+    def refusal(self, now: float) -> Decision:
+        return Decision(self.limit, False, 0, max(1, math.ceil(self.refused_until - now)))
+
+    def admission(self, now: float) -> Decision:
         limit = self.limit
-        if not allowed:
-            return Decision(limit, False, 0, max(1, math.ceil(self.refused_until - now)))
-        remaining = max(0, limit.max_requests - self.counted + self.available)
         until = (self.oldest_at + limit.span if self.oldest_at is not None
                  else now + limit.window_seconds)
-        return Decision(limit, True, remaining, max(1, math.ceil(until - now)))
+        return Decision(limit, True, max(0, self.remaining), max(1, math.ceil(until - now)))
 
 
 class RateLimiter:
     def __init__(self, database: Database, clock: Callable[[], float] = time.time) -> None:
         self.database = database
         self.clock = clock
-        self._subjects: dict[str, _Subject] = {}
+        self._subjects: dict[tuple[str, object], _Subject] = {}
         self._degraded = False
         self._cleanup: task.LoopingCall | None = None
 
@@ -230,23 +248,26 @@ class RateLimiter:
                 state.drop_expired(now)
             refused = [state for state in states if not state.available]
             if refused:
-                return max((state.decision(now, False) for state in refused),
-                           key=lambda decision: decision.reset_seconds)
+                return max(refused, key=lambda state: state.refused_until).refusal(now)
+        closest, fewest = states[0], None
         for state in states:
             state.spend()
             # The next batch, fetched in the background before this one runs out (batches of
             # one are not: each would be a permit counted and maybe never used).
-            batch = state.limit.batch
-            if batch > 1 and state.available < batch / 2 and state.claiming is None \
+            batch = state.batch
+            if batch > 1 and state.available * 2 < batch and state.claiming is None \
                     and now >= state.refused_until:
                 self._claim(state)
-        return min((state.decision(now, True) for state in states),
-                   key=lambda decision: decision.remaining)
+            remaining = state.remaining
+            if fewest is None or remaining < fewest:
+                closest, fewest = state, remaining
+        return closest.admission(now)
 
     def _state(self, limit: Limit) -> _Subject:
-        state = self._subjects.get(limit.subject)
+        subject = (limit.kind, limit.of)
+        state = self._subjects.get(subject)
         if state is None or state.limit != limit:
-            state = self._subjects[limit.subject] = _Subject(limit)
+            state = self._subjects[subject] = _Subject(limit)
         return state
 
     async def _ensure_permit(self, state: _Subject) -> None:

@@ -81,7 +81,7 @@ class AccountRoutes:
         the costly part, and after the body is checked, so that mistakes cost nothing."""
         address = self.auth.client_address(request)
         decision = await self.auth.limiter.check(Limit(
-            f"signup:{address}", self.settings.signup_rate_limit_per_hour, 3600,
+            "signup", address, self.settings.signup_rate_limit_per_hour, 3600,
             "sign-ups from this address"))
         for name, value in decision.headers().items():
             request.setHeader(name.encode(), value.encode())

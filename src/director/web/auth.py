@@ -194,15 +194,14 @@ class Authenticator:
 
     def _limits(self, principal: Principal) -> list[Limit]:
         settings = self.settings
-        limits = [Limit(f"user:{principal.user.id}", settings.user_rate_limit_max_requests,
-                        settings.user_rate_limit_window_seconds, "this user")]
+        user = Limit("user", principal.user.id, settings.user_rate_limit_max_requests,
+                     settings.user_rate_limit_window_seconds, "this user")
         key = principal.key
-        if key is not None:
-            limits.insert(0, Limit(
-                f"key:{key.id}", key.rate_limit_max_requests or settings.rate_limit_max_requests,
-                key.rate_limit_window_seconds or settings.rate_limit_window_seconds,
-                "this API key"))
-        return limits
+        if key is None:
+            return [user]
+        return [Limit("key", key.id, key.rate_limit_max_requests or settings.rate_limit_max_requests,
+                      key.rate_limit_window_seconds or settings.rate_limit_window_seconds,
+                      "this API key"), user]
 
     async def _apply_rate_limits(self, request: Request, principal: Principal) -> None:
         decision = await self.limiter.check(*self._limits(principal))
