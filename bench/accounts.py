@@ -34,7 +34,8 @@ from bench.servers import python_module
 from bench.throughput import UNROUTED_PATH, LoadRun, finish_json, measure, python_load, start_json
 
 #: Far above anything a bench run sends: the limiter still runs, it never refuses.
-NO_LIMIT = {"API_KEY_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
+NO_LIMIT = {"API_KEY_RATE_LIMIT_MAX_REQUESTS": "1000000000",
+            "USER_RATE_LIMIT_MAX_REQUESTS": "1000000000"}
 RATE_LIMIT_BUDGET = Budget(1.10, "within 10% of N", low=0.90)
 
 

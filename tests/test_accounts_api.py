@@ -413,7 +413,7 @@ def test_rate_limit_answers_429_with_headers(daemon: Daemon, migrated_url: str) 
     account = sign_up(daemon, "oli@example.com")
     admin(migrated_url, store.set_key_limits(
         __import__("uuid").UUID(account.user_id), __import__("uuid").UUID(account.key_id), 60, 5))
-    # The probes below count too; lowering a limit mid-window keeps what was already leased.
+    # The probes below count too (a changed limit starts afresh: leases under 1000 do not).
     eventually(lambda: call(daemon, "GET", "/api/v1/me", key=account.key)[1].get(
         "ratelimit-limit") == "5", 1.0)
     statuses = []
@@ -424,7 +424,8 @@ def test_rate_limit_answers_429_with_headers(daemon: Daemon, migrated_url: str) 
     assert error_code(body) == "rate_limited"
     assert int(headers["retry-after"]) >= 1
     assert headers["ratelimit-remaining"] == "0" and headers["ratelimit-limit"] == "5"
-    assert call(daemon, "GET", "/api/v1/me", cookie=account.cookie)[0] == 200  # sessions aren't
+    # The key is spent; its user is not: the cookie session counts against the user alone.
+    assert call(daemon, "GET", "/api/v1/me", cookie=account.cookie)[0] == 200
 
 
 def test_rate_limit_holds_across_two_instances(pair: tuple[Daemon, Daemon],
@@ -453,7 +454,8 @@ def test_rate_limit_holds_across_two_instances(pair: tuple[Daemon, Daemon],
 def test_a_revoked_key_never_comes_back(start_daemon: StartDaemon, migrated_url: str) -> None:
     # Racing re-reads of the cache (the creation's notification arriving after the revocation)
     # once resurrected revoked keys now and then; hammer the sequence.
-    daemon = start_daemon(DATABASE_URL=migrated_url, API_KEY_RATE_LIMIT_MAX_REQUESTS="100000")
+    daemon = start_daemon(DATABASE_URL=migrated_url, API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
+                          USER_RATE_LIMIT_MAX_REQUESTS="100000")
     daemon.wait_healthy()
     account = sign_up(daemon, "race-keys@example.com")
     resurrected = 0

@@ -40,6 +40,10 @@ def test_defaults_match_the_deployment_guide() -> None:
     assert settings.registry_url == "https://registry.director.run"
     assert settings.rate_limit_window_seconds == 60
     assert settings.rate_limit_max_requests == 1000
+    assert settings.user_rate_limit_window_seconds == 60
+    assert settings.user_rate_limit_max_requests == 5000
+    assert settings.signup_rate_limit_per_hour == 10
+    assert settings.trusted_proxies == ()
     assert settings.environment == "development"
     assert settings.log_level == "info"
     assert settings.database_url is None and settings.embedded_database
@@ -60,6 +64,10 @@ def test_every_variable_is_parsed() -> None:
         "REGISTRY_URL": "https://registry.example.com",
         "API_KEY_RATE_LIMIT_WINDOW_SECONDS": "30",
         "API_KEY_RATE_LIMIT_MAX_REQUESTS": "5",
+        "USER_RATE_LIMIT_WINDOW_SECONDS": "120",
+        "USER_RATE_LIMIT_MAX_REQUESTS": "50",
+        "SIGNUP_RATE_LIMIT_PER_HOUR": "3",
+        "TRUSTED_PROXIES": " 127.0.0.1, 10.0.0.0/8,,::1 ",
         "DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS": "TRUE",
         "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS": "1",
         "DANGEROUSLY_ENABLE_SEEDING": "yes",
@@ -79,6 +87,10 @@ def test_every_variable_is_parsed() -> None:
     assert settings.allowed_hosts == ("lb.internal", "10.0.0.5")
     assert settings.telemetry_enabled and settings.waitlist_enabled
     assert settings.rate_limit_window_seconds == 30 and settings.rate_limit_max_requests == 5
+    assert settings.user_rate_limit_window_seconds == 120
+    assert settings.user_rate_limit_max_requests == 50
+    assert settings.signup_rate_limit_per_hour == 3
+    assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
     assert settings.allow_arbitrary_stdio_servers and settings.allow_insecure_http_servers
     assert settings.enable_seeding
     assert settings.environment == "staging" and settings.log_level == "warn"
@@ -119,6 +131,12 @@ def test_base_url_follows_port_when_unset() -> None:
     ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) URL"),
     ("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "-5", "must be greater than 0"),
     ("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1e3", "is not a whole number"),
+    ("USER_RATE_LIMIT_WINDOW_SECONDS", "0", "must be greater than 0"),
+    ("USER_RATE_LIMIT_MAX_REQUESTS", "lots", "is not a whole number"),
+    ("SIGNUP_RATE_LIMIT_PER_HOUR", "-1", "must be greater than 0"),
+    ("TRUSTED_PROXIES", "127.0.0.1, nginx.internal",
+     "TRUSTED_PROXIES='127.0.0.1, nginx.internal' contains 'nginx.internal', which is not an IP "
+     "address or network; list addresses or networks such as 127.0.0.1 or 10.0.0.0/8"),
     ("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "maybe", "is not a boolean"),
     ("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", "2", "is not a boolean"),
     ("DANGEROUSLY_ENABLE_SEEDING", "y", "is not a boolean"),
@@ -152,6 +170,8 @@ def test_every_variable_has_a_bad_value_test() -> None:
     tested = {"PORT", "HOST", "DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL", "ALLOWED_ORIGINS",
               "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL",
               "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
+              "USER_RATE_LIMIT_WINDOW_SECONDS", "USER_RATE_LIMIT_MAX_REQUESTS",
+              "SIGNUP_RATE_LIMIT_PER_HOUR", "TRUSTED_PROXIES",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",

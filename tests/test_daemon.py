@@ -297,9 +297,35 @@ def test_origin_check_and_cors(daemon: Daemon) -> None:
     assert status == 204
     assert "POST" in headers["access-control-allow-methods"]
     assert headers["access-control-allow-headers"] == "content-type, mcp-session-id"
-    # Development accepts loopback origins (local tools); see the production test below.
-    status, _, _ = daemon.request("GET", "/api/health", headers={"origin": "http://localhost:5173"})
-    assert status == 200
+    # Loopback origins get no favour, development or not; malformed ones are refused, not 500.
+    for origin in ("http://localhost:5173", "http://director.example.com:abc", "http://[::1",
+                   "null"):
+        status, headers, body = daemon.request("GET", "/api/health", headers={"origin": origin})
+        assert status == 403, origin
+        assert json.loads(body)["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in headers
+
+
+def test_development_grants_cors_to_configured_origins_only(start_daemon: StartDaemon,
+                                                            migrated_url: str) -> None:
+    port = free_port()
+    daemon = start_daemon(DATABASE_URL=migrated_url, PORT=str(port), NODE_ENV="development",
+                          ALLOWED_ORIGINS="http://127.0.0.1:5173")
+    daemon.wait_healthy()
+    for origin in ("http://evil.localhost", f"http://evil.localhost:{port}",
+                   "http://localhost:9999", "http://127.0.0.1:1", f"http://127.0.0.1:{port}",
+                   f"https://localhost:{port}", "http://[::1]:5173"):
+        status, headers, body = daemon.request("OPTIONS", "/playbooks/x/mcp", headers={
+            "origin": origin, "access-control-request-method": "POST"})
+        assert status == 403, origin
+        assert json.loads(body)["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in headers
+    # BASE_URL (unset: http://localhost:PORT) and ALLOWED_ORIGINS do get credentialed CORS.
+    for origin in (f"http://localhost:{port}", "http://127.0.0.1:5173"):
+        status, headers, _ = daemon.request("GET", "/api/health", headers={"origin": origin})
+        assert status == 200, origin
+        assert headers["access-control-allow-origin"] == origin
+        assert headers["access-control-allow-credentials"] == "true"
 
 
 def test_production_refuses_loopback_origins(start_daemon: StartDaemon, migrated_url: str) -> None:

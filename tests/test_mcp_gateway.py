@@ -452,7 +452,8 @@ def test_abandoned_sessions_are_capped_and_expire(start_daemon: StartDaemon,
                                                   migrated_url: str) -> None:
     daemon = start_daemon(DATABASE_URL=migrated_url, MCP_MAX_SESSIONS_PER_USER="50",
                           MCP_SESSION_IDLE_SECONDS="4",
-                          API_KEY_RATE_LIMIT_MAX_REQUESTS="100000")
+                          API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
+                          USER_RATE_LIMIT_MAX_REQUESTS="100000")
     daemon.wait_healthy()
     owner = sign_up(daemon, "many@example.com")
     call(daemon, "POST", "/api/v1/playbooks", {"name": "Empty"}, key=owner.key)

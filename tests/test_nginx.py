@@ -16,6 +16,8 @@ What the tests establish, and docs/manual.rst relies on:
 * even a bare ``proxy_pass`` streams, because every stream carries ``X-Accel-Buffering: no``;
 * nginx refuses bodies over 1 MB unless ``client_max_body_size`` says otherwise (Director's own
   limit is 4 MiB);
+* the manual's ``log_format director`` keeps ``?key=dk_…`` (any spelling) out of the access
+  log; nginx's error log still names the request line when the upstream fails;
 * with several instances, handshake-era sessions need affinity: round robin loses them, hashing
   on ``$http_mcp_session_id`` alone loses them too (``initialize`` carries no session id, so it is
   not routed where the id will later hash to), hashing on the credential keeps them; modern-era
@@ -63,9 +65,17 @@ GUIDE_UPSTREAM = """upstream director {
     keepalive 32;
 }
 """
+#: Not in the guide: docs/manual.rst adds it, so that ?key=dk_… never reaches nginx's log.
+GUIDE_LOG_FORMAT = """# Director's MCP routes accept an API key as ?key=dk_… (for clients that cannot send
+# headers): log the path ($uri), never the request line, $request_uri or $args, which hold
+# the query string, nor the Referer, which is a URL too.
+log_format director '$remote_addr [$time_local] "$request_method $uri $server_protocol" '
+                    '$status $body_bytes_sent "$http_user_agent" $request_time';
+"""
 GUIDE_SERVER = """server {
     listen 443 ssl http2;
     server_name director.example.com;
+    access_log /var/log/nginx/director.access.log director;
 
     ssl_certificate /path/to/cert.pem;
     ssl_certificate_key /path/to/key.pem;
@@ -130,6 +140,8 @@ def server(port: int, *, tls: tuple[Path, Path] | None = None, upstream_name: st
     if locations is not None:
         head, _, _ = block.partition("    # SSE requires special handling")
         block = head + locations + "}\n"
+    # A path relative to nginx's prefix: each test's own directory (see Nginx).
+    block = _replace(block, "/var/log/nginx/director.access.log", "director.access.log")
     return block.replace("http://director;", f"http://{upstream_name};")
 
 
@@ -146,7 +158,8 @@ class Nginx:
             "events { worker_connections 1024; }\n"
             f"http {{\naccess_log {w}/access.log;\nclient_body_temp_path {w}/body;\n"
             f"proxy_temp_path {w}/proxy;\nfastcgi_temp_path {w}/fastcgi;\n"
-            f"uwsgi_temp_path {w}/uwsgi;\nscgi_temp_path {w}/scgi;\n{http_block}}}\n")
+            f"uwsgi_temp_path {w}/uwsgi;\nscgi_temp_path {w}/scgi;\n{GUIDE_LOG_FORMAT}"
+            f"{http_block}}}\n")
         checked = subprocess.run([NGINX, "-t", "-p", str(w), "-c", str(self.config)],
                                  capture_output=True, text=True, timeout=30, check=False)
         assert checked.returncode == 0, checked.stderr
@@ -286,16 +299,23 @@ def post_mcp(client: Any, playbook: str, key: str, message: dict[str, Any],
 # --- one instance behind the guide's configuration --------------------------------------------
 
 
-def test_guide_configuration_streams_sse_and_passes_host(
-        start_daemon: StartDaemon, migrated_url: str,
-        nginx: Callable[[str], Nginx]) -> None:
+def behind_the_guide(start_daemon: StartDaemon, migrated_url: str,
+                     nginx: Callable[[str], Nginx]) -> tuple[Daemon, Nginx, Through]:
+    """One daemon behind the guide's configuration (BASE_URL: the proxy's name), both ready."""
     port = free_port()
     daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
                           BASE_URL=f"http://{SERVER_NAME}:{port}")
     proxy = nginx(upstream([daemon.port]) + server(port))
     daemon.wait_healthy()
     proxy.wait_listening(port)
-    client = Through(port)
+    return daemon, proxy, Through(port)
+
+
+def test_guide_configuration_streams_sse_and_passes_host(
+        start_daemon: StartDaemon, migrated_url: str,
+        nginx: Callable[[str], Nginx]) -> None:
+    _, _, client = behind_the_guide(start_daemon, migrated_url, nginx)
+    port = client.port
 
     status, _, body = client.request("GET", "/api/health")
     assert (status, json.loads(body)) == (200, {"status": "ok"})
@@ -435,6 +455,31 @@ def test_bodies_over_1_mb_need_client_max_body_size(
     status, response_headers, answer = Through(raised).request("POST", "/playbooks/any/mcp",
                                                                body, headers)
     assert status == 401 and "x-trace-id" in response_headers, answer  # Director's: no key
+
+
+def test_guide_log_format_keeps_api_keys_out_of_the_access_log(
+        start_daemon: StartDaemon, migrated_url: str, nginx: Callable[[str], Nginx]) -> None:
+    """The manual's ``log_format director`` logs the path alone: no spelling of ``?key=``
+    reaches the access log. The error log is another matter: when the upstream fails, nginx
+    names the whole request line there, query string included (the manual says so)."""
+    daemon, proxy, client = behind_the_guide(start_daemon, migrated_url, nginx)
+    owner, playbook = playbook_for(client, "nginx-logs@example.com")
+    headers = {"content-type": "application/json", "accept": ACCEPT}
+    for query in (f"key={owner.key}", f"%6Bey={owner.key}", f"x=1;KEY=+{owner.key}"):
+        status, _, body = client.request("POST", f"/playbooks/{playbook}/mcp?{query}",
+                                         json.dumps(INIT).encode(), headers)
+        assert status == 200, body
+    access = proxy.work / "director.access.log"
+    line = f'"POST /playbooks/{playbook}/mcp HTTP/1.1" 200'
+    eventually(lambda: access.read_text().count(line) == 3)
+    assert owner.key[3:] not in access.read_text()
+
+    assert daemon.terminate() == 0
+    status, _, _ = client.request("POST", f"/playbooks/{playbook}/mcp?key={owner.key}",
+                                  json.dumps(INIT).encode(), headers)
+    assert status == 502
+    eventually(lambda: f"/mcp?key={owner.key} HTTP/1.1" in proxy.error_log())
+    assert owner.key[3:] not in access.read_text()
 
 
 # --- several instances behind one nginx --------------------------------------------------------

@@ -31,6 +31,7 @@ def api_daemon(postgres: Any) -> Iterator[Daemon]:
     # positive-data check can then hold the API to the whole document, stdio servers included.
     daemon = Daemon(base_environment(DATABASE_URL=url, PORT=str(free_port()),
                                      API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
+                                     USER_RATE_LIMIT_MAX_REQUESTS="100000",
                                      DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true"))
     daemon.wait_healthy()
     yield daemon

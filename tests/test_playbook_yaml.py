@@ -49,7 +49,8 @@ def database(postgres: Any) -> Iterator[str]:
 
 def _daemon(url: str, **flags: str) -> Daemon:
     return Daemon(base_environment(DATABASE_URL=url, PORT=str(free_port()),
-                                   API_KEY_RATE_LIMIT_MAX_REQUESTS="100000", **flags))
+                                   API_KEY_RATE_LIMIT_MAX_REQUESTS="100000",
+                                   USER_RATE_LIMIT_MAX_REQUESTS="100000", **flags))
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,10 @@ class Settings:
     registry_url: str = "https://registry.director.run"
     rate_limit_window_seconds: int = 60
     rate_limit_max_requests: int = 1000
+    user_rate_limit_window_seconds: int = 60
+    user_rate_limit_max_requests: int = 5000
+    signup_rate_limit_per_hour: int = 10
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     allow_arbitrary_stdio_servers: bool = False
     allow_insecure_http_servers: bool = False
     enable_seeding: bool = False
@@ -235,6 +239,22 @@ def _host_list(raw: str) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def _network_list(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise _Invalid(
+                f"contains {item!r}, which is not an IP address or network",
+                "list addresses or networks such as 127.0.0.1 or 10.0.0.0/8, separated by commas",
+            ) from None
+    return tuple(networks)
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -326,6 +346,20 @@ VARIABLES: tuple[Variable, ...] = (
              _positive_int, "rate_limit_window_seconds"),
     Variable("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1000", "Requests allowed per key per window.",
              _positive_int, "rate_limit_max_requests"),
+    Variable("USER_RATE_LIMIT_WINDOW_SECONDS", "60",
+             "Rate-limit window per user: all of a user's keys and cookie sessions together.",
+             _positive_int, "user_rate_limit_window_seconds"),
+    Variable("USER_RATE_LIMIT_MAX_REQUESTS", "5000",
+             "Requests allowed per user per window, whatever the credential (a key's own limit "
+             "applies too).", _positive_int, "user_rate_limit_max_requests"),
+    Variable("SIGNUP_RATE_LIMIT_PER_HOUR", "10",
+             "Sign-ups allowed per client address per hour, across instances (see "
+             "TRUSTED_PROXIES behind a proxy).", _positive_int, "signup_rate_limit_per_hour"),
+    Variable("TRUSTED_PROXIES", "",
+             "Comma-separated addresses or networks of proxies (e.g. 127.0.0.1 for a local "
+             "nginx) whose X-Forwarded-For names the client's address, for the sign-up limit, "
+             "login throttling and session records. Empty: the peer's address.",
+             _network_list, "trusted_proxies"),
     Variable("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "false",
              "Allow users to add stdio servers (arbitrary command execution). Refused in "
              "production.", _boolean, "allow_arbitrary_stdio_servers"),

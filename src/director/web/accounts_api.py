@@ -15,6 +15,7 @@ from director.accounts.credentials import (
     hash_password,
     verify_password,
 )
+from director.accounts.ratelimit import Limit
 from director.accounts.throttle import LoginThrottle
 from director.accounts.validation import ValidationFailed, check_name, check_password, normalise_email
 from director.config import Settings
@@ -27,7 +28,7 @@ from director.web.api import (
     reject_unknown_fields,
     require_field,
 )
-from director.web.auth import Authenticator, client_address, parse_uuid
+from director.web.auth import Authenticator, parse_uuid, too_many_requests
 from director.web.errors import (
     Conflict,
     Forbidden,
@@ -53,7 +54,7 @@ class AccountRoutes:
         token = generate_session_token()
         session = await self.database.run(store.create_session(
             user.id, token, (request.getHeader(b"user-agent") or b"").decode("latin-1"),
-            client_address(request)))
+            self.auth.client_address(request)))
         self.auth.cache.remember_session(token, session)
         self.auth.set_session_cookie(request, token, session.expires_at)
 
@@ -74,9 +75,24 @@ class AccountRoutes:
             raise ValidationFailed(fields)
         return email, password
 
+    async def _limit_signups(self, request: Request) -> None:
+        """At most SIGNUP_RATE_LIMIT_PER_HOUR per client address in any hour, across instances
+        (the same leases as every rate limit). Counted before the password is hashed, which is
+        the costly part, and after the body is checked, so that mistakes cost nothing."""
+        address = self.auth.client_address(request)
+        decision = await self.auth.limiter.check(Limit(
+            "signup", address, self.settings.signup_rate_limit_per_hour, 3600,
+            "sign-ups from this address"))
+        for name, value in decision.headers().items():
+            request.setHeader(name.encode(), value.encode())
+        if not decision.allowed:
+            log.info("sign-up refused: too many from {address}", address=address)
+            raise too_many_requests(decision)
+
     @api.route("/auth/signup", methods=["POST"])
     async def signup(self, request: Request) -> bytes:
         email, password = self._credentials(request)
+        await self._limit_signups(request)
         password_hash = await threads.deferToThread(hash_password, password)
         status = "pending" if self.settings.waitlist_enabled else "active"
         try:
@@ -101,7 +117,7 @@ class AccountRoutes:
                 raise Unauthorized("wrong email or password", code="invalid_credentials") \
                     from None
             raise
-        address = client_address(request)
+        address = self.auth.client_address(request)
         wait = self.throttle.retry_after(email, address)
         if wait:
             raise TooManyRequests(f"too many failed logins; retry in {wait} s",

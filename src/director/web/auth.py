@@ -1,10 +1,16 @@
 """Who is calling: API keys and cookie sessions resolved to a user, rate limits applied.
 
 Credentials, in order: ``x-api-key``; ``Authorization: Bearer dk_…``; on MCP routes only,
-``?key=dk_…``; then the session cookie. A credential that is present but wrong is a 401 —
-never a fall-through to the next source, and never a 500. Keys are rate limited (429 with
-``Retry-After`` and ``RateLimit-*``); cookie sessions are not (they are a person at a browser
-or the CLI, already throttled at login).
+``?key=dk_…`` (the parameter's name in any case or encoding, see ``web/querykey.py``, which
+also redacts it from logs; two different values are a 400); then the session cookie. A
+credential that is present but wrong is a 401 — never a fall-through to the next source, and
+never a 500.
+
+Every authenticated request counts against its user's rate limit (all keys and cookie sessions
+together: a person, or a script holding a session cookie, can do as much harm as a key), and a
+key's requests against the key's own limit too; a 429 names the limit that refused it and
+carries ``Retry-After``, and every answer carries ``RateLimit-*`` of the limit closest to
+refusing (``accounts/ratelimit.py`` has the window's arithmetic).
 
 Cookie-authenticated requests that change state must carry an ``Origin`` header (which the
 edge has already checked against BASE_URL and ALLOWED_ORIGINS) or ``Content-Type:
@@ -16,6 +22,8 @@ defence; API keys need none (browsers never attach them by themselves).
 from __future__ import annotations
 
 import datetime
+import ipaddress
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -26,10 +34,11 @@ from twisted.web.server import Request
 from director.accounts import store
 from director.accounts.cache import AccountCache
 from director.accounts.credentials import looks_like_api_key
-from director.accounts.ratelimit import RateLimiter
+from director.accounts.ratelimit import Decision, Limit, RateLimiter
 from director.config import Settings
 from director.db.database import Database
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
+from director.web.querykey import query_keys
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
@@ -112,9 +121,12 @@ class Authenticator:
             if scheme.lower() == "bearer" and value.strip().startswith("dk_"):
                 return value.strip()
         if allow_query_key:
-            values = request.args.get(b"key")
-            if values:
-                return values[0].decode("latin-1").strip()
+            keys = query_keys(request.args)
+            if len(keys) > 1:
+                raise ApiError(f"the query string gives the key parameter {len(keys)} different "
+                               "values; send one API key", code="ambiguous_api_key")
+            if keys:
+                return keys[0]
         return None
 
     async def authenticate(self, request: Request, *, allow_query_key: bool = False,
@@ -131,9 +143,8 @@ class Authenticator:
                 and not allow_pending):
             raise Forbidden("this account is waiting for an administrator to activate it",
                             code="user_pending")
-        if principal.key is not None:
-            await self._apply_rate_limit(request, principal.key)
-        elif request.method not in SAFE_METHODS:
+        await self._apply_rate_limits(request, principal)
+        if principal.key is None and request.method not in SAFE_METHODS:
             self._check_csrf(request)
         return principal
 
@@ -181,20 +192,39 @@ class Authenticator:
             "a cookie-authenticated request that changes state needs an Origin header or a JSON "
             "body (cross-site request forgery protection)", code="csrf_rejected")
 
-    async def _apply_rate_limit(self, request: Request, key: store.ApiKey) -> None:
-        window = key.rate_limit_window_seconds or self.settings.rate_limit_window_seconds
-        maximum = key.rate_limit_max_requests or self.settings.rate_limit_max_requests
-        decision = await self.limiter.check(key.id, window, maximum)
+    def _limits(self, principal: Principal) -> list[Limit]:
+        settings = self.settings
+        user = Limit("user", principal.user.id, settings.user_rate_limit_max_requests,
+                     settings.user_rate_limit_window_seconds, "this user")
+        key = principal.key
+        if key is None:
+            return [user]
+        return [Limit("key", key.id, key.rate_limit_max_requests or settings.rate_limit_max_requests,
+                      key.rate_limit_window_seconds or settings.rate_limit_window_seconds,
+                      "this API key"), user]
+
+    async def _apply_rate_limits(self, request: Request, principal: Principal) -> None:
+        decision = await self.limiter.check(*self._limits(principal))
         for name, value in decision.headers().items():
             request.setHeader(name.encode(), value.encode())
         if not decision.allowed:
             if self.metrics is not None:
                 self.metrics.rate_limited.inc()
-            raise TooManyRequests(
-                f"rate limit of {maximum} requests per {window} s exceeded for this API key; "
-                f"retry in {decision.reset_seconds} s",
-                details={"retry_after": decision.reset_seconds},
-                headers=decision.headers())
+            raise too_many_requests(decision)
+
+    def client_address(self, request: Request) -> str:
+        return client_address(request, self.settings.trusted_proxies)
+
+
+def too_many_requests(decision: Decision) -> TooManyRequests:
+    """The 429 of a refusing limit, naming it."""
+    limit = decision.limit
+    return TooManyRequests(
+        f"rate limit of {limit.max_requests} requests per {limit.window_seconds} s exceeded "
+        f"for {limit.name}; retry in {decision.reset_seconds} s",
+        details={"retry_after": decision.reset_seconds, "limit": limit.name,
+                 "max_requests": limit.max_requests, "window_seconds": limit.window_seconds},
+        headers=decision.headers())
 
 
 def parse_uuid(value: str) -> UUID:
@@ -205,6 +235,37 @@ def parse_uuid(value: str) -> UUID:
         raise ApiError(f"no such object: {value!r}", status=404, code="not_found") from None
 
 
-def client_address(request: Request) -> str:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:1.2.3.4 on a dual-stack socket
+    return mapped or address
+
+
+def client_address(request: Request, trusted_proxies: Sequence[Network] = ()) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, the address
+    that proxy saw, from ``X-Forwarded-For``.
+
+    The header is read from its right end, where each trusted proxy appended the address of
+    whoever connected to it, and the first address that is not a trusted proxy is the client.
+    Everything left of that was written by the client itself and is never believed; an entry
+    that is not an address stops the walk at the last one that was.
+    """
     peer: Any = request.getClientAddress()
-    return str(getattr(peer, "host", "unknown"))
+    host = str(getattr(peer, "host", "unknown"))
+    current = _address(host)
+    if current is None or not trusted_proxies:
+        return host
+    forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for") or [])
+    hops = forwarded.decode("latin-1").split(",") if forwarded else []
+    while any(current in network for network in trusted_proxies) and hops:
+        previous = _address(hops.pop())
+        if previous is None:
+            break
+        current = previous
+    return str(current)

@@ -3,7 +3,8 @@
 In order: a trace id (from ``traceparent`` when valid), security headers, the Host check
 (DNS-rebinding protection), the Origin check, CORS, then the application. Bodies larger than
 ``MAX_REQUEST_BODY_BYTES`` are refused with 413 while they arrive, before being buffered.
-Every finished request gets one access-log line with ``key=`` redacted.
+Every finished request gets one access-log line; every line that names a request's URI
+redacts the API key from it in every spelling the authenticator reads (``web/querykey.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.web.resource import Resource
 from director.config import Settings, origin_of
 from director.logs import THRESHOLD
 from director.web.errors import error_body
+from director.web.querykey import redact
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
@@ -43,7 +45,6 @@ ALLOWED_METHODS = b"GET, HEAD, PUT, PATCH, POST, DELETE"
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_KEY_PARAMETER = re.compile(rb"([?&]key=)[^&#]*")
 _LOOPBACK_NAMES = ("localhost", "localhost.")
 
 
@@ -54,10 +55,6 @@ def trace_id_for(traceparent: bytes | None) -> str:
         if match and match[1] != "0" * 32:
             return match[1]
     return secrets.token_hex(16)
-
-
-def redact(uri: bytes) -> str:
-    return _KEY_PARAMETER.sub(rb"\1[REDACTED]", uri).decode("latin-1")
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -223,11 +220,14 @@ class EdgeResource(Resource):
         )
 
     def origin_allowed(self, origin: str) -> bool:
-        if origin_of(origin) in self.allowed_origins:
-            return True
-        if self.settings.production:
+        """Only BASE_URL's origin and ALLOWED_ORIGINS, in every environment. Loopback origins
+        get no favour even in development: any local page or process (``http://evil.localhost``,
+        a dev server on another port) could otherwise make credentialed calls with the
+        browser's session cookie. A local tool's origin belongs in ALLOWED_ORIGINS."""
+        try:
+            return origin_of(origin) in self.allowed_origins
+        except ValueError:  # a port that is not a number, an unbalanced [: not an origin
             return False
-        return _is_loopback_host((urlsplit(origin).hostname or "").lower())
 
     def host_allowed(self, host_header: str) -> bool:
         host = _hostname(host_header)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.internet import defer
@@ -31,6 +32,7 @@ from director.playbooks.cache import PlaybookCache
 from director.playbooks.store import Playbook
 from director.web.auth import Authenticator, Principal
 from director.web.errors import ApiError
+from director.web.querykey import query_keys
 
 log = Logger(namespace="mcp.http")
 
@@ -293,8 +295,9 @@ class McpRoutes:
                              on_close=lambda _: self.engine.end(session))
         session.channel.stream = stream
         endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
-        if request.args.get(b"key") and principal.key is not None:
-            endpoint += "&key=" + request.args[b"key"][0].decode("latin-1")
+        keys = query_keys(request.args)
+        if keys and principal.key is not None:  # a client without headers posts with it too
+            endpoint += "&key=" + quote(keys[0], safe="")
         stream.send(frame(endpoint.encode(), event="endpoint"))
         log.info("legacy SSE session opened", playbook_id=playbook.id, session=session.id[:8])
         return STREAMING

@@ -32,7 +32,8 @@ _SECURITY: list[dict[str, list[str]]] = [{"apiKeyHeader": []}, {"bearer": []}, {
 _COMMON_ERRORS = {
     "401": _error("No credential, or a wrong, revoked or expired one"),
     "403": _error("Pending account (waitlist), or a cookie request failing the CSRF check"),
-    "429": _error("Rate limit of the API key exceeded"),
+    "429": _error("Rate limit of the API key or of the user exceeded (details.limit says "
+                  "which; Retry-After)"),
     "503": _error("The database is unavailable"),
 }
 _BODY_ERRORS = {
@@ -522,6 +523,8 @@ def _document() -> dict[str, Any]:
                                                  "api_key": _ref("NewApiKey")}},
                                  "Signed up; the session cookie is set"),
                     "409": _error("The email is already registered"),
+                    "429": _error("Too many sign-ups from this address "
+                                  "(SIGNUP_RATE_LIMIT_PER_HOUR; Retry-After)"),
                     **_BODY_ERRORS, "503": _COMMON_ERRORS["503"],
                 },
             }},
