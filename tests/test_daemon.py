@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -338,11 +339,40 @@ def receive_all(sock: socket.socket, until: Callable[[list[str]], bool],
     return messages
 
 
-def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrated_url: str) -> None:
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket standing in for systemd's ``NOTIFY_SOCKET``."""
     directory = make_temp_dir("director-test-notify-")
     path = str(directory / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            yield path, sock
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def port_in_use() -> Iterator[int]:
+    """A loopback port another process (here: the test) already listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def assert_exits_unready(daemon: Daemon, sock: socket.socket, fragment: str) -> None:
+    """The start failed: FATAL naming the listener, exit 1 (systemd retries a port in use,
+    which may be the previous instance still draining), and never ``READY=1``."""
+    assert daemon.wait_exit(timeout=15) == 1
+    fatal = daemon.wait_for_log("FATAL: cannot listen")
+    assert fatal["level"] == 60 and fragment in fatal["msg"]
+    sent = receive_all(sock, lambda m: any("STOPPING=1" in x for x in m), timeout=2)
+    assert not any("READY=1" in message for message in sent), sent
+
+
+def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrated_url: str) -> None:
+    with notify_socket() as (path, sock):
         daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
                               WATCHDOG_USEC="200000")
         messages = receive_all(sock, lambda m: sum("WATCHDOG=1" in x for x in m) >= 3)
@@ -353,7 +383,45 @@ def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrat
         messages = receive_all(sock, lambda m: any("STOPPING=1" in x for x in m))
         assert any("STOPPING=1" in m for m in messages)
         assert daemon.wait_exit() == 0
-    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("listener", ["PORT", "METRICS_LISTEN"])
+def test_a_start_that_cannot_listen_exits_without_ready(start_daemon: StartDaemon,
+                                                        migrated_url: str, listener: str) -> None:
+    with port_in_use() as busy, notify_socket() as (path, sock):
+        if listener == "PORT":
+            daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
+                                  HOST="127.0.0.1", PORT=str(busy))
+            assert_exits_unready(daemon, sock, f"tcp:{busy}:interface=127.0.0.1")
+        else:
+            daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
+                                  METRICS_LISTEN=f"127.0.0.1:{busy}")
+            assert_exits_unready(daemon, sock, f"METRICS_LISTEN=127.0.0.1:{busy}")
+            with pytest.raises(OSError):  # the HTTP port it did open is closed again
+                socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+
+
+def test_an_embedded_start_that_cannot_listen_leaves_no_cluster(start_daemon: StartDaemon,
+                                                                state_directory: Path) -> None:
+    with port_in_use() as busy, notify_socket() as (path, sock):
+        daemon = start_daemon(STATE_DIRECTORY=str(state_directory), NOTIFY_SOCKET=path,
+                              HOST="127.0.0.1", PORT=str(busy))
+        assert_exits_unready(daemon, sock, f"tcp:{busy}")
+    assert EmbeddedPostgres(state_directory).running_postmaster() is None
+
+
+def test_an_embedded_start_that_fails_stops_its_cluster(start_daemon: StartDaemon,
+                                                       state_directory: Path) -> None:
+    cluster = EmbeddedPostgres(state_directory)
+    cluster.start()
+    query(cluster.url(), "CREATE TABLE director_schema (version integer PRIMARY KEY, name text)")
+    query(cluster.url(), "INSERT INTO director_schema VALUES (999, 'future')")
+    cluster.stop()
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    assert daemon.wait_exit() != 0
+    assert "newer than this Director knows" in daemon.wait_for_log("FATAL")["msg"]
+    assert "started" in daemon.wait_for_log("private PostgreSQL")["msg"]
+    assert cluster.running_postmaster() is None, "the failed start left its cluster running"
 
 
 def test_sigterm_drains_in_flight_streams_within_the_timeout(start_daemon: StartDaemon,

@@ -2,8 +2,10 @@
 
 Start order, and why:
 
-1. the HTTP port listens at once (``READY=1`` follows), so load balancers get an honest 503
-   with a reason instead of a refused connection while the database is still coming up;
+1. the HTTP port (and ``METRICS_LISTEN``) listens at once (``READY=1`` follows), so load
+   balancers get an honest 503 with a reason instead of a refused connection while the database
+   is still coming up; a port in use ends the start before ``READY=1`` with exit status 1 (a
+   restart may find it free: the holder can be the previous instance, still draining);
 2. the database: the private cluster is started when ``DATABASE_URL`` is unset; an external
    one is retried until it answers (``database unreachable … retrying`` is logged once);
 3. the schema: migrated automatically for the embedded database, only *checked* for an external
@@ -153,6 +155,9 @@ class DirectorService(MultiService):
     async def _start(self) -> None:
         await self._listen()
         await self._listen_metrics()
+        # Only once every listener is up: a start that cannot listen must never look ready.
+        systemd.notify(f"READY=1\nSTATUS=listening on port {self.listening_port()}, "
+                       f"connecting to the database\nMAINPID={os.getpid()}")
         dsn = await self._database_dsn()
         await self._check_schema(dsn)
         self.database.start()
@@ -184,11 +189,12 @@ class DirectorService(MultiService):
                 f"cannot listen on {self.listen_description}: {error}; is another process "
                 "using the port? Set PORT to a free one"
             ) from error
-        bound = self.port.getHost()
-        log.info("director gateway running on port {port}", port=getattr(bound, "port", bound),
+        log.info("director gateway running on port {port}", port=self.listening_port(),
                  version=__version__)
-        systemd.notify(f"READY=1\nSTATUS=listening on port {getattr(bound, 'port', bound)}, "
-                       f"connecting to the database\nMAINPID={os.getpid()}")
+
+    def listening_port(self) -> Any:
+        bound = self.port.getHost()
+        return getattr(bound, "port", bound)
 
     async def _listen_metrics(self) -> None:
         """``/metrics`` on a listener of its own, before the database: it matters most when
@@ -277,7 +283,13 @@ class DirectorService(MultiService):
             log.failure("FATAL: unexpected error while starting", failure)
             self.exit_code = 1
         exit_after_shutdown(self.reactor, self.exit_code)
-        self.reactor.stop()
+        # twistd starts the service tree before the reactor runs: a listener that fails at once
+        # fails here, synchronously, when ``reactor.stop()`` would raise ReactorNotRunning and
+        # leave the process serving nothing for ever.
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     # --- stop --------------------------------------------------------------------------
 
