@@ -17,6 +17,7 @@ import pytest
 from director.db import migrate
 from director.db.embedded import EmbeddedPostgres
 from tests.harness import TWISTD, Daemon, free_port, make_temp_dir, query
+from tests.test_config import TRICKY_DATABASE_URLS, assert_no_fragment
 
 StartDaemon = Callable[..., Daemon]
 
@@ -103,6 +104,19 @@ def test_database_down_at_start_then_recovers_without_restart(start_daemon: Star
     finally:
         cluster.stop()
         shutil.rmtree(cluster.state_directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("url", "fragments", "accepted"), TRICKY_DATABASE_URLS)
+def test_database_passwords_never_reach_the_log(start_daemon: StartDaemon, url: str,
+                                                fragments: tuple[str, ...], accepted: bool) -> None:
+    daemon = start_daemon(DATABASE_URL=url.format(port=free_port()))
+    if accepted:
+        assert "Connection refused" in daemon.wait_for_log("database unreachable")["msg"]
+        assert daemon.terminate() == 0
+    else:
+        assert daemon.wait_exit() == 78
+        assert "DATABASE_URL=(unparseable DATABASE_URL)" in daemon.output()
+    assert_no_fragment(daemon.output(), fragments)
 
 
 # --- the embedded default -------------------------------------------------------------------
