@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from director.db import migrate
-from director.db.embedded import EmbeddedPostgres
+from director.db.embedded import EmbeddedPostgres, find_server_binaries
 from tests.harness import TWISTD, Daemon, free_port, make_temp_dir, query
 from tests.test_config import TRICKY_DATABASE_URLS, assert_no_fragment
 
@@ -180,6 +181,55 @@ def test_orphaned_database_is_adopted_and_stopped(start_daemon: StartDaemon,
     while orphan.running_postmaster() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert orphan.running_postmaster() is None
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Defunct children of ``pid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(parent) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_from_outside(cluster: EmbeddedPostgres, pid: int, how: str) -> None:
+    if how == "pg_ctl":  # as the cluster's owner: pg_ctl refuses root
+        owner = cluster.data_directory.stat().st_uid
+        bindir = find_server_binaries()
+        subprocess.run(["setpriv", f"--reuid={owner}", f"--regid={owner}", "--clear-groups",
+                        str(bindir / "pg_ctl"), "stop", "-m", "fast", "-D",
+                        str(cluster.data_directory)], check=True, capture_output=True, timeout=30)
+    else:
+        os.kill(pid, signal.Signals[how])
+
+
+# (SIGTERM is PostgreSQL's "smart" shutdown: it waits for the daemon's connections to close.)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGQUIT", "pg_ctl"])
+def test_a_database_stopped_from_outside_is_reaped_and_the_daemon_exits(
+        start_daemon: StartDaemon, state_directory: Path, how: str) -> None:
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    cluster = EmbeddedPostgres(state_directory)
+    postmaster = cluster.running_postmaster()
+    assert postmaster is not None
+    stop_from_outside(cluster, postmaster, how)
+    fatal = daemon.wait_for_log("the private PostgreSQL exited")
+    assert fatal["level"] == 60 and "stop Director, not its database" in fatal["msg"]
+    if how == "SIGKILL":
+        assert "(killed by SIGKILL)" in fatal["msg"]
+    # Logged once the exit was collected: no defunct postmaster, even while the daemon drains.
+    assert postmaster not in zombie_children(daemon.process.pid)
+    assert daemon.wait_exit() == 1  # systemd's Restart=on-failure starts both afresh
+    assert sum("private PostgreSQL exited" in r.get("msg", "") for r in daemon.records()) == 1
+
+    again = start_daemon(STATE_DIRECTORY=str(state_directory))
+    again.wait_healthy()
+    assert again.terminate() == 0
 
 
 def test_cli_shares_the_running_daemons_database(start_daemon: StartDaemon,

@@ -40,7 +40,7 @@ from director.config import Settings
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
-from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres, ExitWatch
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
 from director.mcp.upstream.http import new_pool
@@ -82,6 +82,8 @@ class DirectorService(MultiService):
         )
         self.auth_secret = state.auth_secret(settings)
         self.embedded: EmbeddedPostgres | None = None
+        self.postmaster_watch: ExitWatch | None = None
+        self.database_lost: str | None = None  # the private cluster ended under us
         if settings.embedded_database:
             self.embedded = EmbeddedPostgres(Path(settings.state_directory))
         dsn = settings.database_url if self.embedded is None else self.embedded.dsn()
@@ -135,6 +137,8 @@ class DirectorService(MultiService):
     # --- health ------------------------------------------------------------------------
 
     async def health_reason(self) -> str | None:
+        if self.database_lost is not None:
+            return f"database: {self.database_lost}"
         if self.stopping:
             return "shutting down"
         if not self.schema_ready or not self.accounts.loaded or not self.playbooks.loaded:
@@ -226,6 +230,7 @@ class DirectorService(MultiService):
                          path=str(embedded.data_directory))
             # Launched from the reactor thread: the parent-death signal is tied to it.
             outcome = embedded.launch()
+            self._watch_postmaster(embedded)
             while not embedded.poll_ready():
                 await task.deferLater(self.reactor, 0.02, lambda: None)
             await threads.deferToThread(embedded.ensure_database)
@@ -234,6 +239,26 @@ class DirectorService(MultiService):
         log.info("private PostgreSQL {outcome} in {path}", outcome=outcome,
                  path=str(embedded.root))
         return embedded.dsn()
+
+    def _watch_postmaster(self, embedded: EmbeddedPostgres) -> None:
+        pid = embedded.owned_postmaster()
+        if pid is not None:
+            self.postmaster_watch = ExitWatch(self.reactor, pid, self._postmaster_exited)
+
+    def _postmaster_exited(self) -> None:
+        """The private cluster ended without us (``pg_ctl stop``, a signal, a crash).
+
+        The daemon exits (status 1) rather than restart it: the private cluster exists only
+        for the daemon, so stopping it alone is a mistake or a crash, and a restart of the
+        whole service (systemd's ``Restart=on-failure``) starts both afresh, through the one
+        start path that is tested, instead of a second one that would have to re-adopt,
+        re-migrate and race the old backends still exiting."""
+        if self.stopping or self.embedded is None:
+            return
+        self.database_lost = f"the private PostgreSQL exited ({self.embedded.reap()})"
+        self._exit(f"{self.database_lost}; it was stopped from outside or crashed (see "
+                   f"{self.embedded.log_file}). Exiting, so that the service manager restarts "
+                   "Director and its database together; stop Director, not its database", 1)
 
     async def _check_schema(self, dsn: str) -> None:
         reported = False
@@ -271,17 +296,24 @@ class DirectorService(MultiService):
             await task.deferLater(self.reactor, 0.01, lambda: None)
 
     def _fatal(self, failure: Any) -> None:
-        if self.stopping:
+        if self.stopping or self.exit_code:
             return
         if failure.check(FatalStartupError):
-            log.critical("FATAL: {reason}", reason=str(failure.value))
-            self.exit_code = failure.value.exit_code
+            self._exit(str(failure.value), failure.value.exit_code)
         elif failure.check(SecretUnreadable):  # only the operator can fix this: no restarts
-            log.critical("FATAL: SecretUnreadable: {reason}", reason=str(failure.value))
-            self.exit_code = EX_CONFIG
+            self._exit(f"SecretUnreadable: {failure.value}", EX_CONFIG)
         else:
             log.failure("FATAL: unexpected error while starting", failure)
-            self.exit_code = 1
+            self._exit(None, 1)
+
+    def _exit(self, reason: str | None, code: int) -> None:
+        """Log ``FATAL: reason`` (once: nothing else is reported as fatal after it), stop
+        everything the usual way, then exit with ``code``."""
+        if self.exit_code:
+            return
+        if reason is not None:
+            log.critical("FATAL: {reason}", reason=reason)
+        self.exit_code = code
         exit_after_shutdown(self.reactor, self.exit_code)
         # twistd starts the service tree before the reactor runs: a listener that fails at once
         # fails here, synchronously, when ``reactor.stop()`` would raise ReactorNotRunning and
@@ -311,6 +343,8 @@ class DirectorService(MultiService):
         await self.http_pool.closeCachedConnections()
         self.rate_limiter.stop()
         self.database.stop()
+        if self.postmaster_watch is not None:
+            self.postmaster_watch.stop()
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop, self.settings.shutdown_timeout_seconds)
         log.info("stopped")
