@@ -330,6 +330,84 @@ def test_malformed_http_gets_400_and_changes_nothing(daemon: Daemon) -> None:
     assert daemon.health()[0] == 200
 
 
+#: Requests malformed by the client, as raw bytes ({auth}: an API key header line or nothing;
+#: {playbook}: a playbook of that key's user), with the status anonymous / authenticated.
+MALFORMED_REQUESTS = [
+    # Paths that are not UTF-8 once percent-decoded (Klein logged each one as critical).
+    (b"GET /playbooks/%ff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"POST /playbooks/%ff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/"
+     b"json\r\nContent-Length: 2\r\n\r\n{}", 400, 400),
+    (b"GET /playbooks/%ed%a0%80/sse HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /playbooks/\xff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/v1/playbooks/%ff/servers HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /%c3%28 HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    # A Host that is not UTF-8 (health is exempt from the Host check), or not ours.
+    (b"GET /api/health HTTP/1.1\r\nHost: \xff\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: \xff\xfe\r\n{auth}\r\n", 403, 403),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: evil.example\r\n{auth}\r\n", 403, 403),
+    # Paths werkzeug would redirect (a doubled slash, a missing trailing slash).
+    (b"GET /playbooks//mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    (b"GET /api/v1//me HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    (b"GET /api/v1 HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    # Bad percent-encoding or bytes in the query and in headers.
+    (b"GET /playbooks/{playbook}/mcp?key=%ff HTTP/1.1\r\nHost: localhost\r\n\r\n", 401, 401),
+    (b"GET /playbooks/{playbook}/sse?key=%zz%ff HTTP/1.1\r\nHost: localhost\r\n\r\n", 401, 401),
+    (b"POST /playbooks/{playbook}/message?sessionId=%ff HTTP/1.1\r\nHost: localhost\r\n{auth}"
+     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 401, 404),
+    (b"GET /api/v1/playbooks?limit=%ff&cursor=%ed%a0%80 HTTP/1.1\r\nHost: localhost\r\n{auth}"
+     b"\r\n", 401, 400),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
+     401, 401),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: localhost\r\nCookie: \xff\xfe=\xff\r\n\r\n", 401, 401),
+    (b"GET /playbooks/{playbook}/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Accept: text/event-"
+     b"stream\r\nMcp-Session-Id: \xff\r\n\r\n", 401, 404),
+    (b"POST /playbooks/{playbook}/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: \xff"
+     b"\r\nContent-Length: 2\r\n\r\n{}", 401, 415),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nOrigin: \xff\r\n{auth}\r\n", 403, 403),
+    # HTTP syntax and methods.
+    (b"BREW /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 405, 405),
+    (b"\xff\xfe /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/health HTTP/9.9\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 1, 2\r\n\r\n",
+     400, 400),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}X\x00: y\r\n\r\n", 400, 400),
+    (b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}Transfer-Encoding: gzip\r\n\r\n",
+     400, 400),
+]
+
+
+def raw_status(port: int, raw: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 "), head
+    return int(head.split()[1])
+
+
+def test_malformed_requests_get_a_precise_4xx_and_are_never_logged_as_errors(
+        daemon: Daemon) -> None:
+    from tests.accounts_helpers import call, eventually, sign_up
+
+    account = sign_up(daemon, "malformed@example.com")
+    _, _, playbook = call(daemon, "POST", "/api/v1/playbooks", {"name": "p"}, key=account.key)
+    first_line = len(daemon.output().splitlines())
+    for raw, anonymous, authenticated in MALFORMED_REQUESTS:
+        for auth, expected in ((b"", anonymous),
+                               (b"X-API-Key: " + account.key.encode() + b"\r\n", authenticated)):
+            sent = raw.replace(b"{auth}", auth).replace(b"{playbook}", playbook["id"].encode())
+            assert raw_status(daemon.port, sent) == expected, sent
+    # A last request whose access line, once written, says every earlier line is there too.
+    trace = "0123456789abcdef0123456789abcdef"
+    daemon.request("GET", "/api/health", headers={"traceparent": f"00-{trace}-0123456789abcdef-01"})
+    eventually(lambda: any(r.get("trace_id") == trace for r in daemon.records()))
+    lines = daemon.output().splitlines()[first_line:]
+    assert not [line for line in lines if "Traceback" in line]
+    records = [json.loads(line) for line in lines]
+    assert [r["msg"] for r in records if r["level"] >= 40] == []
+    # At most one line each, at info (the access line).
+    assert sum(r["level"] >= 30 for r in records) <= 2 * len(MALFORMED_REQUESTS) + 1
+
+
 def test_foreign_host_is_refused_but_health_answers_any_host(daemon: Daemon) -> None:
     status, _, body = daemon.request("GET", "/anything", headers={"host": "evil.example"})
     assert status == 403

@@ -277,6 +277,8 @@ class EdgeResource(Resource):
     def _refuse(request: DirectorRequest, code: str, message: str) -> bytes:
         request.setResponseCode(403)
         request.setHeader(b"content-type", b"application/json")
-        log.warn("refused {method} {path}: {reason}", method=request.method.decode("latin-1"),
+        # The client's mistake (or an unconfigured name): the access line says 403 and the body
+        # the fix; a line of its own at warn per request would be a free log flood.
+        log.debug("refused {method} {path}: {reason}", method=request.method.decode("latin-1"),
                  path=redact(request.uri), reason=message, trace_id=request.trace_id)
         return json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
