@@ -42,6 +42,9 @@ def test_defaults_match_the_deployment_guide() -> None:
     assert settings.rate_limit_max_requests == 1000
     assert settings.environment == "development"
     assert settings.log_level == "info"
+    assert (settings.request_header_timeout_seconds, settings.request_body_timeout_seconds,
+            settings.idle_connection_timeout_seconds) == (10.0, 30.0, 75.0)
+    assert settings.max_connections_per_address == 64
     assert settings.database_url is None and settings.embedded_database
     assert not (settings.allow_arbitrary_stdio_servers or settings.allow_insecure_http_servers
                 or settings.enable_seeding)
@@ -68,6 +71,10 @@ def test_every_variable_is_parsed() -> None:
         "LOG_LEVEL": "WARN",
         "STATE_DIRECTORY": "/srv/director:/srv/other",
         "MAX_REQUEST_BODY_BYTES": "1024",
+        "REQUEST_HEADER_TIMEOUT_SECONDS": "2",
+        "REQUEST_BODY_TIMEOUT_SECONDS": "0.5",
+        "IDLE_CONNECTION_TIMEOUT_SECONDS": "120",
+        "MAX_CONNECTIONS_PER_ADDRESS": "0",
         "SHUTDOWN_TIMEOUT_SECONDS": "2.5",
         "DATABASE_POOL_SIZE": "2",
     })
@@ -84,6 +91,9 @@ def test_every_variable_is_parsed() -> None:
     assert settings.environment == "staging" and settings.log_level == "warn"
     assert settings.state_directory == "/srv/director"
     assert settings.max_request_body_bytes == 1024
+    assert (settings.request_header_timeout_seconds, settings.request_body_timeout_seconds,
+            settings.idle_connection_timeout_seconds) == (2.0, 0.5, 120.0)
+    assert settings.max_connections_per_address == 0
     assert settings.shutdown_timeout_seconds == 2.5 and settings.database_pool_size == 2
 
 
@@ -133,6 +143,12 @@ def test_base_url_follows_port_when_unset() -> None:
     ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose' is not recognised; use one of trace"),
     ("STATE_DIRECTORY", "relative/dir", "STATE_DIRECTORY='relative/dir' is not an absolute path"),
     ("MAX_REQUEST_BODY_BYTES", "big", "is not a whole number"),
+    ("REQUEST_HEADER_TIMEOUT_SECONDS", "0", "must be greater than 0"),
+    ("REQUEST_BODY_TIMEOUT_SECONDS", "soon", "is not a number"),
+    ("IDLE_CONNECTION_TIMEOUT_SECONDS", "-75", "must be greater than 0"),
+    ("MAX_CONNECTIONS_PER_ADDRESS", "-1",
+     "MAX_CONNECTIONS_PER_ADDRESS='-1' is negative; use a whole number (0 turns it off)"),
+    ("MAX_CONNECTIONS_PER_ADDRESS", "lots", "is not a whole number"),
     ("SHUTDOWN_TIMEOUT_SECONDS", "0", "must be greater than 0"),
     ("DATABASE_POOL_SIZE", "x", "is not a whole number"),
     ("MCP_SESSION_IDLE_SECONDS", "-1", "must be greater than 0"),
@@ -159,7 +175,9 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL",
               "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
-              "MAX_REQUEST_BODY_BYTES", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
+              "MAX_REQUEST_BODY_BYTES", "REQUEST_HEADER_TIMEOUT_SECONDS",
+              "REQUEST_BODY_TIMEOUT_SECONDS", "IDLE_CONNECTION_TIMEOUT_SECONDS",
+              "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
               "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "METRICS_LISTEN",
               "METRICS_ALLOW_PUBLIC"}

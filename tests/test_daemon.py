@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -463,6 +464,185 @@ def test_request_log_lines_redact_api_keys(daemon: Daemon) -> None:
     assert line["status"] == 404 and line["method"] == "GET"
     assert len(line["trace_id"]) == 32 and isinstance(line["duration_ms"], float)
     assert "dk_secretvalue" not in daemon.output()
+
+
+# --- slow clients: deadlines and the per-address cap ----------------------------------------
+
+
+SLOW = {"REQUEST_HEADER_TIMEOUT_SECONDS": "1", "REQUEST_BODY_TIMEOUT_SECONDS": "1",
+        "IDLE_CONNECTION_TIMEOUT_SECONDS": "60"}
+
+
+@pytest.fixture
+def slow_daemon(start_daemon: StartDaemon, migrated_url: str) -> Daemon:
+    started = start_daemon(DATABASE_URL=migrated_url, **SLOW)
+    started.wait_healthy()
+    return started
+
+
+def trickle(port: int, parts: list[bytes], pause: float) -> tuple[int, bytes]:
+    """Send ``parts`` ``pause`` seconds apart (each far inside the idle timeout) until the
+    server answers or closes; (how many parts were sent, what came back)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for sent, part in enumerate(parts):
+            readable, _, _ = select.select([sock], [], [], pause)
+            if readable:
+                return sent, read_until_closed(sock)
+            try:
+                sock.sendall(part)
+            except OSError:  # closed under us
+                return sent, read_until_closed(sock)
+        return len(parts), read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything until the server closes (a timeout of the socket's own is an error)."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_head_trickled_line_by_line_is_cut_at_its_deadline(slow_daemon: Daemon) -> None:
+    head = [b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n"]
+    head += [f"X-Line-{n}: trickled\r\n".encode() for n in range(40)] + [b"\r\n"]
+    sent, reply = trickle(slow_daemon.port, head, pause=0.25)
+    assert sent < len(head), "the whole head was accepted, ten seconds late"
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    line = slow_daemon.wait_for_log("408 request head not received within 1 s")
+    assert line["level"] == 30 and line["path"] == "/api/health"
+    assert slow_daemon.health()[0] == 200
+
+
+def test_a_body_trickled_byte_by_byte_is_cut_at_its_deadline(slow_daemon: Daemon) -> None:
+    head = (b"POST /api/v1/auth/login HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n")
+    body = [bytes([byte]) for byte in json.dumps({"email": "a@example.com", "password": "x" * 20})
+            .ljust(60).encode()]
+    sent, reply = trickle(slow_daemon.port, [head, *body], pause=0.1)
+    assert sent < 1 + len(body)
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert "408 request body not received" in slow_daemon.wait_for_log(
+        "POST /api/v1/auth/login 408")["msg"]
+
+
+def test_a_slow_but_complete_request_is_answered(slow_daemon: Daemon) -> None:
+    # Head in three pieces and body in two, each part well inside its own deadline.
+    body = b'{"email": "nobody@example.com", "password": "wrong password"}'
+    parts = [b"POST /api/v1/auth/login HTTP/1.1\r\nHost: local",
+             b"host\r\nContent-Type: application/json\r\nConnection: close\r\n",
+             f"Content-Length: {len(body)}\r\n\r\n".encode(), body[:20], body[20:]]
+    sent, reply = trickle(slow_daemon.port, parts, pause=0.3)
+    assert sent == len(parts)
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:100]
+
+
+def test_an_idle_keep_alive_connection_is_closed(start_daemon: StartDaemon,
+                                                 migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, IDLE_CONNECTION_TIMEOUT_SECONDS="1")
+    daemon.wait_healthy()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        reply = read_until_closed(sock)  # the answer, then the close
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"status": "ok"}\r\n0\r\n\r\n')
+
+
+def open_sse(port: int, playbook: str, key: str) -> tuple[socket.socket, str]:
+    """A legacy ``/sse`` stream over a raw socket, and its message endpoint."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /playbooks/{playbook}/sse HTTP/1.1\r\nHost: localhost\r\n"
+                 f"X-API-Key: {key}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    received = b""
+    marker = b"event: endpoint\ndata: "
+    while marker not in received or b"\n\n" not in received.split(marker, 1)[1]:
+        received += sock.recv(65536)
+    endpoint = received.split(marker, 1)[1].split(b"\n", 1)[0]
+    return sock, endpoint.decode()
+
+
+def assert_stream_alive(daemon: Daemon, sock: socket.socket, endpoint: str, key: str) -> None:
+    """A ping posted to the session is answered on its stream."""
+    status, _, _ = daemon.request("POST", endpoint, json.dumps(
+        {"jsonrpc": "2.0", "id": 7, "method": "ping"}).encode(),
+        {"content-type": "application/json", "x-api-key": key})
+    assert status == 202
+    received = b""
+    while b'"id":7' not in received:
+        chunk = sock.recv(65536)
+        assert chunk, "the stream was closed"
+        received += chunk
+
+
+@pytest.fixture
+def owner(slow_daemon: Daemon) -> tuple[str, str]:
+    """(API key, playbook id) of a user of ``slow_daemon``."""
+    from tests.accounts_helpers import call, sign_up
+
+    account = sign_up(slow_daemon, "streams@example.com")
+    _, _, playbook = call(slow_daemon, "POST", "/api/v1/playbooks", {"name": "p"},
+                          key=account.key)
+    return account.key, playbook["id"]
+
+
+def test_an_established_stream_outlives_both_deadlines(slow_daemon: Daemon,
+                                                       owner: tuple[str, str]) -> None:
+    key, playbook = owner
+    sock, endpoint = open_sse(slow_daemon.port, playbook, key)
+    with sock:
+        # Both deadlines (1 s each) pass several times over while the stream is held.
+        readable, _, _ = select.select([sock], [], [], 3)
+        assert not readable or sock.recv(65536, socket.MSG_PEEK), "the stream was closed"
+        assert_stream_alive(slow_daemon, sock, endpoint, key)
+
+
+def test_the_connection_cap_refuses_the_next_half_open_connection(
+        start_daemon: StartDaemon, migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, MAX_CONNECTIONS_PER_ADDRESS="4")
+    daemon.wait_healthy()
+    half_open = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+                 for _ in range(4)]
+    for sock in half_open:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: local")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as refused:
+        refused.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_until_closed(refused) == b"", "a fifth connection was served"
+    line = daemon.wait_for_log("refused 1 connection(s) from 127.0.0.1")
+    assert line["level"] == 30 and "MAX_CONNECTIONS_PER_ADDRESS=4" in line["msg"]
+    for sock in half_open:  # the first four were kept, and are answered
+        with sock:
+            sock.sendall(b"host\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+    assert daemon.health()[0] == 200  # their slots are free again
+
+
+def test_the_cap_counts_ipv4_addresses_and_ipv6_blocks() -> None:
+    from director.web.edge import address_key
+
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack listener's IPv4 peer
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+
+
+def test_streams_do_not_count_against_the_cap(start_daemon: StartDaemon,
+                                              migrated_url: str) -> None:
+    from tests.accounts_helpers import call, sign_up
+
+    daemon = start_daemon(DATABASE_URL=migrated_url, MAX_CONNECTIONS_PER_ADDRESS="2")
+    daemon.wait_healthy()
+    account = sign_up(daemon, "capped@example.com")
+    _, _, playbook = call(daemon, "POST", "/api/v1/playbooks", {"name": "p"}, key=account.key)
+    streams = [open_sse(daemon.port, playbook["id"], account.key) for _ in range(5)]
+    try:
+        assert daemon.health()[0] == 200  # five streams held, and still room for requests
+        for sock, endpoint in streams:
+            assert_stream_alive(daemon, sock, endpoint, account.key)
+    finally:
+        for sock, _ in streams:
+            sock.close()
 
 
 # --- lifecycle: systemd and signals ---------------------------------------------------------

@@ -86,6 +86,10 @@ class Settings:
     log_level: str = "info"
     state_directory: str = ""
     max_request_body_bytes: int = 4 * 1024 * 1024
+    request_header_timeout_seconds: float = 10.0
+    request_body_timeout_seconds: float = 30.0
+    idle_connection_timeout_seconds: float = 75.0
+    max_connections_per_address: int = 64  # 0: no cap
     shutdown_timeout_seconds: float = 10.0
     database_pool_size: int = 4
     mcp_session_idle_seconds: float = 1800.0
@@ -127,6 +131,16 @@ def _positive_int(raw: str) -> int:
         raise _Invalid("is not a whole number", "use a whole number greater than 0") from None
     if value <= 0:
         raise _Invalid("must be greater than 0", "use a whole number greater than 0")
+    return value
+
+
+def _count_or_zero(raw: str) -> int:
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise _Invalid("is not a whole number", "use a whole number (0 turns it off)") from None
+    if value < 0:
+        raise _Invalid("is negative", "use a whole number (0 turns it off)")
     return value
 
 
@@ -416,6 +430,26 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MAX_REQUEST_BODY_BYTES", "4194304",
              "Largest request body accepted; larger ones get 413.", _positive_int,
              "max_request_body_bytes"),
+    Variable("REQUEST_HEADER_TIMEOUT_SECONDS", "10",
+             "A request's line and headers must arrive within this many seconds of its first "
+             "byte (of the connection, for its first request), however they trickle in; "
+             "otherwise 408 and the connection is closed.", _positive_float,
+             "request_header_timeout_seconds"),
+    Variable("REQUEST_BODY_TIMEOUT_SECONDS", "30",
+             "A request's body must arrive within this many seconds of the end of its headers "
+             "(so the largest body, MAX_REQUEST_BODY_BYTES, needs MAX_REQUEST_BODY_BYTES / this "
+             "bytes per second: 140 kB/s by default); otherwise 408 and the connection is "
+             "closed.", _positive_float, "request_body_timeout_seconds"),
+    Variable("IDLE_CONNECTION_TIMEOUT_SECONDS", "75",
+             "A kept-alive connection with no request for this long is closed. Keep it above "
+             "the keep-alive timeout of a proxy or load balancer in front (nginx: 60 s).",
+             _positive_float, "idle_connection_timeout_seconds"),
+    Variable("MAX_CONNECTIONS_PER_ADDRESS", "64",
+             "Connections one client address (IPv6: one /64) may hold open at once, not "
+             "counting those that became event streams; past it new ones are closed at once. "
+             "Behind a reverse proxy on the same host every client is that proxy's address: "
+             "set 0 (no cap) and limit clients in the proxy (nginx: limit_conn).",
+             _count_or_zero, "max_connections_per_address"),
     Variable("SHUTDOWN_TIMEOUT_SECONDS", "10",
              "How long a stop may drain streams and children before they are cut.",
              _positive_float, "shutdown_timeout_seconds"),
