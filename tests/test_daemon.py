@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from director.db import migrate
-from director.db.embedded import EmbeddedPostgres
+from director.db.embedded import EmbeddedPostgres, find_server_binaries
 from tests.harness import TWISTD, Daemon, free_port, make_temp_dir, query
+from tests.test_config import TRICKY_DATABASE_URLS, assert_no_fragment
 
 StartDaemon = Callable[..., Daemon]
 
@@ -104,6 +108,19 @@ def test_database_down_at_start_then_recovers_without_restart(start_daemon: Star
         shutil.rmtree(cluster.state_directory, ignore_errors=True)
 
 
+@pytest.mark.parametrize(("url", "fragments", "accepted"), TRICKY_DATABASE_URLS)
+def test_database_passwords_never_reach_the_log(start_daemon: StartDaemon, url: str,
+                                                fragments: tuple[str, ...], accepted: bool) -> None:
+    daemon = start_daemon(DATABASE_URL=url.format(port=free_port()))
+    if accepted:
+        assert "Connection refused" in daemon.wait_for_log("database unreachable")["msg"]
+        assert daemon.terminate() == 0
+    else:
+        assert daemon.wait_exit() == 78
+        assert "DATABASE_URL=(unparseable DATABASE_URL)" in daemon.output()
+    assert_no_fragment(daemon.output(), fragments)
+
+
 # --- the embedded default -------------------------------------------------------------------
 
 
@@ -165,6 +182,55 @@ def test_orphaned_database_is_adopted_and_stopped(start_daemon: StartDaemon,
     while orphan.running_postmaster() is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert orphan.running_postmaster() is None
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Defunct children of ``pid``, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(parent) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_from_outside(cluster: EmbeddedPostgres, pid: int, how: str) -> None:
+    if how == "pg_ctl":  # as the cluster's owner: pg_ctl refuses root
+        owner = cluster.data_directory.stat().st_uid
+        bindir = find_server_binaries()
+        subprocess.run(["setpriv", f"--reuid={owner}", f"--regid={owner}", "--clear-groups",
+                        str(bindir / "pg_ctl"), "stop", "-m", "fast", "-D",
+                        str(cluster.data_directory)], check=True, capture_output=True, timeout=30)
+    else:
+        os.kill(pid, signal.Signals[how])
+
+
+# (SIGTERM is PostgreSQL's "smart" shutdown: it waits for the daemon's connections to close.)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGQUIT", "pg_ctl"])
+def test_a_database_stopped_from_outside_is_reaped_and_the_daemon_exits(
+        start_daemon: StartDaemon, state_directory: Path, how: str) -> None:
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    daemon.wait_healthy()
+    cluster = EmbeddedPostgres(state_directory)
+    postmaster = cluster.running_postmaster()
+    assert postmaster is not None
+    stop_from_outside(cluster, postmaster, how)
+    fatal = daemon.wait_for_log("the private PostgreSQL exited")
+    assert fatal["level"] == 60 and "stop Director, not its database" in fatal["msg"]
+    if how == "SIGKILL":
+        assert "(killed by SIGKILL)" in fatal["msg"]
+    # Logged once the exit was collected: no defunct postmaster, even while the daemon drains.
+    assert postmaster not in zombie_children(daemon.process.pid)
+    assert daemon.wait_exit() == 1  # systemd's Restart=on-failure starts both afresh
+    assert sum("private PostgreSQL exited" in r.get("msg", "") for r in daemon.records()) == 1
+
+    again = start_daemon(STATE_DIRECTORY=str(state_directory))
+    again.wait_healthy()
+    assert again.terminate() == 0
 
 
 def test_cli_shares_the_running_daemons_database(start_daemon: StartDaemon,
@@ -265,6 +331,84 @@ def test_malformed_http_gets_400_and_changes_nothing(daemon: Daemon) -> None:
     assert daemon.health()[0] == 200
 
 
+#: Requests malformed by the client, as raw bytes ({auth}: an API key header line or nothing;
+#: {playbook}: a playbook of that key's user), with the status anonymous / authenticated.
+MALFORMED_REQUESTS = [
+    # Paths that are not UTF-8 once percent-decoded (Klein logged each one as critical).
+    (b"GET /playbooks/%ff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"POST /playbooks/%ff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/"
+     b"json\r\nContent-Length: 2\r\n\r\n{}", 400, 400),
+    (b"GET /playbooks/%ed%a0%80/sse HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /playbooks/\xff/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/v1/playbooks/%ff/servers HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /%c3%28 HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    # A Host that is not UTF-8 (health is exempt from the Host check), or not ours.
+    (b"GET /api/health HTTP/1.1\r\nHost: \xff\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: \xff\xfe\r\n{auth}\r\n", 403, 403),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: evil.example\r\n{auth}\r\n", 403, 403),
+    # Paths werkzeug would redirect (a doubled slash, a missing trailing slash).
+    (b"GET /playbooks//mcp HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    (b"GET /api/v1//me HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    (b"GET /api/v1 HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 404, 404),
+    # Bad percent-encoding or bytes in the query and in headers.
+    (b"GET /playbooks/{playbook}/mcp?key=%ff HTTP/1.1\r\nHost: localhost\r\n\r\n", 401, 401),
+    (b"GET /playbooks/{playbook}/sse?key=%zz%ff HTTP/1.1\r\nHost: localhost\r\n\r\n", 401, 401),
+    (b"POST /playbooks/{playbook}/message?sessionId=%ff HTTP/1.1\r\nHost: localhost\r\n{auth}"
+     b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 401, 404),
+    (b"GET /api/v1/playbooks?limit=%ff&cursor=%ed%a0%80 HTTP/1.1\r\nHost: localhost\r\n{auth}"
+     b"\r\n", 401, 400),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\xfe\r\n\r\n",
+     401, 401),
+    (b"GET /api/v1/me HTTP/1.1\r\nHost: localhost\r\nCookie: \xff\xfe=\xff\r\n\r\n", 401, 401),
+    (b"GET /playbooks/{playbook}/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Accept: text/event-"
+     b"stream\r\nMcp-Session-Id: \xff\r\n\r\n", 401, 404),
+    (b"POST /playbooks/{playbook}/mcp HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: \xff"
+     b"\r\nContent-Length: 2\r\n\r\n{}", 401, 415),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\nOrigin: \xff\r\n{auth}\r\n", 403, 403),
+    # HTTP syntax and methods.
+    (b"BREW /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 405, 405),
+    (b"\xff\xfe /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/health HTTP/9.9\r\nHost: localhost\r\n{auth}\r\n", 400, 400),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 1, 2\r\n\r\n",
+     400, 400),
+    (b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}X\x00: y\r\n\r\n", 400, 400),
+    (b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n{auth}Transfer-Encoding: gzip\r\n\r\n",
+     400, 400),
+]
+
+
+def raw_status(port: int, raw: bytes) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 "), head
+    return int(head.split()[1])
+
+
+def test_malformed_requests_get_a_precise_4xx_and_are_never_logged_as_errors(
+        daemon: Daemon) -> None:
+    from tests.accounts_helpers import call, eventually, sign_up
+
+    account = sign_up(daemon, "malformed@example.com")
+    _, _, playbook = call(daemon, "POST", "/api/v1/playbooks", {"name": "p"}, key=account.key)
+    first_line = len(daemon.output().splitlines())
+    for raw, anonymous, authenticated in MALFORMED_REQUESTS:
+        for auth, expected in ((b"", anonymous),
+                               (b"X-API-Key: " + account.key.encode() + b"\r\n", authenticated)):
+            sent = raw.replace(b"{auth}", auth).replace(b"{playbook}", playbook["id"].encode())
+            assert raw_status(daemon.port, sent) == expected, sent
+    # A last request whose access line, once written, says every earlier line is there too.
+    trace = "0123456789abcdef0123456789abcdef"
+    daemon.request("GET", "/api/health", headers={"traceparent": f"00-{trace}-0123456789abcdef-01"})
+    eventually(lambda: any(r.get("trace_id") == trace for r in daemon.records()))
+    lines = daemon.output().splitlines()[first_line:]
+    assert not [line for line in lines if "Traceback" in line]
+    records = [json.loads(line) for line in lines]
+    assert [r["msg"] for r in records if r["level"] >= 40] == []
+    # At most one line each, at info (the access line).
+    assert sum(r["level"] >= 30 for r in records) <= 2 * len(MALFORMED_REQUESTS) + 1
+
+
 def test_foreign_host_is_refused_but_health_answers_any_host(daemon: Daemon) -> None:
     status, _, body = daemon.request("GET", "/anything", headers={"host": "evil.example"})
     assert status == 403
@@ -348,6 +492,204 @@ def test_request_log_lines_redact_api_keys(daemon: Daemon) -> None:
     assert "dk_secretvalue" not in daemon.output()
 
 
+# --- slow clients: deadlines and the per-address cap ----------------------------------------
+
+
+SLOW = {"REQUEST_HEADER_TIMEOUT_SECONDS": "1", "REQUEST_BODY_TIMEOUT_SECONDS": "1",
+        "IDLE_CONNECTION_TIMEOUT_SECONDS": "60"}
+
+
+@pytest.fixture
+def slow_daemon(start_daemon: StartDaemon, migrated_url: str) -> Daemon:
+    started = start_daemon(DATABASE_URL=migrated_url, **SLOW)
+    started.wait_healthy()
+    return started
+
+
+def trickle(port: int, parts: list[bytes], pause: float) -> tuple[int, bytes]:
+    """Send ``parts`` ``pause`` seconds apart (each far inside the idle timeout) until the
+    server answers or closes; (how many parts were sent, what came back)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for sent, part in enumerate(parts):
+            readable, _, _ = select.select([sock], [], [], pause)
+            if readable:
+                return sent, read_until_closed(sock)
+            try:
+                sock.sendall(part)
+            except OSError:  # closed under us
+                return sent, read_until_closed(sock)
+        return len(parts), read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything until the server closes (a timeout of the socket's own is an error)."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_head_trickled_line_by_line_is_cut_at_its_deadline(slow_daemon: Daemon) -> None:
+    head = [b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n"]
+    head += [f"X-Line-{n}: trickled\r\n".encode() for n in range(40)] + [b"\r\n"]
+    sent, reply = trickle(slow_daemon.port, head, pause=0.25)
+    assert sent < len(head), "the whole head was accepted, ten seconds late"
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    line = slow_daemon.wait_for_log("408 request head not received within 1 s")
+    assert line["level"] == 30 and line["path"] == "/api/health"
+    assert slow_daemon.health()[0] == 200
+
+
+def test_a_body_trickled_byte_by_byte_is_cut_at_its_deadline(slow_daemon: Daemon) -> None:
+    head = (b"POST /api/v1/auth/login HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n")
+    body = [bytes([byte]) for byte in json.dumps({"email": "a@example.com", "password": "x" * 20})
+            .ljust(60).encode()]
+    sent, reply = trickle(slow_daemon.port, [head, *body], pause=0.1)
+    assert sent < 1 + len(body)
+    assert reply.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert "408 request body not received" in slow_daemon.wait_for_log(
+        "POST /api/v1/auth/login 408")["msg"]
+
+
+def test_a_slow_but_complete_request_is_answered(slow_daemon: Daemon) -> None:
+    # Head in three pieces and body in two, each part well inside its own deadline.
+    body = b'{"email": "nobody@example.com", "password": "wrong password"}'
+    parts = [b"POST /api/v1/auth/login HTTP/1.1\r\nHost: local",
+             b"host\r\nContent-Type: application/json\r\nConnection: close\r\n",
+             f"Content-Length: {len(body)}\r\n\r\n".encode(), body[:20], body[20:]]
+    sent, reply = trickle(slow_daemon.port, parts, pause=0.3)
+    assert sent == len(parts)
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:100]
+
+
+def test_an_idle_keep_alive_connection_is_closed(start_daemon: StartDaemon,
+                                                 migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, IDLE_CONNECTION_TIMEOUT_SECONDS="1")
+    daemon.wait_healthy()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        reply = read_until_closed(sock)  # the answer, then the close
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b'{"status": "ok"}\r\n0\r\n\r\n')
+
+
+def open_sse(port: int, playbook: str, key: str) -> tuple[socket.socket, str]:
+    """A legacy ``/sse`` stream over a raw socket, and its message endpoint."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /playbooks/{playbook}/sse HTTP/1.1\r\nHost: localhost\r\n"
+                 f"X-API-Key: {key}\r\nAccept: text/event-stream\r\n\r\n".encode())
+    received = b""
+    marker = b"event: endpoint\ndata: "
+    while marker not in received or b"\n\n" not in received.split(marker, 1)[1]:
+        received += sock.recv(65536)
+    endpoint = received.split(marker, 1)[1].split(b"\n", 1)[0]
+    return sock, endpoint.decode()
+
+
+def assert_stream_alive(daemon: Daemon, sock: socket.socket, endpoint: str, key: str) -> None:
+    """A ping posted to the session is answered on its stream."""
+    status, _, _ = daemon.request("POST", endpoint, json.dumps(
+        {"jsonrpc": "2.0", "id": 7, "method": "ping"}).encode(),
+        {"content-type": "application/json", "x-api-key": key})
+    assert status == 202
+    received = b""
+    while b'"id":7' not in received:
+        chunk = sock.recv(65536)
+        assert chunk, "the stream was closed"
+        received += chunk
+
+
+@pytest.fixture
+def owner(slow_daemon: Daemon) -> tuple[str, str]:
+    """(API key, playbook id) of a user of ``slow_daemon``."""
+    from tests.accounts_helpers import call, sign_up
+
+    account = sign_up(slow_daemon, "streams@example.com")
+    _, _, playbook = call(slow_daemon, "POST", "/api/v1/playbooks", {"name": "p"},
+                          key=account.key)
+    return account.key, playbook["id"]
+
+
+def test_an_established_stream_outlives_both_deadlines(slow_daemon: Daemon,
+                                                       owner: tuple[str, str]) -> None:
+    key, playbook = owner
+    sock, endpoint = open_sse(slow_daemon.port, playbook, key)
+    with sock:
+        # Both deadlines (1 s each) pass several times over while the stream is held.
+        readable, _, _ = select.select([sock], [], [], 3)
+        assert not readable or sock.recv(65536, socket.MSG_PEEK), "the stream was closed"
+        assert_stream_alive(slow_daemon, sock, endpoint, key)
+
+
+def test_the_connection_cap_refuses_the_next_half_open_connection(
+        start_daemon: StartDaemon, migrated_url: str) -> None:
+    daemon = start_daemon(DATABASE_URL=migrated_url, MAX_CONNECTIONS_PER_ADDRESS="4")
+    daemon.wait_healthy()
+    half_open = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+                 for _ in range(4)]
+    for sock in half_open:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: local")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as refused:
+        refused.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert read_until_closed(refused) == b"", "a fifth connection was served"
+    line = daemon.wait_for_log("refused 1 connection(s) from 127.0.0.1")
+    assert line["level"] == 30 and "MAX_CONNECTIONS_PER_ADDRESS=4" in line["msg"]
+    for sock in half_open:  # the first four were kept, and are answered
+        with sock:
+            sock.sendall(b"host\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+    assert daemon.health()[0] == 200  # their slots are free again
+
+
+def test_a_trusted_proxy_is_not_capped(start_daemon: StartDaemon, migrated_url: str) -> None:
+    """A proxy speaks for all its clients at once: its address is exempt from the cap."""
+    daemon = start_daemon(DATABASE_URL=migrated_url, MAX_CONNECTIONS_PER_ADDRESS="2",
+                          TRUSTED_PROXIES="127.0.0.1")
+    daemon.wait_healthy()
+    half_open = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+                 for _ in range(5)]
+    try:
+        for sock in half_open:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: local")
+        for sock in half_open:
+            sock.sendall(b"host\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in half_open:
+            sock.close()
+    assert "refused" not in daemon.output()
+
+
+def test_the_cap_counts_ipv4_addresses_and_ipv6_blocks() -> None:
+    from director.web.edge import address_key
+
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"  # a dual-stack listener's IPv4 peer
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+
+
+def test_streams_do_not_count_against_the_cap(start_daemon: StartDaemon,
+                                              migrated_url: str) -> None:
+    from tests.accounts_helpers import call, sign_up
+
+    daemon = start_daemon(DATABASE_URL=migrated_url, MAX_CONNECTIONS_PER_ADDRESS="2")
+    daemon.wait_healthy()
+    account = sign_up(daemon, "capped@example.com")
+    _, _, playbook = call(daemon, "POST", "/api/v1/playbooks", {"name": "p"}, key=account.key)
+    streams = [open_sse(daemon.port, playbook["id"], account.key) for _ in range(5)]
+    try:
+        assert daemon.health()[0] == 200  # five streams held, and still room for requests
+        for sock, endpoint in streams:
+            assert_stream_alive(daemon, sock, endpoint, account.key)
+    finally:
+        for sock, _ in streams:
+            sock.close()
+
+
 # --- lifecycle: systemd and signals ---------------------------------------------------------
 
 
@@ -364,11 +706,40 @@ def receive_all(sock: socket.socket, until: Callable[[list[str]], bool],
     return messages
 
 
-def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrated_url: str) -> None:
+@contextlib.contextmanager
+def notify_socket() -> Iterator[tuple[str, socket.socket]]:
+    """A datagram socket standing in for systemd's ``NOTIFY_SOCKET``."""
     directory = make_temp_dir("director-test-notify-")
     path = str(directory / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            yield path, sock
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def port_in_use() -> Iterator[int]:
+    """A loopback port another process (here: the test) already listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def assert_exits_unready(daemon: Daemon, sock: socket.socket, fragment: str) -> None:
+    """The start failed: FATAL naming the listener, exit 1 (systemd retries a port in use,
+    which may be the previous instance still draining), and never ``READY=1``."""
+    assert daemon.wait_exit(timeout=15) == 1
+    fatal = daemon.wait_for_log("FATAL: cannot listen")
+    assert fatal["level"] == 60 and fragment in fatal["msg"]
+    sent = receive_all(sock, lambda m: any("STOPPING=1" in x for x in m), timeout=2)
+    assert not any("READY=1" in message for message in sent), sent
+
+
+def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrated_url: str) -> None:
+    with notify_socket() as (path, sock):
         daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
                               WATCHDOG_USEC="200000")
         messages = receive_all(sock, lambda m: sum("WATCHDOG=1" in x for x in m) >= 3)
@@ -379,7 +750,45 @@ def test_sd_notify_ready_watchdog_and_stopping(start_daemon: StartDaemon, migrat
         messages = receive_all(sock, lambda m: any("STOPPING=1" in x for x in m))
         assert any("STOPPING=1" in m for m in messages)
         assert daemon.wait_exit() == 0
-    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("listener", ["PORT", "METRICS_LISTEN"])
+def test_a_start_that_cannot_listen_exits_without_ready(start_daemon: StartDaemon,
+                                                        migrated_url: str, listener: str) -> None:
+    with port_in_use() as busy, notify_socket() as (path, sock):
+        if listener == "PORT":
+            daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
+                                  HOST="127.0.0.1", PORT=str(busy))
+            assert_exits_unready(daemon, sock, f"tcp:{busy}:interface=127.0.0.1")
+        else:
+            daemon = start_daemon(DATABASE_URL=migrated_url, NOTIFY_SOCKET=path,
+                                  METRICS_LISTEN=f"127.0.0.1:{busy}")
+            assert_exits_unready(daemon, sock, f"METRICS_LISTEN=127.0.0.1:{busy}")
+            with pytest.raises(OSError):  # the HTTP port it did open is closed again
+                socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+
+
+def test_an_embedded_start_that_cannot_listen_leaves_no_cluster(start_daemon: StartDaemon,
+                                                                state_directory: Path) -> None:
+    with port_in_use() as busy, notify_socket() as (path, sock):
+        daemon = start_daemon(STATE_DIRECTORY=str(state_directory), NOTIFY_SOCKET=path,
+                              HOST="127.0.0.1", PORT=str(busy))
+        assert_exits_unready(daemon, sock, f"tcp:{busy}")
+    assert EmbeddedPostgres(state_directory).running_postmaster() is None
+
+
+def test_an_embedded_start_that_fails_stops_its_cluster(start_daemon: StartDaemon,
+                                                       state_directory: Path) -> None:
+    cluster = EmbeddedPostgres(state_directory)
+    cluster.start()
+    query(cluster.url(), "CREATE TABLE director_schema (version integer PRIMARY KEY, name text)")
+    query(cluster.url(), "INSERT INTO director_schema VALUES (999, 'future')")
+    cluster.stop()
+    daemon = start_daemon(STATE_DIRECTORY=str(state_directory))
+    assert daemon.wait_exit() != 0
+    assert "newer than this Director knows" in daemon.wait_for_log("FATAL")["msg"]
+    assert "started" in daemon.wait_for_log("private PostgreSQL")["msg"]
+    assert cluster.running_postmaster() is None, "the failed start left its cluster running"
 
 
 def test_sigterm_drains_in_flight_streams_within_the_timeout(start_daemon: StartDaemon,

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from director import __version__
-from director.config import ConfigError, Settings, load_settings, read_env_file
+from director.config import (
+    ConfigError,
+    Settings,
+    database_target,
+    load_settings,
+    read_env_file,
+)
 
 DEFAULT_ENV_FILE = "/etc/director/director.env"
 EX_CONFIG = 78
@@ -110,8 +116,8 @@ def cmd_config_check(arguments: argparse.Namespace) -> int:
     settings = settings_from(arguments)
     summary = {
         "environment": settings.environment,
-        "database": "external" if settings.database_url else
-        f"embedded in {settings.state_directory}/postgres",
+        "database": f"external ({database_target(settings.database_url)})"
+        if settings.database_url else f"embedded in {settings.state_directory}/postgres",
         "listen": f"{settings.host}:{settings.port}",
         "base_url": settings.base_url,
         "dangerous_flags": [name for name, on in (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pwd
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,10 @@ class Settings:
     log_level: str = "info"
     state_directory: str = ""
     max_request_body_bytes: int = 4 * 1024 * 1024
+    request_header_timeout_seconds: float = 10.0
+    request_body_timeout_seconds: float = 30.0
+    idle_connection_timeout_seconds: float = 75.0
+    max_connections_per_address: int = 64  # 0: no cap
     shutdown_timeout_seconds: float = 10.0
     database_pool_size: int = 4
     mcp_session_idle_seconds: float = 1800.0
@@ -130,6 +135,16 @@ def _positive_int(raw: str) -> int:
         raise _Invalid("is not a whole number", "use a whole number greater than 0") from None
     if value <= 0:
         raise _Invalid("must be greater than 0", "use a whole number greater than 0")
+    return value
+
+
+def _count_or_zero(raw: str) -> int:
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise _Invalid("is not a whole number", "use a whole number (0 turns it off)") from None
+    if value < 0:
+        raise _Invalid("is negative", "use a whole number (0 turns it off)")
     return value
 
 
@@ -177,26 +192,87 @@ def _http_url(raw: str) -> str:
 
 def _database_url(raw: str) -> str:
     value = raw.strip()
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgres", "postgresql"):
+    scheme, separator, _ = value.partition("://")
+    if not separator or scheme.lower() not in ("postgres", "postgresql"):
         raise _Invalid(
             "is not a PostgreSQL URL",
             "use postgres://user:password@host:5432/dbname, or unset it for the embedded database",
         )
-    try:
-        parts.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError:
-        raise _Invalid("has an invalid port", "use a port number such as 5432") from None
+    reading = _libpq_reading(value)
+    if _misread(value, reading):
+        raise _Invalid(
+            "holds an unencoded @ or / (in the password?): libpq would read part of it as the "
+            "host, port or database name",
+            "percent-encode the user name's and password's special characters "
+            "(@ %40, / %2F, : %3A, # %23, ? %3F, % %25)",
+        )
+    if not _ports_valid(reading):
+        raise _Invalid("has an invalid port", "use a port number such as 5432")
+    return value
+
+
+#: Shown instead of a database URL that libpq cannot read, or reads as something not meant.
+UNPARSEABLE_DATABASE_URL = "(unparseable DATABASE_URL)"
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _unquoted(quoted: re.Match[str]) -> str:
+    """A quote from libpq's message, unless it may be part of a secret (one punctuation mark,
+    such as the ``"="`` it expected, is kept)."""
+    text = quoted[1]
+    return quoted[0] if len(text) == 1 and not text.isalnum() else '"…"'
+
+
+def _libpq_reading(dsn: str) -> dict[str, str]:
+    """The DSN's parameters as libpq itself reads them. Its error messages quote the text they
+    stumbled on (which may be the password), so the quotes are left out of the problem."""
     from psycopg2.extensions import parse_dsn
 
     try:
-        parse_dsn(value)
+        return dict(parse_dsn(dsn))
     except Exception as error:  # psycopg2.ProgrammingError, but keep the import local
-        raise _Invalid(
-            f"cannot be parsed ({str(error).strip()})",
-            "use postgres://user:password@host:5432/dbname",
-        ) from None
-    return value
+        reason = _QUOTED.sub(_unquoted, " ".join(str(error).split()))
+        reason = reason.removeprefix("invalid dsn: ")
+        raise _Invalid(f"cannot be parsed ({reason})",
+                       "use postgres://user:password@host:5432/dbname") from None
+
+
+def _misread(dsn: str, reading: Mapping[str, str]) -> bool:
+    """True when libpq's reading of a URL cannot be what was meant: an unencoded ``@`` or ``/``
+    in the password moves part of it into the host, the port or the database name."""
+    if "://" not in dsn:
+        return False
+    return any("@" in reading.get(key, "") for key in ("host", "port", "dbname")) or \
+        "/" in reading.get("dbname", "")
+
+
+def _ports_valid(reading: Mapping[str, str]) -> bool:
+    """Every port libpq read (one per host) is empty (the default) or a TCP port number."""
+    ports = [port.strip() for port in reading.get("port", "").split(",")]
+    return all(not port or (port.isdigit() and 0 < int(port) < 65536) for port in ports)
+
+
+def database_target(dsn: str) -> str:
+    """Where a DSN or database URL connects, fit for any message: the user, host, port and
+    database as libpq reads them and nothing else (never the password, nor any other
+    parameter), or ``(unparseable DATABASE_URL)``."""
+    try:
+        reading = _libpq_reading(dsn)
+    except _Invalid:
+        return UNPARSEABLE_DATABASE_URL
+    if _misread(dsn, reading) or not _ports_valid(reading):
+        return UNPARSEABLE_DATABASE_URL
+    user = reading.get("user") or "(default user)"
+    host = reading.get("host") or reading.get("hostaddr") or "the default socket"
+    database = reading.get("dbname") or reading.get("user") or "(default database)"
+    return f"{user} at {host} port {reading.get('port') or 5432}, database {database}"
+
+
+def _shown_database_url(raw: str) -> str:
+    target = database_target(raw)
+    return target if target == UNPARSEABLE_DATABASE_URL else f"({target})"
 
 
 def _secret(raw: str) -> str:
@@ -358,7 +434,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TRUSTED_PROXIES", "",
              "Comma-separated addresses or networks of proxies (e.g. 127.0.0.1 for a local "
              "nginx) whose X-Forwarded-For names the client's address, for the sign-up limit, "
-             "login throttling and session records. Empty: the peer's address.",
+             "login throttling and session records; they are also exempt from "
+             "MAX_CONNECTIONS_PER_ADDRESS. Empty: the peer's address.",
              _network_list, "trusted_proxies"),
     Variable("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "false",
              "Allow users to add stdio servers (arbitrary command execution). Refused in "
@@ -388,6 +465,26 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MAX_REQUEST_BODY_BYTES", "4194304",
              "Largest request body accepted; larger ones get 413.", _positive_int,
              "max_request_body_bytes"),
+    Variable("REQUEST_HEADER_TIMEOUT_SECONDS", "10",
+             "A request's line and headers must arrive within this many seconds of its first "
+             "byte (of the connection, for its first request), however they trickle in; "
+             "otherwise 408 and the connection is closed.", _positive_float,
+             "request_header_timeout_seconds"),
+    Variable("REQUEST_BODY_TIMEOUT_SECONDS", "30",
+             "A request's body must arrive within this many seconds of the end of its headers "
+             "(so the largest body, MAX_REQUEST_BODY_BYTES, needs MAX_REQUEST_BODY_BYTES / this "
+             "bytes per second: 140 kB/s by default); otherwise 408 and the connection is "
+             "closed.", _positive_float, "request_body_timeout_seconds"),
+    Variable("IDLE_CONNECTION_TIMEOUT_SECONDS", "75",
+             "A kept-alive connection with no request for this long is closed. Keep it above "
+             "the keep-alive timeout of a proxy or load balancer in front (nginx: 60 s).",
+             _positive_float, "idle_connection_timeout_seconds"),
+    Variable("MAX_CONNECTIONS_PER_ADDRESS", "64",
+             "Connections one client address (IPv6: one /64) may hold open at once, not "
+             "counting those that became event streams; past it new ones are closed at once. "
+             "Addresses in TRUSTED_PROXIES are not capped: a proxy speaks for all its clients "
+             "(limit them in the proxy, nginx: limit_conn). 0: no cap.",
+             _count_or_zero, "max_connections_per_address"),
     Variable("SHUTDOWN_TIMEOUT_SECONDS", "10",
              "How long a stop may drain streams and children before they are cut.",
              _positive_float, "shutdown_timeout_seconds"),
@@ -407,15 +504,6 @@ VARIABLES: tuple[Variable, ...] = (
              "Allow METRICS_LISTEN on a non-loopback address (metrics are unauthenticated).",
              _boolean, "metrics_allow_public"),
 )
-
-
-def _without_password(url: str) -> str:
-    """A database URL fit for an error message: any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 def origin_of(url: str) -> str:
@@ -475,7 +563,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             values[variable.field] = variable.parse(raw)
         except _Invalid as invalid:
             shown = ("(hidden)" if variable.name == "BETTER_AUTH_SECRET"
-                     else repr(_without_password(raw)) if variable.name == "DATABASE_URL"
+                     else _shown_database_url(raw) if variable.name == "DATABASE_URL"
                      else repr(raw))
             problems.append(
                 f"{variable.name}={shown} {invalid.problem}; {invalid.fix}"

@@ -53,6 +53,7 @@ from director.config import (
     VARIABLES,
     ConfigError,
     Settings,
+    database_target,
     load_settings,
     read_env_file,
 )
@@ -221,7 +222,8 @@ def check_configuration(environ: Mapping[str, str]) -> tuple[Settings | None, Re
             "configuration", FAIL, f"{len(error.problems)} problem(s)",
             "fix each line (the daemon refuses to start with exit 78 until then)",
             tuple(error.problems))
-    database = ("external DATABASE_URL" if settings.database_url
+    database = (f"external DATABASE_URL ({database_target(settings.database_url)})"
+                if settings.database_url
                 else f"private cluster in {settings.state_directory}/postgres")
     details = [f"NODE_ENV={settings.environment}", f"database: {database}",
                f"listen: {settings.host}:{settings.port}", f"BASE_URL={settings.base_url}"]
@@ -340,19 +342,6 @@ def _scalar(connection: Any, sql: str, *args: Any) -> Any:
         return cursor.fetchone()[0]
 
 
-def _target(dsn: str) -> str:
-    """Where libpq will connect: user, host and port, never the password (a URL whose password
-    holds an unencoded ``@`` or ``/`` is misparsed, so nothing is cut out of the raw text)."""
-    from psycopg2.extensions import parse_dsn
-
-    try:
-        parts = parse_dsn(dsn)
-    except Exception:
-        return "(DATABASE_URL cannot be parsed)"
-    host = parts.get("host") or "the default socket"
-    return f"{parts.get('user') or '(default user)'} at {host} port {parts.get('port') or 5432}"
-
-
 def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
     name = "database"
     try:
@@ -365,12 +354,8 @@ def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
                    "PostgreSQL runs and listens on that address (listen_addresses, pg_hba.conf), "
                    "and firewalls between this host and it; `pg_isready -d \"$DATABASE_URL\"` "
                    "says whether the server answers at all (it does not check the password)")
-        if dsn.partition("://")[2].split("/", 1)[0].count("@") > 1 or "@" in \
-                dsn.partition("://")[2].split("/", 1)[-1].split("?", 1)[0]:
-            fix = ("DATABASE_URL has more than one @: percent-encode the password's special "
-                   "characters (@ %40, / %2F, : %3A, # %23, ? %3F, % %25); " + fix)
-        return Result(name, FAIL, f"cannot connect as {_target(dsn)}: {_one_line(error)}",
-                      fix), None
+        return Result(name, FAIL,
+                      f"cannot connect as {database_target(dsn)}: {_one_line(error)}", fix), None
     try:
         version = int(_scalar(connection, "SHOW server_version_num"))
         database = _scalar(connection, "SELECT current_database()")

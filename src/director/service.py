@@ -2,8 +2,10 @@
 
 Start order, and why:
 
-1. the HTTP port listens at once (``READY=1`` follows), so load balancers get an honest 503
-   with a reason instead of a refused connection while the database is still coming up;
+1. the HTTP port (and ``METRICS_LISTEN``) listens at once (``READY=1`` follows), so load
+   balancers get an honest 503 with a reason instead of a refused connection while the database
+   is still coming up; a port in use ends the start before ``READY=1`` with exit status 1 (a
+   restart may find it free: the holder can be the previous instance, still draining);
 2. the database: the private cluster is started when ``DATABASE_URL`` is unset; an external
    one is retried until it answers (``database unreachable … retrying`` is logged once);
 3. the schema: migrated automatically for the embedded database, only *checked* for an external
@@ -38,7 +40,7 @@ from director.config import Settings
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
-from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
+from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres, ExitWatch
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
 from director.mcp.upstream.connect import CheckedEndpoints
@@ -81,6 +83,8 @@ class DirectorService(MultiService):
         )
         self.auth_secret = state.auth_secret(settings)
         self.embedded: EmbeddedPostgres | None = None
+        self.postmaster_watch: ExitWatch | None = None
+        self.database_lost: str | None = None  # the private cluster ended under us
         if settings.embedded_database:
             self.embedded = EmbeddedPostgres(Path(settings.state_directory))
         dsn = settings.database_url if self.embedded is None else self.embedded.dsn()
@@ -135,6 +139,8 @@ class DirectorService(MultiService):
     # --- health ------------------------------------------------------------------------
 
     async def health_reason(self) -> str | None:
+        if self.database_lost is not None:
+            return f"database: {self.database_lost}"
         if self.stopping:
             return "shutting down"
         if not self.schema_ready or not self.accounts.loaded or not self.playbooks.loaded:
@@ -155,6 +161,9 @@ class DirectorService(MultiService):
     async def _start(self) -> None:
         await self._listen()
         await self._listen_metrics()
+        # Only once every listener is up: a start that cannot listen must never look ready.
+        systemd.notify(f"READY=1\nSTATUS=listening on port {self.listening_port()}, "
+                       f"connecting to the database\nMAINPID={os.getpid()}")
         dsn = await self._database_dsn()
         await self._check_schema(dsn)
         self.database.start()
@@ -186,11 +195,12 @@ class DirectorService(MultiService):
                 f"cannot listen on {self.listen_description}: {error}; is another process "
                 "using the port? Set PORT to a free one"
             ) from error
-        bound = self.port.getHost()
-        log.info("director gateway running on port {port}", port=getattr(bound, "port", bound),
+        log.info("director gateway running on port {port}", port=self.listening_port(),
                  version=__version__)
-        systemd.notify(f"READY=1\nSTATUS=listening on port {getattr(bound, 'port', bound)}, "
-                       f"connecting to the database\nMAINPID={os.getpid()}")
+
+    def listening_port(self) -> Any:
+        bound = self.port.getHost()
+        return getattr(bound, "port", bound)
 
     async def _listen_metrics(self) -> None:
         """``/metrics`` on a listener of its own, before the database: it matters most when
@@ -222,6 +232,7 @@ class DirectorService(MultiService):
                          path=str(embedded.data_directory))
             # Launched from the reactor thread: the parent-death signal is tied to it.
             outcome = embedded.launch()
+            self._watch_postmaster(embedded)
             while not embedded.poll_ready():
                 await task.deferLater(self.reactor, 0.02, lambda: None)
             await threads.deferToThread(embedded.ensure_database)
@@ -230,6 +241,26 @@ class DirectorService(MultiService):
         log.info("private PostgreSQL {outcome} in {path}", outcome=outcome,
                  path=str(embedded.root))
         return embedded.dsn()
+
+    def _watch_postmaster(self, embedded: EmbeddedPostgres) -> None:
+        pid = embedded.owned_postmaster()
+        if pid is not None:
+            self.postmaster_watch = ExitWatch(self.reactor, pid, self._postmaster_exited)
+
+    def _postmaster_exited(self) -> None:
+        """The private cluster ended without us (``pg_ctl stop``, a signal, a crash).
+
+        The daemon exits (status 1) rather than restart it: the private cluster exists only
+        for the daemon, so stopping it alone is a mistake or a crash, and a restart of the
+        whole service (systemd's ``Restart=on-failure``) starts both afresh, through the one
+        start path that is tested, instead of a second one that would have to re-adopt,
+        re-migrate and race the old backends still exiting."""
+        if self.stopping or self.embedded is None:
+            return
+        self.database_lost = f"the private PostgreSQL exited ({self.embedded.reap()})"
+        self._exit(f"{self.database_lost}; it was stopped from outside or crashed (see "
+                   f"{self.embedded.log_file}). Exiting, so that the service manager restarts "
+                   "Director and its database together; stop Director, not its database", 1)
 
     async def _check_schema(self, dsn: str) -> None:
         reported = False
@@ -267,19 +298,32 @@ class DirectorService(MultiService):
             await task.deferLater(self.reactor, 0.01, lambda: None)
 
     def _fatal(self, failure: Any) -> None:
-        if self.stopping:
+        if self.stopping or self.exit_code:
             return
         if failure.check(FatalStartupError):
-            log.critical("FATAL: {reason}", reason=str(failure.value))
-            self.exit_code = failure.value.exit_code
+            self._exit(str(failure.value), failure.value.exit_code)
         elif failure.check(SecretUnreadable):  # only the operator can fix this: no restarts
-            log.critical("FATAL: SecretUnreadable: {reason}", reason=str(failure.value))
-            self.exit_code = EX_CONFIG
+            self._exit(f"SecretUnreadable: {failure.value}", EX_CONFIG)
         else:
             log.failure("FATAL: unexpected error while starting", failure)
-            self.exit_code = 1
+            self._exit(None, 1)
+
+    def _exit(self, reason: str | None, code: int) -> None:
+        """Log ``FATAL: reason`` (once: nothing else is reported as fatal after it), stop
+        everything the usual way, then exit with ``code``."""
+        if self.exit_code:
+            return
+        if reason is not None:
+            log.critical("FATAL: {reason}", reason=reason)
+        self.exit_code = code
         exit_after_shutdown(self.reactor, self.exit_code)
-        self.reactor.stop()
+        # twistd starts the service tree before the reactor runs: a listener that fails at once
+        # fails here, synchronously, when ``reactor.stop()`` would raise ReactorNotRunning and
+        # leave the process serving nothing for ever.
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     # --- stop --------------------------------------------------------------------------
 
@@ -301,6 +345,8 @@ class DirectorService(MultiService):
         await self.http_pool.closeCachedConnections()
         self.rate_limiter.stop()
         self.database.stop()
+        if self.postmaster_watch is not None:
+            self.postmaster_watch.stop()
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop, self.settings.shutdown_timeout_seconds)
         log.info("stopped")

@@ -9,7 +9,8 @@ synchronous; the daemon runs the slow parts (initdb, waiting) in a thread. The p
 started from the calling thread with ``PR_SET_PDEATHSIG`` so that it receives SIGINT (fast
 shutdown) when the process that started it dies, even by SIGKILL. An *owner* file records which
 process started the cluster: a live owner means "shared, leave it running when done"; a dead
-owner means "orphan, adopt it".
+owner means "orphan, adopt it". A postmaster that ends while the daemon runs (stopped or killed
+from outside) is noticed by ``ExitWatch`` and reaped (``reap``): no defunct child is left.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
 
 DATABASE_NAME = "director"
 ROLE_NAME = "director"
@@ -214,6 +219,8 @@ class EmbeddedPostgres:
             lines = (self.data_directory / "postmaster.pid").read_text().splitlines()
         except OSError:
             return False
+        if self._process is not None and lines[:1] != [str(self._process.pid)]:
+            return False  # a stale file, left by a postmaster that was killed (SIGKILL)
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
     def _owner_alive(self) -> bool:
@@ -310,14 +317,33 @@ class EmbeddedPostgres:
         self.ensure_database()
         return outcome
 
+    def owned_postmaster(self) -> int | None:
+        """The pid of the postmaster this process started or adopted (a shared one is watched
+        by its owner), while it runs."""
+        if not self._owns_server:
+            return None
+        if self._process is not None:
+            return self._process.pid if self._process.poll() is None else None
+        return self.running_postmaster()
+
+    def reap(self) -> str:
+        """Collect the exit of a postmaster that ended without us (so that no zombie is left)
+        and say how it ended."""
+        if self._process is None:
+            return "it was adopted, its exit status is unknown"
+        status = self._process.wait()
+        if status < 0:
+            return f"killed by {signal.Signals(-status).name}"
+        return f"exit status {status}"
+
     def stop(self, timeout: float = 10.0) -> None:
         """Fast shutdown (SIGINT) of a server we own; SIGQUIT when it overstays ``timeout``."""
         if not self._owns_server:
             return
-        pid = self.running_postmaster()
-        if self._process is not None:
-            pid = self._process.pid
+        # Never a pid that was already reaped: the kernel may have given it to another process.
+        pid = self.owned_postmaster()
         if pid is None:
+            self._disown()
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGINT)
@@ -334,7 +360,51 @@ class EmbeddedPostgres:
                 os.kill(pid, signal.SIGQUIT)
             if self._process is not None:
                 self._process.wait(5)
+        self._disown()
+
+    def _disown(self) -> None:
         with contextlib.suppress(OSError):
             self.owner_file.unlink()
         self._owns_server = False
         self._process = None
+
+
+@implementer(IReadDescriptor)
+class ExitWatch:
+    """Calls ``on_exit()`` once when process ``pid`` ends, from the reactor.
+
+    A Linux pidfd turns readable when the process exits, whether or not it is our child, so an
+    adopted postmaster is watched the same way and nothing polls. The caller reaps a child of
+    its own (``EmbeddedPostgres.reap``): Twisted's SIGCHLD handling only reaps the processes
+    Twisted itself spawned."""
+
+    def __init__(self, reactor: Any, pid: int, on_exit: Callable[[], object]) -> None:
+        self.reactor = reactor
+        self.on_exit = on_exit
+        self.fd: int | None = None
+        try:
+            self.fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already
+            reactor.callLater(0, on_exit)
+            return
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return -1 if self.fd is None else self.fd
+
+    def doRead(self) -> None:
+        self.stop()
+        self.on_exit()
+
+    def stop(self) -> None:
+        """Stop watching (before stopping the process on purpose)."""
+        if self.fd is not None:
+            self.reactor.removeReader(self)
+            os.close(self.fd)
+            self.fd = None
+
+    def connectionLost(self, reason: object) -> None:
+        self.stop()
+
+    def logPrefix(self) -> str:
+        return "ExitWatch"

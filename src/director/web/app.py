@@ -13,7 +13,7 @@ from klein import Klein
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from director.web.errors import install_error_handlers, write_json
+from director.web.errors import ApiError, install_error_handlers, write_error, write_json
 
 #: Returns None when healthy, else the reason shown with 503.
 HealthCheck = Callable[[], Awaitable[str | None]]
@@ -48,12 +48,28 @@ class DirectorApp:
         return _PlaybooksShortcut(self.app.resource(), self.mcp.resource())
 
 
+def undecodable_url(request: Request) -> str | None:
+    """What makes a request's URL unroutable, or None.
+
+    Routing (Klein, werkzeug) works on text: a path that is not UTF-8 once percent-decoded
+    (``/playbooks/%ff/mcp``, a lone surrogate ``%ed%a0%80``), or a Host that is not UTF-8, is
+    refused by Klein with a critical-level traceback per request, a free log flood. It is the
+    client's mistake, answered here with a precise 400 and only the access-log line."""
+    path = b"/".join([*(request.prepath or []), *(request.postpath or [])])
+    for what, value in (("path", path), ("Host header", request.getRequestHostname())):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"the {what} is not UTF-8 (after percent-decoding)"
+    return None
+
+
 class _PlaybooksShortcut(Resource):
-    """Hands ``/playbooks/…`` to the MCP routes' resource exactly as the ``/playbooks/``
-    branch route above would (one path segment moved to ``prepath``), without a first Klein
-    dispatch: a URL map match, a Deferred chain and two ``notifyFinish`` Deferreds per request
-    (which an open stream would hold for its whole life). Paths the branch route would not
-    hand over as they are (``//``, which it redirects; non-UTF-8, which it refuses) still go
+    """Refuses URLs that cannot be routed (``undecodable_url``), then hands ``/playbooks/…`` to
+    the MCP routes' resource exactly as the ``/playbooks/`` branch route above would (one path
+    segment moved to ``prepath``), without a first Klein dispatch: a URL map match, a Deferred
+    chain and two ``notifyFinish`` Deferreds per request (which an open stream would hold for
+    its whole life). Paths the branch route would not hand over as they are (``//``) still go
     through it."""
 
     isLeaf = True
@@ -64,17 +80,14 @@ class _PlaybooksShortcut(Resource):
         self.mcp = mcp
 
     def render(self, request: Request) -> Any:
+        problem = undecodable_url(request)
+        if problem is not None:
+            return write_error(request, ApiError(problem, code="bad_request"))
         postpath = request.postpath
         if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
-                and not request.prepath:
-            joined = b"/".join(postpath)
-            if b"//" not in joined:
-                try:
-                    joined.decode("utf-8")
-                except UnicodeDecodeError:
-                    return self.application.render(request)
-                assert request.prepath is not None
-                request.prepath.append(b"playbooks")
-                request.postpath = postpath[1:]
-                return self.mcp.render(request)
+                and not request.prepath and b"//" not in b"/".join(postpath):
+            assert request.prepath is not None
+            request.prepath.append(b"playbooks")
+            request.postpath = postpath[1:]
+            return self.mcp.render(request)
         return self.application.render(request)

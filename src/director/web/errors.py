@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import RequestRedirect
 
 log = Logger(namespace="web")
 
@@ -99,6 +100,12 @@ def _not_found(instance: Any, request: Any, failure: Failure) -> bytes:
         f"no route for {request.method.decode()} {request.path.decode('latin-1')}"))
 
 
+def _redirect(instance: Any, request: Any, failure: Failure) -> bytes:
+    # werkzeug asks to redirect a path with ``//`` or a missing trailing slash; no route of
+    # ours is reached that way, and an absolute Location would be built from the Host header.
+    return _not_found(instance, request, failure)
+
+
 def _method_not_allowed(instance: Any, request: Any, failure: Failure) -> bytes:
     allowed = sorted(getattr(failure.value, "valid_methods", None) or [])
     if allowed:
@@ -129,7 +136,8 @@ def _unexpected(instance: Any, request: Any, failure: Failure) -> bytes:
 def install_error_handlers(app: Klein) -> None:
     """JSON for unrouted paths, wrong methods, ``ApiError`` and anything unexpected."""
     handlers: list[tuple[type[Exception], Any]] = [
-        (RouteNotFound, _not_found), (MethodNotAllowed, _method_not_allowed),
+        (RouteNotFound, _not_found), (RequestRedirect, _redirect),
+        (MethodNotAllowed, _method_not_allowed),
         (ApiError, _api_error), (Exception, _unexpected),
     ]
     for exception, handler in handlers:
