@@ -11,6 +11,38 @@ import pytest
 from director.db import migrate
 from tests.harness import Daemon, PostgresServer, base_environment, free_port
 
+# --- CI: a skipped test is a failure ------------------------------------------------------
+# `.ci/run` installs everything the suite needs, then sets DIRECTOR_CI=1: there, a test that
+# skips (a missing tool, a fixture that cannot run) did not run when it should have, so it
+# fails with the skip's reason. Expected failures (xfail) are not skips.
+
+
+def _fail_skips() -> bool:
+    return os.environ.get("DIRECTOR_CI") == "1"
+
+
+def _skip_as_failure(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if _fail_skips() and report.skipped and not hasattr(report, "wasxfail"):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under DIRECTOR_CI=1, where every test must run: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    report: pytest.TestReport = yield
+    _skip_as_failure(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[pytest.CollectReport]:
+    report: pytest.CollectReport = yield  # a module-level skip or importorskip
+    _skip_as_failure(report)
+    return report
+
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:

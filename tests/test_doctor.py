@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -443,30 +444,115 @@ def test_stored_secrets_must_open_with_the_secret(
     start_daemon(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=STRONG).wait_healthy()
 
 
-def test_default_env_file_unreadable_by_this_user_warns() -> None:
-    """A non-root `director` silently skips /etc/director/director.env (mode 0640 root:director);
-    the doctor says so. Run as nobody against a stand-in for the default file."""
-    import sys
+#: Run first by :func:`as_nobody`'s probe: records where every module the script imports lives.
+RECORD_MODULES = """
+import atexit, json, os, sys
+def _record():
+    places = {}
+    for name, module in list(sys.modules.items()):
+        if "." in name or name in sys.stdlib_module_names or name == "__main__":
+            continue
+        paths = list(getattr(module, "__path__", []))
+        if not paths and getattr(module, "__file__", None):
+            paths = [module.__file__]
+        places[name] = paths
+    with open(os.environ["RECORD_MODULES"], "w") as out:
+        json.dump(places, out)
+atexit.register(_record)
+"""
 
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run a check as another user")
-    folder = make_temp_dir("director-test-doctor-")  # traversable by nobody
-    env_file = folder / "director.env"
-    env_file.write_text("NODE_ENV=production\n")
-    env_file.chmod(0o600)
-    script = ("import director.cli as cli, director.doctor as doctor, json\n"
-              f"cli.DEFAULT_ENV_FILE = {str(env_file)!r}\n"
-              "print(json.dumps(doctor.check_env_file(None, {}).result.as_json()))\n")
+
+def as_nobody(script: str) -> subprocess.CompletedProcess[str]:
+    """Run a python ``script`` as nobody on a copy of the modules it imports.
+
+    This checkout, its virtualenv and the interpreter may all be where nobody cannot go (under
+    /root): the script runs once as root to record its imports, which are copied to a directory
+    nobody can read, then runs on Debian's /usr/bin/python3 (or this interpreter, when nobody
+    can run it) with that directory first on its path.
+    """
+    assert os.geteuid() == 0 and shutil.which("setpriv"), "needs root and setpriv (util-linux)"
+    work = make_temp_dir("director-test-nobody-")
     try:
-        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                 sys.executable, "-c", script], capture_output=True, text=True,
-                                timeout=60, check=False, cwd="/")
+        record = work / "modules.json"
+        subprocess.run([sys.executable, "-c", RECORD_MODULES + script], check=False,
+                       capture_output=True, timeout=60, env={**os.environ,
+                                                             "RECORD_MODULES": str(record)})
+        lib = work / "lib"
+        lib.mkdir()
+        for paths in json.loads(record.read_text()).values():
+            for path in map(Path, paths):
+                if path.is_dir():
+                    shutil.copytree(path, lib / path.name, dirs_exist_ok=True,
+                                    ignore=shutil.ignore_patterns("__pycache__"))
+                elif path.is_file():
+                    shutil.copy(path, lib / path.name)
+        for path in [work, *work.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        for python in ("/usr/bin/python3", os.path.realpath(sys.executable)):
+            probe = subprocess.run([*nobody, python, "-c", "import sys; print("
+                                    "'%d.%d' % sys.version_info[:2])"],
+                                   capture_output=True, text=True, check=False, cwd="/")
+            if probe.stdout.strip() == version:
+                break
+        else:
+            raise AssertionError(f"nobody can run no python {version} here (tried "
+                                 f"/usr/bin/python3 and {sys.executable})")
+        return subprocess.run([*nobody, python, "-I", "-c",
+                               f"import sys; sys.path.insert(0, {str(lib)!r})\n{script}"],
+                              capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_default_env_file_unreadable_by_this_user_fails(where: str) -> None:
+    """A non-root user cannot read /etc/director/director.env (0640 root:director in a 0750
+    root:director directory): ``doctor`` fails and ``config check`` exits 78, both saying so and
+    what to do, and every other command warns, instead of checking or using the process
+    environment as if it were the service's configuration. Run as nobody against a stand-in for
+    the default file: unreadable itself, or in a directory nobody cannot enter."""
+    folder = make_temp_dir("director-test-doctor-")  # traversable by nobody
+    try:
+        if where == "directory":
+            (folder / "director").mkdir(mode=0o750)
+            env_file = folder / "director" / "director.env"
+            expected = (f"{env_file} cannot be read by user nobody: {env_file.parent} cannot be "
+                        "entered (permission denied)")
+        else:
+            env_file = folder / "director.env"
+            expected = f"{env_file} exists but user nobody cannot read it"
+        env_file.write_text("NODE_ENV=production\n")
+        env_file.chmod(0o640)
+        script = textwrap.dedent(f"""
+            import contextlib, io, json
+            import director.cli as cli, director.doctor as doctor
+            cli.DEFAULT_ENV_FILE = {str(env_file)!r}
+            check = doctor.check_env_file(None, {{}}).result.as_json()
+            errors = io.StringIO()
+            with contextlib.redirect_stderr(errors):
+                status = cli.main(["config", "check"])
+            with contextlib.redirect_stderr(io.StringIO()) as warning:
+                values = cli.environment(None)
+            print(json.dumps({{"doctor": check, "config_check": [status, errors.getvalue()],
+                              "warning": warning.getvalue(), "read": "NODE_ENV" in values}}))
+            """)
+        result = as_nobody(script)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if result.returncode != 0 and "Permission denied" in result.stderr:
-        pytest.skip(f"nobody cannot run this checkout's python: {result.stderr.strip()[-200:]}")
     assert result.returncode == 0, result.stderr
-    check = json.loads(result.stdout)
-    assert check["status"] == "warn", check
-    assert "cannot read it, so it was ignored" in check["summary"]
-    assert "sudo director doctor" in check["fix"]
+    outcome = json.loads(result.stdout)
+    check = outcome["doctor"]
+    assert check["status"] == "fail", check
+    assert check["summary"] == (f"{expected}, so it was ignored: these checks are not of the "
+                                "service's configuration"), check
+    assert "runuser -u director -- director doctor" in check["fix"]
+    status, errors = outcome["config_check"]
+    assert status == 78, errors
+    assert f"{expected}, so the service's configuration cannot be checked" in errors, errors
+    assert "runuser -u director -- director config check" in errors
+    assert "configuration OK" not in result.stdout
+    assert outcome["warning"].startswith(f"director: warning: {expected}; using the process "
+                                         "environment only."), outcome["warning"]
+    assert outcome["read"] is False

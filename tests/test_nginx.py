@@ -13,6 +13,8 @@ What the tests establish, and docs/manual.rst relies on:
   the 15 s heartbeat comes through;
 * ``/api/health`` answers through it, and ``proxy_set_header Host $host`` passes the client's
   Host, which the daemon's Host check accepts when it is BASE_URL's host (and refuses otherwise);
+* the upstream's ``keepalive`` is used: requests through ``location /`` reach the daemon on one
+  connection, which takes ``proxy_set_header Connection ""`` there (the guide lacks it);
 * even a bare ``proxy_pass`` streams, because every stream carries ``X-Accel-Buffering: no``;
 * nginx refuses bodies over 1 MB unless ``client_max_body_size`` says otherwise (Director's own
   limit is 4 MiB);
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import signal
 import socket
@@ -58,7 +61,8 @@ MODERN_META = {"io.modelcontextprotocol/protocolVersion": MODERN,
                "io.modelcontextprotocol/clientCapabilities": {},
                "io.modelcontextprotocol/clientInfo": {"name": "nginx-test", "version": "1"}}
 
-#: The guide's configuration, verbatim (docs/manual.rst shows the same). The tests change only
+#: The guide's configuration with ``proxy_set_header Connection ""`` added to ``location /``, as
+#: docs/manual.rst shows it (test_the_manual_shows_this_configuration). The tests change only
 #: the addresses: the upstream's server lines, the listening port, the names and certificates.
 GUIDE_UPSTREAM = """upstream director {
     server 127.0.0.1:3673;
@@ -99,6 +103,7 @@ GUIDE_SERVER = """server {
     location / {
         proxy_pass http://director;
         proxy_http_version 1.1;
+        proxy_set_header Connection "";
         proxy_set_header Host $host;
         proxy_set_header X-Real-IP $remote_addr;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
@@ -106,6 +111,7 @@ GUIDE_SERVER = """server {
     }
 }
 """
+MANUAL = Path(__file__).resolve().parent.parent / "docs" / "manual.rst"
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -296,7 +302,69 @@ def post_mcp(client: Any, playbook: str, key: str, message: dict[str, Any],
     return status, response_headers, body
 
 
+def test_the_manual_shows_this_configuration() -> None:
+    """The manual's block has the ``upstream`` and ``location`` blocks the tests run."""
+    manual = MANUAL.read_text()
+    blocks = [GUIDE_UPSTREAM, *re.findall(r"^    location .*?^    }\n", GUIDE_SERVER, re.M | re.S)]
+    assert len(blocks) == 3
+    for block in blocks:
+        shown = "".join(f"   {line}\n" if line else "\n" for line in block.splitlines())
+        assert shown in manual, f"docs/manual.rst no longer shows:\n{block}"
+
+
+def open_connections_accepted(port: int) -> frozenset[int]:
+    """The peers' ports of the open (ESTABLISHED) TCP connections that the server on loopback
+    ``port`` has accepted, from /proc/net/tcp."""
+    peers = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, remote, state = line.split()[:4]
+        if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+            peers.add(int(remote.rsplit(":", 1)[1], 16))
+    return frozenset(peers)
+
+
+def connections_per_request(client: Through, daemon_port: int, count: int = 10
+                            ) -> list[frozenset[int]]:
+    """After each of ``count`` requests through nginx (each from a new client connection), the
+    connections open between nginx and the daemon."""
+    seen = []
+    for _ in range(count):
+        status, _, body = client.request("GET", "/api/health")
+        assert status == 200, body
+        seen.append(open_connections_accepted(daemon_port))
+    return seen
+
+
 # --- one instance behind the guide's configuration --------------------------------------------
+
+
+def test_upstream_keepalive_carries_every_request_on_one_connection(
+        start_daemon: StartDaemon, migrated_url: str, nginx: Callable[[str], Nginx]) -> None:
+    """``keepalive 32`` in the upstream keeps connections to the daemon open only for requests
+    sent with HTTP/1.1 and no ``Connection: close``: ``location /`` needs
+    ``proxy_set_header Connection ""`` as ``location /playbooks/`` has it. With it, ten requests
+    arrive at the daemon on one connection; without it (the guide's block, run first as the
+    control), each one opens and closes its own."""
+    guide_port, manual_port = free_port(), free_port()
+    daemon = start_daemon(DATABASE_URL=migrated_url, HOST="127.0.0.1",
+                          BASE_URL=f"http://{SERVER_NAME}")
+    guide = _replace(server(guide_port, upstream_name="guide"),
+                     '        proxy_http_version 1.1;\n        proxy_set_header Connection "";\n'
+                     '        proxy_set_header Host $host;\n        proxy_set_header X-Real-IP',
+                     "        proxy_http_version 1.1;\n        proxy_set_header Host $host;\n"
+                     "        proxy_set_header X-Real-IP")
+    proxy = nginx(upstream([daemon.port], name="guide") + guide + upstream([daemon.port])
+                  + server(manual_port))
+    daemon.wait_healthy()
+    proxy.wait_listening(guide_port)
+    proxy.wait_listening(manual_port)
+
+    closed = connections_per_request(Through(guide_port), daemon.port)
+    assert not (len(set(closed)) == 1 and len(closed[0]) == 1), closed
+    eventually(lambda: open_connections_accepted(daemon.port) == frozenset(), timeout=10)
+
+    kept = connections_per_request(Through(manual_port), daemon.port)
+    assert len(kept[0]) == 1 and kept == [kept[0]] * len(kept), kept
 
 
 def behind_the_guide(start_daemon: StartDaemon, migrated_url: str,

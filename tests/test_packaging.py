@@ -26,13 +26,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
 DEBIAN = ROOT / "packaging" / "debian"
 UNITS = ("director.service", "director@.service", "director.socket")
 MAX_EXPOSURE = 2.0  # docs/operations.rst records 1.5; a regression past this fails
 SECRET = "test-secret-" + "x" * 40
-
+VENV_BIN = {"director", "python", "python3", "python3.11"}
+STATE_MARKER = "/var/lib/director/.created-by-director-package"
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -241,6 +244,18 @@ def test_deb_metadata(deb: Path) -> None:
         assert f" {path}\n" in contents or f" {path} " in contents, path
     assert "./usr/bin/director -> /opt/venvs/director/bin/director" in contents
     assert "dropin.cache" not in contents
+    # The venv holds director and its interpreter: no pip, setuptools, activate scripts or
+    # the dependencies' console scripts (twistd, trial, conch, ...).
+    names = [line.split()[5] for line in contents.splitlines()]
+    scripts = {name.rsplit("/", 1)[1] for name in names
+               if name.startswith("./opt/venvs/director/bin/") and not name.endswith("/")}
+    assert scripts == VENV_BIN, sorted(scripts - VENV_BIN)
+    site = "./opt/venvs/director/lib/python3.11/site-packages/"
+    installers = [name for name in names if name.startswith(site) and
+                  name[len(site):].split("/")[0].split("-")[0] in
+                  ("pip", "setuptools", "pkg_resources", "_distutils_hack",
+                   "distutils", "wheel")]
+    assert installers == [], installers[:5]
     control = Path(run(["mktemp", "-d"]).stdout.strip())
     try:
         run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
@@ -361,22 +376,62 @@ def pretend_systemd(overlay: Overlay) -> None:
     overlay.check("rm -f /usr/sbin/policy-rc.d")
 
 
+def serve_as_the_service(overlay: Overlay) -> str:
+    """Run the installed ``director serve`` as the unit does (user director, the env file, the
+    state directory) until /api/health says 200; its output."""
+    port = free_port()
+    script = f"""
+setpriv --reuid=director --regid=director --init-groups \
+    env -i PATH=/usr/bin:/bin HOME=/var/lib/director STATE_DIRECTORY=/var/lib/director \
+    LANG=C.UTF-8 PORT={port} HOST=127.0.0.1 \
+    /usr/bin/director --env-file /etc/director/director.env serve > /tmp/serve.log 2>&1 &
+pid=$!
+healthy=1
+for attempt in $(seq 600); do
+    if curl -fsS http://127.0.0.1:{port}/api/health; then healthy=0; break; fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+done
+kill -TERM $pid 2>/dev/null || true
+wait $pid || true
+[ $healthy = 0 ] || cat /tmp/serve.log
+exit $healthy
+"""
+    return overlay.check(script)
+
+
+def fresh_root(overlay: Overlay, deb: Path) -> None:
+    """The deb in the overlay, and none of what a `make run` as root may have left on this
+    host (/var/lib/director is also its embedded default), as on a fresh machine."""
+    overlay.put("/tmp/director.deb", deb.read_bytes())
+    overlay.check("rm -rf /var/lib/director /var/cache/director /etc/director; "
+                  "deluser --system director >/dev/null 2>&1 || true; "
+                  "delgroup --system director >/dev/null 2>&1 || true")
+
+
+PROVISIONED = ("NODE_ENV=production\nDATABASE_URL=postgres://d:p@db.example.com/d\n"
+               "BASE_URL=https://director.example.com\nBETTER_AUTH_SECRET={}\n")
+
+
 @slow
 def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
-    overlay.put("/tmp/director.deb", deb.read_bytes())
-    # The overlay starts from this host's files: drop what a `make run` as root may have left
-    # (/var/lib/director is also its embedded default), as a fresh machine has none of it.
-    overlay.check("rm -rf /var/lib/director /var/cache/director /etc/director")
+    fresh_root(overlay, deb)
+    # The embedded cluster of the upgrade and of the start below needs PostgreSQL's server
+    # binaries, as the rest of the suite does.
+    assert list(Path("/usr/lib/postgresql").glob("*/bin/postgres")), \
+        "no PostgreSQL server binaries (Debian: apt-get install postgresql)"
 
     # First install, nothing configured: account, directories, env file; nothing started.
     output = overlay.check("dpkg -i /tmp/director.deb")
     assert "created /etc/director/director.env with a new BETTER_AUTH_SECRET" in output
     assert "director: not started" in output
+    assert "sudo" not in output  # a minimal Debian has none
     modes = overlay.check("stat -c '%n %a %U:%G' /etc/director /etc/director/director.env "
-                          "/var/lib/director").splitlines()
+                          f"/var/lib/director {STATE_MARKER}").splitlines()
     assert modes == ["/etc/director 750 root:director",
                      "/etc/director/director.env 640 root:director",
-                     "/var/lib/director 700 director:director"]
+                     "/var/lib/director 700 director:director",
+                     f"{STATE_MARKER} 644 root:root"]
     account = overlay.check("getent passwd director")
     assert re.fullmatch(r"director:x:\d+:\d+:[^:]*:/var/lib/director:/usr/sbin/nologin\n", account)
     cache = overlay.check("stat -c %a /opt/venvs/director/lib/python3.11/site-packages/"
@@ -384,8 +439,9 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     assert int(cache, 8) & 0o004, "the plugin cache must be there, readable by the service's user"
     enabled = overlay.run("ls /etc/systemd/system/multi-user.target.wants/director.service")
     assert enabled.returncode != 0, "a half-configured service must not be enabled"
-    secret = re.search(r"^BETTER_AUTH_SECRET=(\S+)$",
-                       overlay.check("cat /etc/director/director.env"), re.M)
+    env_file = overlay.check("cat /etc/director/director.env")
+    assert env_file.startswith("# Created by the director package on "), env_file[:200]
+    secret = re.search(r"^BETTER_AUTH_SECRET=(\S+)$", env_file, re.M)
     assert secret and len(secret.group(1)) >= 32
 
     version = overlay.check("director --version")
@@ -399,55 +455,97 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
 
     # Upgrade (the same version again) with the opt-in: migrations run as user director, on the
-    # private cluster when the system has PostgreSQL server binaries; the env file is kept.
-    have_postgres = bool(list(Path("/usr/lib/postgresql").glob("*/bin/postgres")))
-    if have_postgres:
-        overlay.check("sed -i 's/^NODE_ENV=production/NODE_ENV=development/' "
-                      "/etc/director/director.env && "
-                      "sed -i 's/^DIRECTOR_UPGRADE_DB=no/DIRECTOR_UPGRADE_DB=yes/' /etc/default/director")
-        output = overlay.check("dpkg -i /tmp/director.deb")
-        assert "DIRECTOR_UPGRADE_DB=yes: running director db upgrade" in output
-        # As the operator checks it (sudo: /etc/director/director.env, /var/lib/director).
-        status = overlay.check("director db status; stat -c %U /var/lib/director/postgres/data")
-        assert "up to date" in status and status.strip().endswith("director"), status
-        kept = overlay.check("grep '^BETTER_AUTH_SECRET=' /etc/director/director.env")
-        assert kept.strip() == f"BETTER_AUTH_SECRET={secret.group(1)}"
+    # private cluster; the env file and the state directory's marker are kept.
+    overlay.check("sed -i 's/^NODE_ENV=production/NODE_ENV=development/' "
+                  "/etc/director/director.env && "
+                  "sed -i 's/^DIRECTOR_UPGRADE_DB=no/DIRECTOR_UPGRADE_DB=yes/' /etc/default/director")
+    output = overlay.check("dpkg -i /tmp/director.deb")
+    assert "DIRECTOR_UPGRADE_DB=yes: running director db upgrade" in output
+    assert "/var/lib/director was" not in output  # its owner was right: nothing to say
+    # As the operator checks it (as root: /etc/director/director.env, /var/lib/director).
+    status = overlay.check("director db status; stat -c %U /var/lib/director/postgres/data")
+    assert "up to date" in status and status.strip().endswith("director"), status
+    kept = overlay.check(f"grep '^BETTER_AUTH_SECRET=' /etc/director/director.env; "
+                         f"test -f {STATE_MARKER}")
+    assert kept.strip() == f"BETTER_AUTH_SECRET={secret.group(1)}"
 
-        # With systemd running and the service active: restarted after the upgrade.
-        pretend_systemd(overlay)
-        overlay.check("dpkg -i /tmp/director.deb")
-        calls = overlay.check("cat /var/log/systemctl.calls")
-        assert "restart director.service" in calls, calls
-        assert " start " not in calls and " stop " not in calls, calls
+    # The installed venv lacks pip, setuptools and the other console scripts, and still serves.
+    health = serve_as_the_service(overlay)
+    assert '{"status": "ok"}' in health, health
 
-    # Purge: everything the package and the service created is gone.
-    overlay.check("dpkg --purge director")
+    # With systemd running and the service active: restarted after the upgrade.
+    pretend_systemd(overlay)
+    overlay.check("dpkg -i /tmp/director.deb")
+    calls = overlay.check("cat /var/log/systemctl.calls")
+    assert "restart director.service" in calls, calls
+    assert " start " not in calls and " stop " not in calls, calls
+
+    # Purge: what the package and the service created is gone; the account stays.
+    output = overlay.check("dpkg --purge director")
     gone = overlay.run("ls -d /etc/director /var/lib/director /var/cache/director "
-                       "/opt/venvs/director /usr/bin/director; getent passwd director; "
-                       "getent group director")
+                       "/opt/venvs/director /usr/bin/director")
     assert gone.stdout == "", gone.stdout
+    assert "kept the system user and group director" in output, output
+    assert "kept /" not in output, output
+    assert overlay.check("getent passwd director").startswith("director:x:")
+    assert overlay.check("getent group director").startswith("director:x:")
 
     # A host whose env file was provisioned before the install gets an enabled, started service,
-    # provided the file is valid.
-    pretend_systemd(overlay)
+    # provided the file is valid; the account of the earlier installation is reused.
     overlay.check("rm -f /var/log/systemctl.calls")
-    provisioned = ("NODE_ENV=production\nDATABASE_URL=postgres://d:p@db.example.com/d\n"
-                   "BASE_URL=https://director.example.com\nBETTER_AUTH_SECRET={}\n")
-    overlay.put("/etc/director/director.env", provisioned.format("short"), 0o600)
+    overlay.put("/etc/director/director.env", PROVISIONED.format("short"), 0o600)
     output = overlay.check("dpkg -i /tmp/director.deb")
     assert "is not valid yet" in output and "BETTER_AUTH_SECRET" in output, output
     assert "director: not started" in output
     assert "start" not in overlay.check("cat /var/log/systemctl.calls 2>/dev/null || true")
-    overlay.check("dpkg --purge director")
-    overlay.put("/etc/director/director.env", provisioned.format(SECRET), 0o600)
+    output = overlay.check("dpkg --purge director")
+    assert "kept /etc/director/director.env: the package did not create it" in output, output
+    overlay.put("/etc/director/director.env", PROVISIONED.format(SECRET), 0o600)
     output = overlay.check("dpkg -i /tmp/director.deb")
     assert "director.service is enabled and started" in output, output
     overlay.check("test -L /etc/systemd/system/multi-user.target.wants/director.service")
     assert "start director.service" in overlay.check("cat /var/log/systemctl.calls")
     kept = overlay.check("cat /etc/director/director.env")
-    assert kept == provisioned.format(SECRET), "a provisioned env file is kept as it is"
+    assert kept == PROVISIONED.format(SECRET), "a provisioned env file is kept as it is"
 
     # Removal stops every director unit.
     overlay.check("dpkg --remove director")
     calls = overlay.check("cat /var/log/systemctl.calls")
     assert "stop director.socket director.service director@*.service" in calls, calls
+
+
+@slow
+def test_deb_purge_keeps_what_it_did_not_create(deb: Path, overlay: Overlay) -> None:
+    """A /var/lib/director and an env file that were there before the install (another
+    cluster, its secret; configuration management) survive a purge; the install gives the
+    directory to the service's user and says so; without a running systemd the service is
+    enabled, not started, and the package says that too."""
+    fresh_root(overlay, deb)
+    overlay.put("/var/lib/director/postgres/data/PG_VERSION", "15\n")
+    overlay.put("/var/lib/director/auth-secret", "someone else's secret\n", 0o600)
+    overlay.check("chmod 0755 /var/lib/director")  # root:root, as `make run` as root leaves it
+    overlay.put("/etc/director/director.env", PROVISIONED.format(SECRET), 0o600)
+
+    output = overlay.check("dpkg -i /tmp/director.deb")
+    assert ("director: /var/lib/director was root:root mode 755; now director:director mode "
+            "700 (the files in it keep their owners until the service's first start)"
+            ) in output, output
+    owners = overlay.check("stat -c '%n %a %U:%G' /var/lib/director "
+                           "/var/lib/director/auth-secret").splitlines()
+    assert owners == ["/var/lib/director 700 director:director",
+                      "/var/lib/director/auth-secret 600 root:root"]
+    overlay.check(f"test ! -e {STATE_MARKER}")
+    # No systemd here: enabled (the links), not started, and said so in one line.
+    assert ("director: /etc/director/director.env is complete; director.service is enabled but "
+            "not started: systemd is not running here (it starts at the next boot)") in output
+    assert "enabled and started" not in output
+    overlay.check("test -L /etc/systemd/system/multi-user.target.wants/director.service")
+
+    output = overlay.check("dpkg --purge director")
+    assert "kept /var/lib/director: the package did not create it" in output, output
+    assert "kept /etc/director/director.env: the package did not create it" in output, output
+    assert "kept the system user and group director" in output, output
+    left = overlay.check("cat /var/lib/director/auth-secret /var/lib/director/postgres/data/"
+                         "PG_VERSION /etc/director/director.env")
+    assert left == "someone else's secret\n15\n" + PROVISIONED.format(SECRET)
+    overlay.check("test ! -e /opt/venvs/director && getent passwd director")

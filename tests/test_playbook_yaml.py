@@ -417,7 +417,7 @@ def test_redacted_secrets_keep_the_stored_value_or_are_refused() -> None:
 
 
 def test_the_document_schema_is_valid_json_schema() -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # schemathesis (a test dependency) requires it
     jsonschema.Draft202012Validator.check_schema(documents.JSON_SCHEMA)
     validator = jsonschema.Draft202012Validator(documents.JSON_SCHEMA)
     import yaml
@@ -602,7 +602,7 @@ def test_api_applies_the_rails(strict_daemon: Daemon, open_daemon: Daemon) -> No
 def test_openapi_paths_describe_the_routes(open_daemon: Daemon) -> None:
     """schemathesis drives both operations from OPENAPI_PATHS merged into the served document,
     with valid and invalid input, and checks every answer against it."""
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
     from schemathesis.specs.openapi.checks import (

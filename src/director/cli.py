@@ -2,10 +2,11 @@
 
 Configuration is read the way the daemon reads it: the process environment, on top of the
 environment file (``--env-file``; by default ``/etc/director/director.env`` when it exists, the
-file the systemd unit loads), so ``sudo director db upgrade`` acts on the same database as the
-service. Commands that need the database use ``DATABASE_URL`` or, when it is unset, the private
-cluster in the state directory, started for the duration of the command unless the daemon is
-already running it.
+file the systemd unit loads), so ``director db upgrade`` run as root acts on the same database as
+the service. A user who cannot read that file is told so (a warning; ``config check`` and
+``doctor`` fail), instead of silently getting another configuration. Commands that need the
+database use ``DATABASE_URL`` or, when it is unset, the private cluster in the state directory,
+started for the duration of the command unless the daemon is already running it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,9 @@ from director.config import (
 
 DEFAULT_ENV_FILE = "/etc/director/director.env"
 EX_CONFIG = 78
+#: What a user who cannot read the environment file does instead, for ``director COMMAND``.
+READ_AS_ADMINISTRATOR = ("run it as root, or as user director or a member of the director "
+                         "group (runuser -u director -- director {command})")
 
 
 class CommandError(Exception):
@@ -40,13 +45,53 @@ class CommandError(Exception):
         self.code = code
 
 
+def user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def unreadable_default_env_file() -> str | None:
+    """Why this user cannot read the default environment file, which is there (or may be: its
+    directory cannot be entered); None when it is readable or absent."""
+    try:
+        with open(DEFAULT_ENV_FILE, "rb"):
+            return None
+    except PermissionError:
+        pass
+    except OSError:
+        return None  # absent (or not a file: reading it reports that)
+    directory = os.path.dirname(DEFAULT_ENV_FILE)
+    try:
+        os.stat(DEFAULT_ENV_FILE)
+    except PermissionError:
+        return (f"{DEFAULT_ENV_FILE} cannot be read by user {user_name()}: {directory} cannot "
+                "be entered (permission denied)")
+    except OSError:
+        return None
+    return f"{DEFAULT_ENV_FILE} exists but user {user_name()} cannot read it"
+
+
+def default_env_file() -> str | None:
+    """The default environment file when this user can read it; a warning on stderr when it is
+    there but unreadable, since the command then runs on the process environment alone."""
+    problem = unreadable_default_env_file()
+    if problem is not None:
+        print(f"director: warning: {problem}; using the process environment only. To use the "
+              f"service's configuration, {READ_AS_ADMINISTRATOR.format(command='...')}",
+              file=sys.stderr)
+        return None
+    return DEFAULT_ENV_FILE if os.path.exists(DEFAULT_ENV_FILE) else None
+
+
 def environment(env_file: str | None) -> dict[str, str]:
     """The process environment over the env file's values (explicit beats file)."""
     path = env_file
     if path is None:
         path = os.environ.get("DIRECTOR_ENV_FILE")
-    if path is None and os.access(DEFAULT_ENV_FILE, os.R_OK):
-        path = DEFAULT_ENV_FILE
+    if path is None:
+        path = default_env_file()
     merged: dict[str, str] = {}
     if path:
         try:
@@ -113,6 +158,16 @@ def cmd_serve(arguments: argparse.Namespace) -> int:
 
 
 def cmd_config_check(arguments: argparse.Namespace) -> int:
+    if arguments.env_file is None and "DIRECTOR_ENV_FILE" not in os.environ:
+        # Checking the process environment alone would pass off another configuration as the
+        # service's: say why, and how to check the real one (--env-file '' checks the process
+        # environment alone, on purpose).
+        problem = unreadable_default_env_file()
+        if problem is not None:
+            raise CommandError(
+                f"{problem}, so the service's configuration cannot be checked: "
+                f"{READ_AS_ADMINISTRATOR.format(command='config check')}; or pass --env-file "
+                "'' to check the process environment alone", EX_CONFIG)
     settings = settings_from(arguments)
     summary = {
         "environment": settings.environment,

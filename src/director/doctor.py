@@ -104,10 +104,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
+    return cli.user_name()
 
 
 def _owner(info: os.stat_result) -> str:
@@ -146,12 +143,14 @@ def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environm
     merged = dict(process)
     if path is None:
         default = cli.DEFAULT_ENV_FILE
-        if os.path.exists(default) and not os.access(default, os.R_OK):
+        unreadable = cli.unreadable_default_env_file()
+        if unreadable is not None:
+            # Every check below would be of the process environment, not of the service's.
             return Environment(merged, Result(
-                name, WARN,
-                f"{default} exists but {_user()} cannot read it, so it was ignored (as by every "
-                "director command run as this user)",
-                "run the doctor as the service's administrator: sudo director doctor"))
+                name, FAIL,
+                f"{unreadable}, so it was ignored: these checks are not of the service's "
+                "configuration",
+                cli.READ_AS_ADMINISTRATOR.format(command="doctor")))
         if not os.path.exists(default):
             return Environment(merged, Result(
                 name, OK, f"no {default}; the process environment only"))
@@ -898,7 +897,7 @@ def add_commands(commands: Any) -> None:
                     "(reach,\nschema, LISTEN/NOTIFY through DATABASE_URL), the port, BASE_URL, the "
                     "state directory,\nthe PostgreSQL tools and the plugin cache. Each check says "
                     "OK, WARN or FAIL and\nwhat to fix; the exit status is 1 when any failed.\n\n"
-                    "Run it as the user that administers the service (sudo director doctor), so "
-                    "that it\nreads /etc/director/director.env like the service does.")
+                    "Run it as root (or as user director: runuser -u director -- director "
+                    "doctor), so\nthat it reads /etc/director/director.env like the service does.")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(handler=cmd_doctor)
