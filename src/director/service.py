@@ -112,6 +112,7 @@ class DirectorService(MultiService):
 
             self.metrics.register(ServiceCollector(self.mcp, self.database, self.accounts,
                                                    self.playbooks))
+            self.playbooks.subscribe(self.metrics.playbook_changed)
         self.web = DirectorApp(
             self.health_reason,
             ApiV1(settings, self.database, self.authenticator, self.playbooks, self.secret_box),

@@ -48,7 +48,8 @@ class AccountCache:
         self.keys_by_hash: dict[bytes, store.ApiKey] = {}
         self.keys_by_id: dict[UUID, store.ApiKey] = {}
         self._sessions: dict[bytes, CachedSession] = {}
-        self._unknown_keys: OrderedDict[bytes, float] = OrderedDict()
+        # Unknown key hash -> (when looked up, whether it is a revoked key's).
+        self._unknown_keys: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
         # Bumped by every change notification of a key or user: a re-read that started before
         # a later change must not store what it read (it could resurrect a revoked key).
         self._generation: dict[UUID, int] = {}
@@ -144,18 +145,23 @@ class AccountCache:
             return found
         now = time.monotonic()
         seen = self._unknown_keys.get(digest)
-        if seen is not None and now - seen < UNKNOWN_KEY_CACHE_SECONDS:
+        if seen is not None and now - seen[0] < UNKNOWN_KEY_CACHE_SECONDS:
             return None
         rows = await self.database.runQuery(
-            "SELECT id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (digest,))
-        if rows:
+            "SELECT id, revoked_at IS NOT NULL FROM api_keys WHERE key_hash = %s", (digest,))
+        if rows and not rows[0][1]:
             await self._refresh_key(UUID(str(rows[0][0])))
             return self.keys_by_hash.get(digest)
-        self._unknown_keys[digest] = now
+        self._unknown_keys[digest] = (now, bool(rows))
         self._unknown_keys.move_to_end(digest)
         while len(self._unknown_keys) > UNKNOWN_KEY_CACHE_SIZE:
             self._unknown_keys.popitem(last=False)
         return None
+
+    def refusal(self, value: str) -> str:
+        """Why ``key(value)`` found nothing, for metrics: ``revoked`` or ``invalid_key``."""
+        seen = self._unknown_keys.get(hash_token(value))
+        return "revoked" if seen is not None and seen[1] else "invalid_key"
 
     async def user(self, user_id: UUID) -> store.User | None:
         found = self.users.get(user_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
@@ -32,6 +33,7 @@ from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, fram
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     UpstreamError,
+    UpstreamRequestError,
     UpstreamSession,
     UpstreamTimeout,
 )
@@ -59,6 +61,44 @@ LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_
 #: Each as ``SessionChannel`` writes it, encoded once for a fan-out to every session.
 LIST_CHANGED_ENCODED = {method: json_bytes(jsonrpc.notification(method))
                         for method in LIST_CHANGED}
+
+
+class UpstreamWait:
+    """How long one client request waited for upstream answers (overlapping waits counted
+    once): the request's time minus this is the gateway's own, for metrics."""
+
+    __slots__ = ("outstanding", "since", "total")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.since = 0.0
+        self.total = 0.0
+
+    def begin(self, now: float) -> None:
+        if self.outstanding == 0:
+            self.since = now
+        self.outstanding += 1
+
+    def end(self, now: float) -> None:
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.total += now - self.since
+
+
+#: The ``UpstreamWait`` of the client request being handled (set only when metrics are on;
+#: each request runs in a context of its own, which Twisted copies for every coroutine).
+_WAITING: ContextVar[UpstreamWait | None] = ContextVar("director_upstream_wait", default=None)
+
+
+def outcome_of(failure: BaseException) -> str:
+    """How an upstream request failed, as the metrics label it."""
+    if isinstance(failure, UpstreamTimeout):
+        return "timeout"
+    if isinstance(failure, UpstreamRequestError):
+        return "error"
+    if isinstance(failure, defer.CancelledError):
+        return "cancelled"
+    return "failed"
 
 
 class Channel(Protocol):
@@ -201,8 +241,9 @@ class DownstreamSession:
         cursor = None
         for _ in range(100):  # bounded: an upstream paging forever is a bug, not our hang
             params = {"cursor": cursor} if cursor else None
-            result = await session.request(method, params, timeout=min(
-                30.0, upstream.server.timeout_seconds))
+            result = await self._upstream_request(upstream.server, session, method, params,
+                                                  timeout=min(30.0,
+                                                              upstream.server.timeout_seconds))
             entries.extend(e for e in result.get(key, []) if isinstance(e, dict))
             cursor = result.get("nextCursor")
             if not cursor:
@@ -218,6 +259,9 @@ class DownstreamSession:
         request_id = message.get("id")
         self.call_channels.append(channel)
         started, outcome = time.monotonic(), "error"
+        metrics = self.engine.metrics
+        waited = UpstreamWait() if metrics is not None else None
+        waiting = _WAITING.set(waited)
         try:
             value = await self._dispatch(message["method"], message.get("params") or {},
                                          channel)
@@ -239,10 +283,11 @@ class DownstreamSession:
             return jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR,
                                  "internal error in the gateway; the details are in its log")
         finally:
+            _WAITING.reset(waiting)
             self.call_channels.remove(channel)
-            if self.engine.metrics is not None:
-                self.engine.metrics.mcp_request(message.get("method"), outcome,
-                                                time.monotonic() - started)
+            if metrics is not None and waited is not None:
+                metrics.mcp_request(message.get("method"), outcome, time.monotonic() - started,
+                                    self.playbook_pk, waited.total)
 
     async def _dispatch(self, method: str, params: dict[str, Any], channel: Channel) -> Any:
         playbook = self.playbook
@@ -306,16 +351,43 @@ class DownstreamSession:
         session = await self.engine.upstreams.ready(self.upstream(server))
         return await self._send(session, server, method, params, channel)
 
-    @staticmethod
-    async def _send(session: UpstreamSession, server: Server, method: str,
+    async def _send(self, session: UpstreamSession, server: Server, method: str,
                     params: dict[str, Any], channel: Channel, **options: Any) -> dict[str, Any]:
         """One request to an upstream session, its progress relayed on ``channel``."""
         def progress(notification_params: dict[str, Any]) -> None:
             channel.send(jsonrpc.notification("notifications/progress", notification_params))
 
         has_token = isinstance(params.get("_meta"), dict) and "progressToken" in params["_meta"]
-        return await session.request(method, params, timeout=server.timeout_seconds,
-                                     on_progress=progress if has_token else None, **options)
+        return await self._upstream_request(server, session, method, params,
+                                            timeout=server.timeout_seconds,
+                                            on_progress=progress if has_token else None,
+                                            **options)
+
+    async def _upstream_request(self, server: Server, session: UpstreamSession, method: str,
+                                params: dict[str, Any] | None, **options: Any
+                                ) -> dict[str, Any]:
+        """``session.request``, timed for the metrics (per server, and as the client request's
+        wait) when they are on."""
+        metrics = self.engine.metrics
+        if metrics is None:
+            return await session.request(method, params, **options)
+        waited = _WAITING.get()
+        started = time.monotonic()
+        if waited is not None:
+            waited.begin(started)
+        outcome = "failed"
+        try:
+            result = await session.request(method, params, **options)
+            outcome = "ok"
+            return result
+        except BaseException as failure:
+            outcome = outcome_of(failure)
+            raise
+        finally:
+            now = time.monotonic()
+            if waited is not None:
+                waited.end(now)
+            metrics.upstream_request(self.playbook_pk, server.name, outcome, now - started)
 
     async def _complete(self, playbook: Playbook, params: dict[str, Any],
                         channel: Channel) -> Any:
@@ -484,7 +556,7 @@ class McpEngine:
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
         for session in list(self.sessions.values()):
-            self.end(session)
+            self.end(session, "shutdown")
         self.streams.stop()
         self.streams.close_all()
         await self.upstreams.close_all()
@@ -498,11 +570,14 @@ class McpEngine:
             oldest = min(mine.values(), key=lambda s: s.last_active)
             log.info("session cap reached for a user: ending their least recently used session",
                      user_id=str(user_id))
-            self.end(oldest)
+            self.end(oldest, "cap")
+            mine = self._of_user.setdefault(user_id, {})
         session_id = secrets.token_urlsafe(24)
         session = session_type(self, session_id, user_id, playbook.pk, transport)
         self.sessions[session_id] = session
         mine[session_id] = session
+        if self.metrics is not None:
+            self.metrics.session_created(transport)
         return session
 
     def find(self, session_id: str, user_id: UUID, playbook: Playbook) -> DownstreamSession | None:
@@ -512,13 +587,13 @@ class McpEngine:
             return None
         return session
 
-    def end(self, session: DownstreamSession) -> None:
-        self.sessions.pop(session.id, None)
-        mine = self._of_user.get(session.user_id)
-        if mine is not None:
-            mine.pop(session.id, None)
-            if not mine:
-                del self._of_user[session.user_id]
+    def end(self, session: DownstreamSession, reason: str) -> None:
+        """End ``session`` (idempotent); ``reason``: "client", "idle", "cap", "deleted" or
+        "shutdown", for the metrics."""
+        if self.sessions.pop(session.id, None) is not None:
+            _unindex(self._of_user, session.user_id, session.id)
+            if self.metrics is not None:
+                self.metrics.session_ended(session.transport, reason)
         session.close()
 
     def expire_idle(self) -> None:
@@ -526,7 +601,7 @@ class McpEngine:
         for session in list(self.sessions.values()):
             if session.last_active < cutoff and not session.channel.open and \
                     not session.in_flight:
-                self.end(session)
+                self.end(session, "idle")
 
     # --- change routing -------------------------------------------------------------------
 
@@ -562,6 +637,10 @@ class McpEngine:
                 log.info("re-subscribing {uri} failed: {error}", uri=uri, error=str(failure))
 
     def _upstream_restored(self, upstream: Upstream) -> None:
+        if self.metrics is not None:
+            users = self.users_of(upstream)  # an upstream serves one playbook's sessions
+            self.metrics.upstream_restarted(users[0].playbook_pk if users else None,
+                                            upstream.server.name)
         restoring = defer.ensureDeferred(self._restore(upstream))
         restoring.addErrback(lambda failure: log.failure("restoring an upstream", failure))
 
@@ -603,7 +682,7 @@ class McpEngine:
         affected = [s for s in self.sessions.values() if s.playbook_pk == playbook.pk]
         if new is None:
             for session in affected:
-                self.end(session)
+                self.end(session, "deleted")
             return
         servers_changed = old is None or old.servers != new.servers
         prompts_changed = old is None or old.prompts != new.prompts or servers_changed
@@ -616,12 +695,13 @@ class McpEngine:
 
     # --- the handshake --------------------------------------------------------------------
 
-    @staticmethod
-    def initialize_result(session: DownstreamSession, params: dict[str, Any],
+    def initialize_result(self, session: DownstreamSession, params: dict[str, Any],
                           playbook: Playbook) -> dict[str, Any]:
         requested = params.get("protocolVersion")
         version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
         session.protocol_version = version
+        if self.metrics is not None:
+            self.metrics.initialized(session.transport, version)
         capabilities = params.get("capabilities")
         session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         info = params.get("clientInfo")
@@ -633,3 +713,10 @@ class McpEngine:
             result["instructions"] = playbook.description
         return result
 
+
+def _unindex(index: dict[Any, dict[str, DownstreamSession]], key: Any, session_id: str) -> None:
+    sessions = index.get(key)
+    if sessions is not None:
+        sessions.pop(session_id, None)
+        if not sessions:
+            del index[key]

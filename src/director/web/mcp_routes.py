@@ -279,7 +279,7 @@ class McpRoutes:
         self._refuse_modern(request)
         session = self._session(request, principal, playbook)
         assert session is not None
-        self.engine.end(session)
+        self.engine.end(session, "client")
         request.setResponseCode(204)
         return b""
 
@@ -290,7 +290,7 @@ class McpRoutes:
         principal, playbook = await self._caller(request, playbook_id)
         session = self.engine.create(principal.user.id, playbook, "sse")
         stream = EventStream(request, self.engine.streams,
-                             on_close=lambda _: self.engine.end(session))
+                             on_close=lambda _: self.engine.end(session, "client"))
         session.channel.stream = stream
         endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
         if request.args.get(b"key") and principal.key is not None:
