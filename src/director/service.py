@@ -107,6 +107,7 @@ class DirectorService(MultiService):
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
+        self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
         if self.metrics is not None:
             from director.metrics import ServiceCollector
 

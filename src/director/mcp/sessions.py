@@ -12,6 +12,15 @@ Messages for a session travel on one of two kinds of ``Channel``:
   which case it turns into an SSE stream on the fly (headers are not sent until then).
 * the session channel — the GET stream (Streamable HTTP) or the one stream of the legacy
   HTTP+SSE transport — for notifications outside any request.
+
+A session belongs to the credential that opened it (an API key or a cookie session): only that
+credential reaches it again, and when it is revoked — or its user disabled, or all its user's
+cookie sessions ended by a password change — the engine ends the session: its stream is
+finished, its calls in progress cancelled, its upstream sessions released (``McpEngine.revoked``,
+told by the account cache, which every instance keeps fresh by NOTIFY).
+Why bound to the credential and not to the user: revoking a key must end exactly what that key
+opened, and a session another credential could continue would either outlive the revocation or
+be cut under the other credential's feet; clients keep one credential per connection anyway.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
@@ -49,6 +59,9 @@ log = Logger(namespace="mcp.sessions")
 
 SERVER_INFO = {"name": "director", "title": "Director MCP gateway", "version": "0.1.0"}
 CLIENT_REQUEST_TIMEOUT = 300.0
+#: How long a revoked credential is remembered, so that a request that authenticated just
+#: before the revocation (then waited, e.g. for a rate-limit lease) cannot open a session.
+REVOKED_MEMORY_SECONDS = 60.0
 SERVER_CAPABILITIES = {
     "tools": {"listChanged": True},
     "prompts": {"listChanged": True},
@@ -61,6 +74,10 @@ LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_
 #: Each as ``SessionChannel`` writes it, encoded once for a fan-out to every session.
 LIST_CHANGED_ENCODED = {method: json_bytes(jsonrpc.notification(method))
                         for method in LIST_CHANGED}
+
+
+class CredentialRevoked(Exception):
+    """A session was to be opened with a credential revoked a moment ago (answered 401)."""
 
 
 class UpstreamWait:
@@ -165,11 +182,13 @@ class SessionChannel:
 
 
 class DownstreamSession:
-    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, playbook_pk: UUID,
-                 transport: str) -> None:
+    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, credential: Credential,
+                 playbook_pk: UUID, transport: str) -> None:
         self.engine = engine
         self.id = session_id
         self.user_id = user_id
+        #: What opened it; only this reaches it again, and its revocation ends it.
+        self.credential = credential
         self.playbook_pk = playbook_pk
         self.transport = transport  # "streamable" or "sse"
         self.protocol_version = LEGACY_VERSIONS[0]
@@ -188,6 +207,8 @@ class DownstreamSession:
         self.log_level: str | None = None
         self.last_active = time.monotonic()
         self.closed = False
+        #: Why the engine ended it ("client", "idle", "cap", "revoked", "deleted", "shutdown").
+        self.ended_because: str | None = None
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -539,6 +560,10 @@ class McpEngine:
         self.sessions: dict[str, DownstreamSession] = {}
         # Per user, for the cap: scanning every session at each open costs O(sessions).
         self._of_user: dict[UUID, dict[str, DownstreamSession]] = {}
+        # Per credential, for revocations: one lookup instead of a scan of every session.
+        self._of_credential: dict[Credential, dict[str, DownstreamSession]] = {}
+        # Credentials revoked lately, oldest first, with when (``REVOKED_MEMORY_SECONDS``).
+        self._revoked: dict[Credential, float] = {}
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_seconds = idle_seconds
         self._expiry: task.LoopingCall | None = None
@@ -563,8 +588,12 @@ class McpEngine:
 
     # --- sessions -------------------------------------------------------------------------
 
-    def create(self, user_id: UUID, playbook: Playbook, transport: str,
+    def create(self, user_id: UUID, credential: Credential, playbook: Playbook, transport: str,
                session_type: type[DownstreamSession] = DownstreamSession) -> DownstreamSession:
+        """A new session of ``user_id`` opened with ``credential``; ``CredentialRevoked`` when
+        that credential was revoked since the request authenticated."""
+        if credential in self._revoked:
+            raise CredentialRevoked(credential.kind)
         mine = self._of_user.setdefault(user_id, {})
         if len(mine) >= self.max_sessions_per_user:
             oldest = min(mine.values(), key=lambda s: s.last_active)
@@ -573,25 +602,30 @@ class McpEngine:
             self.end(oldest, "cap")
             mine = self._of_user.setdefault(user_id, {})
         session_id = secrets.token_urlsafe(24)
-        session = session_type(self, session_id, user_id, playbook.pk, transport)
+        session = session_type(self, session_id, user_id, credential, playbook.pk, transport)
         self.sessions[session_id] = session
         mine[session_id] = session
+        self._of_credential.setdefault(credential, {})[session_id] = session
         if self.metrics is not None:
             self.metrics.session_created(transport)
         return session
 
-    def find(self, session_id: str, user_id: UUID, playbook: Playbook) -> DownstreamSession | None:
-        """The caller's session on this playbook, or None (unknown, ended, or not theirs)."""
+    def find(self, session_id: str, credential: Credential,
+             playbook: Playbook) -> DownstreamSession | None:
+        """The session on this playbook opened with this credential, or None (unknown, ended,
+        or opened with another credential: sessions are bound to theirs, module docstring)."""
         session = self.sessions.get(session_id)
-        if session is None or session.user_id != user_id or session.playbook_pk != playbook.pk:
+        if session is None or session.credential != credential or \
+                session.playbook_pk != playbook.pk:
             return None
         return session
 
     def end(self, session: DownstreamSession, reason: str) -> None:
-        """End ``session`` (idempotent); ``reason``: "client", "idle", "cap", "deleted" or
-        "shutdown", for the metrics."""
+        """End ``session`` (idempotent); ``reason`` as ``DownstreamSession.ended_because``."""
         if self.sessions.pop(session.id, None) is not None:
             _unindex(self._of_user, session.user_id, session.id)
+            _unindex(self._of_credential, session.credential, session.id)
+            session.ended_because = reason
             if self.metrics is not None:
                 self.metrics.session_ended(session.transport, reason)
         session.close()
@@ -602,6 +636,36 @@ class McpEngine:
             if session.last_active < cutoff and not session.channel.open and \
                     not session.in_flight:
                 self.end(session, "idle")
+
+    # --- revocation (``director.accounts.cache.CredentialHolder``) ------------------------
+
+    def revoked(self, revocation: Revocation) -> None:
+        """End every session opened with what ``revocation`` names."""
+        if revocation.kind in ("api_key", "session"):
+            credential = Credential(revocation.kind, revocation.id)
+            self._remember_revoked(credential)
+            ending = list(self._of_credential.get(credential, {}).values())
+        else:  # "user": all of them; "sessions_of": those opened by cookie sessions
+            ending = [session for session in self._of_user.get(revocation.id, {}).values()
+                      if revocation.kind == "user" or session.credential.kind == "session"]
+        for session in ending:
+            self.end(session, "revoked")
+        if ending:
+            log.info("ended {count} MCP session(s): their credential was revoked ({kind})",
+                     count=len(ending), kind=revocation.kind)
+
+    def held(self) -> list[tuple[UUID, Credential]]:
+        return [(next(iter(sessions.values())).user_id, credential)
+                for credential, sessions in self._of_credential.items()]
+
+    def _remember_revoked(self, credential: Credential) -> None:
+        now = time.monotonic()
+        for old, when in list(self._revoked.items()):
+            if now - when < REVOKED_MEMORY_SECONDS:
+                break
+            del self._revoked[old]
+        self._revoked.pop(credential, None)
+        self._revoked[credential] = now
 
     # --- change routing -------------------------------------------------------------------
 
