@@ -7,11 +7,12 @@ start-to-healthy: external, embedded fresh, embedded existing), ``memory`` (idle
 limit shared by two instances), ``playbooks`` (propagation between two instances, 10,000
 playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput of
 ``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
-``METRICS_LISTEN`` costs a proxied ``tools/call``) and ``modern`` (the stateless era:
+``METRICS_LISTEN`` costs a proxied ``tools/call``), ``modern`` (the stateless era:
 a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
-upstream, two instances without affinity). A group that fails is reported and the others
-still run. Everything runs under one ``Reaper`` and in one throwaway directory under /tmp
-(kept only when the run fails, for its logs).
+upstream, two instances without affinity) and ``revocation`` (a key revoked on one instance:
+how long until the last of its 100, then 1,000 streams on another is closed). A group that
+fails is reported and the others still run. Everything runs under one ``Reaper`` and in one
+throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,18 @@ from typing import Any
 import attrs
 
 import twisted
-from bench import accounts, mcp, memory, modern, ops, playbooks, startup, throughput, wrk
+from bench import (
+    accounts,
+    mcp,
+    memory,
+    modern,
+    ops,
+    playbooks,
+    revocation,
+    startup,
+    throughput,
+    wrk,
+)
 from bench.daemon import log_findings
 from bench.database import ExternalDatabase, start_external_database
 from bench.probe import ProbeError
@@ -164,11 +176,16 @@ def _modern(c: Context) -> list[Figure]:
                                    rounds=1 if c.quick else 3, duration=duration))
 
 
+def _revocation(c: Context) -> list[Figure]:
+    return revocation.revocation(c.reaper, c.workdir, c.database.url, (100, 1_000),
+                                 rounds=2 if c.quick else 5)
+
+
 #: Every group of figures, in the order they run.
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
-    "modern": _modern,
+    "modern": _modern, "revocation": _revocation,
 }
 
 
