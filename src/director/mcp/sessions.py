@@ -281,8 +281,10 @@ class DownstreamSession:
         self.call_channels.append(channel)
         started, outcome = time.monotonic(), "error"
         metrics = self.engine.metrics
-        waited = UpstreamWait() if metrics is not None else None
-        waiting = _WAITING.set(waited)
+        waited = waiting = None
+        if metrics is not None:
+            waited = UpstreamWait()
+            waiting = _WAITING.set(waited)
         try:
             value = await self._dispatch(message["method"], message.get("params") or {},
                                          channel)
@@ -304,9 +306,9 @@ class DownstreamSession:
             return jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR,
                                  "internal error in the gateway; the details are in its log")
         finally:
-            _WAITING.reset(waiting)
             self.call_channels.remove(channel)
-            if metrics is not None and waited is not None:
+            if metrics is not None and waited is not None and waiting is not None:
+                _WAITING.reset(waiting)
                 metrics.mcp_request(message.get("method"), outcome, time.monotonic() - started,
                                     self.playbook_pk, waited.total)
 
