@@ -9,9 +9,11 @@ playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput
 ``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
 ``METRICS_LISTEN`` costs a proxied ``tools/call``), ``modern`` (the stateless era:
 a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
-upstream, two instances without affinity) and ``slow`` (2,000 slow clients: connections held
-over time, time until all are closed, RSS, and health latency meanwhile). A group that fails
-is reported and the others still run. Everything runs under one ``Reaper`` and in one
+upstream, two instances without affinity), ``slow`` (2,000 slow clients: connections held
+over time, time until all are closed, RSS, and health latency meanwhile) and ``revocation`` (a
+key revoked on one instance: how long until the last of its 100, then 1,000 streams on another
+is closed). A group that fails is reported and the others still run. Everything runs under one
+``Reaper`` and in one
 throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
@@ -41,6 +43,7 @@ from bench import (
     modern,
     ops,
     playbooks,
+    revocation,
     slowclients,
     startup,
     throughput,
@@ -180,11 +183,16 @@ def _slow(c: Context) -> list[Figure]:
     return slowclients.slow_clients(c.reaper, c.workdir, c.database.url, 1 if c.quick else 3)
 
 
+def _revocation(c: Context) -> list[Figure]:
+    return revocation.revocation(c.reaper, c.workdir, c.database.url, (100, 1_000),
+                                 rounds=2 if c.quick else 5)
+
+
 #: Every group of figures, in the order they run.
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
-    "modern": _modern, "slow": _slow,
+    "modern": _modern, "slow": _slow, "revocation": _revocation,
 }
 
 

@@ -12,6 +12,9 @@ Then it obeys one command per stdin line, answering one JSON line each:
 * ``mark`` — start counting notifications afresh;
 * ``wait SECONDS`` — wait until every open stream has received a ``…/list_changed`` since the
   mark (or the time is up) and report how many did, and when the first and the last did;
+* ``ended SECONDS`` — wait until every stream open at the mark has been ended by the server
+  (its last chunk, or the connection closed) and report how many were, and when the first and
+  the last were;
 * ``quit`` — close everything and exit (end of input does the same).
 
 The times are ``CLOCK_REALTIME`` nanoseconds stamped by the kernel when the data reached the
@@ -50,6 +53,7 @@ from bench.servers import REPOSITORY, python_module
 _SO_TIMESTAMPNS = 35  # Linux: SO_TIMESTAMPNS_OLD, also the SCM type of its control message
 _STAMP_SPACE = socket.CMSG_SPACE(16)
 _NEEDLE = b"list_changed"
+_LAST_CHUNK = b"0\r\n\r\n"  # what ends a chunked response (the stream's end)
 _READ_SIZE = 65536
 _CHANGES_CHANNEL = "director_changes"
 _NOTIFICATIONS = object()  # the selector's tag for the LISTEN connection
@@ -88,6 +92,9 @@ class Holder:
         self.opened_at: list[float] = []
         self.listener: Any = None
         self.notify_ns: int | None = None
+        self.ended = 0
+        self.first_end_ns: int | None = None
+        self.last_end_ns: int | None = None
 
     def listen(self, dsn: str) -> None:
         self.listener = psycopg2.connect(dsn)
@@ -222,8 +229,7 @@ class Holder:
             if not data:
                 if stream.stage == "open":
                     self.closed_while_open += 1
-                    self.open.remove(stream)
-                    self._drop(stream)
+                    self._ended(stream, time.time_ns())
                 else:
                     self._fail(stream, f"closed during {stream.stage}")
                 continue
@@ -235,6 +241,9 @@ class Holder:
     def _stream_read(self, stream: Stream, data: bytes, ancillary: list[Any]) -> None:
         window = stream.tail + data
         stream.tail = window[-(len(_NEEDLE) - 1):]
+        if _ends_chunked_body(window):
+            self._ended(stream, self._stamp(ancillary, time.time_ns()))
+            return
         found = window.count(_NEEDLE)
         if not found:
             return
@@ -243,18 +252,28 @@ class Holder:
             return
         stream.seen_epoch = self.epoch
         now = time.time_ns()
-        stamp = None
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
-                seconds, nanoseconds = struct.unpack("qq", value[:16])
-                stamp = seconds * 1_000_000_000 + nanoseconds
-        if stamp is None:
-            self.unstamped += 1
-            stamp = now
+        stamp = self._stamp(ancillary, now)
         self.arrived += 1
         self.first_ns = stamp if self.first_ns is None else min(self.first_ns, stamp)
         self.last_ns = stamp if self.last_ns is None else max(self.last_ns, stamp)
         self.last_read_ns = now
+
+    def _stamp(self, ancillary: list[Any], now: int) -> int:
+        """The kernel's receive time of the data read with ``ancillary`` (else ``now``)."""
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                return int(seconds * 1_000_000_000 + nanoseconds)
+        self.unstamped += 1
+        return now
+
+    def _ended(self, stream: Stream, stamp: int) -> None:
+        """The server ended an open stream (at ``stamp``): it is open no more."""
+        self.ended += 1
+        self.first_end_ns = stamp if self.first_end_ns is None else min(self.first_end_ns, stamp)
+        self.last_end_ns = stamp if self.last_end_ns is None else max(self.last_end_ns, stamp)
+        self.open.remove(stream)
+        self._drop(stream)
 
     # --- commands -----------------------------------------------------------------------
 
@@ -263,6 +282,8 @@ class Holder:
         self.arrived = 0
         self.first_ns = self.last_ns = self.last_read_ns = self.notify_ns = None
         self.unstamped = 0
+        self.ended = 0
+        self.first_end_ns = self.last_end_ns = None
         return {"marked": self.epoch, "open": len(self.open)}
 
     def wait(self, seconds: float) -> dict[str, Any]:
@@ -275,6 +296,16 @@ class Holder:
                 "last_ns": self.last_ns, "last_read_ns": self.last_read_ns,
                 "notify_ns": self.notify_ns,
                 "unstamped": self.unstamped, "closed_while_open": self.closed_while_open}
+
+    def wait_ended(self, seconds: float) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while self.open and time.monotonic() < deadline:
+            self._poll(min(0.05, max(0.0, deadline - time.monotonic())))
+        if self.listener is not None and self.notify_ns is None:
+            self._poll(0.05)
+        return {"ended": self.ended, "open": len(self.open), "first_ns": self.first_end_ns,
+                "last_ns": self.last_end_ns, "notify_ns": self.notify_ns,
+                "unstamped": self.unstamped}
 
     def serve(self) -> None:
         """Commands from stdin, streams kept read meanwhile (heartbeats, notifications)."""
@@ -302,6 +333,8 @@ class Holder:
                     answer = self.mark()
                 elif words[0] == "wait":
                     answer = self.wait(float(words[1]) if len(words) > 1 else 5.0)
+                elif words[0] == "ended":
+                    answer = self.wait_ended(float(words[1]) if len(words) > 1 else 5.0)
                 else:
                     answer = {"error": f"unknown command {words[0]!r}"}
                 print(json.dumps(answer), flush=True)
@@ -310,6 +343,14 @@ class Holder:
         for stream in list(self.open):
             self._drop(stream)
         self.selector.close()
+
+
+def _ends_chunked_body(window: bytes) -> bool:
+    """Whether the latest bytes of a chunked body end with its last chunk: ``0`` then an empty
+    line, at the start of a line (the previous chunk ended with CRLF, or there was none)."""
+    if not window.endswith(_LAST_CHUNK):
+        return False
+    return len(window) == len(_LAST_CHUNK) or window[-len(_LAST_CHUNK) - 1:-len(_LAST_CHUNK)] == b"\n"
 
 
 def open_rates(opened_at: list[float], started: float) -> dict[str, float] | None:

@@ -17,6 +17,7 @@ from mcp import Client, StdioServerParameters, types
 
 from tests.accounts_helpers import Account, call, eventually, sign_up
 from tests.harness import Daemon, make_temp_dir
+from tests.raw_stream import RawStream
 
 StartDaemon = Callable[..., Daemon]
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
@@ -302,38 +303,21 @@ def test_authentication_and_ownership(gateway: Gateway) -> None:
 # --- streams --------------------------------------------------------------------------------
 
 
-class GetStream:
+class GetStream(RawStream):
     """A raw GET stream of a session, read in the background."""
 
     def __init__(self, gateway: Gateway, session: str, last_event_id: str | None = None) -> None:
-        import socket
-        import threading
-
-        self.sock = socket.create_connection(("127.0.0.1", gateway.daemon.port), timeout=30)
         extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
-        self.sock.sendall(
+        super().__init__(gateway.daemon.port, (
             f"GET /playbooks/ref/mcp HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream"
             f"\r\nx-api-key: {gateway.owner.key}\r\nMcp-Session-Id: {session}\r\n{extra}\r\n"
-            .encode())
-        self.data = b""
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-        except OSError:
-            pass
+            ).encode())
 
     def wait_for(self, text: str, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while text.encode() not in self.data and time.monotonic() < deadline:
             time.sleep(0.01)
         return text.encode() in self.data
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_get_stream_headers_resumption_and_second_stream(gateway: Gateway) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from mcp.shared.exceptions import MCPError
 from director.mcp import headers, modern
 from tests.accounts_helpers import Account, call, sign_up
 from tests.harness import Daemon
+from tests.raw_stream import RawStream
 from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server
 
 StartDaemon = Callable[..., Daemon]
@@ -281,36 +281,18 @@ def test_result_shapes(instance: Instance) -> None:
 # --- two instances, subscriptions/listen ----------------------------------------------------
 
 
-class ListenStream:
+class ListenStream(RawStream):
     """A raw ``subscriptions/listen`` POST, its SSE answer read in the background."""
 
     def __init__(self, instance: Instance, request_id: str, notifications: dict[str, Any]):
         body = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "subscriptions/listen",
                            "params": {"notifications": notifications, "_meta": META}}).encode()
-        self.sock = socket.create_connection(("127.0.0.1", instance.daemon.port), timeout=30)
-        self.sock.sendall(
+        super().__init__(instance.daemon.port, (
             b"POST /playbooks/ref/mcp HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/json\r\nAccept: " + ACCEPT.encode() +
             b"\r\nx-api-key: " + instance.owner.key.encode() +
             b"\r\nMCP-Protocol-Version: 2026-07-28\r\nMcp-Method: subscriptions/listen"
-            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self.data = b""
-        self.ended = False
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-        except OSError:
-            pass
-        self.ended = True
-
-    def messages(self) -> list[dict[str, Any]]:
-        text = self.data.decode(errors="replace")
-        return [json.loads(line[len("data: "):]) for line in text.splitlines()
-                if line.startswith("data: ")]
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body))
 
     def wait_for(self, wanted: Callable[[dict[str, Any]], bool], timeout: float = 10.0
                  ) -> dict[str, Any]:
@@ -321,9 +303,6 @@ class ListenStream:
                 return found
             time.sleep(0.02)
         raise AssertionError(f"not received; got {self.messages()}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def method_is(name: str) -> Callable[[dict[str, Any]], bool]:

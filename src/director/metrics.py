@@ -4,13 +4,20 @@ Each service owns one ``Metrics`` (its own ``CollectorRegistry``; nothing goes t
 ``prometheus_client``'s global one), so two services in one process count separately.
 
 * Counters and histograms are written where things happen: ``DirectorSite.log`` (HTTP),
-  ``DownstreamSession.handle`` (MCP), ``Authenticator`` (rate-limit refusals).
+  ``DownstreamSession.handle`` (MCP, per playbook) and ``_upstream_request`` (per upstream
+  server), ``McpEngine`` (sessions created and ended, ``initialize``, upstream restarts),
+  ``Authenticator`` (rate-limit refusals, authentication failures).
 * Gauges are read from the service tree when scraped (``ServiceCollector``): nothing is kept
   up to date on the hot path for them.
 * Labels are bounded: an HTTP route is the template of the route that matched
   (``/playbooks/{playbook_id}/mcp``; never the raw path, which holds ids and keys), ``other``
   when none did; methods (HTTP and JSON-RPC) outside the known set are ``other``, so a client
-  cannot grow the number of series.
+  cannot grow the number of series. Playbooks (by their internal id, ``pk``: never an owner,
+  a name or anything a client sent) and their servers (by name) come and go: the first
+  ``MAX_PLAYBOOK_SERIES`` playbooks and ``MAX_SERVER_SERIES`` (playbook, server) pairs used
+  since start get series of their own, the rest share ``other``, and a playbook deleted (or a
+  server removed from it) has its series removed and its place freed. Nothing is labelled by
+  user, session or tool argument.
 
 The endpoint is off unless ``METRICS_LISTEN`` is set, and then served on a listener of its own
 that answers ``/metrics`` and nothing else — never on the gateway's port. On a loopback
@@ -25,10 +32,12 @@ memory to import on top of the rest of the daemon (this module, all told, about 
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import prometheus_client
 from klein.interfaces import IKleinRequest
@@ -40,6 +49,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from director import __version__
+from director.mcp.upstream.base import LEGACY_VERSIONS
 
 if TYPE_CHECKING:
     from director.accounts.cache import AccountCache
@@ -47,6 +57,7 @@ if TYPE_CHECKING:
     from director.mcp.sessions import McpEngine
     from director.mcp.upstreams import Upstream
     from director.playbooks.cache import PlaybookCache
+    from director.playbooks.store import Playbook
 
 # ``*_created`` series double the series count and say nothing a restart counter does not.
 prometheus_client.disable_created_metrics()
@@ -56,14 +67,30 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 MCP_METHODS = frozenset({
     "initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get",
     "resources/list", "resources/templates/list", "resources/read", "resources/subscribe",
-    "resources/unsubscribe", "completion/complete", "logging/setLevel",
+    "resources/unsubscribe", "completion/complete", "logging/setLevel", "server/discover",
 })
 MCP_OUTCOMES = ("ok", "error", "timeout", "cancelled")
+#: ``error``: the server answered with a JSON-RPC error; ``failed``: no answer (unreachable,
+#: process exited, malformed reply).
+UPSTREAM_OUTCOMES = ("ok", "error", "failed", "timeout", "cancelled")
+SESSION_TRANSPORTS = ("streamable", "sse", "modern")
+#: Why a session ended: closed by its client, idle expiry, the per-user cap, its credential
+#: revoked, its playbook deleted, the daemon stopping.
+SESSION_END_REASONS = ("client", "idle", "cap", "revoked", "deleted", "shutdown")
+INITIALIZE_TRANSPORTS = ("streamable", "sse")
+AUTH_FAILURE_REASONS = ("missing", "invalid_key", "revoked", "disabled", "expired_session",
+                        "pending")
+MAX_PLAYBOOK_SERIES = 100
+MAX_SERVER_SERIES = 300
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0, 60.0)
 #: Tool calls run from sub-millisecond to the longest upstream timeouts (minutes).
 MCP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                10.0, 30.0, 60.0, 120.0, 300.0)
+#: Per playbook and per server: fewer buckets, as there are many more of these label sets.
+TARGET_BUCKETS = (0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0)
+#: The gateway's own part of a request: budgets are 0.5 ms (p50) and 2 ms (p99).
+GATEWAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 UPSTREAM_TYPES = ("stdio", "http", "sse")
 UPSTREAM_STATES = ("starting", "started", "restarting", "failed")
 OTHER = "other"
@@ -90,14 +117,67 @@ class Metrics:
         self.mcp_seconds = Histogram(
             "director_mcp_request_seconds", "Time to answer an MCP request.", ("method",),
             buckets=MCP_BUCKETS, registry=self.registry)
+        self.mcp_gateway_seconds = Histogram(
+            "director_mcp_gateway_seconds",
+            "Time to answer an MCP request minus the time spent waiting for upstream answers.",
+            ("method",), buckets=GATEWAY_BUCKETS, registry=self.registry)
         self.rate_limited = Counter(
-            "director_rate_limited", "Requests refused (429) by an API key's rate limit.",
+            "director_rate_limited", "Requests refused (429) by a rate limit (an API key's or a user's).",
+            registry=self.registry)
+        self.auth_failures = Counter(
+            "director_auth_failures", "Requests refused for their credentials, by reason.",
+            ("reason",), registry=self.registry)
+        self.sessions_created = Counter(
+            "director_mcp_sessions_created", "Downstream MCP sessions opened.", ("transport",),
+            registry=self.registry)
+        self.sessions_ended = Counter(
+            "director_mcp_sessions_ended", "Downstream MCP sessions ended, by reason.",
+            ("transport", "reason"), registry=self.registry)
+        self.initializations = Counter(
+            "director_mcp_initialize", "MCP initialize requests answered (handshake era), by "
+            "transport and negotiated protocol version.", ("transport", "version"),
+            registry=self.registry)
+        self.playbook_requests = Counter(
+            "director_playbook_requests", "MCP requests answered, by playbook and outcome.",
+            ("playbook", "outcome"), registry=self.registry)
+        self.playbook_seconds = Histogram(
+            "director_playbook_request_seconds", "Time to answer an MCP request, by playbook.",
+            ("playbook",), buckets=TARGET_BUCKETS, registry=self.registry)
+        self.upstream_requests = Counter(
+            "director_upstream_requests", "Requests to upstream servers, by outcome.",
+            ("playbook", "server", "outcome"), registry=self.registry)
+        self.upstream_seconds = Histogram(
+            "director_upstream_request_seconds", "Time waiting for an upstream server's answer.",
+            ("playbook", "server"), buckets=TARGET_BUCKETS, registry=self.registry)
+        self.upstream_restarts = Counter(
+            "director_upstream_restarts", "Upstream sessions restarted (stdio: process respawned; "
+            "HTTP: re-initialised after the server forgot it).", ("playbook", "server"),
             registry=self.registry)
         ProcessCollector(registry=self.registry)
         # Label children and route templates, looked up once each (labels() costs ~4 µs).
         self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._mcp: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._mcp: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._templates: dict[tuple[str, str], str] = {}
+        # Per playbook pk: {outcome: children}; per playbook pk: {(server, outcome): children}.
+        self._playbooks: dict[UUID, dict[str, tuple[Any, Any]]] = {}
+        self._servers: dict[UUID, dict[tuple[str, str], tuple[Any, Any]]] = {}
+        # Which playbooks and (playbook, server) pairs have series of their own.
+        self._playbook_labels: dict[UUID, str] = {}
+        self._server_labels: dict[tuple[UUID, str], tuple[str, str]] = {}
+        self._fixed_sets()
+
+    def _fixed_sets(self) -> None:
+        """Series of the fixed label sets exist from the start, at 0 (``increase()`` then sees
+        the first event, and a dashboard shows 0 rather than nothing)."""
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
+        for transport in SESSION_TRANSPORTS:
+            self.sessions_created.labels(transport)
+            for reason in SESSION_END_REASONS:
+                self.sessions_ended.labels(transport, reason)
+        for transport in INITIALIZE_TRANSPORTS:
+            for version in LEGACY_VERSIONS:
+                self.initializations.labels(transport, version)
 
     # --- instruments ----------------------------------------------------------------------
 
@@ -117,15 +197,115 @@ class Metrics:
         if not content_type[0].startswith(b"text/event-stream") or method != "GET":
             children[1].observe(seconds)
 
-    def mcp_request(self, method: object, outcome: str, seconds: float) -> None:
+    def mcp_request(self, method: object, outcome: str, seconds: float,
+                    playbook: UUID | None = None, upstream_seconds: float = 0.0) -> None:
+        """One MCP request answered, ``upstream_seconds`` of its time spent waiting for
+        upstream answers."""
         name = method if isinstance(method, str) and method in MCP_METHODS else OTHER
         key = (name, outcome)
         children = self._mcp.get(key)
         if children is None:
             children = self._mcp[key] = (self.mcp_requests.labels(name, outcome),
-                                         self.mcp_seconds.labels(name))
+                                         self.mcp_seconds.labels(name),
+                                         self.mcp_gateway_seconds.labels(name))
         children[0].inc()
         children[1].observe(seconds)
+        children[2].observe(max(0.0, seconds - upstream_seconds))
+        if playbook is None:
+            return
+        mine = self._playbooks.get(playbook)
+        if mine is None:
+            mine = self._playbooks[playbook] = {}
+        found = mine.get(outcome)
+        if found is None:
+            label = self._playbook_label(playbook)
+            found = mine[outcome] = (self.playbook_requests.labels(label, outcome),
+                                     self.playbook_seconds.labels(label))
+        found[0].inc()
+        found[1].observe(seconds)
+
+    def upstream_request(self, playbook: UUID, server: str, outcome: str,
+                         seconds: float) -> None:
+        """One request to an upstream server answered (or failed) after ``seconds``."""
+        mine = self._servers.get(playbook)
+        if mine is None:
+            mine = self._servers[playbook] = {}
+        found = mine.get((server, outcome))
+        if found is None:
+            labels = self._server_label(playbook, server)
+            found = mine[(server, outcome)] = (self.upstream_requests.labels(*labels, outcome),
+                                               self.upstream_seconds.labels(*labels))
+        found[0].inc()
+        found[1].observe(seconds)
+
+    def upstream_restarted(self, playbook: UUID | None, server: str) -> None:
+        labels = self._server_label(playbook, server) if playbook is not None else (OTHER, OTHER)
+        self.upstream_restarts.labels(*labels).inc()
+
+    def session_created(self, transport: str) -> None:
+        self.sessions_created.labels(transport).inc()
+
+    def session_ended(self, transport: str, reason: str) -> None:
+        self.sessions_ended.labels(transport, reason).inc()
+
+    def initialized(self, transport: str, version: str) -> None:
+        self.initializations.labels(transport, version).inc()
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    # --- bounded playbook and server labels ----------------------------------------------
+
+    def _playbook_label(self, playbook: UUID) -> str:
+        label = self._playbook_labels.get(playbook)
+        if label is None:
+            if len(self._playbook_labels) >= MAX_PLAYBOOK_SERIES:
+                return OTHER
+            label = self._playbook_labels[playbook] = str(playbook)
+        return label
+
+    def _server_label(self, playbook: UUID, server: str) -> tuple[str, str]:
+        labels = self._server_labels.get((playbook, server))
+        if labels is None:
+            if len(self._server_labels) >= MAX_SERVER_SERIES:
+                return OTHER, OTHER
+            labels = self._server_labels[(playbook, server)] = (str(playbook), server)
+        return labels
+
+    def playbook_changed(self, old: Playbook | None, new: Playbook | None) -> None:
+        """A ``PlaybookCache`` listener: a deleted playbook's series, and those of servers
+        removed from a playbook, are removed and their places freed."""
+        if new is None:
+            if old is not None:
+                self._forget_playbook(old.pk)
+            return
+        if old is None or old.servers == new.servers:
+            return
+        kept = {server.name for server in new.servers}
+        for pk, name in [pair for pair in self._server_labels
+                         if pair[0] == new.pk and pair[1] not in kept]:
+            self._forget_server(pk, name)
+        mine = self._servers.get(new.pk, {})
+        for key in [key for key in mine if key[0] not in kept]:
+            del mine[key]
+
+    def _forget_playbook(self, playbook: UUID) -> None:
+        self._playbooks.pop(playbook, None)
+        label = self._playbook_labels.pop(playbook, None)
+        if label is not None:
+            for outcome in MCP_OUTCOMES:
+                _remove(self.playbook_requests, label, outcome)
+            _remove(self.playbook_seconds, label)
+        for pk, name in [pair for pair in self._server_labels if pair[0] == playbook]:
+            self._forget_server(pk, name)
+        self._servers.pop(playbook, None)
+
+    def _forget_server(self, playbook: UUID, server: str) -> None:
+        labels = self._server_labels.pop((playbook, server))
+        for outcome in UPSTREAM_OUTCOMES:
+            _remove(self.upstream_requests, *labels, outcome)
+        _remove(self.upstream_seconds, *labels)
+        _remove(self.upstream_restarts, *labels)
 
     def route(self, request: http.Request) -> str:
         """The template of the Klein route that answered, e.g. ``/playbooks/{playbook_id}/mcp``.
@@ -164,6 +344,11 @@ class Metrics:
                     method = sample.labels["method"]
                     totals[method] = totals.get(method, 0) + int(sample.value)
         return totals
+
+
+def _remove(family: Any, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never observed
+        family.remove(*labels)
 
 
 def upstream_state(upstream: Upstream) -> str | None:
@@ -216,21 +401,15 @@ class ServiceCollector:
                                       "Upstream MCP server sessions, by type and state.",
                                       labels=("type", "state"))
         counts = {(kind, state): 0 for kind in UPSTREAM_TYPES for state in UPSTREAM_STATES}
-        restarts = 0
         for upstream in self._upstreams():
             state = upstream_state(upstream)
             if state is None:
                 continue
             key = (upstream.server.type, state)
             counts[key] = counts.get(key, 0) + 1
-            restarts += int(getattr(upstream.session, "restarts", 0) or 0)
         for (kind, state), count in counts.items():
             upstreams.add_metric((kind, state), count)
         yield upstreams
-        yield GaugeMetricFamily(
-            "director_upstream_restarts",
-            "Respawns of the stdio upstream processes open now, since each was opened.",
-            value=restarts)
 
         yield GaugeMetricFamily("director_database_available",
                                 "1 when the query pool and the LISTEN connection are both up.",

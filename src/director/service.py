@@ -113,11 +113,13 @@ class DirectorService(MultiService):
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
+        self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
         if self.metrics is not None:
             from director.metrics import ServiceCollector
 
             self.metrics.register(ServiceCollector(self.mcp, self.database, self.accounts,
                                                    self.playbooks))
+            self.playbooks.subscribe(self.metrics.playbook_changed)
         self.web = DirectorApp(
             self.health_reason,
             ApiV1(settings, self.database, self.authenticator, self.playbooks, self.secret_box),

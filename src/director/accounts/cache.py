@@ -10,13 +10,21 @@ gone).
 A key missing from the cache (created a moment ago on another instance, racing its
 notification) is looked up once in the database; unknown keys are remembered briefly so that
 a client hammering with a wrong key costs no query per request.
+
+What a credential already opened is ended too: a ``CredentialHolder`` (the MCP engine, whose
+sessions and streams remember the ``Credential`` that opened them) is told of every
+``Revocation`` — a key revoked, a cookie session signed out, every cookie session of a user
+ended (a password change), a user disabled or gone — as soon as this instance knows it. After a
+reload (notifications may have been lost) the credentials the holder still holds are checked
+against what was reloaded, and those no longer valid are revoked.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 from uuid import UUID
 
 import attrs
@@ -41,6 +49,35 @@ class CachedSession:
     cached_at: float
 
 
+@attrs.frozen
+class Credential:
+    """What authenticated a request: an API key or a cookie session, by id (never reused)."""
+
+    kind: str  # "api_key" or "session"
+    id: UUID
+
+
+@attrs.frozen
+class Revocation:
+    """Credentials that stopped being valid: an API key or a cookie session (``kind`` as in
+    ``Credential``, ``id`` its id); every cookie session of a user (``sessions_of``, a password
+    change); or everything of a user (``user``: disabled or deleted). ``id`` is the user's then.
+    """
+
+    kind: str
+    id: UUID
+
+
+class CredentialHolder(Protocol):
+    """Something that keeps what credentials opened (MCP sessions and their streams)."""
+
+    def revoked(self, revocation: Revocation) -> None: ...
+
+    def held(self) -> Iterable[tuple[UUID, Credential]]:
+        """Each (user id, credential) that something is open with now."""
+        ...
+
+
 class AccountCache:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -48,7 +85,9 @@ class AccountCache:
         self.keys_by_hash: dict[bytes, store.ApiKey] = {}
         self.keys_by_id: dict[UUID, store.ApiKey] = {}
         self._sessions: dict[bytes, CachedSession] = {}
-        self._unknown_keys: OrderedDict[bytes, float] = OrderedDict()
+        # Unknown key hash -> (when looked up, whether it is a revoked key's).
+        self._unknown_keys: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
+        self._holders: list[CredentialHolder] = []
         # Bumped by every change notification of a key or user: a re-read that started before
         # a later change must not store what it read (it could resurrect a revoked key).
         self._generation: dict[UUID, int] = {}
@@ -72,6 +111,46 @@ class AccountCache:
         self.loaded = True
         log.info("account cache loaded: {users} users, {keys} API keys",
                  users=len(self.users), keys=len(keys))
+        await self._revoke_lost()
+
+    # --- what credentials opened --------------------------------------------------------------
+
+    def watch(self, holder: CredentialHolder) -> None:
+        """Tell ``holder`` of every revocation from now on."""
+        self._holders.append(holder)
+
+    def _revoke(self, kind: str, identifier: UUID) -> None:
+        for holder in list(self._holders):
+            _tell(holder, Revocation(kind, identifier))
+
+    async def _revoke_lost(self) -> None:
+        """After a reload: revoke what the holders hold and is no longer valid (its
+        notification may have been lost while the LISTEN connection was down)."""
+        for holder in list(self._holders):
+            held = list(holder.held())
+            cookie_sessions = {credential.id for _, credential in held
+                               if credential.kind == "session"}
+            try:
+                live = await self._live_sessions(cookie_sessions) if cookie_sessions else set()
+            except Exception:
+                log.failure("checking the cookie sessions of open MCP sessions failed")
+                live = cookie_sessions  # the next reload checks again
+            for user_id, credential in held:
+                user = self.users.get(user_id)
+                if user is None or user.status == "disabled":
+                    _tell(holder, Revocation("user", user_id))
+                elif credential.kind == "api_key" and credential.id not in self.keys_by_id:
+                    _tell(holder, Revocation("api_key", credential.id))
+                elif credential.kind == "session" and credential.id not in live:
+                    _tell(holder, Revocation("session", credential.id))
+
+    async def _live_sessions(self, ids: set[UUID]) -> set[UUID]:
+        rows = await self.database.runQuery(
+            "SELECT id FROM sessions WHERE id = ANY(%s::uuid[]) AND expires_at > now()",
+            ([str(i) for i in ids],))
+        return {UUID(str(row[0])) for row in rows}
+
+    # --- change notifications -------------------------------------------------------------
 
     def _changed(self, channel: str, payload: str) -> None:
         kind, _, key = payload.partition(":")
@@ -91,9 +170,11 @@ class AccountCache:
         elif kind == "session":
             self._sessions = {h: s for h, s in self._sessions.items()
                               if s.session.id != identifier}
+            self._revoke("session", identifier)
         elif kind == "sessions_of":
             self._sessions = {h: s for h, s in self._sessions.items()
                               if s.session.user_id != identifier}
+            self._revoke("sessions_of", identifier)
 
     def _refresh_failed(self, failure: Any) -> None:
         log.failure("refreshing the account cache failed; reloading everything", failure)
@@ -105,9 +186,11 @@ class AccountCache:
             self.keys_by_hash.pop(old.key_hash, None)
 
     def key_revoked(self, key_id: UUID) -> None:
-        """This instance revoked the key: forget it now, and outdate reads in flight."""
+        """This instance revoked the key: forget it now, outdate reads in flight, and end
+        what it opened here (other instances do when its notification arrives)."""
         self._generation[key_id] = self._generation.get(key_id, 0) + 1
         self.forget_key(key_id)
+        self._revoke("api_key", key_id)
 
     def remember_key(self, key: store.ApiKey) -> None:
         self.forget_key(key.id)
@@ -124,6 +207,7 @@ class AccountCache:
             self.remember_key(key)
         else:
             self.forget_key(key_id)
+            self._revoke("api_key", key_id)
 
     async def _refresh_user(self, user_id: UUID) -> None:
         generation = self._generation.get(user_id, 0)
@@ -134,6 +218,8 @@ class AccountCache:
             self.users.pop(user_id, None)
         else:
             self.users[user_id] = attrs.evolve(user, password_hash="")
+        if user is None or user.status == "disabled":
+            self._revoke("user", user_id)
 
     # --- lookups on the request path ---------------------------------------------------------
 
@@ -144,18 +230,23 @@ class AccountCache:
             return found
         now = time.monotonic()
         seen = self._unknown_keys.get(digest)
-        if seen is not None and now - seen < UNKNOWN_KEY_CACHE_SECONDS:
+        if seen is not None and now - seen[0] < UNKNOWN_KEY_CACHE_SECONDS:
             return None
         rows = await self.database.runQuery(
-            "SELECT id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL", (digest,))
-        if rows:
+            "SELECT id, revoked_at IS NOT NULL FROM api_keys WHERE key_hash = %s", (digest,))
+        if rows and not rows[0][1]:
             await self._refresh_key(UUID(str(rows[0][0])))
             return self.keys_by_hash.get(digest)
-        self._unknown_keys[digest] = now
+        self._unknown_keys[digest] = (now, bool(rows))
         self._unknown_keys.move_to_end(digest)
         while len(self._unknown_keys) > UNKNOWN_KEY_CACHE_SIZE:
             self._unknown_keys.popitem(last=False)
         return None
+
+    def refusal(self, value: str) -> str:
+        """Why ``key(value)`` found nothing, for metrics: ``revoked`` or ``invalid_key``."""
+        seen = self._unknown_keys.get(hash_token(value))
+        return "revoked" if seen is not None and seen[1] else "invalid_key"
 
     async def user(self, user_id: UUID) -> store.User | None:
         found = self.users.get(user_id)
@@ -183,3 +274,10 @@ class AccountCache:
 
     def remember_session(self, token: str, session: store.Session) -> None:
         self._sessions[hash_token(token)] = CachedSession(session, time.monotonic())
+
+
+def _tell(holder: CredentialHolder, revocation: Revocation) -> None:
+    try:
+        holder.revoked(revocation)
+    except Exception:
+        log.failure("ending what a revoked credential opened failed")

@@ -33,12 +33,13 @@ with that user's upstream credentials, whatever an upstream claims. Lists keep t
 deterministic order.
 
 State. The protocol is stateless, the gateway is not: it needs upstream connections, and
-HTTP upstreams cost a handshake each. So each (user, playbook) has one long-lived
+HTTP upstreams cost a handshake each. So each (credential, playbook) has one long-lived
 ``StatelessContext`` per instance — a ``DownstreamSession`` with ``transport="modern"`` kept in
-the engine's session table (so the per-user cap, idle expiry, playbook edits and deletion and
-shutdown treat it like any session) but never reachable through an ``Mcp-Session-Id``. It owns
-the HTTP upstream sessions and the router's routes, and is reused by every modern request of
-that user on that playbook on this instance; stdio upstreams are shared per playbook anyway.
+the engine's session table (so the per-user cap, idle expiry, playbook edits and deletion,
+revocation of its credential and shutdown treat it like any session) but never reachable
+through an ``Mcp-Session-Id``. It owns the HTTP upstream sessions and the router's routes, and
+is reused by every modern request made with that API key (or cookie session) on that playbook
+on this instance; stdio upstreams are shared per playbook anyway.
 Nothing a client relies on lives only there: another instance builds its own on first use.
 
 Within a request: progress goes on the request's own response (which turns into an SSE stream
@@ -76,7 +77,8 @@ context). Then ``notifications/{tools,prompts,resources}/list_changed`` and
 (the listen request's id) in ``_meta``. They come from the same sources as the handshake era's
 GET stream: the upstreams' own notifications and playbook edits, which reach every instance
 through the playbook cache's database notifications. When the context ends (playbook deleted,
-shutdown, cap) each stream gets its final ``SubscriptionsListenResult``.
+shutdown, cap) each stream gets its final ``SubscriptionsListenResult``; when its credential is
+revoked, an error (-32000, ``data.code`` ``credential_revoked``) instead, and the stream ends.
 
 The spec's string constants are defined here rather than imported from ``mcp_types`` (which
 would add ~10 MB and half a second to every daemon's start); the tests check that they agree.
@@ -93,6 +95,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.headers import (
     PARAM_HEADER_PREFIX,
@@ -147,6 +150,9 @@ MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
 ASKED_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation",
                     "roots/list": "roots"}
 UNSUPPORTED_PROTOCOL_VERSION = -32022
+#: Ends a ``subscriptions/listen`` whose credential was revoked: the code the MCP routes give
+#: their HTTP-level refusals (401 among them), as HTTP has already said 200 here.
+CREDENTIAL_REVOKED = -32000
 #: JSON-RPC error code -> HTTP status for modern answers (unlisted codes: 200).
 HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400,
                MISSING_REQUIRED_CLIENT_CAPABILITY: 400, UNSUPPORTED_PROTOCOL_VERSION: 400,
@@ -588,11 +594,21 @@ class Listener:
 
     def end(self, info: dict[str, Any]) -> None:
         """Graceful close: the listen request's result, then the end of the stream."""
-        if self.stream is None or not self.stream.open:
-            return
         result = with_server_info({"resultType": "complete",
                                    "_meta": {SUBSCRIPTION_ID_META: self.id}}, info)
-        self.stream.send(frame(json_bytes(jsonrpc.result(self.id, result))))
+        self._last(jsonrpc.result(self.id, result))
+
+    def revoked(self) -> None:
+        """The credential that opened it was revoked: an error answers the listen request."""
+        self._last(jsonrpc.error(self.id, CREDENTIAL_REVOKED, (
+            "the credential that opened this subscription was revoked (API key revoked, signed "
+            "out, password changed or account disabled); authenticate again"),
+            {"code": "credential_revoked"}))
+
+    def _last(self, message: Message) -> None:
+        if self.stream is None or not self.stream.open:
+            return
+        self.stream.send(frame(json_bytes(message)))
         self.stream.finish()
 
 
@@ -616,11 +632,11 @@ class ListenHub(SessionChannel):
 
 
 class StatelessContext(DownstreamSession):
-    """What modern requests of one user on one playbook share on this instance."""
+    """What modern requests of one credential on one playbook share on this instance."""
 
-    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, playbook_pk: UUID,
-                 transport: str) -> None:
-        super().__init__(engine, session_id, user_id, playbook_pk, transport)
+    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, credential: Credential,
+                 playbook_pk: UUID, transport: str) -> None:
+        super().__init__(engine, session_id, user_id, credential, playbook_pk, transport)
         self.hub = ListenHub(session_id)
         self.channel = self.hub
         self.forwarding: list[ModernCallChannel] = []
@@ -791,18 +807,21 @@ class StatelessContext(DownstreamSession):
         info = server_info(playbook) if playbook is not None else dict(SERVER_INFO)
         super().close()
         for listener in list(self.hub.listeners):
-            listener.end(info)
+            if self.ended_because == "revoked":
+                listener.revoked()
+            else:
+                listener.end(info)
 
 
 # --- the entry point ----------------------------------------------------------------------
 
 
 class ModernGateway:
-    """Serves modern POSTs; owns the lookup of each (user, playbook)'s context."""
+    """Serves modern POSTs; owns the lookup of each (credential, playbook)'s context."""
 
     def __init__(self, engine: McpEngine) -> None:
         self.engine = engine
-        self.contexts: dict[tuple[UUID, UUID], StatelessContext] = {}
+        self.contexts: dict[tuple[Credential, UUID], StatelessContext] = {}
         # After the engine's own listener (it replaced changed shared upstreams by then).
         engine.playbooks.subscribe(self._playbook_changed)
 
@@ -816,13 +835,14 @@ class ModernGateway:
                 starting = defer.ensureDeferred(context.start_upstreams())
                 starting.addErrback(lambda failure: log.failure("restarting upstreams", failure))
 
-    def context(self, user_id: UUID, playbook: Playbook) -> StatelessContext:
-        key = (user_id, playbook.pk)
+    def context(self, user_id: UUID, credential: Credential,
+                playbook: Playbook) -> StatelessContext:
+        key = (credential, playbook.pk)
         context = self.contexts.get(key)
         if context is None or context.closed:
             for stale in [k for k, c in self.contexts.items() if c.closed]:
                 del self.contexts[stale]
-            created = self.engine.create(user_id, playbook, "modern",
+            created = self.engine.create(user_id, credential, playbook, "modern",
                                          session_type=StatelessContext)
             assert isinstance(created, StatelessContext)
             context = self.contexts[key] = created
@@ -830,10 +850,10 @@ class ModernGateway:
                      context=created.id[:8])
         return context
 
-    async def post(self, request: Any, user_id: UUID, playbook: Playbook,
+    async def post(self, request: Any, user_id: UUID, credential: Credential, playbook: Playbook,
                    message: Message) -> bytes | None:
         try:
-            return await self._post(request, user_id, playbook, message)
+            return await self._post(request, user_id, credential, playbook, message)
         except ProtocolError as failure:  # refused by the ladder, or before a listen stream
             request.setResponseCode(http_status(failure.code))
             request.setHeader(b"content-type", b"application/json")
@@ -841,8 +861,8 @@ class ModernGateway:
             return json_bytes({"jsonrpc": "2.0", "id": request_id,
                                "error": failure.error_object()})
 
-    async def _post(self, request: Any, user_id: UUID, playbook: Playbook,
-                    message: Message) -> bytes | None:
+    async def _post(self, request: Any, user_id: UUID, credential: Credential,
+                    playbook: Playbook, message: Message) -> bytes | None:
         if jsonrpc.is_response(message):
             raise Rejection(INVALID_REQUEST, "Body must be a single JSON-RPC request or "
                                              "notification object")
@@ -858,7 +878,7 @@ class ModernGateway:
         if duplicated is not None:
             raise Rejection(HEADER_MISMATCH, f"{duplicated} header appears more than once")
         envelope = classify(message, lambda name: _header(request, name))
-        context = self.context(user_id, playbook)
+        context = self.context(user_id, credential, playbook)
         method = message["method"]
         if method == "tools/call":
             await self._check_param_headers(request, context, playbook, message)

@@ -12,18 +12,29 @@ Messages for a session travel on one of two kinds of ``Channel``:
   which case it turns into an SSE stream on the fly (headers are not sent until then).
 * the session channel — the GET stream (Streamable HTTP) or the one stream of the legacy
   HTTP+SSE transport — for notifications outside any request.
+
+A session belongs to the credential that opened it (an API key or a cookie session): only that
+credential reaches it again, and when it is revoked — or its user disabled, or all its user's
+cookie sessions ended by a password change — the engine ends the session: its stream is
+finished, its calls in progress cancelled, its upstream sessions released (``McpEngine.revoked``,
+told by the account cache, which every instance keeps fresh by NOTIFY).
+Why bound to the credential and not to the user: revoking a key must end exactly what that key
+opened, and a session another credential could continue would either outlive the revocation or
+be cut under the other credential's feet; clients keep one credential per connection anyway.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
@@ -32,6 +43,7 @@ from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, fram
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     UpstreamError,
+    UpstreamRequestError,
     UpstreamSession,
     UpstreamTimeout,
 )
@@ -47,6 +59,9 @@ log = Logger(namespace="mcp.sessions")
 
 SERVER_INFO = {"name": "director", "title": "Director MCP gateway", "version": "0.1.0"}
 CLIENT_REQUEST_TIMEOUT = 300.0
+#: How long a revoked credential is remembered, so that a request that authenticated just
+#: before the revocation (then waited, e.g. for a rate-limit lease) cannot open a session.
+REVOKED_MEMORY_SECONDS = 60.0
 SERVER_CAPABILITIES = {
     "tools": {"listChanged": True},
     "prompts": {"listChanged": True},
@@ -59,6 +74,48 @@ LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_
 #: Each as ``SessionChannel`` writes it, encoded once for a fan-out to every session.
 LIST_CHANGED_ENCODED = {method: json_bytes(jsonrpc.notification(method))
                         for method in LIST_CHANGED}
+
+
+class CredentialRevoked(Exception):
+    """A session was to be opened with a credential revoked a moment ago (answered 401)."""
+
+
+class UpstreamWait:
+    """How long one client request waited for upstream answers (overlapping waits counted
+    once): the request's time minus this is the gateway's own, for metrics."""
+
+    __slots__ = ("outstanding", "since", "total")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.since = 0.0
+        self.total = 0.0
+
+    def begin(self, now: float) -> None:
+        if self.outstanding == 0:
+            self.since = now
+        self.outstanding += 1
+
+    def end(self, now: float) -> None:
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.total += now - self.since
+
+
+#: The ``UpstreamWait`` of the client request being handled (set only when metrics are on;
+#: each request runs in a context of its own, which Twisted copies for every coroutine).
+_WAITING: ContextVar[UpstreamWait | None] = ContextVar("director_upstream_wait", default=None)
+
+
+def outcome_of(failure: BaseException) -> str:
+    """How an upstream request failed, as the metrics label it."""
+    if isinstance(failure, UpstreamTimeout):
+        return "timeout"
+    if isinstance(failure, UpstreamRequestError):
+        return "error"
+    if isinstance(failure, defer.CancelledError):
+        return "cancelled"
+    return "failed"
 
 
 class Channel(Protocol):
@@ -125,11 +182,13 @@ class SessionChannel:
 
 
 class DownstreamSession:
-    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, playbook_pk: UUID,
-                 transport: str) -> None:
+    def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, credential: Credential,
+                 playbook_pk: UUID, transport: str) -> None:
         self.engine = engine
         self.id = session_id
         self.user_id = user_id
+        #: What opened it; only this reaches it again, and its revocation ends it.
+        self.credential = credential
         self.playbook_pk = playbook_pk
         self.transport = transport  # "streamable" or "sse"
         self.protocol_version = LEGACY_VERSIONS[0]
@@ -148,6 +207,8 @@ class DownstreamSession:
         self.log_level: str | None = None
         self.last_active = time.monotonic()
         self.closed = False
+        #: Why the engine ended it ("client", "idle", "cap", "revoked", "deleted", "shutdown").
+        self.ended_because: str | None = None
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -201,8 +262,9 @@ class DownstreamSession:
         cursor = None
         for _ in range(100):  # bounded: an upstream paging forever is a bug, not our hang
             params = {"cursor": cursor} if cursor else None
-            result = await session.request(method, params, timeout=min(
-                30.0, upstream.server.timeout_seconds))
+            result = await self._upstream_request(upstream.server, session, method, params,
+                                                  timeout=min(30.0,
+                                                              upstream.server.timeout_seconds))
             entries.extend(e for e in result.get(key, []) if isinstance(e, dict))
             cursor = result.get("nextCursor")
             if not cursor:
@@ -218,6 +280,11 @@ class DownstreamSession:
         request_id = message.get("id")
         self.call_channels.append(channel)
         started, outcome = time.monotonic(), "error"
+        metrics = self.engine.metrics
+        waited = waiting = None
+        if metrics is not None:
+            waited = UpstreamWait()
+            waiting = _WAITING.set(waited)
         try:
             value = await self._dispatch(message["method"], message.get("params") or {},
                                          channel)
@@ -240,9 +307,10 @@ class DownstreamSession:
                                  "internal error in the gateway; the details are in its log")
         finally:
             self.call_channels.remove(channel)
-            if self.engine.metrics is not None:
-                self.engine.metrics.mcp_request(message.get("method"), outcome,
-                                                time.monotonic() - started)
+            if metrics is not None and waited is not None and waiting is not None:
+                _WAITING.reset(waiting)
+                metrics.mcp_request(message.get("method"), outcome, time.monotonic() - started,
+                                    self.playbook_pk, waited.total)
 
     async def _dispatch(self, method: str, params: dict[str, Any], channel: Channel) -> Any:
         playbook = self.playbook
@@ -306,16 +374,43 @@ class DownstreamSession:
         session = await self.engine.upstreams.ready(self.upstream(server))
         return await self._send(session, server, method, params, channel)
 
-    @staticmethod
-    async def _send(session: UpstreamSession, server: Server, method: str,
+    async def _send(self, session: UpstreamSession, server: Server, method: str,
                     params: dict[str, Any], channel: Channel, **options: Any) -> dict[str, Any]:
         """One request to an upstream session, its progress relayed on ``channel``."""
         def progress(notification_params: dict[str, Any]) -> None:
             channel.send(jsonrpc.notification("notifications/progress", notification_params))
 
         has_token = isinstance(params.get("_meta"), dict) and "progressToken" in params["_meta"]
-        return await session.request(method, params, timeout=server.timeout_seconds,
-                                     on_progress=progress if has_token else None, **options)
+        return await self._upstream_request(server, session, method, params,
+                                            timeout=server.timeout_seconds,
+                                            on_progress=progress if has_token else None,
+                                            **options)
+
+    async def _upstream_request(self, server: Server, session: UpstreamSession, method: str,
+                                params: dict[str, Any] | None, **options: Any
+                                ) -> dict[str, Any]:
+        """``session.request``, timed for the metrics (per server, and as the client request's
+        wait) when they are on."""
+        metrics = self.engine.metrics
+        if metrics is None:
+            return await session.request(method, params, **options)
+        waited = _WAITING.get()
+        started = time.monotonic()
+        if waited is not None:
+            waited.begin(started)
+        outcome = "failed"
+        try:
+            result = await session.request(method, params, **options)
+            outcome = "ok"
+            return result
+        except BaseException as failure:
+            outcome = outcome_of(failure)
+            raise
+        finally:
+            now = time.monotonic()
+            if waited is not None:
+                waited.end(now)
+            metrics.upstream_request(self.playbook_pk, server.name, outcome, now - started)
 
     async def _complete(self, playbook: Playbook, params: dict[str, Any],
                         channel: Channel) -> Any:
@@ -467,6 +562,10 @@ class McpEngine:
         self.sessions: dict[str, DownstreamSession] = {}
         # Per user, for the cap: scanning every session at each open costs O(sessions).
         self._of_user: dict[UUID, dict[str, DownstreamSession]] = {}
+        # Per credential, for revocations: one lookup instead of a scan of every session.
+        self._of_credential: dict[Credential, dict[str, DownstreamSession]] = {}
+        # Credentials revoked lately, oldest first, with when (``REVOKED_MEMORY_SECONDS``).
+        self._revoked: dict[Credential, float] = {}
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_seconds = idle_seconds
         self._expiry: task.LoopingCall | None = None
@@ -484,41 +583,53 @@ class McpEngine:
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
         for session in list(self.sessions.values()):
-            self.end(session)
+            self.end(session, "shutdown")
         self.streams.stop()
         self.streams.close_all()
         await self.upstreams.close_all()
 
     # --- sessions -------------------------------------------------------------------------
 
-    def create(self, user_id: UUID, playbook: Playbook, transport: str,
+    def create(self, user_id: UUID, credential: Credential, playbook: Playbook, transport: str,
                session_type: type[DownstreamSession] = DownstreamSession) -> DownstreamSession:
+        """A new session of ``user_id`` opened with ``credential``; ``CredentialRevoked`` when
+        that credential was revoked since the request authenticated."""
+        if credential in self._revoked:
+            raise CredentialRevoked(credential.kind)
         mine = self._of_user.setdefault(user_id, {})
         if len(mine) >= self.max_sessions_per_user:
             oldest = min(mine.values(), key=lambda s: s.last_active)
             log.info("session cap reached for a user: ending their least recently used session",
                      user_id=str(user_id))
-            self.end(oldest)
+            self.end(oldest, "cap")
+            mine = self._of_user.setdefault(user_id, {})
         session_id = secrets.token_urlsafe(24)
-        session = session_type(self, session_id, user_id, playbook.pk, transport)
+        session = session_type(self, session_id, user_id, credential, playbook.pk, transport)
         self.sessions[session_id] = session
         mine[session_id] = session
+        self._of_credential.setdefault(credential, {})[session_id] = session
+        if self.metrics is not None:
+            self.metrics.session_created(transport)
         return session
 
-    def find(self, session_id: str, user_id: UUID, playbook: Playbook) -> DownstreamSession | None:
-        """The caller's session on this playbook, or None (unknown, ended, or not theirs)."""
+    def find(self, session_id: str, credential: Credential,
+             playbook: Playbook) -> DownstreamSession | None:
+        """The session on this playbook opened with this credential, or None (unknown, ended,
+        or opened with another credential: sessions are bound to theirs, module docstring)."""
         session = self.sessions.get(session_id)
-        if session is None or session.user_id != user_id or session.playbook_pk != playbook.pk:
+        if session is None or session.credential != credential or \
+                session.playbook_pk != playbook.pk:
             return None
         return session
 
-    def end(self, session: DownstreamSession) -> None:
-        self.sessions.pop(session.id, None)
-        mine = self._of_user.get(session.user_id)
-        if mine is not None:
-            mine.pop(session.id, None)
-            if not mine:
-                del self._of_user[session.user_id]
+    def end(self, session: DownstreamSession, reason: str) -> None:
+        """End ``session`` (idempotent); ``reason`` as ``DownstreamSession.ended_because``."""
+        if self.sessions.pop(session.id, None) is not None:
+            _unindex(self._of_user, session.user_id, session.id)
+            _unindex(self._of_credential, session.credential, session.id)
+            session.ended_because = reason
+            if self.metrics is not None:
+                self.metrics.session_ended(session.transport, reason)
         session.close()
 
     def expire_idle(self) -> None:
@@ -526,7 +637,37 @@ class McpEngine:
         for session in list(self.sessions.values()):
             if session.last_active < cutoff and not session.channel.open and \
                     not session.in_flight:
-                self.end(session)
+                self.end(session, "idle")
+
+    # --- revocation (``director.accounts.cache.CredentialHolder``) ------------------------
+
+    def revoked(self, revocation: Revocation) -> None:
+        """End every session opened with what ``revocation`` names."""
+        if revocation.kind in ("api_key", "session"):
+            credential = Credential(revocation.kind, revocation.id)
+            self._remember_revoked(credential)
+            ending = list(self._of_credential.get(credential, {}).values())
+        else:  # "user": all of them; "sessions_of": those opened by cookie sessions
+            ending = [session for session in self._of_user.get(revocation.id, {}).values()
+                      if revocation.kind == "user" or session.credential.kind == "session"]
+        for session in ending:
+            self.end(session, "revoked")
+        if ending:
+            log.info("ended {count} MCP session(s): their credential was revoked ({kind})",
+                     count=len(ending), kind=revocation.kind)
+
+    def held(self) -> list[tuple[UUID, Credential]]:
+        return [(next(iter(sessions.values())).user_id, credential)
+                for credential, sessions in self._of_credential.items()]
+
+    def _remember_revoked(self, credential: Credential) -> None:
+        now = time.monotonic()
+        for old, when in list(self._revoked.items()):
+            if now - when < REVOKED_MEMORY_SECONDS:
+                break
+            del self._revoked[old]
+        self._revoked.pop(credential, None)
+        self._revoked[credential] = now
 
     # --- change routing -------------------------------------------------------------------
 
@@ -562,6 +703,10 @@ class McpEngine:
                 log.info("re-subscribing {uri} failed: {error}", uri=uri, error=str(failure))
 
     def _upstream_restored(self, upstream: Upstream) -> None:
+        if self.metrics is not None:
+            users = self.users_of(upstream)  # an upstream serves one playbook's sessions
+            self.metrics.upstream_restarted(users[0].playbook_pk if users else None,
+                                            upstream.server.name)
         restoring = defer.ensureDeferred(self._restore(upstream))
         restoring.addErrback(lambda failure: log.failure("restoring an upstream", failure))
 
@@ -603,7 +748,7 @@ class McpEngine:
         affected = [s for s in self.sessions.values() if s.playbook_pk == playbook.pk]
         if new is None:
             for session in affected:
-                self.end(session)
+                self.end(session, "deleted")
             return
         servers_changed = old is None or old.servers != new.servers
         prompts_changed = old is None or old.prompts != new.prompts or servers_changed
@@ -616,12 +761,13 @@ class McpEngine:
 
     # --- the handshake --------------------------------------------------------------------
 
-    @staticmethod
-    def initialize_result(session: DownstreamSession, params: dict[str, Any],
+    def initialize_result(self, session: DownstreamSession, params: dict[str, Any],
                           playbook: Playbook) -> dict[str, Any]:
         requested = params.get("protocolVersion")
         version = requested if requested in LEGACY_VERSIONS else LEGACY_VERSIONS[0]
         session.protocol_version = version
+        if self.metrics is not None:
+            self.metrics.initialized(session.transport, version)
         capabilities = params.get("capabilities")
         session.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         info = params.get("clientInfo")
@@ -633,3 +779,10 @@ class McpEngine:
             result["instructions"] = playbook.description
         return result
 
+
+def _unindex(index: dict[Any, dict[str, DownstreamSession]], key: Any, session_id: str) -> None:
+    sessions = index.get(key)
+    if sessions is not None:
+        sessions.pop(session_id, None)
+        if not sessions:
+            del index[key]

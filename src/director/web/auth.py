@@ -134,13 +134,14 @@ class Authenticator:
         """The caller, or an ``ApiError`` (401, 403, 429) saying why not."""
         principal = await self._resolve(request, allow_query_key)
         if principal is None:
-            raise _unauthorized(
+            raise self._refused(
                 "authentication required: send an API key (x-api-key or Authorization: Bearer) "
-                "or sign in")
+                "or sign in", "missing")
         if principal.user.status == "disabled":
-            raise _unauthorized("this account is disabled")
+            raise self._refused("this account is disabled", "disabled")
         if (principal.user.status == "pending" and self.settings.waitlist_enabled
                 and not allow_pending):
+            self._count_failure("pending")
             raise Forbidden("this account is waiting for an administrator to activate it",
                             code="user_pending")
         await self._apply_rate_limits(request, principal)
@@ -148,27 +149,38 @@ class Authenticator:
             self._check_csrf(request)
         return principal
 
+    def _refused(self, message: str, reason: str) -> Unauthorized:
+        """A 401, counted by ``reason`` (``director_auth_failures_total``)."""
+        self._count_failure(reason)
+        return _unauthorized(message)
+
+    def _count_failure(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_failure(reason)
+
     async def _resolve(self, request: Request, allow_query_key: bool) -> Principal | None:
         presented = self._presented_key(request, allow_query_key)
         if presented is not None:
             if not looks_like_api_key(presented):
-                raise _unauthorized("invalid API key")
+                raise self._refused("invalid API key", "invalid_key")
             key = await self.cache.key(presented)
             if key is None:
-                raise _unauthorized("invalid API key")
+                raise self._refused("invalid API key", self.cache.refusal(presented))
             user = await self.cache.user(key.user_id)
             if user is None:
-                raise _unauthorized("invalid API key")
+                raise self._refused("invalid API key", "invalid_key")
             return Principal(user, key=key)
         token = read_cookie(request.getHeader(b"cookie"), self.cookie)
         if token is None:
             return None
         session = await self.cache.session(token)
         if session is None:
-            raise _unauthorized("the session has expired or was signed out; sign in again")
+            raise self._refused("the session has expired or was signed out; sign in again",
+                                "expired_session")
         user = await self.cache.user(session.user_id)
         if user is None:
-            raise _unauthorized("the session has expired or was signed out; sign in again")
+            raise self._refused("the session has expired or was signed out; sign in again",
+                                "expired_session")
         await self._renew_if_due(request, token, session)
         return Principal(user, session=session, session_token=token)
 

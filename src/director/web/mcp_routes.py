@@ -6,6 +6,9 @@ Every route authenticates like the API (``x-api-key``, ``Authorization: Bearer d
 session cookie) and also accepts ``?key=dk_…`` for clients that cannot set headers; errors
 are JSON-RPC error objects with the HTTP status that says what happened (401 with
 ``WWW-Authenticate``, 404 for a playbook that is not the caller's, 429 when rate limited).
+A session is reached only with the credential that opened it (another key of the same user
+gets 404 "session not found": ``director.mcp.sessions`` says why), and ends when that
+credential is revoked.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
 
+from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.modern import ModernGateway, is_modern_request, modern_method_not_allowed
-from director.mcp.sessions import CallChannel, DownstreamSession, McpEngine
+from director.mcp.sessions import CallChannel, CredentialRevoked, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
 from director.mcp.upstream.base import LEGACY_VERSIONS
 from director.playbooks.cache import PlaybookCache
@@ -75,6 +79,14 @@ class _Streaming(Resource):
 STREAMING = _Streaming()
 
 
+def credential_of(principal: Principal) -> Credential:
+    """The API key or cookie session that authenticated the caller."""
+    if principal.key is not None:
+        return Credential("api_key", principal.key.id)
+    assert principal.session is not None
+    return Credential("session", principal.session.id)
+
+
 class McpRoutes:
     app = Klein()
 
@@ -102,6 +114,12 @@ class McpRoutes:
         return _error_response(request, McpHttpError(
             error.status, SERVER_ERROR, error.message, headers=error.headers,
             data={"code": error.code, **error.details}))
+
+    @app.handle_errors(CredentialRevoked)
+    def revoked(self, request: Request, failure: Failure) -> bytes:
+        return _error_response(request, McpHttpError(
+            401, SERVER_ERROR, "this credential was revoked a moment ago; authenticate again",
+            headers={"WWW-Authenticate": 'Bearer realm="director"'}))
 
     @app.handle_errors(HTTPException)
     def unrouted(self, request: Request, failure: Failure) -> bytes:
@@ -148,7 +166,7 @@ class McpRoutes:
                                    "Bad Request: the Mcp-Session-Id header is required "
                                    "(send initialize first)")
             return None
-        session = self.engine.find(raw.decode("latin-1"), principal.user.id, playbook)
+        session = self.engine.find(raw.decode("latin-1"), credential_of(principal), playbook)
         if session is None or session.transport == "modern":  # contexts have no public id
             raise McpHttpError(404, SERVER_ERROR,
                                "session not found: it ended or expired; initialize again")
@@ -200,7 +218,8 @@ class McpRoutes:
                                "Not Acceptable: accept application/json and text/event-stream")
         message = self._read_message(request)
         if is_modern_request(request, message):
-            return await self.modern.post(request, principal.user.id, playbook, message)
+            return await self.modern.post(request, principal.user.id, credential_of(principal),
+                                          playbook, message)
         self._check_modern(message)
         if message.get("method") == "initialize":
             return self._initialize(request, principal, playbook, message)
@@ -230,7 +249,8 @@ class McpRoutes:
                                "Mcp-Session-Id", request_id=message.get("id"))
         if "id" not in message:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be a request")
-        session = self.engine.create(principal.user.id, playbook, "streamable")
+        session = self.engine.create(principal.user.id, credential_of(principal), playbook,
+                                     "streamable")
         result = self.engine.initialize_result(session, message.get("params") or {}, playbook)
         request.setHeader(b"mcp-session-id", session.id.encode())
         request.setHeader(b"content-type", b"application/json")
@@ -281,7 +301,7 @@ class McpRoutes:
         self._refuse_modern(request)
         session = self._session(request, principal, playbook)
         assert session is not None
-        self.engine.end(session)
+        self.engine.end(session, "client")
         request.setResponseCode(204)
         return b""
 
@@ -290,9 +310,9 @@ class McpRoutes:
     @app.route("/<playbook_id>/sse", methods=["GET"])
     async def sse(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
-        session = self.engine.create(principal.user.id, playbook, "sse")
+        session = self.engine.create(principal.user.id, credential_of(principal), playbook, "sse")
         stream = EventStream(request, self.engine.streams,
-                             on_close=lambda _: self.engine.end(session))
+                             on_close=lambda _: self.engine.end(session, "client"))
         session.channel.stream = stream
         endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
         keys = query_keys(request.args)
@@ -308,7 +328,8 @@ class McpRoutes:
         values = request.args.get(b"sessionId")
         if not values:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "Bad Request: sessionId is required")
-        session = self.engine.find(values[0].decode("latin-1"), principal.user.id, playbook)
+        session = self.engine.find(values[0].decode("latin-1"), credential_of(principal),
+                                   playbook)
         if session is None or session.transport != "sse":
             raise McpHttpError(404, SERVER_ERROR, "session not found")
         message = self._read_message(request)
