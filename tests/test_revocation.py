@@ -369,12 +369,12 @@ def test_a_session_cannot_be_opened_with_a_key_revoked_while_its_request_waited(
     def blocked() -> bool:
         with observer.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
-                           "'Lock' AND query LIKE '%%rate_limit_windows%%'")
+                           "'Lock' AND query LIKE '%%rate_limits%%'")
             return int(cursor.fetchone()[0]) > 0
 
     try:
         with locker.cursor() as cursor:
-            cursor.execute("LOCK TABLE rate_limit_windows IN ACCESS EXCLUSIVE MODE")
+            cursor.execute("LOCK TABLE rate_limits IN ACCESS EXCLUSIVE MODE")
         waiting = Held(b.daemon, "GET", "/playbooks/ref/sse",
                        {"accept": "text/event-stream", "x-api-key": created["key"]})
         eventually(blocked, timeout=DEADLINE)
