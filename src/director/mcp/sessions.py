@@ -27,7 +27,14 @@ from twisted.logger import Logger
 from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
-from director.mcp.router import Aggregator, render_prompt, upstream_error
+from director.mcp.router import (
+    LIST_READY_WAIT_SECONDS,
+    Aggregator,
+    enabled_servers,
+    render_prompt,
+    settled_within,
+    upstream_error,
+)
 from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, frame, json_bytes
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
@@ -155,7 +162,8 @@ class DownstreamSession:
     def aggregator(self) -> Aggregator:
         aggregator = self._aggregator
         if aggregator is None:
-            aggregator = self._aggregator = Aggregator(self._fetch, self._list)
+            aggregator = self._aggregator = Aggregator(self._fetch, self._list,
+                                                       self.engine.reactor, self._list_grew)
         return aggregator
 
     @property
@@ -201,14 +209,19 @@ class DownstreamSession:
         cursor = None
         for _ in range(100):  # bounded: an upstream paging forever is a bug, not our hang
             params = {"cursor": cursor} if cursor else None
-            result = await session.request(method, params, timeout=min(
-                30.0, upstream.server.timeout_seconds))
+            result = await session.request(method, params,
+                                           timeout=upstream.server.timeout_seconds)
             entries.extend(e for e in result.get(key, []) if isinstance(e, dict))
             cursor = result.get("nextCursor")
             if not cursor:
                 break
         upstream.lists[method] = entries
         return entries
+
+    def _list_grew(self, method: str) -> None:
+        """A server left out of this session's last ``method`` answer (not ready yet) has
+        entries now: the client is told to list again."""
+        self.notify_list_changed(LIST_METHODS[method][1])
 
     # --- requests from the client ---------------------------------------------------------
 
@@ -342,8 +355,12 @@ class DownstreamSession:
             if upstream is not None:
                 await self.engine.apply_log_level(upstream)
 
-        await defer.gatherResults([defer.ensureDeferred(one(s)) for s in playbook.servers
-                                   if not s.disabled], consumeErrors=True)
+        # Not longer than a list waits: a server still starting gets the level once it is
+        # ready (``one`` goes on).
+        setting = [defer.ensureDeferred(one(s)).addErrback(
+            lambda failure: log.failure("logging/setLevel upstream", failure))
+            for s in enabled_servers(playbook)]
+        await settled_within(setting, LIST_READY_WAIT_SECONDS, self.engine.reactor)
 
     # --- notifications and responses from the client --------------------------------------
 
