@@ -26,14 +26,17 @@ import anyio
 import pytest
 from mcp import Client
 
+from director.config import Settings
 from tests.accounts_helpers import Account, call, sign_up
 from tests.harness import Daemon, make_temp_dir
 from tests.test_mcp_gateway import ACCEPT, INIT, RAW, parse_response, reference_server
 
 StartDaemon = Callable[..., Daemon]
 PENDING = "director/pending"
-#: Each request's own timeout on the client side: shorter than a hanging server's
-#: ``timeout_seconds``, so that an answer that waited for it fails the test.
+#: MCP_LIST_WAIT_SECONDS: the default (the harness raises it for the other tests).
+LIST_WAIT = Settings().mcp_list_wait_seconds
+#: Each request's own timeout on the client side: longer than a list waits, shorter than a
+#: hanging server's ``timeout_seconds``, so that an answer that waited for it fails the test.
 READ_TIMEOUT = 10.0
 HANGING_TIMEOUT = 20
 MODES = ["legacy", "auto"]  # the handshake era, and 2026-07-28 negotiated by the SDK
@@ -102,7 +105,7 @@ class Setup:
 
 @pytest.fixture
 def setup(start_daemon: StartDaemon, migrated_url: str) -> Iterator[Setup]:
-    daemon = start_daemon(DATABASE_URL=migrated_url,
+    daemon = start_daemon(DATABASE_URL=migrated_url, MCP_LIST_WAIT_SECONDS=str(LIST_WAIT),
                           DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
                           DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true")
     daemon.wait_healthy()

@@ -7,8 +7,9 @@ two servers expose the same name, the earlier server wins and the shadowed entri
 reported in the list result's ``_meta`` (``director/shadowed``) and in the log — never
 silently. Disabled servers and upstreams that cannot be reached contribute nothing.
 
-A list never waits for a slow server: it answers with the servers whose entries are in within
-``LIST_READY_WAIT_SECONDS`` (a started server's list is cached, so that is immediate); the
+A list never waits long for a slow server: it answers with the servers whose entries are in
+within ``wait`` seconds (``MCP_LIST_WAIT_SECONDS``; a started server's list is cached, so that
+is immediate); the
 others — still starting, or still answering the list — are named in the result's ``_meta``
 (``director/pending``) and go on in the background, and when one of them brings entries the
 session is told ``notifications/…/list_changed`` (``on_late``). A server that fails is left
@@ -43,8 +44,6 @@ log = Logger(namespace="mcp.router")
 SHADOWED_META = "director/shadowed"
 #: Names the servers a list answer left out because they were not ready yet.
 PENDING_META = "director/pending"
-#: How long a list waits for the servers whose entries are not in yet (module docstring).
-LIST_READY_WAIT_SECONDS = 3.0
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 
 #: ``fetch(server) -> the upstream, started`` (None when unavailable).
@@ -155,11 +154,13 @@ def template_pattern(template: str) -> re.Pattern[str]:
 class Aggregator:
     """Builds the aggregated lists for one downstream session and remembers the routes."""
 
-    def __init__(self, fetch: Fetch, list_request: ListRequest, clock: Any,
+    def __init__(self, fetch: Fetch, list_request: ListRequest, clock: Any, wait: float,
                  on_late: Callable[[str], object] = lambda method: None) -> None:
         self.fetch = fetch
         self.list_request = list_request
         self.clock = clock
+        #: How long a list waits for the servers whose entries are not in yet.
+        self.wait = wait
         #: ``on_late(list method)``: a server the last such answer left out has entries now.
         self.on_late = on_late
         self.routes = Routes()
@@ -187,14 +188,13 @@ class Aggregator:
     async def _lists(self, playbook: Playbook, method: str, wanted: Wanted,
                      servers: list[Server] | None = None
                      ) -> tuple[list[tuple[Server, list[Any]]], list[str]]:
-        """Each server's entries that are in within ``LIST_READY_WAIT_SECONDS``, and the names
-        of the servers left out because theirs are not (they are remembered in ``_late``)."""
+        """Each server's entries that are in within ``wait`` seconds, and the names of the
+        servers left out because theirs are not (they are remembered in ``_late``)."""
         if servers is None:
             servers = enabled_servers(playbook)
         coming = [(server, defer.ensureDeferred(self._entries(server, method, wanted)))
                   for server in servers]
-        await settled_within([entries for _, entries in coming], LIST_READY_WAIT_SECONDS,
-                             self.clock)
+        await settled_within([entries for _, entries in coming], self.wait, self.clock)
         lists: list[tuple[Server, list[Any]]] = []
         late: dict[str, defer.Deferred[list[Any] | None]] = {}
         for server, entries in coming:

@@ -28,7 +28,6 @@ from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 from director.mcp.router import (
-    LIST_READY_WAIT_SECONDS,
     Aggregator,
     enabled_servers,
     render_prompt,
@@ -162,8 +161,9 @@ class DownstreamSession:
     def aggregator(self) -> Aggregator:
         aggregator = self._aggregator
         if aggregator is None:
-            aggregator = self._aggregator = Aggregator(self._fetch, self._list,
-                                                       self.engine.reactor, self._list_grew)
+            aggregator = self._aggregator = Aggregator(
+                self._fetch, self._list, self.engine.reactor,
+                self.engine.settings.mcp_list_wait_seconds, self._list_grew)
         return aggregator
 
     @property
@@ -360,7 +360,8 @@ class DownstreamSession:
         setting = [defer.ensureDeferred(one(s)).addErrback(
             lambda failure: log.failure("logging/setLevel upstream", failure))
             for s in enabled_servers(playbook)]
-        await settled_within(setting, LIST_READY_WAIT_SECONDS, self.engine.reactor)
+        await settled_within(setting, self.engine.settings.mcp_list_wait_seconds,
+                             self.engine.reactor)
 
     # --- notifications and responses from the client --------------------------------------
 
