@@ -111,6 +111,9 @@ def base_environment(**overrides: str) -> dict[str, str]:
     environ.update({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "debug",
                     "DIRECTOR_ENV_FILE": "", "SHUTDOWN_TIMEOUT_SECONDS": "3",
                     "SIGNUP_RATE_LIMIT_PER_HOUR": "100000"})
+    # A first list waits for servers that start slowly on a busy test machine (the fixture
+    # servers import the mcp SDK); tests/test_slow_upstreams.py runs with the default.
+    environ["MCP_LIST_WAIT_SECONDS"] = "10"
     environ.update(overrides)
     return environ
 

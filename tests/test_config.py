@@ -171,6 +171,7 @@ def test_base_url_follows_port_when_unset() -> None:
     ("DATABASE_POOL_SIZE", "x", "is not a whole number"),
     ("MCP_SESSION_IDLE_SECONDS", "-1", "must be greater than 0"),
     ("MCP_MAX_SESSIONS_PER_USER", "many", "is not a whole number"),
+    ("MCP_LIST_WAIT_SECONDS", "0", "must be greater than 0"),
     ("METRICS_LISTEN", "metrics.example.com:9464",
      "METRICS_LISTEN='metrics.example.com:9464' is not an IP address and port; use "
      "ADDRESS:PORT such as 127.0.0.1:9464"),
@@ -199,7 +200,8 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "REQUEST_BODY_TIMEOUT_SECONDS", "IDLE_CONNECTION_TIMEOUT_SECONDS",
               "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
-              "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "METRICS_LISTEN",
+              "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "MCP_LIST_WAIT_SECONDS",
+              "METRICS_LISTEN",
               "METRICS_ALLOW_PUBLIC"}
     assert {variable.name for variable in VARIABLES} <= tested
 

@@ -384,16 +384,22 @@ def test_upstream_crash_mid_call_then_recovery(gateway: Gateway) -> None:
 
 
 def test_upstream_hang_times_out_and_is_cancelled(gateway: Gateway) -> None:
-    call(gateway.daemon, "PATCH", "/api/v1/playbooks/ref/servers/reference",
-         {"timeout_seconds": 1}, key=gateway.owner.key)
+    # The stdlib-only raw server: it starts well within its 1 s timeout, which bounds its
+    # start as well as each call.
+    raw_log = gateway.cancel_log.parent / "raw.log"
+    assert call(gateway.daemon, "POST", "/api/v1/playbooks/ref/servers", {
+        "name": "raw", "type": "stdio", "command": sys.executable, "args": [RAW],
+        "prefix": "raw_", "env": {"RAW_LOG": str(raw_log)}, "timeout_seconds": 1},
+        key=gateway.owner.key)[0] == 201
     session = gateway.open_session()
+    gateway.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, session)  # started
     started = time.monotonic()
     _, _, body = gateway.post({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                               "params": {"name": "hang", "arguments": {"tag": "t1"}}}, session)
+                               "params": {"name": "raw_hang", "arguments": {}}}, session)
     assert time.monotonic() - started < 5
     assert parse_response(body)["error"]["code"] == -32001
-    eventually(lambda: gateway.cancel_log.exists() and "cancelled t1" in
-               gateway.cancel_log.read_text(), timeout=5)
+    eventually(lambda: raw_log.exists() and '"notifications/cancelled"' in
+               raw_log.read_text(), timeout=5)
 
 
 def test_client_cancellation_and_disconnect_reach_the_upstream(gateway: Gateway) -> None:

@@ -36,6 +36,7 @@ from tests.harness import (
 )
 
 StartDaemon = Callable[..., Daemon]
+RAW = str(Path(__file__).parent / "fixtures" / "raw_server.py")
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
 ACCEPT = "application/json, text/event-stream"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -90,8 +91,9 @@ def test_metrics_count_http_and_mcp_traffic_on_their_own_listener(
 
     owner = sign_up(daemon, "metrics@example.com")
     assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Ref"}, key=owner.key)[0] == 201
-    server = {"name": "reference", "type": "stdio", "command": sys.executable,
-              "args": [REFERENCE], "timeout_seconds": 1}
+    # The stdlib-only raw server starts well within the 1 s that bounds its start and calls.
+    server = {"name": "raw", "type": "stdio", "command": sys.executable,
+              "args": [RAW], "timeout_seconds": 1}
     assert call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
                 key=owner.key)[0] == 201
     assert call(daemon, "GET", "/api/v1/playbooks/no-such-one", key=owner.key)[0] == 404
@@ -356,7 +358,10 @@ def test_sessions_initialize_playbooks_and_upstreams_are_counted(start_daemon: S
     owner = sign_up(daemon, "ops-metrics@example.com")
     assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Ref"}, key=owner.key)[0] == 201
     server = {"name": "reference", "type": "stdio", "command": sys.executable,
-              "args": [REFERENCE], "timeout_seconds": 3, "expose_prompts": True}
+              "args": [REFERENCE], "expose_prompts": True,
+              # bounds its start too (the SDK takes ~2 s to import on a busy machine) and
+              # the "hang" call below
+              "timeout_seconds": 8}
     assert call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
                 key=owner.key)[0] == 201
     pk = str(query(migrated_url, "SELECT pk FROM playbooks WHERE id = 'ref'")[0][0])

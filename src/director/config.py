@@ -98,6 +98,7 @@ class Settings:
     database_pool_size: int = 4
     mcp_session_idle_seconds: float = 1800.0
     mcp_max_sessions_per_user: int = 100
+    mcp_list_wait_seconds: float = 3.0
     #: ``host:port`` (IPv6 as ``[::1]:port``) or ``unix:/path``; None: no metrics listener.
     metrics_listen: str | None = None
     metrics_allow_public: bool = False
@@ -496,6 +497,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MCP_MAX_SESSIONS_PER_USER", "100",
              "Open MCP sessions per user on one instance; past it the least recently used "
              "one ends.", _positive_int, "mcp_max_sessions_per_user"),
+    Variable("MCP_LIST_WAIT_SECONDS", "3",
+             "How long an MCP list (tools/list, prompts/list, resources/list) waits for upstream "
+             "servers still starting; it then answers without them, names them in its _meta "
+             "(director/pending), and they follow with list_changed. Raise it for clients that "
+             "ignore list_changed: their first list then waits longer for slow servers (each "
+             "at most its timeout_seconds).", _positive_float, "mcp_list_wait_seconds"),
     Variable("METRICS_LISTEN", None,
              "Serve Prometheus metrics at /metrics on this separate listener: ADDRESS:PORT "
              "(e.g. 127.0.0.1:9464) or unix:/path. Unset: no metrics endpoint. Never on PORT.",

@@ -69,16 +69,19 @@ server request.
 
 ``subscriptions/listen``: the response is an SSE stream; the first event is
 ``notifications/subscriptions/acknowledged`` (every requested kind is honoured, as the SDK
-does), sent once the playbook's upstreams have been started (bounded by
-``LISTEN_PREPARE_SECONDS``) so that their change notifications can reach us, and once the
-requested resources are subscribed upstream (``resources/subscribe``, reference-counted per
-context). Then ``notifications/{tools,prompts,resources}/list_changed`` and
+does), sent once the playbook's upstreams have been started — through the context's lists,
+which wait for a server still starting no longer than a client's list does — so that their
+change notifications can reach us, and once the requested resources are subscribed upstream
+(``resources/subscribe``, reference-counted per context); all bounded by
+``LISTEN_PREPARE_SECONDS``. Then ``notifications/{tools,prompts,resources}/list_changed`` and
 ``notifications/resources/updated`` as the client asked, each with the subscription id
 (the listen request's id) in ``_meta``. They come from the same sources as the handshake era's
-GET stream: the upstreams' own notifications and playbook edits, which reach every instance
-through the playbook cache's database notifications. When the context ends (playbook deleted,
-shutdown, cap) each stream gets its final ``SubscriptionsListenResult``; when its credential is
-revoked, an error (-32000, ``data.code`` ``credential_revoked``) instead, and the stream ends.
+GET stream: the upstreams' own notifications, playbook edits, which reach every instance
+through the playbook cache's database notifications, and servers that became ready after a
+list of this context (or the acknowledgement) went without them (``router``). When the
+context ends (playbook deleted, shutdown, cap) each stream gets its final
+``SubscriptionsListenResult``; when its credential is revoked, an error (-32000, ``data.code``
+``credential_revoked``) instead, and the stream ends.
 
 The spec's string constants are defined here rather than imported from ``mcp_types`` (which
 would add ~10 MB and half a second to every daemon's start); the tests check that they agree.
@@ -110,7 +113,6 @@ from director.mcp.jsonrpc import (
     Message,
     ProtocolError,
 )
-from director.mcp.router import enabled_servers
 from director.mcp.sessions import (
     LOG_LEVELS,
     SERVER_CAPABILITIES,
@@ -720,6 +722,16 @@ class StatelessContext(DownstreamSession):
         else:
             self.hub.send(message)
 
+    def cached_tool(self, name: str) -> dict[str, Any] | None:
+        """The entry of a tool this context has listed, from its server's cached list (no
+        request, no wait: what a call's header check needs on the hot path)."""
+        route = self.aggregator.routes.tools.get(name)
+        server = self.playbook.server(route[0]) if route is not None else None
+        if route is None or server is None or server.disabled:
+            return None
+        cached = self.upstream(server).lists.get("tools/list") or ()
+        return next((tool for tool in cached if tool.get("name") == route[1]), None)
+
     # --- subscriptions/listen ---------------------------------------------------------------
 
     async def listen(self, request: Any, message: Message) -> None:
@@ -761,9 +773,10 @@ class StatelessContext(DownstreamSession):
                 await self._subscribe_upstream(uri, "resources/subscribe")
 
     async def start_upstreams(self) -> None:
-        await defer.gatherResults([defer.ensureDeferred(self._fetch(server))
-                                   for server in enabled_servers(self.playbook)],
-                                  consumeErrors=True)
+        """Start every server, through the lists: a server not ready within a list's wait
+        is owed its ``list_changed`` (on this context's listeners) like after a client's
+        list, since the client may have listed anywhere (another instance) before."""
+        await self.aggregator.all_lists(self.playbook)
 
     async def _subscribe_upstream(self, uri: str, method: str) -> None:
         try:
@@ -956,12 +969,12 @@ class ModernGateway:
         if not arguments and not headers:
             return
         try:
-            listing = await context.aggregator.tools(playbook)
+            tool = context.cached_tool(name) or await context.aggregator.listed_tool(
+                playbook, name)
         except (ProtocolError, UpstreamError) as failure:  # fail open, as the SDK does
             log.info("Mcp-Param headers not checked: {error}", error=str(failure))
             return
-        schema = next((tool.get("inputSchema") for tool in listing.get("tools", [])
-                       if tool.get("name") == name), None)
+        schema = tool.get("inputSchema") if tool is not None else None
         mismatch = param_header_mismatch(schema, arguments or {}, headers) if schema else None
         if mismatch is not None:
             raise Rejection(HEADER_MISMATCH, mismatch)

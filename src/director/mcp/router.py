@@ -7,6 +7,18 @@ two servers expose the same name, the earlier server wins and the shadowed entri
 reported in the list result's ``_meta`` (``director/shadowed``) and in the log — never
 silently. Disabled servers and upstreams that cannot be reached contribute nothing.
 
+A list never waits long for a slow server: it answers with the servers whose entries are in
+within ``wait`` seconds (``MCP_LIST_WAIT_SECONDS``; a started server's list is cached, so that
+is immediate); the
+others — still starting, or still answering the list — are named in the result's ``_meta``
+(``director/pending``) and go on in the background, and when one of them brings entries the
+session is told ``notifications/…/list_changed`` (``on_late``). A server that fails is left
+out as always. A route (``tools/call``, ``prompts/get``, ``resources/read``…) for a name that
+no listed server has waits for the servers the list left out before answering "unknown":
+the router cannot know which server owns a name before it has listed them, except that a
+tool name must fit a server's prefix and include/exclude filters. Each such wait is bounded by
+that server's own ``timeout_seconds`` (the start, then the list request).
+
 Everything an upstream returns (schemas, contents, ``_meta``) is passed through untouched;
 only tool names are rewritten when a prefix applies.
 """
@@ -15,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet import defer
@@ -30,10 +42,16 @@ from director.playbooks.store import Playbook
 log = Logger(namespace="mcp.router")
 
 SHADOWED_META = "director/shadowed"
+#: Names the servers a list answer left out because they were not ready yet.
+PENDING_META = "director/pending"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 
 #: ``fetch(server) -> the upstream, started`` (None when unavailable).
 Fetch = Callable[[Server], Awaitable[Upstream | None]]
+#: ``list_request(upstream, method) -> its entries`` (every page).
+ListRequest = Callable[[Upstream, str], Awaitable[list[dict[str, Any]]]]
+#: ``wanted(server, upstream)``: whether the server takes part in a list.
+Wanted = Callable[[Server, Upstream], bool]
 
 
 @attrs.frozen
@@ -54,6 +72,47 @@ def tool_visible(server: Server, name: str) -> bool:
     if server.include is not None:
         return name in server.include
     return server.exclude is None or name not in server.exclude
+
+
+def may_expose_tool(server: Server, exposed: str) -> bool:
+    """Whether ``exposed`` can be one of ``server``'s tools (its prefix and filters)."""
+    return exposed.startswith(server.prefix) and tool_visible(server, exposed[len(server.prefix):])
+
+
+def settled_within(deferreds: list[defer.Deferred[Any]], seconds: float | None,
+                   clock: Any) -> defer.Deferred[None]:
+    """Fires once all of ``deferreds`` have fired, or after ``seconds`` (None: no limit),
+    whichever comes first. They are never cancelled (they go on, e.g. to fill a cache);
+    cancelling the result cancels only the wait."""
+    waiting = [d for d in deferreds if not d.called]
+    if not waiting:
+        return defer.succeed(None)
+    timer: Any = None
+
+    def stop(_: object = None) -> None:
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    done: defer.Deferred[None] = defer.Deferred(stop)
+    left = len(waiting)
+
+    def fire() -> None:
+        if not done.called:
+            stop()
+            done.callback(None)
+
+    def fired(result: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            fire()
+        return result
+
+    for d in waiting:
+        d.addBoth(fired)
+    if seconds is not None and not done.called:
+        timer = clock.callLater(seconds, fire)
+    return done
 
 
 def render_prompt(prompt: Prompt, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -95,38 +154,98 @@ def template_pattern(template: str) -> re.Pattern[str]:
 class Aggregator:
     """Builds the aggregated lists for one downstream session and remembers the routes."""
 
-    def __init__(self, fetch: Fetch, list_request: Callable[[Upstream, str],
-                                                            Awaitable[list[dict[str, Any]]]]):
+    def __init__(self, fetch: Fetch, list_request: ListRequest, clock: Any, wait: float,
+                 on_late: Callable[[str], object] = lambda method: None) -> None:
         self.fetch = fetch
         self.list_request = list_request
+        self.clock = clock
+        #: How long a list waits for the servers whose entries are not in yet.
+        self.wait = wait
+        #: ``on_late(list method)``: a server the last such answer left out has entries now.
+        self.on_late = on_late
         self.routes = Routes()
+        #: list method -> server name -> its entries still on their way, for the servers the
+        #: last answer of that method left out (None until a list leaves one out).
+        self._late: dict[str, dict[str, defer.Deferred[list[Any] | None]]] | None = None
 
-    async def _lists(self, playbook: Playbook, method: str,
-                     wanted: Callable[[Server, Upstream], bool]) -> list[tuple[Server,
-                                                                                list[Any]]]:
-        servers = enabled_servers(playbook)
-
-        async def one(server: Server) -> tuple[Server, list[Any]]:
-            upstream = await self.fetch(server)
-            if upstream is None or not wanted(server, upstream):
-                return server, []
-            try:
-                return server, await self.list_request(upstream, method)
-            except UpstreamError as failure:
-                log.warn("{method} failed: {error}", method=method, error=str(failure),
-                         server=server.name)
-                return server, []
-
+    async def _entries(self, server: Server, method: str,
+                       wanted: Wanted) -> list[Any] | None:
+        """One server's entries; None when it is unavailable (never raises)."""
         try:
-            results = await defer.gatherResults(
-                [defer.ensureDeferred(one(server)) for server in servers], consumeErrors=True)
-        except defer.FirstError as first:
-            first.subFailure.raiseException()  # e.g. the client cancelled: say so, not "FirstError"
-        return list(results)
+            upstream = await self.fetch(server)
+            if upstream is None:
+                return None
+            if not wanted(server, upstream):
+                return []
+            return await self.list_request(upstream, method)
+        except UpstreamError as failure:
+            log.warn("{method} failed: {error}", method=method, error=str(failure),
+                     server=server.name)
+        except Exception:
+            log.failure("{method} of {server} failed", method=method, server=server.name)
+        return None
+
+    async def _lists(self, playbook: Playbook, method: str, wanted: Wanted,
+                     servers: list[Server] | None = None
+                     ) -> tuple[list[tuple[Server, list[Any]]], list[str]]:
+        """Each server's entries that are in within ``wait`` seconds, and the names of the
+        servers left out because theirs are not (they are remembered in ``_late``)."""
+        if servers is None:
+            servers = enabled_servers(playbook)
+        coming = [(server, defer.ensureDeferred(self._entries(server, method, wanted)))
+                  for server in servers]
+        await settled_within([entries for _, entries in coming], self.wait, self.clock)
+        lists: list[tuple[Server, list[Any]]] = []
+        late: dict[str, defer.Deferred[list[Any] | None]] = {}
+        for server, entries in coming:
+            if entries.called:
+                lists.append((server, cast(list[Any] | None, entries.result) or []))
+            else:
+                late[server.name] = entries
+                entries.addCallback(self._arrived, method, server.name, entries)
+        if late or (self._late is not None and method in self._late):
+            if self._late is None:
+                self._late = {}
+            self._late[method] = late
+        if late:
+            log.debug("{method} answered without {servers} (not ready yet)", method=method,
+                      servers=", ".join(late))
+        return lists, list(late)
+
+    def _arrived(self, entries: list[Any] | None, method: str, server_name: str,
+                 coming: defer.Deferred[list[Any] | None]) -> list[Any] | None:
+        """A left-out server's entries are in: the session is told, if they are news."""
+        late = self._late.get(method) if self._late is not None else None
+        if late is not None and late.get(server_name) is coming:
+            del late[server_name]
+            if entries:
+                self.on_late(method)
+        return entries
+
+    async def _late_arrivals(self, methods: tuple[str, ...],
+                             which: Callable[[str], bool] = lambda server_name: True) -> bool:
+        """Wait for the servers (``which``) that the last answers of ``methods`` left out,
+        each within its own timeouts; False when there were none."""
+        waiting = [entries for method in methods
+                   for name, entries in ((self._late or {}).get(method) or {}).items()
+                   if which(name)]
+        if not waiting:
+            return False
+        await settled_within(waiting, None, self.clock)
+        return True
+
+    async def _listed(self, refresh: Callable[[], Awaitable[object]], methods: tuple[str, ...],
+                      found: Callable[[], bool],
+                      which: Callable[[str], bool] = lambda server_name: True) -> None:
+        """List again, and if that does not find the name, once more after the servers the
+        list left out (``which``) have answered."""
+        await refresh()
+        if not found() and await self._late_arrivals(methods, which):
+            await refresh()
 
     async def tools(self, playbook: Playbook) -> dict[str, Any]:
-        lists = await self._lists(playbook, "tools/list",
-                                  lambda s, u: "tools" in u.capabilities)
+        lists, pending = await self._lists(playbook, "tools/list",
+                                           lambda s, u: "tools" in u.capabilities)
         tools: list[dict[str, Any]] = []
         routes: dict[str, tuple[str, str]] = {}
         shadowed = []
@@ -143,14 +262,15 @@ class Aggregator:
                 routes[exposed] = (server.name, original)
                 tools.append(dict(tool, name=exposed) if server.prefix else tool)
         self.routes = attrs.evolve(self.routes, tools=routes)
-        return _with_shadowed({"tools": tools}, shadowed, "tools")
+        return _annotated({"tools": tools}, shadowed, pending, "tools")
 
     async def prompts(self, playbook: Playbook) -> dict[str, Any]:
         prompts = [prompt_entry(p) for p in playbook.prompts]
         routes: dict[str, str] = {p.name: "" for p in playbook.prompts}  # "" = the playbook's
         shadowed = []
-        lists = await self._lists(playbook, "prompts/list",
-                                  lambda s, u: s.expose_prompts and "prompts" in u.capabilities)
+        lists, pending = await self._lists(
+            playbook, "prompts/list", lambda s, u: "prompts" in u.capabilities,
+            [server for server in enabled_servers(playbook) if server.expose_prompts])
         for server, entries in lists:
             for prompt in entries:
                 name = prompt.get("name")
@@ -163,11 +283,11 @@ class Aggregator:
                 routes[name] = server.name
                 prompts.append(prompt)
         self.routes = attrs.evolve(self.routes, prompts=routes)
-        return _with_shadowed({"prompts": prompts}, shadowed, "prompts")
+        return _annotated({"prompts": prompts}, shadowed, pending, "prompts")
 
     async def resources(self, playbook: Playbook) -> dict[str, Any]:
-        lists = await self._lists(playbook, "resources/list",
-                                  lambda s, u: "resources" in u.capabilities)
+        lists, pending = await self._lists(playbook, "resources/list",
+                                           lambda s, u: "resources" in u.capabilities)
         resources, routes, shadowed = [], dict(self.routes.resources), []
         seen: dict[str, str] = {}
         for server, entries in lists:
@@ -182,11 +302,11 @@ class Aggregator:
                 seen[uri] = routes[uri] = server.name
                 resources.append(resource)
         self.routes = attrs.evolve(self.routes, resources=routes)
-        return _with_shadowed({"resources": resources}, shadowed, "resources")
+        return _annotated({"resources": resources}, shadowed, pending, "resources")
 
     async def templates(self, playbook: Playbook) -> dict[str, Any]:
-        lists = await self._lists(playbook, "resources/templates/list",
-                                  lambda s, u: "resources" in u.capabilities)
+        lists, pending = await self._lists(playbook, "resources/templates/list",
+                                           lambda s, u: "resources" in u.capabilities)
         templates, routes = [], []
         for server, entries in lists:
             for template in entries:
@@ -195,25 +315,55 @@ class Aggregator:
                     templates.append(template)
                     routes.append((template_pattern(uri), uri, server.name))
         self.routes = attrs.evolve(self.routes, templates=routes)
-        return {"resourceTemplates": templates}
+        return _annotated({"resourceTemplates": templates}, [], pending, "resource templates")
+
+    async def all_lists(self, playbook: Playbook) -> None:
+        """Every list at once (starting every server): the servers left out are owed their
+        ``list_changed``, as after a client's own lists."""
+        await defer.gatherResults([defer.ensureDeferred(listing(playbook)) for listing in (
+            self.tools, self.prompts, self.resources, self.templates)], consumeErrors=True)
 
     # --- routing ------------------------------------------------------------------------
 
     async def tool_route(self, playbook: Playbook, name: str) -> tuple[Server, str]:
         if name not in self.routes.tools:
-            await self.tools(playbook)  # first call without a list, or the list changed
+            # First call without a list, or the list changed.
+            await self._listed(lambda: self.tools(playbook), ("tools/list",),
+                               lambda: name in self.routes.tools,
+                               self._may_expose(playbook, name))
         route = self.routes.tools.get(name)
         server = playbook.server(route[0]) if route else None
         if route is None or server is None or server.disabled:
             raise ProtocolError(INVALID_PARAMS, f"unknown tool: {name}")
         return server, route[1]
 
+    async def listed_tool(self, playbook: Playbook, name: str) -> dict[str, Any] | None:
+        """``name``'s entry in a fresh tools list, waiting as ``tool_route`` does."""
+        listing: dict[str, Any] = {}
+
+        async def refresh() -> None:
+            listing.update(await self.tools(playbook))
+
+        await self._listed(refresh, ("tools/list",), lambda: name in self.routes.tools,
+                           self._may_expose(playbook, name))
+        return next((tool for tool in listing.get("tools", []) if tool.get("name") == name),
+                    None)
+
+    @staticmethod
+    def _may_expose(playbook: Playbook, name: str) -> Callable[[str], bool]:
+        def may(server_name: str) -> bool:
+            server = playbook.server(server_name)
+            return server is not None and may_expose_tool(server, name)
+
+        return may
+
     async def prompt_route(self, playbook: Playbook, name: str) -> Server | None:
         """None: the playbook's own prompt."""
         if playbook.prompt(name) is not None:
             return None
         if name not in self.routes.prompts:
-            await self.prompts(playbook)
+            await self._listed(lambda: self.prompts(playbook), ("prompts/list",),
+                               lambda: name in self.routes.prompts)
         server_name = self.routes.prompts.get(name)
         server = playbook.server(server_name) if server_name else None
         if server is None or server.disabled or not server.expose_prompts:
@@ -223,8 +373,13 @@ class Aggregator:
     async def resource_route(self, playbook: Playbook, uri: str) -> Server:
         server_name = self.routes.resources.get(uri) or self._template_server(uri)
         if server_name is None:
-            await self.resources(playbook)
-            await self.templates(playbook)
+            async def refresh() -> None:
+                await self.resources(playbook)
+                await self.templates(playbook)
+
+            await self._listed(refresh, ("resources/list", "resources/templates/list"),
+                               lambda: uri in self.routes.resources or
+                               self._template_server(uri) is not None)
             server_name = self.routes.resources.get(uri) or self._template_server(uri)
         server = playbook.server(server_name) if server_name else None
         if server is None or server.disabled:
@@ -238,28 +393,39 @@ class Aggregator:
                 return server_name
         return None
 
+    def _listed_template(self, playbook: Playbook, template: str) -> Server | None:
+        for _, uri, server_name in self.routes.templates:
+            if uri == template:
+                server = playbook.server(server_name)
+                if server is not None:
+                    return server
+        return None
+
     async def template_route(self, playbook: Playbook, template: str) -> Server:
-        for _, uri, server_name in self.routes.templates:
-            if uri == template:
-                server = playbook.server(server_name)
-                if server is not None:
-                    return server
-        await self.templates(playbook)
-        for _, uri, server_name in self.routes.templates:
-            if uri == template:
-                server = playbook.server(server_name)
-                if server is not None:
-                    return server
-        raise ProtocolError(INVALID_PARAMS, f"unknown resource template: {template}")
+        server = self._listed_template(playbook, template)
+        if server is None:
+            await self._listed(lambda: self.templates(playbook), ("resources/templates/list",),
+                               lambda: self._listed_template(playbook, template) is not None)
+            server = self._listed_template(playbook, template)
+        if server is None:
+            raise ProtocolError(INVALID_PARAMS, f"unknown resource template: {template}")
+        return server
 
 
-def _with_shadowed(result: dict[str, Any], shadowed: list[dict[str, str]],
-                   kind: str) -> dict[str, Any]:
+def _annotated(result: dict[str, Any], shadowed: list[dict[str, str]], pending: list[str],
+               kind: str) -> dict[str, Any]:
+    """The result with its ``_meta``: the shadowed entries (also logged) and the servers
+    left out because they were not ready yet."""
+    meta: dict[str, Any] = {}
     if shadowed:
         for entry in shadowed:
             log.warn("{kind} {name!r} of server {server!r} is shadowed by {shadowed_by!r}",
                      kind=kind[:-1], **entry)
-        result["_meta"] = {SHADOWED_META: shadowed}
+        meta[SHADOWED_META] = shadowed
+    if pending:
+        meta[PENDING_META] = pending
+    if meta:
+        result["_meta"] = meta
     return result
 
 

@@ -38,7 +38,13 @@ from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
-from director.mcp.router import Aggregator, render_prompt, upstream_error
+from director.mcp.router import (
+    Aggregator,
+    enabled_servers,
+    render_prompt,
+    settled_within,
+    upstream_error,
+)
 from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, frame, json_bytes
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
@@ -216,7 +222,9 @@ class DownstreamSession:
     def aggregator(self) -> Aggregator:
         aggregator = self._aggregator
         if aggregator is None:
-            aggregator = self._aggregator = Aggregator(self._fetch, self._list)
+            aggregator = self._aggregator = Aggregator(
+                self._fetch, self._list, self.engine.reactor,
+                self.engine.settings.mcp_list_wait_seconds, self._list_grew)
         return aggregator
 
     @property
@@ -263,14 +271,18 @@ class DownstreamSession:
         for _ in range(100):  # bounded: an upstream paging forever is a bug, not our hang
             params = {"cursor": cursor} if cursor else None
             result = await self._upstream_request(upstream.server, session, method, params,
-                                                  timeout=min(30.0,
-                                                              upstream.server.timeout_seconds))
+                                                  timeout=upstream.server.timeout_seconds)
             entries.extend(e for e in result.get(key, []) if isinstance(e, dict))
             cursor = result.get("nextCursor")
             if not cursor:
                 break
         upstream.lists[method] = entries
         return entries
+
+    def _list_grew(self, method: str) -> None:
+        """A server left out of this session's last ``method`` answer (not ready yet) has
+        entries now: the client is told to list again."""
+        self.notify_list_changed(LIST_METHODS[method][1])
 
     # --- requests from the client ---------------------------------------------------------
 
@@ -437,8 +449,13 @@ class DownstreamSession:
             if upstream is not None:
                 await self.engine.apply_log_level(upstream)
 
-        await defer.gatherResults([defer.ensureDeferred(one(s)) for s in playbook.servers
-                                   if not s.disabled], consumeErrors=True)
+        # Not longer than a list waits: a server still starting gets the level once it is
+        # ready (``one`` goes on).
+        setting = [defer.ensureDeferred(one(s)).addErrback(
+            lambda failure: log.failure("logging/setLevel upstream", failure))
+            for s in enabled_servers(playbook)]
+        await settled_within(setting, self.engine.settings.mcp_list_wait_seconds,
+                             self.engine.reactor)
 
     # --- notifications and responses from the client --------------------------------------
 

@@ -12,6 +12,14 @@
 
 An upstream that fails to start contributes nothing (its error is remembered and shown in
 logs) and is retried on a later use after a backoff; it never fails the whole playbook.
+
+The whole start — connecting or spawning, the era probing (``server/discover`` and
+``initialize``, whichever comes first) and, for ``http`` servers, the fallback to HTTP+SSE —
+is bounded by one figure, the server's ``timeout_seconds``: past it the start is cancelled
+(the transport kills its child or drops its connections) and fails with "did not start within
+N s". Each step inside has its own timeout no longer than that (stdio: the same deadline for
+its probe and handshake, which also bounds a restart; HTTP: connecting at most 10 s, each
+probe the server's timeout).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from director.mcp.jsonrpc import Message
-from director.mcp.upstream.base import UpstreamError, UpstreamSession
+from director.mcp.upstream.base import UpstreamError, UpstreamSession, UpstreamTimeout
 from director.mcp.upstream.stdio import stdio_speaks_modern
 from director.playbooks.model import Server
 
@@ -71,8 +79,11 @@ class Upstream:
 
 
 class UpstreamManager:
-    def __init__(self, factory: Factory) -> None:
+    def __init__(self, factory: Factory, clock: Any = None) -> None:
         self.factory = factory
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock: Any = clock
         self._shared: dict[tuple[UUID, str, str], Upstream] = {}
         #: Set by the session layer: routes upstream notifications and requests downstream.
         self.on_notification: Callable[[Upstream, Message], object] = lambda u, m: None
@@ -146,7 +157,7 @@ class UpstreamManager:
         if hasattr(session, "on_reinitialized"):
             session.on_reinitialized = lambda result: self._restored(upstream)
         try:
-            await session.start()
+            await self._bounded_start(session, upstream.server)
         except Exception as failure:
             message = str(failure) if isinstance(failure, UpstreamError) else \
                 f"[{upstream.server.name}] {failure}"
@@ -162,6 +173,22 @@ class UpstreamManager:
             upstream.error = None
         finally:
             upstream.starting = None
+
+    async def _bounded_start(self, session: UpstreamSession, server: Server) -> None:
+        """``session.start()`` within the server's ``timeout_seconds`` (module docstring);
+        a session that did not start is closed, so that nothing of it lingers."""
+        bound = server.timeout_seconds
+        starting = defer.ensureDeferred(session.start())
+        starting.addTimeout(bound, self.clock)
+        try:
+            await starting
+        except BaseException as failure:
+            closing = defer.ensureDeferred(session.close())
+            closing.addErrback(lambda f: log.failure("closing an upstream failed", f))
+            if isinstance(failure, defer.TimeoutError):
+                raise UpstreamTimeout(f"[{server.name}] did not start within {bound:g} s "
+                                      f"(its timeout_seconds)") from None
+            raise
 
     def _notified(self, upstream: Upstream, message: Message) -> None:
         method = message.get("method", "")

@@ -64,6 +64,12 @@ resolved through ``on_request`` (or returned as they are with ``return_input_req
 Any other answer (an error, no answer within ``DISCOVER_TIMEOUT``, other versions) is a verdict:
 the handshake follows on the same process, and the verdict is remembered per command line
 (``stdio_speaks_modern``) so that later processes skip the probe.
+
+**Handshake timeout.** A start (and each restart) has one deadline, ``handshake_timeout``
+after the spawn (by default the server's own timeout, ``timeout_default``), shared by the
+probe and the handshake: the probe gets at most half of it (and at most ``DISCOVER_TIMEOUT``),
+the handshake what is left, so that a silent probe still leaves the handshake time to answer
+and a process that never answers fails after ``handshake_timeout`` whatever was tried.
 """
 
 from __future__ import annotations
@@ -109,7 +115,6 @@ from director.mcp.upstream.envelope import (
 log = Logger(namespace="upstream.stdio")
 
 DEFAULT_MAX_LINE = 16 * 1024 * 1024
-DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 STDERR_MAX_LINE = 16 * 1024
 LOG_LINES_PER_SECOND = 20
 STDERR_TAIL_LINES = 10
@@ -489,7 +494,7 @@ class StdioUpstream:
 
     def __init__(self, name: str, command: str, args: list[str], env: dict[str, str],
                  cwd: str | None, reactor: Any, *, timeout_default: float = 60.0,
-                 restart: bool = True, handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 restart: bool = True, handshake_timeout: float | None = None,
                  max_line: int = DEFAULT_MAX_LINE,
                  client_capabilities: dict[str, Any] | None = None,
                  prefer_modern: bool = False) -> None:
@@ -501,7 +506,9 @@ class StdioUpstream:
         self.reactor = reactor
         self.timeout_default = timeout_default
         self.restart = restart
-        self.handshake_timeout = handshake_timeout
+        #: The deadline of a start, from the spawn (module docstring).
+        self.handshake_timeout = timeout_default if handshake_timeout is None else \
+            handshake_timeout
         self.max_line = max_line
         self.client_capabilities = client_capabilities
         self.prefer_modern = prefer_modern
@@ -648,8 +655,11 @@ class StdioUpstream:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def _launch(self) -> None:
-        """Spawn the child and run the handshake; ``UpstreamError`` if that fails."""
+    async def _launch(self, deadline: float | None = None) -> None:
+        """Spawn the child and run the handshake by ``deadline`` (reactor time; default:
+        ``handshake_timeout`` from now); ``UpstreamError`` if that fails."""
+        if deadline is None:
+            deadline = self.reactor.seconds() + self.handshake_timeout
         child_env = child_environment(self.env)
         path = resolve_command(self.command, child_env, self.cwd)
         if path is None:
@@ -672,20 +682,21 @@ class StdioUpstream:
                  command=self.command, pid=process.pid)
         self.era = None
         if self.prefer_modern:
-            if await self._discovered(process):
+            if await self._discovered(process, deadline):
                 return
             if process.ended:  # it exited on the probe; the verdict skips it next time
                 self._process = None
-                await self._launch()
+                await self._launch(deadline)
                 return
         try:
             result = await self._call(process, "initialize",
                                       initialize_params(self.client_capabilities),
-                                      self.handshake_timeout, None, cancellable=False)
+                                      self.handshake_timeout, None, cancellable=False,
+                                      first=max(0.0, deadline - self.reactor.seconds()))
         except UpstreamRequestError as failure:
             # Refused: perhaps a server of the stateless era only (unless known otherwise).
             if not self.prefer_modern and not process.ended and \
-                    await self._discovered(process):
+                    await self._discovered(process, deadline):
                 return
             await self._discard(process)
             raise UpstreamError(f"[{self.name}] initialize failed: "
@@ -707,16 +718,17 @@ class StdioUpstream:
         self.era = "legacy"
         self._send(process, jsonrpc.notification("notifications/initialized"))
 
-    async def _discovered(self, process: _Process) -> bool:
+    async def _discovered(self, process: _Process, deadline: float) -> bool:
         """Probe ``server/discover``: True when the process now speaks the stateless era."""
         key = (self.command, tuple(self.args), self.cwd)
         if stdio_speaks_modern(*key) is False:
             return False
+        left = max(0.0, deadline - self.reactor.seconds())
         try:
             answer = await self._call(process, "server/discover",
                                       enveloped({}, self.client_capabilities, None),
-                                      min(DISCOVER_TIMEOUT, self.handshake_timeout), None,
-                                      cancellable=False)
+                                      min(DISCOVER_TIMEOUT, self.handshake_timeout / 2, left),
+                                      None, cancellable=False)
             self.initialize_result = discovered(self.name, answer)
         except (UpstreamRequestError, NotModern, UpstreamTimeout) as refused:
             verdict = str(refused)
