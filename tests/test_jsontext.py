@@ -1,6 +1,7 @@
 """JSON text at the edges: what ``jsontext`` reads strictly (clients) or repairs (upstreams),
 how ``jsonrpc`` builds on it, and how the writing side fails when a message has no JSON form:
-at once and precisely, never by leaving a call to wait (a real stdio upstream)."""
+at once and precisely, never by leaving a call to wait (a real stdio upstream). Also the
+numbers in headers and event ids that ``int`` cannot read."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from twisted.internet import defer, reactor
 from director import jsontext
 from director.jsontext import MAX_DEPTH, JsonTextError
 from director.mcp import jsonrpc
+from director.mcp.headers import param_header_mismatch
 from director.mcp.jsonrpc import ProtocolError
-from director.mcp.streams import response_bytes
+from director.mcp.sse import SseParser
+from director.mcp.streams import ReplayBuffer, response_bytes
 from director.mcp.upstream.base import UpstreamRequestError, encoded
 from director.mcp.upstream.stdio import StdioUpstream
 
@@ -139,3 +142,18 @@ async def test_a_stdio_call_that_cannot_be_written_fails_at_once_and_the_server_
     finally:
         await upstream.close()
 
+
+def test_digits_that_int_cannot_read_are_not_numbers() -> None:
+    """``str.isdigit`` takes "²" and any length; ``int`` refuses "²" and past 4,300 digits."""
+    replay = ReplayBuffer("abcdefgh")
+    event = replay.record(b"{}")
+    assert replay.after("abcdefgh-\u00b2") is None
+    assert replay.after("abcdefgh-" + "9" * 5000) is None
+    assert replay.after("abcdefgh-0") == [event]
+    parser = SseParser()
+    parser.feed(b"retry: \xc2\xb2\n\nretry: " + b"9" * 5000 + b"\n\nretry: 250\n\n")
+    assert parser.retry == 250
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer", "x-mcp-header": "N"}}}
+    assert param_header_mismatch(schema, {"n": 1}, {"mcp-param-n": ["1" * 5000]}) == \
+        "Mcp-Param-N header does not match the 'n' argument"

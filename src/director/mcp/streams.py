@@ -221,7 +221,8 @@ class ReplayBuffer:
     def after(self, last_event_id: str) -> list[bytes] | None:
         """Events after ``last_event_id``; None if that id is not ours or already forgotten."""
         prefix, _, number = last_event_id.rpartition("-")
-        if prefix != self.prefix or not number.isdigit():
+        if prefix != self.prefix or not (number.isascii() and number.isdigit()) or \
+                len(number) > 18:  # ``isdigit`` alone takes "²", which ``int`` refuses
             return None
         seen = int(number)
         events = self._events or ()

@@ -12,8 +12,9 @@ from typing import Any
 from klein import Klein
 from twisted.web.resource import Resource
 from twisted.web.server import Request
+from werkzeug.exceptions import BadHost
 
-from director.web.errors import install_error_handlers, write_json
+from director.web.errors import ApiError, install_error_handlers, write_error, write_json
 
 #: Returns None when healthy, else the reason shown with 503.
 HealthCheck = Callable[[], Awaitable[str | None]]
@@ -64,6 +65,15 @@ class _PlaybooksShortcut(Resource):
         self.mcp = mcp
 
     def render(self, request: Request) -> Any:
+        try:
+            return self._route(request)
+        except BadHost:
+            # Klein binds its URL map to the Host header before any handler of ours runs;
+            # the edge refuses odd hosts except on its exempt paths (health checks by IP).
+            return write_error(request, ApiError(
+                "the Host header is not a valid host name", code="bad_host"))
+
+    def _route(self, request: Request) -> Any:
         postpath = request.postpath
         if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
                 and not request.prepath:

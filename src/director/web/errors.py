@@ -12,7 +12,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 
 from director import jsontext
@@ -113,6 +113,21 @@ def _method_not_allowed(instance: Any, request: Any, failure: Failure) -> bytes:
     ))
 
 
+def _routing(instance: Any, request: Any, failure: Failure) -> bytes:
+    """What else routing answers: a redirect (``//`` in a path becomes ``/``), or another
+    HTTP error werkzeug raises, with its own status rather than a 500."""
+    error = failure.value
+    assert isinstance(error, HTTPException)
+    status = error.code or 400
+    location = getattr(error, "new_url", None)
+    if location:
+        request.setHeader(b"location", str(location).encode("latin-1", "replace"))
+    return write_error(request, ApiError(
+        f"{error.name}: {request.method.decode('latin-1')} {request.path.decode('latin-1')}",
+        status=status, code=error.name.lower().replace(" ", "_"),
+        details={"location": str(location)} if location else None))
+
+
 def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
     error = failure.value
     assert isinstance(error, ApiError)
@@ -134,7 +149,7 @@ def install_error_handlers(app: Klein) -> None:
     """JSON for unrouted paths, wrong methods, ``ApiError`` and anything unexpected."""
     handlers: list[tuple[type[Exception], Any]] = [
         (RouteNotFound, _not_found), (MethodNotAllowed, _method_not_allowed),
-        (ApiError, _api_error), (Exception, _unexpected),
+        (HTTPException, _routing), (ApiError, _api_error), (Exception, _unexpected),
     ]
     for exception, handler in handlers:
         app.handle_errors(exception)(handler)
