@@ -101,53 +101,67 @@ ENVELOPE = st.fixed_dictionaries(
 META = st.one_of(ENVELOPE, JSON_VALUES)
 
 
-def params_for(method: Any) -> st.SearchStrategy[Any]:
-    """Params shaped for ``method`` (each field present or not, right or wrong in type), the
-    modern envelope or junk in ``_meta``; or params that are not an object at all."""
-    fields: dict[str, st.SearchStrategy[Any]] = {
-        "tools/call": {"name": NAMES, "arguments": _or_junk(
-            st.fixed_dictionaries({"text": _or_junk(texts())}))},
-        "prompts/get": {"name": NAMES, "arguments": JSON_VALUES},
-        "resources/read": {"uri": URIS},
-        "resources/subscribe": {"uri": URIS},
-        "resources/unsubscribe": {"uri": URIS},
-        "completion/complete": {
-            "ref": _or_junk(_optional({"type": _or_junk(st.sampled_from(
-                ("ref/prompt", "ref/resource"))), "name": NAMES, "uri": URIS})),
-            "argument": JSON_VALUES},
-        "logging/setLevel": {"level": _or_junk(st.sampled_from(LEVELS))},
-        "notifications/cancelled": {"requestId": IDS, "reason": JSON_VALUES},
-        "notifications/progress": {"progressToken": IDS, "progress": NUMBERS},
-        "subscriptions/listen": {"notifications": _or_junk(_optional({
-            "toolsListChanged": _or_junk(st.booleans()),
-            "resourceSubscriptions": _or_junk(st.lists(URIS, max_size=3))}))},
-        "initialize": {"protocolVersion": VERSIONS, "capabilities": JSON_VALUES,
-                       "clientInfo": _or_junk(st.just({"name": "fuzz", "version": "1"}))},
-    }.get(method if isinstance(method, str) else "", {})
+def _params(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """Params with these fields (each present or not, right or wrong in type), the modern
+    envelope or junk in ``_meta``; or params that are not an object at all."""
     shaped = _optional({**fields, "_meta": META, "requestState": _or_junk(texts()),
                         "inputResponses": JSON_VALUES, "cursor": _or_junk(texts())})
     return st.one_of(shaped, shaped, shaped, JSON_VALUES)
 
 
-@st.composite
-def messages(draw: st.DrawFn, methods: st.SearchStrategy[Any] | None = None) -> Any:
-    """One JSON-RPC message: a request or notification (mostly), a response, or not quite
-    either (keys missing, of the wrong type, or extra)."""
-    method = draw(methods if methods is not None else
-                  st.one_of(st.sampled_from(METHODS), st.sampled_from(METHODS), texts(),
-                            JSON_VALUES))
-    message: dict[str, Any] = {"jsonrpc": draw(st.just("2.0") | st.just("2.0") | JSON_VALUES)}
+#: Params per method. Built once: a strategy built per example costs more than its draws.
+PARAMS: dict[str, st.SearchStrategy[Any]] = {method: _params(fields) for method, fields in {
+    "tools/call": {"name": NAMES, "arguments": _or_junk(
+        st.fixed_dictionaries({"text": _or_junk(texts())}))},
+    "prompts/get": {"name": NAMES, "arguments": JSON_VALUES},
+    "resources/read": {"uri": URIS},
+    "resources/subscribe": {"uri": URIS},
+    "resources/unsubscribe": {"uri": URIS},
+    "completion/complete": {
+        "ref": _or_junk(_optional({"type": _or_junk(st.sampled_from(
+            ("ref/prompt", "ref/resource"))), "name": NAMES, "uri": URIS})),
+        "argument": JSON_VALUES},
+    "logging/setLevel": {"level": _or_junk(st.sampled_from(LEVELS))},
+    "notifications/cancelled": {"requestId": IDS, "reason": JSON_VALUES},
+    "notifications/progress": {"progressToken": IDS, "progress": NUMBERS},
+    "subscriptions/listen": {"notifications": _or_junk(_optional({
+        "toolsListChanged": _or_junk(st.booleans()),
+        "resourceSubscriptions": _or_junk(st.lists(URIS, max_size=3))}))},
+    "initialize": {"protocolVersion": VERSIONS, "capabilities": JSON_VALUES,
+                   "clientInfo": _or_junk(st.just({"name": "fuzz", "version": "1"}))},
+    "": {},
+}.items()}
+ANY_METHOD = st.one_of(st.sampled_from(METHODS), st.sampled_from(METHODS), texts(), JSON_VALUES)
+_JSONRPC = st.one_of(st.just("2.0"), st.just("2.0"), JSON_VALUES)
+_ID = st.one_of(st.integers(1, 10**6), IDS)
+_ONE_IN_FIVE = st.integers(0, 4)
+_ERROR = _or_junk(st.fixed_dictionaries({"code": _or_junk(st.integers()),
+                                         "message": _or_junk(texts())}))
+_OUTCOME = st.sampled_from(("result", "error"))
+
+
+def draw_message(draw: st.DrawFn, method: Any) -> dict[str, Any]:
+    """One JSON-RPC message for ``method``: a request or notification (mostly), a response,
+    or not quite either (keys missing, of the wrong type, or extra)."""
+    message: dict[str, Any] = {"jsonrpc": draw(_JSONRPC)}
     if draw(st.booleans()) or not str(method).startswith("notifications/"):
-        message["id"] = draw(st.integers(1, 10**6) | IDS)
-    if draw(st.integers(0, 9)) == 0:  # a response from the client
-        message[draw(st.sampled_from(("result", "error")))] = draw(_or_junk(
-            st.fixed_dictionaries({"code": _or_junk(st.integers()),
-                                   "message": _or_junk(texts())})))
+        message["id"] = draw(_ID)
+    if draw(_ONE_IN_FIVE) == 0 and draw(st.booleans()):  # a response from the client
+        message[draw(_OUTCOME)] = draw(_ERROR)
         return message
     message["method"] = method
-    if draw(st.integers(0, 4)):
-        message["params"] = draw(params_for(method))
+    if draw(_ONE_IN_FIVE):
+        message["params"] = draw(PARAMS.get(method if isinstance(method, str) else "",
+                                            PARAMS[""]))
     return message
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> Any:
+    return draw_message(draw, draw(ANY_METHOD))
+
+
+MESSAGES = messages()
 
 
 # --- bodies -----------------------------------------------------------------------------------
@@ -178,18 +192,27 @@ RAW_BODIES = st.one_of(
                      b'{"jsonrpc":"2.0","id":1,"method":"ping"}{"jsonrpc":"2.0"}',
                      '{"jsonrpc":"2.0","id":1,"method":"ping"}'.encode("utf-16"))),
 )
+_BODY_KINDS = st.sampled_from(("ascii", "ascii", "ascii", "raw", "cut", "batch", "value", "bytes"))
+_BATCH = st.lists(MESSAGES, max_size=3)
+_CUT = st.floats(0, 1)
 
 
-def bodies(message: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
-    """``message`` encoded in one of several ways (or cut short), a batch of them, another JSON
-    value, or raw bytes."""
-    encoded = st.tuples(message, st.sampled_from((_ascii, _ascii, _raw_utf8))).map(
-        lambda pair: pair[1](pair[0]))
-    truncated = st.tuples(encoded, st.floats(0, 1)).map(
-        lambda pair: pair[0][:int(len(pair[0]) * pair[1])])
-    batch = st.lists(message, min_size=0, max_size=3).map(_ascii)
-    return st.one_of(encoded, encoded, encoded, encoded, truncated, batch,
-                     JSON_VALUES.map(_ascii), RAW_BODIES)
+def draw_body(draw: st.DrawFn, message: Any) -> bytes:
+    """``message`` encoded in one of several ways (or cut short), a batch of messages, another
+    JSON value, or raw bytes."""
+    kind = draw(_BODY_KINDS)
+    if kind == "ascii":
+        return _ascii(message)
+    if kind == "raw":
+        return _raw_utf8(message)
+    if kind == "cut":
+        whole = _ascii(message)
+        return whole[:int(len(whole) * draw(_CUT))]
+    if kind == "batch":
+        return _ascii([message, *draw(_BATCH)])
+    if kind == "value":
+        return _ascii(draw(JSON_VALUES))
+    return draw(RAW_BODIES)
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -303,25 +326,33 @@ HEADER_TEXT = st.one_of(texts(), st.sampled_from((
     "director_session=abc; Path=/", "http://evil.example", "127.0.0.1", "a-1", "nope-999999")))
 
 
-def _session_choice(target: Target, live: str) -> st.SearchStrategy[str | None]:
-    return st.one_of(st.none(), st.just(live), st.just(live), HEADER_TEXT)
+_SESSION_KINDS = st.sampled_from(("none", "live", "live", "junk"))
+_LEGACY_VERSION_HEADER = st.one_of(st.none(), st.sampled_from((LEGACY_VERSION, "2024-11-05")),
+                                   HEADER_TEXT)
+_FEW_HEADERS = st.integers(0, 3)
+
+
+def _draw_session(draw: st.DrawFn, live: str) -> str | None:
+    """The live session (mostly), none, or a wrong one."""
+    kind = draw(_SESSION_KINDS)
+    return None if kind == "none" else live if kind == "live" else draw(HEADER_TEXT)
 
 
 @st.composite
 def handshake_posts(draw: st.DrawFn, target: Target) -> Case:
     """POST /mcp in the handshake era: with the live session, none, or a wrong one."""
-    message = draw(messages())
+    message = draw(MESSAGES)
     headers: dict[str, bytes] = {"content-type": b"application/json", "accept": ACCEPT.encode(),
                                  "x-api-key": target.key.encode()}
-    session = draw(_session_choice(target, target.session))
+    session = _draw_session(draw, target.session)
     if session is not None:
         headers["mcp-session-id"] = _header_value(session)
-    version = draw(st.none() | st.sampled_from((LEGACY_VERSION, "2024-11-05")) | HEADER_TEXT)
+    version = draw(_LEGACY_VERSION_HEADER)
     if version is not None:
         headers["mcp-protocol-version"] = _header_value(version)
-    headers.update(draw(odd_headers(few=True)))
+    headers.update(draw(FEW_ODD_HEADERS))
     return Case("POST", f"/playbooks/{target.playbook}/mcp", tuple(headers.items()),
-                draw(bodies(st.just(message))), message)
+                draw_body(draw, message), message)
 
 
 def routing_headers(message: Any) -> dict[str, bytes]:
@@ -344,27 +375,33 @@ def routing_headers(message: Any) -> dict[str, bytes]:
     return headers
 
 
+_MODERN_METHOD = st.one_of(st.sampled_from(METHODS), texts())
+_OVERRIDDEN = st.lists(st.sampled_from(("mcp-protocol-version", "mcp-method", "mcp-name",
+                                        "mcp-param-token", "mcp-session-id")), max_size=2)
+_REPEATED = st.lists(st.tuples(st.sampled_from(("mcp-method", "mcp-name",
+                                                "mcp-protocol-version")),
+                               HEADER_TEXT.map(_header_value)), max_size=1)
+
+
 @st.composite
 def modern_posts(draw: st.DrawFn, target: Target) -> Case:
     """POST /mcp in the 2026-07-28 era: the envelope in ``_meta`` (mostly valid), routing
     headers that match the body (mostly), disagree, repeat or are missing."""
-    method = draw(st.one_of(st.sampled_from(METHODS), texts()))
-    message = draw(messages(st.just(method)))
-    if isinstance(message.get("params"), dict) and draw(st.integers(0, 3)):
+    message = draw_message(draw, draw(_MODERN_METHOD))
+    if isinstance(message.get("params"), dict) and draw(_FEW_HEADERS):
         message["params"]["_meta"] = draw(ENVELOPE)
     headers: dict[str, bytes] = {"content-type": b"application/json", "accept": ACCEPT.encode(),
                                  "x-api-key": target.key.encode()}
-    if draw(st.integers(0, 3)):
+    if draw(_FEW_HEADERS):
         headers.update(routing_headers(message))
-    for name in draw(st.lists(st.sampled_from(("mcp-protocol-version", "mcp-method", "mcp-name",
-                                               "mcp-param-token", "mcp-session-id")),
-                              max_size=2)):
+    for name in draw(_OVERRIDDEN):
         headers[name] = _header_value(draw(HEADER_TEXT))
-    extra = tuple(draw(st.lists(st.tuples(st.sampled_from(("mcp-method", "mcp-name",
-                                                           "mcp-protocol-version")),
-                                          HEADER_TEXT.map(_header_value)), max_size=1)))
-    return Case("POST", f"/playbooks/{target.playbook}/mcp", (*headers.items(), *extra),
-                draw(bodies(st.just(message))), message)
+    return Case("POST", f"/playbooks/{target.playbook}/mcp",
+                (*headers.items(), *draw(_REPEATED)), draw_body(draw, message), message)
+
+
+_WHERE = st.sampled_from(("session", "modern", "sse"))
+_ENCODINGS = st.sampled_from((_ascii, _raw_utf8))
 
 
 @st.composite
@@ -374,7 +411,7 @@ def cancellations(draw: st.DrawFn, target: Target) -> Case:
     if draw(st.booleans()):
         params["reason"] = draw(JSON_VALUES)
     message = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
-    where = draw(st.sampled_from(("session", "modern", "sse")))
+    where = draw(_WHERE)
     headers = target.mcp_headers(target.session if where == "session" else None)
     path = f"/playbooks/{target.playbook}/mcp"
     if where == "modern":
@@ -384,22 +421,25 @@ def cancellations(draw: st.DrawFn, target: Target) -> Case:
     elif where == "sse":
         path = f"/playbooks/{target.playbook}/message?sessionId={target.sse_session()}"
     return Case("POST", path, tuple((k, v.encode()) for k, v in headers.items()),
-                draw(st.sampled_from((_ascii, _raw_utf8)))(message), message)
+                draw(_ENCODINGS)(message), message)
+
+
+_ONE_IN_TEN = st.integers(0, 9)
 
 
 @st.composite
 def sse_transport(draw: st.DrawFn, target: Target) -> Case:
     """The legacy HTTP+SSE transport: POST /message (live session, none, wrong) or GET /sse."""
-    if draw(st.integers(0, 9)) == 0:
+    if draw(_ONE_IN_TEN) == 0:
         return Case("GET", f"/playbooks/{target.playbook}/sse?key={target.key}", (), None)
-    message = draw(messages())
-    session = draw(_session_choice(target, target.sse_session()))
+    message = draw(MESSAGES)
+    session = _draw_session(draw, target.sse_session())
     query = "" if session is None else "?sessionId=" + quote(
         session.encode("utf-8", "surrogatepass"), safe="")
     headers = {"content-type": b"application/json", "x-api-key": target.key.encode(),
-               **draw(odd_headers(few=True))}
+               **draw(FEW_ODD_HEADERS)}
     return Case("POST", f"/playbooks/{target.playbook}/message{query}", tuple(headers.items()),
-                draw(bodies(st.just(message))), message)
+                draw_body(draw, message), message)
 
 
 #: Path segments for the edge: this playbook, others, traversal, encoded bytes (valid UTF-8:
@@ -415,38 +455,46 @@ PATHS = ("/playbooks/{p}/mcp", "/playbooks/{p}/sse", "/playbooks/{p}/message",
 QUERIES = ("", "?key={key}", "?key=", "?key=%ff", "?key={key}&key=dk_x", "?sessionId=%00",
            "?cursor=%ff", "?cursor=WyJcdWQ4MDAiXQ", "?limit=-1", "?limit=99999999999999999999",
            "?a=%ed%a0%80", "?=&&=")
+HEADER_NAMES = ("host", "origin", "cookie", "authorization", "x-api-key", "content-type",
+                "accept", "last-event-id", "mcp-session-id", "mcp-protocol-version",
+                "mcp-method", "mcp-name", "mcp-param-text", "traceparent",
+                "access-control-request-method")
 
 
-@st.composite
-def odd_headers(draw: st.DrawFn, few: bool = False) -> dict[str, bytes]:
-    names = ("host", "origin", "cookie", "authorization", "x-api-key", "content-type", "accept",
-             "last-event-id", "mcp-session-id", "mcp-protocol-version", "mcp-method",
-             "mcp-name", "mcp-param-text", "traceparent", "access-control-request-method")
-    chosen = draw(st.lists(st.sampled_from(names), max_size=1 if few else 4, unique=True))
-    if few and draw(st.integers(0, 3)):
-        return {}
-    return {name: _header_value(draw(HEADER_TEXT)) for name in chosen}
+def odd_headers(most: int) -> st.SearchStrategy[dict[str, bytes]]:
+    """Up to ``most`` of ``HEADER_NAMES`` with odd values."""
+    return st.dictionaries(st.sampled_from(HEADER_NAMES), HEADER_TEXT.map(_header_value),
+                           max_size=most)
+
+
+ODD_HEADERS = odd_headers(4)
+#: Mostly none: a request that the edge refuses tells little about what is behind it.
+FEW_ODD_HEADERS = st.one_of(st.just({}), st.just({}), st.just({}), odd_headers(1))
+_PATH_TEMPLATES = st.sampled_from(PATHS)
+_QUERIES = st.sampled_from(QUERIES)
+_METHODS = st.sampled_from(("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "POST",
+                            "POST", "TRACE", "FOO"))
+_EDGE_MESSAGES = st.one_of(MESSAGES, JSON_VALUES)
 
 
 @st.composite
 def edge_requests(draw: st.DrawFn, target: Target) -> Case:
     """Any method on any route (MCP and REST API), odd headers, any body."""
-    template = draw(st.sampled_from(PATHS))
     segment = draw(st.sampled_from((target.playbook, *SEGMENTS)))
-    path = template.replace("{p}", segment) + draw(st.sampled_from(QUERIES)).replace(
+    path = draw(_PATH_TEMPLATES).replace("{p}", segment) + draw(_QUERIES).replace(
         "{key}", target.key)
-    method = draw(st.sampled_from(("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD",
-                                   "POST", "POST", "TRACE", "FOO")))
+    method = draw(_METHODS)
     headers: dict[str, bytes] = {"x-api-key": target.key.encode(),
                                  "content-type": b"application/json", "accept": ACCEPT.encode()}
     if draw(st.booleans()):  # the live session, resumed from an event id of its prefix or not
         headers["mcp-session-id"] = target.session.encode()
-        headers["last-event-id"] = _header_value(draw(st.one_of(
-            HEADER_TEXT, texts().map(lambda text: f"{target.session[:8]}-{text}"))))
-    headers.update(draw(odd_headers()))
-    message = draw(messages() | JSON_VALUES)
+        resume = draw(HEADER_TEXT)
+        headers["last-event-id"] = _header_value(
+            resume if draw(st.booleans()) else f"{target.session[:8]}-{resume}")
+    headers.update(draw(ODD_HEADERS))
+    message = draw(_EDGE_MESSAGES)
     body = None if method in ("GET", "HEAD") and draw(st.booleans()) else \
-        draw(bodies(st.just(message)))
+        draw_body(draw, message)
     return Case(method, path, tuple(headers.items()), body, message)
 
 
