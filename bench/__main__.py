@@ -7,11 +7,12 @@ start-to-healthy: external, embedded fresh, embedded existing), ``memory`` (idle
 limit shared by two instances), ``playbooks`` (propagation between two instances, 10,000
 playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput of
 ``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
-``METRICS_LISTEN`` costs a proxied ``tools/call``) and ``modern`` (the stateless era:
+``METRICS_LISTEN`` costs a proxied ``tools/call``), ``modern`` (the stateless era:
 a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
-upstream, two instances without affinity). A group that fails is reported and the others
-still run. Everything runs under one ``Reaper`` and in one throwaway directory under /tmp
-(kept only when the run fails, for its logs).
+upstream, two instances without affinity) and ``fuzz`` (100,000 generated inputs against one
+daemon: 5xx answers, error-level log lines, RSS before and after; ``bench/fuzz.py``). A group
+that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
+one throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import attrs
 
 import twisted
-from bench import accounts, mcp, memory, modern, ops, playbooks, startup, throughput, wrk
+from bench import accounts, fuzz, mcp, memory, modern, ops, playbooks, startup, throughput, wrk
 from bench.daemon import log_findings
 from bench.database import ExternalDatabase, start_external_database
 from bench.probe import ProbeError
@@ -164,11 +165,17 @@ def _modern(c: Context) -> list[Figure]:
                                    rounds=1 if c.quick else 3, duration=duration))
 
 
+def _fuzz(c: Context) -> list[Figure]:
+    return fuzz.fuzz_run(c.reaper, c.workdir, c.database.url,
+                         inputs=5_000 if c.quick else 100_000,
+                         settle_seconds=2.0 if c.quick else 10.0)
+
+
 #: Every group of figures, in the order they run.
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
-    "modern": _modern,
+    "modern": _modern, "fuzz": _fuzz,
 }
 
 
@@ -234,6 +241,9 @@ def _special_notes(figure: Figure) -> list[str]:
         if result.get("received") != result.get("open"):
             notes.append(f"{label}: a fan-out reached {result.get('received')} of "
                          f"{result.get('open')} open streams within 30 s")
+    for kind in ("server_errors", "wrong_shape", "no_answer", "log_problems", "sse_problems"):
+        notes += [f"{label}: {kind.replace('_', ' ')}: {example}"
+                  for example in figure.details.get(kind) or []]
     by_sessions = figure.details.get("gateway")  # MCP loads: {sessions: [summary, …]}
     for runs in by_sessions.values() if isinstance(by_sessions, dict) else []:
         for load in runs if isinstance(runs, list) else []:
