@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 
 from director import jsontext
 from director.jsontext import MAX_DEPTH, JsonTextError
@@ -22,7 +22,9 @@ from director.mcp.jsonrpc import ProtocolError
 from director.mcp.sse import SseParser
 from director.mcp.streams import ReplayBuffer, response_bytes
 from director.mcp.upstream.base import UpstreamRequestError, encoded
+from director.mcp.upstream.http import LegacySseUpstream, StreamableHttpUpstream, new_pool
 from director.mcp.upstream.stdio import StdioUpstream
+from tests.test_upstream_http import reference
 
 RAW = Path(__file__).resolve().parent / "fixtures" / "raw_server.py"
 
@@ -157,3 +159,32 @@ def test_digits_that_int_cannot_read_are_not_numbers() -> None:
         "n": {"type": "integer", "x-mcp-header": "N"}}}
     assert param_header_mismatch(schema, {"n": 1}, {"mcp-param-n": ["1" * 5000]}) == \
         "Mcp-Param-N header does not match the 'n' argument"
+
+
+@pytest.mark.parametrize("transport", ["streamable-http", "sse"])
+@pytest_twisted.ensureDeferred
+async def test_an_http_call_that_cannot_be_written_fails_at_once_and_the_session_goes_on(
+        transport: str) -> None:
+    server = reference(transport, "--json-response") if transport != "sse" else \
+        reference("sse")
+    pool = new_pool(reactor)
+    session: Any = None
+    try:
+        await threads.deferToThread(server.wait_ready)
+        session = StreamableHttpUpstream("ref", f"{server.base}/mcp", {}, reactor, pool) \
+            if transport != "sse" else LegacySseUpstream("ref", f"{server.base}/sse", {},
+                                                         reactor, pool)
+        await session.start()
+        with pytest.raises(UpstreamRequestError) as refused:
+            await session.request("tools/call", {"name": "echo",
+                                                 "arguments": {"text": float("nan")}},
+                                  timeout=3600)
+        assert refused.value.error["code"] == jsonrpc.INVALID_PARAMS
+        result = await session.request("tools/call", {"name": "echo",
+                                                      "arguments": {"text": "after"}})
+        assert result["content"][0]["text"] == "after"
+    finally:
+        if session is not None:
+            await session.close()
+        await pool.closeCachedConnections()
+        server.stop()
