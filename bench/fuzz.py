@@ -160,6 +160,8 @@ def _draw(target: Target, inputs: int, emit: Callable[[Case], None]) -> None:
             emit(case)
 
         one()
+        print(f"bench: fuzz: {min(start + CHUNK, inputs):,} of {inputs:,} inputs drawn",
+              file=sys.stderr, flush=True)
 
 
 def _delete_sessions(target: Target, sessions: list[str]) -> None:
