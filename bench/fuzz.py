@@ -12,7 +12,9 @@ fresh connection; each answer is held to the suite's properties (``fuzzing.check
 Figures: inputs sent and inputs/s; answers by status class; 5xx answers and answers of the
 wrong shape (both must be 0); log lines at level 50 or above (must be 0); the daemon's RSS
 after a warm-up, right after the run, and after the sessions the fuzzer opened (by
-``initialize``) were deleted and a pause let timers and the collector settle. The first
+``initialize``) were deleted and a pause let timers and the collector settle; and its growth
+over the second half of the run against the first (sampled after each chunk: memory that
+keeps growing at the same pace is a leak, a first-half growth that stops is warm-up). The first
 offending inputs are kept in the figures' details and printed as findings.
 """
 
@@ -55,7 +57,8 @@ CHUNK = 10_000
 SENDERS = 4
 ZERO = Budget(0.0, "0")
 FUZZ_ENV = NO_LIMIT | {"DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS": "true",
-                       "MCP_MAX_SESSIONS_PER_USER": "1000000"}
+                       "MCP_MAX_SESSIONS_PER_USER": "1000000",
+                       "USER_RATE_LIMIT_MAX_REQUESTS": "100000000"}  # issue 16, item 6
 KEPT_EXAMPLES = 5
 
 
@@ -127,7 +130,8 @@ def _start(reaper: Reaper, workdir: Path, database_url: str) -> tuple[Any, Targe
     return server, target, holder
 
 
-def _run(target: Target, tally: Tally, inputs: int) -> None:
+def _run(target: Target, tally: Tally, inputs: int,
+         on_chunk: Callable[[int], None]) -> None:
     """Draw ``inputs`` cases and send them from ``SENDERS`` threads: drawing (Hypothesis) and
     the daemon's work then overlap instead of taking turns."""
     cases: queue.Queue[Case | None] = queue.Queue(maxsize=SENDERS * 64)
@@ -140,7 +144,7 @@ def _run(target: Target, tally: Tally, inputs: int) -> None:
     for thread in threads:
         thread.start()
     try:
-        _draw(target, inputs, cases.put)
+        _draw(target, inputs, cases.put, on_chunk)
     finally:
         for _ in threads:
             cases.put(None)
@@ -148,20 +152,21 @@ def _run(target: Target, tally: Tally, inputs: int) -> None:
             thread.join()
 
 
-def _draw(target: Target, inputs: int, emit: Callable[[Case], None]) -> None:
+def _draw(target: Target, inputs: int, emit: Callable[[Case], None],
+          on_chunk: Callable[[int], None]) -> None:
     everything = st.one_of([strategy(target) for strategy in STRATEGIES.values()])
-    for chunk, start in enumerate(range(0, inputs, CHUNK)):
+    size = min(CHUNK, max(1, inputs // 10))  # ten RSS samples at least
+    for chunk, start in enumerate(range(0, inputs, size)):
 
         @seed(chunk)
-        @settings(max_examples=min(CHUNK, inputs - start), phases=[Phase.generate],
+        @settings(max_examples=min(size, inputs - start), phases=[Phase.generate],
                   database=None, deadline=None, suppress_health_check=list(HealthCheck))
         @given(case=everything)
         def one(case: Case) -> None:
             emit(case)
 
         one()
-        print(f"bench: fuzz: {min(start + CHUNK, inputs):,} of {inputs:,} inputs drawn",
-              file=sys.stderr, flush=True)
+        on_chunk(min(start + size, inputs))
 
 
 def _delete_sessions(target: Target, sessions: list[str]) -> None:
@@ -177,9 +182,16 @@ def fuzz_run(reaper: Reaper, workdir: Path, database_url: str, inputs: int,
     log.problems()  # what the start wrote is not the fuzzer's
     rss_before = status_kib(server.pid, "VmRSS")
     tally = Tally()
+    rss_by_inputs: dict[int, float] = {0: rss_before / 1024}
+
+    def progress(drawn: int) -> None:
+        rss_by_inputs[drawn] = status_kib(server.pid, "VmRSS") / 1024
+        print(f"bench: fuzz: {drawn:,} of {inputs:,} inputs drawn, daemon RSS "
+              f"{rss_by_inputs[drawn]:.1f} MiB", file=sys.stderr, flush=True)
+
     started = time.monotonic()
     try:
-        _run(target, tally, inputs)
+        _run(target, tally, inputs, progress)
     finally:
         elapsed = time.monotonic() - started
         holder.close()
@@ -196,7 +208,9 @@ def fuzz_run(reaper: Reaper, workdir: Path, database_url: str, inputs: int,
                "wrong_shape": tally.wrong_shape, "no_answer": tally.client_errors,
                "log_problems": problems[:KEPT_EXAMPLES], "sse_problems": holder.problems[:5],
                "sessions_opened_and_deleted": len(tally.opened_sessions),
-               "daemon_alive_after": alive, "elapsed_s": round(elapsed, 1)}
+               "daemon_alive_after": alive, "elapsed_s": round(elapsed, 1),
+               "rss_mib_by_inputs_drawn": {str(k): round(v, 1) for k, v in rss_by_inputs.items()}}
+    halfway = min(rss_by_inputs, key=lambda drawn: abs(drawn - inputs / 2))
     return [
         Figure("fuzz_inputs", f"fuzz: inputs sent ({classes})", "n", (float(tally.sent),),
                details=details),
@@ -211,6 +225,9 @@ def fuzz_run(reaper: Reaper, workdir: Path, database_url: str, inputs: int,
                (rss_before / 1024,)),
         Figure("fuzz_rss_after", "  daemon RSS right after", "MiB", (rss_after / 1024,),
                baseline=f"{(rss_after - rss_before) / 1024:+.1f} MiB"),
+        Figure("fuzz_rss_second_half", "  RSS growth over the second half of the inputs",
+               "MiB", (rss_by_inputs[max(rss_by_inputs)] - rss_by_inputs[halfway],),
+               baseline=f"first half {rss_by_inputs[halfway] - rss_by_inputs[0]:+.1f} MiB"),
         Figure("fuzz_rss_settled", f"  daemon RSS {settle_seconds:g} s after, its "
                                    f"{len(tally.opened_sessions):,} sessions deleted", "MiB",
                (rss_settled / 1024,), baseline=f"{(rss_settled - rss_before) / 1024:+.1f} MiB"),

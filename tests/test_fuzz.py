@@ -74,7 +74,9 @@ def start_fuzzed_daemon(postgres: PostgresServer, database: str) -> tuple[Daemon
     migrate.upgrade(url)
     daemon = Daemon(base_environment(
         DATABASE_URL=url, PORT=str(free_port()), DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
-        API_KEY_RATE_LIMIT_MAX_REQUESTS="100000000", MCP_MAX_SESSIONS_PER_USER="1000000"))
+        API_KEY_RATE_LIMIT_MAX_REQUESTS="100000000", MCP_MAX_SESSIONS_PER_USER="1000000",
+        # (the per-user limit of issue 16's item 6, on its own branch)
+        USER_RATE_LIMIT_MAX_REQUESTS="100000000"))
     daemon.wait_healthy()
     owner = sign_up(daemon, "fuzz@example.com")
     for name, servers in (("Fz", [
