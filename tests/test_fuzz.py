@@ -20,8 +20,12 @@ from typing import Any
 import attrs
 import pytest
 from hypothesis import HealthCheck, given, note, settings
+from twisted.internet import defer
+from twisted.internet.task import Clock
 
 from director.db import migrate
+from director.mcp import jsonrpc
+from director.mcp.modern import Exchange
 from tests.accounts_helpers import call, sign_up
 from tests.fuzzing import (
     CLIENT_CAPABILITIES_META,
@@ -311,3 +315,23 @@ def test_a_last_event_id_with_a_digit_int_cannot_read_resumes_nothing(fuzzed: Fu
     assert answer.status == 200, answer
     assert answer.headers["content-type"] == "text/event-stream"
     assert fuzzed.log.problems() == []
+
+
+def test_a_modern_call_refused_at_once_leaves_no_exchange_behind() -> None:
+    """Found by the long run (the daemon's RSS grew with every round of the same modern
+    inputs): a tools/call refused before it awaited anything (a name that is not a string)
+    ended before its Exchange was registered, whose end had unregistered nothing; the
+    Exchange stayed in its context for good. It now registers itself first."""
+    registry: dict[str, Exchange] = {}
+    answered = defer.succeed(jsonrpc.error(1, jsonrpc.INVALID_PARAMS, "name must be a string"))
+    refused = Exchange("tools/call", answered, Clock(), registry)
+    assert refused.done and registry == {}
+    pending: defer.Deferred[Any] = defer.Deferred()
+    waiting = Exchange("tools/call", pending, Clock(), registry)
+    assert registry == {waiting.state: waiting}
+    waiting.asks["ask-1"] = ({"method": "roots/list"}, defer.Deferred())
+    first = waiting.state
+    waiting.input_required()  # a new requestState each round, the old one forgotten
+    assert waiting.state != first and registry == {waiting.state: waiting}
+    pending.callback(jsonrpc.result(1, {}))
+    assert registry == {}
