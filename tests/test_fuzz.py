@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from director.db import migrate
 from director.mcp import jsonrpc
 from director.mcp.modern import Exchange
-from tests.accounts_helpers import call, sign_up
+from tests.accounts_helpers import call, eventually, sign_up
 from tests.fuzzing import (
     CLIENT_CAPABILITIES_META,
     MODERN_VERSION,
@@ -335,3 +335,18 @@ def test_a_modern_call_refused_at_once_leaves_no_exchange_behind() -> None:
     assert waiting.state != first and registry == {waiting.state: waiting}
     pending.callback(jsonrpc.result(1, {}))
     assert registry == {}
+
+
+def test_a_legacy_sse_session_ends_when_its_client_goes_away(fuzzed: Fuzzed) -> None:
+    """Found by the long run (about 9 KB of RSS per ``GET /sse``): Twisted tells a stream's
+    producer that the connection is gone (``stopProducing``) before the request's
+    notifyFinish fires, and the stream took the first for a mere stop, so its on_close never
+    ran: the session lived on for MCP_SESSION_IDLE_SECONDS, counting against the user's cap."""
+    key = fuzzed.target.key
+    holder = SseHolder(fuzzed.target.port, "fz", key)
+    session = holder.session()
+    message = f"/playbooks/fz/message?sessionId={session}"
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    assert fuzzed.post(ping, path=message)[0] == 202  # alive while its stream is open
+    holder.close()
+    eventually(lambda: fuzzed.post(ping, path=message)[0] == 404)

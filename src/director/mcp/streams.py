@@ -136,7 +136,10 @@ class EventStream:
             self.request.write(queue.popleft())
 
     def stopProducing(self) -> None:
-        self.open = False
+        # The connection is gone. Twisted says so here first, before the request's
+        # notifyFinish fires: this is the stream's end (its on_close must run: it ends a legacy
+        # SSE session, releases a modern listener), not a pause.
+        self._finished(None)
 
     # --- lifecycle ----------------------------------------------------------------------
 
