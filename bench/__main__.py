@@ -10,11 +10,12 @@ playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput
 ``METRICS_LISTEN`` costs a proxied ``tools/call``), ``modern`` (the stateless era:
 a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
 upstream, two instances without affinity), ``slow`` (2,000 slow clients: connections held
-over time, time until all are closed, RSS, and health latency meanwhile) and ``revocation`` (a
+over time, time until all are closed, RSS, and health latency meanwhile), ``revocation`` (a
 key revoked on one instance: how long until the last of its 100, then 1,000 streams on another
-is closed). A group that fails is reported and the others still run. Everything runs under one
-``Reaper`` and in one
-throwaway directory under /tmp (kept only when the run fails, for its logs).
+is closed) and ``fuzz`` (100,000 generated inputs against one daemon: 5xx answers, error-level
+log lines, RSS before and after; ``bench/fuzz.py``). A group that fails is reported and the
+others still run. Everything runs under one ``Reaper`` and in one throwaway directory under
+/tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import attrs
 import twisted
 from bench import (
     accounts,
+    fuzz,
     mcp,
     memory,
     modern,
@@ -188,11 +190,17 @@ def _revocation(c: Context) -> list[Figure]:
                                  rounds=2 if c.quick else 5)
 
 
+def _fuzz(c: Context) -> list[Figure]:
+    return fuzz.fuzz_run(c.reaper, c.workdir, c.database.url,
+                         inputs=5_000 if c.quick else 100_000,
+                         settle_seconds=2.0 if c.quick else 10.0)
+
+
 #: Every group of figures, in the order they run.
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
-    "modern": _modern, "slow": _slow, "revocation": _revocation,
+    "modern": _modern, "slow": _slow, "revocation": _revocation, "fuzz": _fuzz,
 }
 
 
@@ -258,6 +266,9 @@ def _special_notes(figure: Figure) -> list[str]:
         if result.get("received") != result.get("open"):
             notes.append(f"{label}: a fan-out reached {result.get('received')} of "
                          f"{result.get('open')} open streams within 30 s")
+    for kind in ("server_errors", "wrong_shape", "no_answer", "log_problems", "sse_problems"):
+        notes += [f"{label}: {kind.replace('_', ' ')}: {example}"
+                  for example in figure.details.get(kind) or []]
     by_sessions = figure.details.get("gateway")  # MCP loads: {sessions: [summary, …]}
     for runs in by_sessions.values() if isinstance(by_sessions, dict) else []:
         for load in runs if isinstance(runs, list) else []:

@@ -100,7 +100,10 @@ def _matches(kind: Any, value: Any, rendered: str, decoded: str) -> bool:
             (isinstance(value, int) or (isinstance(value, float) and value.is_integer())) and \
             _CANONICAL_DECIMAL.fullmatch(decoded):
         whole, _, fraction = decoded.partition(".")
-        return not (fraction and set(fraction) != {"0"}) and int(whole) == int(value)
+        try:
+            return not (fraction and set(fraction) != {"0"}) and int(whole) == int(value)
+        except ValueError:  # more digits than ``int`` reads (4,300): no argument has them
+            return False
     return decoded == rendered
 
 

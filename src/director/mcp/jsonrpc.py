@@ -7,8 +7,10 @@ is checked here.
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, TypeGuard
+
+from director import jsontext
+from director.jsontext import JsonTextError
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -76,13 +78,15 @@ def is_response(message: Message) -> bool:
                                                             "error" in message)
 
 
-def parse_message(raw: bytes | str) -> Message:
-    """One JSON-RPC message, or ``ProtocolError`` (-32700 / -32600) saying what is wrong."""
+def parse_message(raw: bytes | str, *, repair: bool = False) -> Message:
+    """One JSON-RPC message, or ``ProtocolError`` (-32700 / -32600) saying what is wrong.
+
+    The text is read by ``jsontext.loads``: strict for what a client sends, ``repair`` for
+    what an upstream sends (see there). A client's error response must be well-formed too;
+    an upstream's is taken as it is (``error_of`` makes the best of it)."""
     try:
-        message = json.loads(raw)
-    except RecursionError:
-        raise ProtocolError(PARSE_ERROR, "parse error: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as failure:
+        message = jsontext.loads(raw, repair=repair)
+    except JsonTextError as failure:
         raise ProtocolError(PARSE_ERROR, f"parse error: {failure}") from None
     if isinstance(message, list):
         raise ProtocolError(INVALID_REQUEST, "JSON-RPC batches are not supported by MCP")
@@ -95,11 +99,48 @@ def parse_message(raw: bytes | str) -> Message:
             raise ProtocolError(INVALID_REQUEST, "params must be an object")
     elif not is_response(message):
         raise ProtocolError(INVALID_REQUEST, "neither a request, a notification nor a response")
-    if "id" in message and (isinstance(message["id"], bool) or
-                            not isinstance(message["id"], str | int)):
+    elif not repair and "error" in message and not _well_formed_error(message["error"]):
+        raise ProtocolError(INVALID_REQUEST, "error must be an object with an integer code and "
+                                             "a string message")
+    if "id" in message and not is_valid_id(message["id"]):
         raise ProtocolError(INVALID_REQUEST, "id must be a string or an integer")
     return message
 
 
+def is_valid_id(value: Any) -> bool:
+    """A request id as MCP allows it: a string or an integer (never null, a bool or a float)."""
+    return isinstance(value, str) or _is_integer(value)
+
+
+def _well_formed_error(error: Any) -> bool:
+    return isinstance(error, dict) and _is_integer(error.get("code")) and \
+        isinstance(error.get("message"), str)
+
+
+def _is_integer(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def error_of(error: Any) -> ProtocolError:
+    """A peer's error object as a ``ProtocolError``, whatever its shape: a code that is not an
+    integer becomes -32603, a message that is not a string its JSON text."""
+    if not isinstance(error, dict):
+        return ProtocolError(INTERNAL_ERROR, _as_text(error))
+    code = error.get("code")
+    message = error.get("message", "")
+    return ProtocolError(code if _is_integer(code) else INTERNAL_ERROR,
+                         message if isinstance(message, str) else _as_text(message),
+                         error.get("data"))
+
+
+def _as_text(value: Any) -> str:
+    try:
+        return jsontext.dumps(value).decode()
+    except JsonTextError:
+        return repr(value)
+
+
 def encode(message: Message) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    """The message as one line of compact JSON; ``JsonTextError`` when it has no JSON form
+    (which only a message the gateway built from something not read by ``jsontext`` can)."""
+    return jsontext.dumps(message)

@@ -427,7 +427,7 @@ class Exchange:
     across the client's rounds (module docstring)."""
 
     def __init__(self, method: str, handling: defer.Deferred[Message], reactor: Any,
-                 on_done: Callable[[Exchange], object],
+                 registry: dict[str, Exchange],
                  client_capabilities: dict[str, Any] | None = None) -> None:
         self.method = method
         self.client_capabilities = client_capabilities or {}
@@ -435,7 +435,10 @@ class Exchange:
         self.refused: Message | None = None
         self.state = REQUEST_STATE_PREFIX + secrets.token_urlsafe(18)
         self.reactor = reactor
-        self.on_done = on_done
+        #: Where the client's retry finds it by ``requestState``: it is there from now until
+        #: the call ends or the retry does not come, even when the call ends at once.
+        self.registry = registry
+        registry[self.state] = self
         self.asks: dict[str, tuple[dict[str, Any], defer.Deferred[Any]]] = {}
         self.response: Message | None = None
         self._keys = 0
@@ -452,7 +455,7 @@ class Exchange:
             None, jsonrpc.INTERNAL_ERROR, "the call ended without an answer")
         self._stop_expiry()
         self._poke()
-        self.on_done(self)
+        self.registry.pop(self.state, None)
         return response
 
     def _poke(self) -> None:
@@ -512,7 +515,7 @@ class Exchange:
                 waiting.errback(ProtocolError(jsonrpc.REQUEST_TIMEOUT, (
                     f"the client did not retry with inputResponses within "
                     f"{BRIDGE_WAIT_SECONDS:g} s")))
-        self.on_done(self)
+        self.registry.pop(self.state, None)
 
     async def outcome(self) -> Message | None:
         """The call's response, or None when the client must be asked first."""
@@ -528,7 +531,9 @@ class Exchange:
 
     def input_required(self) -> dict[str, Any]:
         """This round's questions, under a fresh ``requestState`` (one per round)."""
+        self.registry.pop(self.state, None)
         self.state = REQUEST_STATE_PREFIX + secrets.token_urlsafe(18)
+        self.registry[self.state] = self
         self._stop_expiry()
         self._expiry = self.reactor.callLater(BRIDGE_WAIT_SECONDS, self._expire)
         return {"resultType": "input_required",
@@ -941,15 +946,12 @@ class ModernGateway:
 
             handling.addBoth(done)
             exchange = Exchange(message["method"], handling, self.engine.reactor,
-                                lambda finished: context.exchanges.pop(finished.state, None),
+                                context.exchanges,
                                 params.get("_meta", {}).get(CLIENT_CAPABILITIES_META))
-            context.exchanges[exchange.state] = exchange
             channel.exchange = exchange
         response = await exchange.outcome()
         if response is None:
-            context.exchanges.pop(exchange.state, None)
             round_result = exchange.input_required()  # rotates the requestState
-            context.exchanges[exchange.state] = exchange
             response = jsonrpc.result(message["id"], shape_result(
                 message["method"], round_result, server_info(playbook)))
         else:

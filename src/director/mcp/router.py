@@ -33,7 +33,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from director.mcp.jsonrpc import INVALID_PARAMS, RESOURCE_NOT_FOUND, ProtocolError
+from director.mcp.jsonrpc import INVALID_PARAMS, RESOURCE_NOT_FOUND, ProtocolError, error_of
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.mcp.upstreams import Upstream
 from director.playbooks.model import Prompt, Server
@@ -432,8 +432,6 @@ def _annotated(result: dict[str, Any], shadowed: list[dict[str, str]], pending: 
 def upstream_error(failure: UpstreamError) -> ProtocolError:
     """An upstream's own JSON-RPC error passes through; anything else becomes -32603."""
     if isinstance(failure, UpstreamRequestError):
-        error = failure.error
-        return ProtocolError(int(error.get("code", -32603)), str(error.get("message", "")),
-                             error.get("data"))
+        return error_of(failure.error)
     return ProtocolError(-32603, str(failure))
 

@@ -45,7 +45,14 @@ from director.mcp.router import (
     settled_within,
     upstream_error,
 )
-from director.mcp.streams import EventStream, ReplayBuffer, StreamRegistry, frame, json_bytes
+from director.mcp.streams import (
+    EventStream,
+    ReplayBuffer,
+    StreamRegistry,
+    frame,
+    json_bytes,
+    response_bytes,
+)
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     UpstreamError,
@@ -157,12 +164,12 @@ class CallChannel:
             return
         self.open = False
         if self.stream is not None:
-            self.stream.send(frame(json_bytes(response)))
+            self.stream.send(frame(response_bytes(response)))
             self.stream.finish()
             return
         self.request.setResponseCode(200)
         self.request.setHeader(b"content-type", b"application/json")
-        self.request.write(json_bytes(response))
+        self.request.write(response_bytes(response))
         self.request.finish()
 
 
@@ -178,7 +185,8 @@ class SessionChannel:
         return self.stream is not None and self.stream.open
 
     def send(self, message: Message) -> None:
-        self.send_encoded(json_bytes(message))
+        self.send_encoded(response_bytes(message) if jsonrpc.is_response(message)
+                          else json_bytes(message))
 
     def send_encoded(self, data: bytes) -> None:
         """``send`` of a message already encoded (``json_bytes``)."""
@@ -466,7 +474,11 @@ class DownstreamSession:
         if method == "notifications/initialized":
             self.initialized = True
         elif method == "notifications/cancelled":
-            pending = self.in_flight.get(params.get("requestId"))
+            request_id = params.get("requestId")
+            if request_id is not None and not jsonrpc.is_valid_id(request_id):
+                raise ProtocolError(INVALID_PARAMS, "notifications/cancelled: requestId must be "
+                                                    "a string or an integer")
+            pending = self.in_flight.get(request_id)
             if pending is not None:
                 pending.cancel()
         elif method == "notifications/roots/list_changed":
@@ -482,9 +494,7 @@ class DownstreamSession:
                      id=message.get("id"))
             return
         if "error" in message:
-            error = message["error"] if isinstance(message["error"], dict) else {}
-            waiting.errback(ProtocolError(int(error.get("code", -32603)),
-                                          str(error.get("message", "")), error.get("data")))
+            waiting.errback(jsonrpc.error_of(message["error"]))
         else:
             waiting.callback(message.get("result"))
 
@@ -508,7 +518,12 @@ class DownstreamSession:
                                 f"the client did not answer {method} in time") from None
         finally:
             self.client_requests.pop(request_id, None)
-        return dict(result or {})
+        if result is None:
+            return {}
+        if not isinstance(result, dict):
+            raise ProtocolError(INVALID_PARAMS, f"the client answered {method} with a result that "
+                                                f"is not an object")
+        return result
 
     def send_related(self, message: Message) -> None:
         """A message that belongs to the call in progress, if any; else the session stream."""

@@ -90,7 +90,7 @@ class SseParser:
         elif field == "id":
             if "\0" not in value:
                 self.last_event_id = value
-        elif field == "retry" and value.isdigit():
+        elif field == "retry" and value.isascii() and value.isdigit() and len(value) <= 18:
             self.retry = int(value)
 
     def _dispatch(self, events: list[Event]) -> None:

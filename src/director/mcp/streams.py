@@ -13,7 +13,6 @@ tens of thousands of idle streams and notice dead peers behind proxies.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +22,9 @@ from twisted.internet import task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from director import jsontext
+from director.jsontext import JsonTextError
 
 log = Logger(namespace="mcp.streams")
 
@@ -45,7 +47,23 @@ def frame(data: bytes, event_id: str | None = None, event: str | None = "message
 
 
 def json_bytes(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    """One message as compact UTF-8 JSON (``jsontext.dumps``: ``JsonTextError`` if it has no
+    JSON form, which only a gateway bug can cause: what it relays was read by ``jsontext``)."""
+    return jsontext.dumps(message)
+
+
+def response_bytes(response: dict[str, Any]) -> bytes:
+    """``json_bytes`` of a response to a client's request, which that request must get: if the
+    answer cannot be encoded, an error response with the same id says so instead."""
+    try:
+        return jsontext.dumps(response)
+    except JsonTextError as failure:
+        log.warn("an answer could not be encoded as JSON: {error}", error=str(failure))
+        request_id = response.get("id")
+        return jsontext.dumps({"jsonrpc": "2.0",
+                               "id": request_id if isinstance(request_id, str | int) else None,
+                               "error": {"code": -32603, "message": (
+                                   f"the answer could not be encoded as JSON: {failure}")}})
 
 
 @implementer(IPushProducer)
@@ -118,7 +136,10 @@ class EventStream:
             self.request.write(queue.popleft())
 
     def stopProducing(self) -> None:
-        self.open = False
+        # The connection is gone. Twisted says so here first, before the request's
+        # notifyFinish fires: this is the stream's end (its on_close must run: it ends a legacy
+        # SSE session, releases a modern listener), not a pause.
+        self._finished(None)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -203,7 +224,8 @@ class ReplayBuffer:
     def after(self, last_event_id: str) -> list[bytes] | None:
         """Events after ``last_event_id``; None if that id is not ours or already forgotten."""
         prefix, _, number = last_event_id.rpartition("-")
-        if prefix != self.prefix or not number.isdigit():
+        if prefix != self.prefix or not (number.isascii() and number.isdigit()) or \
+                len(number) > 18:  # ``isdigit`` alone takes "²", which ``int`` refuses
             return None
         seen = int(number)
         events = self._events or ()

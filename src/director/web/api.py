@@ -14,6 +14,7 @@ from typing import Any
 from klein import Klein
 from twisted.python.failure import Failure
 
+from director import jsontext
 from director.accounts.validation import ValidationFailed
 from director.db.database import DatabaseUnavailable
 from director.web.errors import ApiError, install_error_handlers, write_error
@@ -78,7 +79,7 @@ def decode_cursor(request: Any, arity: int) -> tuple[str, ...] | None:
     if not raw:
         return None
     try:
-        parts = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        parts = jsontext.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         if isinstance(parts, list) and len(parts) == arity and all(
                 isinstance(p, str) for p in parts):
             return tuple(parts)

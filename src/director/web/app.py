@@ -48,24 +48,31 @@ class DirectorApp:
         return _PlaybooksShortcut(self.app.resource(), self.mcp.resource())
 
 
-def undecodable_url(request: Request) -> str | None:
-    """What makes a request's URL unroutable, or None.
+def unroutable(request: Request) -> ApiError | None:
+    """Why a request's URL cannot be routed (a 400 saying so), or None.
 
-    Routing (Klein, werkzeug) works on text: a path that is not UTF-8 once percent-decoded
-    (``/playbooks/%ff/mcp``, a lone surrogate ``%ed%a0%80``), or a Host that is not UTF-8, is
-    refused by Klein with a critical-level traceback per request, a free log flood. It is the
-    client's mistake, answered here with a precise 400 and only the access-log line."""
+    Routing (Klein, werkzeug) works on text, and binds its URL map to the Host before any
+    handler of ours runs: a path that is not UTF-8 once percent-decoded (``/playbooks/%ff/mcp``,
+    a lone surrogate ``%ed%a0%80``) or a Host that is not UTF-8 is refused by Klein with a
+    critical-level traceback per request (a free log flood), and a Host that IDNA cannot encode
+    raises werkzeug's BadHost outside every handler (a 500). The edge refuses foreign hosts,
+    but not on the paths it exempts (health checks by address). Either is the client's
+    mistake, answered here with a precise 400 and only the access-log line."""
     path = b"/".join([*(request.prepath or []), *(request.postpath or [])])
-    for what, value in (("path", path), ("Host header", request.getRequestHostname())):
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            return f"the {what} is not UTF-8 (after percent-decoding)"
+    try:
+        path.decode("utf-8")
+    except UnicodeDecodeError:
+        return ApiError("the path is not UTF-8 (after percent-decoding)", code="bad_request")
+    try:
+        name = request.getRequestHostname().decode("utf-8")
+        name.partition(":")[0].encode("idna")  # as werkzeug's Map.bind does
+    except UnicodeError:
+        return ApiError("the Host header is not a valid host name", code="bad_host")
     return None
 
 
 class _PlaybooksShortcut(Resource):
-    """Refuses URLs that cannot be routed (``undecodable_url``), then hands ``/playbooks/…`` to
+    """Refuses URLs that cannot be routed (``unroutable``), then hands ``/playbooks/…`` to
     the MCP routes' resource exactly as the ``/playbooks/`` branch route above would (one path
     segment moved to ``prepath``), without a first Klein dispatch: a URL map match, a Deferred
     chain and two ``notifyFinish`` Deferreds per request (which an open stream would hold for
@@ -80,9 +87,9 @@ class _PlaybooksShortcut(Resource):
         self.mcp = mcp
 
     def render(self, request: Request) -> Any:
-        problem = undecodable_url(request)
-        if problem is not None:
-            return write_error(request, ApiError(problem, code="bad_request"))
+        refusal = unroutable(request)
+        if refusal is not None:
+            return write_error(request, refusal)
         postpath = request.postpath
         if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
                 and not request.prepath and b"//" not in b"/".join(postpath):
@@ -91,3 +98,4 @@ class _PlaybooksShortcut(Resource):
             request.postpath = postpath[1:]
             return self.mcp.render(request)
         return self.application.render(request)
+

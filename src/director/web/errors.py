@@ -12,9 +12,12 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import RequestRedirect
+
+from director import jsontext
+from director.jsontext import JsonTextError
 
 log = Logger(namespace="web")
 
@@ -97,7 +100,7 @@ def write_error(request: Request, error: ApiError) -> bytes:
 
 def _not_found(instance: Any, request: Any, failure: Failure) -> bytes:
     return write_error(request, NotFound(
-        f"no route for {request.method.decode()} {request.path.decode('latin-1')}"))
+        f"no route for {request.method.decode('latin-1')} {request.path.decode('latin-1')}"))
 
 
 def _redirect(instance: Any, request: Any, failure: Failure) -> bytes:
@@ -111,9 +114,20 @@ def _method_not_allowed(instance: Any, request: Any, failure: Failure) -> bytes:
     if allowed:
         request.setHeader(b"allow", ", ".join(allowed).encode())
     return write_error(request, ApiError(
-        f"{request.method.decode()} is not allowed on {request.path.decode('latin-1')}",
+        f"{request.method.decode('latin-1')} is not allowed on "
+        f"{request.path.decode('latin-1')}",
         status=405, code="method_not_allowed", details={"allowed": allowed},
     ))
+
+
+def _routing(instance: Any, request: Any, failure: Failure) -> bytes:
+    """Any other HTTP error werkzeug raises while routing, with its own status rather than a
+    500 (redirects are ``_redirect``'s: never followed, never a Location)."""
+    error = failure.value
+    assert isinstance(error, HTTPException)
+    return write_error(request, ApiError(
+        f"{error.name}: {request.method.decode('latin-1')} {request.path.decode('latin-1')}",
+        status=error.code or 400, code=error.name.lower().replace(" ", "_")))
 
 
 def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
@@ -125,7 +139,7 @@ def _api_error(instance: Any, request: Any, failure: Failure) -> bytes:
 def _unexpected(instance: Any, request: Any, failure: Failure) -> bytes:
     trace_id = getattr(request, "trace_id", "")
     log.failure("unhandled error in {method} {path}", failure,
-                method=request.method.decode(), path=request.path.decode("latin-1"),
+                method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
                 trace_id=trace_id)
     request.setResponseCode(500)
     request.setHeader(b"content-type", b"application/json")
@@ -137,7 +151,7 @@ def install_error_handlers(app: Klein) -> None:
     """JSON for unrouted paths, wrong methods, ``ApiError`` and anything unexpected."""
     handlers: list[tuple[type[Exception], Any]] = [
         (RouteNotFound, _not_found), (RequestRedirect, _redirect),
-        (MethodNotAllowed, _method_not_allowed),
+        (MethodNotAllowed, _method_not_allowed), (HTTPException, _routing),
         (ApiError, _api_error), (Exception, _unexpected),
     ]
     for exception, handler in handlers:
@@ -152,10 +166,8 @@ def read_json_object(request: Request) -> dict[str, Any]:
                                    details={"content_type": content_type.decode("latin-1")})
     raw = request.content.read() if request.content is not None else b""
     try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise ApiError("the body is nested too deeply", code="malformed_json") from None
-    except (UnicodeDecodeError, ValueError) as error:
+        body = jsontext.loads(raw)  # strict: no lone surrogate, NaN or 1e999 gets stored
+    except JsonTextError as error:
         raise ApiError(f"the body is not valid JSON: {error}", code="malformed_json") from None
     if not isinstance(body, dict):
         raise ApiError("the body must be a JSON object", code="malformed_json")

@@ -137,7 +137,7 @@ class McpRoutes:
         reason = {404: "no such MCP endpoint", 405: "method not allowed here"}.get(
             status, error.name)
         return _error_response(request, McpHttpError(
-            status, SERVER_ERROR, f"{reason}: {request.method.decode()} "
+            status, SERVER_ERROR, f"{reason}: {request.method.decode('latin-1')} "
                                   f"{request.path.decode('latin-1')}", headers=headers))
 
     @app.handle_errors(Exception)
@@ -193,6 +193,15 @@ class McpRoutes:
             raise McpHttpError(400, failure.code, failure.message) from None
 
     @staticmethod
+    def _notified(session: DownstreamSession, message: Message) -> None:
+        """A notification has no response: one the session refuses is answered 400 (the
+        transport's "cannot accept the input") with the JSON-RPC error and no id."""
+        try:
+            session.handle_notification(message)
+        except ProtocolError as failure:
+            raise McpHttpError(400, failure.code, failure.message) from None
+
+    @staticmethod
     def _check_modern(message: Message) -> None:
         """Modern-era (2026-07-28) requests get a precise error until that era is served, so
         that clients in ``auto`` mode fall back to the handshake."""
@@ -232,7 +241,7 @@ class McpRoutes:
                                f"{version.decode('latin-1')!r}; supported: "
                                f"{', '.join(LEGACY_VERSIONS)}")
         if jsonrpc.is_notification(message):
-            session.handle_notification(message)
+            self._notified(session, message)
             request.setResponseCode(202)
             return b""
         if jsonrpc.is_response(message):
@@ -335,7 +344,7 @@ class McpRoutes:
         message = self._read_message(request)
         self._check_modern(message)
         if jsonrpc.is_notification(message):
-            session.handle_notification(message)
+            self._notified(session, message)
         elif jsonrpc.is_response(message):
             session.handle_response(message)
         elif message["method"] == "initialize":

@@ -40,7 +40,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from director.mcp.jsonrpc import METHOD_NOT_FOUND, Message, ProtocolError
+from director.jsontext import JsonTextError
+from director.mcp import jsonrpc
+from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 LATEST_LEGACY_VERSION = LEGACY_VERSIONS[0]
@@ -61,6 +63,18 @@ class UpstreamRequestError(UpstreamError):
     def __init__(self, name: str, error: dict[str, Any]) -> None:
         super().__init__(f"[{name}] {error.get('message', 'error')}")
         self.error = error
+
+
+def encoded(name: str, message: Message) -> bytes:
+    """The message as its transport writes it (compact JSON); one that has no JSON form fails
+    its call at once with -32602 rather than leaving it to wait for an answer that cannot come
+    (the transports call this before anything is registered or sent)."""
+    try:
+        return jsonrpc.encode(message)
+    except JsonTextError as failure:
+        what = message.get("method") or "an answer"
+        raise UpstreamRequestError(name, {"code": INVALID_PARAMS, "message": (
+            f"{what} cannot be sent to {name}: {failure}")}) from None
 
 
 RequestHandler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]

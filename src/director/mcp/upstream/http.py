@@ -88,6 +88,7 @@ from director.mcp.upstream.base import (
     UpstreamSession,
     UpstreamTimeout,
     default_request_handler,
+    encoded,
     initialize_params,
 )
 from director.mcp.upstream.connect import CheckedEndpoints, Refused
@@ -590,7 +591,7 @@ class _HttpSession:
     def _received(self, raw: str | bytes, origin: _Pending | None = None) -> None:
         """One message from the upstream; ``origin``: the request on whose stream it came."""
         try:
-            message = jsonrpc.parse_message(raw)
+            message = jsonrpc.parse_message(raw, repair=True)
         except ProtocolError as problem:
             log.warn("[{server}] ignored a malformed message from the upstream: {problem}",
                      server=self.name, problem=problem.message)
@@ -1014,7 +1015,7 @@ class StreamableHttpUpstream(_HttpSession):
         try:
             response = await self._http(call, "POST", self.url,
                                         self._post_headers(message, session_id),
-                                        jsonrpc.encode(message))
+                                        encoded(self.name, message))
             if pending is not None and pending.handshake:
                 pending.session_id = _header(response, b"mcp-session-id")
             if not 200 <= response.code < 300:
@@ -1345,7 +1346,7 @@ class LegacySseUpstream(_HttpSession):
         headers["Content-Type"] = JSON
         try:
             response = await self._http(call, "POST", endpoint, headers,
-                                        jsonrpc.encode(message))
+                                        encoded(self.name, message))
             if not 200 <= response.code < 300:
                 raise await self._status_error("POST", endpoint, response, call)
             if _content_type(response) == JSON and response.code != 202:

@@ -99,6 +99,7 @@ from director.mcp.upstream.base import (
     UpstreamRequestError,
     UpstreamTimeout,
     default_request_handler,
+    encoded,
     initialize_params,
 )
 from director.mcp.upstream.envelope import (
@@ -934,9 +935,16 @@ class StdioUpstream:
         upstream_id = self._next_id
         pending = _Pending(upstream_id, method, timeout, on_progress, cancellable)
         meta = params.get("_meta") if params is not None else None
+        relays_progress = False
         if params is not None and isinstance(meta, dict) and "progressToken" in meta:
+            relays_progress = True
             pending.token = meta["progressToken"]
             params = {**params, "_meta": {**meta, "progressToken": upstream_id}}
+        try:
+            line = encoded(self.name, jsonrpc.request(upstream_id, method, params)) + b"\n"
+        except UpstreamRequestError as failure:
+            return defer.fail(failure)
+        if relays_progress:
             self._by_token[upstream_id] = pending
 
         def cancel(_: defer.Deferred[dict[str, Any]]) -> None:
@@ -948,7 +956,7 @@ class StdioUpstream:
         pending.timer = self.reactor.callLater(timeout if first is None else first,
                                                self._timed_out, process, pending)
         self._pending[upstream_id] = pending
-        self._send(process, jsonrpc.request(upstream_id, method, params))
+        self._write(process, line)
         return deferred
 
     def _forget(self, pending: _Pending) -> bool:
@@ -982,9 +990,19 @@ class StdioUpstream:
             pending.deferred.errback(make_error())
 
     def _send(self, process: _Process, message: Message) -> None:
+        try:
+            data = encoded(self.name, message) + b"\n"
+        except UpstreamRequestError as failure:  # a gateway bug: what it relays was read strictly
+            log.warn("{error}; not sent", error=str(failure))
+            if not jsonrpc.is_response(message):
+                return
+            data = encoded(self.name, jsonrpc.error(message["id"], INTERNAL_ERROR,
+                                                    str(failure))) + b"\n"
+        self._write(process, data)
+
+    def _write(self, process: _Process, data: bytes) -> None:
         if process.exited or process.transport is None or process is not self._process:
             return
-        data = jsonrpc.encode(message) + b"\n"
         if process.stdin.paused:
             process.stdin.backlog += len(data)
         cast(Any, process.transport).write(data)
@@ -995,7 +1013,7 @@ class StdioUpstream:
         if process is not self._process:
             return
         try:
-            message = jsonrpc.parse_message(line)
+            message = jsonrpc.parse_message(line, repair=True)
         except ProtocolError as failure:
             self._log_dropped(f"{failure.message}: {line[:200]!r}"
                               + (f"… ({len(line)} bytes)" if len(line) > 200 else ""))
