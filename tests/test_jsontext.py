@@ -22,6 +22,7 @@ from director.mcp.jsonrpc import ProtocolError
 from director.mcp.sse import SseParser
 from director.mcp.streams import ReplayBuffer, response_bytes
 from director.mcp.upstream.base import UpstreamRequestError, encoded
+from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import LegacySseUpstream, StreamableHttpUpstream, new_pool
 from director.mcp.upstream.stdio import StdioUpstream
 from tests.test_upstream_http import reference
@@ -167,7 +168,7 @@ async def test_an_http_call_that_cannot_be_written_fails_at_once_and_the_session
         transport: str) -> None:
     server = reference(transport, "--json-response") if transport != "sse" else \
         reference("sse")
-    pool = new_pool(reactor)
+    pool = new_pool(reactor, endpoints=CheckedEndpoints(reactor, allow_insecure=True))  # loopback
     session: Any = None
     try:
         await threads.deferToThread(server.wait_ready)
