@@ -34,13 +34,14 @@ from twisted.logger import Logger
 from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
 from director.accounts.ratelimit import RateLimiter
-from director.config import Settings
+from director.config import Settings, dangerous_settings, host_is_loopback
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
+from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
@@ -102,8 +103,10 @@ class DirectorService(MultiService):
         self.secret_box = SecretBox(self.auth_secret)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
         self.http_pool = new_pool(reactor)
-        self.mcp = McpEngine(settings, self.playbooks,
-                             UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
+        #: Who stdio children run as: STDIO_USER when the daemon is root, else the daemon.
+        self.stdio_account = stdio_account(settings.stdio_user)
+        factory = upstream_factory(reactor, self.http_pool, self.stdio_account)
+        self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
@@ -151,6 +154,9 @@ class DirectorService(MultiService):
         d.addErrback(self._fatal)
 
     async def _start(self) -> None:
+        self._check_stdio_account()
+        for warning in dangerous_settings(self.settings):
+            log.warn("dangerous setting: {warning}", warning=warning)
         await self._listen()
         await self._listen_metrics()
         dsn = await self._database_dsn()
@@ -185,10 +191,43 @@ class DirectorService(MultiService):
                 "using the port? Set PORT to a free one"
             ) from error
         bound = self.port.getHost()
+        self._check_exposure(bound)
         log.info("director gateway running on port {port}", port=getattr(bound, "port", bound),
                  version=__version__)
         systemd.notify(f"READY=1\nSTATUS=listening on port {getattr(bound, 'port', bound)}, "
                        f"connecting to the database\nMAINPID={os.getpid()}")
+
+    def _check_stdio_account(self) -> None:
+        """STDIO_USER must not be the private cluster's account: that cluster trusts whoever
+        reaches its socket, so a stdio server running as that account would have the whole
+        database (``director.mcp.upstream.account``)."""
+        if self.embedded is None or not self.settings.allow_arbitrary_stdio_servers:
+            return
+        try:
+            database = self.embedded.server_account()
+        except EmbeddedDatabaseError as error:
+            raise FatalStartupError(str(error)) from error
+        if clashes_with_database(self.stdio_account, None if database is None else
+                                 database.pw_uid):
+            raise FatalStartupError(
+                f"STDIO_USER={self.settings.stdio_user} is also the account of the private "
+                "PostgreSQL cluster, which trusts every connection on its socket: a stdio "
+                "server would have the whole database. Set STDIO_USER to another unprivileged "
+                "account (adduser --system --group director-stdio)", EX_CONFIG)
+
+    def _check_exposure(self, bound: Any) -> None:
+        """The server flags need a listener reachable from this host only unless sign-up is
+        closed (``config.exposure_problem``); ``--listen`` (socket activation) bypasses HOST,
+        so the address actually bound is checked too."""
+        settings = self.settings
+        flagged = settings.allow_arbitrary_stdio_servers or settings.allow_insecure_http_servers
+        host = getattr(bound, "host", None)  # None: a unix socket, local by nature
+        if flagged and not settings.waitlist_enabled and host is not None and \
+                not host_is_loopback(host):
+            raise FatalStartupError(
+                f"the DANGEROUSLY_* server flags cannot be enabled on a listener that anyone "
+                f"can sign up through ({self.listen_description} is bound to {host}): listen "
+                "on a loopback address, or set WAITLIST_ENABLED=true", EX_CONFIG)
 
     async def _listen_metrics(self) -> None:
         """``/metrics`` on a listener of its own, before the database: it matters most when
@@ -277,7 +316,12 @@ class DirectorService(MultiService):
             log.failure("FATAL: unexpected error while starting", failure)
             self.exit_code = 1
         exit_after_shutdown(self.reactor, self.exit_code)
-        self.reactor.stop()
+        # A start refused before its first wait fails inside startService, before twistd has
+        # run the reactor: stop it as soon as it runs (stop() would raise now).
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     # --- stop --------------------------------------------------------------------------
 
