@@ -150,7 +150,7 @@ def test_rails_refuse_stdio_and_insecure_http_naming_the_flag(start_daemon: Star
         ({"name": "h", "type": "http", "url": "http://mcp.example.com/mcp"}, "url", "https"),
         ({"name": "h", "type": "http", "url": "https://10.1.2.3/mcp"}, "url", "not an IP"),
         ({"name": "h", "type": "sse", "url": "https://[::1]:8443/sse"}, "url", "not an IP"),
-        ({"name": "h", "type": "http", "url": "https://localhost:8443/mcp"}, "url", "127.0.0.1"),
+        ({"name": "h", "type": "http", "url": "https://localhost:8443/mcp"}, "url", "loopback"),
     ]
     for body, field, fragment in cases:
         status, _, response = call(daemon, "POST", "/api/v1/playbooks/tools/servers", body,

@@ -1,6 +1,9 @@
-"""The DANGEROUSLY_* flags cannot turn a daemon that anyone can sign up to into remote code
-execution.
+"""The security rails hold at every start, and the DANGEROUSLY_* flags cannot turn a daemon
+that anyone can sign up to into remote code execution.
 
+* A server stored while a flag was on does not run once a restarted daemon is without it: it
+  is never spawned or connected to, its tools are absent, its refusal is logged once, the API
+  shows it as refused and ``director doctor`` lists it.
 * The server flags need a daemon reachable from this host only, or a closed sign-up; every
   dangerous setting is logged at start; a root daemon runs stdio servers as ``STDIO_USER``.
 """
@@ -14,10 +17,12 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from tests.accounts_helpers import Account, call, sign_up
@@ -26,14 +31,62 @@ from tests.harness import (
     Daemon,
     base_environment,
     free_port,
+    local_servers,
     make_temp_dir,
 )
-from tests.test_mcp_gateway import RAW, Gateway, parse_response
+from tests.test_mcp_gateway import HTTP_REFERENCE, RAW, Gateway, parse_response
+from tests.test_mcp_modern import Instance
 
 StartDaemon = Callable[..., Daemon]
 STDIO_FLAG = "DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS"
 INSECURE_FLAG = "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS"
 OWNER = "rails@example.com"
+REFUSED = "not started: refused by configuration"
+
+
+@attrs.frozen
+class Stored:
+    """A server stored under ``flag``, and how to tell whether it ever ran."""
+
+    flag: str
+    server: dict[str, Any]
+    reason: str
+    ran: Callable[[], bool]
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """Where a stdio server (nobody, when the suite runs as root) may write."""
+    directory = make_temp_dir("director-test-rails-", 0o777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def stdio_shell(shared_dir: Path) -> Stored:
+    """``/bin/sh -c`` that leaves a marker, then runs a real MCP server: what the issue saw."""
+    marker = shared_dir / "ran"
+    return Stored(STDIO_FLAG, {
+        "name": "shell", "type": "stdio", "command": "/bin/sh",
+        "args": ["-c", 'touch "$0" && exec "$1" "$2"', str(marker), sys.executable, RAW]},
+        f"refused by configuration: stdio servers need {STDIO_FLAG}=true", marker.exists)
+
+
+@pytest.fixture
+def plain_http() -> Iterator[Stored]:
+    """The SDK's reference server on http://127.0.0.1, which logs every request it gets."""
+    port = free_port()
+    with local_servers([[sys.executable, HTTP_REFERENCE, "--transport", "streamable-http",
+                         "--port", str(port)]], [port]):
+        def requested() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/log",
+                                        timeout=5) as answer:
+                return any(entry["path"] != "/debug/log" for entry in json.load(answer))
+
+        yield Stored(INSECURE_FLAG, {"name": "plain", "type": "http",
+                                     "url": f"http://127.0.0.1:{port}/mcp"},
+                     f"refused by configuration: plain-http servers need {INSECURE_FLAG}=true",
+                     requested)
 
 
 def store(daemon: Daemon, server: dict[str, Any]) -> Account:
@@ -46,7 +99,82 @@ def store(daemon: Daemon, server: dict[str, Any]) -> Account:
     status, _, body = call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
                            key=owner.key)
     assert status == 201, body
+    assert body["status"] == {"state": "allowed"}
     return owner
+
+
+def listed(daemon: Daemon, owner: Account) -> dict[str, list[str]]:
+    """What a handshake-era session and a stateless (2026-07-28) request are offered."""
+    gateway = Gateway(daemon, owner, Path("/nonexistent"))
+    session = gateway.open_session()
+    found: dict[str, list[str]] = {}
+    for request_id, (method, key) in enumerate((("tools/list", "tools"),
+                                                ("prompts/list", "prompts"),
+                                                ("resources/list", "resources")), 2):
+        status, _, body = gateway.post({"jsonrpc": "2.0", "id": request_id, "method": method},
+                                       session)
+        assert status == 200, body
+        found[method] = [entry.get("name", "") for entry in parse_response(body)["result"][key]]
+    _, _, body = gateway.post({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+                               "params": {"name": "echo", "arguments": {"text": "x"}}}, session)
+    error = parse_response(body).get("error")
+    found["tools/call echo"] = [] if error is None else [error["message"]]
+    status, _, answer = Instance(daemon, owner).post("tools/list")
+    assert status == 200, answer
+    found["modern tools/list"] = [tool["name"] for tool in answer["result"]["tools"]]
+    return found
+
+
+def refused_servers(**env: str) -> dict[str, Any]:
+    result = subprocess.run([DIRECTOR, "doctor", "--json"], env=base_environment(**env),
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=90, check=False)
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    return dict(checks["refused-servers"])
+
+
+@pytest.mark.parametrize("kind", ["stdio_shell", "plain_http"])
+def test_a_server_stored_under_a_flag_does_not_run_once_it_is_off(
+        kind: str, request: pytest.FixtureRequest, start_daemon: StartDaemon,
+        migrated_url: str) -> None:
+    stored: Stored = request.getfixturevalue(kind)
+    name = stored.server["name"]
+    flagged = start_daemon(DATABASE_URL=migrated_url, **{stored.flag: "true"})
+    owner = store(flagged, stored.server)
+    assert flagged.terminate() == 0
+
+    daemon = start_daemon(DATABASE_URL=migrated_url)
+    daemon.wait_healthy()
+    for _ in range(3):  # several sessions of both eras: still nothing started, one log line
+        assert listed(daemon, owner) == {
+            "tools/list": [], "prompts/list": ["hello"], "resources/list": [],
+            "tools/call echo": ["unknown tool: echo"], "modern tools/list": []}
+    assert not stored.ran()
+    refusals = [record for record in daemon.records() if REFUSED in record.get("msg", "")]
+    assert len(refusals) == 1, refusals
+    assert refusals[0]["level"] == 40 and refusals[0]["server"] == name
+    assert stored.reason in refusals[0]["msg"] and stored.flag in refusals[0]["msg"]
+
+    refused = {"state": "refused", "reason": stored.reason}
+    _, _, playbook = call(daemon, "GET", "/api/v1/playbooks/ref", key=owner.key)
+    assert [server["status"] for server in playbook["servers"]] == [refused]
+    _, _, server = call(daemon, "GET", f"/api/v1/playbooks/ref/servers/{name}", key=owner.key)
+    assert server["status"] == refused
+
+    check = refused_servers(DATABASE_URL=migrated_url, PORT=str(free_port()))
+    assert check["status"] == "warn", check
+    assert check["details"] == [f"playbook ref ({OWNER}) server {name}: {stored.reason}"]
+    assert stored.flag in check["details"][0] and check["fix"]
+
+    # The same server with the flag back on does run: what the test looks for is real.
+    assert daemon.terminate() == 0
+    again = start_daemon(DATABASE_URL=migrated_url, **{stored.flag: "true"})
+    again.wait_healthy()
+    assert "echo" in listed(again, owner)["tools/list"]
+    assert stored.ran()
+    assert refused_servers(DATABASE_URL=migrated_url, PORT=str(free_port()),
+                           **{stored.flag: "true"})["status"] == "ok"
+    assert again.terminate() == 0  # before the upstream it holds a stream to stops
 
 
 # --- who may turn the flags on ------------------------------------------------------------------

@@ -106,7 +106,7 @@ class DirectorService(MultiService):
         #: Who stdio children run as: STDIO_USER when the daemon is root, else the daemon.
         self.stdio_account = stdio_account(settings.stdio_user)
         factory = upstream_factory(reactor, self.http_pool, self.stdio_account)
-        self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory), reactor,
+        self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
