@@ -670,6 +670,16 @@ async def test_a_root_owner_runs_children_as_the_stdio_account(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_working_directory_the_account_cannot_enter_fails_that_server(
+        upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("walled", sys.executable, [str(RAW)], cwd="/root")
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.start()
+    assert str(refused.value).startswith("[walled] failed to run")
+    assert str(refused.value).endswith("cd: can't cd to /root")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_root_owner_never_runs_a_child_as_root(upstreams: Any) -> None:
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], account=None)
     if os.geteuid() != 0:
