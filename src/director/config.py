@@ -115,11 +115,6 @@ class Settings:
         return self.environment == "production"
 
     @property
-    def flags_forbidden(self) -> bool:
-        """True where the DANGEROUSLY_* flags are refused (see ``FLAG_ENVIRONMENTS``)."""
-        return self.environment not in FLAG_ENVIRONMENTS
-
-    @property
     def base_origin(self) -> str:
         return origin_of(self.base_url)
 
