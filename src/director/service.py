@@ -2,6 +2,8 @@
 
 Start order, and why:
 
+0. every dangerous setting in force is logged (one warning each, ``config.dangerous_settings``)
+   and STDIO_USER is checked against the private cluster's account, before anything listens;
 1. the HTTP port listens at once (``READY=1`` follows), so load balancers get an honest 503
    with a reason instead of a refused connection while the database is still coming up;
 2. the database: the private cluster is started when ``DATABASE_URL`` is unset; an external
