@@ -1,5 +1,8 @@
 # Thin wrappers: each target is one line of intent. See README.rst.
-PYTHON ?= python3
+# Debian's interpreter when it is 3.11+ with venv (the one the .deb uses, and one that every
+# account can run: a root-run suite starts its stdio servers as nobody), else python3 on PATH.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
+import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +47,53 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[pytest.C
     report: pytest.CollectReport = yield  # a module-level skip or importorskip
     _skip_as_failure(report)
     return report
+
+
+# --- root: stdio servers run as nobody ---------------------------------------------------
+#: The account a root daemon runs stdio servers as (the default STDIO_USER).
+STDIO_USER = "nobody"
+
+
+def _blocking_path(path: Path, uid: int, gid: int) -> Path | None:
+    """The first of ``path`` and its parents that the account cannot enter or read."""
+    for current in [*reversed(path.parents), path]:
+        info = current.stat()
+        shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+        needed = (stat.S_IXOTH if stat.S_ISDIR(info.st_mode) else stat.S_IROTH) << shift
+        if not info.st_mode & needed:
+            return current
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stdio_servers_can_run() -> None:
+    """Run as root, the daemons start every stdio server as nobody, which must then be able
+    to run this virtualenv's python with the mcp SDK (the fixture servers use it). Say what
+    blocks it at once rather than through a hundred failing tests."""
+    if os.geteuid() != 0:
+        return
+    account = pwd.getpwnam(STDIO_USER)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import mcp"], user=account.pw_uid,
+                               group=account.pw_gid, extra_groups=[], capture_output=True,
+                               text=True, check=False)
+        if probe.returncode == 0:
+            return
+        error = (probe.stderr.strip().splitlines() or ["?"])[-1]
+    except OSError as failure:  # the exec itself was refused
+        error = str(failure)
+    import mcp
+
+    blocked = None
+    for target in (Path(sys.executable), Path(sys.executable).resolve(), Path(mcp.__file__)):
+        blocked = blocked or _blocking_path(target, account.pw_uid, account.pw_gid)
+    pytest.exit(
+        f"the suite runs as root, so its stdio servers run as {STDIO_USER}, who cannot run "
+        f"{sys.executable} -c 'import mcp' ({error}); "
+        f"blocked at {blocked or 'an unknown path'}. Recreate the virtualenv on an interpreter "
+        "every account can run: rm -rf .venv && make .venv/.installed (the Makefile prefers "
+        "/usr/bin/python3), and keep the checkout in a directory others may enter",
+        returncode=3)
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,11 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 SECRET = "test-secret-" + "x" * 40
 
 
-def make_temp_dir(prefix: str) -> Path:
-    """A temporary directory the embedded cluster's account can traverse (tests may run as root)."""
+def make_temp_dir(prefix: str, mode: int = 0o755) -> Path:
+    """A temporary directory the embedded cluster's account and stdio servers (``nobody`` when
+    the suite runs as root) can traverse; ``mode=0o777`` for one they must write in."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
+    path.chmod(mode)
     return path
 
 
@@ -104,11 +105,13 @@ def base_environment(**overrides: str) -> dict[str, str]:
         if not key.startswith(("DANGEROUSLY_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
                                "LISTEN_"))
         and key not in ("DATABASE_URL", "BASE_URL", "PORT", "NODE_ENV", "DIRECTOR_ENV",
-                        "STATE_DIRECTORY", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", "LOG_LEVEL")
+                        "STATE_DIRECTORY", "ALLOWED_ORIGINS", "ALLOWED_HOSTS", "LOG_LEVEL",
+                        "WAITLIST_ENABLED", "STDIO_USER")
     }
     # Every test client signs up from 127.0.0.1, many per database; tests of the per-address
-    # sign-up limit set it themselves.
-    environ.update({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "debug",
+    # sign-up limit set it themselves. Loopback only: test daemons have no business on other
+    # interfaces, and the DANGEROUSLY_* server flags need it (or a closed sign-up).
+    environ.update({"BETTER_AUTH_SECRET": SECRET, "LOG_LEVEL": "debug", "HOST": "127.0.0.1",
                     "DIRECTOR_ENV_FILE": "", "SHUTDOWN_TIMEOUT_SECONDS": "3",
                     "SIGNUP_RATE_LIMIT_PER_HOUR": "100000"})
     # A first list waits for servers that start slowly on a busy test machine (the fixture

@@ -9,9 +9,11 @@ import pytest
 
 from director.config import (
     DANGEROUS_FLAGS,
+    SERVER_FLAGS,
     VARIABLES,
     ConfigError,
     configuration_table,
+    dangerous_settings,
     load_settings,
     read_env_file,
 )
@@ -75,7 +77,7 @@ def test_every_variable_is_parsed() -> None:
         "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS": "1",
         "DANGEROUSLY_ENABLE_SEEDING": "yes",
         "WAITLIST_ENABLED": "on",
-        "NODE_ENV": "staging",
+        "NODE_ENV": "test",
         "LOG_LEVEL": "WARN",
         "STATE_DIRECTORY": "/srv/director:/srv/other",
         "MAX_REQUEST_BODY_BYTES": "1024",
@@ -85,6 +87,7 @@ def test_every_variable_is_parsed() -> None:
         "MAX_CONNECTIONS_PER_ADDRESS": "0",
         "SHUTDOWN_TIMEOUT_SECONDS": "2.5",
         "DATABASE_POOL_SIZE": "2",
+        "STDIO_USER": "daemon",
     })
     assert settings.database_url == "postgresql://u:p@h:5433/d"
     assert settings.base_url == "https://director.example.com"  # trailing slash dropped
@@ -100,7 +103,8 @@ def test_every_variable_is_parsed() -> None:
     assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.1/32", "10.0.0.0/8", "::1/128"]
     assert settings.allow_arbitrary_stdio_servers and settings.allow_insecure_http_servers
     assert settings.enable_seeding
-    assert settings.environment == "staging" and settings.log_level == "warn"
+    assert settings.environment == "test" and settings.log_level == "warn"
+    assert settings.stdio_user == "daemon"
     assert settings.state_directory == "/srv/director"
     assert settings.max_request_body_bytes == 1024
     assert (settings.request_header_timeout_seconds, settings.request_body_timeout_seconds,
@@ -180,6 +184,10 @@ def test_base_url_follows_port_when_unset() -> None:
     ("METRICS_LISTEN", "unix:metrics.sock", "is not an absolute socket path"),
     ("METRICS_LISTEN", "0.0.0.0:9464", "METRICS_LISTEN='0.0.0.0:9464' is not a loopback address"),
     ("METRICS_ALLOW_PUBLIC", "sure", "METRICS_ALLOW_PUBLIC='sure' is not a boolean"),
+    ("STDIO_USER", "root", "STDIO_USER='root' is root (uid 0): stdio servers must never run as "
+                           "root; use an unprivileged account of its own"),
+    ("STDIO_USER", "no-such-account", "STDIO_USER='no-such-account' is not an account on this "
+                                      "host"),
 ])
 def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
     problems = problems_for({name: value})
@@ -201,8 +209,7 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
               "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "MCP_LIST_WAIT_SECONDS",
-              "METRICS_LISTEN",
-              "METRICS_ALLOW_PUBLIC"}
+              "METRICS_LISTEN", "METRICS_ALLOW_PUBLIC", "STDIO_USER"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 
@@ -270,10 +277,72 @@ def test_each_dangerous_flag_is_fatal_in_production(flag: str) -> None:
     ]
 
 
-def test_dangerous_flags_are_allowed_outside_production() -> None:
-    settings = load_settings({**PRODUCTION, "NODE_ENV": "development",
+@pytest.mark.parametrize("flag", DANGEROUS_FLAGS)
+def test_every_other_environment_counts_as_production_for_the_flags(flag: str) -> None:
+    """staging is a deployment other people use: the flags are for one developer's laptop."""
+    problems = problems_for({"NODE_ENV": "staging", "HOST": "127.0.0.1", flag: "true"})
+    assert problems == [
+        f"FATAL: {flag} cannot be enabled with NODE_ENV=staging (only development and test "
+        "allow it). Remove it from the environment, or set NODE_ENV=development for "
+        "single-user local development."
+    ]
+
+
+@pytest.mark.parametrize("environment", ["development", "test"])
+def test_dangerous_flags_are_allowed_in_development_and_test(environment: str) -> None:
+    settings = load_settings({**PRODUCTION, "NODE_ENV": environment, "HOST": "127.0.0.1",
+                              "BASE_URL": "http://localhost:3673",
                               **{flag: "true" for flag in DANGEROUS_FLAGS}})
     assert settings.allow_arbitrary_stdio_servers and settings.enable_seeding
+
+
+@pytest.mark.parametrize("exposed", [
+    {},  # HOST=0.0.0.0, the default
+    {"HOST": "192.0.2.7"},
+    {"HOST": "127.0.0.1", "BASE_URL": "https://director.example.com"},  # behind a proxy
+    {"HOST": "::", "BASE_URL": "http://[::1]:3673"},
+])
+@pytest.mark.parametrize("flag", SERVER_FLAGS)
+def test_server_flags_are_refused_where_anyone_can_sign_up(
+        flag: str, exposed: dict[str, str]) -> None:
+    problems = problems_for({flag: "true", **exposed})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"FATAL: {flag} cannot be enabled on a daemon that anyone "
+                                  "can sign up to")
+    assert problems[0].endswith(
+        "Either keep it to this host (HOST=127.0.0.1 and a loopback BASE_URL such as "
+        "http://localhost:3673), or set WAITLIST_ENABLED=true so that new accounts wait for an "
+        "administrator.")
+    assert load_settings({flag: "true", "WAITLIST_ENABLED": "true", **exposed})
+
+
+@pytest.mark.parametrize(("host", "base_url"), [
+    ("127.0.0.1", None), ("127.8.9.10", "http://127.0.0.1:3673"), ("::1", "http://[::1]:8080"),
+    ("localhost", "http://localhost:3673"), ("127.0.0.1", "http://director.localhost"),
+])
+def test_server_flags_are_allowed_on_a_daemon_only_this_host_reaches(
+        host: str, base_url: str | None) -> None:
+    environ = {"HOST": host, **({"BASE_URL": base_url} if base_url else {})}
+    settings = load_settings({**environ, **{flag: "true" for flag in SERVER_FLAGS}})
+    assert settings.allow_arbitrary_stdio_servers and settings.allow_insecure_http_servers
+
+
+def test_seeding_alone_needs_no_loopback() -> None:
+    assert load_settings({"DANGEROUSLY_ENABLE_SEEDING": "true"}).enable_seeding
+
+
+def test_dangerous_settings_say_what_each_allows() -> None:
+    settings = load_settings({"HOST": "127.0.0.1", **{flag: "true" for flag in DANGEROUS_FLAGS},
+                              "METRICS_LISTEN": "0.0.0.0:9464", "METRICS_ALLOW_PUBLIC": "true"})
+    as_root = dangerous_settings(settings, euid=0)
+    assert [line.split(" ")[0] for line in as_root] == [*DANGEROUS_FLAGS, "METRICS_ALLOW_PUBLIC"]
+    assert "run any command on this host" in as_root[0]
+    as_someone = dangerous_settings(settings, euid=os.geteuid() or 65534)
+    assert as_someone[1].startswith("stdio servers run as the daemon's own account")
+    assert dangerous_settings(load_settings({}), euid=0) == []
+    private_metrics = load_settings({"METRICS_LISTEN": "127.0.0.1:9464",
+                                     "METRICS_ALLOW_PUBLIC": "true"})
+    assert dangerous_settings(private_metrics, euid=0) == []
 
 
 def test_false_dangerous_flags_are_fine_in_production() -> None:
@@ -354,7 +423,7 @@ def test_config_check_reads_an_env_file_under_the_process_environment() -> None:
     path.write_text("PORT=4123\nLOG_LEVEL=error\n")
     result = run_director("--env-file", str(path), "config", "check", LOG_LEVEL="debug")
     assert result.returncode == 0, result.stderr
-    assert "0.0.0.0:4123" in result.stdout
+    assert "127.0.0.1:4123" in result.stdout
     missing = run_director("--env-file", str(directory / "absent.env"), "config", "check")
     assert missing.returncode == 78
     assert "cannot read the environment file" in missing.stderr

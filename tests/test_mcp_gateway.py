@@ -63,7 +63,8 @@ def reference_server(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def gateway(start_daemon: StartDaemon, migrated_url: str) -> Iterator[Gateway]:
-    directory = make_temp_dir("director-test-mcp-")
+    # The stdio servers write here: as nobody when the suite runs as root.
+    directory = make_temp_dir("director-test-mcp-", 0o777)
     cancel_log = directory / "cancelled.log"
     os.environ["REFERENCE_CANCEL_LOG"] = str(cancel_log)  # inherited by the daemon's children
     daemon = start_daemon(DATABASE_URL=migrated_url,
@@ -644,11 +645,11 @@ def test_an_unknown_resource_is_32002_in_the_handshake_era(gateway: Gateway) -> 
 
 
 def test_a_restarted_upstream_is_told_again_what_its_sessions_asked(
-        gateway: Gateway, tmp_path: Path) -> None:
+        gateway: Gateway) -> None:
     """A stdio upstream that crashed and was restarted has forgotten the subscriptions and the
     log level: the gateway subscribes again what its sessions still want, and sets the most
     verbose level any of them asked for (a shared process serves them all)."""
-    received = tmp_path / "raw.jsonl"
+    received = gateway.cancel_log.parent / "raw.jsonl"  # where the server may write
     raw = {"name": "raw", "type": "stdio", "command": sys.executable, "args": [RAW],
            "env": {"RAW_LOG": str(received)}, "prefix": "raw_"}
     status, _, body = call(gateway.daemon, "POST", "/api/v1/playbooks/ref/servers", raw,

@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -21,7 +24,9 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from director.mcp.jsonrpc import INVALID_PARAMS, ProtocolError, encode
+from director.mcp.upstream import account as account_module
 from director.mcp.upstream import stdio
+from director.mcp.upstream.account import stdio_account
 from director.mcp.upstream.base import (
     UpstreamError,
     UpstreamRequestError,
@@ -29,6 +34,7 @@ from director.mcp.upstream.base import (
     initialize_params,
 )
 from director.mcp.upstream.stdio import StdioUpstream, child_environment
+from tests.harness import make_temp_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -79,6 +85,8 @@ def upstreams() -> Any:
 
     def make(name: str, command: str, args: list[str], env: dict[str, str] | None = None,
              cwd: str | None = None, **options: Any) -> StdioUpstream:
+        # As the daemon does: a root test process gives its children nobody's identity.
+        options.setdefault("account", stdio_account("nobody"))
         upstream = StdioUpstream(name, command, args, env or {}, cwd, reactor, **options)
         made.append(upstream)
         return upstream
@@ -86,6 +94,15 @@ def upstreams() -> Any:
     yield make
     for upstream in made:
         pytest_twisted.blockon(defer.ensureDeferred(upstream.close()))
+
+
+@pytest.fixture
+def shared_dir() -> Any:
+    """A directory the children may read and write: run as root, the suite starts them as
+    nobody, who cannot enter pytest's own tmp_path (/tmp/pytest-of-root is 0700)."""
+    directory = make_temp_dir("director-test-stdio-", 0o777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -231,8 +248,8 @@ async def test_reference_server_progress_logs_and_sampling(upstreams: Any) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_timeout_and_cancellation_send_notifications_cancelled(upstreams: Any,
-                                                                     tmp_path: Path) -> None:
-    cancellations = tmp_path / "cancelled.log"
+                                                                     shared_dir: Path) -> None:
+    cancellations = shared_dir / "cancelled.log"
     upstream: StdioUpstream = upstreams("reference", sys.executable, [str(REFERENCE)],
                                         {"REFERENCE_CANCEL_LOG": str(cancellations)})
     await upstream.start()
@@ -294,8 +311,8 @@ async def test_crash_mid_call_fails_that_call_then_restarts(upstreams: Any) -> N
 
 @pytest_twisted.ensureDeferred
 async def test_failed_restart_fails_fast_then_recovers_with_backoff(upstreams: Any,
-                                                                   tmp_path: Path) -> None:
-    marker = tmp_path / "fail"
+                                                                   shared_dir: Path) -> None:
+    marker = shared_dir / "fail"
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)],
                                         {"RAW_FAIL_IF": str(marker)})
     await upstream.start()
@@ -323,10 +340,10 @@ async def test_failed_restart_fails_fast_then_recovers_with_backoff(upstreams: A
 
 
 @pytest_twisted.ensureDeferred
-async def test_what_goes_on_the_wire(upstreams: Any, tmp_path: Path) -> None:
+async def test_what_goes_on_the_wire(upstreams: Any, shared_dir: Path) -> None:
     """Ids are the connection's own; progress tokens are swapped and restored; cancellations
     name the upstream id."""
-    log = tmp_path / "received.log"
+    log = shared_dir / "received.log"
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], {"RAW_LOG": str(log)})
     await upstream.start()
     progress: list[dict[str, Any]] = []
@@ -475,13 +492,13 @@ async def test_stderr_is_logged_rate_limited(upstreams: Any, logged: list[str]) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_environment_and_working_directory(upstreams: Any, tmp_path: Path,
+async def test_environment_and_working_directory(upstreams: Any, shared_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIRECTOR_SECRET_FOR_TEST", "must not leak")
     monkeypatch.setenv("LC_TIME", "C.UTF-8")
     monkeypatch.setenv("npm_config_cache", "/tmp/npm-cache")
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)],
-                                        {"API_TOKEN": "configured"}, str(tmp_path))
+                                        {"API_TOKEN": "configured"}, str(shared_dir))
     await upstream.start()
     environment = json.loads(text_of(await call(upstream, "env")))
     assert "DIRECTOR_SECRET_FOR_TEST" not in environment
@@ -489,8 +506,9 @@ async def test_environment_and_working_directory(upstreams: Any, tmp_path: Path,
     assert environment["LC_TIME"] == "C.UTF-8"
     assert environment["npm_config_cache"] == "/tmp/npm-cache"
     assert environment["PATH"] == os.environ["PATH"]
-    assert set(environment) - {"LC_CTYPE"} == set(child_environment({"API_TOKEN": "x"}))
-    assert text_of(await call(upstream, "cwd")) == str(tmp_path)
+    assert set(environment) - {"LC_CTYPE"} == set(child_environment({"API_TOKEN": "x"},
+                                                                    account=upstream.account))
+    assert text_of(await call(upstream, "cwd")) == str(shared_dir)
 
     # The roots/list request is answered by the default handler with -32601.
     answer = json.loads(text_of(await call(upstream, "roots")))
@@ -500,8 +518,8 @@ async def test_environment_and_working_directory(upstreams: Any, tmp_path: Path,
 # --- no process left behind ------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_close_leaves_no_process(upstreams: Any, tmp_path: Path) -> None:
-    log = tmp_path / "received.log"
+async def test_close_leaves_no_process(upstreams: Any, shared_dir: Path) -> None:
+    log = shared_dir / "received.log"
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], {"RAW_LOG": str(log)})
     await upstream.start()
     pid = upstream.pid
@@ -545,13 +563,14 @@ SIGKILLED_OWNER = """
 import sys
 from twisted.internet import defer, reactor
 from director.mcp.upstream import stdio
+from director.mcp.upstream.account import stdio_account
 
 if sys.argv[2] == "python":
     stdio.SETPRIV = "/nonexistent/setpriv"
 
 async def main():
     upstream = stdio.StdioUpstream("raw", sys.executable, [sys.argv[1], "--ignore-eof"], {},
-                                   None, reactor)
+                                   None, reactor, account=stdio_account("nobody"))
     await upstream.start()
     grandchild = await upstream.request("tools/call", {"name": "grandchild", "arguments": {}})
     print(upstream.pid, grandchild["content"][0]["text"], flush=True)
@@ -612,6 +631,92 @@ def test_launchers(launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not marker.exists()
 
 
+def identity_of(pid: int) -> dict[str, list[str]]:
+    """The Uid, Gid (real, effective, saved, filesystem) and Groups lines of a process."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            fields[key] = value.split()
+    return fields
+
+
+@pytest.mark.parametrize("launcher", ["setpriv", "python"])
+@pytest_twisted.ensureDeferred
+async def test_a_root_owner_runs_children_as_the_stdio_account(
+        launcher: str, upstreams: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As root: nobody's uid and gid, no supplementary groups, a HOME of its own (0700);
+    as anyone else: the owner's own identity, as before."""
+    if launcher == "python":
+        monkeypatch.setattr(stdio, "SETPRIV", "/nonexistent/setpriv")
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
+    await upstream.start()
+    pid = int(text_of(await call(upstream, "pid")))
+    environment = json.loads(text_of(await call(upstream, "env")))
+    if os.geteuid() != 0:
+        assert identity_of(pid)["Uid"] == [str(os.getuid())] * 4
+        return
+    nobody = pwd.getpwnam("nobody")
+    assert identity_of(pid) == {"Uid": [str(nobody.pw_uid)] * 4,
+                                "Gid": [str(nobody.pw_gid)] * 4, "Groups": []}
+    assert environment["HOME"] == f"/var/tmp/director-stdio-{nobody.pw_uid}"
+    assert environment["USER"] == environment["LOGNAME"] == "nobody"
+    home = os.lstat(environment["HOME"])
+    assert stat.S_ISDIR(home.st_mode) and home.st_uid == nobody.pw_uid
+    assert stat.S_IMODE(home.st_mode) == 0o700
+    # That the parent-death signal survives the change of identity (the kernel clears it
+    # when credentials change): test_sigkilled_owner_takes_its_child_along, which runs its
+    # child as this account too.
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_working_directory_the_account_cannot_enter_fails_that_server(
+        upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("walled", sys.executable, [str(RAW)], cwd="/root")
+    with pytest.raises(UpstreamError) as refused:
+        await upstream.start()
+    assert str(refused.value).startswith("[walled] failed to run")
+    assert str(refused.value).endswith("cd: can't cd to /root")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_root_owner_never_runs_a_child_as_root(upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], account=None)
+    if os.geteuid() != 0:
+        await upstream.start()  # not root: the owner's own identity, as before
+        return
+    with pytest.raises(UpstreamError, match=r"refusing to run a stdio server as root"):
+        await upstream.start()
+
+
+def test_the_home_directory_is_never_a_symlink_or_someone_elses(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = make_temp_dir("director-test-home-", 0o1777)
+    monkeypatch.setattr(account_module, "HOME_PARENT", str(parent))
+    uid = 65533 if os.geteuid() == 0 else os.getuid()  # root may give it to anyone
+    account = account_module.StdioAccount("someone", uid, uid if os.geteuid() == 0 else
+                                          os.getgid())
+    home = Path(account.home)
+    try:
+        home.symlink_to("/etc")
+        with pytest.raises(account_module.AccountError, match="it is a symlink"):
+            account_module.prepare_home(account)
+        home.unlink()
+        if os.geteuid() == 0:
+            home.mkdir()  # root's
+            with pytest.raises(account_module.AccountError, match="belongs to uid 0"):
+                account_module.prepare_home(account)
+            home.rmdir()
+        assert account_module.prepare_home(account) == str(home)
+        info = home.lstat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (uid, 0o700)
+        home.chmod(0o755)
+        account_module.prepare_home(account)  # the account's own: mode put back
+        assert stat.S_IMODE(home.lstat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 # --- protocol eras -----------------------------------------------------------------------------
 
 
@@ -621,8 +726,8 @@ def received(log: Path) -> list[dict[str, Any]]:
 
 @pytest_twisted.ensureDeferred
 async def test_a_modern_only_server_is_found_after_initialize_is_refused(
-        upstreams: Any, tmp_path: Path) -> None:
-    log = tmp_path / "received.jsonl"
+        upstreams: Any, shared_dir: Path) -> None:
+    log = shared_dir / "received.jsonl"
     upstream: StdioUpstream = upstreams("modern", sys.executable, [str(RAW), "--modern-only"],
                                         {"RAW_LOG": str(log)})
     await upstream.start()
@@ -646,9 +751,9 @@ async def test_a_modern_only_server_is_found_after_initialize_is_refused(
 
 @pytest_twisted.ensureDeferred
 async def test_a_handshake_only_server_is_probed_once_per_command_line(
-        upstreams: Any, tmp_path: Path) -> None:
-    log = tmp_path / "received.jsonl"
-    arguments = [str(RAW), "--probe-once", str(tmp_path)]  # a command line of this test only
+        upstreams: Any, shared_dir: Path) -> None:
+    log = shared_dir / "received.jsonl"
+    arguments = [str(RAW), "--probe-once", str(shared_dir)]  # a command line of this test only
     first: StdioUpstream = upstreams("legacy", sys.executable, arguments,
                                      {"RAW_LOG": str(log)}, prefer_modern=True)
     await first.start()

@@ -25,6 +25,7 @@ from director import __version__
 from director.config import (
     ConfigError,
     Settings,
+    dangerous_settings,
     database_target,
     load_settings,
     read_env_file,
@@ -181,12 +182,16 @@ def cmd_config_check(arguments: argparse.Namespace) -> int:
             ("DANGEROUSLY_ENABLE_SEEDING", settings.enable_seeding),
         ) if on],
     }
+    # The same lines the daemon logs at each start.
+    warnings = dangerous_settings(settings)
     if arguments.json:
-        print(json.dumps({"ok": True, **summary}))
+        print(json.dumps({"ok": True, **summary, "warnings": warnings}))
     else:
         print("configuration OK")
         for key, value in summary.items():
             print(f"  {key}: {', '.join(value) if isinstance(value, list) else value or '-'}")
+        for warning in warnings:
+            print(f"WARNING: dangerous setting: {warning}")
     return 0
 
 

@@ -4,9 +4,14 @@ Every variable the daemon reads is declared in ``VARIABLES`` below, next to its 
 its documentation; README.rst's configuration table is generated from the same list
 (``director config docs``) so the two cannot drift apart.
 
-Parsing never touches the disk or the network: ``load_settings(environ)`` is a pure
-function returning a frozen ``Settings`` or raising ``ConfigError`` with one line per
-problem, each naming the variable, what is wrong with its value, and how to fix it.
+Parsing never touches the network, and of the disk reads only the account database
+(``STDIO_USER``, the default state directory): ``load_settings(environ)`` returns a frozen
+``Settings`` or raises ``ConfigError`` with one line per problem, each naming the variable,
+what is wrong with its value, and how to fix it.
+
+The DANGEROUSLY_* flags are guarded twice here (``FLAG_ENVIRONMENTS``, ``exposure_problem``)
+and once more wherever a server starts (``director.playbooks.rails``); every dangerous
+setting in force is listed by ``dangerous_settings`` at each start.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ DANGEROUS_FLAGS = (
     "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS",
     "DANGEROUSLY_ENABLE_SEEDING",
 )
+#: The flags that let any account act on the host or its network (run commands, reach
+#: loopback and private addresses); ``exposure_problem`` says when they are refused.
+SERVER_FLAGS = DANGEROUS_FLAGS[:2]
+#: The only environments where the DANGEROUSLY_* flags may be set. Any other NODE_ENV
+#: ("staging", "preprod", …) names a deployment that other people use: the flags exist for one
+#: developer on a laptop, so everything but these two counts as production for them.
+FLAG_ENVIRONMENTS = ("development", "test")
+#: Host names that only ever mean this host (RFC 6761 reserves localhost and its subdomains;
+#: the other two are Debian's /etc/hosts names for ::1).
+LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
 MIN_SECRET_LENGTH = 32
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -102,6 +117,8 @@ class Settings:
     #: ``host:port`` (IPv6 as ``[::1]:port``) or ``unix:/path``; None: no metrics listener.
     metrics_listen: str | None = None
     metrics_allow_public: bool = False
+    #: The account stdio servers run as when the daemon runs as root.
+    stdio_user: str = "nobody"
 
     @property
     def production(self) -> bool:
@@ -354,6 +371,20 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _stdio_user(raw: str) -> str:
+    """An existing account other than root (read from the host's account database)."""
+    name = raw.strip()
+    fix = ("use an unprivileged account of its own (adduser --system --group director-stdio) or "
+           "nobody")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise _Invalid("is not an account on this host", fix) from None
+    if entry.pw_uid == 0:
+        raise _Invalid("is root (uid 0): stdio servers must never run as root", fix)
+    return entry.pw_name
+
+
 def _metrics_listen(raw: str) -> str:
     """``ADDRESS:PORT`` or ``unix:/absolute/path``, normalised (``localhost`` → 127.0.0.1)."""
     value = raw.strip()
@@ -375,6 +406,25 @@ def _metrics_listen(raw: str) -> str:
     except ValueError:
         raise _Invalid("is not an IP address and port", fix) from None
     return f"[{address}]:{port_number}" if address.version == 6 else f"{address}:{port_number}"
+
+
+def names_this_host(host: str) -> bool:
+    """True for a name (not an address) that only ever means this host: ``localhost``,
+    ``localhost.``, ``*.localhost`` and the ``LOOPBACK_NAMES``."""
+    name = host.lower().rstrip(".")
+    return name in LOOPBACK_NAMES or name.endswith(".localhost")
+
+
+def host_is_loopback(host: str) -> bool:
+    """True when ``host`` (a name or an address, IPv6 with or without brackets) is this host
+    only: a loopback name, 127.0.0.0/8 or ::1."""
+    bare = host.strip("[]")
+    if names_this_host(bare):
+        return True
+    try:
+        return ipaddress.ip_address(bare.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def metrics_listen_is_loopback(value: str) -> bool:
@@ -439,13 +489,24 @@ VARIABLES: tuple[Variable, ...] = (
              "MAX_CONNECTIONS_PER_ADDRESS. Empty: the peer's address.",
              _network_list, "trusted_proxies"),
     Variable("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS", "false",
-             "Allow users to add stdio servers (arbitrary command execution). Refused in "
-             "production.", _boolean, "allow_arbitrary_stdio_servers"),
+             "Allow users to add and run stdio servers (arbitrary command execution on this "
+             "host). Only with NODE_ENV development or test, and only when the daemon is "
+             "reachable from this host alone (loopback HOST and BASE_URL) or sign-up is closed "
+             "(WAITLIST_ENABLED=true). Checked again whenever a server starts: stored stdio "
+             "servers do not run without it.", _boolean, "allow_arbitrary_stdio_servers"),
     Variable("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", "false",
-             "Allow plain-http, IP-literal and private-address upstream servers. Refused in "
-             "production.", _boolean, "allow_insecure_http_servers"),
+             "Allow plain-http, IP-literal, localhost and private-address upstream servers. "
+             "Same conditions as the stdio flag; checked again whenever a server connects.",
+             _boolean, "allow_insecure_http_servers"),
     Variable("DANGEROUSLY_ENABLE_SEEDING", "false",
-             "Enable `director seed`. Refused in production.", _boolean, "enable_seeding"),
+             "Enable `director seed`. Only with NODE_ENV development or test.", _boolean,
+             "enable_seeding"),
+    Variable("STDIO_USER", "nobody",
+             "When the daemon runs as root, the account stdio servers run as (no supplementary "
+             "groups, HOME in /var/tmp/director-stdio-UID). Must exist and not be root, and "
+             "must not be the private PostgreSQL's account (which may use that cluster's "
+             "socket without a password). A daemon not run as root runs them as itself.",
+             _stdio_user, "stdio_user"),
     Variable("SEED_USER_EMAIL", "user@director.run",
              "Account `director seed` creates (development only).", _text, "seed_user_email"),
     Variable("SEED_USER_PASSWORD", "password",
@@ -590,14 +651,20 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "tunnel), or set METRICS_ALLOW_PUBLIC=true if a firewall guards it"
         )
 
+    environment = values.get("environment", "development")
+    if environment not in FLAG_ENVIRONMENTS:
+        where = "in production" if environment == "production" else \
+            f"with NODE_ENV={environment} (only development and test allow it)"
+        for name in _flags_on(values, DANGEROUS_FLAGS):
+            problems.append(
+                f"FATAL: {name} cannot be enabled {where}. Remove it from the environment, or "
+                "set NODE_ENV=development for single-user local development."
+            )
+    else:
+        exposed = exposure_problem(values)
+        if exposed is not None:
+            problems.append(exposed)
     if values.get("environment") == "production":
-        for name in DANGEROUS_FLAGS:
-            flag = next(v for v in VARIABLES if v.name == name)
-            if values.get(flag.field):
-                problems.append(
-                    f"FATAL: {name} cannot be enabled in production. Remove it from the "
-                    "environment, or set NODE_ENV=development for single-user local development."
-                )
         for name in ("DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL"):
             if _lookup(environ, name) is None:
                 problems.append(
@@ -608,6 +675,74 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if problems:
         raise ConfigError(problems)
     return Settings(**values)
+
+
+def _flags_on(values: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
+    fields = {variable.name: variable.field for variable in VARIABLES}
+    return [name for name in names if values.get(fields[name])]
+
+
+def exposure_problem(values: Mapping[str, Any]) -> str | None:
+    """The FATAL line when a server flag is on in a daemon that anyone may use, else None.
+
+    With sign-up open (the default) anyone who reaches the daemon can create an account, add
+    a stdio server and run ``/bin/sh -c …`` on this host, or point an http server at this
+    host's and its network's private services. So the flags need one of two things: the
+    daemon is reachable from this host only (HOST loopback *and* BASE_URL's host loopback —
+    a loopback HOST behind a public proxy is still reachable from the network), or new
+    accounts cannot act until an administrator activates them (WAITLIST_ENABLED=true).
+    """
+    flags = _flags_on(values, SERVER_FLAGS)
+    if not flags or values.get("waitlist_enabled") or "host" not in values or \
+            "base_url" not in values:  # an invalid HOST or BASE_URL is reported already
+        return None
+    host = values["host"]
+    base_host = urlsplit(values["base_url"]).hostname or ""
+    if host_is_loopback(host) and host_is_loopback(base_host):
+        return None
+    harm = " and ".join(consequence for flag, consequence in (
+        (SERVER_FLAGS[0], "run commands on this host"),
+        (SERVER_FLAGS[1], "reach this host's and its network's private services"),
+    ) if flag in flags)
+    return (
+        f"FATAL: {' and '.join(flags)} cannot be enabled on a daemon that anyone can sign up "
+        f"to (HOST={host}, BASE_URL host {base_host}, WAITLIST_ENABLED=false): any network "
+        f"client could create an account and {harm}. Either keep it to "
+        "this host (HOST=127.0.0.1 and a loopback BASE_URL such as http://localhost:3673), or "
+        "set WAITLIST_ENABLED=true so that new accounts wait for an administrator."
+    )
+
+
+def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]:
+    """One line per dangerous setting in force, saying what it allows (logged at every start
+    and printed by ``director config check``)."""
+    euid = os.geteuid() if euid is None else euid
+    lines = []
+    if settings.allow_arbitrary_stdio_servers:
+        lines.append("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS is on: every account can run "
+                     "any command on this host through a stdio server")
+        if euid != 0:
+            try:
+                user = pwd.getpwuid(euid).pw_name
+            except KeyError:
+                user = f"uid {euid}"
+            lines.append(f"stdio servers run as the daemon's own account ({user}), not "
+                         "STDIO_USER: they can read and write whatever the daemon can, "
+                         "including its state directory, its secret and a private cluster's "
+                         "database (a daemon started as root runs them as STDIO_USER)")
+    if settings.allow_insecure_http_servers:
+        lines.append("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS is on: every account can make "
+                     "the daemon connect over plain http and to loopback, link-local and "
+                     "private addresses (this host's and its network's services)")
+    if settings.enable_seeding:
+        lines.append(f"DANGEROUSLY_ENABLE_SEEDING is on: `director seed` creates "
+                     f"{settings.seed_user_email} with a known password")
+    listen = settings.metrics_listen
+    if listen is not None and settings.metrics_allow_public and \
+            not metrics_listen_is_loopback(listen):
+        lines.append(f"METRICS_ALLOW_PUBLIC is on and METRICS_LISTEN={listen} is not loopback: "
+                     "anyone who reaches it reads the unauthenticated /metrics")
+    return lines
 
 
 def configuration_table() -> str:

@@ -13,10 +13,10 @@ cluster the way ``director db status`` does (shared when the daemon runs it, oth
 for the duration), but never creates one.
 
 The checks, in order: the environment file, the configuration, the secret, the database (reach,
-schema, whether the stored secret values open with the secret, LISTEN/NOTIFY through the
-configured URL), the port, ``BASE_URL``, the state directory,
-the PostgreSQL tools (server binaries for the private cluster, ``pg_dump`` for backups) and
-Twisted's plugin cache.
+schema, whether the stored secret values open with the secret, which stored servers the
+configuration refuses to run, LISTEN/NOTIFY through the configured URL), the port,
+``BASE_URL``, the state directory, the PostgreSQL tools (server binaries for the private
+cluster, ``pg_dump`` for backups) and Twisted's plugin cache.
 """
 
 from __future__ import annotations
@@ -475,23 +475,27 @@ def _secret_in_use(settings: Settings) -> str | None:
     return None
 
 
+def _stored_servers(dsn: str) -> list[tuple[Any, ...]]:
+    """Every stored server: owner's email, playbook id, name, type, config, disabled."""
+    connection = _connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT u.email, p.id, s.name, s.type, s.config, s.disabled "
+                           "FROM playbook_servers s JOIN playbooks p ON p.pk = s.playbook_pk "
+                           "JOIN users u ON u.id = p.user_id ORDER BY u.email, p.id, s.name")
+            return list(cursor.fetchall())
+    finally:
+        connection.close()
+
+
 def check_stored_secrets(dsn: str, settings: Settings) -> Result:
     """Open every sealed value (never shown) with the configured secret, as the daemon does at
     start: one that does not open stops the daemon with ``SecretUnreadable``."""
     from director.crypto import SecretBox, SecretUnreadable
 
     name = "stored-secrets"
-    connection = _connect(dsn)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT u.email, p.id, s.name, s.config FROM playbook_servers s "
-                           "JOIN playbooks p ON p.pk = s.playbook_pk "
-                           "JOIN users u ON u.id = p.user_id ORDER BY u.email, p.id, s.name")
-            rows = cursor.fetchall()
-    finally:
-        connection.close()
     sealed = [(f"{email} {playbook}/{server} {key}", item["sealed"], key)
-              for email, playbook, server, config in rows
+              for email, playbook, server, _, config, _ in _stored_servers(dsn)
               for field in ("env", "headers")
               for key, item in (config.get(field) or {}).items()
               if isinstance(item, dict) and "sealed" in item]
@@ -522,9 +526,45 @@ def check_stored_secrets(dsn: str, settings: Settings) -> Result:
     return Result(name, OK, f"{len(sealed)} stored secret values decrypt with {where}")
 
 
+def _servers_check(name: str, check: Any, dsn: str, settings: Settings) -> Result:
+    """A check that reads the stored servers, as a FAIL naming the cause when it cannot."""
+    try:
+        result: Result = check(dsn, settings)
+    except Exception as error:
+        return Result(name, FAIL, f"cannot read the servers: {_one_line(error)}",
+                      "check the role's privileges on the database")
+    return result
+
+
+def check_refused_servers(dsn: str, settings: Settings) -> Result:
+    """Stored servers that the current configuration refuses to run (the security rails,
+    applied when an upstream starts): typically stdio or http:// servers added while a
+    DANGEROUSLY_* flag was on. The daemon leaves them out; their owners should know."""
+    from director.playbooks.model import Server
+    from director.playbooks.rails import refusal
+
+    name = "refused-servers"
+    rows = _stored_servers(dsn)
+    refused = []
+    for email, playbook, server, kind, config, disabled in rows:
+        why = refusal(settings, Server(server, kind, url=config.get("url")))
+        if why is not None:
+            refused.append(f"playbook {playbook} ({email}) server {server}"
+                           f"{' (disabled)' if disabled else ''}: {why.reason}")
+    if not refused:
+        return Result(name, OK, f"the configuration refuses none of the {len(rows)} stored "
+                                "servers")
+    return Result(name, WARN, f"{len(refused)} stored servers are refused by the configuration "
+                              "and never start (their tools are missing from their playbooks)",
+                  "tell their owners to remove them or change them to pass the rules (https, "
+                  "a public host name); set the flag named again only on a daemon reachable "
+                  "from this host alone or with sign-up closed (README.rst, Security rails)",
+                  tuple(refused))
+
+
 def check_database(settings: Settings) -> tuple[list[Result], int | None]:
     """Reach, schema and LISTEN/NOTIFY, and the server's version (``server_version_num``)."""
-    names = ("database", "schema", "stored-secrets", "listen-notify")
+    names = ("database", "schema", "stored-secrets", "refused-servers", "listen-notify")
     if settings.embedded_database:
         from director.db.embedded import EmbeddedPostgres
 
@@ -533,8 +573,7 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
             return [Result("database", OK, f"DATABASE_URL unset: the private cluster is created "
                                            f"in {cluster.root} at the first start"),
                     Result("schema", SKIP, "no private cluster yet (it is migrated at start)"),
-                    Result("stored-secrets", SKIP, "no private cluster yet"),
-                    Result("listen-notify", SKIP, "no private cluster yet")], None
+                    *(Result(n, SKIP, "no private cluster yet") for n in names[2:])], None
     try:
         with cli.database_dsn(settings) as dsn:
             reach, version = check_reach(dsn, settings.embedded_database)
@@ -542,16 +581,11 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
                 return [reach, *(Result(n, SKIP, "the database is unreachable")
                                  for n in names[1:])], None
             schema = check_schema(dsn, settings.embedded_database)
-            if schema.status == OK:
-                try:
-                    secrets_result = check_stored_secrets(dsn, settings)
-                except Exception as error:
-                    secrets_result = Result("stored-secrets", FAIL,
-                                            f"cannot read the servers: {_one_line(error)}",
-                                            "check the role's privileges on the database")
-            else:
-                secrets_result = Result("stored-secrets", SKIP, "the schema is not current")
-            return [reach, schema, secrets_result, check_listen_notify(dsn)], version
+            servers = [_servers_check(name, check, dsn, settings) if schema.status == OK
+                       else Result(name, SKIP, "the schema is not current")
+                       for name, check in (("stored-secrets", check_stored_secrets),
+                                           ("refused-servers", check_refused_servers))]
+            return [reach, schema, *servers, check_listen_notify(dsn)], version
     except cli.CommandError as error:
         return [Result("database", FAIL, f"the private cluster did not start: {error}",
                        "see postgres.log in the state directory's postgres/ folder"),
@@ -830,8 +864,8 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
     results.append(check_secret(environment.values, settings))
     server_version: int | None = None
     if settings is None:
-        skipped = ("database", "schema", "stored-secrets", "listen-notify", "port", "base-url",
-                   "state-directory", "postgres-binaries")
+        skipped = ("database", "schema", "stored-secrets", "refused-servers", "listen-notify",
+                   "port", "base-url", "state-directory", "postgres-binaries")
         results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
     else:
         database, server_version = check_database(settings)

@@ -2,6 +2,8 @@
 
 Start order, and why:
 
+0. every dangerous setting in force is logged (one warning each, ``config.dangerous_settings``)
+   and STDIO_USER is checked against the private cluster's account, before anything listens;
 1. the HTTP port (and ``METRICS_LISTEN``) listens at once (``READY=1`` follows), so load
    balancers get an honest 503 with a reason instead of a refused connection while the database
    is still coming up; a port in use ends the start before ``READY=1`` with exit status 1 (a
@@ -36,13 +38,14 @@ from twisted.logger import Logger
 from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
 from director.accounts.ratelimit import RateLimiter
-from director.config import Settings
+from director.config import Settings, dangerous_settings, host_is_loopback
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres, ExitWatch
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
+from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
@@ -108,8 +111,10 @@ class DirectorService(MultiService):
         self.playbooks = PlaybookCache(self.database, self.secret_box)
         self.http_pool = new_pool(reactor, endpoints=CheckedEndpoints(
             reactor, allow_insecure=settings.allow_insecure_http_servers))
-        self.mcp = McpEngine(settings, self.playbooks,
-                             UpstreamManager(upstream_factory(reactor, self.http_pool)), reactor,
+        #: Who stdio children run as: STDIO_USER when the daemon is root, else the daemon.
+        self.stdio_account = stdio_account(settings.stdio_user)
+        factory = upstream_factory(reactor, self.http_pool, self.stdio_account)
+        self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
@@ -161,6 +166,9 @@ class DirectorService(MultiService):
         d.addErrback(self._fatal)
 
     async def _start(self) -> None:
+        self._check_stdio_account()
+        for warning in dangerous_settings(self.settings):
+            log.warn("dangerous setting: {warning}", warning=warning)
         await self._listen()
         await self._listen_metrics()
         # Only once every listener is up: a start that cannot listen must never look ready.
@@ -197,12 +205,45 @@ class DirectorService(MultiService):
                 f"cannot listen on {self.listen_description}: {error}; is another process "
                 "using the port? Set PORT to a free one"
             ) from error
+        self._check_exposure(self.port.getHost())
         log.info("director gateway running on port {port}", port=self.listening_port(),
                  version=__version__)
 
     def listening_port(self) -> Any:
         bound = self.port.getHost()
         return getattr(bound, "port", bound)
+
+    def _check_stdio_account(self) -> None:
+        """STDIO_USER must not be the private cluster's account: that cluster trusts whoever
+        reaches its socket, so a stdio server running as that account would have the whole
+        database (``director.mcp.upstream.account``)."""
+        if self.embedded is None or not self.settings.allow_arbitrary_stdio_servers:
+            return
+        try:
+            database = self.embedded.server_account()
+        except EmbeddedDatabaseError as error:
+            raise FatalStartupError(str(error)) from error
+        if clashes_with_database(self.stdio_account, None if database is None else
+                                 database.pw_uid):
+            raise FatalStartupError(
+                f"STDIO_USER={self.settings.stdio_user} is also the account of the private "
+                "PostgreSQL cluster, which trusts every connection on its socket: a stdio "
+                "server would have the whole database. Set STDIO_USER to another unprivileged "
+                "account (adduser --system --group director-stdio)", EX_CONFIG)
+
+    def _check_exposure(self, bound: Any) -> None:
+        """The server flags need a listener reachable from this host only unless sign-up is
+        closed (``config.exposure_problem``); ``--listen`` (socket activation) bypasses HOST,
+        so the address actually bound is checked too."""
+        settings = self.settings
+        flagged = settings.allow_arbitrary_stdio_servers or settings.allow_insecure_http_servers
+        host = getattr(bound, "host", None)  # None: a unix socket, local by nature
+        if flagged and not settings.waitlist_enabled and host is not None and \
+                not host_is_loopback(host):
+            raise FatalStartupError(
+                f"the DANGEROUSLY_* server flags cannot be enabled on a listener that anyone "
+                f"can sign up through ({self.listen_description} is bound to {host}): listen "
+                "on a loopback address, or set WAITLIST_ENABLED=true", EX_CONFIG)
 
     async def _listen_metrics(self) -> None:
         """``/metrics`` on a listener of its own, before the database: it matters most when

@@ -139,6 +139,10 @@ class EmbeddedPostgres:
             "running as root, but none of the users director, postgres, nobody exists"
         )
 
+    def server_account(self) -> pwd.struct_passwd | None:
+        """The account the cluster runs as; None when it runs as the daemon (not root)."""
+        return self._server_account()
+
     def _prepare_directories(self) -> None:
         account = self._server_account()
         socket_path = self.socket_directory / ".s.PGSQL.5432"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from director.mcp.upstream.account import StdioAccount
 from director.mcp.upstream.base import UpstreamSession
 from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
@@ -12,9 +13,12 @@ from director.mcp.upstream.stdio import StdioUpstream
 from director.playbooks.model import Server
 
 
-def upstream_factory(reactor: Any, pool: Any) -> Callable[[Server, str], UpstreamSession]:
+def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = None,
+                     ) -> Callable[[Server, str], UpstreamSession]:
     """``make(server, era)``: ``era`` is that of the downstream clients the session will serve
-    ("modern" or "legacy"); a server that speaks both is used in it."""
+    ("modern" or "legacy"); a server that speaks both is used in it. Stdio children run as
+    ``account`` (None: as the daemon, which is then not root). ``UpstreamManager`` applies the
+    security rails before it calls ``make``."""
 
     def make(server: Server, era: str) -> UpstreamSession:
         if server.type == "stdio":
@@ -22,7 +26,7 @@ def upstream_factory(reactor: Any, pool: Any) -> Callable[[Server, str], Upstrea
             return StdioUpstream(server.name, server.command, list(server.args),
                                  {key: item.value for key, item in server.env}, server.cwd,
                                  reactor, timeout_default=server.timeout_seconds,
-                                 prefer_modern=era == "modern")
+                                 prefer_modern=era == "modern", account=account)
         headers = {key: item.value for key, item in server.headers}
         if server.type == "sse":
             assert server.url is not None

@@ -20,6 +20,12 @@ is bounded by one figure, the server's ``timeout_seconds``: past it the start is
 N s". Each step inside has its own timeout no longer than that (stdio: the same deadline for
 its probe and handshake, which also bounds a restart; HTTP: connecting at most 10 s, each
 probe the server's timeout).
+
+Before anything starts, the security rails (``director.playbooks.rails.refusal``) are applied
+with the daemon's current settings: a server stored while a DANGEROUSLY_* flag was on, and
+refused now that it is off, is never spawned nor connected to. It contributes nothing, like a
+failed one, and its refusal is logged once per (playbook, server) for the process's life (the
+settings cannot change before a restart, so there is nothing to retry).
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director.config import Settings
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamSession, UpstreamTimeout
 from director.mcp.upstream.stdio import stdio_speaks_modern
+from director.playbooks import rails
 from director.playbooks.model import Server
 
 log = Logger(namespace="mcp.upstreams")
@@ -59,6 +67,7 @@ class Upstream:
     server: Server
     #: The era of the downstream clients it was made for ("modern" or "legacy").
     era: str = "legacy"
+    playbook_pk: UUID | None = None
     session: UpstreamSession | None = None
     error: str | None = None
     retry_at: float = 0.0
@@ -79,12 +88,15 @@ class Upstream:
 
 
 class UpstreamManager:
-    def __init__(self, factory: Factory, clock: Any = None) -> None:
+    def __init__(self, factory: Factory, settings: Settings, clock: Any = None) -> None:
         self.factory = factory
+        self.settings = settings
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock: Any = clock
         self._shared: dict[tuple[UUID, str, str], Upstream] = {}
+        #: (playbook, server) refusals logged already: once each per process.
+        self._refusals_logged: set[tuple[UUID | None, str]] = set()
         #: Set by the session layer: routes upstream notifications and requests downstream.
         self.on_notification: Callable[[Upstream, Message], object] = lambda u, m: None
         self.on_request: Callable[[Upstream, str, dict[str, Any]], Any] | None = None
@@ -115,13 +127,13 @@ class UpstreamManager:
             if upstream is None or upstream.server != server or upstream.closed:
                 if upstream is not None:
                     self._close(upstream)
-                upstream = self._shared[key] = Upstream(server, era)
+                upstream = self._shared[key] = Upstream(server, era, playbook_pk)
         else:
             upstream = owned.get(server.name)
             if upstream is None or upstream.server != server or upstream.closed:
                 if upstream is not None:
                     self._close(upstream)
-                upstream = owned[server.name] = Upstream(server, era)
+                upstream = owned[server.name] = Upstream(server, era, playbook_pk)
         upstream.users.setdefault(user, 0.0)
         return upstream
 
@@ -129,6 +141,9 @@ class UpstreamManager:
         """The started session, starting it if needed; ``UpstreamError`` when it cannot be."""
         if upstream.session is not None:
             return upstream.session
+        refused = rails.refusal(self.settings, upstream.server)
+        if refused is not None:
+            raise UpstreamError(self._refused(upstream, refused))
         if upstream.starting is None:
             if upstream.error is not None and time.monotonic() < upstream.retry_at:
                 raise UpstreamError(upstream.error)
@@ -138,6 +153,17 @@ class UpstreamManager:
         if upstream.session is None:
             raise UpstreamError(upstream.error or f"[{upstream.server.name}] not available")
         return upstream.session
+
+    def _refused(self, upstream: Upstream, refused: rails.Refusal) -> str:
+        """The refusal's message, logged the first time for this (playbook, server)."""
+        message = f"[{upstream.server.name}] not started: {refused.reason}"
+        key = (upstream.playbook_pk, upstream.server.name)
+        if key not in self._refusals_logged:
+            self._refusals_logged.add(key)
+            log.warn("{message} (playbook {playbook}; its tools, prompts and resources are "
+                     "left out)", message=message, server=upstream.server.name,
+                     playbook=str(upstream.playbook_pk), flag=refused.flag)
+        return message
 
     async def _start(self, upstream: Upstream) -> None:
         session = self.factory(upstream.server, upstream.era)

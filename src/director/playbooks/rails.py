@@ -1,4 +1,15 @@
-"""Guards on what upstream servers a user may add (the deployment guide's security rails).
+"""Guards on which upstream servers may be added and run (the deployment guide's security rails).
+
+One definition of the rules (``refusal``), enforced at two moments against the settings in
+force at that moment:
+
+* when a server is written (REST API, YAML import, ``director playbooks import``):
+  ``check_server`` / ``check_server_sync`` refuse it with a 400 naming the field and the flag;
+* whenever an upstream would start or connect (``director.mcp.upstreams``): a server stored
+  while a flag was on does not run once the flag is off. Its status says so
+  (``server_status``), and ``director doctor`` lists every such server.
+
+The rules:
 
 * stdio servers run arbitrary commands on this host: refused unless
   ``DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS`` is set;
@@ -11,10 +22,11 @@
   is not public (``address_kind``: loopback, private, link-local, multicast, ... also in
   IPv4-mapped, 6to4 and NAT64 form) is refused (``addresses_refusal``).
 
-The same rules run twice: here when a server is written (a name that does not resolve then is
-accepted: it may be an internal name that only resolves where it will be reached) and on every
-new connection to it (``director.mcp.upstream.connect``), on the addresses actually connected
-to — a name that resolves to loopback only later is refused then.
+``refusal`` (stdio, https, the name rules) needs no DNS, so it runs on every start. The address
+rules run when a server is written (a name that does not resolve then is accepted: it may be an
+internal name that only resolves where it will be reached) and on every new connection to it
+(``director.mcp.upstream.connect``), on the addresses actually connected to — a name that
+resolves to loopback only later is refused then.
 """
 
 from __future__ import annotations
@@ -23,8 +35,10 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.internet import threads
 
 from director.accounts.validation import ValidationFailed
@@ -131,6 +145,57 @@ def _reached(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
     return ip
 
 
+@attrs.frozen
+class Refusal:
+    """Why the configuration refuses a server."""
+
+    #: The variable that would allow it.
+    flag: str
+    #: The server's field that breaks the rule ("type" or "url").
+    field: str
+    #: What is refused, in the plural ("stdio servers").
+    what: str
+    #: The write path's message: why, and how an operator may allow it.
+    explanation: str
+
+    @property
+    def reason(self) -> str:
+        """The status and log wording, the same on every instance."""
+        return f"refused by configuration: {self.what} need {self.flag}=true"
+
+
+def refusal(settings: Settings, server: Server) -> Refusal | None:
+    """The rule ``server`` breaks under ``settings``, or None; no DNS, no I/O."""
+    if server.type == "stdio":
+        if settings.allow_arbitrary_stdio_servers:
+            return None
+        return Refusal(STDIO_FLAG, "type", "stdio servers", (
+            f"stdio servers run commands on the gateway host and are disabled; an operator "
+            f"can allow them with {STDIO_FLAG}=true (never in production)"))
+    if settings.allow_insecure_http_servers:
+        return None
+    assert server.url is not None
+    parts = urlsplit(server.url)
+    host = parts.hostname or ""
+    if parts.scheme != "https":
+        return Refusal(INSECURE_FLAG, "url", "plain-http servers", (
+            f"must use https (credentials would cross the network in clear); {INSECURE_FLAG}"
+            "=true allows http"))
+    named = name_refusal(host)
+    if named is not None:
+        return Refusal(INSECURE_FLAG, "url",
+                       "servers named by an IP address or a name of a local network", named)
+    return None
+
+
+def server_status(settings: Settings, server: Server) -> dict[str, Any]:
+    """The API's read-only ``status`` of a server under the current configuration."""
+    refused = refusal(settings, server)
+    if refused is None:
+        return {"state": "allowed"}
+    return {"state": "refused", "reason": refused.reason}
+
+
 def address_is_public(address: str) -> bool:
     return address_kind(address) is None
 
@@ -165,21 +230,14 @@ async def check_server(settings: Settings, server: Server, path: str = "") -> No
 
 def check_server_sync(settings: Settings, server: Server, path: str = "") -> None:
     """The rails for the CLI (no reactor) and for ``check_server``."""
-    if server.type == "stdio":
-        if not settings.allow_arbitrary_stdio_servers:
-            raise RailViolation({f"{path}type": (
-                f"stdio servers run commands on the gateway host and are disabled; an operator "
-                f"can allow them with {STDIO_FLAG}=true (never in production)")})
-        return
-    if settings.allow_insecure_http_servers:
+    refused = refusal(settings, server)
+    if refused is not None:
+        raise RailViolation({f"{path}{refused.field}": refused.explanation})
+    if server.type == "stdio" or settings.allow_insecure_http_servers:
         return
     assert server.url is not None
     parts = urlsplit(server.url)
     host = parts.hostname or ""
-    if parts.scheme != "https":
-        raise RailViolation({f"{path}url": (
-            f"must use https (credentials would cross the network in clear); {INSECURE_FLAG}"
-            "=true allows http")})
-    refusal = name_refusal(host) or addresses_refusal(host, _resolve(host, parts.port or 443))
-    if refusal is not None:
-        raise RailViolation({f"{path}url": refusal})
+    problem = addresses_refusal(host, _resolve(host, parts.port or 443))
+    if problem is not None:
+        raise RailViolation({f"{path}url": problem})

@@ -198,6 +198,7 @@ def _playbook_schemas() -> dict[str, Any]:
                                                   "items": {"type": "string"}},
         "exclude": {"type": ["array", "null"], "items": {"type": "string"}},
         "expose_prompts": {"type": "boolean"}, "timeout_seconds": {"type": "number"},
+        "status": _ref("ServerStatus"),
     }
     stdio_out = {"type": {"const": "stdio"}, "command": {"type": "string"},
                  "args": {"type": "array", "items": {"type": "string"}},
@@ -227,6 +228,23 @@ def _playbook_schemas() -> dict[str, Any]:
         "updated_at": {"type": "string", "format": "date-time"}, "urls": urls}
     playbook_name = {**_non_blank(200), "description": "Surrounding white space is dropped"}
     return {
+        "ServerStatus": {
+            "readOnly": True,
+            "description": "Whether the current configuration lets this server run, computed "
+                           "on every answer (so every instance agrees). A refused server was "
+                           "stored while an operator's DANGEROUSLY_* flag allowed it: it is "
+                           "never started or connected to, and its tools, prompts and "
+                           "resources are absent from the playbook's MCP endpoint until the "
+                           "flag is set again or the server is changed to pass the rules",
+            "oneOf": [
+                {"type": "object", "additionalProperties": False, "required": ["state"],
+                 "properties": {"state": {"const": "allowed"}}},
+                {"type": "object", "additionalProperties": False,
+                 "required": ["state", "reason"],
+                 "properties": {"state": {"const": "refused"},
+                                "reason": {"type": "string",
+                                           "description": "refused by configuration: what "
+                                                          "needs which flag"}}}]},
         "StdioServer": {"type": "object", "required": [*common_out, *stdio_out],
                         "properties": {**common_out, **stdio_out}},
         "HttpServer": {"type": "object", "required": [*common_out, *http_out],

@@ -68,6 +68,12 @@ class PlaybookRoutes:
         return {"streamable_http": f"{base}/playbooks/{playbook_id}/mcp",
                 "sse": f"{base}/playbooks/{playbook_id}/sse"}
 
+    def server_json(self, server: model.Server, reveal_secrets: bool = False) -> dict[str, Any]:
+        """A server as the API shows it: with its read-only ``status`` under the current
+        configuration (the same on every instance that shares it)."""
+        return model.server_json(server, reveal_secrets) | {
+            "status": rails.server_status(self.settings, server)}
+
     def playbook_json(self, playbook: Playbook, reveal_secrets: bool = False,
                       summary: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -78,7 +84,7 @@ class PlaybookRoutes:
         if summary:
             data |= {"servers": len(playbook.servers), "prompts": len(playbook.prompts)}
         else:
-            data |= {"servers": [model.server_json(s, reveal_secrets) for s in playbook.servers],
+            data |= {"servers": [self.server_json(s, reveal_secrets) for s in playbook.servers],
                      "prompts": [model.prompt_json(p) for p in playbook.prompts]}
         return data
 
@@ -196,7 +202,7 @@ class PlaybookRoutes:
         playbook = self._owned(principal, playbook_id)
         reveal = _flag(request, "reveal_secrets")
         return self._answer(request, 200, playbook, {
-            "items": [model.server_json(s, reveal) for s in playbook.servers]})
+            "items": [self.server_json(s, reveal) for s in playbook.servers]})
 
     @api.route("/playbooks/<playbook_id>/servers", methods=["POST"])
     async def add_server(self, request: Request, playbook_id: str) -> bytes:
@@ -213,7 +219,7 @@ class PlaybookRoutes:
                            details={"fields": {"name": "is already in use"}}) from None
         created = fresh.server(server.name)
         assert created is not None
-        return self._answer(request, 201, fresh, model.server_json(created))
+        return self._answer(request, 201, fresh, self.server_json(created))
 
     def _server_of(self, playbook: Playbook, name: str) -> model.Server:
         server = playbook.server(name)
@@ -226,7 +232,7 @@ class PlaybookRoutes:
         principal = await self.auth.authenticate(request)
         playbook = self._owned(principal, playbook_id)
         server = self._server_of(playbook, name)
-        return self._answer(request, 200, playbook, model.server_json(
+        return self._answer(request, 200, playbook, self.server_json(
             server, _flag(request, "reveal_secrets")))
 
     @api.route("/playbooks/<playbook_id>/servers/<name>", methods=["PATCH"])
@@ -247,7 +253,7 @@ class PlaybookRoutes:
             raise NotFound(f"playbook {playbook_id!r} has no server {name!r}") from None
         updated = fresh.server(changed.name)
         assert updated is not None
-        return self._answer(request, 200, fresh, model.server_json(updated))
+        return self._answer(request, 200, fresh, self.server_json(updated))
 
     @api.route("/playbooks/<playbook_id>/servers/<name>", methods=["DELETE"])
     async def remove_server(self, request: Request, playbook_id: str, name: str) -> bytes:

@@ -3,24 +3,30 @@
 Newline-delimited JSON-RPC straight on a Twisted ``ProcessProtocol`` with an id → Deferred map
 (no ``mcp`` SDK, no asyncio). See ``base.py`` for the contract; the choices made here:
 
-**Process group and parent-death signal.** ``spawnProcess`` has no pre-exec hook, so the command
-is launched through programs that change the process and then ``exec`` in place (same pid, no
-resident helper)::
+**Process group, identity and parent-death signal.** ``spawnProcess`` has no pre-exec hook, so
+the command is launched through programs that change the process and then ``exec`` in place
+(same pid, no resident helper)::
 
-    /usr/bin/setsid /usr/bin/setpriv --pdeathsig KILL --
+    /usr/bin/setsid /usr/bin/setpriv [--reuid U --regid G --clear-groups] --pdeathsig KILL --
         /bin/sh -c '<check>' director-stdio <daemon pid> <cwd> <command> <args…>
 
 ``setsid`` gives the child its own session and process group (``close()`` and crash clean-up
-signal the whole tree with ``killpg``); ``setpriv`` sets ``PR_SET_PDEATHSIG=SIGKILL``; the
-``sh`` line checks that its parent is still the daemon (a daemon death *before* ``prctl``
-would otherwise leave an orphan), changes directory and execs the resolved command. All three
-are Essential on Debian (util-linux, dash); together they add 3 to 6 ms to a spawn, and they let
-Twisted keep using ``posix_spawn`` (a ``path=`` argument would make it fork the whole daemon).
-Twisted's ``posix_spawn`` also resets the signals the daemon ignores (SIGPIPE) to their
-defaults. Where util-linux is missing, a Python wrapper (``sys.executable -I -S -c _WRAPPER``:
-``ctypes`` ``prctl``, the same parent check, ``setsid``, ``chdir``, ``execv``) does the same in
-20 to 35 ms. Either way the death signal is lost if the command is set-user-ID or has file
-capabilities (the kernel clears it on such an ``exec``).
+signal the whole tree with ``killpg``); when the daemon runs as root, ``setpriv`` switches to
+the ``StdioAccount`` (``account.py``: uid, primary gid, *no* supplementary groups) and only then
+sets ``PR_SET_PDEATHSIG=SIGKILL`` (the kernel clears the death signal when the credentials
+change, so the order matters; setpriv applies it last); the ``sh`` line, already unprivileged,
+checks that its parent is still the daemon (a daemon death *before* ``prctl`` would otherwise
+leave an orphan), changes directory (a cwd the account cannot enter fails the start with
+sh's own "can't cd" line) and execs the resolved command. All three are Essential on Debian
+(util-linux, dash); together they add 3 to 6 ms to a spawn, and they let Twisted keep using
+``posix_spawn``: its own ``uid=``/``gid=`` (like a ``path=``) would make it fork the whole
+daemon, and it calls ``initgroups``, which gives the child the account's supplementary groups
+instead of none. Twisted's ``posix_spawn`` also resets the signals the daemon ignores (SIGPIPE)
+to their defaults. Where util-linux is missing, a Python wrapper (``sys.executable -I -S -c
+_WRAPPER``: ``setgroups([])``, ``setgid``, ``setuid``, then ``ctypes`` ``prctl``, the same
+parent check, ``setsid``, ``chdir``, ``execv``) does the same in 20 to 35 ms. Either way the
+death signal is lost if the command is set-user-ID or has file capabilities (the kernel clears
+it on such an ``exec``). A daemon running as root without an account refuses to spawn at all.
 
 The death signal reaches the *direct* child only. Grandchildren (``npx`` → ``sh`` → ``node``)
 are killed with the group on ``close()`` and whenever the child exits, but when the daemon itself
@@ -34,7 +40,9 @@ variable starting with one of ``INHERITED_PREFIXES`` from the daemon (the locale
 temporary directory, proxies and CA bundles, XDG directories, npm's and uv's cache settings —
 what ``npx``/``uvx`` launchers need to work as they do in a shell), ``PATH`` defaulting to
 ``/usr/local/bin:/usr/bin:/bin`` and ``HOME`` to the account's home directory, and then the
-server's configured ``env`` on top. The command is looked up in the configured ``PATH`` first,
+server's configured ``env`` on top. A child given a ``StdioAccount`` gets none of the daemon's
+identity variables (``HOME``, ``USER``, ``LOGNAME``, ``XDG_*``): its own ``HOME``, ``USER``
+and ``LOGNAME`` instead. The command is looked up in the configured ``PATH`` first,
 then in the daemon's, and run by absolute path.
 
 **Framing.** Lines over ``max_line`` bytes (16 MiB) cannot be buffered safely: every pending
@@ -92,6 +100,7 @@ from zope.interface import implementer
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
+from director.mcp.upstream.account import AccountError, StdioAccount, prepare_home
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
@@ -140,6 +149,9 @@ INHERITED_VARIABLES = (
     "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR",
 )
 INHERITED_PREFIXES = ("LC_", "npm_config_", "NPM_CONFIG_", "UV_", "PIP_")
+#: The daemon's own identity: not passed to a child that runs as another account.
+IDENTITY_VARIABLES = ("HOME", "USER", "LOGNAME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+                      "XDG_DATA_HOME", "XDG_RUNTIME_DIR")
 
 SETSID = "/usr/bin/setsid"
 SETPRIV = "/usr/bin/setpriv"
@@ -148,37 +160,51 @@ SH = "/bin/sh"
 _SH_LAUNCH = ('[ "$PPID" = "$1" ] || exit 1; [ -z "$2" ] || cd "$2" || exit 127; '
               'unset OLDPWD PWD; shift 2; exec "$@"')  # dash exports PWD: don't add it
 _PR_SET_PDEATHSIG = 1
-# argv: daemon pid, working directory ("" = inherit), executable, argv[0], args…
+# argv: daemon pid, "uid:gid" ("" = keep), working directory ("" = inherit), executable,
+# argv[0], args…
 _WRAPPER = (
     "import ctypes,os,signal,sys\n"
+    "if sys.argv[2]:\n"
+    " u,g=map(int,sys.argv[2].split(':'));os.setgroups([]);os.setgid(g);os.setuid(u)\n"
     f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG},{int(signal.SIGKILL)})\n"
     "if os.getppid()!=int(sys.argv[1]):os._exit(1)\n"
     "signal.signal(signal.SIGPIPE,signal.SIG_DFL)\n"
     "signal.signal(signal.SIGXFSZ,signal.SIG_DFL)\n"
     "os.setsid()\n"
     "try:\n"
-    " sys.argv[2] and os.chdir(sys.argv[2])\n"
-    " os.execv(sys.argv[3],sys.argv[4:])\n"
+    " sys.argv[3] and os.chdir(sys.argv[3])\n"
+    " os.execv(sys.argv[4],sys.argv[5:])\n"
     "except OSError as e:\n"
-    " sys.stderr.write(f'cannot run {sys.argv[3]}: {e.strerror}\\n');os._exit(127)\n"
+    " sys.stderr.write(f'cannot run {sys.argv[4]}: {e.strerror}\\n');os._exit(127)\n"
 )
 
 
-def launch_argv(path: str, args: list[str], cwd: str | None) -> list[str]:
-    """The argv that runs ``path args…`` in its own session with a parent-death signal."""
+def launch_argv(path: str, args: list[str], cwd: str | None,
+                account: StdioAccount | None = None) -> list[str]:
+    """The argv that runs ``path args…`` in its own session with a parent-death signal, as
+    ``account`` (uid, gid, no supplementary groups) when there is one."""
     daemon = str(os.getpid())
     if all(os.access(tool, os.X_OK) for tool in (SETSID, SETPRIV, SH)):
-        return [SETSID, SETPRIV, "--pdeathsig", "KILL", "--", SH, "-c", _SH_LAUNCH,
+        identity = [] if account is None else [
+            f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups"]
+        return [SETSID, SETPRIV, *identity, "--pdeathsig", "KILL", "--", SH, "-c", _SH_LAUNCH,
                 "director-stdio", daemon, cwd or "", path, *args]
-    return [sys.executable, "-I", "-S", "-c", _WRAPPER, daemon, cwd or "", path, path, *args]
+    identity_arg = "" if account is None else f"{account.uid}:{account.gid}"
+    return [sys.executable, "-I", "-S", "-c", _WRAPPER, daemon, identity_arg, cwd or "", path,
+            path, *args]
 
 
 def child_environment(configured: Mapping[str, str],
-                      inherited: Mapping[str, str] | None = None) -> dict[str, str]:
+                      inherited: Mapping[str, str] | None = None,
+                      account: StdioAccount | None = None) -> dict[str, str]:
     """The environment a stdio server runs with (see the module docstring)."""
     source = os.environ if inherited is None else inherited
     environment = {key: value for key, value in source.items()
                    if key in INHERITED_VARIABLES or key.startswith(INHERITED_PREFIXES)}
+    if account is not None:
+        for key in IDENTITY_VARIABLES:
+            environment.pop(key, None)
+        environment.update(account.environment())
     environment.setdefault("PATH", DEFAULT_PATH)
     if "HOME" not in environment:
         try:
@@ -498,7 +524,7 @@ class StdioUpstream:
                  restart: bool = True, handshake_timeout: float | None = None,
                  max_line: int = DEFAULT_MAX_LINE,
                  client_capabilities: dict[str, Any] | None = None,
-                 prefer_modern: bool = False) -> None:
+                 prefer_modern: bool = False, account: StdioAccount | None = None) -> None:
         self.name = name
         self.command = command
         self.args = list(args)
@@ -513,6 +539,8 @@ class StdioUpstream:
         self.max_line = max_line
         self.client_capabilities = client_capabilities
         self.prefer_modern = prefer_modern
+        #: Who the child runs as (None: as the daemon, which must not then be root).
+        self.account = account
         #: "modern" or "legacy" once the current process has answered its first request.
         self.era: str | None = None
         #: The modern era's ``logLevel`` (it has no ``logging/setLevel``).
@@ -661,14 +689,15 @@ class StdioUpstream:
         ``handshake_timeout`` from now); ``UpstreamError`` if that fails."""
         if deadline is None:
             deadline = self.reactor.seconds() + self.handshake_timeout
-        child_env = child_environment(self.env)
+        self._check_identity()
+        child_env = child_environment(self.env, account=self.account)
         path = resolve_command(self.command, child_env, self.cwd)
         if path is None:
             raise UpstreamError(f"[{self.name}] command not found: {self.command!r}")
         process = _Process(self)
         self._process = process
         self._stderr_tail.clear()
-        argv = launch_argv(path, self.args, self.cwd)
+        argv = launch_argv(path, self.args, self.cwd, self.account)
         try:
             transport = self.reactor.spawnProcess(process, argv[0], argv, env=child_env,
                                                   usePTY=False)
@@ -718,6 +747,18 @@ class StdioUpstream:
         self.initialize_result = result
         self.era = "legacy"
         self._send(process, jsonrpc.notification("notifications/initialized"))
+
+    def _check_identity(self) -> None:
+        """Never a child as root; the account's HOME checked (or made) before each spawn."""
+        if self.account is None:
+            if os.geteuid() == 0:
+                raise UpstreamError(f"[{self.name}] refusing to run a stdio server as root: "
+                                    "the daemon gives it no unprivileged account (STDIO_USER)")
+            return
+        try:
+            prepare_home(self.account)
+        except AccountError as failure:
+            raise UpstreamError(f"[{self.name}] {failure}") from None
 
     async def _discovered(self, process: _Process, deadline: float) -> bool:
         """Probe ``server/discover``: True when the process now speaks the stateless era."""
