@@ -12,7 +12,6 @@ from twisted.web.server import Request
 from twisted.web.template import Tag, tags
 
 from director.accounts.credentials import hash_password
-from director.accounts.store import NewKey, User
 from director.accounts.validation import ValidationFailed, check_password, normalise_email
 from director.studio import setup
 from director.studio.base import StudioBase, Viewer, safe_next, studio
@@ -142,7 +141,8 @@ class AuthPages(StudioBase):
             self.auth.cache.remember_key(key.record)
         await self.api._start_session(request, user)
         log.info("first account created in the Studio", user_id=str(user.id))
-        return self._welcome(request, user, key)
+        return self._welcome(request, user.email, key.record.name if key else None,
+                             key.value if key else None)
 
     @staticmethod
     def _checked_credentials(email: str, password: str, again: str) -> tuple[str, str]:
@@ -161,17 +161,18 @@ class AuthPages(StudioBase):
             raise ValidationFailed(fields)
         return email, password
 
-    def _welcome(self, request: Request, user: User, key: NewKey | None) -> bytes:
+    def _welcome(self, request: Request, email: str, key_name: str | None,
+                 key_value: str | None) -> bytes:
         """After setup or sign-up: the account's first API key, shown this once."""
         parts: list[Any] = [tags.h1("Your account is ready"),
-                            tags.p(f"Signed in as {user.email}.", class_="lead")]
-        if key is not None:
+                            tags.p(f"Signed in as {email}.", class_="lead")]
+        if key_name is not None and key_value is not None:
             parts.append(tags.div(
                 tags.h2("Your API key"),
-                tags.p("Every account starts with an API key named ", tags.code(key.record.name),
+                tags.p("Every account starts with an API key named ", tags.code(key_name),
                        ". Copy it now: it is shown only this once (you can create more, and "
                        "revoke this one, under Account)."),
-                snippet("new-key", key.value, "the API key"),
+                snippet("new-key", key_value, "the API key"),
                 class_="secret-once"))
         parts.append(tags.div(tags.a("Go to your playbooks", href="/studio/", class_="button"),
                               class_="actions"))
@@ -264,10 +265,8 @@ class AuthPages(StudioBase):
                                      status=status)
         if answer["user"]["status"] == "pending":
             return self.redirect(request, "/studio/waiting")
-        user = self.auth.cache.users.get(_uuid(answer["user"]["id"]))
-        key = self.auth.cache.keys_by_id.get(_uuid(answer["api_key"]["id"]))
-        assert user is not None and key is not None
-        return self._welcome(request, user, NewKey(key, answer["api_key"]["key"]))
+        return self._welcome(request, answer["user"]["email"], answer["api_key"]["name"],
+                             answer["api_key"]["key"])
 
     @app.route("/waiting", methods=["GET"])
     async def waiting(self, request: Request) -> bytes:
@@ -295,9 +294,3 @@ class AuthPages(StudioBase):
 def _pending_viewer(viewer: Viewer) -> Viewer | None:
     # A pending account has no playbooks or account pages: the layout's navigation is hidden.
     return None
-
-
-def _uuid(value: str) -> Any:
-    from uuid import UUID
-
-    return UUID(value)

@@ -69,7 +69,7 @@ class ConnectPages(StudioBase):
         if new_key is not None:
             key_text = new_key["key"]
         elif chosen is not None:
-            key_text = f"<value of your key {chosen.name!r} ({chosen.prefix}…)>"
+            key_text = f"<value of your key {chosen.name!r} ({chosen.prefix}...)>"
         else:
             key_text = "<YOUR_DIRECTOR_API_KEY>"
         snippets = connection_snippets(playbook.id, urls, key_text)
