@@ -3,14 +3,19 @@ forms with their CSRF token, redirects not followed (tests look at them)."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import http.client
 import re
+import sys
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
-from tests.harness import Daemon
+from tests.harness import Daemon, free_port, local_servers
+
+HTTP_REFERENCE = str(Path(__file__).parent / "fixtures" / "http_reference_server.py")
 
 CSRF = re.compile(r'name="csrf_token" value="([^"]*)"')
 
@@ -117,3 +122,13 @@ def sign_up(daemon: Daemon, email: str, password: str) -> tuple[StudioClient, Pa
     client = StudioClient(daemon)
     client.get("/studio/signup")
     return client, client.post("/studio/signup", {"email": email, "password": password})
+
+
+@contextlib.contextmanager
+def http_reference_server(required_header: str) -> Iterator[int]:
+    """The SDK's reference server over Streamable HTTP, answering 401 without the header
+    (``name=value``); yields its port."""
+    port = free_port()
+    with local_servers([[sys.executable, HTTP_REFERENCE, "--transport", "streamable-http",
+                         "--port", str(port), "--require-header", required_header]], [port]):
+        yield port

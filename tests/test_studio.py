@@ -16,12 +16,17 @@ import pytest
 
 from director.db import migrate
 from tests.accounts_helpers import call, eventually
-from tests.harness import DIRECTOR, Daemon, PostgresServer, base_environment, free_port, local_servers
-from tests.studio_client import StudioClient, first_account, setup_token, sign_up
+from tests.harness import DIRECTOR, Daemon, PostgresServer, base_environment, free_port
+from tests.studio_client import (
+    StudioClient,
+    first_account,
+    http_reference_server,
+    setup_token,
+    sign_up,
+)
 
 PASSWORD = "correct horse battery"
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
-HTTP_REFERENCE = str(Path(__file__).parent / "fixtures" / "http_reference_server.py")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -46,10 +51,7 @@ def studio(postgres: PostgresServer) -> Iterator[tuple[Daemon, StudioClient]]:
 
 @pytest.fixture(scope="module")
 def http_upstream() -> Iterator[int]:
-    port = free_port()
-    with local_servers([[sys.executable, HTTP_REFERENCE, "--transport", "streamable-http",
-                         "--port", str(port), "--require-header", "authorization=Bearer s3cr3t"]],
-                       [port]):
+    with http_reference_server("authorization=Bearer s3cr3t") as port:
         yield port
 
 
@@ -453,6 +455,10 @@ def test_connect_page_and_account(studio: tuple[Daemon, StudioClient]) -> None:
     # The account page: the new key listed (never its value), revoked.
     account = admin.get("/studio/account")
     assert account.has("laptop") and key[1] not in account.text
+    laptop_row = re.search(r"<tr><td><strong>laptop</strong>.*?</tr>", account.text)
+    default_row = re.search(r"<tr><td><strong>default</strong>.*?</tr>", account.text)
+    assert laptop_row and laptop_row[0].count("<time") == 2  # created, last used
+    assert default_row and "never" in default_row[0]
     _, _, listed = call(daemon, "GET", "/api/v1/api-keys", key=key[1])
     laptop = next(item["id"] for item in listed["items"] if item["name"] == "laptop")
     revoked = admin.post(f"/studio/account/keys/{laptop}/revoke")

@@ -23,7 +23,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from director.db import migrate
-from tests.harness import Daemon, PostgresServer, base_environment, free_port, local_servers
+from tests.harness import Daemon, PostgresServer, base_environment, free_port
 from tests.studio_browser import (
     fill,
     find,
@@ -32,11 +32,10 @@ from tests.studio_browser import (
     submit,
     wait_for,
 )
-from tests.studio_client import setup_token
+from tests.studio_client import http_reference_server, setup_token
 
 PASSWORD = "correct horse battery"
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
-HTTP_REFERENCE = str(Path(__file__).parent / "fixtures" / "http_reference_server.py")
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +60,7 @@ def browser() -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture(scope="module")
 def http_upstream() -> Iterator[int]:
-    port = free_port()
-    with local_servers([[sys.executable, HTTP_REFERENCE, "--transport", "streamable-http",
-                         "--port", str(port), "--require-header", "authorization=Bearer s3cr3t"]],
-                       [port]):
+    with http_reference_server("authorization=Bearer s3cr3t") as port:
         yield port
 
 

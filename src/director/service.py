@@ -299,7 +299,7 @@ class DirectorService(MultiService):
             await self.port.stopListening()
         if self.metrics_port is not None:
             await self.metrics_port.stopListening()
-        self.studio.stop()
+        await self.studio.stop()
         await self.mcp.stop()
         await self._drain_connections()
         await self.http_pool.closeCachedConnections()

@@ -7,6 +7,7 @@ Page families (``pages/*.py``) are mixins of ``StudioBase`` whose methods are ro
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from director.web.auth import Authenticator, Principal, read_cookie
 from director.web.errors import ApiError, Forbidden, NotFound, Unauthorized
 
 if TYPE_CHECKING:
+    from director.accounts.usage import KeyUsage
     from director.mcp.sessions import McpEngine
     from director.studio.live import LiveHub
     from director.studio.workbench import Workbench
@@ -94,6 +96,7 @@ class StudioBase:
     assets: StaticFiles
     workbench: Workbench
     live: LiveHub
+    key_usage: KeyUsage
 
     # --- responses ------------------------------------------------------------------------
 
@@ -117,7 +120,12 @@ class StudioBase:
                 status: int = 200, section: str = "", playbook: str | None = None,
                 live: bool = False) -> bytes:
         self.html_headers(request, status)
-        return render(page(self.chrome(viewer, section, playbook, live), title, *content))
+        body = render(page(self.chrome(viewer, section, playbook, live), title, *content))
+        started = getattr(request, "started", None)
+        if started is not None:  # the server's time for this page (bench/studio.py reads it)
+            elapsed = (time.monotonic() - started) * 1000
+            request.setHeader(b"server-timing", f"app;dur={elapsed:.2f}".encode())
+        return body
 
     @staticmethod
     def redirect(request: Request, location: str, status: int = 303) -> bytes:

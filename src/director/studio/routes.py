@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from director.accounts.usage import KeyUsage
 from director.config import Settings
 from director.db.database import Database
 from director.playbooks.cache import PlaybookCache
@@ -55,6 +56,8 @@ class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages
         self.workbench = Workbench(engine, reactor)
         self.live = LiveHub(engine.streams, reactor, self._session_still_valid)
         self.workbench.listeners.append(self.live.publish)
+        self.key_usage = KeyUsage(database, reactor)
+        auth.key_observers.append(self.key_usage.used)
         playbooks.subscribe(self.live.playbook_changed)
 
     def resource(self) -> Any:
@@ -66,13 +69,15 @@ class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages
     async def start(self) -> None:
         """After the caches are loaded: live streams, and the first-run link if needed."""
         self.live.start()
+        self.key_usage.start()
         if self.auth.cache.users:
             return
         token = await self.database.run(setup.issue_token(replace_older=False))
         if token is not None:
-            log.warn("no account exists yet: open {url} to create the first account "
+            log.info("no account exists yet: open {url} to create the first account "
                      "(or run `director setup-url` for a fresh link)",
                      url=setup.setup_url(self.settings.base_url, token))
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.live.stop()
+        await self.key_usage.stop()

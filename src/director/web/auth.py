@@ -16,6 +16,7 @@ defence; API keys need none (browsers never attach them by themselves).
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -82,6 +83,8 @@ class Authenticator:
         self.limiter = limiter
         self.cookie = cookie_name(settings)
         self.secure_cookie = urlsplit(settings.base_url).scheme == "https"
+        #: Told of each request authenticated by an API key (accounts/usage.py: "last used").
+        self.key_observers: list[Callable[[store.ApiKey], object]] = []
 
     # --- cookies ------------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class Authenticator:
                             code="user_pending")
         if principal.key is not None:
             await self._apply_rate_limit(request, principal.key)
+            for observer in self.key_observers:
+                observer(principal.key)
         elif request.method not in SAFE_METHODS:
             self._check_csrf(request)
         return principal

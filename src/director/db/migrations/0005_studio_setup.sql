@@ -7,3 +7,7 @@ CREATE TABLE studio_setup_tokens (
     created_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL
 );
+
+-- When each API key was last used (the account page's "last used"), to the minute: instances
+-- keep uses in memory and write them once a minute (accounts/usage.py), never on the request.
+ALTER TABLE api_keys ADD COLUMN last_used_at timestamptz;

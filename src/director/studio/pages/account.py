@@ -46,9 +46,11 @@ class AccountPages(StudioBase):
                        message: str | None = None, fields: dict[str, str] | None = None,
                        status: int = 200) -> bytes:
         keys = keys_of(self.auth.cache.keys_by_id, viewer.user.id)
+        last_used = await self.key_usage.last_used(viewer.user.id)
         key_rows = [tags.tr(
             tags.td(tags.strong(key.name)), tags.td(tags.code(key.prefix + "…")),
             tags.td(when(key.created_at), class_="optional"),
+            tags.td(when(last_used[key.id]) if key.id in last_used else "never"),
             tags.td(tags.div(
                 button_form(f"/studio/account/keys/{key.id}/regenerate", viewer.csrf,
                             "Regenerate", style="link",
@@ -87,6 +89,7 @@ class AccountPages(StudioBase):
                     tags.thead(tags.tr(tags.th("Name", scope="col"),
                                        tags.th("Starts with", scope="col"),
                                        tags.th("Created", scope="col", class_="optional"),
+                                       tags.th("Last used", scope="col"),
                                        tags.th("Actions", scope="col"))),
                     tags.tbody(*key_rows)), class_="table-wrap") if key_rows else tags.p(
                     "No API key: clients need one to connect."),

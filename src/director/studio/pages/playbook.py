@@ -14,7 +14,14 @@ from director.playbooks.model import SecretValue, Server
 from director.playbooks.rails import INSECURE_FLAG, STDIO_FLAG
 from director.playbooks.store import Playbook
 from director.studio.base import StudioBase, Viewer, studio
-from director.studio.forms import Form, call_api, problems, server_body, tools_body
+from director.studio.forms import (
+    Form,
+    call_api,
+    problems,
+    schema_properties,
+    server_body,
+    tools_body,
+)
 from director.studio.pages import notice_for
 from director.studio.pages.playbooks import _version, when
 from director.studio.status import ServerStatus, server_status
@@ -26,6 +33,7 @@ from director.studio.templates.components import (
     field_id,
     notice,
     post_form,
+    pretty_json,
 )
 from director.studio.workbench import ToolEntry, ToolsView
 from director.web.errors import ApiError, NotFound
@@ -53,11 +61,28 @@ def status_badge(status: ServerStatus, server_name: str) -> Tag:
                     **{"data-status": status.state})
 
 
-def schema_summary(schema: Any) -> Tag | str:
-    """An input schema as a readable list of arguments (the JSON itself one click away)."""
-    from director.studio.forms import schema_properties
-    from director.studio.templates.components import pretty_json
+def signature(schema: Any) -> str:
+    """A tool's arguments on one line: ``text: string (required) · mode: fast | careful``.
+    One text node per tool: the playbook page of 500 tools stays cheap to render (the try page
+    shows each argument in full, with the JSON schema)."""
+    properties, required = schema_properties(schema)
+    if not properties:
+        return "no arguments"
+    parts = []
+    for name, spec in properties.items():
+        enum = spec.get("enum")
+        kind = spec.get("type", "any")
+        if isinstance(enum, list) and enum:
+            shown = " | ".join(str(value) for value in enum[:8]) + (" | …" if len(enum) > 8
+                                                                  else "")
+        else:
+            shown = "/".join(str(k) for k in kind) if isinstance(kind, list) else str(kind)
+        parts.append(f"{name}: {shown}" + (" (required)" if name in required else ""))
+    return " · ".join(parts)
 
+
+def schema_summary(schema: Any) -> Tag | str:
+    """An input schema as a readable list of arguments, the JSON itself one click away."""
     properties, required = schema_properties(schema)
     if not properties:
         return tags.p("No arguments.", class_="small muted")
@@ -183,31 +208,29 @@ class PlaybookPages(StudioBase):
                                             "none).", class_="muted"), class_="card")
         rows = []
         for entry in entries:
-            box_id = field_id(f"expose-{server.name}-{entry.original}")
-            box = tags.input(type="checkbox", name="expose", value=entry.original, id=box_id)
+            box = tags.input(type="checkbox", name="expose", value=entry.original,
+                             id=field_id(f"expose-{server.name}-{entry.original}"),
+                             **{"aria-label": f"Expose {entry.original}"})
             if entry.visible:
                 box(checked="checked")
-            flags: list[Any] = []
+            flags: Any = ""
             if entry.shadowed_by:
-                flags.append(tags.span(f"shadowed by {entry.shadowed_by}",
-                                       class_="badge tag-shadowed",
-                                       title="Another server earlier in the playbook exposes "
-                                             "the same name; clients get that one."))
-            if not entry.visible:
-                flags.append(tags.span("hidden", class_="badge tag-hidden"))
+                flags = tags.span(f"shadowed by {entry.shadowed_by}",
+                                  class_="badge tag-shadowed",
+                                  title="Another server earlier in the playbook exposes the "
+                                        "same name; clients get that one.")
+            elif not entry.visible:
+                flags = tags.span("hidden", class_="badge tag-hidden")
             try_link: Any = tags.a("Try", href=self.playbook_url(playbook, "tools",
                                                                   entry.exposed),
                                    **{"aria-label": f"Try {entry.exposed}"}) \
                 if entry.visible and entry.shadowed_by is None else ""
             rows.append(tags.tr(
-                tags.td(tags.input(type="hidden", name="listed", value=entry.original),
-                        box, tags.label(tags.span(f"Expose {entry.original}", class_="skip"),
-                                        for_=box_id)),
-                tags.td(tags.span(entry.exposed, class_="tool-name"), " ", *flags,
+                tags.td(tags.input(type="hidden", name="listed", value=entry.original), box),
+                tags.td(tags.span(entry.exposed, class_="tool-name"), " ", flags,
                         tags.div(entry.description, class_="small muted")
                         if entry.description else "",
-                        tags.details(tags.summary("Arguments", class_="small"),
-                                     schema_summary(entry.input_schema))),
+                        tags.div(signature(entry.input_schema), class_="small mono")),
                 tags.td(try_link)))
         return tags.div(heading, post_form(
             self.playbook_url(playbook, "servers", server.name, "tools"), viewer.csrf,

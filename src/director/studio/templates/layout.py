@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.web.template import Tag, flatten, tags
+from twisted.web.template import Tag, tags
 
-DOCTYPE = b"<!DOCTYPE html>\n"
+DOCTYPE = "<!DOCTYPE html>\n"
 
 
 @attrs.frozen
@@ -25,15 +25,59 @@ class Chrome:
     live: bool = False
 
 
+#: HTML's void elements (``<input />``), as ``twisted.web.template`` writes them.
+VOID_ELEMENTS = frozenset(("img", "br", "hr", "base", "meta", "link", "param", "area", "input",
+                           "col", "source", "track", "embed", "wbr"))
+
+
 def render(node: Any) -> bytes:
-    """Flatten synchronously: Studio templates hold no Deferreds."""
-    parts: list[bytes] = [DOCTYPE]
-    done = flatten(None, node, parts.append)
-    failures: list[Any] = []
-    done.addErrback(failures.append)
-    if failures:
-        failures[0].raiseException()
-    return b"".join(parts)
+    """The page as bytes: ``twisted.web.template`` tags written out synchronously.
+
+    Twisted's own flattener accepts Deferreds, renderers and slots, which costs a generator
+    step per node: about 5 µs each, so 0.25 s for the playbook page of 500 tools. Studio
+    templates hold only tags, strings and lists, so this writes them directly (several times
+    faster), escaping every string exactly as the flattener does (``&<>`` in text, and ``"``
+    too in attributes); anything else is a programming error and raises ``TypeError``.
+    """
+    out: list[str] = [DOCTYPE]
+    _write(node, out)
+    return "".join(out).encode("utf-8")
+
+
+def _text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _write(node: Any, out: list[str]) -> None:
+    if isinstance(node, str):
+        out.append(_text(node))
+    elif isinstance(node, Tag):
+        if node.render is not None or node.slotData:
+            raise TypeError("Studio templates use neither renderers nor slots")
+        name = node.tagName
+        if not isinstance(name, str):
+            raise TypeError(f"tag name {name!r} is not text")
+        if not name:
+            for child in node.children:
+                _write(child, out)
+            return
+        out.append("<" + name)
+        for key, value in node.attributes.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"attribute {key!r}={value!r} of <{name}> is not text")
+            out.append(f' {key}="{_text(value).replace(chr(34), "&quot;")}"')
+        if node.children or name not in VOID_ELEMENTS:
+            out.append(">")
+            for child in node.children:
+                _write(child, out)
+            out.append(f"</{name}>")
+        else:
+            out.append(" />")
+    elif isinstance(node, list | tuple):
+        for child in node:
+            _write(child, out)
+    else:
+        raise TypeError(f"cannot write {type(node).__name__} into a page")
 
 
 def _nav(chrome: Chrome) -> Tag:
