@@ -7,13 +7,12 @@ with a description and a small input schema (the size of a typical real tool's),
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 # -I (isolated mode) leaves the script's folder off sys.path: the sibling is found here.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from echo_server import answer
+from echo_server import answer, serve
 
 
 def tools(count: int) -> list[dict[str, object]]:
@@ -30,25 +29,20 @@ def tools(count: int) -> list[dict[str, object]]:
 
 def main() -> None:
     listed = tools(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
-    for line in sys.stdin.buffer:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(message, dict):
-            continue
+
+    def respond(message: dict[str, object]) -> dict[str, object] | None:
         response = answer(message)
         if response is not None and message.get("method") == "tools/list":
-            response = {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": listed}}
-        elif response is not None and message.get("method") == "tools/call":
-            params = message.get("params") or {}
-            arguments = params.get("arguments") if isinstance(params, dict) else {}
+            return {"jsonrpc": "2.0", "id": message["id"], "result": {"tools": listed}}
+        if response is not None and message.get("method") == "tools/call":
+            params = message.get("params")
+            arguments = params.get("arguments") if isinstance(params, dict) else None
             text = arguments.get("text", "") if isinstance(arguments, dict) else ""
-            response = {"jsonrpc": "2.0", "id": message["id"],
-                        "result": {"content": [{"type": "text", "text": str(text)}]}}
-        if response is not None:
-            sys.stdout.buffer.write(json.dumps(response, separators=(",", ":")).encode() + b"\n")
-            sys.stdout.buffer.flush()
+            return {"jsonrpc": "2.0", "id": message["id"],
+                    "result": {"content": [{"type": "text", "text": str(text)}]}}
+        return response
+
+    serve(respond)
 
 
 if __name__ == "__main__":
