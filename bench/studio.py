@@ -145,8 +145,8 @@ def _add_then_listed(client: api.Client, browser: Browser, playbook: str,
     return samples
 
 
-def studio(reaper: Reaper, workdir: Path, database_url: str, renders: int,
-           adds: int) -> list[Figure]:
+def studio_figures(reaper: Reaper, workdir: Path, database_url: str, renders: int,
+                   adds: int) -> list[Figure]:
     port = free_port()
     start_director(reaper, port=port, state_directory=workdir / "state-studio",
                    log_path=workdir / "director-studio.log", database_url=database_url,

@@ -35,7 +35,11 @@ def start(postgres: PostgresServer, **env: str) -> tuple[Daemon, str]:
     name = postgres.create_database()
     url = postgres.url_for(name)
     migrate.upgrade(url)
-    daemon = Daemon(base_environment(DATABASE_URL=url, PORT=str(free_port()), **env))
+    port = free_port()
+    # Forms are posted with the Origin of the address the pages came from, which the edge
+    # accepts only as BASE_URL's (or ALLOWED_ORIGINS').
+    daemon = Daemon(base_environment(DATABASE_URL=url, PORT=str(port),
+                                     BASE_URL=f"http://127.0.0.1:{port}", **env))
     daemon.wait_healthy()
     return daemon, url
 
@@ -439,7 +443,7 @@ def test_connect_page_and_account(studio: tuple[Daemon, StudioClient]) -> None:
     daemon, admin = studio
     playbook = create_playbook(admin, "Connected")
     page = admin.get(f"/studio/playbooks/{playbook}/connect")
-    assert page.has(f"{daemon_base(daemon)}/playbooks/{playbook}/mcp")
+    assert page.has(f"{daemon.base}/playbooks/{playbook}/mcp")
     assert page.has("value of your key 'default'") and "dk_" not in re.sub(
         r"\(dk_[A-Za-z0-9]{7}(…|\.\.\.)\)", "", page.text)
     assert "vscode:mcp/install" not in page.text
@@ -470,10 +474,6 @@ def test_connect_page_and_account(studio: tuple[Daemon, StudioClient]) -> None:
     admin.get("/studio/account")
     duplicate = admin.post("/studio/account/keys", {"name": "ci"})
     assert duplicate.status == 409 and duplicate.has("already have an API key")
-
-
-def daemon_base(daemon: Daemon) -> str:
-    return f"http://localhost:{daemon.port}"
 
 
 def test_sessions_and_password(studio: tuple[Daemon, StudioClient]) -> None:

@@ -16,7 +16,6 @@ defence; API keys need none (browsers never attach them by themselves).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -33,6 +32,8 @@ from director.db.database import Database
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from director.metrics import Metrics
 
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
@@ -136,10 +137,12 @@ class Authenticator:
                             code="user_pending")
         if principal.key is not None:
             await self._apply_rate_limit(request, principal.key)
-            for observer in self.key_observers:
-                observer(principal.key)
         elif request.method not in SAFE_METHODS:
             self._check_csrf(request)
+
+        if principal.key is not None:
+            for observer in self.key_observers:
+                observer(principal.key)
         return principal
 
     async def _resolve(self, request: Request, allow_query_key: bool) -> Principal | None:
