@@ -361,6 +361,10 @@ def test_tools_settings_and_try_a_tool(studio: tuple[Daemon, StudioClient]) -> N
     json_arg = admin.post(f"{base}/tools/norm", {"arg.points": '[{"x": 1, "y": 2}]'})
     assert json_arg.has("3.0") or json_arg.has("3"), json_arg.text
     assert admin.get(f"{base}/tools/add").status == 404  # hidden: clients do not see it
+    # A tool that asks the client to sample fails at once, readably.
+    admin.get(f"{base}/tools/ask")
+    asked = admin.post(f"{base}/tools/ask", {"arg.question": "anyone?"})
+    assert asked.status == 200 and asked.has("cannot answer the server's sampling/createMessage")
     # Restart: the shared process is closed and started again.
     admin.get(base)
     restarted = admin.post(f"{base}/servers/ref/restart")

@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from director.mcp import jsonrpc
-from director.mcp.jsonrpc import Message
+from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.router import SHADOWED_META, tool_visible
 from director.mcp.sessions import DownstreamSession, McpEngine
 from director.mcp.upstream.base import UpstreamError
@@ -98,6 +98,14 @@ class StudioSession(DownstreamSession):
         except UpstreamError:
             return None
         return upstream
+
+    async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """No one can answer a server's sampling, elicitation or roots request in the Studio:
+        refused at once, so that the call fails with a readable error instead of waiting for
+        the client-request timeout."""
+        raise ProtocolError(jsonrpc.METHOD_NOT_FOUND,
+                            f"the Studio cannot answer the server's {method} request; try this "
+                            "tool from an MCP client that supports it")
 
     def notify(self, message: Message) -> None:
         """An upstream's ``list_changed``: the lists are stale, list again."""
