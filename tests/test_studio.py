@@ -474,7 +474,14 @@ def test_connect_page_and_account(studio: tuple[Daemon, StudioClient]) -> None:
     eventually(lambda: call(daemon, "GET", "/api/v1/me", key=key[1])[0] == 401)
     admin.get("/studio/account")
     made = admin.post("/studio/account/keys", {"name": "ci"})
-    assert made.has("shown only this once") and re.search(r'id="new-key">dk_', made.text)
+    first = re.search(r'id="new-key">(dk_[A-Za-z0-9]{64})<', made.text)
+    assert made.has("shown only this once") and first
+    ci_id = re.findall(r"/studio/account/keys/([0-9a-f-]{36})/regenerate", made.text)[-1]
+    renewed = admin.post(f"/studio/account/keys/{ci_id}/regenerate", csrf=made.csrf())
+    second = re.search(r'id="new-key">(dk_[A-Za-z0-9]{64})<', renewed.text)
+    assert renewed.status == 200 and second and second[1] != first[1]
+    eventually(lambda: call(daemon, "GET", "/api/v1/me", key=first[1])[0] == 401)
+    assert call(daemon, "GET", "/api/v1/me", key=second[1])[0] == 200
     admin.get("/studio/account")
     duplicate = admin.post("/studio/account/keys", {"name": "ci"})
     assert duplicate.status == 409 and duplicate.has("already have an API key")
