@@ -4,7 +4,8 @@ time from "add server" (the form) to the server's tools on the page.
 * Render: one playbook of 50 stdio servers (``bench/tools_server.py``, 10 tools each: 500
   tools), listed once; then ``renders`` GETs of its page, each timed by the daemon itself
   (its ``Server-Timing: app;dur=…`` header: from the request's arrival to the rendered body,
-  so loopback and the client's parsing are not in it). The client's wall time is in details.
+  so loopback and the client's parsing are not in it). The client's wall time is in details,
+  next to the same playbook read as JSON from the API in the same run (the baseline).
 * Weight: that page's HTML plus the stylesheet, script and icon it loads, as sent (the HTML
   uncompressed, the static files gzipped, which the daemon does) and as nginx would gzip the
   HTML (level 6); the playbook list of a new account too, the smallest page.
@@ -104,6 +105,17 @@ def _render(browser: Browser, path: str, renders: int) -> tuple[list[float], lis
     return server, wall
 
 
+def _api_reads(client: api.Client, playbook: str, reads: int) -> list[float]:
+    """The baseline: the same playbook as JSON from ``/api/v1`` (no tools: the API has no
+    tool list), client wall time on the same keep-alive connection pattern."""
+    times = []
+    for _ in range(reads):
+        started = time.perf_counter()
+        client.request("GET", f"/api/v1/playbooks/{playbook}")
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
 def _weight(browser: Browser, html: bytes) -> dict[str, int]:
     assets = sorted(set(re.findall(rb'(?:href|src)="(/studio/static/[^"]+)"', html)))
     plain = gzipped = 0
@@ -163,6 +175,7 @@ def studio_figures(reaper: Reaper, workdir: Path, database_url: str, renders: in
     path = f"/studio/playbooks/{big}"
     html = _wait_listed(browser, path, SERVERS * TOOLS_EACH)
     server, wall = _render(browser, path, renders)
+    api_wall = _api_reads(client, big, renders)
     weight = _weight(browser, html)
     little = api.create_playbook(client, "Studio adds")
     added = _add_then_listed(client, browser, little, adds)
@@ -171,8 +184,9 @@ def studio_figures(reaper: Reaper, workdir: Path, database_url: str, renders: in
         Figure("studio_render_p50", f"Studio: playbook page, {SERVERS} servers / "
                f"{SERVERS * TOOLS_EACH} tools, server time p50 ({renders} renders)", "ms",
                (percentile(sorted(server), 0.5),), baseline=f"client wall p50 "
-               f"{statistics.median(wall):.1f} ms", details={"server_ms": server,
-                                                             "wall_ms": wall}),
+               f"{statistics.median(wall):.1f} ms; GET /api/v1/playbooks/… (JSON, same 50 "
+               f"servers) {statistics.median(api_wall):.1f} ms",
+               details={"server_ms": server, "wall_ms": wall, "api_wall_ms": api_wall}),
         Figure("studio_render_p99", "  p99", "ms", (percentile(sorted(server), 0.99),),
                baseline=f"client wall p99 {percentile(sorted(wall), 0.99):.1f} ms"),
         Figure("studio_weight_big", "  page weight: HTML + CSS + JS + icon", "KiB",
