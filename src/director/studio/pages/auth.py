@@ -14,7 +14,7 @@ from twisted.web.template import Tag, tags
 from director.accounts.credentials import hash_password
 from director.accounts.validation import ValidationFailed, check_password, normalise_email
 from director.studio import setup
-from director.studio.base import StudioBase, Viewer, safe_next, studio
+from director.studio.base import StudioBase, safe_next, studio
 from director.studio.forms import call_api, problems
 from director.studio.pages import notice_for
 from director.studio.templates.components import csrf_input, error_box, field, notice, snippet
@@ -282,15 +282,11 @@ class AuthPages(StudioBase):
             tags.form(csrf_input(viewer.csrf), tags.button("Sign out", type="submit",
                                                            class_="secondary"),
                       method="post", action="/studio/logout"),
-            class_="card narrow"), viewer=_pending_viewer(viewer))
+            # No navigation: a pending account has no playbooks or account pages yet.
+            class_="card narrow"))
 
     @app.route("/logout", methods=["POST"])
     async def logout(self, request: Request) -> bytes:
         _, _form = await self.form_of(request, allow_pending=True)
         await call_api(request, self.api.logout)
         return self.redirect(request, "/studio/login?notice=signed-out")
-
-
-def _pending_viewer(viewer: Viewer) -> Viewer | None:
-    # A pending account has no playbooks or account pages: the layout's navigation is hidden.
-    return None

@@ -14,7 +14,7 @@ from director.accounts.validation import ValidationFailed
 from director.playbooks.documents import DocumentInvalid
 from director.playbooks.store import Playbook
 from director.studio.base import StudioBase, Viewer, studio
-from director.studio.forms import Form, call_api, problems, read_form
+from director.studio.forms import Form, call_api, problems
 from director.studio.pages import notice_for
 from director.studio.templates.components import (
     csrf_input,
@@ -306,5 +306,3 @@ def _version(form: Form) -> int | None:
     raw = form.get("version")
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 18 else None
 
-
-__all__ = ["PlaybookListPages", "read_form", "when"]
