@@ -32,16 +32,19 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 
 def start(postgres: PostgresServer, **env: str) -> tuple[Daemon, str]:
-    name = postgres.create_database()
-    url = postgres.url_for(name)
+    url = postgres.url_for(postgres.create_database())
     migrate.upgrade(url)
+    return start_on(url, **env), url
+
+
+def start_on(url: str, **env: str) -> Daemon:
     port = free_port()
     # Forms are posted with the Origin of the address the pages came from, which the edge
     # accepts only as BASE_URL's (or ALLOWED_ORIGINS').
     daemon = Daemon(base_environment(DATABASE_URL=url, PORT=str(port),
                                      BASE_URL=f"http://127.0.0.1:{port}", **env))
     daemon.wait_healthy()
-    return daemon, url
+    return daemon
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +304,13 @@ def test_http_server_secret_headers_are_write_only(studio: tuple[Daemon, StudioC
                                             "?reveal_secrets=true", cookie=_cookie(admin))
     assert stored["headers"] == {"Authorization": {"secret": True, "value": "Bearer s3cr3t"}}
     eventually(lambda: admin.get(base).has("r_echo"), timeout=30)
+    # Without its credentials the same server is "unauthorized", with the server's answer.
+    admin.get(f"{base}/servers/new?type=http")
+    assert admin.post(f"{base}/servers", [
+        ("name", "anonymous"), ("type", "http"), ("url", f"http://127.0.0.1:{http_upstream}/mcp"),
+        ("version", form_version(admin, f"{base}/servers/new?type=http"))]).status == 303
+    eventually(lambda: admin.get(base).has('data-status="unauthorized"'), timeout=30)
+    assert admin.get(base).has("HTTP 401")
     # Bad input is refused with the model's own message, next to the form.
     admin.get(f"{base}/servers/new?type=http")
     bad = admin.post(f"{base}/servers", [("name", "bad name!"), ("type", "http"),
@@ -373,15 +383,31 @@ def test_tools_settings_and_try_a_tool(studio: tuple[Daemon, StudioClient]) -> N
 
 
 def test_stdio_form_names_the_flag_when_the_rail_forbids_it(postgres: PostgresServer) -> None:
-    daemon, _ = start(postgres)
+    # A stdio server added while the flag was on...
+    allowed, url = start(postgres, DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true")
     try:
-        admin = first_account(daemon, "railed@example.com", PASSWORD)
+        admin = first_account(allowed, "railed@example.com", PASSWORD)
         playbook = create_playbook(admin, "Railed")
         base = f"/studio/playbooks/{playbook}"
+        admin.get(f"{base}/servers/new?type=stdio")
+        assert admin.post(f"{base}/servers", [
+            ("name", "legacy"), ("type", "stdio"), ("command", sys.executable),
+            ("args", REFERENCE), ("version", "1")]).status == 303
+    finally:
+        allowed.stop()
+    # ...is shown refused by configuration once it is off, and new ones are refused.
+    daemon = start_on(url)
+    try:
+        admin = StudioClient(daemon)
+        admin.get("/studio/login")
+        assert admin.post("/studio/login", {"email": "railed@example.com",
+                                            "password": PASSWORD}).status == 303
+        page = admin.get(base)
+        assert page.has('data-status="refused"') and page.has("refused by configuration")
         form = admin.get(f"{base}/servers/new?type=stdio")
         assert form.has("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS=true")
-        assert re.search(r'<button[^>]*disabled="disabled"[^>]*>Add server', form.text) or \
-            re.search(r'<button[^>]*type="submit"[^>]*disabled', form.text), form.text
+        assert re.search(r'<button type="submit" disabled="disabled"[^>]*>Add server',
+                         form.text), form.text
         refused = admin.post(f"{base}/servers", [("name", "x"), ("type", "stdio"),
                                                  ("command", "true")])
         assert refused.status == 400 and refused.has("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS")

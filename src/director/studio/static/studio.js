@@ -134,8 +134,16 @@
     markDirty(root);
   }
 
+  // After a form was refused or a tool ran, move the focus (and screen readers) to what
+  // the server said: the error summary, else the result.
+  function focusOutcome() {
+    var target = document.getElementById("errors") || document.getElementById("result");
+    if (target) { target.focus(); }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     enhance(document);
     setupEvents();
+    focusOutcome();
   });
 })();
