@@ -311,6 +311,13 @@ def test_http_server_secret_headers_are_write_only(studio: tuple[Daemon, StudioC
         ("version", form_version(admin, f"{base}/servers/new?type=http"))]).status == 303
     eventually(lambda: admin.get(base).has('data-status="unauthorized"'), timeout=30)
     assert admin.get(base).has("HTTP 401")
+    # A server may be called "new": its edit page is /servers/new without ?type=.
+    admin.get(f"{base}/servers/new?type=http")
+    assert admin.post(f"{base}/servers", [
+        ("name", "new"), ("type", "http"), ("url", f"http://127.0.0.1:{http_upstream}/mcp"),
+        ("version", form_version(admin, f"{base}/servers/new?type=http"))]).status == 303
+    assert admin.get(f"{base}/servers/new").has("Edit new")
+    assert admin.get(f"{base}/servers/new?type=http").has("Add an HTTP server")
     # Bad input is refused with the model's own message, next to the form.
     admin.get(f"{base}/servers/new?type=http")
     bad = admin.post(f"{base}/servers", [("name", "bad name!"), ("type", "http"),

@@ -345,7 +345,12 @@ class PlaybookPages(StudioBase):
     async def new_server(self, request: Request, playbook_id: str) -> bytes:
         viewer = await self.viewer(request)
         playbook = self.owned(viewer, playbook_id)
-        kind = (request.args.get(b"type") or [b"stdio"])[0].decode("latin-1")
+        kinds = request.args.get(b"type")
+        if kinds is None and playbook.server("new") is not None:
+            # A server may be called "new": without ?type= this is its edit page.
+            return self._server_form(request, viewer, playbook, self._server(playbook, "new").type,
+                                     self._server(playbook, "new"))
+        kind = (kinds or [b"stdio"])[0].decode("latin-1")
         return self._server_form(request, viewer, playbook, "stdio" if kind == "stdio"
                                  else "http")
 

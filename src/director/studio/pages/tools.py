@@ -223,14 +223,15 @@ class ToolPages(StudioBase):
                      class_="card"),
             result, viewer=viewer, status=status, section="playbooks")
 
-    @app.route("/playbooks/<playbook_id>/tools/<name>", methods=["GET"])
+    # <path:…>: a tool name may hold a "/" (MCP does not forbid it), which would not match.
+    @app.route("/playbooks/<playbook_id>/tools/<path:name>", methods=["GET"])
     async def try_page(self, request: Request, playbook_id: str, name: str) -> bytes:
         viewer = await self.viewer(request)
         playbook = self.owned(viewer, playbook_id)
         return self._try_page(request, viewer, playbook,
                               await self._tool(viewer, playbook, name))
 
-    @app.route("/playbooks/<playbook_id>/tools/<name>", methods=["POST"])
+    @app.route("/playbooks/<playbook_id>/tools/<path:name>", methods=["POST"])
     async def try_run(self, request: Request, playbook_id: str, name: str) -> bytes:
         viewer, form = await self.form_of(request)
         playbook = self.owned(viewer, playbook_id)
