@@ -101,6 +101,9 @@ def add_server(browser: webdriver.Chrome, daemon: Daemon, playbook: str, kind: s
 def test_end_to_end_from_first_run_to_an_sdk_client(daemon: Daemon, browser: webdriver.Chrome,
                                                     http_upstream: int) -> None:
     # First run: the setup link from the log.
+    open_page(browser, daemon, "/")
+    assert browser.current_url.endswith("/studio/") and "setup-url" in browser.page_source
+    record(browser, "first-run")
     open_page(browser, daemon, f"/studio/setup?token={setup_token(daemon)}")
     record(browser, "setup")
     fill(browser, {"email": "owner@example.com", "password": PASSWORD,
@@ -197,11 +200,19 @@ def test_end_to_end_from_first_run_to_an_sdk_client(daemon: Daemon, browser: web
                        ("/studio/playbooks/demo-tools/settings", "settings"),
                        ("/studio/playbooks/demo-tools/delete", "delete"),
                        ("/studio/playbooks/demo-tools/servers/remote", "server-edit"),
+                       ("/studio/playbooks/demo-tools/servers/remote/remove", "server-remove"),
                        ("/studio/import", "import"), ("/studio/account", "account"),
                        ("/studio/", "playbooks")):
         open_page(browser, daemon, path)
         record(browser, name)
     assert "s3cr3t" not in browser.page_source
+    # An invalid document is refused with the CLI's FILE:LINE:COLUMN lines.
+    open_page(browser, daemon, "/studio/import")
+    find(browser, "#f-text").send_keys("version: 1\nid: bad\nname: Bad\nservers:\n"
+                                       "  - name: x\n    type: http\n    url: ftp://no\n")
+    submit(browser, "Import")
+    assert "pasted document:7:" in find(browser, "#errors").text
+    record(browser, "import-errors")
 
 
 def test_prompt_preview_in_the_browser(daemon: Daemon, browser: webdriver.Chrome) -> None:
