@@ -57,6 +57,7 @@ from bench.probe import ProbeError
 from bench.reaper import Reaper
 from bench.report import Figure, formatted, save, table
 from bench.servers import REPOSITORY
+from bench.studio import studio_figures
 from director.db.embedded import find_server_binaries
 
 
@@ -203,6 +204,16 @@ GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "modern": _modern, "slow": _slow, "revocation": _revocation, "fuzz": _fuzz,
 }
 
+
+
+def _studio(c: Context) -> list[Figure]:
+    """``studio``: the web interface (bench/studio.py): the render time of a playbook page of
+    50 servers / 500 tools, page weight, add server → its tools on the page."""
+    return studio_figures(c.reaper, c.workdir, c.database.url,
+                          renders=50 if c.quick else 200, adds=5 if c.quick else 20)
+
+
+GROUPS["studio"] = _studio
 
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 _TOOL = {
     "name": "echo",
@@ -91,8 +92,8 @@ def _eras(argv: list[str]) -> str:
     sys.exit("usage: echo_server.py [--eras handshake|both]")
 
 
-def main() -> None:
-    modern = _eras(sys.argv[1:]) == "both"
+def serve(respond: Callable[[dict[str, object]], dict[str, object] | None]) -> None:
+    """Answer each line of standard input with ``respond(message)`` until it ends."""
     reader, writer = sys.stdin.buffer, sys.stdout.buffer
     for line in reader:
         try:
@@ -101,10 +102,15 @@ def main() -> None:
             continue
         if not isinstance(message, dict):
             continue
-        response = answer(message, modern)
+        response = respond(message)
         if response is not None:
             writer.write(json.dumps(response, separators=(",", ":")).encode() + b"\n")
             writer.flush()
+
+
+def main() -> None:
+    modern = _eras(sys.argv[1:]) == "both"
+    serve(lambda message: answer(message, modern))
 
 
 if __name__ == "__main__":

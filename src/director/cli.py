@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from director import doctor  # likewise
 
     doctor.add_commands(commands)
+    from director.studio import cli as studio_cli  # likewise
+
+    studio_cli.add_commands(commands)
     return parser
 
 

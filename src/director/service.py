@@ -50,6 +50,7 @@ from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
+from director.studio.routes import Studio
 from director.web.app import DirectorApp
 from director.web.auth import Authenticator
 from director.web.edge import DirectorSite, EdgeResource
@@ -125,10 +126,13 @@ class DirectorService(MultiService):
             self.metrics.register(ServiceCollector(self.mcp, self.database, self.accounts,
                                                    self.playbooks))
             self.playbooks.subscribe(self.metrics.playbook_changed)
+        api_v1 = ApiV1(settings, self.database, self.authenticator, self.playbooks,
+                       self.secret_box)
+        self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
+                             self.mcp, api_v1, self.auth_secret, reactor)
         self.web = DirectorApp(
-            self.health_reason,
-            ApiV1(settings, self.database, self.authenticator, self.playbooks, self.secret_box),
-            McpRoutes(self.mcp, self.authenticator, self.playbooks))
+            self.health_reason, api_v1, McpRoutes(self.mcp, self.authenticator, self.playbooks),
+            studio=self.studio)
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -182,6 +186,7 @@ class DirectorService(MultiService):
         await self.playbooks.start()
         self.rate_limiter.start()
         self.mcp.start()
+        await self.studio.start()
         elapsed = time.monotonic() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
         systemd.notify("STATUS=serving")
@@ -383,6 +388,7 @@ class DirectorService(MultiService):
             await self.port.stopListening()
         if self.metrics_port is not None:
             await self.metrics_port.stopListening()
+        await self.studio.stop()
         await self.mcp.stop()
         await self._drain_connections()
         await self.http_pool.closeCachedConnections()

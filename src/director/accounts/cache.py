@@ -53,7 +53,7 @@ class CachedSession:
 class Credential:
     """What authenticated a request: an API key or a cookie session, by id (never reused)."""
 
-    kind: str  # "api_key" or "session"
+    kind: str  # "api_key", "session", or "studio" (the Studio's own sessions: id is the user's)
     id: UUID
 
 

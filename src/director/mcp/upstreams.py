@@ -103,6 +103,9 @@ class UpstreamManager:
         #: Set by the session layer: the upstream restarted (stdio) or re-initialised (HTTP)
         #: and has forgotten what the gateway told it (subscriptions, log level).
         self.on_restored: Callable[[Upstream], object] = lambda u: None
+        #: Called with an upstream whenever its state may have changed (starting, started,
+        #: failed, lost, restored, closed): the Studio's live status listens here.
+        self.status_observers: list[Callable[[Upstream], object]] = []
 
     def shared_count(self) -> int:
         return len(self._shared)
@@ -165,7 +168,15 @@ class UpstreamManager:
                      playbook=str(upstream.playbook_pk), flag=refused.flag)
         return message
 
+    def _status_changed(self, upstream: Upstream) -> None:
+        for observer in list(self.status_observers):
+            try:
+                observer(upstream)
+            except Exception:
+                log.failure("an upstream status observer failed")
+
     async def _start(self, upstream: Upstream) -> None:
+        self._status_changed(upstream)
         session = self.factory(upstream.server, upstream.era)
         session.on_notification = lambda message: self._notified(upstream, message)
         if self.on_request is not None:
@@ -199,6 +210,7 @@ class UpstreamManager:
             upstream.error = None
         finally:
             upstream.starting = None
+            self._status_changed(upstream)
 
     async def _bounded_start(self, session: UpstreamSession, server: Server) -> None:
         """``session.start()`` within the server's ``timeout_seconds`` (module docstring);
@@ -227,12 +239,14 @@ class UpstreamManager:
         upstream.lists.clear()
         if not upstream.closed:
             self.on_restored(upstream)
+        self._status_changed(upstream)
 
     def _lost(self, upstream: Upstream, reason: str) -> None:
         # The transport restarts stdio processes by itself; cached lists may be stale now.
         upstream.lists.clear()
         log.info("upstream session ended: {reason}", reason=reason,
                  server=upstream.server.name)
+        self._status_changed(upstream)
 
     def release(self, user: Any, owned: dict[str, Upstream]) -> None:
         """A downstream session ended: close what was its own, leave shared ones running."""
@@ -258,6 +272,7 @@ class UpstreamManager:
         if session is not None:
             d = defer.ensureDeferred(session.close())
             d.addErrback(lambda failure: log.failure("closing an upstream failed", failure))
+        self._status_changed(upstream)
 
     async def close_all(self) -> None:
         sessions = [u.session for u in self._shared.values() if u.session is not None]

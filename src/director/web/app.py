@@ -23,10 +23,12 @@ class DirectorApp:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, health_check: HealthCheck, api_v1: Any, mcp: Any) -> None:
+    def __init__(self, health_check: HealthCheck, api_v1: Any, mcp: Any,
+                 studio: Any = None) -> None:
         self.health_check = health_check
         self.api_v1 = api_v1
         self.mcp = mcp
+        self.studio = studio
 
     @app.route("/playbooks/", branch=True)
     def mcp_routes(self, request: Request) -> Any:
@@ -35,6 +37,21 @@ class DirectorApp:
     @app.route("/api/v1/", branch=True)
     def api_v1_routes(self, request: Request) -> Any:
         return self.api_v1.resource()
+
+    # The Studio (director.studio): the web interface, under /studio/ on the same port.
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: Request) -> bytes:
+        request.setResponseCode(302)
+        request.setHeader(b"location", b"/studio/")
+        return b""
+
+    @app.route("/studio", methods=["GET", "HEAD"])
+    def studio_root(self, request: Request) -> bytes:
+        return self.root(request)
+
+    @app.route("/studio/", branch=True)
+    def studio_routes(self, request: Request) -> Any:
+        return self.studio.resource()
 
     @app.route("/api/health", methods=["GET", "HEAD"])
     async def health(self, request: Request) -> bytes:

@@ -41,6 +41,8 @@ from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthoriz
 from director.web.querykey import query_keys
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from director.metrics import Metrics
 
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
@@ -91,6 +93,8 @@ class Authenticator:
         self.limiter = limiter
         self.cookie = cookie_name(settings)
         self.secure_cookie = urlsplit(settings.base_url).scheme == "https"
+        #: Told of each request authenticated by an API key (accounts/usage.py: "last used").
+        self.key_observers: list[Callable[[store.ApiKey], object]] = []
 
     # --- cookies ------------------------------------------------------------------------
 
@@ -147,6 +151,10 @@ class Authenticator:
         await self._apply_rate_limits(request, principal)
         if principal.key is None and request.method not in SAFE_METHODS:
             self._check_csrf(request)
+
+        if principal.key is not None:
+            for observer in self.key_observers:
+                observer(principal.key)
         return principal
 
     def _refused(self, message: str, reason: str) -> Unauthorized:
