@@ -38,7 +38,7 @@ from tests.conformance.runner import (
     not_scored,
     run_suite,
 )
-from tests.harness import Daemon
+from tests.harness import Daemon, free_port
 
 StartDaemon = Callable[..., Daemon]
 
@@ -99,7 +99,13 @@ class Gateway:
 
 @pytest.fixture
 def director(start_daemon: StartDaemon, migrated_url: str) -> Iterator[Gateway]:
+    # The suite reaches the daemon through the front, which is then its public URL: the
+    # Origin the suite's browser-like checks send names the front (CORS is granted to
+    # BASE_URL's origin and ALLOWED_ORIGINS only).
+    front_port = free_port()
     daemon = start_daemon(DATABASE_URL=migrated_url,
+                          BASE_URL=f"http://localhost:{front_port}",
+                          ALLOWED_ORIGINS=f"http://127.0.0.1:{front_port}",
                           DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
                           DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true")
     daemon.wait_healthy()
@@ -107,7 +113,7 @@ def director(start_daemon: StartDaemon, migrated_url: str) -> Iterator[Gateway]:
     status, _, body = call(daemon, "POST", "/api/v1/playbooks", {"name": "conformance"},
                            key=owner.key)
     assert status == 201, body
-    front = KeyProxy(daemon.base, owner.key)
+    front = KeyProxy(daemon.base, owner.key, port=front_port)
     try:
         yield Gateway(daemon, owner, front)
     finally:
