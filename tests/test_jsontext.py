@@ -21,6 +21,7 @@ from director.mcp.headers import param_header_mismatch
 from director.mcp.jsonrpc import ProtocolError
 from director.mcp.sse import SseParser
 from director.mcp.streams import ReplayBuffer, response_bytes
+from director.mcp.upstream.account import stdio_account
 from director.mcp.upstream.base import UpstreamRequestError, encoded
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import LegacySseUpstream, StreamableHttpUpstream, new_pool
@@ -127,7 +128,8 @@ def test_a_request_that_cannot_be_encoded_is_an_invalid_params_error() -> None:
 async def test_a_stdio_call_that_cannot_be_written_fails_at_once_and_the_server_goes_on(
         ) -> None:
     """It used to be registered as pending, fail in the write and wait for its timeout."""
-    upstream = StdioUpstream("raw", sys.executable, [str(RAW)], {}, None, reactor)
+    upstream = StdioUpstream("raw", sys.executable, [str(RAW)], {}, None, reactor,
+                             account=stdio_account("nobody"))  # as a root daemon does
     try:
         await upstream.start()
         calling = defer.ensureDeferred(upstream.request(

@@ -285,7 +285,7 @@ def test_deb_extracted_runs(deb: Path, tmp_path: Path) -> None:
                         f"BETTER_AUTH_SECRET={SECRET}\n")
     accepted = run([*command, "--env-file", str(env_file), "config", "check", "--json"], env=env)
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
-    assert '"database": "external"' in accepted.stdout
+    assert '"database": "external (d at db.example.com' in accepted.stdout
 
 
 @slow
