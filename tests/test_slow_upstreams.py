@@ -122,8 +122,8 @@ def run(coroutine: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coroutine, 90))
 
 
-def client(setup: Setup, mode: str, **options: Any) -> Client:
-    return Client(setup.url(), mode=mode, read_timeout_seconds=READ_TIMEOUT, **options)
+def client(setup: Setup, mode: str, read_timeout: float = READ_TIMEOUT, **options: Any) -> Client:
+    return Client(setup.url(), mode=mode, read_timeout_seconds=read_timeout, **options)
 
 
 def names(listing: Any) -> set[str]:
@@ -251,7 +251,9 @@ def test_a_call_for_a_starting_servers_tool_waits_for_it(setup: Setup, mode: str
         gate.touch()
 
     async def scenario() -> Any:
-        async with client(setup, mode) as session:
+        # This call is meant to wait (for the list, the log line, the gate, the late server's
+        # start): the short READ_TIMEOUT guards the tests where waiting would be the bug.
+        async with client(setup, mode, read_timeout=60) as session:
             opening = asyncio.ensure_future(open_gate_once_listed_without_it())
             result = await session.call_tool("late_echo", {"text": "waited"})
             await opening
