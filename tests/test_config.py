@@ -39,7 +39,8 @@ def test_defaults_match_the_deployment_guide() -> None:
     assert settings.base_url == "http://localhost:3673"
     assert settings.allowed_origins == ()
     assert settings.telemetry_enabled is False
-    assert settings.registry_url == "https://registry.director.run"
+    assert settings.registry_url == "https://registry.modelcontextprotocol.io"
+    assert settings.registry_trust == "none"
     assert settings.rate_limit_window_seconds == 60
     assert settings.rate_limit_max_requests == 1000
     assert settings.user_rate_limit_window_seconds == 60
@@ -148,7 +149,10 @@ def test_base_url_follows_port_when_unset() -> None:
     ("ALLOWED_ORIGINS", "https://x.example.com/path", "which is not an origin"),
     ("ALLOWED_HOSTS", "a b", "which is not a host name"),
     ("TELEMETRY_ENABLED", "ture", "TELEMETRY_ENABLED='ture' is not a boolean; use true or false"),
-    ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) URL"),
+    ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) or file URL"),
+    ("REGISTRY_URL", "file:relative", "is not a file URL of an absolute path"),
+    ("REGISTRY_TRUST", "some", "REGISTRY_TRUST='some' is not recognised"),
+    ("REGISTRY_ALLOW", "no-slash", "is not a server name or namespace"),
     ("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "-5", "must be greater than 0"),
     ("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1e3", "is not a whole number"),
     ("USER_RATE_LIMIT_WINDOW_SECONDS", "0", "must be greater than 0"),
