@@ -275,7 +275,9 @@ class RegistryClient:
         except defer.CancelledError:
             raise
         except Exception as error:
-            reason = " ".join(str(error).split()) or type(error).__name__
+            reasons = getattr(error, "reasons", None)  # ResponseNeverReceived, ...: Failures
+            cause = reasons[0].value if reasons else error
+            reason = " ".join(str(cause).split()) or type(cause).__name__
             raise RegistryError(f"{self._where()} cannot be reached: {reason}") from None
         if response.code == 404:
             response.deliverBody(_Discard())
@@ -284,7 +286,7 @@ class RegistryClient:
         if response.length is not None and isinstance(response.length, int) and \
                 response.length > self.max_bytes:
             response.deliverBody(_Discard())
-            raise RegistryError(f"{self._where()} answered more than {self.max_bytes} bytes")
+            raise RegistryError(f"{self._where()}: the answer is larger than {self.max_bytes} bytes")
         response.deliverBody(body)
         try:
             raw = await body.done
