@@ -345,7 +345,7 @@ def test_a_package_installed_under_trust_is_refused_at_start_once_trust_is_withd
     daemon.wait_healthy()
     status, _, server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/everything",
                              key=owner.key)
-    assert server["status"] == {
+    assert status == 200 and server["status"] == {
         "state": "refused", "reason": "refused by configuration: registry packages need "
                                       "REGISTRY_TRUST=allowlist (with REGISTRY_ALLOW) or any"}
     assert tool_names(Gateway(daemon, owner, Path("/nonexistent"))) == []
