@@ -15,8 +15,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from director.db import migrate
 from director.web.openapi import document
-from tests.accounts_helpers import sign_up
 from tests import registry_catalogue
+from tests.accounts_helpers import sign_up
 from tests.harness import Daemon, base_environment, free_port, make_temp_dir
 
 #: CI replays the same generated cases (reproducible); EXPLORE=1 draws new ones each run.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,7 +20,16 @@ import pytest
 from director.registry import catalogue, install
 from tests import registry_catalogue as rc
 from tests.accounts_helpers import Account, call, error_code, eventually, sign_up
-from tests.harness import SECRET, Daemon, free_port, local_servers, make_temp_dir, query
+from tests.harness import (
+    DIRECTOR,
+    SECRET,
+    Daemon,
+    base_environment,
+    free_port,
+    local_servers,
+    make_temp_dir,
+    query,
+)
 from tests.test_mcp_gateway import Gateway, parse_response
 
 StartDaemon = Callable[..., Daemon]
@@ -356,3 +366,66 @@ def test_a_package_installed_under_trust_is_refused_at_start_once_trust_is_withd
     server = call(moved, "GET", "/api/v1/playbooks/ref/servers/everything", key=owner.key)[2]
     assert server["status"]["reason"] == ("refused by configuration: packages installed from "
                                           f"another registry need REGISTRY_URL={registry.url}")
+
+
+# --- the command line, from a file catalogue ----------------------------------------------------
+
+
+def director(url: str, catalogue_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DIRECTOR, *args], env=base_environment(DATABASE_URL=url, REGISTRY_URL=catalogue_url,
+                                                REGISTRY_TRUST="any"),
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+
+
+def test_the_cli_finds_installs_updates_and_removes(start_daemon: StartDaemon,
+                                                    migrated_url: str) -> None:
+    directory = make_temp_dir("director-test-registry-cli-")
+    catalogue_url = f"file://{rc.write(directory / 'catalogue.json')}"
+    daemon = start_daemon(DATABASE_URL=migrated_url, REGISTRY_URL=catalogue_url,
+                          REGISTRY_TRUST="any")
+    owner = playbook_of(daemon)
+
+    found = director(migrated_url, catalogue_url, "registry", "search", "everything")
+    assert found.returncode == 0, found.stderr
+    assert rc.EVERYTHING in found.stdout and rc.NEW in found.stdout
+    shown = director(migrated_url, catalogue_url, "registry", "show", rc.EVERYTHING)
+    assert shown.returncode == 0, shown.stderr
+    assert "--input env.EVERYTHING_TOKEN=…  (required; secret)" in shown.stdout
+    refused = director(migrated_url, catalogue_url, "registry", "show", "io.example/container")
+    assert "cannot be installed: oci (container) packages need a container runtime" \
+        in refused.stdout
+    missing = director(migrated_url, catalogue_url, "playbooks", "install", "ref",
+                       rc.EVERYTHING, "--user", OWNER, "--version", rc.OLD)
+    assert missing.returncode == 2
+    assert "inputs.env.EVERYTHING_TOKEN: is required" in missing.stderr
+
+    inputs = directory / "inputs.json"
+    inputs.write_text(json.dumps(EVERYTHING_INPUTS))
+    installed = director(migrated_url, catalogue_url, "playbooks", "install", "ref",
+                         rc.EVERYTHING, "--user", OWNER, "--version", rc.OLD,
+                         "--inputs-file", str(inputs), "--input", "env.EVERYTHING_MODE=busy",
+                         "--server-name", "all")
+    assert installed.returncode == 0, installed.stderr
+    assert f"installed {rc.EVERYTHING} {rc.OLD} as server 'all'" in installed.stdout
+    status, _, server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/all?"
+                             "reveal_secrets=true", key=owner.key)
+    assert status == 200 and server["registry"]["version"] == rc.OLD
+    assert server["env"] == {"EVERYTHING_MODE": "busy",
+                             "EVERYTHING_TOKEN": {"secret": True, "value": TOKEN}}
+
+    updated = director(migrated_url, catalogue_url, "playbooks", "update-server", "ref", "all",
+                       "--user", OWNER)
+    assert updated.returncode == 0, updated.stderr
+    assert f"from {rc.OLD} to {rc.NEW}" in updated.stdout
+    server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/all", key=owner.key)[2]
+    assert server["registry"]["version"] == rc.NEW and server["env"]["EVERYTHING_MODE"] == "busy"
+
+    removed = director(migrated_url, catalogue_url, "playbooks", "remove-server", "ref", "all",
+                       "--user", OWNER)
+    assert removed.returncode == 0, removed.stderr
+    assert call(daemon, "GET", "/api/v1/playbooks/ref/servers/all", key=owner.key)[0] == 404
+    down = director(migrated_url, "file:///nonexistent/catalogue.json", "registry", "search")
+    assert down.returncode == 1
+    assert "the catalogue /nonexistent/catalogue.json cannot be read" in down.stderr
+    shutil.rmtree(directory, ignore_errors=True)

@@ -357,3 +357,7 @@ def add_commands(commands: Any) -> None:
                               f"{MAX_HISTORY_LIMIT})")
     _json_flag(history)
     history.set_defaults(handler=cmd_history)
+
+    from director import registry_cli  # imports this module: registered once both are loaded
+
+    registry_cli.add_playbook_commands(actions)

@@ -480,6 +480,27 @@ def build_server(registry: str, entry: Entry, option: Option, name: str, inputs:
     return Server(registry=source, **common, **derived)
 
 
+def installed(registry: str, entry: Entry, choice: str | None, server_name: str,
+              inputs: Any) -> Server:
+    """The server installing ``entry`` (option ``choice``, else the first installable) makes."""
+    return build_server(registry, entry, choose(entry, choice), server_name, inputs)
+
+
+def updated(registry: str, entry: Entry, current: Server, inputs: Any) -> Server:
+    """``current`` (a registry server) moved to ``entry``, another version of its entry: the
+    same package (or a remote of the same transport), its inputs kept unless given anew."""
+    source = current.registry
+    if source is None:
+        raise InstallError({"name": f"{current.name} was not installed from a registry"})
+    choice = same_option(entry, json.loads(source.recipe))
+    if choice is None:
+        raise InstallError({"version": f"{entry.name} {entry.version} no longer offers what "
+                                       "was installed; remove the server and install it "
+                                       "again"})
+    return build_server(registry, entry, choose(entry, choice), current.name, inputs,
+                        dict(source.inputs), base=current)
+
+
 def same_option(entry: Entry, previous: Mapping[str, Any]) -> str | None:
     """The choice of ``entry`` that installs what ``previous`` (a recipe) installed: the same
     package, or a remote of the same transport; None when there is none."""

@@ -18,7 +18,6 @@ version it does not have a 404 ``not_in_registry``; either way nothing is writte
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.web.server import Request
@@ -136,9 +135,8 @@ class RegistryRoutes:
             entry = await self.registry.version(name, version)
         except RegistryError as error:
             raise registry_failure(error) from None
-        option = install.choose(entry, choice)
-        server = install.build_server(self.registry.url, entry, option, server_name,
-                                      body.get("inputs"))
+        server = install.installed(self.registry.url, entry, choice, server_name,
+                                   body.get("inputs"))
         await rails.check_server(self.settings, server)
         try:
             fresh = await self._write(playbook.pk, store.add_server(
@@ -164,14 +162,7 @@ class RegistryRoutes:
             entry = await self.registry.version(source.name, version)
         except RegistryError as error:
             raise registry_failure(error) from None
-        choice = install.same_option(entry, json.loads(source.recipe))
-        if choice is None:
-            raise ValidationFailed({"version": f"{entry.name} {entry.version} no longer offers "
-                                               "what was installed; remove the server and "
-                                               "install it again"})
-        option = install.choose(entry, choice)
-        server = install.build_server(self.registry.url, entry, option, current.name,
-                                      body.get("inputs"), dict(source.inputs), base=current)
+        server = install.updated(self.registry.url, entry, current, body.get("inputs"))
         await rails.check_server(self.settings, server)
         try:
             fresh = await self._write(playbook.pk, store.replace_servers(
