@@ -429,3 +429,57 @@ def test_the_cli_finds_installs_updates_and_removes(start_daemon: StartDaemon,
     assert down.returncode == 1
     assert "the catalogue /nonexistent/catalogue.json cannot be read" in down.stderr
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# --- the Studio -----------------------------------------------------------------------------------
+
+
+def test_the_studio_finds_installs_updates_and_removes(migrated_url: str,
+                                                       registry: Registry) -> None:
+    from tests.studio_client import first_account
+    from tests.test_studio import start_on
+
+    daemon = start_on(migrated_url, REGISTRY_URL=registry.url, REGISTRY_TRUST="any")
+    try:
+        studio = first_account(daemon, OWNER, "correct horse battery")
+        page = studio.post("/studio/playbooks", {"name": "Ref", "description": ""},
+                           csrf=studio.get("/studio/").csrf())
+        assert page.status == 303, page.text
+        page = studio.get("/studio/registry?q=everything&playbook=ref")
+        assert page.status == 200 and page.has(rc.EVERYTHING) and page.has(rc.NEW)
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        page = studio.get(f"/studio/registry/entry?name={rc.EVERYTHING}&playbook=ref")
+        assert page.status == 200 and page.has("Install…")
+        page = studio.get("/studio/registry/entry?name=io.example/container")
+        assert page.has("Cannot be installed: oci (container) packages need a container "
+                        "runtime")
+        page = studio.get(f"/studio/registry/install?into=ref&name={rc.EVERYTHING}"
+                          f"&version={rc.OLD}&choice=package:0")
+        assert page.status == 303
+        form = studio.get(page.location)
+        assert form.status == 200 and form.has('type="password"')  # the secret input
+        fields = {"version": "1", "name": rc.EVERYTHING, "entry_version": rc.OLD,
+                  "choice": "package:0", "server_name": "everything",
+                  "input.env.EVERYTHING_MODE": "busy"}
+        refused = studio.post("/studio/playbooks/ref/servers/from-registry", fields)
+        assert refused.status == 400 and refused.has("inputs.env.EVERYTHING_TOKEN")
+        assert studio.post("/studio/playbooks/ref/servers/from-registry", fields | {
+            "input.env.EVERYTHING_TOKEN": TOKEN}, csrf=form.csrf(), with_csrf=True
+        ).status == 303
+        assert studio.post("/studio/playbooks/ref/servers/from-registry", fields,
+                           csrf="forged").status == 403
+        page = studio.get("/studio/playbooks/ref/servers/everything")
+        assert page.status == 200 and page.has("Update available: ") and page.has(rc.NEW)
+        assert not page.has(TOKEN)
+        updated = studio.post("/studio/playbooks/ref/servers/everything/registry-update",
+                              {"version": "2", "input.env.EVERYTHING_MODE": "calm"},
+                              csrf=page.csrf())
+        assert updated.status == 303, updated.text
+        server = query(migrated_url, "SELECT config::text FROM playbook_servers")[0][0]
+        assert rc.NEW in server and TOKEN not in server and '"calm"' in server
+        page = studio.get("/studio/playbooks/ref/servers/everything/remove")
+        assert studio.post("/studio/playbooks/ref/servers/everything/remove",
+                           {"version": "3"}, csrf=page.csrf()).status == 303
+        assert query(migrated_url, "SELECT count(*) FROM playbook_servers")[0][0] == 0
+    finally:
+        daemon.stop()
