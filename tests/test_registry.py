@@ -371,10 +371,11 @@ def test_a_package_installed_under_trust_is_refused_at_start_once_trust_is_withd
 # --- the command line, from a file catalogue ----------------------------------------------------
 
 
-def director(url: str, catalogue_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def director(url: str, catalogue_url: str, *args: str,
+             **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [DIRECTOR, *args], env=base_environment(DATABASE_URL=url, REGISTRY_URL=catalogue_url,
-                                                REGISTRY_TRUST="any"),
+                                                REGISTRY_TRUST="any", **env),
         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
 
 
@@ -413,6 +414,17 @@ def test_the_cli_finds_installs_updates_and_removes(start_daemon: StartDaemon,
     assert status == 200 and server["registry"]["version"] == rc.OLD
     assert server["env"] == {"EVERYTHING_MODE": "busy",
                              "EVERYTHING_TOKEN": {"secret": True, "value": TOKEN}}
+
+    def runtimes(**env: str) -> dict[str, Any]:
+        checked = director(migrated_url, catalogue_url, "doctor", "--json", **env)
+        return next(r for r in json.loads(checked.stdout)["checks"]
+                    if r["name"] == "registry-runtimes")
+
+    found = runtimes()  # (uvx may be missing: a warning, with REGISTRY_TRUST=any)
+    assert found["status"] in ("ok", "warn") and "npx: /" in found["summary"]
+    missing = runtimes(PATH="/nonexistent")
+    assert missing["status"] == "fail", missing
+    assert missing["summary"].startswith("1 stored servers need npx, which is not on PATH")
 
     updated = director(migrated_url, catalogue_url, "playbooks", "update-server", "ref", "all",
                        "--user", OWNER)
