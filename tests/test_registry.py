@@ -433,6 +433,18 @@ def test_the_cli_finds_installs_updates_and_removes(start_daemon: StartDaemon,
     server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/all", key=owner.key)[2]
     assert server["registry"]["version"] == rc.NEW and server["env"]["EVERYTHING_MODE"] == "busy"
 
+    exported = director(migrated_url, catalogue_url, "playbooks", "export", "ref",
+                        "--user", OWNER)
+    assert exported.returncode == 0 and "type: registry" in exported.stdout
+    document = directory / "ref.yaml"
+    document.write_text(exported.stdout.replace(f"version: {rc.NEW}", f"version: {rc.OLD}"))
+    imported = director(migrated_url, catalogue_url, "playbooks", "import", str(document),
+                        "--user", OWNER)
+    assert imported.returncode == 0, imported.stderr
+    assert "servers changed: all" in imported.stdout
+    server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/all", key=owner.key)[2]
+    assert server["registry"]["version"] == rc.OLD
+
     removed = director(migrated_url, catalogue_url, "playbooks", "remove-server", "ref", "all",
                        "--user", OWNER)
     assert removed.returncode == 0, removed.stderr
@@ -495,3 +507,65 @@ def test_the_studio_finds_installs_updates_and_removes(migrated_url: str,
         assert query(migrated_url, "SELECT count(*) FROM playbook_servers")[0][0] == 0
     finally:
         daemon.stop()
+
+
+# --- playbook documents (YAML) ------------------------------------------------------------------
+
+
+def test_a_registry_server_in_a_document_is_its_provenance_never_its_command(
+        start_daemon: StartDaemon, migrated_url: str) -> None:
+    import yaml
+
+    directory = make_temp_dir("director-test-registry-yaml-")
+    catalogue_url = f"file://{rc.write(directory / 'catalogue.json')}"
+    daemon = start_daemon(DATABASE_URL=migrated_url, REGISTRY_URL=catalogue_url,
+                          REGISTRY_TRUST="any")
+    owner = playbook_of(daemon)
+    assert install_everything(daemon, owner)[0] == 201
+
+    def export() -> str:
+        status, _, text = call(daemon, "GET", "/api/v1/playbooks/ref/export", key=owner.key)
+        assert status == 200
+        return bytes(text).decode()
+
+    def load(document: str) -> tuple[int, Any]:
+        status, _, body = call(daemon, "POST", "/api/v1/playbooks/import",
+                               document.encode(), key=owner.key,
+                               headers={"content-type": "application/yaml"})
+        return status, body
+
+    text = export()
+    document = yaml.safe_load(text)
+    assert document["servers"] == [{"name": "everything", "type": "registry", "registry": {
+        "url": catalogue_url, "name": rc.EVERYTHING, "version": rc.OLD,
+        "inputs": {"env.EVERYTHING_MODE": "calm", "env.EVERYTHING_TOKEN": {"secret": True}}}}]
+    assert "npx" not in text and TOKEN not in text
+    assert load(text) == (200, load(text)[1]) and load(text)[1]["result"] == "unchanged"
+
+    # A newer version is fetched from the registry; the redacted secret is kept.
+    document["servers"][0]["registry"]["version"] = rc.NEW
+    status, body = load(yaml.safe_dump(document))
+    assert (status, body["result"]) == (200, "updated"), body
+    status, _, server = call(daemon, "GET", "/api/v1/playbooks/ref/servers/everything"
+                             "?reveal_secrets=true", key=owner.key)
+    assert server["args"][2] == f"{rc.EVERYTHING_PACKAGE}@{rc.NEW}"
+    assert server["env"]["EVERYTHING_TOKEN"] == {"secret": True, "value": TOKEN}
+
+    # What runs is never the document's: another registry, an unknown version, a command.
+    for change, path, expected in (
+            ({"url": "http://registry.evil.example"}, "servers[0].registry.url",
+             "is not this daemon's REGISTRY_URL"),
+            ({"version": "6.6.6"}, "servers[0].registry.name", "has no version '6.6.6'")):
+        forged = json.loads(json.dumps(document))
+        forged["servers"][0]["name"] = "other"
+        forged["servers"][0]["registry"] |= change
+        forged["servers"][0]["registry"]["inputs"] = {"env.EVERYTHING_TOKEN": "t"}
+        status, body = load(yaml.safe_dump(forged))
+        assert status == 400, body
+        assert expected in body["error"]["details"]["fields"][path], body
+    forged = json.loads(json.dumps(document))
+    forged["servers"][0]["command"] = "/bin/sh"
+    status, body = load(yaml.safe_dump(forged))
+    assert status == 400 and body["error"]["details"]["fields"] == {
+        "servers[0].command": "is not a known field of a registry server"}
+    shutil.rmtree(directory, ignore_errors=True)

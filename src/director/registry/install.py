@@ -460,18 +460,24 @@ def build_server(registry: str, entry: Entry, option: Option, name: str, inputs:
     """The playbook server ``option`` of ``entry`` makes with ``inputs``; ``base`` (an update)
     gives the settings the user chose (name, prefix, tool filters, ...), ``kept`` its inputs."""
     assert option.recipe is not None
-    values = check_inputs(option.recipe, inputs, kept)
-    source = RegistrySource(registry, entry.name, entry.version, recipe_text(option.recipe),
-                            values)
-    derived = materialize(option.recipe, values)
+    return from_recipe(registry, entry.name, entry.version, option.recipe,
+                       base if base is not None else Server(name, "stdio"), inputs, kept)
+
+
+def from_recipe(registry: str, name: str, version: str, recipe: Mapping[str, Any],
+                base: Server, inputs: Any, kept: Mapping[str, SecretValue] | None = None,
+                ) -> Server:
+    """The server ``recipe`` (of entry ``name`` ``version``) makes with ``inputs``, with the
+    name and common settings (prefix, tool filters, ...) of ``base``."""
+    values = check_inputs(recipe, inputs, kept)
+    source = RegistrySource(registry, name, version, recipe_text(recipe), values)
+    derived = materialize(recipe, values)
     if "url" in derived:  # the URL the variables made must still be an http(s) URL
         try:
-            parse_server({"name": name, "type": derived["type"], "url": derived["url"]})
+            parse_server({"name": base.name, "type": derived["type"], "url": derived["url"]})
         except ValidationFailed as problem:
             raise InstallError({"inputs": f"the URL {derived['url'][:200]!r} the inputs make "
                                           f"{problem.fields['url']}"}) from None
-    if base is None:
-        return Server(name=name, registry=source, **derived)
     common = attrs.asdict(base, recurse=False)
     for field in ("command", "args", "env", "cwd", "url", "headers", "registry", "type"):
         common.pop(field)
