@@ -15,8 +15,8 @@ key revoked on one instance: how long until the last of its 100, then 1,000 stre
 is closed) and ``fuzz`` (100,000 generated inputs against one daemon: 5xx answers, error-level
 log lines, RSS before and after; ``bench/fuzz.py``), ``studio`` and ``registry`` (search
 latency cold and cached, install → first ``tools/list``; ``bench/registry.py``). A group
-that fails is reported and the others still run. Everything runs under one ``Reaper`` and in one throwaway directory under
-/tmp (kept only when the run fails, for its logs).
+that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
+one throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
