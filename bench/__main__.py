@@ -13,9 +13,10 @@ upstream, two instances without affinity), ``slow`` (2,000 slow clients: connect
 over time, time until all are closed, RSS, and health latency meanwhile), ``revocation`` (a
 key revoked on one instance: how long until the last of its 100, then 1,000 streams on another
 is closed) and ``fuzz`` (100,000 generated inputs against one daemon: 5xx answers, error-level
-log lines, RSS before and after; ``bench/fuzz.py``). A group that fails is reported and the
-others still run. Everything runs under one ``Reaper`` and in one throwaway directory under
-/tmp (kept only when the run fails, for its logs).
+log lines, RSS before and after; ``bench/fuzz.py``), ``studio`` and ``registry`` (search
+latency cold and cached, install → first ``tools/list``; ``bench/registry.py``). A group
+that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
+one throwaway directory under /tmp (kept only when the run fails, for its logs).
 """
 
 from __future__ import annotations
@@ -215,6 +216,17 @@ def _studio(c: Context) -> list[Figure]:
 
 GROUPS["studio"] = _studio
 
+def _registry(c: Context) -> list[Figure]:
+    """``registry``: search latency cold and cached, install → first tools/list
+    (bench/registry.py)."""
+    from bench.registry import registry_figures
+
+    return registry_figures(c.reaper, c.workdir, c.database.url,
+                            searches=10 if c.quick else 30, installs=2 if c.quick else 5)
+
+
+GROUPS["registry"] = _registry
+
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:
     workdir = _workdir(reaper, keep)
@@ -341,3 +353,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

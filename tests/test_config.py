@@ -39,7 +39,8 @@ def test_defaults_match_the_deployment_guide() -> None:
     assert settings.base_url == "http://localhost:3673"
     assert settings.allowed_origins == ()
     assert settings.telemetry_enabled is False
-    assert settings.registry_url == "https://registry.director.run"
+    assert settings.registry_url == "https://registry.modelcontextprotocol.io"
+    assert settings.registry_trust == "none"
     assert settings.rate_limit_window_seconds == 60
     assert settings.rate_limit_max_requests == 1000
     assert settings.user_rate_limit_window_seconds == 60
@@ -67,6 +68,8 @@ def test_every_variable_is_parsed() -> None:
         "ALLOWED_HOSTS": "lb.internal,10.0.0.5",
         "TELEMETRY_ENABLED": "true",
         "REGISTRY_URL": "https://registry.example.com",
+        "REGISTRY_TRUST": "allowlist",
+        "REGISTRY_ALLOW": "io.github.acme/*, io.example/weather",
         "API_KEY_RATE_LIMIT_WINDOW_SECONDS": "30",
         "API_KEY_RATE_LIMIT_MAX_REQUESTS": "5",
         "USER_RATE_LIMIT_WINDOW_SECONDS": "120",
@@ -148,7 +151,10 @@ def test_base_url_follows_port_when_unset() -> None:
     ("ALLOWED_ORIGINS", "https://x.example.com/path", "which is not an origin"),
     ("ALLOWED_HOSTS", "a b", "which is not a host name"),
     ("TELEMETRY_ENABLED", "ture", "TELEMETRY_ENABLED='ture' is not a boolean; use true or false"),
-    ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) URL"),
+    ("REGISTRY_URL", "registry", "REGISTRY_URL='registry' is not an http(s) or file URL"),
+    ("REGISTRY_URL", "file:relative", "is not a file URL of an absolute path"),
+    ("REGISTRY_TRUST", "some", "REGISTRY_TRUST='some' is not recognised"),
+    ("REGISTRY_ALLOW", "no-slash", "is not a server name or namespace"),
     ("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "-5", "must be greater than 0"),
     ("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1e3", "is not a whole number"),
     ("USER_RATE_LIMIT_WINDOW_SECONDS", "0", "must be greater than 0"),
@@ -199,8 +205,8 @@ def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected
 
 def test_every_variable_has_a_bad_value_test() -> None:
     tested = {"PORT", "HOST", "DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL", "ALLOWED_ORIGINS",
-              "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL",
-              "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
+              "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL", "REGISTRY_TRUST",
+              "REGISTRY_ALLOW", "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               "USER_RATE_LIMIT_WINDOW_SECONDS", "USER_RATE_LIMIT_MAX_REQUESTS",
               "SIGNUP_RATE_LIMIT_PER_HOUR", "TRUSTED_PROXIES",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
@@ -476,3 +482,15 @@ def test_a_broken_env_file_is_one_line_and_exit_78() -> None:
     assert result.returncode == 78
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
     assert result.stderr.strip().endswith("then the value)")
+
+
+def test_an_allowlist_needs_names() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings({"REGISTRY_TRUST": "allowlist"})
+    assert error.value.problems == [
+        "REGISTRY_TRUST=allowlist needs REGISTRY_ALLOW: list the server names or namespaces "
+        "(io.github.acme/*) whose packages may run, or set REGISTRY_TRUST=none"]
+    settings = load_settings({"REGISTRY_TRUST": "allowlist", "REGISTRY_ALLOW": "io.x/*",
+                              "REGISTRY_URL": "file:///etc/director/catalogue.json"})
+    assert settings.registry_allow == ("io.x/*",)
+    assert settings.registry_url == "file:///etc/director/catalogue.json"

@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     from director import playbooks_cli  # likewise
 
     playbooks_cli.add_commands(commands)
+    from director import registry_cli  # likewise
+
+    registry_cli.add_registry_commands(commands)
     from director import doctor  # likewise
 
     doctor.add_commands(commands)

@@ -89,7 +89,10 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     telemetry_enabled: bool = False
     telemetry_url: str = "https://telemetry.director.run/v1/events"
-    registry_url: str = "https://registry.director.run"
+    registry_url: str = "https://registry.modelcontextprotocol.io"
+    registry_trust: str = "none"
+    #: Server names (``io.github.acme/weather``) and namespaces (``io.github.acme/*``).
+    registry_allow: tuple[str, ...] = ()
     rate_limit_window_seconds: int = 60
     rate_limit_max_requests: int = 1000
     user_rate_limit_window_seconds: int = 60
@@ -206,6 +209,40 @@ def _http_url(raw: str) -> str:
     if parts.query or parts.fragment:
         raise _Invalid("has a query or fragment", "remove everything after ? or #")
     return value.rstrip("/")
+
+
+def _registry_url(raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("file:"):
+        parts = urlsplit(value)
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or \
+                parts.query or parts.fragment:
+            raise _Invalid("is not a file URL of an absolute path",
+                           "use file:///etc/director/catalogue.json")
+        return f"file://{parts.path}"
+    try:
+        return _http_url(value)
+    except _Invalid:
+        raise _Invalid("is not an http(s) or file URL",
+                       "use https://registry.modelcontextprotocol.io or "
+                       "file:///etc/director/catalogue.json") from None
+
+
+_REGISTRY_NAME = re.compile(r"[a-zA-Z0-9.-]+/(\*|[a-zA-Z0-9._-]+)")
+
+
+def _registry_names(raw: str) -> tuple[str, ...]:
+    names = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not _REGISTRY_NAME.fullmatch(item):
+            raise _Invalid(f"contains {item!r}, which is not a server name or namespace",
+                           "list names such as io.github.acme/weather or namespaces such as "
+                           "io.github.acme/*, separated by commas")
+        names.append(item)
+    return tuple(names)
 
 
 def _database_url(raw: str) -> str:
@@ -467,8 +504,23 @@ VARIABLES: tuple[Variable, ...] = (
              "Telemetry, lists every field sent.", _boolean, "telemetry_enabled"),
     Variable("TELEMETRY_URL", "https://telemetry.director.run/v1/events",
              "Where anonymous telemetry is sent when enabled.", _http_url, "telemetry_url"),
-    Variable("REGISTRY_URL", "https://registry.director.run", "MCP server registry endpoint.",
-             _http_url, "registry_url"),
+    Variable("REGISTRY_URL", "https://registry.modelcontextprotocol.io",
+             "The MCP Registry servers are found and installed from: an http(s) URL speaking "
+             "the MCP Registry API v0.1 (the official registry by default; the original's "
+             "registry.director.run does not speak it), or file:///path of a catalogue (a JSON "
+             "file shaped like a /v0.1/servers answer, or a directory of server.json files) "
+             "for hosts without internet access or an operator's curated list.",
+             _registry_url, "registry_url"),
+    Variable("REGISTRY_TRUST", "none",
+             "Which registry packages (npm, PyPI: code run on this host) may be installed and "
+             "started without DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS: none, allowlist "
+             "(the names in REGISTRY_ALLOW) or any (every package entry of REGISTRY_URL). "
+             "Remote (https) entries are allowed like any https server.",
+             _one_of(("none", "allowlist", "any")), "registry_trust"),
+    Variable("REGISTRY_ALLOW", "",
+             "With REGISTRY_TRUST=allowlist: comma-separated server names "
+             "(io.github.acme/weather) or namespaces (io.github.acme/*) whose packages may "
+             "run.", _registry_names, "registry_allow"),
     Variable("API_KEY_RATE_LIMIT_WINDOW_SECONDS", "60", "Rate-limit window per API key.",
              _positive_int, "rate_limit_window_seconds"),
     Variable("API_KEY_RATE_LIMIT_MAX_REQUESTS", "1000", "Requests allowed per key per window.",
@@ -651,6 +703,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             "tunnel), or set METRICS_ALLOW_PUBLIC=true if a firewall guards it"
         )
 
+    if values.get("registry_trust") == "allowlist" and not values.get("registry_allow"):
+        problems.append("REGISTRY_TRUST=allowlist needs REGISTRY_ALLOW: list the server names "
+                        "or namespaces (io.github.acme/*) whose packages may run, or set "
+                        "REGISTRY_TRUST=none")
+
     environment = values.get("environment", "development")
     if environment not in FLAG_ENVIRONMENTS:
         where = "in production" if environment == "production" else \
@@ -734,6 +791,9 @@ def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]
         lines.append("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS is on: every account can make "
                      "the daemon connect over plain http and to loopback, link-local and "
                      "private addresses (this host's and its network's services)")
+    if settings.registry_trust == "any":
+        lines.append(f"REGISTRY_TRUST=any: every account can install and run on this host any "
+                     f"package that {settings.registry_url} lists")
     if settings.enable_seeding:
         lines.append(f"DANGEROUSLY_ENABLE_SEEDING is on: `director seed` creates "
                      f"{settings.seed_user_email} with a known password")

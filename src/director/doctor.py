@@ -14,7 +14,8 @@ for the duration), but never creates one.
 
 The checks, in order: the environment file, the configuration, the secret, the database (reach,
 schema, whether the stored secret values open with the secret, which stored servers the
-configuration refuses to run, LISTEN/NOTIFY through the configured URL), the port,
+configuration refuses to run, whether the runtimes of registry packages — npx, uvx — are
+there, LISTEN/NOTIFY through the configured URL), the port,
 ``BASE_URL``, the state directory, the PostgreSQL tools (server binaries for the private
 cluster, ``pg_dump`` for backups) and Twisted's plugin cache.
 """
@@ -496,7 +497,7 @@ def check_stored_secrets(dsn: str, settings: Settings) -> Result:
     name = "stored-secrets"
     sealed = [(f"{email} {playbook}/{server} {key}", item["sealed"], key)
               for email, playbook, server, _, config, _ in _stored_servers(dsn)
-              for field in ("env", "headers")
+              for field in ("env", "headers", "inputs")  # inputs: of a registry server
               for key, item in (config.get(field) or {}).items()
               if isinstance(item, dict) and "sealed" in item]
     if not sealed:
@@ -540,14 +541,13 @@ def check_refused_servers(dsn: str, settings: Settings) -> Result:
     """Stored servers that the current configuration refuses to run (the security rails,
     applied when an upstream starts): typically stdio or http:// servers added while a
     DANGEROUSLY_* flag was on. The daemon leaves them out; their owners should know."""
-    from director.playbooks.model import Server
     from director.playbooks.rails import refusal
 
     name = "refused-servers"
     rows = _stored_servers(dsn)
     refused = []
     for email, playbook, server, kind, config, disabled in rows:
-        why = refusal(settings, Server(server, kind, url=config.get("url")))
+        why = refusal(settings, _server_of(server, kind, config))
         if why is not None:
             refused.append(f"playbook {playbook} ({email}) server {server}"
                            f"{' (disabled)' if disabled else ''}: {why.reason}")
@@ -562,9 +562,57 @@ def check_refused_servers(dsn: str, settings: Settings) -> Result:
                   tuple(refused))
 
 
+def _server_of(name: str, kind: str, config: dict[str, Any]) -> Any:
+    """What the rails need of a stored server, without opening its secrets: a registry
+    server's provenance, and its URL made from the inputs that are not secret."""
+    from director.playbooks.model import RegistrySource, SecretValue, Server
+    from director.registry.install import materialize
+
+    stored = config.get("registry")
+    if stored is None:
+        return Server(name, kind, url=config.get("url"))
+    plain = tuple((key, SecretValue(item["value"]))
+                  for key, item in (config.get("inputs") or {}).items() if "value" in item)
+    source = RegistrySource(stored["registry"], stored["name"], stored["version"],
+                            stored["recipe"], plain)
+    derived = materialize(json.loads(source.recipe), plain)
+    return Server(name, kind, url=derived.get("url"), registry=source)
+
+
+def check_registry_runtimes(dsn: str, settings: Settings) -> Result:
+    """npx and uvx, which registry packages run with: present where stored servers (or the
+    trust setting) need them."""
+    from director.registry.install import RUNTIMES
+
+    name = "registry-runtimes"
+    needed: Counter[str] = Counter()
+    for _, _, _, _, config, _ in _stored_servers(dsn):
+        recipe = json.loads((config.get("registry") or {}).get("recipe") or "{}")
+        if recipe.get("kind") in RUNTIMES:
+            needed[RUNTIMES[recipe["kind"]]] += 1
+    found = {runtime: shutil.which(runtime) for runtime in RUNTIMES.values()}
+    said = "; ".join(f"{runtime}: {path or 'not found'}" for runtime, path in found.items())
+    packages_allowed = settings.registry_trust != "none" or \
+        settings.allow_arbitrary_stdio_servers
+    missing_stored = [f"{count} stored servers need {runtime}, which is not on PATH"
+                      for runtime, count in needed.items() if found[runtime] is None]
+    if missing_stored:
+        return Result(name, FAIL, "; ".join(missing_stored) + " (they fail at every start)",
+                      "install Node.js (npx: apt install npm) or uv (uvx: pipx install uv) "
+                      "where the daemon's PATH finds it", (said,))
+    missing = [runtime for runtime, path in found.items() if path is None]
+    if packages_allowed and missing:
+        return Result(name, WARN, f"{said}: registry packages run with "
+                                  f"{' and '.join(missing)} cannot start",
+                      "install Node.js (npx: apt install npm) or uv (uvx: pipx install uv) if "
+                      "the registry's npm or PyPI servers are to run here")
+    return Result(name, OK, said)
+
+
 def check_database(settings: Settings) -> tuple[list[Result], int | None]:
     """Reach, schema and LISTEN/NOTIFY, and the server's version (``server_version_num``)."""
-    names = ("database", "schema", "stored-secrets", "refused-servers", "listen-notify")
+    names = ("database", "schema", "stored-secrets", "refused-servers", "registry-runtimes",
+             "listen-notify")
     if settings.embedded_database:
         from director.db.embedded import EmbeddedPostgres
 
@@ -584,7 +632,8 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
             servers = [_servers_check(name, check, dsn, settings) if schema.status == OK
                        else Result(name, SKIP, "the schema is not current")
                        for name, check in (("stored-secrets", check_stored_secrets),
-                                           ("refused-servers", check_refused_servers))]
+                                           ("refused-servers", check_refused_servers),
+                                           ("registry-runtimes", check_registry_runtimes))]
             return [reach, schema, *servers, check_listen_notify(dsn)], version
     except cli.CommandError as error:
         return [Result("database", FAIL, f"the private cluster did not start: {error}",
@@ -864,7 +913,8 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
     results.append(check_secret(environment.values, settings))
     server_version: int | None = None
     if settings is None:
-        skipped = ("database", "schema", "stored-secrets", "refused-servers", "listen-notify",
+        skipped = ("database", "schema", "stored-secrets", "refused-servers",
+                   "registry-runtimes", "listen-notify",
                    "port", "base-url", "state-directory", "postgres-binaries")
         results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
     else:

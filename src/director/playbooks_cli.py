@@ -71,6 +71,27 @@ def check_rails_sync(settings: Settings, parsed: ParsedPlaybook) -> None:
         raise parsed.invalid(problems)
 
 
+def _with_registry(settings: Settings, parsed: ParsedPlaybook,
+                   existing: Playbook | None) -> ParsedPlaybook:
+    """Registry servers made whole from REGISTRY_URL's entries (or the stored ones)."""
+    from director.registry.client import RegistryError
+    from director.registry_cli import with_registry
+
+    wanted = parsed.registry_lookups(existing)
+
+    async def fetch(client: Any) -> dict[tuple[str, str], Any]:
+        entries: dict[tuple[str, str], Any] = {}
+        for name, version in wanted:
+            try:
+                entries[(name, version)] = await client.version(name, version)
+            except RegistryError as error:
+                entries[(name, version)] = str(error)
+        return entries
+
+    entries = with_registry(settings.registry_url, fetch) if wanted else {}
+    return parsed.with_registry(existing, settings.registry_url, entries)
+
+
 # --- plumbing --------------------------------------------------------------------------------
 
 
@@ -239,6 +260,7 @@ def cmd_import(arguments: argparse.Namespace) -> int:
         user, existing = _lookup(connection, email, box, parsed.id)
         try:
             parsed = parsed.with_stored_secrets(existing)
+            parsed = _with_registry(settings, parsed, existing)
             check_rails_sync(settings, parsed)
         except documents.DocumentInvalid as invalid:
             return _report_invalid(source, invalid)
@@ -357,3 +379,7 @@ def add_commands(commands: Any) -> None:
                               f"{MAX_HISTORY_LIMIT})")
     _json_flag(history)
     history.set_defaults(handler=cmd_history)
+
+    from director import registry_cli  # imports this module: registered once both are loaded
+
+    registry_cli.add_playbook_commands(actions)

@@ -50,6 +50,7 @@ from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
+from director.registry.client import RegistryClient
 from director.studio.routes import Studio
 from director.web.app import DirectorApp
 from director.web.auth import Authenticator
@@ -126,8 +127,9 @@ class DirectorService(MultiService):
             self.metrics.register(ServiceCollector(self.mcp, self.database, self.accounts,
                                                    self.playbooks))
             self.playbooks.subscribe(self.metrics.playbook_changed)
+        self.registry = RegistryClient(settings.registry_url, reactor)
         api_v1 = ApiV1(settings, self.database, self.authenticator, self.playbooks,
-                       self.secret_box)
+                       self.secret_box, self.registry)
         self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
                              self.mcp, api_v1, self.auth_secret, reactor)
         self.web = DirectorApp(
@@ -392,6 +394,7 @@ class DirectorService(MultiService):
         await self.mcp.stop()
         await self._drain_connections()
         await self.http_pool.closeCachedConnections()
+        await self.registry.close()
         self.rate_limiter.stop()
         self.database.stop()
         if self.postmaster_watch is not None:

@@ -25,6 +25,13 @@ The schema (version 1)::
         exclude: [c]                # default none
         expose_prompts: false       # default false
         timeout_seconds: 60.0       # default 60 (0 < t <= 3600)
+      - name: weather               # a server installed from the registry: its provenance
+        type: registry              # and inputs, never its command (director.registry.
+        registry:                   # documents: importing takes what runs from the
+          url: https://registry.modelcontextprotocol.io   # registry's own entry)
+          name: io.github.acme/weather
+          version: 1.2.0
+          inputs: {env.API_KEY: {secret: true}}
     prompts:                        # optional, default none
       - name: review                # required
         title: ...                  # default ""
@@ -69,6 +76,7 @@ from director.db.interactions import Interaction
 from director.playbooks import model, store
 from director.playbooks.model import PlaybookFields, Prompt, SecretValue, Server
 from director.playbooks.store import Playbook
+from director.registry import documents as registry_documents
 
 DOCUMENT_VERSION = 1
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -364,6 +372,9 @@ class ParsedPlaybook:
     prompts: tuple[Prompt, ...] = ()
     redacted: tuple[RedactedSecret, ...] = ()
     locator: _Locator = attrs.field(factory=_Locator, eq=False, repr=False)
+    #: Registry servers' ``choice`` by server name (used when they are fetched anew).
+    registry_choices: Mapping[str, str | None] = attrs.field(factory=dict, eq=False,
+                                                             repr=False)
 
     @property
     def name(self) -> str:
@@ -399,7 +410,7 @@ class ParsedPlaybook:
         filled: dict[tuple[str, str, str], str] = {}
         for secret in self.redacted:
             stored = existing.server(secret.server) if existing is not None else None
-            value = dict(getattr(stored, secret.field, ())).get(secret.key) \
+            value = dict(_secret_items(stored, secret.field)).get(secret.key) \
                 if stored is not None else None
             if value is None:
                 why = (f"no playbook {self.id!r} exists yet" if existing is None
@@ -419,9 +430,42 @@ class ParsedPlaybook:
                           if (server.name, field, key) in filled else item)
                          for key, item in getattr(server, field))
 
-        servers = tuple(attrs.evolve(s, env=fill(s, "env"), headers=fill(s, "headers"))
+        servers = tuple(attrs.evolve(s, env=fill(s, "env"), headers=fill(s, "headers"),
+                                     registry=None if s.registry is None else attrs.evolve(
+                                         s.registry, inputs=tuple(
+                                             (key, SecretValue(filled[(s.name, "inputs", key)],
+                                                               True)
+                                              if (s.name, "inputs", key) in filled else item)
+                                             for key, item in s.registry.inputs)))
                         for s in self.servers)
         return attrs.evolve(self, servers=servers, redacted=())
+
+    def registry_lookups(self, existing: Playbook | None) -> list[tuple[str, str]]:
+        """The registry entries ``(name, version)`` to fetch before ``with_registry``."""
+        return registry_documents.lookups(self.servers, existing)
+
+    def with_registry(self, existing: Playbook | None, registry_url: str,
+                      entries: Mapping[tuple[str, str], Any]) -> ParsedPlaybook:
+        """Registry servers made whole (``director.registry.documents.resolve``): after
+        ``with_stored_secrets``, with the entries ``registry_lookups`` named (an ``Entry``,
+        or the text of why the registry could not give it)."""
+        if not registry_documents.unresolved(self.servers):
+            return self
+        try:
+            servers = registry_documents.resolve(self.servers, self.registry_choices,
+                                                 existing, registry_url, entries,
+                                                 self.server_path)
+        except ValidationFailed as failed:
+            raise self.invalid(failed.fields) from None
+        return attrs.evolve(self, servers=servers)
+
+
+def _secret_items(server: Server, field: str) -> tuple[tuple[str, SecretValue], ...]:
+    """A stored server's env or headers, or (``inputs``) its registry inputs."""
+    if field == "inputs":
+        return server.registry.inputs if server.registry is not None else ()
+    items: tuple[tuple[str, SecretValue], ...] = getattr(server, field, ())
+    return items
 
 
 def _known(body: Mapping[str, Any], allowed: Sequence[str], path: str,
@@ -468,11 +512,22 @@ def _strict_names(server: Server, path: str, problems: dict[str, str]) -> None:
 
 
 def _server(item: Any, index: int, problems: dict[str, str],
-            redacted: list[RedactedSecret]) -> Server | None:
+            redacted: list[RedactedSecret], choices: dict[str, str | None]) -> Server | None:
     path = ParsedPlaybook.server_path(index)
     if not isinstance(item, dict):
         problems[path.rstrip(".")] = "must be a mapping (a server)"
         return None
+    if item.get("type") == "registry":
+        try:
+            server, choice, hidden = registry_documents.parse_server(
+                {key: value for key, value in item.items() if value is not None}, path)
+        except ValidationFailed as failed:
+            problems.update(failed.fields)
+            return None
+        choices[server.name] = choice
+        redacted.extend(RedactedSecret(server.name, "inputs", key, where)
+                        for key, where in hidden)
+        return server
     body = _known(item, SERVER_FIELDS, path.rstrip("."), problems)
     found: list[RedactedSecret] = []
     for field in ("env", "headers"):
@@ -563,7 +618,8 @@ def parse_document(document: str | bytes) -> ParsedPlaybook:
         _attempt(problems, model.playbook_id_from, body, "-")
 
     redacted: list[RedactedSecret] = []
-    servers = [_server(item, index, problems, redacted)
+    choices: dict[str, str | None] = {}
+    servers = [_server(item, index, problems, redacted, choices)
                for index, item in enumerate(_list(top, "servers", MAX_SERVERS, problems))]
     prompts = [_prompt(item, index, problems)
                for index, item in enumerate(_list(top, "prompts", MAX_PROMPTS, problems))]
@@ -573,7 +629,8 @@ def parse_document(document: str | bytes) -> ParsedPlaybook:
         raise locator.invalid(problems)
     assert fields is not None and playbook_id is not None
     return ParsedPlaybook(playbook_id, fields, tuple(s for s in servers if s is not None),
-                          tuple(p for p in prompts if p is not None), tuple(redacted), locator)
+                          tuple(p for p in prompts if p is not None), tuple(redacted), locator,
+                          choices)
 
 
 # --- exporting ------------------------------------------------------------------------------
@@ -609,7 +666,12 @@ def _secret_map(items: tuple[tuple[str, SecretValue], ...], include_secrets: boo
 
 def _server_data(server: Server, include_secrets: bool) -> dict[str, Any]:
     data: dict[str, Any] = {"name": server.name, "type": server.type}
-    if server.type == "stdio":
+    if server.registry is not None:  # its provenance, never the command it derives
+        data = {"name": server.name, "type": "registry",
+                "registry": registry_documents.server_data(server, include_secrets)}
+        if server.isolate_sessions:
+            data["isolate_sessions"] = True
+    elif server.type == "stdio":
         data["command"] = server.command
         if server.args:
             data["args"] = list(server.args)
@@ -750,6 +812,7 @@ def import_playbook(box: SecretBox, user_id: UUID, parsed: ParsedPlaybook,
     playbook changed, created or deleted meanwhile raises ``store.VersionConflict``,
     ``store.Duplicate`` or ``store.NoSuchPlaybook``, and nothing is written."""
     assert not parsed.redacted, "fill redacted secrets first (with_stored_secrets)"
+    assert not registry_documents.unresolved(parsed.servers), "resolve first (with_registry)"
     pk = yield from store.find_pk(user_id, parsed.id)
     if expected_version is None:
         if pk is not None:
@@ -856,6 +919,7 @@ JSON_SCHEMA: dict[str, Any] = {
              "properties": {"type": {"enum": ["http", "sse"]}, **_COMMON_SERVER, **_HTTP_ONLY,
                             **dict.fromkeys(_STDIO_ONLY, _NULL)},
              **_NOT_BOTH},
+            {**registry_documents.json_schema(_COMMON_SERVER), **_NOT_BOTH},
         ]}}),
         "prompts": _nullable({"type": "array", "maxItems": MAX_PROMPTS, "items": {
             "type": "object", "additionalProperties": False, "required": ["name", "body"],

@@ -38,6 +38,26 @@ class SecretValue:
 
 
 @attrs.frozen
+class RegistrySource:
+    """Where a server installed from an MCP Registry comes from, and the user's inputs.
+
+    Only ``director.registry`` makes one (from an entry it fetched itself); no request body
+    or document can hold one. The server's command, arguments, environment, URL and headers
+    are computed from ``recipe`` and ``inputs`` (``director.registry.install.materialize``).
+    """
+
+    #: The ``REGISTRY_URL`` it was installed from.
+    registry: str
+    #: The entry's name (``io.github.acme/weather``) and version.
+    name: str
+    version: str
+    #: The option installed, normalised (``install.recipe_text``: canonical JSON).
+    recipe: str
+    #: Field id → value (``env.API_KEY``, ``arg.path``, ...); secret ones sealed at rest.
+    inputs: tuple[tuple[str, SecretValue], ...] = ()
+
+
+@attrs.frozen
 class Server:
     name: str
     type: str
@@ -54,6 +74,9 @@ class Server:
     expose_prompts: bool = False
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     isolate_sessions: bool = False
+    #: Set for a server installed from a registry (its command, args, env, url and headers
+    #: are then derived from it, never written directly).
+    registry: RegistrySource | None = None
 
 
 @attrs.frozen
@@ -106,6 +129,11 @@ def _name(value: Any, path: str) -> str:
         raise ValidationFailed({path: "must be 1-64 letters, digits, '.', '_' or '-', starting "
                                       "with a letter or digit"})
     return value
+
+
+def server_name(value: Any, path: str) -> str:
+    """A server's name (the rule ``parse_server`` applies), or ValidationFailed at ``path``."""
+    return _name(value, path)
 
 
 def _bool(value: Any, path: str) -> bool:
@@ -225,6 +253,10 @@ SERVER_FIELDS = {"name", "type", "command", "args", "env", "cwd", "url", "header
                  "isolate_sessions"}
 
 
+#: What a registry server's recipe and inputs decide: never edited directly.
+REGISTRY_DERIVED = {"command", "args", "env", "cwd", "url", "headers"}
+
+
 def parse_server(body: Mapping[str, Any], base: Server | None = None, path: str = "") -> Server:
     """A whole server (``base`` None) or ``base`` with ``body``'s fields changed."""
     if not isinstance(body, Mapping):
@@ -232,6 +264,12 @@ def parse_server(body: Mapping[str, Any], base: Server | None = None, path: str 
     reject_unknown(body, SERVER_FIELDS, path)
     values: dict[str, Any] = attrs.asdict(base, recurse=False) if base is not None else {}
     server_type = body.get("type", values.get("type"))
+    if base is not None and base.registry is not None:
+        derived = sorted(REGISTRY_DERIVED & {key for key in body if body[key] is not None})
+        if derived:
+            raise ValidationFailed({f"{path}{key}": (
+                f"comes from the registry entry {base.registry.name} {base.registry.version}; "
+                "change its inputs by updating it from the registry") for key in derived})
     if base is not None and "type" in body and body["type"] != base.type:
         raise ValidationFailed({f"{path}type": "cannot change; remove the server and add it "
                                                "again"})
@@ -397,7 +435,15 @@ def server_json(server: Server, reveal_secrets: bool = False) -> dict[str, Any]:
              "exclude": list(server.exclude) if server.exclude is not None else None,
              "expose_prompts": server.expose_prompts,
              "timeout_seconds": server.timeout_seconds}
+    if server.registry is not None:
+        data["registry"] = registry_json(server.registry, reveal_secrets)
     return data
+
+
+def registry_json(source: RegistrySource, reveal_secrets: bool = False) -> dict[str, Any]:
+    """A registry server's provenance and inputs, as the API shows them."""
+    return {"registry": source.registry, "name": source.name, "version": source.version,
+            "inputs": _render_map(source.inputs, reveal_secrets)}
 
 
 def prompt_json(prompt: Prompt) -> dict[str, Any]:

@@ -12,7 +12,11 @@ force at that moment:
 The rules:
 
 * stdio servers run arbitrary commands on this host: refused unless
-  ``DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS`` is set;
+  ``DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS`` is set — except a server installed from the
+  registry as a package, which runs when the trust setting allows its name
+  (``director.registry.trust``). Its command is not the user's: it is derived, at every load,
+  from the provenance only the registry code writes (``model.RegistrySource``,
+  ``director.registry.install``), so a user cannot pass an arbitrary command off as one;
 * HTTP servers must be ``https`` and named by a host name — unless
   ``DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS`` is set. The name rules (``name_refusal``) refuse,
   whatever they resolve to, IP addresses in any spelling (``127.1``, ``0x7f.1``,
@@ -44,6 +48,7 @@ from twisted.internet import threads
 from director.accounts.validation import ValidationFailed
 from director.config import Settings
 from director.playbooks.model import Server
+from director.registry import trust
 
 STDIO_FLAG = "DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS"
 INSECURE_FLAG = "DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS"
@@ -157,11 +162,13 @@ class Refusal:
     what: str
     #: The write path's message: why, and how an operator may allow it.
     explanation: str
+    #: What the operator would set (default: the flag, true).
+    remedy: str = ""
 
     @property
     def reason(self) -> str:
         """The status and log wording, the same on every instance."""
-        return f"refused by configuration: {self.what} need {self.flag}=true"
+        return f"refused by configuration: {self.what} need {self.remedy or self.flag + '=true'}"
 
 
 def refusal(settings: Settings, server: Server) -> Refusal | None:
@@ -169,6 +176,12 @@ def refusal(settings: Settings, server: Server) -> Refusal | None:
     if server.type == "stdio":
         if settings.allow_arbitrary_stdio_servers:
             return None
+        if server.registry is not None:  # its command is derived from the provenance
+            refused = trust.package_refusal(settings, server.registry)
+            if refused is None:
+                return None
+            what, remedy, explanation = refused
+            return Refusal("REGISTRY_TRUST", "registry", what, explanation, remedy)
         return Refusal(STDIO_FLAG, "type", "stdio servers", (
             f"stdio servers run commands on the gateway host and are disabled; an operator "
             f"can allow them with {STDIO_FLAG}=true (never in production)"))

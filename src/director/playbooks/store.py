@@ -23,9 +23,11 @@ from director.playbooks.model import (
     PlaybookFields,
     Prompt,
     PromptArgument,
+    RegistrySource,
     SecretValue,
     Server,
 )
+from director.registry.install import materialize
 
 
 class NoSuchPlaybook(Exception):
@@ -90,6 +92,11 @@ def _open_map(box: SecretBox, stored: dict[str, Any]) -> tuple[tuple[str, Secret
 
 
 def _server_config(box: SecretBox, server: Server) -> str:
+    source = server.registry
+    if source is not None:  # the provenance and inputs only: the rest is derived at load
+        return json.dumps({"registry": {"registry": source.registry, "name": source.name,
+                                        "version": source.version, "recipe": source.recipe},
+                           "inputs": _seal_map(box, source.inputs)})
     if server.type == "stdio":
         config = {"command": server.command, "args": list(server.args),
                   "env": _seal_map(box, server.env), "cwd": server.cwd}
@@ -105,6 +112,13 @@ def _server(box: SecretBox, row: tuple[Any, ...]) -> Server:
               "include": tuple(include) if include is not None else None,
               "exclude": tuple(exclude) if exclude is not None else None,
               "expose_prompts": expose_prompts, "timeout_seconds": timeout}
+    if "registry" in config:
+        stored = config["registry"]
+        source = RegistrySource(stored["registry"], stored["name"], stored["version"],
+                                stored["recipe"], _open_map(box, config.get("inputs", {})))
+        derived = materialize(json.loads(source.recipe), source.inputs)
+        return Server(registry=source, **(common | derived),
+                      **({"isolate_sessions": isolate} if kind == "stdio" else {}))
     if kind == "stdio":
         return Server(command=config["command"], args=tuple(config.get("args", ())),
                       env=_open_map(box, config.get("env", {})), cwd=config.get("cwd"),

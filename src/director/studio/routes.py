@@ -26,6 +26,7 @@ from director.studio.pages.connect import ConnectPages
 from director.studio.pages.playbook import PlaybookPages
 from director.studio.pages.playbooks import PlaybookListPages
 from director.studio.pages.prompts import PromptPages
+from director.studio.pages.registry import RegistryPages
 from director.studio.pages.tools import ToolPages
 from director.studio.workbench import Workbench
 from director.web.auth import Authenticator
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 log = Logger(namespace="studio")
 
 
-class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages,
-             ConnectPages, AccountPages):
+class Studio(AuthPages, PlaybookListPages, RegistryPages, PlaybookPages, ToolPages,
+             PromptPages, ConnectPages, AccountPages):
     app = studio
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,

@@ -466,10 +466,12 @@ def _playbook_paths() -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     """The whole document: the paths below plus those of the YAML routes."""
+    from director.web import registry_openapi
     from director.web.playbooks_yaml_api import OPENAPI_PATHS
 
     described = _document()
     described["paths"] |= OPENAPI_PATHS
+    registry_openapi.extend(described)
     return described
 
 

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 
 from director.playbooks import documents, rails, store
 from director.playbooks.documents import DocumentInvalid, DocumentTooLarge, ParsedPlaybook
+from director.registry.client import RegistryClient, RegistryError
 from director.web.api import api
 from director.web.errors import ApiError, Conflict, UnsupportedMediaType, write_json
 from director.web.playbooks_api import PlaybookRoutes, _flag
@@ -58,6 +59,8 @@ def _refusal(invalid: DocumentInvalid) -> ApiError:
 class PlaybookYamlRoutes(PlaybookRoutes):
     """Routes for playbook documents; reuses the playbook routes' lookups and rendering."""
 
+    registry: RegistryClient
+
     @api.route("/playbooks/<playbook_id>/export", methods=["GET"])
     async def export_playbook(self, request: Request, playbook_id: str) -> bytes:
         principal = await self.auth.authenticate(request)
@@ -72,6 +75,16 @@ class PlaybookYamlRoutes(PlaybookRoutes):
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"etag", f'"{playbook.version}"'.encode())
         return text.encode("utf-8")
+
+    async def _with_registry(self, parsed: ParsedPlaybook, existing: Any) -> ParsedPlaybook:
+        """Registry servers made whole from REGISTRY_URL's entries (or the stored ones)."""
+        entries: dict[tuple[str, str], Any] = {}
+        for name, version in parsed.registry_lookups(existing):
+            try:
+                entries[(name, version)] = await self.registry.version(name, version)
+            except RegistryError as error:
+                entries[(name, version)] = str(error)
+        return parsed.with_registry(existing, self.registry.url, entries)
 
     async def _check_rails(self, parsed: ParsedPlaybook) -> None:
         """Every server against the rails at once; all refusals reported together."""
@@ -100,6 +113,7 @@ class PlaybookYamlRoutes(PlaybookRoutes):
             parsed = await threads.deferToThread(documents.parse_document, raw)
             existing = self.playbooks.get(user_id, parsed.id)
             parsed = parsed.with_stored_secrets(existing)
+            parsed = await self._with_registry(parsed, existing)
             await self._check_rails(parsed)
         except DocumentInvalid as invalid:
             raise _refusal(invalid) from None

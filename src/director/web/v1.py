@@ -13,25 +13,29 @@ from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
 from director.playbooks.cache import PlaybookCache
+from director.registry.client import RegistryClient
 from director.web.accounts_api import AccountRoutes
 from director.web.api import api
 from director.web.auth import Authenticator
 from director.web.openapi import OpenApiRoutes
 from director.web.playbooks_api import PlaybookRoutes
 from director.web.playbooks_yaml_api import PlaybookYamlRoutes
+from director.web.registry_api import RegistryRoutes
 
 
-class ApiV1(AccountRoutes, PlaybookYamlRoutes, PlaybookRoutes, OpenApiRoutes):
+class ApiV1(AccountRoutes, PlaybookYamlRoutes, RegistryRoutes, PlaybookRoutes, OpenApiRoutes):
     app = api
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
-                 playbooks: PlaybookCache, box: SecretBox) -> None:
+                 playbooks: PlaybookCache, box: SecretBox,
+                 registry: RegistryClient) -> None:
         self.settings = settings
         self.database = database
         self.auth = auth
         self.playbooks = playbooks
         self.box = box
         self.throttle = LoginThrottle()
+        self.registry = registry  # REGISTRY_URL's client
 
     def resource(self) -> Any:
         return self.app.resource()

@@ -9,6 +9,7 @@ NOTICES = {
     "deleted": "Playbook deleted.",
     "server-added": "Server added. Its tools appear below once it has started.",
     "server-saved": "Server saved.",
+    "server-updated": "Server updated from the registry.",
     "server-removed": "Server removed.",
     "restarted": "Server restarting.",
     "tools-saved": "Tool settings saved.",

@@ -105,6 +105,9 @@ def schema_summary(schema: Any) -> Tag | str:
 
 
 class PlaybookPages(StudioBase):
+    #: (``pages.registry.RegistryPages``: a registry server's page)
+    registry_server_page: Any
+
     # --- the page -------------------------------------------------------------------------
 
     @app.route("/playbooks/<playbook_id>", methods=["GET"])
@@ -173,7 +176,9 @@ class PlaybookPages(StudioBase):
             "No server yet. Add a local command (stdio) or a remote MCP server (HTTP).")
         return tags.section(
             tags.div(tags.h2("Servers", id="servers-title"),
-                     tags.div(tags.a("Add a stdio server", href=self.playbook_url(
+                     tags.div(tags.a("Find a server", href="/studio/registry?playbook="
+                                     + playbook.id, class_="button"),
+                              tags.a("Add a stdio server", href=self.playbook_url(
                          playbook, "servers", "new") + "?type=stdio", class_="button secondary"),
                               tags.a("Add an HTTP server", href=self.playbook_url(
                                   playbook, "servers", "new") + "?type=http",
@@ -381,6 +386,8 @@ class PlaybookPages(StudioBase):
         viewer = await self.viewer(request)
         playbook = self.owned(viewer, playbook_id)
         server = self._server(playbook, name)
+        if server.registry is not None:  # (pages/registry.py: its fields are the entry's)
+            return await self.registry_server_page(request, viewer, playbook, server)
         return self._server_form(request, viewer, playbook, server.type, server)
 
     @app.route("/playbooks/<playbook_id>/servers/<name>", methods=["POST"])

@@ -83,6 +83,7 @@ def _write(node: Any, out: list[str]) -> None:
 def _nav(chrome: Chrome) -> Tag:
     links: list[Any] = []
     for section, href, label in (("playbooks", "/studio/", "Playbooks"),
+                                 ("registry", "/studio/registry", "Find a server"),
                                  ("import", "/studio/import", "Import"),
                                  ("account", "/studio/account", "Account")):
         link = tags.a(label, href=href)

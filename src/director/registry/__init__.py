@@ -1,0 +1,3 @@
+"""MCP Registry: finding servers in a registry (``client``), the registry's documents as values
+(``catalogue``), turning an entry into a playbook server (``install``) and what the operator
+trusts (``trust``)."""
