@@ -21,7 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -447,8 +447,8 @@ def start_with_stdio(box: Box) -> str:
 def test_stdio_upstream_runs_under_the_hardening_and_dies_with_the_unit(director: Box) -> None:
     box = director
     cursor = start_with_stdio(box)
-    client = Client(box, [{"name": "reference", "type": "stdio", "command": box.python,
-                           "args": [str(REFERENCE_INSIDE)]}])
+    client = Client(box.port, [{"name": "reference", "type": "stdio", "command": box.python,
+                                "args": [str(REFERENCE_INSIDE)]}])
     answer = client.call("echo", {"text": "hardened"})
     assert answer.get("result", {}).get("content", [{}])[0].get("text") == "hardened", \
         str(answer) + diagnostics(box)
@@ -480,34 +480,36 @@ def wait_for(condition: Any, timeout: float = 10.0) -> bool:
 
 
 class Client:
-    """A signed-up user's playbook and one MCP session on it (raw HTTP)."""
+    """A signed-up user's playbook and one MCP session on it (raw HTTP to ``port``);
+    ``diagnose()`` says what the daemon did when an answer is not the one expected."""
 
-    def __init__(self, box: Box, servers: list[dict[str, Any]]) -> None:
-        self.box = box
-        status, _, body = request(box.port, "POST", "/api/v1/auth/signup",
+    def __init__(self, port: int, servers: list[dict[str, Any]],
+                 diagnose: Callable[[], str] = str) -> None:
+        self.port = port
+        self.diagnose = diagnose
+        status, _, body = request(port, "POST", "/api/v1/auth/signup",
                                   {"email": "ops@example.com",
                                    "password": "correct horse battery"})
         assert status == 201, body
         key = json.loads(body)["api_key"]["key"]
         auth = {"x-api-key": key}
-        assert request(box.port, "POST", "/api/v1/playbooks", {"name": "Box"}, auth)[0] == 201
+        assert request(port, "POST", "/api/v1/playbooks", {"name": "Box"}, auth)[0] == 201
         for server in servers:
-            status, _, body = request(box.port, "POST", "/api/v1/playbooks/box/servers",
+            status, _, body = request(port, "POST", "/api/v1/playbooks/box/servers",
                                       server, auth)
             assert status == 201, body
         self.headers = {"accept": ACCEPT, "x-api-key": key}
         init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                 "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                            "clientInfo": {"name": "raw", "version": "1"}}}
-        status, headers, body = request(box.port, "POST", "/playbooks/box/mcp", init,
-                                        self.headers)
+        status, headers, body = request(port, "POST", "/playbooks/box/mcp", init, self.headers)
         assert status == 200, body
         self.headers["mcp-session-id"] = headers["mcp-session-id"]
-        request(box.port, "POST", "/playbooks/box/mcp",
+        request(port, "POST", "/playbooks/box/mcp",
                 {"jsonrpc": "2.0", "method": "notifications/initialized"}, self.headers)
 
     def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-        status, _, body = request(self.box.port, "POST", "/playbooks/box/mcp",
+        status, _, body = request(self.port, "POST", "/playbooks/box/mcp",
                                   {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                    "params": {"name": tool, "arguments": arguments}},
                                   self.headers)
@@ -516,7 +518,7 @@ class Client:
 
     def outcome(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
         answer = self.call(tool, arguments)
-        assert "result" in answer, str(answer) + diagnostics(self.box)
+        assert "result" in answer, str(answer) + self.diagnose()
         return dict(json.loads(answer["result"]["content"][0]["text"]))
 
 
@@ -527,10 +529,10 @@ def test_a_hostile_stdio_server_stays_in_its_sandbox(director: Box) -> None:
     box = director
     cursor = start_with_stdio(box)
     hostile = {"type": "stdio", "command": "/usr/bin/python3", "args": [str(HOSTILE_INSIDE)]}
-    client = Client(box, [{"name": "hostile", "prefix": "h1_", **hostile},
-                          {"name": "neighbour", "prefix": "h2_", **hostile},
-                          {"name": "reference", "type": "stdio", "command": box.python,
-                           "args": [str(REFERENCE_INSIDE)]}])
+    client = Client(box.port, [{"name": "hostile", "prefix": "h1_", **hostile},
+                               {"name": "neighbour", "prefix": "h2_", **hostile},
+                               {"name": "reference", "type": "stdio", "command": box.python,
+                                "args": [str(REFERENCE_INSIDE)]}], lambda: diagnostics(box))
     daemon_pid = box.show("MainPID")["MainPID"]
     socket_path = f"{POSTGRES_INSIDE}/.s.PGSQL.{urlsplit(box.database_url).port or 5432}"
     targets = {"reads": ["/etc/director/director.env", "/var/lib/director", "/etc/shadow",

@@ -35,7 +35,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from director.mcp.upstream.account import AccountError, StdioAccount, prepare_home
+from director.mcp.upstream.account import (
+    AccountError,
+    StdioAccount,
+    own_directory,
+    prepare_home,
+)
 from director.sandbox.chain import DEFAULT_PATH, child_environment, launch_argv, resolve_command
 
 if TYPE_CHECKING:
@@ -48,6 +53,11 @@ CLIENT = str(Path(__file__).with_name("client.py"))
 PRLIMIT = "/usr/bin/prlimit"
 NICE = "/usr/bin/nice"
 NICENESS = "10"
+
+
+UNBOXED_IN_PRODUCTION = (
+    "stdio servers run only sandboxed in production, and this daemon has no sandbox (no "
+    "director-stdio.socket, and it is not root): `systemctl enable --now director-stdio.socket`")
 
 
 class SandboxError(Exception):
@@ -106,19 +116,25 @@ def _resolved(command: Command, env: Mapping[str, str]) -> str:
 
 @attrs.frozen
 class Unboxed:
-    """No sandbox: the server runs as the daemon (which must not be root)."""
+    """No sandbox: the server runs as the daemon (which must not be root). Refused in
+    production, where every stdio server runs sandboxed."""
 
+    production: bool = False
     mode = "none"
 
     def spawn(self, command: Command) -> Spawn:
         if os.geteuid() == 0:
             raise SandboxError("refusing to run a stdio server as root: the daemon gives it "
                                "no unprivileged account (STDIO_USER)")
+        if self.production:
+            raise SandboxError(UNBOXED_IN_PRODUCTION)
         env = child_environment(command.env)
         path = _resolved(command, env)
         return Spawn(launch_argv(path, list(command.args), command.cwd), env)
 
     def describe(self) -> str:
+        if self.production:
+            return "none: " + UNBOXED_IN_PRODUCTION
         return ("none: stdio servers run as the daemon's own account and can read and write "
                 "whatever it can (no director-stdio.socket, and the daemon is not root)")
 
@@ -192,32 +208,16 @@ class SystemdBox:
         given."""
         name = hmac.new(self.secret, f"{command.owner}\0{command.server}".encode(),
                         hashlib.sha256).hexdigest()[:32]
-        path = os.path.join(self.cache_root, name)
-        with contextlib.suppress(FileExistsError):
-            try:
-                os.mkdir(path, 0o770)
-            except OSError as failure:
-                raise SandboxError(f"cannot create its cache directory in {self.cache_root}: "
-                                   f"{failure.strerror}; the director package creates "
-                                   f"{self.cache_root} (STDIO_CACHE_DIRECTORY)") from None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            group = os.stat(self.cache_root).st_gid
+            return own_directory(os.path.join(self.cache_root, name), 0o770, os.geteuid(), group,
+                                 "as its cache directory")
+        except AccountError as failure:
+            raise SandboxError(f"{failure} (the director package creates {self.cache_root}, "
+                               "STDIO_CACHE_DIRECTORY)") from None
         except OSError as failure:
-            raise SandboxError(f"cannot use its cache directory {path}: "
+            raise SandboxError(f"cannot use {self.cache_root} (STDIO_CACHE_DIRECTORY): "
                                f"{failure.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if info.st_uid != os.geteuid():
-                raise SandboxError(f"its cache directory {path} belongs to uid {info.st_uid}, "
-                                   "not the daemon; remove it")
-            parent_group = os.stat(self.cache_root).st_gid
-            if info.st_gid != parent_group and os.geteuid() == 0:
-                os.fchown(fd, -1, parent_group)
-            if stat.S_IMODE(info.st_mode) & 0o770 != 0o770:
-                os.fchmod(fd, 0o770)
-        finally:
-            os.close(fd)
-        return path
 
     def describe(self) -> str:
         return (f"systemd: each stdio server runs in a director-stdio@.service unit of its own "
@@ -232,7 +232,8 @@ def usable_socket(path: str) -> bool:
 
 
 def choose_launcher(mode: str, socket: str, cache_root: str, limits: Limits,
-                    account: StdioAccount | None, secret: bytes) -> Launcher:
+                    account: StdioAccount | None, secret: bytes,
+                    production: bool = False) -> Launcher:
     """The launcher for ``STDIO_SANDBOX=mode``; ``SandboxError`` when an explicit mode cannot
     work here (the message names the fix)."""
     if mode in ("auto", "systemd") and usable_socket(socket):
@@ -250,7 +251,7 @@ def choose_launcher(mode: str, socket: str, cache_root: str, limits: Limits,
     if mode == "account":
         raise SandboxError("STDIO_SANDBOX=account needs a daemon started as root (to switch to "
                            "STDIO_USER); use systemd (director-stdio.socket) or auto")
-    return Unboxed()
+    return Unboxed(production)
 
 
 def stdio_launcher(settings: Settings, account: StdioAccount | None, secret: str) -> Launcher:
@@ -259,7 +260,7 @@ def stdio_launcher(settings: Settings, account: StdioAccount | None, secret: str
     return choose_launcher(settings.stdio_sandbox, settings.stdio_sandbox_socket,
                            settings.stdio_cache_directory,
                            Limits(settings.stdio_memory_max, settings.stdio_tasks_max), account,
-                           key)
+                           key, settings.production)
 
 
 def for_account(account: StdioAccount | None, limits: Limits) -> Launcher:
