@@ -36,7 +36,7 @@ UNIT = CHECKOUT / "systemd" / "director.service"
 TEMPLATE = CHECKOUT / "systemd" / "director@.service"
 SANDBOX_SOCKET = CHECKOUT / "systemd" / "director-stdio.socket"
 SANDBOX_UNIT = CHECKOUT / "systemd" / "director-stdio@.service"
-SANDBOX_TMPFILES = CHECKOUT / "systemd" / "director-stdio.tmpfiles"
+SANDBOX_TMPFILES = CHECKOUT / "packaging" / "debian" / "director.tmpfiles"
 SUPERVISOR = CHECKOUT / "src" / "director" / "sandbox" / "supervisor.py"
 HOSTILE = CHECKOUT / "tests" / "fixtures" / "hostile_server.py"
 REFERENCE = CHECKOUT / "tests" / "fixtures" / "reference_server.py"
@@ -215,6 +215,40 @@ class Box:
         return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
+def host_layout(ns: SystemdNamespace, uid: int, gid: int) -> str:
+    """The namespace as a Debian host with the package installed: this interpreter and
+    virtualenv, the checkout, the accounts (``director`` as ``uid``:``gid``), the units
+    verbatim, the stdio sandbox set up; the interpreter's path inside."""
+    python = python_layout(ns)
+    ns.bind_read_only(str(CHECKOUT), str(CHECKOUT_INSIDE))
+    ns.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                f"director:x:{uid}:{gid}:Director:/var/lib/director:/usr/sbin/nologin\n"
+                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+    ns.add_file("/etc/group", f"root:x:0:\ndirector:x:{gid}:\nnogroup:x:65534:\n"
+                "director-stdio:x:989:\n")
+    ns.add_file("/etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n"
+                "hosts: files dns\n")
+    ns.add_file("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
+    ns.add_file("/etc/hostname", "director-test\n")
+    ns.add_file("/etc/hosts", "127.0.0.1 localhost director-test\n::1 localhost\n")
+    for name in ("resolv.conf", "ld.so.cache"):
+        if Path("/etc", name).exists():
+            shutil.copyfile(Path("/etc", name), ns.workdir / "etc" / name)
+    ns.add_symlink("/etc/os-release", "../usr/lib/os-release")
+    # Boot no further than basic.target: director.service needs nothing more.
+    ns.add_symlink("/etc/systemd/system/default.target", "/lib/systemd/system/basic.target")
+    for unit in (UNIT, TEMPLATE, SANDBOX_SOCKET, SANDBOX_UNIT):  # verbatim
+        ns.add_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
+    # The stdio sandbox as the package installs it: the socket enabled, the supervisor where
+    # the unit runs it, the cache directory made by systemd-tmpfiles at boot.
+    ns.add_symlink(f"/etc/systemd/system/sockets.target.wants/{SANDBOX_SOCKET.name}",
+                   f"/etc/systemd/system/{SANDBOX_SOCKET.name}")
+    ns.add_symlink("/usr/lib/director/stdio-supervisor",
+                   str(CHECKOUT_INSIDE / SUPERVISOR.relative_to(CHECKOUT)))
+    ns.add_file("/usr/lib/tmpfiles.d/director.conf", SANDBOX_TMPFILES.read_text())
+    return python
+
+
 @pytest.fixture(scope="module")
 def box(postgres: PostgresServer) -> Iterator[Box]:
     try:
@@ -223,34 +257,8 @@ def box(postgres: PostgresServer) -> Iterator[Box]:
     except CannotBoot as reason:
         skip_or_fail(str(reason))
     try:
-        python = python_layout(ns)
         uid, gid = database_layout(ns, postgres)
-        ns.bind_read_only(str(CHECKOUT), str(CHECKOUT_INSIDE))
-        ns.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
-                    f"director:x:{uid}:{gid}:Director:/var/lib/director:/usr/sbin/nologin\n"
-                    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
-        ns.add_file("/etc/group", f"root:x:0:\ndirector:x:{gid}:\nnogroup:x:65534:\n"
-                    "director-stdio:x:989:\n")
-        ns.add_file("/etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n"
-                    "hosts: files dns\n")
-        ns.add_file("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
-        ns.add_file("/etc/hostname", "director-test\n")
-        ns.add_file("/etc/hosts", "127.0.0.1 localhost director-test\n::1 localhost\n")
-        for name in ("resolv.conf", "ld.so.cache"):
-            if Path("/etc", name).exists():
-                shutil.copyfile(Path("/etc", name), ns.workdir / "etc" / name)
-        ns.add_symlink("/etc/os-release", "../usr/lib/os-release")
-        # Boot no further than basic.target: director.service needs nothing more.
-        ns.add_symlink("/etc/systemd/system/default.target", "/lib/systemd/system/basic.target")
-        for unit in (UNIT, TEMPLATE, SANDBOX_SOCKET, SANDBOX_UNIT):  # verbatim
-            ns.add_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
-        # The stdio sandbox as the package installs it: the socket enabled, the supervisor
-        # where the unit runs it, the cache directory made by systemd-tmpfiles at boot.
-        ns.add_symlink(f"/etc/systemd/system/sockets.target.wants/{SANDBOX_SOCKET.name}",
-                       f"/etc/systemd/system/{SANDBOX_SOCKET.name}")
-        ns.add_symlink("/usr/lib/director/stdio-supervisor",
-                       str(CHECKOUT_INSIDE / SUPERVISOR.relative_to(CHECKOUT)))
-        ns.add_file("/usr/lib/tmpfiles.d/director.conf", SANDBOX_TMPFILES.read_text())
+        python = host_layout(ns, uid, gid)
         boot_seconds = ns.boot()
         print(f"\nsystemd booted to basic.target in {boot_seconds:.2f} s")
     except CannotBoot as reason:
@@ -571,6 +579,23 @@ def test_a_hostile_stdio_server_stays_in_its_sandbox(director: Box) -> None:
     assert "stdio sandbox: systemd" in journal, journal
     assert "[hostile] hostile probe:" in journal and "[hostile] hostile fork:" in journal, journal
     assert "[hostile] hostile allocate:" in journal, journal
+
+
+EVERYTHING = CHECKOUT / "tests" / "npm" / "node_modules" / "@modelcontextprotocol" / \
+    "server-everything" / "dist" / "index.js"
+
+
+def test_a_node_stdio_server_runs_in_the_sandbox(director: Box) -> None:
+    """node (V8: large reservations, JIT, threads) under the sandbox's seccomp filter, rlimits
+    and cgroup limits: the reference server-everything lists and calls its tools."""
+    box = director
+    start_with_stdio(box)
+    inside = CHECKOUT_INSIDE / EVERYTHING.relative_to(CHECKOUT)
+    client = Client(box.port, [{"name": "everything", "type": "stdio", "command": "node",
+                                "args": [str(inside), "stdio"]}], lambda: diagnostics(box))
+    answer = client.call("echo", {"message": "from node"})
+    assert "from node" in json.dumps(answer.get("result")), str(answer) + diagnostics(box)
+    assert box.sandboxed(str(inside)), "server-everything is not in a director-stdio@ unit"
 
 
 def broken_start(box: Box) -> tuple[subprocess.CompletedProcess[str], float, str]:

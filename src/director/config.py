@@ -380,7 +380,7 @@ def _text(raw: str) -> str:
 def _stdio_user(raw: str) -> str:
     """An existing account other than root (read from the host's account database)."""
     name = raw.strip()
-    fix = ("use an unprivileged account of its own (adduser --system --group director-stdio) or "
+    fix = ("use an unprivileged account of its own (adduser --system --group mcp-stdio) or "
            "nobody")
     try:
         entry = pwd.getpwnam(name)

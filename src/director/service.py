@@ -249,7 +249,7 @@ class DirectorService(MultiService):
                 f"STDIO_USER={self.settings.stdio_user} is also the account of the private "
                 "PostgreSQL cluster, which trusts every connection on its socket: a stdio "
                 "server would have the whole database. Set STDIO_USER to another unprivileged "
-                "account (adduser --system --group director-stdio)", EX_CONFIG)
+                "account (adduser --system --group mcp-stdio)", EX_CONFIG)
 
     def _check_exposure(self, bound: Any) -> None:
         """The server flags need a listener reachable from this host only unless sign-up is

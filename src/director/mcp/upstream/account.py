@@ -1,11 +1,12 @@
 """Which account a stdio server runs as, and the home directory it gets.
 
-A stdio child never runs as root. A daemon started as root runs every stdio server as
-``STDIO_USER`` (default ``nobody``): its uid and primary gid, with no supplementary groups
-(``stdio.launch_argv`` drops them with ``setpriv --reuid --regid --clear-groups``), and with
-``HOME`` set to ``/var/tmp/director-stdio-<uid>``, a directory of its own that the daemon
-creates mode 0700 outside the state directory (so the child cannot reach the daemon's
-secret or its database) and refuses to use when it is a symlink or belongs to another account.
+A stdio child never runs as root. A daemon started as root without the systemd sandbox
+(``director.sandbox``: the account mode) runs every stdio server as ``STDIO_USER`` (default
+``nobody``): its uid and primary gid, with no supplementary groups (``sandbox.chain.launch_argv``
+drops them with ``setpriv --reuid --regid --clear-groups``), and with ``HOME`` set to
+``/var/tmp/director-stdio-<uid>``, a directory of its own that the daemon creates mode 0700
+outside the state directory (so the child cannot reach the daemon's secret or its database)
+and refuses to use when it is a symlink or belongs to another account.
 ``/var/tmp`` rather than ``/tmp``: npm and uv caches survive a reboot there; systemd's
 tmpfiles may still clean it after 30 days, which is why it is checked before every spawn.
 
