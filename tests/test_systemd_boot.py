@@ -581,6 +581,40 @@ def test_a_hostile_stdio_server_stays_in_its_sandbox(director: Box) -> None:
     assert "[hostile] hostile allocate:" in journal, journal
 
 
+def test_the_sandbox_units_limits(director: Box) -> None:
+    """The unit's cgroup limits are set on each server's unit. Where the kernel's cgroup2
+    hierarchy has the memory controller (a Debian 12 host: unified), an allocation past
+    MemoryMax= (STDIO_MEMORY_MAX set above it) gets the server killed, the call fails saying
+    so, the log says why, and the server is restarted. This machine's hierarchy may lack it
+    (a hybrid cgroup v1 host, as in some containers): then only the rlimits hold, tested above."""
+    box = director
+    box.write_env(production_env(box, NODE_ENV="development", STDIO_MEMORY_MAX="4G",
+                                 DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true"))
+    cursor = box.cursor()
+    result, _ = start(box)
+    assert result.returncode == 0, result.stderr + diagnostics(box)
+    wait_healthy(box)
+    client = Client(box.port, [{"name": "hostile", "type": "stdio", "command": "/usr/bin/python3",
+                                "args": [str(HOSTILE_INSIDE)]}], lambda: diagnostics(box))
+    assert "result" in client.call("probe", {})
+    [(_, unit)] = box.sandboxed(str(HOSTILE_INSIDE))
+    limits = box.show("MemoryMax", "MemorySwapMax", "TasksMax", "CPUQuotaPerSecUSec",
+                      "DynamicUser", "User", unit=unit.replace("\\x2d", "-"))
+    assert limits == {"MemoryMax": str(1024 ** 3), "MemorySwapMax": "0", "TasksMax": "512",
+                      "CPUQuotaPerSecUSec": "1s", "DynamicUser": "yes",
+                      "User": f"director-stdio-{unit.split('@')[1].removesuffix('.service')}"}, \
+        limits
+    controllers = (box.ns.cgroup / "cgroup.controllers").read_text().split()
+    print(f"\ncgroup controllers available to the sandbox: {controllers or 'none'}")
+    if "memory" not in controllers:
+        return
+    answer = client.call("allocate", {"mebibytes": 4096})
+    assert "killed by signal 9 (SIGKILL)" in json.dumps(answer), answer
+    journal = box.wait_journal(cursor, "out-of-memory killer")
+    assert "[hostile] director-stdio: killed by the out-of-memory killer" in journal, journal
+    assert wait_for(lambda: "result" in client.call("probe", {})), "not restarted"
+
+
 EVERYTHING = CHECKOUT / "tests" / "npm" / "node_modules" / "@modelcontextprotocol" / \
     "server-everything" / "dist" / "index.js"
 
