@@ -35,9 +35,10 @@ from twisted.internet import defer, reactor
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstream.stdio import StdioUpstream
 from director.sandbox import launcher as launcher_module
-from director.sandbox.launcher import Command, Limits, SandboxError, SystemdBox
+from director.sandbox.launcher import Command, Limits, SandboxError, SystemdBox, Unboxed
 from tests.harness import Daemon, make_temp_dir
 from tests.test_doctor import PRODUCTION, report
+from tests.test_rails import fatal_start
 from tests.test_systemd_boot import Client
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -288,6 +289,24 @@ def test_a_hostile_server_as_the_stdio_account(start_daemon: Callable[..., Daemo
                 logged
     finally:
         shutil.rmtree(secrets, ignore_errors=True)
+
+
+def test_an_explicit_mode_that_cannot_work_stops_the_start(
+        start_daemon: Callable[..., Daemon], migrated_url: str, box_dir: Path) -> None:
+    output = fatal_start(start_daemon, DATABASE_URL=migrated_url, STDIO_SANDBOX="systemd",
+                         STDIO_SANDBOX_SOCKET=str(box_dir / "none.sock"))
+    assert f"FATAL: STDIO_SANDBOX=systemd but {box_dir / 'none.sock'} is not a socket: start " \
+           "it with `systemctl enable --now director-stdio.socket`" in output, output
+
+
+@pytest_twisted.ensureDeferred
+async def test_production_refuses_a_server_without_a_sandbox() -> None:
+    upstream = StdioUpstream("raw", sys.executable, [str(RAW)], {}, None, reactor,
+                             launcher=Unboxed(production=True), restart=False)
+    with pytest.raises(UpstreamError, match=r"^\[raw\] stdio servers run only sandboxed in "
+                                            r"production, and this daemon has no sandbox"):
+        await upstream.start()
+    await upstream.close()
 
 
 # --- director doctor -------------------------------------------------------------------------

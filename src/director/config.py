@@ -776,6 +776,13 @@ def exposure_problem(values: Mapping[str, Any]) -> str | None:
     )
 
 
+def _stdio_sandbox_socket_in_use(settings: Settings) -> bool:
+    """Whether stdio servers go to the systemd sandbox (``director.sandbox.launcher``)."""
+    from director.sandbox.launcher import usable_socket
+
+    return settings.stdio_sandbox != "account" and usable_socket(settings.stdio_sandbox_socket)
+
+
 def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]:
     """One line per dangerous setting in force, saying what it allows (logged at every start
     and printed by ``director config check``)."""
@@ -784,7 +791,7 @@ def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]
     if settings.allow_arbitrary_stdio_servers:
         lines.append("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS is on: every account can run "
                      "any command on this host through a stdio server")
-        if euid != 0:
+        if euid != 0 and not _stdio_sandbox_socket_in_use(settings):
             try:
                 user = pwd.getpwuid(euid).pw_name
             except KeyError:
@@ -792,7 +799,8 @@ def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]
             lines.append(f"stdio servers run as the daemon's own account ({user}), not "
                          "STDIO_USER: they can read and write whatever the daemon can, "
                          "including its state directory, its secret and a private cluster's "
-                         "database (a daemon started as root runs them as STDIO_USER)")
+                         "database (director-stdio.socket would give each a sandbox of its "
+                         "own; a daemon started as root runs them as STDIO_USER)")
     if settings.allow_insecure_http_servers:
         lines.append("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS is on: every account can make "
                      "the daemon connect over plain http and to loopback, link-local and "

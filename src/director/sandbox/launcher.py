@@ -123,11 +123,11 @@ class Unboxed:
     mode = "none"
 
     def spawn(self, command: Command) -> Spawn:
+        if self.production:
+            raise SandboxError(UNBOXED_IN_PRODUCTION)
         if os.geteuid() == 0:
             raise SandboxError("refusing to run a stdio server as root: the daemon gives it "
                                "no unprivileged account (STDIO_USER)")
-        if self.production:
-            raise SandboxError(UNBOXED_IN_PRODUCTION)
         env = child_environment(command.env)
         path = _resolved(command, env)
         return Spawn(launch_argv(path, list(command.args), command.cwd), env)
