@@ -227,6 +227,17 @@ def _registry(c: Context) -> list[Figure]:
 
 GROUPS["registry"] = _registry
 
+
+def _sandbox(c: Context) -> list[Figure]:
+    """``sandbox``: a stdio server's spawn → initialize, without and with the systemd sandbox
+    (bench/sandbox.py; needs root and a bootable systemd, as tests/test_systemd_boot.py)."""
+    from bench import sandbox
+
+    return sandbox.start_overhead(c.reaper, 5 if c.quick else 20)
+
+
+GROUPS["sandbox"] = _sandbox
+
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:
     workdir = _workdir(reaper, keep)

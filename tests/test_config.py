@@ -91,6 +91,9 @@ def test_every_variable_is_parsed() -> None:
         "SHUTDOWN_TIMEOUT_SECONDS": "2.5",
         "DATABASE_POOL_SIZE": "2",
         "STDIO_USER": "daemon",
+        "STDIO_SANDBOX": "Account",
+        "STDIO_MEMORY_MAX": "512M",
+        "STDIO_TASKS_MAX": "64",
     })
     assert settings.database_url == "postgresql://u:p@h:5433/d"
     assert settings.base_url == "https://director.example.com"  # trailing slash dropped
@@ -108,6 +111,8 @@ def test_every_variable_is_parsed() -> None:
     assert settings.enable_seeding
     assert settings.environment == "test" and settings.log_level == "warn"
     assert settings.stdio_user == "daemon"
+    assert (settings.stdio_sandbox, settings.stdio_memory_max, settings.stdio_tasks_max) == \
+        ("account", 512 * 1024 ** 2, 64)
     assert settings.state_directory == "/srv/director"
     assert settings.max_request_body_bytes == 1024
     assert (settings.request_header_timeout_seconds, settings.request_body_timeout_seconds,
@@ -194,6 +199,12 @@ def test_base_url_follows_port_when_unset() -> None:
                            "root; use an unprivileged account of its own"),
     ("STDIO_USER", "no-such-account", "STDIO_USER='no-such-account' is not an account on this "
                                       "host"),
+    ("STDIO_SANDBOX", "bwrap", "STDIO_SANDBOX='bwrap' is not auto, systemd or account; use auto"),
+    ("STDIO_SANDBOX_SOCKET", "run/director-stdio.sock", "is not an absolute path"),
+    ("STDIO_CACHE_DIRECTORY", "cache", "is not an absolute path"),
+    ("STDIO_MEMORY_MAX", "lots", "STDIO_MEMORY_MAX='lots' is not a size; use a size in bytes"),
+    ("STDIO_MEMORY_MAX", "1M", "is under 16M, too little for any runtime"),
+    ("STDIO_TASKS_MAX", "0", "STDIO_TASKS_MAX='0' must be greater than 0"),
 ])
 def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
     problems = problems_for({name: value})
@@ -215,7 +226,9 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
               "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "MCP_LIST_WAIT_SECONDS",
-              "METRICS_LISTEN", "METRICS_ALLOW_PUBLIC", "STDIO_USER"}
+              "METRICS_LISTEN", "METRICS_ALLOW_PUBLIC", "STDIO_USER", "STDIO_SANDBOX",
+              "STDIO_SANDBOX_SOCKET", "STDIO_CACHE_DIRECTORY", "STDIO_MEMORY_MAX",
+              "STDIO_TASKS_MAX"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 

@@ -237,12 +237,17 @@ def test_deb_metadata(deb: Path) -> None:
     assert "Recommends: postgresql-15 | postgresql (>= 15)" in fields.stdout
     contents = run(["dpkg-deb", "-c", str(deb)]).stdout
     for path in ("./lib/systemd/system/director.service", "./lib/systemd/system/director@.service",
+                 "./lib/systemd/system/director-stdio.socket",
+                 "./lib/systemd/system/director-stdio@.service",
+                 "./usr/lib/tmpfiles.d/director.conf",
                  "./lib/systemd/system/director.socket", "./usr/share/director/director.env.example",
                  "./usr/share/director/socket-activation.conf", "./etc/default/director",
                  "./usr/share/doc/director/operations.rst",  # named by the units' Documentation=
                  "./opt/venvs/director/bin/director"):
         assert f" {path}\n" in contents or f" {path} " in contents, path
     assert "./usr/bin/director -> /opt/venvs/director/bin/director" in contents
+    assert ("./usr/lib/director/stdio-supervisor -> /opt/venvs/director/lib/python3.11/"
+            "site-packages/director/sandbox/supervisor.py") in contents
     assert "dropin.cache" not in contents
     # The venv holds director and its interpreter: no pip, setuptools, activate scripts or
     # the dependencies' console scripts (twistd, trial, conch, ...).
@@ -367,6 +372,14 @@ exit 0
 """
 
 
+def service_calls(overlay: Overlay) -> str:
+    """The stub's systemctl calls, but for the stdio sandbox's socket (always enabled and
+    started by debhelper's snippets, whatever the service's state)."""
+    calls = overlay.check("cat /var/log/systemctl.calls 2>/dev/null || true")
+    return "".join(line for line in calls.splitlines(keepends=True)
+                   if "director-stdio.socket" not in line)
+
+
 def pretend_systemd(overlay: Overlay) -> None:
     """A booted systemd as the maintainer scripts see it, with a normal service policy."""
     overlay.put("/run/systemd/system/.keep", "")
@@ -433,6 +446,11 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
                      "/var/lib/director 700 director:director",
                      f"{STATE_MARKER} 644 root:root"]
     account = overlay.check("getent passwd director")
+    # The stdio sandbox: its group, its directory (systemd-tmpfiles), its supervisor in place.
+    assert overlay.check("getent group director-stdio").startswith("director-stdio:x:")
+    sandbox = overlay.check("stat -c '%a %U:%G' /var/cache/director-stdio; "
+                            "test -f /usr/lib/director/stdio-supervisor && echo supervisor")
+    assert sandbox.split("\n")[:2] == ["2710 director:director-stdio", "supervisor"], sandbox
     assert re.fullmatch(r"director:x:\d+:\d+:[^:]*:/var/lib/director:/usr/sbin/nologin\n", account)
     cache = overlay.check("stat -c %a /opt/venvs/director/lib/python3.11/site-packages/"
                           "twisted/plugins/dropin.cache")
@@ -451,7 +469,9 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     verified = overlay.run("systemd-analyze verify /lib/systemd/system/director.service "
                            "/lib/systemd/system/director@.service "
                            "/lib/systemd/system/director@second.service "
-                           "/lib/systemd/system/director.socket")
+                           "/lib/systemd/system/director.socket "
+                           "/lib/systemd/system/director-stdio.socket "
+                           "/lib/systemd/system/director-stdio@0-1-2.service")
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
 
     # Upgrade (the same version again) with the opt-in: migrations run as user director, on the
@@ -476,14 +496,14 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     # With systemd running and the service active: restarted after the upgrade.
     pretend_systemd(overlay)
     overlay.check("dpkg -i /tmp/director.deb")
-    calls = overlay.check("cat /var/log/systemctl.calls")
+    calls = service_calls(overlay)
     assert "restart director.service" in calls, calls
     assert " start " not in calls and " stop " not in calls, calls
 
     # Purge: what the package and the service created is gone; the account stays.
     output = overlay.check("dpkg --purge director")
     gone = overlay.run("ls -d /etc/director /var/lib/director /var/cache/director "
-                       "/opt/venvs/director /usr/bin/director")
+                       "/var/cache/director-stdio /opt/venvs/director /usr/bin/director")
     assert gone.stdout == "", gone.stdout
     assert "kept the system user and group director" in output, output
     assert "kept /" not in output, output
@@ -497,7 +517,9 @@ def test_deb_install_upgrade_purge(deb: Path, overlay: Overlay) -> None:
     output = overlay.check("dpkg -i /tmp/director.deb")
     assert "is not valid yet" in output and "BETTER_AUTH_SECRET" in output, output
     assert "director: not started" in output
-    assert "start" not in overlay.check("cat /var/log/systemctl.calls 2>/dev/null || true")
+    assert "start" not in service_calls(overlay)
+    # The stdio sandbox's socket needs no configuration: enabled and started at once.
+    assert "start director-stdio.socket" in overlay.check("cat /var/log/systemctl.calls")
     output = overlay.check("dpkg --purge director")
     assert "kept /etc/director/director.env: the package did not create it" in output, output
     overlay.put("/etc/director/director.env", PROVISIONED.format(SECRET), 0o600)

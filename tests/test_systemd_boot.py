@@ -11,6 +11,7 @@ writable cgroup2, ...). ``DIRECTOR_REQUIRE_SYSTEMD_BOOT=1`` turns that skip into
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,6 +34,11 @@ from tests.systemd_boot import CannotBoot, SystemdNamespace, check_capability
 CHECKOUT = Path(__file__).resolve().parents[1]
 UNIT = CHECKOUT / "systemd" / "director.service"
 TEMPLATE = CHECKOUT / "systemd" / "director@.service"
+SANDBOX_SOCKET = CHECKOUT / "systemd" / "director-stdio.socket"
+SANDBOX_UNIT = CHECKOUT / "systemd" / "director-stdio@.service"
+SANDBOX_TMPFILES = CHECKOUT / "packaging" / "debian" / "director.tmpfiles"
+SUPERVISOR = CHECKOUT / "src" / "director" / "sandbox" / "supervisor.py"
+HOSTILE = CHECKOUT / "tests" / "fixtures" / "hostile_server.py"
 REFERENCE = CHECKOUT / "tests" / "fixtures" / "reference_server.py"
 PYTHON_INSIDE = "/opt/director-python"  # sys.base_prefix, when outside /usr
 VENV_INSIDE = "/usr/lib/director/venv"
@@ -41,6 +47,7 @@ VENV_INSIDE = "/usr/lib/director/venv"
 CHECKOUT_INSIDE = Path("/opt/director-checkout")
 VENV_ELSEWHERE_INSIDE = Path("/opt/director-venv")
 REFERENCE_INSIDE = CHECKOUT_INSIDE / REFERENCE.relative_to(CHECKOUT)
+HOSTILE_INSIDE = CHECKOUT_INSIDE / HOSTILE.relative_to(CHECKOUT)
 POSTGRES_INSIDE = "/run/director-test-postgres"
 ACCEPT = "application/json, text/event-stream"
 START_TIMES: list[float] = []
@@ -189,10 +196,57 @@ class Box:
                 found.append((int(pid), cmdline.replace(b"\0", b" ").decode()))
         return found
 
+    def sandboxed(self, fragment: str) -> list[tuple[int, str]]:
+        """Processes of director-stdio@ units whose command line holds ``fragment``: (host
+        pid, unit)."""
+        found = []
+        for procs in (self.ns.cgroup / "system.slice").glob(
+                "system-director*stdio.slice/director-stdio@*.service/**/cgroup.procs"):
+            unit = next(part for part in procs.parts if part.startswith("director-stdio@"))
+            for pid in procs.read_text().split():
+                with contextlib.suppress(OSError):
+                    if fragment.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        found.append((int(pid), unit))
+        return found
+
     def status_of(self, host_pid: int) -> dict[str, str]:
         """/proc/PID/status of a process of the namespace, as a dict."""
         lines = Path(f"/proc/{host_pid}/status").read_text().splitlines()
         return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def host_layout(ns: SystemdNamespace, uid: int, gid: int) -> str:
+    """The namespace as a Debian host with the package installed: this interpreter and
+    virtualenv, the checkout, the accounts (``director`` as ``uid``:``gid``), the units
+    verbatim, the stdio sandbox set up; the interpreter's path inside."""
+    python = python_layout(ns)
+    ns.bind_read_only(str(CHECKOUT), str(CHECKOUT_INSIDE))
+    ns.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+                f"director:x:{uid}:{gid}:Director:/var/lib/director:/usr/sbin/nologin\n"
+                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+    ns.add_file("/etc/group", f"root:x:0:\ndirector:x:{gid}:\nnogroup:x:65534:\n"
+                "director-stdio:x:989:\n")
+    ns.add_file("/etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n"
+                "hosts: files dns\n")
+    ns.add_file("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
+    ns.add_file("/etc/hostname", "director-test\n")
+    ns.add_file("/etc/hosts", "127.0.0.1 localhost director-test\n::1 localhost\n")
+    for name in ("resolv.conf", "ld.so.cache"):
+        if Path("/etc", name).exists():
+            shutil.copyfile(Path("/etc", name), ns.workdir / "etc" / name)
+    ns.add_symlink("/etc/os-release", "../usr/lib/os-release")
+    # Boot no further than basic.target: director.service needs nothing more.
+    ns.add_symlink("/etc/systemd/system/default.target", "/lib/systemd/system/basic.target")
+    for unit in (UNIT, TEMPLATE, SANDBOX_SOCKET, SANDBOX_UNIT):  # verbatim
+        ns.add_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
+    # The stdio sandbox as the package installs it: the socket enabled, the supervisor where
+    # the unit runs it, the cache directory made by systemd-tmpfiles at boot.
+    ns.add_symlink(f"/etc/systemd/system/sockets.target.wants/{SANDBOX_SOCKET.name}",
+                   f"/etc/systemd/system/{SANDBOX_SOCKET.name}")
+    ns.add_symlink("/usr/lib/director/stdio-supervisor",
+                   str(CHECKOUT_INSIDE / SUPERVISOR.relative_to(CHECKOUT)))
+    ns.add_file("/usr/lib/tmpfiles.d/director.conf", SANDBOX_TMPFILES.read_text())
+    return python
 
 
 @pytest.fixture(scope="module")
@@ -203,26 +257,8 @@ def box(postgres: PostgresServer) -> Iterator[Box]:
     except CannotBoot as reason:
         skip_or_fail(str(reason))
     try:
-        python = python_layout(ns)
         uid, gid = database_layout(ns, postgres)
-        ns.bind_read_only(str(CHECKOUT), str(CHECKOUT_INSIDE))
-        ns.add_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
-                    f"director:x:{uid}:{gid}:Director:/var/lib/director:/usr/sbin/nologin\n"
-                    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
-        ns.add_file("/etc/group", f"root:x:0:\ndirector:x:{gid}:\nnogroup:x:65534:\n")
-        ns.add_file("/etc/nsswitch.conf", "passwd: files\ngroup: files\nshadow: files\n"
-                    "hosts: files dns\n")
-        ns.add_file("/etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
-        ns.add_file("/etc/hostname", "director-test\n")
-        ns.add_file("/etc/hosts", "127.0.0.1 localhost director-test\n::1 localhost\n")
-        for name in ("resolv.conf", "ld.so.cache"):
-            if Path("/etc", name).exists():
-                shutil.copyfile(Path("/etc", name), ns.workdir / "etc" / name)
-        ns.add_symlink("/etc/os-release", "../usr/lib/os-release")
-        # Boot no further than basic.target: director.service needs nothing more.
-        ns.add_symlink("/etc/systemd/system/default.target", "/lib/systemd/system/basic.target")
-        for unit in (UNIT, TEMPLATE):  # verbatim
-            ns.add_file(f"/etc/systemd/system/{unit.name}", unit.read_text())
+        python = host_layout(ns, uid, gid)
         boot_seconds = ns.boot()
         print(f"\nsystemd booted to basic.target in {boot_seconds:.2f} s")
     except CannotBoot as reason:
@@ -343,9 +379,11 @@ def assert_hardened(box: Box, host_pid: int) -> None:
 
 
 def test_unit_verifies(box: Box) -> None:
-    for unit in (UNIT, TEMPLATE):
+    for unit in (UNIT, TEMPLATE, SANDBOX_SOCKET):
         result = box.ns.run(["systemd-analyze", "verify", f"/etc/systemd/system/{unit.name}"])
         assert (result.returncode, result.stdout, result.stderr) == (0, "", ""), result
+    result = box.ns.run(["systemd-analyze", "security", "--no-pager", "director-stdio@0.service"])
+    print("\n" + result.stdout.strip().splitlines()[-1])
     result = box.ns.run(["systemd-analyze", "security", "--no-pager", "director.service"])
     print("\n" + result.stdout.strip().splitlines()[-1])
 
@@ -402,56 +440,196 @@ def test_start_is_repeatable_for_timing(director: Box) -> None:
         stop(box)
 
 
-def test_stdio_upstream_runs_under_the_hardening_and_dies_with_the_unit(director: Box) -> None:
-    box = director
-    # Stdio servers are refused in production (the rails); development allows them on request.
+def start_with_stdio(box: Box) -> str:
+    """Start the daemon with stdio servers allowed; the journal's cursor before the start.
+    Stdio servers are refused in production (the rails); development allows them on request."""
     box.write_env(production_env(box, NODE_ENV="development",
                                  DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true"))
     cursor = box.cursor()
     result, _ = start(box)
     assert result.returncode == 0, result.stderr + diagnostics(box)
     wait_healthy(box)
-    status, headers, body = request(box.port, "POST", "/api/v1/auth/signup",
-                                    {"email": "ops@example.com",
-                                     "password": "correct horse battery"})
-    assert status == 201, body
-    key = json.loads(body)["api_key"]["key"]
-    auth = {"x-api-key": key}
-    assert request(box.port, "POST", "/api/v1/playbooks", {"name": "Ref"}, auth)[0] == 201
-    server = {"name": "reference", "type": "stdio", "command": box.python,
-              "args": [str(REFERENCE_INSIDE)]}
-    status, _, body = request(box.port, "POST", "/api/v1/playbooks/ref/servers", server, auth)
-    assert status == 201, body
+    return cursor
 
-    mcp = {"accept": ACCEPT, "x-api-key": key}
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-11-25", "capabilities": {},
-                       "clientInfo": {"name": "raw", "version": "1"}}}
-    status, headers, body = request(box.port, "POST", "/playbooks/ref/mcp", init, mcp)
-    assert status == 200, body
-    mcp["mcp-session-id"] = headers["mcp-session-id"]
-    request(box.port, "POST", "/playbooks/ref/mcp",
-            {"jsonrpc": "2.0", "method": "notifications/initialized"}, mcp)
-    status, _, body = request(box.port, "POST", "/playbooks/ref/mcp",
-                              {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                               "params": {"name": "echo", "arguments": {"text": "hardened"}}},
-                              mcp)
-    answer = rpc_result(body)
+
+def test_stdio_upstream_runs_under_the_hardening_and_dies_with_the_unit(director: Box) -> None:
+    box = director
+    cursor = start_with_stdio(box)
+    client = Client(box.port, [{"name": "reference", "type": "stdio", "command": box.python,
+                                "args": [str(REFERENCE_INSIDE)]}])
+    answer = client.call("echo", {"text": "hardened"})
     assert answer.get("result", {}).get("content", [{}])[0].get("text") == "hardened", \
         str(answer) + diagnostics(box)
-    children = [pid for pid, cmd in box.processes_of() if str(REFERENCE_INSIDE) in cmd]
+    # In a director-stdio@ unit of its own (director-stdio.socket is enabled), as its user.
+    assert not [pid for pid, cmd in box.processes_of() if str(REFERENCE_INSIDE) in cmd]
+    children = box.sandboxed(str(REFERENCE_INSIDE))
     assert len(children) == 1, box.processes_of()
-    assert_hardened(box, children[0])
+    assert_hardened(box, children[0][0])
 
     stop_seconds = stop(box)
     print(f"\nsystemctl stop with a stdio upstream running: {stop_seconds:.2f} s")
     assert stop_seconds < seconds(unit_setting("TimeoutStopSec")) / 2, diagnostics(box)
     assert box.processes_of() == []
+    assert wait_for(lambda: not box.sandboxed(str(REFERENCE_INSIDE))), "the sandbox outlived it"
     after = box.show("ActiveState", "Result")
     assert after == {"ActiveState": "inactive", "Result": "success"}, str(after) + diagnostics(box)
     journal = box.wait_journal(cursor, "Stopped director.service")
     # KillMode=mixed: the daemon stopped its child itself; systemd's final SIGKILL found none.
     assert "[reference] pid" in journal and "Killing process" not in journal, journal
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+class Client:
+    """A signed-up user's playbook and one MCP session on it (raw HTTP to ``port``);
+    ``diagnose()`` says what the daemon did when an answer is not the one expected."""
+
+    def __init__(self, port: int, servers: list[dict[str, Any]],
+                 diagnose: Callable[[], str] = str) -> None:
+        self.port = port
+        self.diagnose = diagnose
+        status, _, body = request(port, "POST", "/api/v1/auth/signup",
+                                  {"email": "ops@example.com",
+                                   "password": "correct horse battery"})
+        assert status == 201, body
+        key = json.loads(body)["api_key"]["key"]
+        auth = {"x-api-key": key}
+        assert request(port, "POST", "/api/v1/playbooks", {"name": "Box"}, auth)[0] == 201
+        for server in servers:
+            status, _, body = request(port, "POST", "/api/v1/playbooks/box/servers",
+                                      server, auth)
+            assert status == 201, body
+        self.headers = {"accept": ACCEPT, "x-api-key": key}
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "raw", "version": "1"}}}
+        status, headers, body = request(port, "POST", "/playbooks/box/mcp", init, self.headers)
+        assert status == 200, body
+        self.headers["mcp-session-id"] = headers["mcp-session-id"]
+        request(port, "POST", "/playbooks/box/mcp",
+                {"jsonrpc": "2.0", "method": "notifications/initialized"}, self.headers)
+
+    def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        status, _, body = request(self.port, "POST", "/playbooks/box/mcp",
+                                  {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                   "params": {"name": tool, "arguments": arguments}},
+                                  self.headers)
+        assert status == 200, body
+        return rpc_result(body)
+
+    def outcome(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        answer = self.call(tool, arguments)
+        assert "result" in answer, str(answer) + self.diagnose()
+        return dict(json.loads(answer["result"]["content"][0]["text"]))
+
+
+def test_a_hostile_stdio_server_stays_in_its_sandbox(director: Box) -> None:
+    """Under the packaged units, a stdio server that tries to read the daemon's secrets, reach
+    its database, write outside its directory, fork without limit and allocate gigabytes is
+    refused every time; the daemon and the other servers go on; the journal says so."""
+    box = director
+    cursor = start_with_stdio(box)
+    hostile = {"type": "stdio", "command": "/usr/bin/python3", "args": [str(HOSTILE_INSIDE)]}
+    client = Client(box.port, [{"name": "hostile", "prefix": "h1_", **hostile},
+                               {"name": "neighbour", "prefix": "h2_", **hostile},
+                               {"name": "reference", "type": "stdio", "command": box.python,
+                                "args": [str(REFERENCE_INSIDE)]}], lambda: diagnostics(box))
+    daemon_pid = box.show("MainPID")["MainPID"]
+    socket_path = f"{POSTGRES_INSIDE}/.s.PGSQL.{urlsplit(box.database_url).port or 5432}"
+    targets = {"reads": ["/etc/director/director.env", "/var/lib/director", "/etc/shadow",
+                         "/var/cache/director-stdio"],
+               "connects": [socket_path, "/run/director-stdio.sock", "/run/systemd/private"],
+               "writes": ["/etc", "/var/lib/director", str(CHECKOUT_INSIDE), "/usr/lib",
+                          "/var/cache/director-stdio", "/tmp", "$HOME"],
+               "pid": daemon_pid}
+    probe = client.outcome("h1_probe", {"targets": targets})
+    print(f"\nhostile probe: {json.dumps(probe, indent=1)}")
+    assert all(value.startswith("denied") for value in probe["reads"].values()), probe
+    assert all(value.startswith("denied") for value in probe["connects"].values()), probe
+    allowed = {path for path, value in probe["writes"].items() if value == "ALLOWED"}
+    assert allowed == {"/tmp", "$HOME"}, probe  # its private /tmp and its own directory
+    assert probe["home"].startswith("/var/cache/director-stdio/"), probe
+    assert probe["daemon_environ"].startswith("denied"), probe
+    assert probe["foreign_processes"] == 0 and probe["signalable"] <= 1, probe  # +supervisor
+    assert not list(box.ns.path("/tmp").glob("hostile-*")), "its /tmp is the host's"
+    neighbour = client.outcome("h2_probe", {})
+    assert neighbour["uid"] != probe["uid"] and neighbour["home"] != probe["home"], neighbour
+
+    forked = client.outcome("h1_fork", {"limit": 100000})
+    print(f"fork: {forked}")
+    assert forked["error"] is not None and forked["forked"] < 512, forked
+    allocated = client.outcome("h1_allocate", {"mebibytes": 4096})
+    print(f"allocate: {allocated}")
+    assert allocated["error"] == "MemoryError" and allocated["allocated_mib"] < 1024, allocated
+
+    # The daemon and the other servers are unaffected.
+    echo = client.call("echo", {"text": "still here"})
+    assert echo["result"]["content"][0]["text"] == "still here", echo
+    assert client.outcome("h2_fork", {"limit": 10}) == {"forked": 10, "error": None}
+    assert box.show("MainPID", "NRestarts") == {"MainPID": daemon_pid, "NRestarts": "0"}
+    wait_healthy(box)
+    journal = box.wait_journal(cursor, "hostile allocate")
+    assert "stdio sandbox: systemd" in journal, journal
+    assert "[hostile] hostile probe:" in journal and "[hostile] hostile fork:" in journal, journal
+    assert "[hostile] hostile allocate:" in journal, journal
+
+
+def test_the_sandbox_units_limits(director: Box) -> None:
+    """The unit's cgroup limits are set on each server's unit. Where the kernel's cgroup2
+    hierarchy has the memory controller (a Debian 12 host: unified), an allocation past
+    MemoryMax= (STDIO_MEMORY_MAX set above it) gets the server killed, the call fails saying
+    so, the log says why, and the server is restarted. This machine's hierarchy may lack it
+    (a hybrid cgroup v1 host, as in some containers): then only the rlimits hold, tested above."""
+    box = director
+    box.write_env(production_env(box, NODE_ENV="development", STDIO_MEMORY_MAX="4G",
+                                 DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true"))
+    cursor = box.cursor()
+    result, _ = start(box)
+    assert result.returncode == 0, result.stderr + diagnostics(box)
+    wait_healthy(box)
+    client = Client(box.port, [{"name": "hostile", "type": "stdio", "command": "/usr/bin/python3",
+                                "args": [str(HOSTILE_INSIDE)]}], lambda: diagnostics(box))
+    assert "result" in client.call("probe", {})
+    [(_, unit)] = box.sandboxed(str(HOSTILE_INSIDE))
+    limits = box.show("MemoryMax", "MemorySwapMax", "TasksMax", "CPUQuotaPerSecUSec",
+                      "DynamicUser", "User", unit=unit.replace("\\x2d", "-"))
+    assert limits == {"MemoryMax": str(1024 ** 3), "MemorySwapMax": "0", "TasksMax": "512",
+                      "CPUQuotaPerSecUSec": "1s", "DynamicUser": "yes",
+                      "User": f"director-stdio-{unit.split('@')[1].removesuffix('.service')}"}, \
+        limits
+    controllers = (box.ns.cgroup / "cgroup.controllers").read_text().split()
+    print(f"\ncgroup controllers available to the sandbox: {controllers or 'none'}")
+    if "memory" not in controllers:
+        return
+    answer = client.call("allocate", {"mebibytes": 4096})
+    assert "killed by signal 9 (SIGKILL)" in json.dumps(answer), answer
+    journal = box.wait_journal(cursor, "out-of-memory killer")
+    assert "[hostile] director-stdio: killed by the out-of-memory killer" in journal, journal
+    assert wait_for(lambda: "result" in client.call("probe", {})), "not restarted"
+
+
+EVERYTHING = CHECKOUT / "tests" / "npm" / "node_modules" / "@modelcontextprotocol" / \
+    "server-everything" / "dist" / "index.js"
+
+
+def test_a_node_stdio_server_runs_in_the_sandbox(director: Box) -> None:
+    """node (V8: large reservations, JIT, threads) under the sandbox's seccomp filter, rlimits
+    and cgroup limits: the reference server-everything lists and calls its tools."""
+    box = director
+    start_with_stdio(box)
+    inside = CHECKOUT_INSIDE / EVERYTHING.relative_to(CHECKOUT)
+    client = Client(box.port, [{"name": "everything", "type": "stdio", "command": "node",
+                                "args": [str(inside), "stdio"]}], lambda: diagnostics(box))
+    answer = client.call("echo", {"message": "from node"})
+    assert "from node" in json.dumps(answer.get("result")), str(answer) + diagnostics(box)
+    assert box.sandboxed(str(inside)), "server-everything is not in a director-stdio@ unit"
 
 
 def broken_start(box: Box) -> tuple[subprocess.CompletedProcess[str], float, str]:

@@ -34,6 +34,7 @@ from director.mcp.upstream.base import (
     initialize_params,
 )
 from director.mcp.upstream.stdio import StdioUpstream, child_environment
+from director.sandbox import chain
 from tests.harness import make_temp_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -497,6 +498,7 @@ async def test_environment_and_working_directory(upstreams: Any, shared_dir: Pat
     monkeypatch.setenv("DIRECTOR_SECRET_FOR_TEST", "must not leak")
     monkeypatch.setenv("LC_TIME", "C.UTF-8")
     monkeypatch.setenv("npm_config_cache", "/tmp/npm-cache")
+    monkeypatch.setenv("npm_config_registry", "https://registry.example/")
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)],
                                         {"API_TOKEN": "configured"}, str(shared_dir))
     await upstream.start()
@@ -504,7 +506,10 @@ async def test_environment_and_working_directory(upstreams: Any, shared_dir: Pat
     assert "DIRECTOR_SECRET_FOR_TEST" not in environment
     assert environment["API_TOKEN"] == "configured"
     assert environment["LC_TIME"] == "C.UTF-8"
-    assert environment["npm_config_cache"] == "/tmp/npm-cache"
+    assert environment["npm_config_registry"] == "https://registry.example/"
+    # The daemon's cache is its own: a child of another account does not get its location.
+    assert environment.get("npm_config_cache") == (
+        None if upstream.account is not None else "/tmp/npm-cache")
     assert environment["PATH"] == os.environ["PATH"]
     assert set(environment) - {"LC_CTYPE"} == set(child_environment({"API_TOKEN": "x"},
                                                                     account=upstream.account))
@@ -564,9 +569,10 @@ import sys
 from twisted.internet import defer, reactor
 from director.mcp.upstream import stdio
 from director.mcp.upstream.account import stdio_account
+from director.sandbox import chain
 
 if sys.argv[2] == "python":
-    stdio.SETPRIV = "/nonexistent/setpriv"
+    chain.SETPRIV = "/nonexistent/setpriv"
 
 async def main():
     upstream = stdio.StdioUpstream("raw", sys.executable, [sys.argv[1], "--ignore-eof"], {},
@@ -606,10 +612,10 @@ def test_launchers(launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """Own session and group, the working directory, no ignored signals, and no exec at all
     when the parent that launched it is already gone."""
     if launcher == "python":
-        monkeypatch.setattr(stdio, "SETPRIV", "/nonexistent/setpriv")
+        monkeypatch.setattr(chain, "SETPRIV", "/nonexistent/setpriv")
     probe = "echo $$ $(cut -d' ' -f5,6 /proc/$$/stat); pwd; grep SigIgn /proc/$$/status"
     argv = stdio.launch_argv("/bin/sh", ["-c", probe], str(tmp_path))
-    assert (argv[0] == stdio.SETSID) == (launcher == "setpriv")
+    assert (argv[0] == chain.SETSID) == (launcher == "setpriv")
     started = time.monotonic()
     lines = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
     took = time.monotonic() - started
@@ -648,7 +654,7 @@ async def test_a_root_owner_runs_children_as_the_stdio_account(
     """As root: nobody's uid and gid, no supplementary groups, a HOME of its own (0700);
     as anyone else: the owner's own identity, as before."""
     if launcher == "python":
-        monkeypatch.setattr(stdio, "SETPRIV", "/nonexistent/setpriv")
+        monkeypatch.setattr(chain, "SETPRIV", "/nonexistent/setpriv")
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
     await upstream.start()
     pid = int(text_of(await call(upstream, "pid")))

@@ -122,6 +122,12 @@ class Settings:
     metrics_allow_public: bool = False
     #: The account stdio servers run as when the daemon runs as root.
     stdio_user: str = "nobody"
+    #: How stdio servers are boxed ("auto", "systemd", "account"): director.sandbox.
+    stdio_sandbox: str = "auto"
+    stdio_sandbox_socket: str = "/run/director-stdio.sock"
+    stdio_cache_directory: str = "/var/cache/director-stdio"
+    stdio_memory_max: int = 1024 ** 3
+    stdio_tasks_max: int = 512
 
     @property
     def production(self) -> bool:
@@ -411,7 +417,7 @@ def _text(raw: str) -> str:
 def _stdio_user(raw: str) -> str:
     """An existing account other than root (read from the host's account database)."""
     name = raw.strip()
-    fix = ("use an unprivileged account of its own (adduser --system --group director-stdio) or "
+    fix = ("use an unprivileged account of its own (adduser --system --group mcp-stdio) or "
            "nobody")
     try:
         entry = pwd.getpwnam(name)
@@ -420,6 +426,38 @@ def _stdio_user(raw: str) -> str:
     if entry.pw_uid == 0:
         raise _Invalid("is root (uid 0): stdio servers must never run as root", fix)
     return entry.pw_name
+
+
+def _stdio_sandbox(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("auto", "systemd", "account"):
+        raise _Invalid("is not auto, systemd or account", "use auto (the default), systemd or "
+                       "account")
+    return value
+
+
+def _absolute_path(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/"):
+        raise _Invalid("is not an absolute path", "use an absolute path")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def _size(raw: str) -> int:
+    """Bytes, with an optional K, M, G or T suffix (powers of 1024), as systemd writes them."""
+    value = raw.strip().upper().removesuffix("B")
+    fix = "use a size in bytes such as 1G, 512M or 1073741824"
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _SIZE_UNITS else (value, "")
+    try:
+        size = int(number, 10) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise _Invalid("is not a size", fix) from None
+    if size < 16 * 1024 ** 2:
+        raise _Invalid("is under 16M, too little for any runtime", fix)
+    return size
 
 
 def _metrics_listen(raw: str) -> str:
@@ -559,6 +597,31 @@ VARIABLES: tuple[Variable, ...] = (
              "must not be the private PostgreSQL's account (which may use that cluster's "
              "socket without a password). A daemon not run as root runs them as itself.",
              _stdio_user, "stdio_user"),
+    Variable("STDIO_SANDBOX", "auto",
+             "How stdio servers are boxed (docs/operations.rst, \"The stdio sandbox\"). "
+             "systemd: each server in a unit of its own through STDIO_SANDBOX_SOCKET "
+             "(director-stdio.socket: its own dynamic user, private /tmp, the daemon's files "
+             "hidden, cgroup limits); account: as STDIO_USER with resource limits (the daemon "
+             "must be root); auto: systemd when the socket is there, else account when the "
+             "daemon is root, else unboxed as the daemon's own account (logged at start). An "
+             "explicit mode that cannot work stops the start.", _stdio_sandbox, "stdio_sandbox"),
+    Variable("STDIO_SANDBOX_SOCKET", "/run/director-stdio.sock",
+             "The socket of director-stdio.socket, through which systemd starts each stdio "
+             "server in its own sandboxed unit.", _absolute_path, "stdio_sandbox_socket"),
+    Variable("STDIO_CACHE_DIRECTORY", "/var/cache/director-stdio",
+             "In the systemd mode, where each stdio server gets a cache and HOME directory of "
+             "its own (npm, uv): a directory the package creates, mode 2710 director:director-"
+             "stdio, whose subdirectories have names only their server and the daemon know.",
+             _absolute_path, "stdio_cache_directory"),
+    Variable("STDIO_MEMORY_MAX", "1G",
+             "Memory one stdio server process may allocate (RLIMIT_DATA: an allocation beyond "
+             "it fails). The systemd mode also caps each server's whole unit (MemoryMax= in "
+             "director-stdio@.service).", _size, "stdio_memory_max"),
+    Variable("STDIO_TASKS_MAX", "512",
+             "Processes and threads a stdio server may have (RLIMIT_NPROC: per server in the "
+             "systemd mode, shared by every server running as STDIO_USER in the account mode). "
+             "The systemd mode also caps the unit (TasksMax=).", _positive_int,
+             "stdio_tasks_max"),
     Variable("SEED_USER_EMAIL", "user@director.run",
              "Account `director seed` creates (development only).", _text, "seed_user_email"),
     Variable("SEED_USER_PASSWORD", "password",
@@ -770,6 +833,13 @@ def exposure_problem(values: Mapping[str, Any]) -> str | None:
     )
 
 
+def _stdio_sandbox_socket_in_use(settings: Settings) -> bool:
+    """Whether stdio servers go to the systemd sandbox (``director.sandbox.launcher``)."""
+    from director.sandbox.launcher import usable_socket
+
+    return settings.stdio_sandbox != "account" and usable_socket(settings.stdio_sandbox_socket)
+
+
 def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]:
     """One line per dangerous setting in force, saying what it allows (logged at every start
     and printed by ``director config check``)."""
@@ -778,7 +848,7 @@ def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]
     if settings.allow_arbitrary_stdio_servers:
         lines.append("DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS is on: every account can run "
                      "any command on this host through a stdio server")
-        if euid != 0:
+        if euid != 0 and not _stdio_sandbox_socket_in_use(settings):
             try:
                 user = pwd.getpwuid(euid).pw_name
             except KeyError:
@@ -786,7 +856,8 @@ def dangerous_settings(settings: Settings, euid: int | None = None) -> list[str]
             lines.append(f"stdio servers run as the daemon's own account ({user}), not "
                          "STDIO_USER: they can read and write whatever the daemon can, "
                          "including its state directory, its secret and a private cluster's "
-                         "database (a daemon started as root runs them as STDIO_USER)")
+                         "database (director-stdio.socket would give each a sandbox of its "
+                         "own; a daemon started as root runs them as STDIO_USER)")
     if settings.allow_insecure_http_servers:
         lines.append("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS is on: every account can make "
                      "the daemon connect over plain http and to loopback, link-local and "

@@ -58,6 +58,8 @@ from director.config import (
     load_settings,
     read_env_file,
 )
+from director.mcp.upstream.account import AccountError, stdio_account
+from director.sandbox.launcher import SandboxError, stdio_launcher
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 #: How long a NOTIFY may take to reach the LISTEN connection (over a LAN it takes a millisecond).
@@ -828,6 +830,28 @@ def check_state_directory(settings: Settings) -> Result:
     return Result(name, OK, shown)
 
 
+def check_stdio_sandbox(settings: Settings) -> Result:
+    """How this account's daemon would box stdio servers (``director.sandbox``)."""
+    name = "stdio-sandbox"
+    try:
+        launcher = stdio_launcher(settings, stdio_account(settings.stdio_user), "")
+    except (SandboxError, KeyError, AccountError) as refused:
+        return Result(name, FAIL, str(refused), "see docs/operations.rst, \"The stdio sandbox\"")
+    if launcher.mode == "systemd":
+        root = Path(settings.stdio_cache_directory)
+        info = root.stat()
+        if stat.S_IMODE(info.st_mode) & 0o007 or not info.st_mode & stat.S_ISGID:
+            return Result(name, WARN, f"{root} (mode {stat.S_IMODE(info.st_mode):04o} "
+                                      f"{_owner(info)}) lets others in, or lacks the setgid bit",
+                          f"chmod 2710 {root} (systemd-tmpfiles --create director.conf)")
+        return Result(name, OK, launcher.describe())
+    fix = ("install the director package's director-stdio.socket and `systemctl enable --now "
+           "director-stdio.socket`: each server then gets a sandbox of its own")
+    if launcher.mode == "account":
+        return Result(name, WARN, launcher.describe(), fix)
+    return Result(name, FAIL if settings.production else WARN, launcher.describe(), fix)
+
+
 # --- tools --------------------------------------------------------------------------------------
 
 
@@ -914,8 +938,8 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
     server_version: int | None = None
     if settings is None:
         skipped = ("database", "schema", "stored-secrets", "refused-servers",
-                   "registry-runtimes", "listen-notify",
-                   "port", "base-url", "state-directory", "postgres-binaries")
+                   "registry-runtimes", "listen-notify", "port", "base-url", "state-directory",
+                   "stdio-sandbox", "postgres-binaries")
         results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
     else:
         database, server_version = check_database(settings)
@@ -926,6 +950,7 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
             results.append(metrics)
         results.append(check_base_url(settings))
         results.append(check_state_directory(settings))
+        results.append(check_stdio_sandbox(settings))
         results.append(check_server_binaries(settings))
     results.append(check_pg_dump(server_version))
     results.append(check_plugin_cache())

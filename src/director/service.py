@@ -51,6 +51,7 @@ from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.cache import PlaybookCache
 from director.registry.client import RegistryClient
+from director.sandbox.launcher import Launcher, SandboxError, Unboxed, stdio_launcher
 from director.studio.routes import Studio
 from director.web.app import DirectorApp
 from director.web.auth import Authenticator
@@ -115,7 +116,16 @@ class DirectorService(MultiService):
             reactor, allow_insecure=settings.allow_insecure_http_servers))
         #: Who stdio children run as: STDIO_USER when the daemon is root, else the daemon.
         self.stdio_account = stdio_account(settings.stdio_user)
-        factory = upstream_factory(reactor, self.http_pool, self.stdio_account)
+        #: How stdio servers are boxed (director.sandbox); a mode that cannot work stops the
+        #: start (``_check_stdio_account``).
+        self.stdio_launcher: Launcher = Unboxed()
+        self.stdio_sandbox_refused: str | None = None
+        try:
+            self.stdio_launcher = stdio_launcher(settings, self.stdio_account, self.auth_secret)
+        except SandboxError as refused:
+            self.stdio_sandbox_refused = str(refused)
+        factory = upstream_factory(reactor, self.http_pool, self.stdio_account,
+                                   self.stdio_launcher)
         self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
@@ -223,7 +233,12 @@ class DirectorService(MultiService):
     def _check_stdio_account(self) -> None:
         """STDIO_USER must not be the private cluster's account: that cluster trusts whoever
         reaches its socket, so a stdio server running as that account would have the whole
-        database (``director.mcp.upstream.account``)."""
+        database (``director.mcp.upstream.account``). The stdio sandbox's mode is logged, or
+        the start stops when an explicit one cannot work."""
+        if self.stdio_sandbox_refused is not None:
+            raise FatalStartupError(self.stdio_sandbox_refused, EX_CONFIG)
+        log.info("stdio sandbox: {sandbox}", sandbox=self.stdio_launcher.describe(),
+                 mode=self.stdio_launcher.mode)
         if self.embedded is None or not self.settings.allow_arbitrary_stdio_servers:
             return
         try:
@@ -236,7 +251,7 @@ class DirectorService(MultiService):
                 f"STDIO_USER={self.settings.stdio_user} is also the account of the private "
                 "PostgreSQL cluster, which trusts every connection on its socket: a stdio "
                 "server would have the whole database. Set STDIO_USER to another unprivileged "
-                "account (adduser --system --group director-stdio)", EX_CONFIG)
+                "account (adduser --system --group mcp-stdio)", EX_CONFIG)
 
     def _check_exposure(self, bound: Any) -> None:
         """The server flags need a listener reachable from this host only unless sign-up is

@@ -11,22 +11,26 @@ from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
 from director.mcp.upstream.stdio import StdioUpstream
 from director.playbooks.model import Server
+from director.sandbox.launcher import Launcher
 
 
 def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = None,
-                     ) -> Callable[[Server, str], UpstreamSession]:
-    """``make(server, era)``: ``era`` is that of the downstream clients the session will serve
-    ("modern" or "legacy"); a server that speaks both is used in it. Stdio children run as
-    ``account`` (None: as the daemon, which is then not root). ``UpstreamManager`` applies the
-    security rails before it calls ``make``."""
+                     launcher: Launcher | None = None,
+                     ) -> Callable[[Server, str, str], UpstreamSession]:
+    """``make(server, era, owner="")``: ``era`` is that of the downstream clients the session
+    will serve ("modern" or "legacy"); a server that speaks both is used in it; ``owner`` (the
+    playbook) keys a stdio server's sandbox directory. Stdio children are started by
+    ``launcher`` (``director.sandbox``; None: as ``account``, or as the daemon, which is then
+    not root). ``UpstreamManager`` applies the security rails before it calls ``make``."""
 
-    def make(server: Server, era: str) -> UpstreamSession:
+    def make(server: Server, era: str, owner: str = "") -> UpstreamSession:
         if server.type == "stdio":
             assert server.command is not None
             return StdioUpstream(server.name, server.command, list(server.args),
                                  {key: item.value for key, item in server.env}, server.cwd,
                                  reactor, timeout_default=server.timeout_seconds,
-                                 prefer_modern=era == "modern", account=account)
+                                 prefer_modern=era == "modern", account=account,
+                                 launcher=launcher, owner=owner)
         headers = {key: item.value for key, item in server.headers}
         if server.type == "sse":
             assert server.url is not None

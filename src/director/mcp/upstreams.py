@@ -56,8 +56,9 @@ LIST_METHODS = {
     "resources/templates/list": ("resourceTemplates", "notifications/resources/list_changed"),
 }
 
-#: ``factory(server, era)``, era being that of the downstream clients ("modern" or "legacy").
-Factory = Callable[[Server, str], UpstreamSession]
+#: ``factory(server, era, owner)``, era being that of the downstream clients ("modern" or
+#: "legacy"), owner the playbook's id (a stdio server's sandbox directory is keyed by it).
+Factory = Callable[[Server, str, str], UpstreamSession]
 
 
 @attrs.define(eq=False)
@@ -177,7 +178,7 @@ class UpstreamManager:
 
     async def _start(self, upstream: Upstream) -> None:
         self._status_changed(upstream)
-        session = self.factory(upstream.server, upstream.era)
+        session = self.factory(upstream.server, upstream.era, str(upstream.playbook_pk or ""))
         session.on_notification = lambda message: self._notified(upstream, message)
         if self.on_request is not None:
             handler = self.on_request

@@ -1,11 +1,12 @@
 """Which account a stdio server runs as, and the home directory it gets.
 
-A stdio child never runs as root. A daemon started as root runs every stdio server as
-``STDIO_USER`` (default ``nobody``): its uid and primary gid, with no supplementary groups
-(``stdio.launch_argv`` drops them with ``setpriv --reuid --regid --clear-groups``), and with
-``HOME`` set to ``/var/tmp/director-stdio-<uid>``, a directory of its own that the daemon
-creates mode 0700 outside the state directory (so the child cannot reach the daemon's
-secret or its database) and refuses to use when it is a symlink or belongs to another account.
+A stdio child never runs as root. A daemon started as root without the systemd sandbox
+(``director.sandbox``: the account mode) runs every stdio server as ``STDIO_USER`` (default
+``nobody``): its uid and primary gid, with no supplementary groups (``sandbox.chain.launch_argv``
+drops them with ``setpriv --reuid --regid --clear-groups``), and with ``HOME`` set to
+``/var/tmp/director-stdio-<uid>``, a directory of its own that the daemon creates mode 0700
+outside the state directory (so the child cannot reach the daemon's secret or its database)
+and refuses to use when it is a symlink or belongs to another account.
 ``/var/tmp`` rather than ``/tmp``: npm and uv caches survive a reboot there; systemd's
 tmpfiles may still clean it after 30 days, which is why it is checked before every spawn.
 
@@ -86,30 +87,36 @@ def prepare_home(account: StdioAccount) -> str:
     ``/var/tmp`` is writable by everyone (sticky): anyone could have put a symlink or a
     directory of their own there first, so nothing is followed and ownership is checked on
     the opened directory itself."""
-    path = account.home
+    return own_directory(account.home, 0o700, account.uid, account.gid,
+                         f"as HOME for {account.name}")
+
+
+def own_directory(path: str, mode: int, uid: int, gid: int, what: str) -> str:
+    """Create ``path`` (``mode``, given to ``uid``:``gid`` when we are root) or check it: a
+    directory, not a symlink, owned by ``uid``, with ``mode`` put back; ``AccountError`` (whose
+    message ends with the fix) otherwise. ``what`` says what the directory is for."""
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(path, mode)
     except FileExistsError:
         pass
     except OSError as failure:
-        raise AccountError(f"cannot create {path} as HOME for {account.name}: "
-                           f"{failure.strerror}") from None
+        raise AccountError(f"cannot create {path} {what}: {failure.strerror}") from None
     else:
-        # Created by root just now, in a sticky directory: nobody else can swap it.
-        os.chown(path, account.uid, account.gid, follow_symlinks=False)
+        if os.geteuid() == 0:
+            # Created by root just now, in a directory nobody else can swap it in.
+            os.chown(path, uid, gid, follow_symlinks=False)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as failure:
-        raise AccountError(f"cannot use {path} as HOME for {account.name}: it "
-                           f"{_unusable(path, failure)}; remove it (the daemon creates it "
-                           "again)") from None
+        raise AccountError(f"cannot use {path} {what}: it {_unusable(path, failure)}; remove "
+                           "it (the daemon creates it again)") from None
     try:
         info = os.fstat(fd)
-        if info.st_uid != account.uid:
-            raise AccountError(f"cannot use {path} as HOME for {account.name}: it belongs to "
-                               f"uid {info.st_uid}; remove it (the daemon creates it again)")
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)
+        if info.st_uid != uid:
+            raise AccountError(f"cannot use {path} {what}: it belongs to uid {info.st_uid}; "
+                               "remove it (the daemon creates it again)")
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
     return path

@@ -34,6 +34,12 @@ is SIGKILLed they only see their stdin reach end-of-file and their stdout break 
 well-behaved stdio server exit); under systemd the unit's cgroup (``KillMode=control-group``,
 the default) takes them too.
 
+**Sandbox.** What is spawned is the launcher's (``director.sandbox.launcher``: one call,
+``launcher.spawn(Command) -> Spawn``, made before each spawn): in the systemd mode the chain
+below runs ``client.py``, which hands the pipes to a sandboxed unit and exits as the server did;
+in the account mode it runs the command as ``STDIO_USER`` under ``prlimit`` and ``nice``. The
+chain itself lives in ``director.sandbox.chain``.
+
 **Environment.** The child does not inherit the daemon's environment (which holds the
 database URL, the secret key, ``NOTIFY_SOCKET``, …): it gets ``INHERITED_VARIABLES`` and any
 variable starting with one of ``INHERITED_PREFIXES`` from the daemon (the locale, the
@@ -85,11 +91,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import pwd
 import signal
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from twisted.internet import defer, error, protocol, task
@@ -100,7 +104,7 @@ from zope.interface import implementer
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
-from director.mcp.upstream.account import AccountError, StdioAccount, prepare_home
+from director.mcp.upstream.account import StdioAccount
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
@@ -121,6 +125,13 @@ from director.mcp.upstream.envelope import (
     listened,
     settle,
 )
+from director.sandbox.chain import (  # noqa: F401 - the launch chain's home used to be here
+    DEFAULT_PATH,
+    child_environment,
+    launch_argv,
+    resolve_command,
+)
+from director.sandbox.launcher import Command, Launcher, Limits, SandboxError, for_account
 
 log = Logger(namespace="upstream.stdio")
 
@@ -139,99 +150,10 @@ TERM_GRACE = 2.0
 #: our ends (the group has been SIGKILLed by then; this covers ones that left the group).
 PIPES_GRACE = 1.0
 KILL_WAIT = 5.0
+#: The rlimits of a child made without a launcher (``Settings`` gives the service's).
+DEFAULT_MEMORY_MAX = 1024 ** 3
+DEFAULT_TASKS_MAX = 512
 
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
-INHERITED_VARIABLES = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
-    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "REQUESTS_CA_BUNDLE",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
-    "http_proxy", "https_proxy", "no_proxy", "all_proxy",
-    "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR",
-)
-INHERITED_PREFIXES = ("LC_", "npm_config_", "NPM_CONFIG_", "UV_", "PIP_")
-#: The daemon's own identity: not passed to a child that runs as another account.
-IDENTITY_VARIABLES = ("HOME", "USER", "LOGNAME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
-                      "XDG_DATA_HOME", "XDG_RUNTIME_DIR")
-
-SETSID = "/usr/bin/setsid"
-SETPRIV = "/usr/bin/setpriv"
-SH = "/bin/sh"
-# $1 daemon pid, $2 working directory ("" = inherit), then the command's argv.
-_SH_LAUNCH = ('[ "$PPID" = "$1" ] || exit 1; [ -z "$2" ] || cd "$2" || exit 127; '
-              'unset OLDPWD PWD; shift 2; exec "$@"')  # dash exports PWD: don't add it
-_PR_SET_PDEATHSIG = 1
-# argv: daemon pid, "uid:gid" ("" = keep), working directory ("" = inherit), executable,
-# argv[0], args…
-_WRAPPER = (
-    "import ctypes,os,signal,sys\n"
-    "if sys.argv[2]:\n"
-    " u,g=map(int,sys.argv[2].split(':'));os.setgroups([]);os.setgid(g);os.setuid(u)\n"
-    f"ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG},{int(signal.SIGKILL)})\n"
-    "if os.getppid()!=int(sys.argv[1]):os._exit(1)\n"
-    "signal.signal(signal.SIGPIPE,signal.SIG_DFL)\n"
-    "signal.signal(signal.SIGXFSZ,signal.SIG_DFL)\n"
-    "os.setsid()\n"
-    "try:\n"
-    " sys.argv[3] and os.chdir(sys.argv[3])\n"
-    " os.execv(sys.argv[4],sys.argv[5:])\n"
-    "except OSError as e:\n"
-    " sys.stderr.write(f'cannot run {sys.argv[4]}: {e.strerror}\\n');os._exit(127)\n"
-)
-
-
-def launch_argv(path: str, args: list[str], cwd: str | None,
-                account: StdioAccount | None = None) -> list[str]:
-    """The argv that runs ``path args…`` in its own session with a parent-death signal, as
-    ``account`` (uid, gid, no supplementary groups) when there is one."""
-    daemon = str(os.getpid())
-    if all(os.access(tool, os.X_OK) for tool in (SETSID, SETPRIV, SH)):
-        identity = [] if account is None else [
-            f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups"]
-        return [SETSID, SETPRIV, *identity, "--pdeathsig", "KILL", "--", SH, "-c", _SH_LAUNCH,
-                "director-stdio", daemon, cwd or "", path, *args]
-    identity_arg = "" if account is None else f"{account.uid}:{account.gid}"
-    return [sys.executable, "-I", "-S", "-c", _WRAPPER, daemon, identity_arg, cwd or "", path,
-            path, *args]
-
-
-def child_environment(configured: Mapping[str, str],
-                      inherited: Mapping[str, str] | None = None,
-                      account: StdioAccount | None = None) -> dict[str, str]:
-    """The environment a stdio server runs with (see the module docstring)."""
-    source = os.environ if inherited is None else inherited
-    environment = {key: value for key, value in source.items()
-                   if key in INHERITED_VARIABLES or key.startswith(INHERITED_PREFIXES)}
-    if account is not None:
-        for key in IDENTITY_VARIABLES:
-            environment.pop(key, None)
-        environment.update(account.environment())
-    environment.setdefault("PATH", DEFAULT_PATH)
-    if "HOME" not in environment:
-        try:
-            environment["HOME"] = pwd.getpwuid(os.getuid()).pw_dir
-        except KeyError:
-            environment["HOME"] = "/"
-    environment.update(configured)
-    return environment
-
-
-def resolve_command(command: str, env: Mapping[str, str], cwd: str | None) -> str | None:
-    """The absolute path of an executable ``command`` (configured PATH, then the daemon's)."""
-    def runnable(path: str) -> bool:
-        return os.path.isfile(path) and os.access(path, os.X_OK)
-
-    if not command:
-        return None
-    if "/" in command:
-        path = os.path.join(cwd or os.getcwd(), command)
-        return os.path.abspath(path) if runnable(path) else None
-    directories = env.get("PATH", "").split(":") + os.environ.get("PATH", DEFAULT_PATH).split(":")
-    for directory in directories:
-        if os.path.isabs(directory):  # never "" or a relative entry: they mean the cwd
-            path = os.path.join(directory, command)
-            if runnable(path):
-                return path
-    return None
 
 
 def describe_exit(reason: Failure | None) -> str:
@@ -524,7 +446,8 @@ class StdioUpstream:
                  restart: bool = True, handshake_timeout: float | None = None,
                  max_line: int = DEFAULT_MAX_LINE,
                  client_capabilities: dict[str, Any] | None = None,
-                 prefer_modern: bool = False, account: StdioAccount | None = None) -> None:
+                 prefer_modern: bool = False, account: StdioAccount | None = None,
+                 launcher: Launcher | None = None, owner: str = "") -> None:
         self.name = name
         self.command = command
         self.args = list(args)
@@ -541,6 +464,11 @@ class StdioUpstream:
         self.prefer_modern = prefer_modern
         #: Who the child runs as (None: as the daemon, which must not then be root).
         self.account = account
+        #: How the child is boxed (``director.sandbox``); by default as ``account``.
+        self.launcher = launcher if launcher is not None else for_account(
+            account, Limits(DEFAULT_MEMORY_MAX, DEFAULT_TASKS_MAX))
+        #: Whose server this is (the playbook), for the launcher.
+        self.owner = owner
         #: "modern" or "legacy" once the current process has answered its first request.
         self.era: str | None = None
         #: The modern era's ``logLevel`` (it has no ``logging/setLevel``).
@@ -689,18 +617,17 @@ class StdioUpstream:
         ``handshake_timeout`` from now); ``UpstreamError`` if that fails."""
         if deadline is None:
             deadline = self.reactor.seconds() + self.handshake_timeout
-        self._check_identity()
-        child_env = child_environment(self.env, account=self.account)
-        path = resolve_command(self.command, child_env, self.cwd)
-        if path is None:
-            raise UpstreamError(f"[{self.name}] command not found: {self.command!r}")
+        try:
+            spawn = self.launcher.spawn(Command(self.name, self.command, tuple(self.args),
+                                                self.env, self.cwd, self.owner))
+        except SandboxError as failure:
+            raise UpstreamError(f"[{self.name}] {failure}") from None
         process = _Process(self)
         self._process = process
         self._stderr_tail.clear()
-        argv = launch_argv(path, self.args, self.cwd, self.account)
         try:
-            transport = self.reactor.spawnProcess(process, argv[0], argv, env=child_env,
-                                                  usePTY=False)
+            transport = self.reactor.spawnProcess(process, spawn.argv[0], spawn.argv,
+                                                  env=spawn.env, usePTY=False)
         except OSError as failure:
             self._process = None
             raise UpstreamError(f"[{self.name}] cannot start {self.command!r}: {failure}") \
@@ -708,8 +635,9 @@ class StdioUpstream:
         process.pid = transport.pid
         if process.ended:  # it ended while being spawned (Twisted may reap synchronously)
             raise UpstreamError(process.end_message)
-        log.info("[{server}] started {command} (pid {pid})", server=self.name,
-                 command=self.command, pid=process.pid)
+        log.info("[{server}] started {command} (pid {pid}, sandbox: {sandbox})",
+                 server=self.name, command=self.command, pid=process.pid,
+                 sandbox=self.launcher.mode)
         self.era = None
         if self.prefer_modern:
             if await self._discovered(process, deadline):
@@ -747,18 +675,6 @@ class StdioUpstream:
         self.initialize_result = result
         self.era = "legacy"
         self._send(process, jsonrpc.notification("notifications/initialized"))
-
-    def _check_identity(self) -> None:
-        """Never a child as root; the account's HOME checked (or made) before each spawn."""
-        if self.account is None:
-            if os.geteuid() == 0:
-                raise UpstreamError(f"[{self.name}] refusing to run a stdio server as root: "
-                                    "the daemon gives it no unprivileged account (STDIO_USER)")
-            return
-        try:
-            prepare_home(self.account)
-        except AccountError as failure:
-            raise UpstreamError(f"[{self.name}] {failure}") from None
 
     async def _discovered(self, process: _Process, deadline: float) -> bool:
         """Probe ``server/discover``: True when the process now speaks the stateless era."""
