@@ -100,6 +100,9 @@ class Settings:
     allow_insecure_http_servers: bool = False
     enable_seeding: bool = False
     waitlist_enabled: bool = False
+    oauth_access_token_seconds: int = 3600
+    oauth_refresh_token_days: int = 30
+    oauth_registrations_per_hour: int = 20
     seed_user_email: str = "user@director.run"
     seed_user_password: str = "password"  # noqa: S105 - the original's documented dev default
     log_level: str = "info"
@@ -514,6 +517,18 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("WAITLIST_ENABLED", "false",
              "New users start pending until an administrator activates them.", _boolean,
              "waitlist_enabled"),
+    Variable("OAUTH_ACCESS_TOKEN_SECONDS", "3600",
+             "Lifetime of the access tokens MCP clients get by signing in with OAuth; clients "
+             "refresh them without asking the user. Shorter limits what a leaked token can do.",
+             _positive_int, "oauth_access_token_seconds"),
+    Variable("OAUTH_REFRESH_TOKEN_DAYS", "30",
+             "An app connected with OAuth that has not refreshed its access for this many days "
+             "must ask the user again; each refresh starts the period anew.", _positive_int,
+             "oauth_refresh_token_days"),
+    Variable("OAUTH_REGISTRATIONS_PER_HOUR", "20",
+             "OAuth clients one address may register per hour (Dynamic Client Registration), "
+             "across instances; registrations never used are deleted after a day.",
+             _positive_int, "oauth_registrations_per_hour"),
     Variable("NODE_ENV", "development",
              "production, development, test or staging. `DIRECTOR_ENV` is an alias; kept so "
              "existing env files work.", _one_of(ENVIRONMENTS), "environment"),
