@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from director.accounts.usage import KeyUsage
 from director.config import Settings
 from director.db.database import Database
+from director.oauth.server.connected import ConnectedAppsPages
 from director.playbooks.cache import PlaybookCache
 from director.studio import setup
 from director.studio.assets import StaticFiles
@@ -38,7 +39,7 @@ log = Logger(namespace="studio")
 
 
 class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages,
-             ConnectPages, AccountPages):
+             ConnectPages, AccountPages, ConnectedAppsPages):
     app = studio
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
