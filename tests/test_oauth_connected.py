@@ -52,7 +52,7 @@ def test_the_api_lists_grants_and_revokes_one(daemon: Daemon) -> None:
     assert status == 200
     assert [(g["client"]["name"], g["playbook"]["id"], g["scope"])
             for g in listing["items"]] == [("Editor", "ref", "mcp:read"),
-                                           ("Agent", "other", "mcp:read mcp:tools")]
+                                           ("Agent", "other", "mcp:read mcp:tools offline_access")]
     first = listing["items"][0]
     assert first["client"] == {"client_id": editor_id, "name": "Editor", "kind": "registered",
                                "redirect_uris": ["http://127.0.0.1:8765/callback"]}

@@ -91,7 +91,8 @@ def test_authorization_code_with_pkce_gives_a_token_for_the_playbook(setup: Setu
     flow = start_flow(daemon, setup.owner, setup.client["client_id"])
     tokens = flow.tokens()
     assert tokens["token_type"] == "Bearer"
-    assert tokens["scope"] == "mcp:read mcp:tools"
+    # Registered for refresh tokens: offline_access is offered, and was left checked.
+    assert tokens["scope"] == "mcp:read mcp:tools offline_access"
     assert tokens["access_token"].startswith("dat_")
     assert tokens["refresh_token"].startswith("drt_")
     session = initialize(daemon, tokens["access_token"])
@@ -310,11 +311,26 @@ def test_refresh_rotates_and_a_reused_refresh_token_revokes_its_family(setup: Se
     assert refresh(setup, second["refresh_token"])[2]["error"] == "invalid_grant"
 
 
+def test_no_refresh_token_without_offline_access(setup: Setup) -> None:
+    tokens = start_flow(setup.daemon, setup.owner, setup.client["client_id"]).tokens(
+        grant=("mcp:tools",))
+    assert tokens["scope"] == "mcp:read mcp:tools"
+    assert "refresh_token" not in tokens
+    # A client that did not register for refresh tokens is not offered them unless it asks.
+    plain = register(setup.daemon, grant_types=["authorization_code"])
+    flow = start_flow(setup.daemon, setup.owner, plain["client_id"])
+    assert b"Stay connected" not in flow.open()[2]
+    assert "refresh_token" not in flow.tokens()
+    asking = start_flow(setup.daemon, setup.owner, plain["client_id"],
+                        scope="mcp:read offline_access")
+    assert asking.tokens()["refresh_token"].startswith("drt_")
+
+
 def test_refresh_may_ask_for_less_never_for_more(setup: Setup) -> None:
     daemon = setup.daemon
     read_only = start_flow(daemon, setup.owner, setup.client["client_id"]).tokens(
-        grant=())
-    assert read_only["scope"] == "mcp:read"
+        grant=("offline_access",))
+    assert read_only["scope"] == "mcp:read offline_access"
     status, _, body = refresh(setup, read_only["refresh_token"], scope="mcp:read mcp:tools")
     assert (status, body["error"]) == (400, "invalid_scope")
     full = start_flow(daemon, setup.owner, setup.client["client_id"]).tokens()
@@ -326,7 +342,7 @@ def test_refresh_may_ask_for_less_never_for_more(setup: Setup) -> None:
     assert status == 403
     # The grant keeps its scope: the next refresh may have it all again.
     status, _, again = refresh(setup, narrowed["refresh_token"])
-    assert status == 200 and again["scope"] == "mcp:read mcp:tools"
+    assert status == 200 and again["scope"] == "mcp:read mcp:tools offline_access"
     status, _, body = refresh(setup, full["refresh_token"], resource="https://x.example/mcp")
     assert (status, body["error"]) == (400, "invalid_target")
 

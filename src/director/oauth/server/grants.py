@@ -179,11 +179,9 @@ def create_code(request: CodeRequest) -> Interaction[str]:
 
 
 def exchange_code(code: str, client_id: str, redirect_uri: str | None, verifier: str | None,
-                  resource: str | None, lifetimes: Lifetimes,
-                  with_refresh: bool) -> Interaction[IssuedTokens | Refusal]:
+                  resource: str | None, lifetimes: Lifetimes) -> Interaction[IssuedTokens | Refusal]:
     """The tokens of a new grant for a valid code, checked against everything it is bound to.
-    A refresh token comes with them when the client registered the ``refresh_token`` grant
-    type (``with_refresh``) or the user granted ``offline_access``."""
+    A refresh token comes with them when the user granted ``offline_access``."""
     rows = yield Query(
         "SELECT client_id, user_id, playbook_pk, resource, scope, redirect_uri, code_challenge, "
         "expires_at <= now(), exchanged_at IS NOT NULL, grant_id FROM oauth_codes "
@@ -221,8 +219,8 @@ def exchange_code(code: str, client_id: str, redirect_uri: str | None, verifier:
     new_grant = UUID(str(rows[0][0]))
     yield Query("UPDATE oauth_codes SET exchanged_at = now(), grant_id = %s WHERE code_hash = %s",
                 (str(new_grant), hash_token(code)))
-    refreshes = with_refresh or OFFLINE_ACCESS in scope.split()
-    return (yield from _issue(new_grant, scope, scope, lifetimes, refreshes))
+    return (yield from _issue(new_grant, scope, scope, lifetimes,
+                              OFFLINE_ACCESS in scope.split()))
 
 
 def _issue(grant_id: UUID, grant_scope: str, access_scope: str, lifetimes: Lifetimes,

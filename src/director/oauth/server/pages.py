@@ -35,6 +35,7 @@ from director.oauth.server.clients import METADATA_DOCUMENT, REGISTERED, Client
 from director.oauth.server.documents import DocumentError, is_document_url
 from director.oauth.server.metadata import (
     AUTHORIZE_PATH,
+    OFFLINE_ACCESS,
     SCOPE_DESCRIPTIONS,
     SCOPE_READ,
     InvalidResource,
@@ -193,6 +194,10 @@ class ConsentPages(ServerBase):
             if beyond:
                 raise Refused("invalid_scope", f"this client registered scope {registered!r}, "
                                                f"not {' '.join(beyond)}")
+        if client.refreshes:
+            # A client registered for refresh tokens gets them only with offline_access, which
+            # the consent page then shows (and the person may refuse) whether it asked or not.
+            scopes = with_required((*scopes, OFFLINE_ACCESS))
         return Checked(resource, scopes, challenge)
 
     def playbook_of(self, viewer: Viewer, resource: Resource) -> Playbook:

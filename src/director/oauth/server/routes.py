@@ -278,7 +278,7 @@ class OAuthEndpoints(ServerBase):
         if grant_type == "authorization_code":
             outcome = await self.database.run(grants.exchange_code(
                 required(parameters, "code"), client.client_id, parameters.get("redirect_uri"),
-                parameters.get("code_verifier"), resource, self.lifetimes, client.refreshes))
+                parameters.get("code_verifier"), resource, self.lifetimes))
         elif grant_type == "refresh_token":
             scope = None
             if "scope" in parameters:
