@@ -11,35 +11,23 @@ The consent and login pages are checked with axe-core and photographed like the 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-import anyio
 import attrs
 import pytest
 from mcp import Client
-from mcp.client.auth import OAuthClientProvider
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.shared.auth import (
-    AuthorizationCodeResult,
-    OAuthClientInformationFull,
-    OAuthClientMetadata,
-    OAuthToken,
-)
-from pydantic import AnyUrl
 from selenium import webdriver
 
 from director.db import migrate
 from tests.accounts_helpers import PASSWORD, Account, eventually
 from tests.harness import Daemon, PostgresServer, base_environment, free_port
+from tests.oauth_browser import Outcome, sign_in_and_call
 from tests.oauth_helpers import form, initialize, mcp_post, protected_playbook
 from tests.raw_stream import RawStream
-from tests.studio_browser import fill, find, record, start_browser, submit, wait_for
+from tests.studio_browser import find, record, start_browser, wait_for
 from tests.test_mcp_gateway import ACCEPT
 
 PING = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
@@ -82,138 +70,43 @@ def browser() -> Iterator[webdriver.Chrome]:
     yield from start_browser()
 
 
-class Callback:
-    """The client's loopback redirect URI: a local server that receives the answer."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, str] | None = None
-        self.arrived = threading.Event()
-        callback = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                if parts.path == "/callback" and not callback.arrived.is_set():  # not favicon
-                    query = parse_qs(parts.query)
-                    callback.received = {name: values[0] for name, values in query.items()}
-                    callback.arrived.set()
-                body = b"<!DOCTYPE html><title>Done</title><p>You may close this window.</p>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}/callback"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self) -> dict[str, str]:
-        assert self.arrived.wait(120), "the browser never came back to the redirect URI"
-        assert self.received is not None
-        return self.received
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class Memory:
-    """The SDK's TokenStorage, in memory."""
-
-    def __init__(self) -> None:
-        self.tokens: OAuthToken | None = None
-        self.client: OAuthClientInformationFull | None = None
-
-    async def get_tokens(self) -> OAuthToken | None:
-        return self.tokens
-
-    async def set_tokens(self, tokens: OAuthToken) -> None:
-        self.tokens = tokens
-
-    async def get_client_info(self) -> OAuthClientInformationFull | None:
-        return self.client
-
-    async def set_client_info(self, client_info: OAuthClientInformationFull) -> None:
-        self.client = client_info
-
-
-def sign_in_and_allow(browser: webdriver.Chrome, url: str, owner: Account,
-                      callback: Callback) -> None:
-    """What the person does in the browser the client opened."""
-    browser.delete_all_cookies()
-    browser.get(url)
-    wait_for(browser, lambda: "/studio/login" in browser.current_url, 30, "the login page")
-    record(browser, "oauth-login")
-    fill(browser, {"email": owner.email, "password": PASSWORD})
-    submit(browser, "Sign in")
-    wait_for(browser, lambda: "/oauth/authorize" in browser.current_url, 30, "the consent page")
-    page = find(browser, "main").text
-    assert "Connect Director test client?" in page
-    assert "Unverified application" in page and "program on this computer" in page
-    assert "Ref" in page
-    record(browser, "oauth-consent")
-    find(browser, "button[value=allow]").click()
-    wait_for(browser, lambda: browser.current_url.startswith(callback.uri), 30,
-             "the redirect to the client")
+def look(name: str, browser: webdriver.Chrome) -> None:
+    """The login and consent pages, as the person sees them: checked and photographed."""
+    if name == "oauth-consent":
+        page = find(browser, "main").text
+        assert "Connect Director test client?" in page
+        assert "Unverified application" in page and "program on this computer" in page
+        assert "Ref" in page
+    record(browser, name)
 
 
 def run(coroutine: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coroutine, 180))
 
 
+@pytest.fixture(scope="module")
+def signed_in(deployment: Deployment, browser: webdriver.Chrome) -> Outcome:
+    """The SDK client, knowing nothing but the first instance's URL, signed in and called
+    ``add``."""
+    outcome: Outcome = run(sign_in_and_call(
+        browser, deployment.url(deployment.first), deployment.owner.email, PASSWORD, "add",
+        {"a": 2, "b": 40}, look))
+    # Not asserted (timing belongs to bench/): printed for the issue's figures.
+    print(f"\nfull OAuth flow, first 401 to the tool's answer: {outcome.seconds:.2f} s "
+          f"(of which in the browser: {outcome.browser_seconds:.2f} s)")
+    return outcome
+
+
 def test_the_sdk_client_signs_in_through_the_browser_and_calls_a_tool(
-        deployment: Deployment, browser: webdriver.Chrome) -> None:
-    callback = Callback()
-    storage = Memory()
-    timings: dict[str, float] = {}
-
-    async def redirect(url: str) -> None:
-        timings["browser"] = time.monotonic()
-        await anyio.to_thread.run_sync(sign_in_and_allow, browser, url, deployment.owner,
-                                       callback)
-
-    async def came_back() -> AuthorizationCodeResult:
-        answer = await anyio.to_thread.run_sync(callback.wait)
-        timings["back"] = time.monotonic()
-        assert "code" in answer, answer
-        return AuthorizationCodeResult(code=answer["code"], state=answer.get("state"),
-                                       iss=answer.get("iss"))
-
-    provider = OAuthClientProvider(
-        server_url=deployment.url(deployment.first),
-        client_metadata=OAuthClientMetadata(
-            client_name="Director test client", redirect_uris=[AnyUrl(callback.uri)],
-            grant_types=["authorization_code", "refresh_token"], response_types=["code"],
-            token_endpoint_auth_method="none"),
-        storage=storage, redirect_handler=redirect, callback_handler=came_back)
-
-    async def scenario() -> Any:
-        async with create_mcp_http_client(auth=provider) as http, Client(
-                streamable_http_client(deployment.url(deployment.first), http_client=http),
-                mode="legacy") as client:
-            return await client.call_tool("add", {"a": 2, "b": 40})
-
-    try:
-        started = time.monotonic()
-        result = run(scenario())
-        finished = time.monotonic()
-    finally:
-        callback.close()
+        deployment: Deployment, browser: webdriver.Chrome, signed_in: Outcome) -> None:
+    result, storage = signed_in.result, signed_in.storage
     assert result.is_error is False
-    assert "42" in str(result.content[0].text)  # type: ignore[union-attr]
+    assert "42" in str(result.content[0].text)
     assert storage.tokens is not None and storage.tokens.access_token.startswith("dat_")
     # The SDK adds offline_access (SEP-2207) since the server lists it; consent granted it.
     assert storage.tokens.scope == "mcp:read mcp:tools offline_access"
     assert storage.tokens.refresh_token is not None
     assert storage.client is not None and storage.client.client_id.startswith("dc_")
-    # Not asserted (timing belongs to bench/): printed for the issue's figures.
-    print(f"\nfull OAuth flow, first 401 to the tool's answer: {finished - started:.2f} s "
-          f"(of which in the browser: {timings['back'] - timings['browser']:.2f} s)")
-    deployment_tokens[:] = [storage.tokens.access_token, storage.client.client_id]
     # The person, still signed in, finds the application under Connected apps.
     browser.get(f"http://127.0.0.1:{deployment.first.port}/studio/account/apps")
     wait_for(browser, lambda: "Connected apps" in browser.title, 30, "Connected apps")
@@ -222,14 +115,11 @@ def test_the_sdk_client_signs_in_through_the_browser_and_calls_a_tool(
     record(browser, "oauth-connected-apps")
 
 
-#: The first test's token and client id, for the second (they run in this order).
-deployment_tokens: list[str] = []
-
-
 def test_the_token_works_on_another_instance_and_its_revocation_reaches_both(
-        deployment: Deployment) -> None:
-    assert deployment_tokens, "runs after the browser test, with its token"
-    token, client_id = deployment_tokens
+        deployment: Deployment, signed_in: Outcome) -> None:
+    assert signed_in.storage.tokens is not None and signed_in.storage.client is not None
+    token = signed_in.storage.tokens.access_token
+    client_id = signed_in.storage.client.client_id
     first, second = deployment.first, deployment.second
     # On the first instance: a session with its notification stream, opened with the token.
     session = initialize(first, token)
