@@ -259,9 +259,11 @@ def checked_metadata(body: dict[str, Any], default_auth_method: str) -> dict[str
     contacts = body.get("contacts")
     if contacts is not None:
         if not isinstance(contacts, list) or len(contacts) > 10 or not all(
-                isinstance(c, str) and len(c) <= 320 for c in contacts):
+                isinstance(c, str) and len(c) <= 320 and not _CONTROL.search(c)
+                for c in contacts):
             raise ClientMetadataError("invalid_client_metadata",
-                                      "contacts must be a list of at most 10 strings")
+                                      "contacts must be a list of at most 10 strings without "
+                                      "control characters")
         metadata["contacts"] = contacts
     return metadata
 

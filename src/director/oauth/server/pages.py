@@ -103,10 +103,19 @@ class Checked:
 
 def _parameters(raw: dict[bytes, list[bytes]]) -> dict[str, list[str]]:
     try:
-        return {name.decode("utf-8"): [value.decode("utf-8") for value in values]
-                for name, values in raw.items()}
+        parameters = {name.decode("utf-8"): [value.decode("utf-8") for value in values]
+                      for name, values in raw.items()}
     except UnicodeDecodeError:
         raise PageError("the request's parameters are not UTF-8 text") from None
+    return _without_nul(parameters)
+
+
+def _without_nul(parameters: dict[str, list[str]]) -> dict[str, list[str]]:
+    """No identifier, URI or token has a NUL, and PostgreSQL refuses it in text."""
+    if any("\x00" in name or any("\x00" in value for value in values)
+           for name, values in parameters.items()):
+        raise PageError("the request's parameters hold a NUL character")
+    return parameters
 
 
 def _one(parameters: dict[str, list[str]], name: str) -> str | None:
@@ -280,8 +289,8 @@ class ConsentPages(ServerBase):
             return self.problem_page(request, PageError(
                 "The consent form was not sent from this Director's page, or your session "
                 "changed since it was shown. Connect the application again.", 403))
-        parameters = {name: form.all(name) for name in CARRIED}
         try:
+            parameters = _without_nul({name: form.all(name) for name in CARRIED})
             destination = await self.destination(parameters)
         except PageError as error:
             return self.problem_page(request, error, viewer)

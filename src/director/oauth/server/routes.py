@@ -140,7 +140,8 @@ class FromRoot(Resource):
 
 def form_parameters(request: Request) -> dict[str, str]:
     """An ``application/x-www-form-urlencoded`` body (RFC 6749 section 3.2), each parameter at
-    most once (section 3.1), empty values meaning absent."""
+    most once (section 3.1), empty values meaning absent; no NUL anywhere (no identifier or
+    token has one, and PostgreSQL refuses it in text)."""
     try:
         form = read_form(request)
     except FormError as error:
@@ -151,6 +152,8 @@ def form_parameters(request: Request) -> dict[str, str]:
     for name, values in form.fields.items():
         if len(values) > 1:
             raise OAuthError("invalid_request", f"{name} is given {len(values)} times")
+        if "\x00" in name or "\x00" in values[0]:
+            raise OAuthError("invalid_request", f"{name[:60]!r} holds a NUL character")
         if values[0] != "":
             parameters[name] = values[0]
     return parameters
