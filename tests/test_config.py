@@ -164,6 +164,8 @@ def test_base_url_follows_port_when_unset() -> None:
     ("OAUTH_ACCESS_TOKEN_SECONDS", "0", "must be greater than 0"),
     ("OAUTH_REFRESH_TOKEN_DAYS", "a month", "is not a whole number"),
     ("OAUTH_REGISTRATIONS_PER_HOUR", "-3", "must be greater than 0"),
+    ("OIDC_ISSUER", "http://idp.example.com", "OIDC_ISSUER='http://idp.example.com' is not an "
+                                              "https URL; an OpenID Connect issuer is always https"),
     ("NODE_ENV", "prod", "NODE_ENV='prod' is not recognised; use one of development, production"),
     ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose' is not recognised; use one of trace"),
     ("STATE_DIRECTORY", "relative/dir", "STATE_DIRECTORY='relative/dir' is not an absolute path"),
@@ -207,7 +209,8 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "USER_RATE_LIMIT_WINDOW_SECONDS", "USER_RATE_LIMIT_MAX_REQUESTS",
               "SIGNUP_RATE_LIMIT_PER_HOUR", "TRUSTED_PROXIES",
               *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "OAUTH_ACCESS_TOKEN_SECONDS",
-              "OAUTH_REFRESH_TOKEN_DAYS", "OAUTH_REGISTRATIONS_PER_HOUR", "NODE_ENV",
+              "OAUTH_REFRESH_TOKEN_DAYS", "OAUTH_REGISTRATIONS_PER_HOUR", "OIDC_ISSUER",
+              "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_NAME", "NODE_ENV",
               "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "REQUEST_HEADER_TIMEOUT_SECONDS",
               "REQUEST_BODY_TIMEOUT_SECONDS", "IDLE_CONNECTION_TIMEOUT_SECONDS",
@@ -481,3 +484,15 @@ def test_a_broken_env_file_is_one_line_and_exit_78() -> None:
     assert result.returncode == 78
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
     assert result.stderr.strip().endswith("then the value)")
+
+
+def test_an_openid_connect_provider_needs_all_three_variables() -> None:
+    problems = problems_for({"OIDC_ISSUER": "https://idp.example.com",
+                             "OIDC_CLIENT_SECRET": "s" * 20})
+    assert problems == ["OIDC_CLIENT_ID missing: signing in with an OpenID Connect provider "
+                        "needs all of OIDC_ISSUER, OIDC_CLIENT_ID, OIDC_CLIENT_SECRET (set "
+                        "OIDC_ISSUER, OIDC_CLIENT_SECRET only with the others, or remove it)"]
+    settings = load_settings({"OIDC_ISSUER": "https://idp.example.com", "OIDC_CLIENT_ID": "d",
+                              "OIDC_CLIENT_SECRET": "s" * 20})
+    assert settings.oidc_issuer == "https://idp.example.com"
+    assert "s" * 20 not in repr(settings)

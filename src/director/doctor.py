@@ -201,7 +201,8 @@ def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environm
         problems.append(f"{', '.join(blanked)} set in the file but empty in the process "
                         "environment, which wins (empty counts as unset)")
         fixes.append("unset " + " ".join(blanked) + " in the calling environment")
-    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL") if file_values.get(key)]
+    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL", "OIDC_CLIENT_SECRET")
+                 if file_values.get(key)]
     if info.st_mode & stat.S_IROTH and sensitive:
         problems.append(f"{path} is readable by every user and holds {', '.join(sensitive)}")
         fixes.append(f"chmod 0640 {path} (owner root, group director)")

@@ -15,6 +15,7 @@ from director.accounts.usage import KeyUsage
 from director.config import Settings
 from director.db.database import Database
 from director.oauth.server.connected import ConnectedAppsPages
+from director.oauth.server.organisation import OrganisationSignIn, ProviderClient, StateCookies
 from director.playbooks.cache import PlaybookCache
 from director.studio import setup
 from director.studio.assets import StaticFiles
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 log = Logger(namespace="studio")
 
 
-class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages,
-             ConnectPages, AccountPages, ConnectedAppsPages):
+class Studio(OrganisationSignIn, AuthPages, PlaybookListPages, PlaybookPages, ToolPages,
+             PromptPages, ConnectPages, AccountPages, ConnectedAppsPages):
     app = studio
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
@@ -53,6 +54,8 @@ class Studio(AuthPages, PlaybookListPages, PlaybookPages, ToolPages, PromptPages
         self.api = api
         self.reactor = reactor
         self.tokens = CsrfTokens(auth_secret)
+        self.oidc = ProviderClient(reactor, settings)  # signing in through an organisation's
+        self.oidc_states = StateCookies(auth_secret)
         self.assets = StaticFiles()
         self.workbench = Workbench(engine, reactor)
         self.live = LiveHub(engine.streams, reactor, self._session_still_valid)

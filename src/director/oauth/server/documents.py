@@ -130,7 +130,7 @@ def client_from_document(client_id: str, document: Any) -> Client:
     return client_of(client_id, METADATA_DOCUMENT, metadata)
 
 
-class _LimitedBody(Protocol):
+class LimitedBody(Protocol):
     """Collects a response body, aborting the connection past ``limit`` bytes."""
 
     def __init__(self, limit: int) -> None:
@@ -270,7 +270,7 @@ class DocumentFetcher:
             _discard(response)
             raise DocumentError(f"{client_id} is {content_type or 'untyped'}, not "
                                 "application/json")
-        body = _LimitedBody(MAX_DOCUMENT_BYTES)
+        body = LimitedBody(MAX_DOCUMENT_BYTES)
         response.deliverBody(body)
         raw = await body.done
         try:
