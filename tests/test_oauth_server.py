@@ -547,3 +547,17 @@ def test_unused_registrations_expire(setup: Setup, migrated_url: str) -> None:
         connection.close()
     left = {row[0] for row in query(migrated_url, "SELECT client_id FROM oauth_clients")}
     assert used in left and unused not in left
+
+
+def test_a_session_continues_with_the_refreshed_token(setup: Setup) -> None:
+    """Sessions are bound to the grant, not to one access token: a refresh every hour does
+    not end them (another grant's token does not reach them)."""
+    daemon = setup.daemon
+    first = start_flow(daemon, setup.owner, setup.client["client_id"]).tokens()
+    session = initialize(daemon, first["access_token"])
+    status, _, second = refresh(setup, first["refresh_token"])
+    assert status == 200
+    ping = {"jsonrpc": "2.0", "id": 4, "method": "ping"}
+    assert mcp_post(daemon, second["access_token"], ping, session=session)[0] == 200
+    other = start_flow(daemon, setup.owner, setup.client["client_id"]).tokens()
+    assert mcp_post(daemon, other["access_token"], ping, session=session)[0] == 404
