@@ -8,7 +8,9 @@ opaque, bound to one playbook (RFC 8707), stored hashed, and resolved from memor
 hot path like API keys.
 
 Modules: ``metadata`` (scopes, resources, the discovery documents and challenges),
-``clients`` and ``documents`` (who the client is), ``grants`` (codes, tokens, families),
-``tokens`` (the in-memory cache), ``pages`` (authorize: login, consent), ``routes`` (the HTTP
-endpoints), ``authority`` (the object the service tree holds), ``connected`` (Connected apps).
+``resource`` (what the MCP routes ask of a token), ``clients`` and ``documents`` (who the
+client is), ``grants`` (codes, tokens, families), ``tokens`` (the in-memory cache), ``pages``
+(authorize: login, consent), ``routes`` (the other HTTP endpoints), ``authority`` (the object
+the service tree holds), ``connected`` and ``cli`` (Connected apps), ``organisation``
+(signing people in through the organisation's OpenID Connect provider).
 """
