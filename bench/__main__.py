@@ -13,10 +13,13 @@ upstream, two instances without affinity), ``slow`` (2,000 slow clients: connect
 over time, time until all are closed, RSS, and health latency meanwhile), ``revocation`` (a
 key revoked on one instance: how long until the last of its 100, then 1,000 streams on another
 is closed) and ``fuzz`` (100,000 generated inputs against one daemon: 5xx answers, error-level
-log lines, RSS before and after; ``bench/fuzz.py``), ``studio`` and ``registry`` (search
-latency cold and cached, install → first ``tools/list``; ``bench/registry.py``). A group
-that fails is reported and the others still run. Everything runs under one ``Reaper`` and in
-one throwaway directory under /tmp (kept only when the run fails, for its logs).
+log lines, RSS before and after; ``bench/fuzz.py``), ``studio``, ``registry`` (search
+latency cold and cached, install → first ``tools/list``; ``bench/registry.py``), ``sandbox``
+(a stdio server's start, boxed and not) and ``oauth`` (an OAuth access token's cost on the hot
+path next to an API key's, and the SDK client's sign-in through headless Chromium;
+``bench/oauth.py``). A group that fails is reported and the others still run. Everything runs
+under one ``Reaper`` and in one throwaway directory under /tmp (kept only when the run fails,
+for its logs).
 """
 
 from __future__ import annotations
@@ -237,6 +240,17 @@ def _sandbox(c: Context) -> list[Figure]:
 
 
 GROUPS["sandbox"] = _sandbox
+
+def _oauth(c: Context) -> list[Figure]:
+    """``oauth`` (bench/oauth.py): an OAuth access token's cost on the hot path next to an API
+    key's, and the SDK client's whole sign-in through headless Chromium to a tool's answer."""
+    from bench import oauth
+
+    return (oauth.validation_cost(20_000 if c.quick else 100_000)
+            + oauth.browser_flow(c.reaper, c.workdir, c.database.url, 2 if c.quick else 5))
+
+
+GROUPS["oauth"] = _oauth
 
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:

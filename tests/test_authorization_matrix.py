@@ -73,6 +73,10 @@ MATRIX.update({
     ("get", "/playbooks/{playbook_id}/export"): _playbook_row(200),
     ("post", "/playbooks/import"): _playbook_row(201, own_object=False),
 })
+MATRIX.update({
+    ("get", "/oauth/grants"): _playbook_row(200, own_object=False),
+    ("delete", "/oauth/grants/{grant_id}"): _playbook_row(204),
+})
 PUBLIC = {("post", "/auth/signup"), ("post", "/auth/login"), ("get", "/openapi.json")}
 
 
@@ -168,9 +172,31 @@ def _new_playbook(daemon: Daemon, owner: Account, path: str) -> str:
     return playbook_id
 
 
+def _new_grant(url: str, daemon: Daemon, owner: Account) -> str:
+    """A grant of the owner's to a client on a fresh playbook (as the consent would make)."""
+    playbook_id = _new_playbook(daemon, owner, "")
+    client_id = f"dc_matrix{uuid.uuid4().hex[:10]}"
+    connection = psycopg2.connect(url)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO oauth_clients (client_id, kind, redirect_uris, metadata) "
+                           "VALUES (%s, 'registered', %s, '{}')",
+                           (client_id, ["http://127.0.0.1:1/cb"]))
+            cursor.execute(
+                "INSERT INTO oauth_grants (user_id, client_id, playbook_pk, resource, scope) "
+                "SELECT user_id, %s, pk, 'r', 'mcp:read' FROM playbooks WHERE id = %s "
+                "AND user_id = %s RETURNING id", (client_id, playbook_id, owner.user_id))
+            return str(cursor.fetchone()[0])
+    finally:
+        connection.close()
+
+
 def _request_for(method: str, path: str, owner: Account, daemon: Daemon,
-                 password: str) -> tuple[str, Any]:
+                 password: str, url: str) -> tuple[str, Any]:
     concrete = path
+    if "{grant_id}" in path:
+        concrete = path.replace("{grant_id}", _new_grant(url, daemon, owner))
     if "{key_id}" in path:
         concrete = path.replace("{key_id}", _new_key(daemon, owner)["id"])
     if "{playbook_id}" in path:
@@ -214,7 +240,7 @@ def test_authorization(world: Any, owner_account: Account, method: str, path: st
         pending = sign_up(daemon, f"pending-{suffix}@example.com")
         presented["pending_user"] = lambda: {"x-api-key": pending.key}
 
-    target, body = _request_for(method, path, owner, daemon, "correct horse battery")
+    target, body = _request_for(method, path, owner, daemon, "correct horse battery", url)
     if path in ("/auth/logout", "/me/password") and caller in ("owner", "other_user",
                                                                "pending_user"):
         # Cookie routes: sign the caller in and use the session.

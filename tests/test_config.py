@@ -172,6 +172,11 @@ def test_base_url_follows_port_when_unset() -> None:
     ("DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS", "2", "is not a boolean"),
     ("DANGEROUSLY_ENABLE_SEEDING", "y", "is not a boolean"),
     ("WAITLIST_ENABLED", "enabled", "is not a boolean"),
+    ("OAUTH_ACCESS_TOKEN_SECONDS", "0", "must be greater than 0"),
+    ("OAUTH_REFRESH_TOKEN_DAYS", "a month", "is not a whole number"),
+    ("OAUTH_REGISTRATIONS_PER_HOUR", "-3", "must be greater than 0"),
+    ("OIDC_ISSUER", "http://idp.example.com", "OIDC_ISSUER='http://idp.example.com' is not an "
+                                              "https URL; an OpenID Connect issuer is always https"),
     ("NODE_ENV", "prod", "NODE_ENV='prod' is not recognised; use one of development, production"),
     ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose' is not recognised; use one of trace"),
     ("STATE_DIRECTORY", "relative/dir", "STATE_DIRECTORY='relative/dir' is not an absolute path"),
@@ -220,7 +225,10 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "REGISTRY_ALLOW", "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               "USER_RATE_LIMIT_WINDOW_SECONDS", "USER_RATE_LIMIT_MAX_REQUESTS",
               "SIGNUP_RATE_LIMIT_PER_HOUR", "TRUSTED_PROXIES",
-              *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "NODE_ENV", "LOG_LEVEL", "STATE_DIRECTORY",
+              *DANGEROUS_FLAGS, "WAITLIST_ENABLED", "OAUTH_ACCESS_TOKEN_SECONDS",
+              "OAUTH_REFRESH_TOKEN_DAYS", "OAUTH_REGISTRATIONS_PER_HOUR", "OIDC_ISSUER",
+              "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_NAME", "NODE_ENV",
+              "LOG_LEVEL", "STATE_DIRECTORY",
               "MAX_REQUEST_BODY_BYTES", "REQUEST_HEADER_TIMEOUT_SECONDS",
               "REQUEST_BODY_TIMEOUT_SECONDS", "IDLE_CONNECTION_TIMEOUT_SECONDS",
               "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
@@ -507,3 +515,15 @@ def test_an_allowlist_needs_names() -> None:
                               "REGISTRY_URL": "file:///etc/director/catalogue.json"})
     assert settings.registry_allow == ("io.x/*",)
     assert settings.registry_url == "file:///etc/director/catalogue.json"
+
+
+def test_an_openid_connect_provider_needs_all_three_variables() -> None:
+    problems = problems_for({"OIDC_ISSUER": "https://idp.example.com",
+                             "OIDC_CLIENT_SECRET": "s" * 20})
+    assert problems == ["OIDC_CLIENT_ID missing: signing in with an OpenID Connect provider "
+                        "needs all of OIDC_ISSUER, OIDC_CLIENT_ID, OIDC_CLIENT_SECRET (set "
+                        "OIDC_ISSUER, OIDC_CLIENT_SECRET only with the others, or remove it)"]
+    settings = load_settings({"OIDC_ISSUER": "https://idp.example.com", "OIDC_CLIENT_ID": "d",
+                              "OIDC_CLIENT_SECRET": "s" * 20})
+    assert settings.oidc_issuer == "https://idp.example.com"
+    assert "s" * 20 not in repr(settings)

@@ -318,7 +318,8 @@ def test_authentication_failures_are_counted_by_reason(start_daemon: StartDaemon
                                                        migrated_url: str) -> None:
     daemon, metrics = metered(start_daemon, migrated_url, WAITLIST_ENABLED="true")
     failures = "director_auth_failures_total"
-    reasons = ("missing", "invalid_key", "revoked", "disabled", "expired_session", "pending")
+    reasons = ("missing", "invalid_key", "revoked", "disabled", "expired_session", "pending",
+               "invalid_token")
     for reason in reasons:
         assert (failures, (("reason", reason),)) in metrics.marked  # at 0 from the start
 
@@ -341,6 +342,8 @@ def test_authentication_failures_are_counted_by_reason(start_daemon: StartDaemon
             ("/playbooks/ref/mcp?key=dk_" + "y" * 64, {}))
     refused("expired_session", 1, ("/api/v1/playbooks",
                                    {"cookie": "director_session=no-such-session"}))
+    refused("invalid_token", 2, ("/playbooks/ref/mcp", {"authorization": "Bearer dat_" + "z" * 43}),
+            ("/api/v1/me", {"authorization": "Bearer dat_" + "z" * 43}))
     status, _, spare = call(daemon, "POST", "/api/v1/api-keys", {"name": "spare"},
                             key=owner.key)
     assert status == 201

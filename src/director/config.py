@@ -103,6 +103,14 @@ class Settings:
     allow_insecure_http_servers: bool = False
     enable_seeding: bool = False
     waitlist_enabled: bool = False
+    oauth_access_token_seconds: int = 3600
+    oauth_refresh_token_days: int = 30
+    oauth_registrations_per_hour: int = 20
+    #: An external OpenID Connect provider people may sign in with (all three, or none).
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = attrs.field(default=None, repr=False)
+    oidc_name: str = "your organisation"
     seed_user_email: str = "user@director.run"
     seed_user_password: str = "password"  # noqa: S105 - the original's documented dev default
     log_level: str = "info"
@@ -414,6 +422,13 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _https_url(raw: str) -> str:
+    value = _http_url(raw)
+    if urlsplit(value).scheme != "https":
+        raise _Invalid("is not an https URL", "an OpenID Connect issuer is always https")
+    return value
+
+
 def _stdio_user(raw: str) -> str:
     """An existing account other than root (read from the host's account database)."""
     name = raw.strip()
@@ -629,6 +644,32 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("WAITLIST_ENABLED", "false",
              "New users start pending until an administrator activates them.", _boolean,
              "waitlist_enabled"),
+    Variable("OAUTH_ACCESS_TOKEN_SECONDS", "3600",
+             "Lifetime of the access tokens MCP clients get by signing in with OAuth; clients "
+             "refresh them without asking the user. Shorter limits what a leaked token can do.",
+             _positive_int, "oauth_access_token_seconds"),
+    Variable("OAUTH_REFRESH_TOKEN_DAYS", "30",
+             "An app connected with OAuth that has not refreshed its access for this many days "
+             "must ask the user again; each refresh starts the period anew.", _positive_int,
+             "oauth_refresh_token_days"),
+    Variable("OAUTH_REGISTRATIONS_PER_HOUR", "20",
+             "OAuth clients one address may register per hour (Dynamic Client Registration), "
+             "across instances; registrations never used are deleted after a day.",
+             _positive_int, "oauth_registrations_per_hour"),
+    Variable("OIDC_ISSUER", None,
+             "Issuer URL (https) of your organisation's OpenID Connect provider. With "
+             "OIDC_CLIENT_ID and OIDC_CLIENT_SECRET, the login page offers to sign in with it: "
+             "people are matched to accounts by verified email (new ones get an account). "
+             "Register <BASE_URL>/studio/login/oidc/callback as the redirect URI there.",
+             _https_url, "oidc_issuer"),
+    Variable("OIDC_CLIENT_ID", None, "Director's client id at the OpenID Connect provider.",
+             _text, "oidc_client_id"),
+    Variable("OIDC_CLIENT_SECRET", None,
+             "Director's client secret at the OpenID Connect provider.", _text,
+             "oidc_client_secret"),
+    Variable("OIDC_NAME", "your organisation",
+             "What the login page's button names the provider: \"Sign in with OIDC_NAME\".",
+             _text, "oidc_name"),
     Variable("NODE_ENV", "development",
              "production, development, test or staging. `DIRECTOR_ENV` is an alias; kept so "
              "existing env files work.", _one_of(ENVIRONMENTS), "environment"),
@@ -745,7 +786,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         try:
             values[variable.field] = variable.parse(raw)
         except _Invalid as invalid:
-            shown = ("(hidden)" if variable.name == "BETTER_AUTH_SECRET"
+            shown = ("(hidden)" if variable.name in ("BETTER_AUTH_SECRET", "OIDC_CLIENT_SECRET")
                      else _shown_database_url(raw) if variable.name == "DATABASE_URL"
                      else repr(raw))
             problems.append(
@@ -784,6 +825,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         exposed = exposure_problem(values)
         if exposed is not None:
             problems.append(exposed)
+    oidc = ("OIDC_ISSUER", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET")
+    given = [name for name in oidc if name.lower() in values]  # (an invalid one is reported)
+    if given and len(given) < len(oidc) and len(given) == sum(
+            _lookup(environ, name) is not None for name in oidc):
+        missing = [name for name in oidc if name not in given]
+        problems.append(f"{', '.join(missing)} missing: signing in with an OpenID Connect "
+                        f"provider needs all of {', '.join(oidc)} (set {', '.join(given)} "
+                        "only with the others, or remove it)")
     if values.get("environment") == "production":
         for name in ("DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL"):
             if _lookup(environ, name) is None:

@@ -16,7 +16,8 @@ The checks, in order: the environment file, the configuration, the secret, the d
 schema, whether the stored secret values open with the secret, which stored servers the
 configuration refuses to run, whether the runtimes of registry packages — npx, uvx — are
 there, LISTEN/NOTIFY through the configured URL), the port,
-``BASE_URL``, the state directory, the PostgreSQL tools (server binaries for the private
+``BASE_URL`` (its form, and that it leads to this Director as MCP clients signing in with OAuth
+would reach it), the state directory, the PostgreSQL tools (server binaries for the private
 cluster, ``pg_dump`` for backups) and Twisted's plugin cache.
 """
 
@@ -37,6 +38,7 @@ import secrets
 import select
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import time
@@ -202,7 +204,8 @@ def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environm
         problems.append(f"{', '.join(blanked)} set in the file but empty in the process "
                         "environment, which wins (empty counts as unset)")
         fixes.append("unset " + " ".join(blanked) + " in the calling environment")
-    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL") if file_values.get(key)]
+    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL", "OIDC_CLIENT_SECRET")
+                 if file_values.get(key)]
     if info.st_mode & stat.S_IROTH and sensitive:
         problems.append(f"{path} is readable by every user and holds {', '.join(sensitive)}")
         fixes.append(f"chmod 0640 {path} (owner root, group director)")
@@ -785,6 +788,78 @@ def check_base_url(settings: Settings) -> Result:
     return Result(name, OK, settings.base_url, "", tuple(details))
 
 
+#: How long the doctor waits for BASE_URL to answer.
+REACH_TIMEOUT_SECONDS = 5.0
+#: What MCP clients fetch first when they sign in with OAuth (the issuer's metadata).
+DISCOVERY_PATH = "/.well-known/oauth-authorization-server"
+
+
+def _fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+    parts = urlsplit(url)
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(parts.hostname or "", parts.port,
+                                                 timeout=REACH_TIMEOUT_SECONDS)
+    else:
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port,
+                                                timeout=REACH_TIMEOUT_SECONDS)
+    try:
+        connection.request("GET", parts.path or "/", headers={"accept": "application/json"})
+        response = connection.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read(65536))
+    finally:
+        connection.close()
+
+
+def check_base_url_reach(settings: Settings) -> Result:
+    """BASE_URL is what MCP clients reach: they are sent to it to sign in (it is the OAuth
+    issuer, and every URL of the metadata derives from it). The doctor fetches the issuer's
+    metadata through BASE_URL as a client would (through the proxy, TLS verified) and checks
+    that a Director answers and names BASE_URL as its issuer. What this host cannot reach
+    (DNS, a firewall, TLS it does not trust) is a warning: clients may see it otherwise."""
+    name = "base-url-reach"
+    url = settings.base_url + DISCOVERY_PATH
+    try:
+        status, headers, body = _fetch(url)
+    except ssl.SSLError as failure:
+        # A warning: this host's view (its trust store, split DNS) may not be the clients'.
+        return Result(name, WARN, f"{settings.base_url}: TLS fails from this host "
+                                  f"({_one_line(failure)})",
+                      "if clients see the same, they refuse it: install a certificate valid for "
+                      "this name (chain included) at the reverse proxy")
+    except (OSError, http.client.HTTPException) as failure:
+        return Result(name, WARN, f"{settings.base_url} cannot be reached from this host "
+                                  f"({_one_line(failure)})",
+                      "MCP clients signing in with OAuth are sent there: check DNS and the "
+                      "reverse proxy (if the daemon is not started yet, run the doctor again "
+                      "once it is)")
+    if 300 <= status < 400:
+        return Result(name, FAIL, f"{url} redirects ({status}) to "
+                                  f"{headers.get('location', '?')}",
+                      "set BASE_URL to the URL clients end up at (https, the public name, no "
+                      "path); OAuth metadata and redirects must not be redirected")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if status != 200 or "x-trace-id" not in headers or not isinstance(answer, dict):
+        return Result(name, FAIL, f"{url} answered {status}, not from Director",
+                      "the reverse proxy must pass every path to Director, /.well-known/ and "
+                      "/oauth/ included (docs/manual.rst, nginx and Cloudflare)")
+    issuer = answer.get("issuer")
+    if issuer != settings.base_url:
+        return Result(name, FAIL, f"the Director at {settings.base_url} says its issuer is "
+                                  f"{issuer!r}",
+                      "every instance behind this URL needs the same BASE_URL, the one clients "
+                      "reach; OAuth clients refuse metadata whose issuer differs")
+    cached = headers.get("age") or headers.get("x-cache", "").lower().startswith("hit")
+    details = (("a cache answered (Age or X-Cache): make sure /oauth/ is never cached",)
+               if cached else ())
+    return Result(name, OK, f"{settings.base_url} reaches Director (its OAuth issuer)", "",
+                  details)
+
+
 # --- the state directory ----------------------------------------------------------------------
 
 
@@ -938,8 +1013,8 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
     server_version: int | None = None
     if settings is None:
         skipped = ("database", "schema", "stored-secrets", "refused-servers",
-                   "registry-runtimes", "listen-notify", "port", "base-url", "state-directory",
-                   "stdio-sandbox", "postgres-binaries")
+                   "registry-runtimes", "listen-notify", "port", "base-url", "base-url-reach",
+                   "state-directory", "stdio-sandbox", "postgres-binaries")
         results += [Result(name, SKIP, "the configuration is invalid") for name in skipped]
     else:
         database, server_version = check_database(settings)
@@ -949,6 +1024,7 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
         if metrics is not None:
             results.append(metrics)
         results.append(check_base_url(settings))
+        results.append(check_base_url_reach(settings))
         results.append(check_state_directory(settings))
         results.append(check_stdio_sandbox(settings))
         results.append(check_server_binaries(settings))

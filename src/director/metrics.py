@@ -79,7 +79,7 @@ SESSION_TRANSPORTS = ("streamable", "sse", "modern")
 SESSION_END_REASONS = ("client", "idle", "cap", "revoked", "deleted", "shutdown")
 INITIALIZE_TRANSPORTS = ("streamable", "sse")
 AUTH_FAILURE_REASONS = ("missing", "invalid_key", "revoked", "disabled", "expired_session",
-                        "pending")
+                        "pending", "invalid_token")
 MAX_PLAYBOOK_SERIES = 100
 MAX_SERVER_SERIES = 300
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

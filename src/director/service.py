@@ -49,6 +49,8 @@ from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
+from director.oauth.server.authority import AuthorizationServer
+from director.oauth.server.tokens import TokenCache
 from director.playbooks.cache import PlaybookCache
 from director.registry.client import RegistryClient
 from director.sandbox.launcher import Launcher, SandboxError, Unboxed, stdio_launcher
@@ -105,8 +107,10 @@ class DirectorService(MultiService):
             from director.metrics import Metrics
 
             self.metrics = Metrics()
+        #: OAuth access tokens, resolved on the MCP hot path like API keys.
+        self.oauth_tokens = TokenCache(self.database)
         self.authenticator = Authenticator(settings, self.database, self.accounts,
-                                           self.rate_limiter, self.metrics)
+                                           self.rate_limiter, self.metrics, self.oauth_tokens)
         self.port: Any = None  # IListeningPort
         self.metrics_port: Any = None  # IListeningPort of METRICS_LISTEN
         self.site: DirectorSite | None = None
@@ -131,6 +135,7 @@ class DirectorService(MultiService):
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
         self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
+        self.oauth_tokens.watch(self.mcp)  # and so does a revoked OAuth grant
         if self.metrics is not None:
             from director.metrics import ServiceCollector
 
@@ -142,9 +147,11 @@ class DirectorService(MultiService):
                        self.secret_box, self.registry)
         self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
                              self.mcp, api_v1, self.auth_secret, reactor)
+        self.oauth = AuthorizationServer(settings, self.database, self.authenticator,
+                                         self.playbooks, self.studio, reactor, self.oauth_tokens)
         self.web = DirectorApp(
             self.health_reason, api_v1, McpRoutes(self.mcp, self.authenticator, self.playbooks),
-            studio=self.studio)
+            studio=self.studio, oauth=self.oauth)
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -199,6 +206,7 @@ class DirectorService(MultiService):
         self.rate_limiter.start()
         self.mcp.start()
         await self.studio.start()
+        await self.oauth.start()
         elapsed = time.monotonic() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
         systemd.notify("STATUS=serving")
@@ -406,6 +414,7 @@ class DirectorService(MultiService):
         if self.metrics_port is not None:
             await self.metrics_port.stopListening()
         await self.studio.stop()
+        self.oauth.stop()
         await self.mcp.stop()
         await self._drain_connections()
         await self.http_pool.closeCachedConnections()

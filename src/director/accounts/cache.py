@@ -51,9 +51,12 @@ class CachedSession:
 
 @attrs.frozen
 class Credential:
-    """What authenticated a request: an API key or a cookie session, by id (never reused)."""
+    """What authenticated a request: an API key, a cookie session or an OAuth grant, by id
+    (never reused)."""
 
-    kind: str  # "api_key", "session", or "studio" (the Studio's own sessions: id is the user's)
+    #: "api_key", "session", "oauth" (a grant: ``director.oauth.server.tokens`` revokes it), or
+    #: "studio" (the Studio's own sessions: id is the user's)
+    kind: str
     id: UUID
 
 

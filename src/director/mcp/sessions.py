@@ -675,7 +675,7 @@ class McpEngine:
 
     def revoked(self, revocation: Revocation) -> None:
         """End every session opened with what ``revocation`` names."""
-        if revocation.kind in ("api_key", "session"):
+        if revocation.kind in ("api_key", "session", "oauth"):
             credential = Credential(revocation.kind, revocation.id)
             self._remember_revoked(credential)
             ending = list(self._of_credential.get(credential, {}).values())

@@ -78,8 +78,10 @@ class Viewer:
 
 
 def safe_next(value: str | None) -> str:
-    """Where to go after signing in: a Studio path only (never another site)."""
-    if value and value.startswith("/studio/") and not value.startswith("//") \
+    """Where to go after signing in: a Studio path, or back to an OAuth authorization that
+    asked to sign in (never another site)."""
+    if value and value.startswith(("/studio/", "/oauth/authorize?")) \
+            and not value.startswith("//") \
             and "\\" not in value and not any(ord(c) < 32 for c in value):
         return value
     return "/studio/"

@@ -14,6 +14,8 @@ from twisted.logger import Logger
 from director.accounts.usage import KeyUsage
 from director.config import Settings
 from director.db.database import Database
+from director.oauth.server.connected import ConnectedAppsPages
+from director.oauth.server.organisation import OrganisationSignIn, ProviderClient, StateCookies
 from director.playbooks.cache import PlaybookCache
 from director.studio import setup
 from director.studio.assets import StaticFiles
@@ -38,8 +40,8 @@ if TYPE_CHECKING:
 log = Logger(namespace="studio")
 
 
-class Studio(AuthPages, PlaybookListPages, RegistryPages, PlaybookPages, ToolPages,
-             PromptPages, ConnectPages, AccountPages):
+class Studio(OrganisationSignIn, AuthPages, PlaybookListPages, RegistryPages, PlaybookPages,
+             ToolPages, PromptPages, ConnectPages, AccountPages, ConnectedAppsPages):
     app = studio
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
@@ -53,6 +55,8 @@ class Studio(AuthPages, PlaybookListPages, RegistryPages, PlaybookPages, ToolPag
         self.api = api
         self.reactor = reactor
         self.tokens = CsrfTokens(auth_secret)
+        self.oidc = ProviderClient(reactor, settings)  # signing in through an organisation's
+        self.oidc_states = StateCookies(auth_secret)
         self.assets = StaticFiles()
         self.workbench = Workbench(engine, reactor)
         self.live = LiveHub(engine.streams, reactor, self._session_still_valid)

@@ -24,11 +24,12 @@ class DirectorApp:
     install_error_handlers(app)
 
     def __init__(self, health_check: HealthCheck, api_v1: Any, mcp: Any,
-                 studio: Any = None) -> None:
+                 studio: Any = None, oauth: Any = None) -> None:
         self.health_check = health_check
         self.api_v1 = api_v1
         self.mcp = mcp
         self.studio = studio
+        self.oauth = oauth
 
     @app.route("/playbooks/", branch=True)
     def mcp_routes(self, request: Request) -> Any:
@@ -52,6 +53,14 @@ class DirectorApp:
     @app.route("/studio/", branch=True)
     def studio_routes(self, request: Request) -> Any:
         return self.studio.resource()
+
+    # The OAuth authorization server (director.oauth.server), its routes written whole.
+    @app.route("/.well-known/<path:document>", endpoint="oauth_discovery")
+    @app.route("/oauth/<any(authorize, token, register, revoke):name>",
+               endpoint="oauth_endpoints")
+    @app.route("/connect", endpoint="oauth_connect")
+    def oauth_routes(self, request: Request, **_: str) -> Any:
+        return self.oauth.resource()
 
     @app.route("/api/health", methods=["GET", "HEAD"])
     async def health(self, request: Request) -> bytes:

@@ -1,8 +1,10 @@
 """Who is calling: API keys and cookie sessions resolved to a user, rate limits applied.
 
-Credentials, in order: ``x-api-key``; ``Authorization: Bearer dk_…``; on MCP routes only,
-``?key=dk_…`` (the parameter's name in any case or encoding, see ``web/querykey.py``, which
-also redacts it from logs; two different values are a 400); then the session cookie. A
+Credentials, in order: ``x-api-key``; ``Authorization: Bearer dk_…``; on MCP routes only, an
+OAuth access token (``Authorization: Bearer dat_…``, ``director.oauth.server``: the route then
+checks that it was issued for its playbook) and ``?key=dk_…`` (the parameter's name in any
+case or encoding, see ``web/querykey.py``, which also redacts it from logs; two different
+values are a 400); then the session cookie. A
 credential that is present but wrong is a 401 — never a fall-through to the next source, and
 never a 500.
 
@@ -37,6 +39,7 @@ from director.accounts.credentials import looks_like_api_key
 from director.accounts.ratelimit import Decision, Limit, RateLimiter
 from director.config import Settings
 from director.db.database import Database
+from director.oauth.server.grants import AccessGrant, looks_like_access_token
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
 from director.web.querykey import query_keys
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from director.metrics import Metrics
+    from director.oauth.server.tokens import TokenCache
 
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
 
@@ -54,9 +58,12 @@ class Principal:
     key: store.ApiKey | None = None
     session: store.Session | None = None
     session_token: str | None = None
+    grant: AccessGrant | None = None  # an OAuth access token's
 
     @property
     def via(self) -> str:
+        if self.grant is not None:
+            return "oauth"
         return "api_key" if self.key is not None else "session"
 
 
@@ -85,8 +92,10 @@ def _unauthorized(message: str) -> Unauthorized:
 
 class Authenticator:
     def __init__(self, settings: Settings, database: Database, cache: AccountCache,
-                 limiter: RateLimiter, metrics: Metrics | None = None) -> None:
+                 limiter: RateLimiter, metrics: Metrics | None = None,
+                 oauth_tokens: TokenCache | None = None) -> None:
         self.settings = settings
+        self.oauth_tokens = oauth_tokens
         self.metrics = metrics
         self.database = database
         self.cache = cache
@@ -134,9 +143,12 @@ class Authenticator:
         return None
 
     async def authenticate(self, request: Request, *, allow_query_key: bool = False,
-                           allow_pending: bool = False) -> Principal:
-        """The caller, or an ``ApiError`` (401, 403, 429) saying why not."""
-        principal = await self._resolve(request, allow_query_key)
+                           allow_pending: bool = False, allow_oauth: bool = False) -> Principal:
+        """The caller, or an ``ApiError`` (401, 403, 429) saying why not. ``allow_oauth``:
+        an OAuth access token is accepted (MCP routes, which check its playbook)."""
+        principal = await self._oauth(request, allow_oauth)
+        if principal is None:
+            principal = await self._resolve(request, allow_query_key)
         if principal is None:
             raise self._refused(
                 "authentication required: send an API key (x-api-key or Authorization: Bearer) "
@@ -149,7 +161,7 @@ class Authenticator:
             raise Forbidden("this account is waiting for an administrator to activate it",
                             code="user_pending")
         await self._apply_rate_limits(request, principal)
-        if principal.key is None and request.method not in SAFE_METHODS:
+        if principal.session is not None and request.method not in SAFE_METHODS:
             self._check_csrf(request)
 
         if principal.key is not None:
@@ -165,6 +177,33 @@ class Authenticator:
     def _count_failure(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.auth_failure(reason)
+
+    async def _oauth(self, request: Request, allowed: bool) -> Principal | None:
+        """The caller of an OAuth access token (``Authorization: Bearer dat_…``), or None when
+        the request carries none. An API key sent as well wins, as it did before."""
+        authorization = request.getHeader(b"authorization")
+        if authorization is None or request.getHeader(b"x-api-key") is not None:
+            return None
+        scheme, _, value = authorization.decode("latin-1").strip().partition(" ")
+        token = value.strip()
+        if scheme.lower() != "bearer" or not looks_like_access_token(token):
+            return None
+        if not allowed or self.oauth_tokens is None:
+            raise self._token_refused("an OAuth access token is accepted only by the MCP "
+                                      "endpoint of the playbook it was issued for; use an API "
+                                      "key here")
+        grant = await self.oauth_tokens.grant(token)
+        user = await self.cache.user(grant.user_id) if grant is not None else None
+        if grant is None or user is None:
+            raise self._token_refused("the access token is invalid, expired or revoked; "
+                                      "refresh it or authorize again")
+        return Principal(user, grant=grant)
+
+    def _token_refused(self, message: str) -> Unauthorized:
+        """A 401 for an OAuth token (RFC 6750's ``invalid_token``)."""
+        self._count_failure("invalid_token")
+        return Unauthorized(message, code="invalid_token",
+                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
     async def _resolve(self, request: Request, allow_query_key: bool) -> Principal | None:
         presented = self._presented_key(request, allow_query_key)
@@ -217,6 +256,9 @@ class Authenticator:
         user = Limit("user", principal.user.id, settings.user_rate_limit_max_requests,
                      settings.user_rate_limit_window_seconds, "this user")
         key = principal.key
+        if principal.grant is not None:  # a connected app: limited like a key of its own
+            return [Limit("oauth", principal.grant.id, settings.rate_limit_max_requests,
+                          settings.rate_limit_window_seconds, "this connected app"), user]
         if key is None:
             return [user]
         return [Limit("key", key.id, key.rate_limit_max_requests or settings.rate_limit_max_requests,

@@ -3,7 +3,9 @@ and the stateless 2026-07-28 era served by ``director.mcp.modern``) and
 ``/playbooks/{id}/sse`` + ``/playbooks/{id}/message`` (legacy HTTP+SSE).
 
 Every route authenticates like the API (``x-api-key``, ``Authorization: Bearer dk_…``, the
-session cookie) and also accepts ``?key=dk_…`` for clients that cannot set headers; errors
+session cookie) and also accepts ``?key=dk_…`` for clients that cannot set headers, and an OAuth
+access token issued for its playbook (``director.oauth.server.resource``: its 401s say where to
+sign in, a missing scope is a 403 ``insufficient_scope``); errors
 are JSON-RPC error objects with the HTTP status that says what happened (401 with
 ``WWW-Authenticate``, 404 for a playbook that is not the caller's, 429 when rate limited).
 A session is reached only with the credential that opened it (another key of the same user
@@ -32,10 +34,11 @@ from director.mcp.modern import ModernGateway, is_modern_request, modern_method_
 from director.mcp.sessions import CallChannel, CredentialRevoked, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
 from director.mcp.upstream.base import LEGACY_VERSIONS
+from director.oauth.server import resource as oauth_resource
 from director.playbooks.cache import PlaybookCache
 from director.playbooks.store import Playbook
 from director.web.auth import Authenticator, Principal
-from director.web.errors import ApiError
+from director.web.errors import ApiError, Unauthorized
 from director.web.querykey import query_keys
 
 log = Logger(namespace="mcp.http")
@@ -80,7 +83,9 @@ STREAMING = _Streaming()
 
 
 def credential_of(principal: Principal) -> Credential:
-    """The API key or cookie session that authenticated the caller."""
+    """The API key, cookie session or OAuth grant that authenticated the caller."""
+    if principal.grant is not None:
+        return Credential("oauth", principal.grant.id)
     if principal.key is not None:
         return Credential("api_key", principal.key.id)
     assert principal.session is not None
@@ -150,9 +155,20 @@ class McpRoutes:
 
     # --- shared ---------------------------------------------------------------------------
 
-    async def _caller(self, request: Request, playbook_id: str) -> tuple[Principal, Playbook]:
-        principal = await self.auth.authenticate(request, allow_query_key=True)
+    async def _caller(self, request: Request, playbook_id: str,
+                      transport: str = "mcp") -> tuple[Principal, Playbook]:
+        settings = self.auth.settings
+        try:
+            principal = await self.auth.authenticate(request, allow_query_key=True,
+                                                     allow_oauth=True)
+        except Unauthorized as refusal:
+            raise oauth_resource.challenged(settings, refusal, playbook_id, transport) from None
         playbook = self.playbooks.get(principal.user.id, playbook_id)
+        if principal.grant is not None:
+            refused = oauth_resource.audience_refusal(settings, principal.grant, playbook,
+                                                      playbook_id, transport)
+            if refused is not None:
+                raise refused
         if playbook is None:
             raise McpHttpError(404, SERVER_ERROR, f"no playbook {playbook_id!r}")
         return principal, playbook
@@ -192,6 +208,20 @@ class McpRoutes:
         except ProtocolError as failure:
             raise McpHttpError(400, failure.code, failure.message) from None
 
+    def _check_scope(self, principal: Principal, message: Message, playbook_id: str,
+                     transport: str) -> None:
+        """403 ``insufficient_scope`` when an OAuth token lacks what ``message`` needs."""
+        if principal.grant is None:
+            return
+        method = message.get("method")
+        needed = oauth_resource.missing_scopes(principal.grant, method)
+        if needed is not None:
+            text, header = oauth_resource.scope_challenge(self.auth.settings, playbook_id,
+                                                          transport, needed, method)
+            raise McpHttpError(403, SERVER_ERROR, text, request_id=message.get("id"),
+                               headers={"WWW-Authenticate": header},
+                               data={"code": "insufficient_scope"})
+
     @staticmethod
     def _notified(session: DownstreamSession, message: Message) -> None:
         """A notification has no response: one the session refuses is answered 400 (the
@@ -226,6 +256,7 @@ class McpRoutes:
             raise McpHttpError(406, jsonrpc.INVALID_REQUEST,
                                "Not Acceptable: accept application/json and text/event-stream")
         message = self._read_message(request)
+        self._check_scope(principal, message, playbook_id, "mcp")
         if is_modern_request(request, message):
             return await self.modern.post(request, principal.user.id, credential_of(principal),
                                           playbook, message)
@@ -318,7 +349,7 @@ class McpRoutes:
 
     @app.route("/<playbook_id>/sse", methods=["GET"])
     async def sse(self, request: Request, playbook_id: str) -> Any:
-        principal, playbook = await self._caller(request, playbook_id)
+        principal, playbook = await self._caller(request, playbook_id, "sse")
         session = self.engine.create(principal.user.id, credential_of(principal), playbook, "sse")
         stream = EventStream(request, self.engine.streams,
                              on_close=lambda _: self.engine.end(session, "client"))
@@ -333,7 +364,7 @@ class McpRoutes:
 
     @app.route("/<playbook_id>/message", methods=["POST"])
     async def message(self, request: Request, playbook_id: str) -> bytes:
-        principal, playbook = await self._caller(request, playbook_id)
+        principal, playbook = await self._caller(request, playbook_id, "sse")
         values = request.args.get(b"sessionId")
         if not values:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "Bad Request: sessionId is required")
@@ -342,6 +373,7 @@ class McpRoutes:
         if session is None or session.transport != "sse":
             raise McpHttpError(404, SERVER_ERROR, "session not found")
         message = self._read_message(request)
+        self._check_scope(principal, message, playbook_id, "sse")
         self._check_modern(message)
         if jsonrpc.is_notification(message):
             self._notified(session, message)

@@ -465,12 +465,14 @@ def _playbook_paths() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    """The whole document: the paths below plus those of the YAML routes."""
+    """The whole document: the paths below plus those of the YAML routes, of the registry and
+    of Connected apps (``director.oauth.server.connected``)."""
+    from director.oauth.server.connected import OPENAPI_PATHS as CONNECTED_APPS
     from director.web import registry_openapi
     from director.web.playbooks_yaml_api import OPENAPI_PATHS
 
     described = _document()
-    described["paths"] |= OPENAPI_PATHS
+    described["paths"] |= OPENAPI_PATHS | CONNECTED_APPS
     registry_openapi.extend(described)
     return described
 

@@ -12,6 +12,7 @@ from director.accounts.throttle import LoginThrottle
 from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
+from director.oauth.server.connected import ConnectedAppsApi
 from director.playbooks.cache import PlaybookCache
 from director.registry.client import RegistryClient
 from director.web.accounts_api import AccountRoutes
@@ -23,7 +24,8 @@ from director.web.playbooks_yaml_api import PlaybookYamlRoutes
 from director.web.registry_api import RegistryRoutes
 
 
-class ApiV1(AccountRoutes, PlaybookYamlRoutes, RegistryRoutes, PlaybookRoutes, OpenApiRoutes):
+class ApiV1(AccountRoutes, PlaybookYamlRoutes, RegistryRoutes, PlaybookRoutes, ConnectedAppsApi,
+            OpenApiRoutes):
     app = api
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,

@@ -102,6 +102,12 @@ class AccountPages(StudioBase):
                                    class_="actions")),
                 class_="card", **{"aria-labelledby": "keys-title"}),
             tags.section(
+                tags.h2("Connected apps", id="apps-title"),
+                tags.p("Applications you allowed to use your playbooks by signing in with "
+                       "OAuth: see what each may do, and revoke it. ",
+                       tags.a("Connected apps", href="/studio/account/apps")),
+                class_="card", **{"aria-labelledby": "apps-title"}),
+            tags.section(
                 tags.h2("Sessions", id="sessions-title"),
                 tags.p("Browsers and tools signed in to this account.", class_="hint"),
                 tags.div(tags.table(

@@ -198,10 +198,15 @@ class AuthPages(StudioBase):
                 method="post", action=action),
             extra, class_="card narrow"), status=status)
 
+    def organisation_link(self, next_path: str) -> Tag | str:
+        """Another way to sign in (``oauth/server/organisation.py`` overrides it), or none."""
+        return ""
+
     def _login_form(self, request: Request, **options: Any) -> bytes:
         return self._credentials_form(
             request, title="Sign in", action="/studio/login", button="Sign in",
-            extra=tags.p("No account yet? ", tags.a("Sign up", href="/studio/signup")),
+            extra=tags.div(self.organisation_link(options.get("next_path", "")),
+                           tags.p("No account yet? ", tags.a("Sign up", href="/studio/signup"))),
             **options)
 
     def _signup_form(self, request: Request, **options: Any) -> bytes:
