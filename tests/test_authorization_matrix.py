@@ -74,6 +74,13 @@ MATRIX.update({
     ("post", "/playbooks/import"): _playbook_row(201, own_object=False),
 })
 MATRIX.update({
+    ("get", "/registry/servers"): _playbook_row(200, own_object=False),
+    ("get", "/registry/servers/{namespace}/{name}"): _playbook_row(200, own_object=False),
+    ("post", "/playbooks/{playbook_id}/servers/from-registry"): _playbook_row(201),
+    ("get", "/playbooks/{playbook_id}/servers/{name}/registry"): _playbook_row(200),
+    ("post", "/playbooks/{playbook_id}/servers/{name}/registry-update"): _playbook_row(200),
+})
+MATRIX.update({
     ("get", "/oauth/grants"): _playbook_row(200, own_object=False),
     ("delete", "/oauth/grants/{grant_id}"): _playbook_row(204),
 })
@@ -102,8 +109,13 @@ def world(postgres: Any) -> Any:  # one daemon and its users for the whole matri
     name = postgres.create_database()
     url = postgres.url_for(name)
     migrate.upgrade(url)
+    from tests import registry_catalogue
+    from tests.harness import make_temp_dir
+
+    catalogue = registry_catalogue.write(make_temp_dir("director-test-matrix-") / "c.json")
     daemon = DaemonClass(base_environment(DATABASE_URL=url, PORT=str(free_port()),
-                                          WAITLIST_ENABLED="true"))
+                                          WAITLIST_ENABLED="true",
+                                          REGISTRY_URL=f"file://{catalogue}"))
     daemon.wait_healthy()
     yield daemon, url
     daemon.stop()
@@ -140,6 +152,9 @@ def _new_key(daemon: Daemon, account: Account) -> dict[str, Any]:
 #: https URL whose name does not resolve here passes the default rails.
 _SERVER = {"name": "web", "type": "http", "url": "https://mcp.example.com/mcp"}
 _PROMPT = {"name": "greet", "body": "Say hello to {{who}}", "arguments": [{"name": "who"}]}
+#: A remote entry of tests/registry_catalogue.py: an https server, so the default rails pass.
+_FROM_REGISTRY = {"name": "io.example/weather", "server_name": "weather",
+                  "inputs": {"url.tenant": "acme", "header.Authorization.token": "t"}}
 #: A valid body for each playbook route that takes one.
 _PLAYBOOK_BODIES: dict[tuple[str, str], Any] = {
     ("post", "/playbooks"): {"name": "Matrix"},
@@ -151,6 +166,8 @@ _PLAYBOOK_BODIES: dict[tuple[str, str], Any] = {
         "tools": [{"server": "web", "name": "search", "disabled": True}]},
     ("post", "/playbooks/{playbook_id}/prompts"): {"name": "added", "body": "Hi"},
     ("patch", "/playbooks/{playbook_id}/prompts/{name}"): {"title": "Changed"},
+    ("post", "/playbooks/{playbook_id}/servers/from-registry"): _FROM_REGISTRY,
+    ("post", "/playbooks/{playbook_id}/servers/{name}/registry-update"): {},
 }
 
 
@@ -160,8 +177,10 @@ def _new_playbook(daemon: Daemon, owner: Account, path: str) -> str:
     status, _, body = call(daemon, "POST", "/api/v1/playbooks",
                            {"name": "Matrix", "id": playbook_id}, key=owner.key)
     assert status == 201, body
-    parts = []
-    if "/servers/" in path or path.endswith("/tools"):
+    parts: list[tuple[str, Any]] = []
+    if "/registry" in path and "/servers/{name}" in path:
+        parts.append(("servers/from-registry", _FROM_REGISTRY))
+    elif "/servers/" in path or path.endswith("/tools"):
         parts.append(("servers", _SERVER))
     if "/prompts/" in path:
         parts.append(("prompts", _PROMPT))
@@ -202,7 +221,11 @@ def _request_for(method: str, path: str, owner: Account, daemon: Daemon,
     if "{playbook_id}" in path:
         concrete = concrete.replace("{playbook_id}", _new_playbook(daemon, owner, path))
         concrete = concrete.replace("{name}", _PROMPT["name"] if "/prompts/" in path
+                                    else _FROM_REGISTRY["server_name"] if "/registry" in path
                                     else _SERVER["name"])
+    if "{namespace}" in path:
+        namespace, name = str(_FROM_REGISTRY["name"]).split("/")
+        concrete = concrete.replace("{namespace}", namespace).replace("{name}", name)
     body: Any = {}
     if path == "/api-keys" and method == "post":
         body = {"name": f"n-{uuid.uuid4().hex[:8]}"}
