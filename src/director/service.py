@@ -49,6 +49,9 @@ from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
+from director.oauth.client.routes import UpstreamOAuthPages
+from director.oauth.client.service import UpstreamAuthorizations
+from director.oauth.client.sessions import follow as follow_authorizations
 from director.playbooks.cache import PlaybookCache
 from director.studio.routes import Studio
 from director.web.app import DirectorApp
@@ -108,18 +111,23 @@ class DirectorService(MultiService):
         self.port: Any = None  # IListeningPort
         self.metrics_port: Any = None  # IListeningPort of METRICS_LISTEN
         self.site: DirectorSite | None = None
-        self.secret_box = SecretBox(self.auth_secret)
+        self.secret_box = SecretBox(self.auth_secret, settings.auth_secret_previous)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
         self.http_pool = new_pool(reactor, endpoints=CheckedEndpoints(
             reactor, allow_insecure=settings.allow_insecure_http_servers))
         #: Who stdio children run as: STDIO_USER when the daemon is root, else the daemon.
         self.stdio_account = stdio_account(settings.stdio_user)
-        factory = upstream_factory(reactor, self.http_pool, self.stdio_account)
+        #: The users' upstream OAuth credentials (director.oauth.client).
+        self.upstream_oauth = UpstreamAuthorizations(settings, self.database, self.secret_box,
+                                                     reactor, self.http_pool)
+        factory = upstream_factory(reactor, self.http_pool, self.stdio_account,
+                                   authorizations=self._upstream_authorization)
         self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
         self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
+        follow_authorizations(self.mcp, self.upstream_oauth)
         if self.metrics is not None:
             from director.metrics import ServiceCollector
 
@@ -127,12 +135,14 @@ class DirectorService(MultiService):
                                                    self.playbooks))
             self.playbooks.subscribe(self.metrics.playbook_changed)
         api_v1 = ApiV1(settings, self.database, self.authenticator, self.playbooks,
-                       self.secret_box)
+                       self.secret_box, oauth=self.upstream_oauth)
         self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
-                             self.mcp, api_v1, self.auth_secret, reactor)
+                             self.mcp, api_v1, self.auth_secret, reactor,
+                             oauth=self.upstream_oauth)
         self.web = DirectorApp(
             self.health_reason, api_v1, McpRoutes(self.mcp, self.authenticator, self.playbooks),
-            studio=self.studio)
+            studio=self.studio, upstream_oauth=UpstreamOAuthPages(
+                settings, self.upstream_oauth, self.authenticator, self.playbooks))
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -146,6 +156,13 @@ class DirectorService(MultiService):
             self.telemetry = TelemetryService(settings.telemetry_url, self.database,
                                               self.metrics, reactor, self.started_at)
             self.addService(self.telemetry)
+
+    def _upstream_authorization(self, playbook_pk: Any, server: Any) -> Any:
+        """The OAuth provider of an HTTP server's upstream sessions: its playbook owner's."""
+        playbook = self.playbooks.by_pk(playbook_pk) if playbook_pk is not None else None
+        if playbook is None:
+            return None
+        return self.upstream_oauth.provider(playbook.user_id, server)
 
     # --- health ------------------------------------------------------------------------
 
@@ -184,6 +201,7 @@ class DirectorService(MultiService):
         await self._wait_until_available()
         await self.accounts.start()
         await self.playbooks.start()
+        await self.upstream_oauth.start()
         self.rate_limiter.start()
         self.mcp.start()
         await self.studio.start()

@@ -12,6 +12,7 @@ from director.accounts.throttle import LoginThrottle
 from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
+from director.oauth.client.routes import UpstreamOAuthRoutes
 from director.playbooks.cache import PlaybookCache
 from director.web.accounts_api import AccountRoutes
 from director.web.api import api
@@ -21,12 +22,14 @@ from director.web.playbooks_api import PlaybookRoutes
 from director.web.playbooks_yaml_api import PlaybookYamlRoutes
 
 
-class ApiV1(AccountRoutes, PlaybookYamlRoutes, PlaybookRoutes, OpenApiRoutes):
+class ApiV1(AccountRoutes, PlaybookYamlRoutes, PlaybookRoutes, UpstreamOAuthRoutes,
+            OpenApiRoutes):
     app = api
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
-                 playbooks: PlaybookCache, box: SecretBox) -> None:
+                 playbooks: PlaybookCache, box: SecretBox, oauth: Any = None) -> None:
         self.settings = settings
+        self.oauth = oauth
         self.database = database
         self.auth = auth
         self.playbooks = playbooks

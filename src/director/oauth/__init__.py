@@ -1,0 +1,1 @@
+"""OAuth: the client side (upstream servers) and the authorization server (MCP clients)."""

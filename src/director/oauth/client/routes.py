@@ -1,0 +1,189 @@
+"""Upstream OAuth on the web: the REST API's authorize and disconnect, the callback, and
+Director's Client ID Metadata Document.
+
+* ``POST /api/v1/playbooks/{id}/servers/{name}/authorize`` (optional body: ``client_id``,
+  ``client_secret`` the user got from the authorization server) answers the authorize URL to
+  open in the owner's browser;
+* ``DELETE /api/v1/playbooks/{id}/servers/{name}/authorization`` revokes (RFC 7009, where the
+  server offers it) and deletes the owner's tokens for that server (for every playbook that
+  uses it: they are the user's, per authorization server and resource);
+* ``GET /oauth/{playbookId}/{serverName}/callback``: where the authorization server sends the
+  browser back. It needs the owner signed in (a browser that is not goes through the Studio's
+  sign-in page and comes back), completes the flow on whichever instance it reaches, and lands
+  on the Studio: the playbook page on success, the server's Connect page with the reason
+  otherwise;
+* ``GET /oauth/client-metadata.json``: the document whose URL is Director's client id where
+  authorization servers accept one (``identity``); 404 unless ``BASE_URL`` is https.
+
+The paths ``/oauth/authorize``, ``/oauth/token``, ``/oauth/register``, ``/oauth/revoke`` and
+``/.well-known/*`` belong to Director's own authorization server (issue 13), not to this.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from twisted.web.server import Request
+
+from director.accounts.validation import ValidationFailed
+from director.oauth.client import identity, store
+from director.oauth.client.fetch import FetchError
+from director.oauth.client.flow import NotRequired
+from director.oauth.client.identity import NeedClient
+from director.playbooks.model import Server
+from director.web.api import api, reject_unknown_fields
+from director.web.errors import (
+    ApiError,
+    Conflict,
+    NotFound,
+    Unauthorized,
+    read_json_object,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from director.config import Settings
+    from director.oauth.client.service import UpstreamAuthorizations
+    from director.playbooks.cache import PlaybookCache
+    from director.playbooks.store import Playbook
+    from director.web.auth import Authenticator, Principal
+
+
+def connect_url(base_url: str, playbook_id: str, server_name: str) -> str:
+    """The Studio page where the owner authorizes the server (the status's authorize URL)."""
+    return (f"{base_url.rstrip('/')}/studio/playbooks/{urllib.parse.quote(playbook_id, safe='')}"
+            f"/servers/{urllib.parse.quote(server_name, safe='')}/connect")
+
+
+def check_authorizable(server: Server) -> None:
+    if server.type not in ("http", "sse"):
+        raise ApiError(f"{server.name} is a stdio server: only HTTP servers are authorized "
+                       "with OAuth", code="not_http")
+    if server.disabled:
+        raise Conflict(f"{server.name} is disabled in this playbook; enable it first",
+                       code="server_disabled")
+
+
+def refusal_of(failure: Exception) -> ApiError | ValidationFailed:
+    """The API error for a flow that cannot start."""
+    if isinstance(failure, NotRequired):
+        return Conflict(str(failure), code="not_required")
+    if isinstance(failure, NeedClient):
+        return Conflict(str(failure), code="client_required",
+                        details={"fields": {"client_id": "is required by this server"}})
+    if isinstance(failure, ValueError):
+        field, _, message = str(failure).partition(": ")
+        return ValidationFailed({field: message})
+    return ApiError(str(failure), status=502, code="upstream_authorization_failed")
+
+
+async def authorize_url(oauth: UpstreamAuthorizations, user_id: UUID, playbook: Playbook,
+                        server: Server, entered: dict[str, Any] | None) -> str:
+    """Start a flow; its URL, or the ``ApiError`` saying why not."""
+    check_authorizable(server)
+    try:
+        started = await oauth.begin(user_id, playbook.pk, playbook.id, server, entered)
+    except (FetchError, ValueError) as failure:
+        raise refusal_of(failure) from None
+    return started.authorize_url
+
+
+class UpstreamOAuthRoutes:
+    """Mixin of ``web.v1.ApiV1`` (with ``PlaybookRoutes``, whose lookups it uses)."""
+
+    oauth: UpstreamAuthorizations
+    auth: Authenticator
+
+    # (PlaybookRoutes', declared only: a definition here would hide theirs)
+    _owned: Callable[[Principal, str], Playbook]
+    _server_of: Callable[[Playbook, str], Server]
+
+    @api.route("/playbooks/<playbook_id>/servers/<name>/authorize", methods=["POST"])
+    async def authorize_server(self, request: Request, playbook_id: str, name: str) -> bytes:
+        principal = await self.auth.authenticate(request)
+        playbook = self._owned(principal, playbook_id)
+        server = self._server_of(playbook, name)
+        body: dict[str, Any] = {}
+        if (request.getHeader(b"content-length") or b"0") != b"0" or \
+                request.getHeader(b"content-type"):
+            body = read_json_object(request)
+        reject_unknown_fields(body, {"client_id", "client_secret"})
+        url = await authorize_url(self.oauth, principal.user.id, playbook, server,
+                                  body or None)
+        request.setHeader(b"cache-control", b"no-store")
+        return write_json(request, 200, {"authorize_url": url,
+                                         "expires_in": store.FLOW_SECONDS})
+
+    @api.route("/playbooks/<playbook_id>/servers/<name>/authorization", methods=["DELETE"])
+    async def disconnect_server(self, request: Request, playbook_id: str, name: str) -> bytes:
+        principal = await self.auth.authenticate(request)
+        playbook = self._owned(principal, playbook_id)
+        server = self._server_of(playbook, name)
+        check_authorizable(server)
+        if not await self.oauth.disconnect(principal.user.id, server):
+            raise NotFound(f"no authorization of yours is stored for {name}")
+        request.setResponseCode(204)
+        return b""
+
+
+class UpstreamOAuthPages:
+    """The callback and the metadata document (routed by ``web.app.DirectorApp``)."""
+
+    def __init__(self, settings: Settings, oauth: UpstreamAuthorizations, auth: Authenticator,
+                 playbooks: PlaybookCache) -> None:
+        self.settings = settings
+        self.oauth = oauth
+        self.auth = auth
+        self.playbooks = playbooks
+
+    async def callback(self, request: Request, playbook_id: str, server_name: str) -> bytes:
+        try:
+            principal = await self.auth.authenticate(request)
+        except Unauthorized:
+            back = request.uri.decode("latin-1")
+            return _redirect(request, "/studio/login?" + urllib.parse.urlencode({"next": back}))
+        studio = f"/studio/playbooks/{urllib.parse.quote(playbook_id, safe='')}"
+        playbook = self.playbooks.get(principal.user.id, playbook_id)
+        if playbook is None or playbook.server(server_name) is None:
+            return _redirect(request, "/studio/?" + urllib.parse.urlencode(
+                {"notice": "authorization-lost"}))
+        connect = f"{studio}/servers/{urllib.parse.quote(server_name, safe='')}/connect"
+        arguments = {key.decode("latin-1"): values[0].decode("utf-8", "replace")
+                     for key, values in (request.args or {}).items() if values}
+        try:
+            await self.oauth.complete(principal.user.id, playbook.pk, server_name, arguments)
+        except store.FlowRefused as refused:
+            return _redirect(request, connect + "?" + urllib.parse.urlencode(
+                {"refused": refused.code}))
+        except FetchError:
+            state = arguments.get("state", "")
+            return _redirect(request, connect + "?" + urllib.parse.urlencode(
+                {"failed": store.state_hash(state).hex()}))
+        return _redirect(request, studio + "?notice=server-authorized")
+
+    def metadata_document(self, request: Request) -> Any:
+        request.setHeader(b"cache-control", b"no-store")
+        if not self.settings.base_url.startswith("https://"):
+            return write_json(request, 404, {"error": {
+                "code": "not_found", "message": "Director publishes a client metadata "
+                "document only when BASE_URL is https", "details": {}}})
+        return self._document(request)
+
+    async def _document(self, request: Request) -> bytes:
+        uris = await self.oauth.database.run(store.pending_redirect_uris())
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(identity.client_metadata_document(self.settings.base_url, uris)
+                          ).encode()
+
+
+def _redirect(request: Request, location: str) -> bytes:
+    request.setResponseCode(303)
+    request.setHeader(b"location", location.encode())
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"referrer-policy", b"no-referrer")
+    return b""

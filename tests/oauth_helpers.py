@@ -1,0 +1,164 @@
+"""Helpers for the upstream OAuth tests: the protected server (``fixtures/oauth_server.py``),
+its knobs and counters, and the browser's part of an authorization."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import ssl
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.accounts_helpers import Account, call
+from tests.harness import Daemon, free_port, local_servers
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class ProtectedServer:
+    """The running fixture: the MCP server at ``url``, its authorization server beside it."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.port = port
+        self.tls = tls
+        self.origin = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        self.url = f"{self.origin}/mcp"
+        self.issuer = f"{self.origin}/as"
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        connection: http.client.HTTPConnection = (
+            http.client.HTTPSConnection("127.0.0.1", self.port, context=self.tls, timeout=30)
+            if self.tls else http.client.HTTPConnection("127.0.0.1", self.port, timeout=30))
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            connection.request(method, path, body=data, headers=headers or {})
+            response = connection.getresponse()
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+        finally:
+            connection.close()
+
+    def knobs(self, **values: Any) -> None:
+        assert self.request("POST", "/debug/knobs", values)[0] == 200
+
+    def stats(self) -> dict[str, Any]:
+        status, _, body = self.request("GET", "/debug/stats")
+        assert status == 200
+        return dict(json.loads(body))
+
+    def post(self, path: str) -> None:
+        assert self.request("POST", path, {})[0] == 200
+
+
+@contextlib.contextmanager
+def protected_server(certificate: Path | None = None, key: Path | None = None,
+                     ca: Path | None = None, tls: ssl.SSLContext | None = None
+                     ) -> Iterator[ProtectedServer]:
+    port = free_port()
+    argv = [sys.executable, str(FIXTURES / "oauth_server.py"), "--port", str(port)]
+    if certificate is not None and key is not None:
+        argv += ["--certfile", str(certificate), "--keyfile", str(key)]
+    if ca is not None:
+        argv += ["--ca", str(ca)]
+    with local_servers([argv], [port]):
+        yield ProtectedServer(port, tls)
+
+
+def add_protected(daemon: Daemon, account: Account, playbook: str, server: ProtectedServer,
+                  name: str = "prot") -> None:
+    status, _, body = call(daemon, "POST", "/api/v1/playbooks", {"name": playbook},
+                           key=account.key)
+    assert status in (201, 409), body
+    status, _, body = call(daemon, "POST", f"/api/v1/playbooks/{playbook}/servers",
+                           {"name": name, "type": "http", "url": server.url}, key=account.key)
+    assert status == 201, body
+
+
+def server_status(daemon: Daemon, account: Account, playbook: str, name: str = "prot"
+                  ) -> dict[str, Any]:
+    status, _, body = call(daemon, "GET", f"/api/v1/playbooks/{playbook}/servers/{name}",
+                           key=account.key)
+    assert status == 200, body
+    return dict(body["status"])
+
+
+def authorize_url(daemon: Daemon, account: Account, playbook: str, name: str = "prot",
+                  body: Any = None) -> str:
+    status, _, answer = call(daemon, "POST",
+                             f"/api/v1/playbooks/{playbook}/servers/{name}/authorize", body,
+                             key=account.key)
+    assert status == 200, answer
+    return str(answer["authorize_url"])
+
+
+def follow_to_callback(server: ProtectedServer, url: str) -> str:
+    """The browser at the authorization server (which approves at once): where it is sent
+    back, as a path and query on Director."""
+    parts = urllib.parse.urlsplit(url)
+    assert parts.port == server.port, url
+    status, headers, body = server.request("GET", f"{parts.path}?{parts.query}")
+    assert status == 302, body
+    back = urllib.parse.urlsplit(headers["location"])
+    return f"{back.path}?{back.query}"
+
+
+def callback(daemon: Daemon, account: Account, path: str) -> str:
+    """The browser, signed in, back at Director: where it lands."""
+    status, headers, body = call(daemon, "GET", path, cookie=account.cookie)
+    assert status == 303, body
+    return headers["location"]
+
+
+def authorize(daemon: Daemon, account: Account, playbook: str, server: ProtectedServer,
+              name: str = "prot") -> str:
+    """A whole authorization through the API and a signed-in browser: where it lands."""
+    return callback(daemon, account, follow_to_callback(
+        server, authorize_url(daemon, account, playbook, name)))
+
+
+def mcp_post(daemon: Daemon, key: str, playbook: str, message: dict[str, Any],
+             session: str | None = None) -> tuple[int, dict[str, str], Any]:
+    headers = {"content-type": "application/json", "x-api-key": key,
+               "accept": "application/json, text/event-stream"}
+    if session is not None:
+        headers["mcp-session-id"] = session
+    status, answer_headers, raw = daemon.request("POST", f"/playbooks/{playbook}/mcp",
+                                                 json.dumps(message).encode(), headers)
+    text = raw.decode()
+    if answer_headers.get("content-type", "").startswith("text/event-stream"):
+        text = next(line[5:] for line in text.splitlines() if line.startswith("data:"))
+    return status, answer_headers, json.loads(text) if text.strip() else None
+
+
+def open_session(daemon: Daemon, key: str, playbook: str) -> str:
+    status, headers, _ = mcp_post(daemon, key, playbook, {
+        "jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "1"}}})
+    assert status == 200
+    session = headers["mcp-session-id"]
+    assert mcp_post(daemon, key, playbook, {"jsonrpc": "2.0",
+                                            "method": "notifications/initialized"},
+                    session)[0] == 202
+    return session
+
+
+def tool_names(daemon: Daemon, key: str, playbook: str, session: str) -> list[str]:
+    status, _, answer = mcp_post(daemon, key, playbook, {"jsonrpc": "2.0", "id": 1,
+                                                         "method": "tools/list"}, session)
+    assert status == 200, answer
+    return [tool["name"] for tool in answer["result"]["tools"]]
+
+
+def call_tool(daemon: Daemon, key: str, playbook: str, session: str, name: str,
+              arguments: dict[str, Any], request_id: int = 2) -> dict[str, Any]:
+    status, _, answer = mcp_post(daemon, key, playbook, {
+        "jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+        "params": {"name": name, "arguments": arguments}}, session)
+    assert status == 200, answer
+    return dict(answer)
