@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     from director.studio import cli as studio_cli  # likewise
 
     studio_cli.add_commands(commands)
+    from director.oauth.client import cli as oauth_cli  # likewise
+
+    oauth_cli.add_commands(commands)
     return parser
 
 

@@ -79,7 +79,7 @@ def _box(settings: Settings) -> SecretBox:
     from director.crypto import SecretBox
 
     try:
-        return SecretBox(state.auth_secret(settings))
+        return SecretBox(state.auth_secret(settings), settings.auth_secret_previous)
     except OSError as error:
         raise CommandError(f"cannot read the secret that seals stored secrets "
                            f"({settings.state_directory}): {error.strerror}") from None
@@ -357,3 +357,7 @@ def add_commands(commands: Any) -> None:
                               f"{MAX_HISTORY_LIMIT})")
     _json_flag(history)
     history.set_defaults(handler=cmd_history)
+
+    from director.oauth.client.cli import add_authorize
+
+    add_authorize(actions)

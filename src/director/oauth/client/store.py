@@ -71,7 +71,7 @@ def load_discoveries() -> Interaction[list[Discovery]]:
 # --- clients ----------------------------------------------------------------------------------
 
 
-def _client_context(issuer: str, client_id: str) -> str:
+def client_context(issuer: str, client_id: str) -> str:
     return f"upstream-oauth-client {issuer} {client_id}"
 
 
@@ -90,13 +90,13 @@ def find_client(box: SecretBox, issuer: str, *, user_id: UUID | None = None,
     if not rows:
         return None
     kind, client_id, sealed, method = rows[0]
-    secret = box.open(sealed, _client_context(issuer, client_id)) if sealed else None
+    secret = box.open(sealed, client_context(issuer, client_id)) if sealed else None
     return Client(kind, client_id, secret, method)
 
 
 def save_client(box: SecretBox, issuer: str, client: Client, *, user_id: UUID | None = None,
                 redirect_uri: str | None = None) -> Interaction[None]:
-    sealed = box.seal(client.secret, _client_context(issuer, client.client_id)) \
+    sealed = box.seal(client.secret, client_context(issuer, client.client_id)) \
         if client.secret else None
     if client.kind == "manual":
         yield Query("DELETE FROM upstream_oauth_clients WHERE kind = 'manual' AND issuer = %s "
@@ -275,7 +275,7 @@ class Credential:
         return now >= self.expires_at - ahead
 
 
-def _context(user_id: UUID, issuer: str, resource: str, what: str) -> str:
+def credential_context(user_id: UUID, issuer: str, resource: str, what: str) -> str:
     return f"upstream-oauth {user_id} {issuer} {resource} {what}"
 
 
@@ -304,7 +304,7 @@ def open_credential(box: SecretBox, row: tuple[Any, ...]) -> Opened:
         nonlocal stale
         if sealed is None:
             return None
-        text, was_stale = box.opened(sealed, _context(user_id, issuer, resource, what))
+        text, was_stale = box.opened(sealed, credential_context(user_id, issuer, resource, what))
         stale = stale or was_stale
         return text
 
@@ -335,8 +335,8 @@ def load_credentials(box: SecretBox, credential_id: UUID | None = None
 
 def _sealed_tokens(box: SecretBox, user_id: UUID, issuer: str, resource: str,
                    tokens: Tokens) -> tuple[str, str | None]:
-    return (box.seal(tokens.access_token, _context(user_id, issuer, resource, "access")),
-            box.seal(tokens.refresh_token, _context(user_id, issuer, resource, "refresh"))
+    return (box.seal(tokens.access_token, credential_context(user_id, issuer, resource, "access")),
+            box.seal(tokens.refresh_token, credential_context(user_id, issuer, resource, "refresh"))
             if tokens.refresh_token else None)
 
 
@@ -345,7 +345,7 @@ def store_authorized(box: SecretBox, flow: Flow, tokens: Tokens) -> Interaction[
     same (issuer, resource) replaced (its problem cleared: step-up done)."""
     access, refresh = _sealed_tokens(box, flow.user_id, flow.issuer, flow.resource, tokens)
     client = flow.client
-    secret = box.seal(client.secret, _context(flow.user_id, flow.issuer, flow.resource,
+    secret = box.seal(client.secret, credential_context(flow.user_id, flow.issuer, flow.resource,
                                               "client-secret")) if client.secret else None
     rows = yield Query(
         "INSERT INTO upstream_oauth_credentials (user_id, issuer, resource, client_kind, "
@@ -428,7 +428,7 @@ def delete_credential(credential_id: UUID) -> Interaction[bool]:
 def reseal_credential(box: SecretBox, credential: Credential) -> Interaction[None]:
     """Seal the credential's secrets again with the current secret (same generation)."""
     context = (credential.user_id, credential.issuer, credential.resource)
-    sealed = [box.seal(value, _context(*context, what)) if value else None
+    sealed = [box.seal(value, credential_context(*context, what)) if value else None
               for value, what in ((credential.access_token, "access"),
                                   (credential.refresh_token, "refresh"),
                                   (credential.client.secret, "client-secret"))]
