@@ -3,11 +3,13 @@ its knobs and counters, and the browser's part of an authorization."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
 import ssl
 import sys
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +164,46 @@ def call_tool(daemon: Daemon, key: str, playbook: str, session: str, name: str,
         "params": {"name": name, "arguments": arguments}}, session)
     assert status == 200, answer
     return dict(answer)
+
+
+class WatchingClient:
+    """The ``mcp`` SDK client on a playbook, in a thread of its own: it lists the tools
+    (``before``; ``listed`` is set then), waits for ``tools/list_changed`` (``changed``),
+    lists again (``after``) and calls ``echo`` (``called``: its text)."""
+
+    def __init__(self, daemon: Daemon, key: str, playbook: str) -> None:
+        self.url = f"{daemon.base}/playbooks/{playbook}/mcp"
+        self.key = key
+        self.listed = threading.Event()
+        self.changed = threading.Event()
+        self.outcome: dict[str, Any] = {}
+        self.thread = threading.Thread(
+            target=lambda: asyncio.run(asyncio.wait_for(self._run(), 90)), daemon=True)
+        self.thread.start()
+        assert self.listed.wait(60), "the client did not list the tools"
+
+    async def _run(self) -> None:
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+        from mcp.shared._httpx_utils import create_mcp_http_client
+
+        async def on_message(message: Any) -> None:
+            if getattr(getattr(message, "root", message), "method", "") == \
+                    "notifications/tools/list_changed":
+                self.changed.set()
+
+        http = create_mcp_http_client(headers={"x-api-key": self.key})
+        async with http, Client(streamable_http_client(self.url, http_client=http),
+                                mode="legacy", message_handler=on_message) as session:
+            self.outcome["before"] = [tool.name for tool in (await session.list_tools()).tools]
+            self.listed.set()
+            await asyncio.to_thread(self.changed.wait, 60)
+            self.outcome["after"] = sorted(
+                tool.name for tool in (await session.list_tools()).tools)
+            called = await session.call_tool("echo", {"text": "through Director"})
+            self.outcome["called"] = called.content[0].text
+
+    def result(self) -> dict[str, Any]:
+        self.thread.join(90)
+        assert self.changed.is_set(), "no tools/list_changed reached the client"
+        return self.outcome

@@ -4,20 +4,17 @@ the flow and its refusals, refresh (once across instances), step-up, disconnect,
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
-from tests.accounts_helpers import Account, call, sign_up
+from tests.accounts_helpers import Account, call, eventually, sign_up
 from tests.harness import Daemon, free_port, query
 from tests.oauth_helpers import (
     ProtectedServer,
+    WatchingClient,
     add_protected,
     authorize,
     authorize_url,
@@ -56,31 +53,9 @@ def test_the_sdk_client_calls_a_protected_tool_once_the_owner_authorized(
         daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
     owner = sign_up(daemon, "owner@example.com")
     add_protected(daemon, owner, "work", server)
-    url = f"{daemon.base}/playbooks/work/mcp"
-    changed = threading.Event()
-    authorized = threading.Event()
-    outcome: dict[str, Any] = {}
-
-    async def client() -> None:
-        async def on_message(message: Any) -> None:
-            if getattr(getattr(message, "root", message), "method", "") == \
-                    "notifications/tools/list_changed":
-                changed.set()
-
-        http = create_mcp_http_client(headers={"x-api-key": owner.key})
-        async with http, Client(streamable_http_client(url, http_client=http), mode="legacy",
-                                message_handler=on_message) as session:
-            outcome["before"] = [tool.name for tool in (await session.list_tools()).tools]
-            authorized.set()
-            await asyncio.to_thread(changed.wait, 60)
-            outcome["after"] = [tool.name for tool in (await session.list_tools()).tools]
-            outcome["called"] = await session.call_tool("echo", {"text": "through Director"})
-
-    running = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(client(), 90)))
-    running.start()
-    assert authorized.wait(60)
+    client = WatchingClient(daemon, owner.key, "work")
     # Tools absent, the server unauthorized with the way to authorize it.
-    assert outcome["before"] == []
+    assert client.outcome["before"] == []
     status = server_status(daemon, owner, "work")
     assert status["authorization"]["state"] == "unauthorized"
     assert status["authorization"]["authorize_url"] == \
@@ -88,10 +63,9 @@ def test_the_sdk_client_calls_a_protected_tool_once_the_owner_authorized(
 
     landed = authorize(daemon, owner, "work", server)
     assert landed == "/studio/playbooks/work?notice=server-authorized"
-    running.join(90)
-    assert changed.is_set()
-    assert sorted(outcome["after"]) == ["admin_echo", "echo", "whoami"]
-    assert outcome["called"].content[0].text == "through Director"
+    outcome = client.result()
+    assert outcome["after"] == ["admin_echo", "echo", "whoami"]
+    assert outcome["called"] == "through Director"
 
     status = server_status(daemon, owner, "work")
     assert status["authorization"]["state"] == "authorized"
@@ -283,3 +257,124 @@ def test_openid_discovery_is_the_fallback(daemon: Daemon, server: ProtectedServe
     add_protected(daemon, owner, "work", server)
     assert authorize(daemon, owner, "work", server) == \
         "/studio/playbooks/work?notice=server-authorized"
+
+
+# --- refresh ------------------------------------------------------------------------------------
+
+
+def valid_tokens(server: ProtectedServer) -> int:
+    return int(server.request("GET", "/debug/valid")[2])
+
+
+def echo(daemon: Daemon, owner: Account, session: str, text: str, request_id: int = 2
+         ) -> dict[str, Any]:
+    return call_tool(daemon, owner.key, "work", session, "echo", {"text": text}, request_id)
+
+
+def echoed(answer: dict[str, Any]) -> str:
+    assert "result" in answer, answer
+    return str(answer["result"]["content"][0]["text"])
+
+
+def test_a_token_is_refreshed_before_it_expires_and_a_rotated_refresh_token_is_kept(
+        daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
+    server.knobs(token_lifetime=3, rotate=True)
+    owner = sign_up(daemon, "expiry@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize(daemon, owner, "work", server)
+    session = open_session(daemon, owner.key, "work")
+    assert echoed(echo(daemon, owner, session, "fresh")) == "fresh"
+    for refreshes in (1, 2):
+        eventually(lambda: valid_tokens(server) == 0, timeout=15, interval=0.1)
+        assert echoed(echo(daemon, owner, session, f"after {refreshes}")) == f"after {refreshes}"
+        # Refreshed before use (no request with a stale token), with the rotated refresh token
+        # the second time (the first one was revoked by its use).
+        stats = server.stats()
+        assert (stats["refreshes"], stats["stale_tokens"]) == (refreshes, 0)
+    assert query(migrated_url, "SELECT generation FROM upstream_oauth_credentials") == [(3,)]
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_an_upstream_401_refreshes_once_and_retries(
+        daemon: Daemon, server: ProtectedServer, rotate: bool) -> None:
+    server.knobs(rotate=rotate)
+    owner = sign_up(daemon, "on401@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize(daemon, owner, "work", server)
+    session = open_session(daemon, owner.key, "work")
+    assert echoed(echo(daemon, owner, session, "one")) == "one"
+    for refreshes in (1, 2):
+        server.post("/debug/expire")  # the server no longer takes the token Director holds
+        assert echoed(echo(daemon, owner, session, "again")) == "again"
+        stats = server.stats()
+        assert (stats["refreshes"], stats["stale_tokens"]) == (refreshes, refreshes)
+
+
+def test_a_revoked_refresh_token_leaves_the_server_unauthorized_until_authorized_again(
+        daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
+    owner = sign_up(daemon, "revoked@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize(daemon, owner, "work", server)
+    session = open_session(daemon, owner.key, "work")
+    assert echoed(echo(daemon, owner, session, "one")) == "one"
+    server.post("/debug/revoke-refresh")
+    server.post("/debug/expire")
+    answer = echo(daemon, owner, session, "two")
+    assert "HTTP 401: the server refused the token and it could not be refreshed: authorize it " \
+        "again" in answer["error"]["message"], answer
+    assert stored_credentials(migrated_url) == 0
+    assert server_status(daemon, owner, "work")["authorization"]["state"] == "unauthorized"
+    assert server.stats()["refreshes"] == 0
+    authorize(daemon, owner, "work", server)
+    eventually(lambda: "echo" in tool_names(daemon, owner.key, "work", session), timeout=20,
+               interval=0.2)
+    assert echoed(echo(daemon, owner, session, "three", 5)) == "three"
+
+
+def test_two_instances_and_100_concurrent_calls_at_expiry_refresh_once(
+        start_daemon: Callable[..., Daemon], migrated_url: str,
+        server: ProtectedServer) -> None:
+    first = started(start_daemon, migrated_url)
+    second = started(start_daemon, migrated_url)
+    owner = sign_up(first, "concurrent@example.com")
+    add_protected(first, owner, "work", server)
+    authorize(first, owner, "work", server)
+    # Ten client sessions on each instance, each with its upstream session (and the token).
+    sessions = [(daemon, open_session(daemon, owner.key, "work"))
+                for daemon in (first, second) for _ in range(10)]
+    for daemon, session in sessions:
+        assert echoed(call_tool(daemon, owner.key, "work", session, "echo", {"text": "w"})) == "w"
+    server.knobs(refresh_delay=1.0)  # the race stays open a whole second
+    server.post("/debug/expire")
+
+    def one_call(index: int) -> str:
+        daemon, session = sessions[index % len(sessions)]
+        return echoed(call_tool(daemon, owner.key, "work", session, "echo",
+                                {"text": f"call {index}"}, 100 + index))
+
+    with ThreadPoolExecutor(100) as pool:
+        answers = list(pool.map(one_call, range(100)))
+    assert answers == [f"call {index}" for index in range(100)]
+    refreshes = server.stats()["refreshes"]
+    print(f"\nrefreshes seen by the authorization server for 100 concurrent calls at expiry "
+          f"on two instances: {refreshes}")
+    assert refreshes == 1
+
+
+def test_a_flow_started_on_one_instance_completes_on_the_other(
+        start_daemon: Callable[..., Daemon], migrated_url: str,
+        server: ProtectedServer) -> None:
+    first = started(start_daemon, migrated_url)
+    second = started(start_daemon, migrated_url)
+    owner = sign_up(first, "two@example.com")
+    add_protected(first, owner, "work", server)
+    client = WatchingClient(first, owner.key, "work")
+    assert client.outcome["before"] == []
+    # Started on the first instance, the browser comes back to the second one.
+    back = follow_to_callback(server, authorize_url(first, owner, "work"))
+    assert callback(second, owner, back) == "/studio/playbooks/work?notice=server-authorized"
+    # The first instance's client hears of it (NOTIFY), and gets the tools.
+    outcome = client.result()
+    assert outcome["after"] == ["admin_echo", "echo", "whoami"]
+    assert outcome["called"] == "through Director"
+    assert server_status(first, owner, "work")["authorization"]["state"] == "authorized"

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 def follow(engine: McpEngine, oauth: UpstreamAuthorizations) -> None:
     def changed(user_id: UUID, credential: Credential, why: str) -> None:
-        sessions_follow(engine, oauth, user_id, credential, why)
+        # At the next turn: a deletion comes in the middle of a request whose refresh was
+        # refused, which must fail with that reason, not with its session being closed.
+        engine.reactor.callLater(0, sessions_follow, engine, oauth, user_id, credential, why)
 
     oauth.observers.append(changed)
 
