@@ -4,14 +4,18 @@ the flow and its refusals, refresh (once across instances), step-up, disconnect,
 
 from __future__ import annotations
 
+import json
+import subprocess
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg2
 import pytest
 
 from tests.accounts_helpers import Account, call, eventually, sign_up
-from tests.harness import Daemon, free_port, query
+from tests.harness import DIRECTOR, SECRET, Daemon, base_environment, free_port, query
 from tests.oauth_helpers import (
     ProtectedServer,
     WatchingClient,
@@ -36,8 +40,11 @@ def server() -> Iterator[ProtectedServer]:
         yield running
 
 
-def started(start_daemon: Callable[..., Daemon], migrated_url: str, **environ: str) -> Daemon:
-    port = free_port()
+def started(start_daemon: Callable[..., Daemon], migrated_url: str, port: int | None = None,
+            **environ: str) -> Daemon:
+    """A daemon on the database, its BASE_URL its own loopback address (``port``: a given one,
+    e.g. a stopped daemon's, so that its redirect URIs stay the same)."""
+    port = port or free_port()
     daemon = start_daemon(DATABASE_URL=migrated_url, PORT=str(port),
                           BASE_URL=f"http://127.0.0.1:{port}", **INSECURE, **environ)
     daemon.wait_healthy()
@@ -262,6 +269,16 @@ def test_openid_discovery_is_the_fallback(daemon: Daemon, server: ProtectedServe
 # --- refresh ------------------------------------------------------------------------------------
 
 
+def authorized_session(daemon: Daemon, server: ProtectedServer, email: str
+                       ) -> tuple[Account, str]:
+    """A new user, their playbook "work" with the protected server, authorized, and an MCP
+    session on it."""
+    owner = sign_up(daemon, email)
+    add_protected(daemon, owner, "work", server)
+    authorize(daemon, owner, "work", server)
+    return owner, open_session(daemon, owner.key, "work")
+
+
 def valid_tokens(server: ProtectedServer) -> int:
     return int(server.request("GET", "/debug/valid")[2])
 
@@ -279,10 +296,7 @@ def echoed(answer: dict[str, Any]) -> str:
 def test_a_token_is_refreshed_before_it_expires_and_a_rotated_refresh_token_is_kept(
         daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
     server.knobs(token_lifetime=3, rotate=True)
-    owner = sign_up(daemon, "expiry@example.com")
-    add_protected(daemon, owner, "work", server)
-    authorize(daemon, owner, "work", server)
-    session = open_session(daemon, owner.key, "work")
+    owner, session = authorized_session(daemon, server, "expiry@example.com")
     assert echoed(echo(daemon, owner, session, "fresh")) == "fresh"
     for refreshes in (1, 2):
         eventually(lambda: valid_tokens(server) == 0, timeout=15, interval=0.1)
@@ -298,10 +312,7 @@ def test_a_token_is_refreshed_before_it_expires_and_a_rotated_refresh_token_is_k
 def test_an_upstream_401_refreshes_once_and_retries(
         daemon: Daemon, server: ProtectedServer, rotate: bool) -> None:
     server.knobs(rotate=rotate)
-    owner = sign_up(daemon, "on401@example.com")
-    add_protected(daemon, owner, "work", server)
-    authorize(daemon, owner, "work", server)
-    session = open_session(daemon, owner.key, "work")
+    owner, session = authorized_session(daemon, server, "on401@example.com")
     assert echoed(echo(daemon, owner, session, "one")) == "one"
     for refreshes in (1, 2):
         server.post("/debug/expire")  # the server no longer takes the token Director holds
@@ -312,10 +323,7 @@ def test_an_upstream_401_refreshes_once_and_retries(
 
 def test_a_revoked_refresh_token_leaves_the_server_unauthorized_until_authorized_again(
         daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
-    owner = sign_up(daemon, "revoked@example.com")
-    add_protected(daemon, owner, "work", server)
-    authorize(daemon, owner, "work", server)
-    session = open_session(daemon, owner.key, "work")
+    owner, session = authorized_session(daemon, server, "revoked@example.com")
     assert echoed(echo(daemon, owner, session, "one")) == "one"
     server.post("/debug/revoke-refresh")
     server.post("/debug/expire")
@@ -331,11 +339,16 @@ def test_a_revoked_refresh_token_leaves_the_server_unauthorized_until_authorized
     assert echoed(echo(daemon, owner, session, "three", 5)) == "three"
 
 
+@pytest.fixture
+def instances(start_daemon: Callable[..., Daemon], migrated_url: str
+              ) -> tuple[Daemon, Daemon]:
+    """Two instances on one database."""
+    return started(start_daemon, migrated_url), started(start_daemon, migrated_url)
+
+
 def test_two_instances_and_100_concurrent_calls_at_expiry_refresh_once(
-        start_daemon: Callable[..., Daemon], migrated_url: str,
-        server: ProtectedServer) -> None:
-    first = started(start_daemon, migrated_url)
-    second = started(start_daemon, migrated_url)
+        instances: tuple[Daemon, Daemon], server: ProtectedServer) -> None:
+    first, second = instances
     owner = sign_up(first, "concurrent@example.com")
     add_protected(first, owner, "work", server)
     authorize(first, owner, "work", server)
@@ -362,10 +375,8 @@ def test_two_instances_and_100_concurrent_calls_at_expiry_refresh_once(
 
 
 def test_a_flow_started_on_one_instance_completes_on_the_other(
-        start_daemon: Callable[..., Daemon], migrated_url: str,
-        server: ProtectedServer) -> None:
-    first = started(start_daemon, migrated_url)
-    second = started(start_daemon, migrated_url)
+        instances: tuple[Daemon, Daemon], server: ProtectedServer) -> None:
+    first, second = instances
     owner = sign_up(first, "two@example.com")
     add_protected(first, owner, "work", server)
     client = WatchingClient(first, owner.key, "work")
@@ -378,3 +389,210 @@ def test_a_flow_started_on_one_instance_completes_on_the_other(
     assert outcome["after"] == ["admin_echo", "echo", "whoami"]
     assert outcome["called"] == "through Director"
     assert server_status(first, owner, "work")["authorization"]["state"] == "authorized"
+
+
+# --- step-up, disconnect, secrecy ---------------------------------------------------------------
+
+
+def test_a_403_insufficient_scope_asks_for_the_scope_and_a_new_authorization_grants_it(
+        daemon: Daemon, server: ProtectedServer) -> None:
+    owner = sign_up(daemon, "stepup@example.com")
+    add_protected(daemon, owner, "work", server)
+    first = authorize_url(daemon, owner, "work")
+    assert "scope=mcp&" in first or first.endswith("scope=mcp")
+    callback(daemon, owner, follow_to_callback(server, first))
+    session = open_session(daemon, owner.key, "work")
+    answer = call_tool(daemon, owner.key, "work", session, "admin_echo", {"text": "x"})
+    assert "HTTP 403: the server needs more access than was granted (scope mcp admin)" in \
+        answer["error"]["message"], answer
+    status = server_status(daemon, owner, "work")["authorization"]
+    assert status["state"] == "unauthorized"
+    assert status["reason"] == "the server asks for more access (scope mcp admin)"
+    # The tools that need no more keep working meanwhile.
+    assert echoed(echo(daemon, owner, session, "still", 3)) == "still"
+    # Authorizing again asks for what was granted plus what the server asked for.
+    again = authorize_url(daemon, owner, "work")
+    assert "scope=mcp+admin" in again
+    callback(daemon, owner, follow_to_callback(server, again))
+    answer = call_tool(daemon, owner.key, "work", session, "admin_echo", {"text": "x"}, 4)
+    assert echoed(answer) == "admin: x"
+    assert server_status(daemon, owner, "work")["authorization"]["state"] == "authorized"
+
+
+def test_disconnect_revokes_at_the_authorization_server_and_deletes(
+        daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
+    owner, session = authorized_session(daemon, server, "disconnect@example.com")
+    assert "echo" in tool_names(daemon, owner.key, "work", session)
+    path = "/api/v1/playbooks/work/servers/prot/authorization"
+    status, _, body = call(daemon, "DELETE", path, key=owner.key)
+    assert status == 204, body
+    assert server.stats()["revocations"] == ["refresh_token", "access_token"]
+    assert stored_credentials(migrated_url) == 0
+    assert server_status(daemon, owner, "work")["authorization"]["state"] == "unauthorized"
+    eventually(lambda: tool_names(daemon, owner.key, "work", session) == [], timeout=20,
+               interval=0.2)
+    status, _, body = call(daemon, "DELETE", path, key=owner.key)
+    assert (status, body["error"]["code"]) == (404, "not_found")
+    status, _, body = call(daemon, "DELETE", "/api/v1/playbooks/work/servers/none/"
+                                             "authorization", key=owner.key)
+    assert status == 404
+
+
+def test_tokens_are_never_logged_exported_or_shown(
+        start_daemon: Callable[..., Daemon], migrated_url: str, server: ProtectedServer) -> None:
+    metrics = free_port()
+    daemon = started(start_daemon, migrated_url, METRICS_LISTEN=f"127.0.0.1:{metrics}")
+    owner, session = authorized_session(daemon, server, "secrecy@example.com")
+    assert echoed(echo(daemon, owner, session, "one")) == "one"
+    server.post("/debug/expire")
+    assert echoed(echo(daemon, owner, session, "two", 3)) == "two"
+    server.post("/debug/revoke-refresh")
+    server.post("/debug/expire")
+    echo(daemon, owner, session, "three", 4)  # fails: refresh refused
+    tokens = json.loads(server.request("GET", "/debug/tokens")[2])
+    assert len(tokens) >= 4
+    seen = [daemon.output()]
+    for path in ("/api/v1/playbooks/work?reveal_secrets=true",
+                 "/api/v1/playbooks/work/servers/prot?reveal_secrets=true",
+                 "/api/v1/playbooks/work/export?include_secrets=true",
+                 "/api/v1/playbooks/work/history", "/studio/playbooks/work",
+                 "/studio/playbooks/work/servers/prot/connect"):
+        studio = path.startswith("/studio/")
+        status, _, body = call(daemon, "GET", path, key=None if studio else owner.key,
+                               cookie=owner.cookie if studio else None)
+        assert status == 200, (path, body)
+        seen.append(json.dumps(body) if not isinstance(body, bytes) else body.decode())
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as answer:
+        seen.append(answer.read().decode())
+    leaked = [token for token in tokens if any(token in text for text in seen)]
+    assert leaked == []
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def cli(daemon: Daemon, migrated_url: str, *argv: str) -> subprocess.Popen[str]:
+    environ = base_environment(DATABASE_URL=migrated_url, BASE_URL=daemon.base, **INSECURE)
+    return subprocess.Popen([DIRECTOR, *argv], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_director_playbooks_authorize_prints_the_url_and_waits_for_the_browser(
+        daemon: Daemon, server: ProtectedServer, migrated_url: str) -> None:
+    owner = sign_up(daemon, "cli@example.com")
+    add_protected(daemon, owner, "work", server)
+    command = ("playbooks", "authorize", "work", "prot", "--user", owner.email)
+    process = cli(daemon, migrated_url, *command)
+    assert process.stdout is not None
+    url = process.stdout.readline().strip()
+    assert url.startswith(f"{server.issuer}/authorize?"), url
+    callback(daemon, owner, follow_to_callback(server, url))
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 0, errors
+    assert "authorized: 'prot' of playbook 'work'" in errors
+    assert server_status(daemon, owner, "work")["authorization"]["state"] == "authorized"
+
+    # Declined in the browser: the command says so and fails.
+    server.knobs(deny=True)
+    process = cli(daemon, migrated_url, *command)
+    assert process.stdout is not None
+    callback(daemon, owner, follow_to_callback(server, process.stdout.readline().strip()))
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "'prot' was not authorized: the authorization server answered access_denied" in errors
+
+    # A server that is not there, and one that is not HTTP.
+    process = cli(daemon, migrated_url, "playbooks", "authorize", "work", "nope", "--user",
+                  owner.email)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 1 and "playbook 'work' has no server 'nope'" in errors
+
+
+# --- the secret that seals them -----------------------------------------------------------------
+
+NEW_SECRET = "rotated-secret-" + "y" * 40
+LOST_SECRET = "another-secret-" + "z" * 40
+
+
+def sealed_values_opening_with(url: str, secret: str) -> tuple[int, int]:
+    """(values that open with ``secret`` alone, all sealed values), OAuth and server secrets."""
+    from director.crypto import SecretBox
+    from director.oauth.client.maintenance import reseal_everything
+
+    connection = psycopg2.connect(url)
+    try:
+        tally = reseal_everything(connection, SecretBox(secret), reseal=False)
+    finally:
+        connection.close()
+    return tally.current, tally.current + tally.resealed + len(tally.unreadable)
+
+
+def test_a_new_secret_opens_old_values_with_the_previous_one_and_rotate_reseals_them(
+        start_daemon: Callable[..., Daemon], migrated_url: str, server: ProtectedServer) -> None:
+    daemon = started(start_daemon, migrated_url)
+    owner = sign_up(daemon, "rotate@example.com")
+    add_protected(daemon, owner, "work", server)
+    status, _, body = call(daemon, "POST", "/api/v1/playbooks/work/servers", {
+        "name": "with-secret", "type": "http", "url": server.url, "disabled": True,
+        "headers": {"X-Token": {"value": "header-secret", "secret": True}}}, key=owner.key)
+    assert status == 201, body
+    authorize(daemon, owner, "work", server)
+    daemon.terminate()
+    assert sealed_values_opening_with(migrated_url, NEW_SECRET)[0] == 0
+
+    # The new secret, the old one kept as the previous: everything opens; the tokens the
+    # daemon loads are sealed again with the new one at once.
+    rotated = started(start_daemon, migrated_url, daemon.port, BETTER_AUTH_SECRET=NEW_SECRET,
+                      BETTER_AUTH_SECRET_PREVIOUS=SECRET)
+    session = open_session(rotated, owner.key, "work")
+    assert echoed(echo(rotated, owner, session, "rotated")) == "rotated"
+    opening, total = sealed_values_opening_with(migrated_url, NEW_SECRET)
+    assert (opening, total) == (total - 2, total)  # all but the header and the registration
+    authorize_url(rotated, owner, "work")  # uses the registration: sealed again
+    assert sealed_values_opening_with(migrated_url, NEW_SECRET) == (total - 1, total)
+    # `director secrets rotate` seals the rest.
+    environ = base_environment(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=NEW_SECRET,
+                               BETTER_AUTH_SECRET_PREVIOUS=SECRET)
+    done = subprocess.run([DIRECTOR, "secrets", "rotate"], env=environ, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sealed 1 value(s) again with BETTER_AUTH_SECRET;")
+    assert sealed_values_opening_with(migrated_url, NEW_SECRET) == (total, total)
+    rotated.terminate()
+    # The previous secret can go.
+    alone = started(start_daemon, migrated_url, daemon.port, BETTER_AUTH_SECRET=NEW_SECRET)
+    session = open_session(alone, owner.key, "work")
+    assert echoed(echo(alone, owner, session, "alone")) == "alone"
+
+
+def registered(url: str) -> str:
+    return str(query(url, "SELECT client_id FROM upstream_oauth_clients")[0][0])
+
+
+def test_tokens_sealed_with_a_lost_secret_mean_authorizing_again_and_doctor_says_so(
+        start_daemon: Callable[..., Daemon], migrated_url: str, server: ProtectedServer) -> None:
+    daemon = started(start_daemon, migrated_url)
+    owner = sign_up(daemon, "lost@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize(daemon, owner, "work", server)
+    daemon.terminate()
+    environ = base_environment(DATABASE_URL=migrated_url, BETTER_AUTH_SECRET=LOST_SECRET)
+    checked = subprocess.run([DIRECTOR, "doctor", "--json"], env=environ, capture_output=True,
+                             text=True, timeout=90, check=False)
+    check = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "upstream-oauth")
+    assert check["status"] == "warn", check
+    assert check["summary"].startswith("2 stored upstream OAuth credential(s) or client "
+                                       "registration(s) do not open")
+    assert check["details"] == [f"lost@example.com: {server.url} ({server.issuer})",
+                                f"client registration {registered(migrated_url)} at "
+                                f"{server.issuer}"]
+    # The daemon starts all the same; the server is unauthorized, saying why.
+    lost = started(start_daemon, migrated_url, daemon.port, BETTER_AUTH_SECRET=LOST_SECRET)
+    authorization = server_status(lost, owner, "work")["authorization"]
+    assert authorization["state"] == "unauthorized"
+    assert "sealed with another BETTER_AUTH_SECRET" in authorization["reason"]
+    # Authorizing again registers Director again (the old registration's secret is lost too).
+    authorize(lost, owner, "work", server)
+    session = open_session(lost, owner.key, "work")
+    assert echoed(echo(lost, owner, session, "again")) == "again"
+    assert server.stats()["registrations"] == 2

@@ -550,9 +550,9 @@ def check_upstream_oauth(dsn: str, settings: Settings) -> Result:
     finally:
         connection.close()
     if unreadable:
-        return Result(name, WARN, f"{len(unreadable)} sealed values of the {stored} upstream "
-                                  "OAuth credentials do not open with the configured secret "
-                                  "(those servers show unauthorized)",
+        return Result(name, WARN, f"{len(unreadable)} stored upstream OAuth credential(s) or "
+                                  "client registration(s) do not open with the configured "
+                                  "secret (their servers show unauthorized)",
                       "put back the secret they were sealed with (or set it as "
                       "BETTER_AUTH_SECRET_PREVIOUS); otherwise their users authorize again",
                       tuple(unreadable[:5]))

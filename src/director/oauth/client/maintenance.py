@@ -80,7 +80,7 @@ def _credentials(connection: Any, box: SecretBox, tally: Tally, reseal: bool) ->
             for value, what in zip(sealed, ("access", "refresh", "client-secret"), strict=True):
                 values.append(None if value is None else tally.open(
                     box, value, store.credential_context(user_id, issuer, resource, what),
-                    f"{email} {resource} ({issuer}) {what}", reseal))
+                    f"{email}: {resource} ({issuer})", reseal))
             unreadable = any(v is None and s is not None
                              for v, s in zip(values, sealed, strict=True))
             if values != sealed and not unreadable:
@@ -91,7 +91,7 @@ def _credentials(connection: Any, box: SecretBox, tally: Tally, reseal: bool) ->
                        "WHERE client_secret IS NOT NULL")
         for cid, issuer, client_id, sealed_secret in cursor.fetchall():
             value = tally.open(box, sealed_secret, store.client_context(issuer, client_id),
-                               f"client {client_id} at {issuer}", reseal)
+                               f"client registration {client_id} at {issuer}", reseal)
             if value is not None and value != sealed_secret:
                 cursor.execute("UPDATE upstream_oauth_clients SET client_secret = %s "
                                "WHERE id = %s", (value, cid))
@@ -108,7 +108,8 @@ def reseal_everything(connection: Any, box: SecretBox, reseal: bool = True) -> T
 
 
 def unreadable_credentials(connection: Any, box: SecretBox) -> list[str]:
-    """The upstream OAuth credentials no configured secret opens (for ``director doctor``)."""
+    """The upstream OAuth credentials and client registrations no configured secret opens
+    (for ``director doctor``), each named once."""
     tally = Tally()
     _credentials(connection, box, tally, reseal=False)
-    return tally.unreadable
+    return list(dict.fromkeys(tally.unreadable))

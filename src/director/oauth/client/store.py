@@ -78,7 +78,8 @@ def client_context(issuer: str, client_id: str) -> str:
 def find_client(box: SecretBox, issuer: str, *, user_id: UUID | None = None,
                 redirect_uri: str | None = None) -> Interaction[Client | None]:
     """The user's own client for ``issuer`` (``user_id``), or the dynamic registration for
-    ``redirect_uri``."""
+    ``redirect_uri``; None also when its secret no longer opens (sealed with a lost secret:
+    a new registration replaces it, or the user enters the client again)."""
     if user_id is not None:
         rows = yield Query("SELECT kind, client_id, client_secret, auth_method FROM "
                            "upstream_oauth_clients WHERE kind = 'manual' AND issuer = %s "
@@ -90,7 +91,16 @@ def find_client(box: SecretBox, issuer: str, *, user_id: UUID | None = None,
     if not rows:
         return None
     kind, client_id, sealed, method = rows[0]
-    secret = box.open(sealed, client_context(issuer, client_id)) if sealed else None
+    secret = None
+    if sealed:
+        try:
+            secret, stale = box.opened(sealed, client_context(issuer, client_id))
+        except SecretUnreadable:
+            return None
+        if stale:  # sealed with BETTER_AUTH_SECRET_PREVIOUS: sealed again on use
+            yield Query("UPDATE upstream_oauth_clients SET client_secret = %s WHERE "
+                        "client_secret = %s", (box.seal(secret, client_context(
+                            issuer, client_id)), sealed))
     return Client(kind, client_id, secret, method)
 
 
