@@ -30,6 +30,7 @@ from tests.oauth_helpers import (
     server_status,
     tool_names,
 )
+from tests.studio_client import StudioClient
 
 INSECURE = {"DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS": "true"}
 
@@ -596,3 +597,43 @@ def test_tokens_sealed_with_a_lost_secret_mean_authorizing_again_and_doctor_says
     session = open_session(lost, owner.key, "work")
     assert echoed(echo(lost, owner, session, "again")) == "again"
     assert server.stats()["registrations"] == 2
+
+
+# --- the Studio ---------------------------------------------------------------------------------
+
+
+def test_the_studio_connects_and_disconnects_a_server(
+        daemon: Daemon, server: ProtectedServer) -> None:
+    owner = sign_up(daemon, "studio@example.com")
+    add_protected(daemon, owner, "work", server)
+    browser = StudioClient(daemon)
+    name, _, value = owner.cookie.split(";", 1)[0].partition("=")
+    browser.cookies[name] = value
+    # The page lists the tools (the server answers 401): unauthorized, with Connect.
+    eventually(lambda: browser.get("/studio/playbooks/work").has(
+        'href="/studio/playbooks/work/servers/prot/connect"'), timeout=30, interval=0.3)
+    assert browser.last is not None and browser.last.has("unauthorized")
+
+    page = browser.get("/studio/playbooks/work/servers/prot/connect")
+    assert page.status == 200, page.text
+    assert page.has(server.issuer) and page.has("Connect prot")
+    # The form may lead to the authorization server (form-action covers the redirect).
+    assert f"form-action 'self' {server.origin};" in page.headers["content-security-policy"]
+    page = browser.post("/studio/playbooks/work/servers/prot/connect")
+    assert page.status == 303 and page.location.startswith(f"{server.issuer}/authorize?")
+    landed = browser.get(follow_to_callback(server, page.location))
+    assert landed.status == 303 and landed.location == \
+        "/studio/playbooks/work?notice=server-authorized"
+    page = browser.get(landed.location)
+    assert page.has("Server authorized.") and page.has("Disconnect")
+    eventually(lambda: browser.get("/studio/playbooks/work").has("admin_echo"), timeout=30,
+               interval=0.3)
+
+    page = browser.post("/studio/playbooks/work/servers/prot/disconnect")
+    assert page.status == 303 and page.location == \
+        "/studio/playbooks/work?notice=server-disconnected"
+    assert server.stats()["revocations"] == ["refresh_token", "access_token"]
+    assert server_status(daemon, owner, "work")["authorization"]["state"] == "unauthorized"
+    # Without a CSRF token nothing happens.
+    assert browser.post("/studio/playbooks/work/servers/prot/connect",
+                        with_csrf=False).status == 403
