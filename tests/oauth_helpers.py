@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.accounts_helpers import Account, call
-from tests.harness import Daemon, free_port, local_servers
+from tests.harness import DIRECTOR, Daemon, free_port, local_servers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -207,3 +207,68 @@ class WatchingClient:
         self.thread.join(90)
         assert self.changed.is_set(), "no tools/list_changed reached the client"
         return self.outcome
+
+
+def throwaway_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A certificate authority of this test's own and a certificate it signed for 127.0.0.1:
+    (the CA's certificate, the certificate, its key), as PEM files in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def built(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> Any:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca = built("Director tests CA", "Director tests CA", ca_key, ca_key, True)
+    leaf = built("127.0.0.1", "Director tests CA", leaf_key, ca_key, False)
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return paths
+
+
+class TlsDaemon(Daemon):
+    """A daemon listening with TLS (``--listen ssl:…``), talked to over https."""
+
+    def __init__(self, environ: dict[str, str], certificate: Path, key: Path,
+                 trust: ssl.SSLContext) -> None:
+        self.trust = trust
+        port = environ["PORT"]
+        super().__init__(environ, argv=[DIRECTOR, "serve", "--listen",
+                                        f"ssl:{port}:interface=127.0.0.1:privateKey={key}:"
+                                        f"certKey={certificate}"])
+        self.base = f"https://127.0.0.1:{port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Any = None) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=30,
+                                                 context=self.trust)
+        try:
+            connection.request(method, path, body=body, headers=dict(headers or {}))
+            response = connection.getresponse()
+            return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                    response.read())
+        finally:
+            connection.close()

@@ -5,7 +5,9 @@ the flow and its refusals, refresh (once across instances), step-up, disconnect,
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +17,18 @@ import psycopg2
 import pytest
 
 from tests.accounts_helpers import Account, call, eventually, sign_up
-from tests.harness import DIRECTOR, SECRET, Daemon, base_environment, free_port, query
+from tests.harness import (
+    DIRECTOR,
+    SECRET,
+    Daemon,
+    base_environment,
+    free_port,
+    make_temp_dir,
+    query,
+)
 from tests.oauth_helpers import (
     ProtectedServer,
+    TlsDaemon,
     WatchingClient,
     add_protected,
     authorize,
@@ -28,6 +39,7 @@ from tests.oauth_helpers import (
     open_session,
     protected_server,
     server_status,
+    throwaway_ca,
     tool_names,
 )
 from tests.studio_client import StudioClient
@@ -637,3 +649,53 @@ def test_the_studio_connects_and_disconnects_a_server(
     # Without a CSRF token nothing happens.
     assert browser.post("/studio/playbooks/work/servers/prot/connect",
                         with_csrf=False).status == 403
+
+
+# --- over HTTPS, with Director's client metadata document ---------------------------------------
+
+
+def test_over_https_with_a_throwaway_ca_director_identifies_itself_by_its_metadata_document(
+        migrated_url: str) -> None:
+    directory = make_temp_dir("director-oauth-tls-")
+    ca, certificate, key = throwaway_ca(directory)
+    trust = ssl.create_default_context(cafile=str(ca))
+    port = free_port()
+    environ = base_environment(DATABASE_URL=migrated_url, PORT=str(port),
+                               BASE_URL=f"https://127.0.0.1:{port}", SSL_CERT_FILE=str(ca),
+                               **INSECURE)
+    with protected_server(certificate, key, ca, trust) as server:
+        server.knobs(cimd=True, registration=False)
+        daemon = TlsDaemon(environ, certificate, key, trust)
+        try:
+            daemon.wait_healthy()
+            owner = sign_up(daemon, "tls@example.com")
+            add_protected(daemon, owner, "work", server)
+            assert server.url.startswith("https://")
+            url = authorize_url(daemon, owner, "work")
+            metadata_url = f"https://127.0.0.1:{port}/oauth/client-metadata.json"
+            assert f"client_id={urllib.parse.quote(metadata_url, safe='')}&" in url
+            # The document lists the redirect URI of the flow under way, and is never cached.
+            status, headers, body = daemon.request("GET", "/oauth/client-metadata.json")
+            document = json.loads(body)
+            assert (status, headers["cache-control"]) == (200, "no-store")
+            assert document["client_id"] == metadata_url
+            assert document["redirect_uris"] == [
+                f"https://127.0.0.1:{port}/oauth/work/prot/callback"]
+            assert document["token_endpoint_auth_method"] == "none"
+            # The authorization server fetched it (trusting the same CA), and approved.
+            assert callback(daemon, owner, follow_to_callback(server, url)) == \
+                "/studio/playbooks/work?notice=server-authorized"
+            session = open_session(daemon, owner.key, "work")
+            assert echoed(echo(daemon, owner, session, "over TLS")) == "over TLS"
+            stats = server.stats()
+            assert stats["cimd_fetches"] >= 1 and stats["registrations"] == 0
+            # Used, the flow's redirect URI leaves the document.
+            assert json.loads(daemon.request("GET", "/oauth/client-metadata.json")[2])[
+                "redirect_uris"] == []
+        finally:
+            daemon.stop()
+
+
+def test_no_metadata_document_unless_base_url_is_https(daemon: Daemon) -> None:
+    status, _, body = call(daemon, "GET", "/oauth/client-metadata.json")
+    assert (status, body["error"]["code"]) == (404, "not_found")
