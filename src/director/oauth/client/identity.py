@@ -112,11 +112,12 @@ async def register(fetcher: Fetcher, base_url: str, redirect: str,
 
 def manual_client(client_id: Any, client_secret: Any, discovery: Discovery) -> Client:
     """The client a user entered; ``ValueError`` (a field: message) when it is malformed."""
-    if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > 2048:
+    if not isinstance(client_id, str) or not client_id.strip() or len(client_id) > 2048 \
+            or "\x00" in client_id:
         raise ValueError("client_id: must be the client id the authorization server gave you")
     if client_secret is not None and (not isinstance(client_secret, str) or
-                                      len(client_secret) > 2048):
-        raise ValueError("client_secret: must be a string")
+                                      len(client_secret) > 2048 or "\x00" in client_secret):
+        raise ValueError("client_secret: must be a string of at most 2048 characters")
     secret = client_secret or None
     method = "none" if secret is None else \
         next((m for m in SECRET_METHODS if m in discovery.auth_methods), SECRET_METHODS[0])

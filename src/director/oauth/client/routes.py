@@ -44,6 +44,7 @@ from director.web.errors import (
     read_json_object,
     write_json,
 )
+from director.web.openapi import _COMMON_ERRORS, _NON_BLANK, _SECURITY, _error
 
 if TYPE_CHECKING:
     from director.config import Settings
@@ -181,9 +182,105 @@ class UpstreamOAuthPages:
                           ).encode()
 
 
+def _json_answer(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
 def _redirect(request: Request, location: str) -> bytes:
     request.setResponseCode(303)
     request.setHeader(b"location", location.encode())
     request.setHeader(b"cache-control", b"no-store")
     request.setHeader(b"referrer-policy", b"no-referrer")
     return b""
+
+
+# --- OpenAPI 3.1 (merged into web.openapi's document) ----------------------------------------
+
+_AUTHORIZED = {
+    "type": "object", "additionalProperties": False, "required": ["state", "issuer"],
+    "properties": {
+        "state": {"const": "authorized"},
+        "issuer": {"type": "string", "description": "The authorization server"},
+        "scope": {"type": "string", "description": "The scope granted"},
+        "expires_at": {"type": "string", "format": "date-time",
+                       "description": "When the access token expires (it is refreshed "
+                                      "before)"}}}
+_UNAUTHORIZED = {
+    "type": "object", "additionalProperties": False,
+    "required": ["state", "issuer", "reason", "authorize_url"],
+    "properties": {
+        "state": {"const": "unauthorized"},
+        "issuer": {"type": "string"},
+        "reason": {"type": "string", "description": "Why the owner must authorize (again)"},
+        "authorize_url": {"type": "string", "description": "The Studio page where the owner "
+                          "authorizes it (POST …/authorize answers the authorization server's "
+                          "URL directly)"}}}
+OPENAPI_SCHEMAS: dict[str, Any] = {
+    "ServerAuthorization": {
+        "readOnly": True,
+        "description": "Present for an HTTP server that asked Director for OAuth authorization "
+                       "(its owner's view: the tokens are the owner's, per authorization server "
+                       "and resource, shared by all their playbooks using that server). Its "
+                       "tools are absent while unauthorized.",
+        "oneOf": [_AUTHORIZED, _UNAUTHORIZED]},
+    "Authorize": {
+        "type": "object", "additionalProperties": False,
+        "description": "Only for authorization servers that offer Director no other way to "
+                       "identify itself (no client metadata documents, no dynamic registration): "
+                       "the client it gave you, with the redirect URI "
+                       "<BASE_URL>/oauth/{playbook_id}/{name}/callback",
+        "properties": {"client_id": {"type": "string", "minLength": 1, "maxLength": 2048,
+                                     "pattern": _NON_BLANK},
+                       "client_secret": {"type": ["string", "null"], "maxLength": 2048}},
+        "dependentRequired": {"client_secret": ["client_id"]}},
+    "AuthorizeUrl": {
+        "type": "object", "required": ["authorize_url", "expires_in"],
+        "properties": {
+            "authorize_url": {"type": "string", "description": "Open it in a browser signed in "
+                              "to Director as the playbook's owner"},
+            "expires_in": {"type": "integer", "description": "Seconds it stays usable"}}},
+}
+_PATH_PARAMETERS = [
+    {"name": "playbook_id", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "name", "in": "path", "required": True, "description": "Server name",
+     "schema": {"type": "string"}}]
+UPSTREAM_OAUTH_PATHS: dict[str, Any] = {
+    "/playbooks/{playbook_id}/servers/{name}/authorize": {"post": {
+        "operationId": "authorizeServer",
+        "summary": "Start the OAuth authorization of an HTTP server: the URL to open",
+        "description": "Discovers the server's authorization server (RFC 9728, RFC 8414) if "
+                       "needed, and how Director identifies itself there (its client metadata "
+                       "document, dynamic registration, or the client given here). The body is "
+                       "optional.",
+        "security": _SECURITY,
+        "parameters": _PATH_PARAMETERS,
+        "requestBody": {"required": False, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Authorize"}}}},
+        "responses": {
+            "200": _json_answer("AuthorizeUrl", "The authorize URL"),
+            "400": _error("A stdio server (code not_http), malformed JSON or invalid fields"),
+            "404": _error("No such playbook of yours, or no such server in it"),
+            "409": _error("The server is disabled (server_disabled), answers without "
+                          "authorization (not_required), or needs a client id "
+                          "(client_required)"),
+            "413": _error("Body too large"),
+            "415": _error("Body is not application/json"),
+            "502": _error("The server's authorization cannot be discovered or is refused "
+                          "(upstream_authorization_failed: the message says why)"),
+            **_COMMON_ERRORS}}},
+    "/playbooks/{playbook_id}/servers/{name}/authorization": {"delete": {
+        "operationId": "disconnectServer",
+        "summary": "Revoke and delete the caller's OAuth tokens for an HTTP server",
+        "description": "Revoked at the authorization server where it offers revocation "
+                       "(RFC 7009), deleted in any case; for every playbook of the caller that "
+                       "uses that server.",
+        "security": _SECURITY,
+        "parameters": _PATH_PARAMETERS,
+        "responses": {
+            "204": {"description": "Revoked and deleted"},
+            "400": _error("A stdio server (code not_http)"),
+            "404": _error("No such playbook, server, or authorization of yours"),
+            "409": _error("The server is disabled (server_disabled)"),
+            **_COMMON_ERRORS}}},
+}
