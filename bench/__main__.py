@@ -49,6 +49,7 @@ from bench import (
     slowclients,
     startup,
     throughput,
+    upstream_oauth,
     wrk,
 )
 from bench.daemon import log_findings
@@ -214,6 +215,20 @@ def _studio(c: Context) -> list[Figure]:
 
 
 GROUPS["studio"] = _studio
+
+
+def _upstream_oauth(c: Context) -> list[Figure]:
+    """``oauth``: a call with a cached upstream OAuth token vs a static header (same run), and
+    the refreshes 100 concurrent calls at expiry cause on two instances
+    (bench/upstream_oauth.py)."""
+    return (upstream_oauth.cached_token_latency(c.reaper, c.workdir, c.database.url,
+                                                rounds=2 if c.quick else 6,
+                                                duration=2.0 if c.quick else 3.0)
+            + upstream_oauth.refreshes_at_expiry(c.reaper, c.workdir, c.database.url,
+                                                 rounds=1 if c.quick else 3))
+
+
+GROUPS["oauth"] = _upstream_oauth
 
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:
