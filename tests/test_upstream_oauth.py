@@ -197,10 +197,29 @@ def test_a_state_is_single_use_bound_to_its_user_and_server(
     assert "already completed" in connect_page(daemon, owner, landed)
     assert server.stats()["codes"] == 1
 
-    # Signed out: through the sign-in page, then back to the callback.
+
+
+def test_a_browser_signed_out_signs_in_and_the_authorization_goes_on(
+        daemon: Daemon, server: ProtectedServer) -> None:
+    owner = sign_up(daemon, "signedout@example.com")
+    add_protected(daemon, owner, "work", server)
+    back = follow_to_callback(server, authorize_url(daemon, owner, "work"))
     status, headers, _ = call(daemon, "GET", back)
+    # To the sign-in page, which leads back to the callback; the answer waits in a cookie
+    # (not in the URL, where the access log would see the code).
     assert status == 303
-    assert headers["location"].startswith("/studio/login?next=%2Foauth%2Fwork%2Fprot%2Fcallback")
+    assert headers["location"] == "/studio/login?next=%2Foauth%2Fwork%2Fprot%2Fcallback"
+    kept = headers["set-cookie"].split(";", 1)[0]
+    assert kept.startswith("director_oauth_answer=") and "code=" in kept
+    assert "Path=/oauth/" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+    # Signed in, the browser comes back without the answer in the URL.
+    status, headers, _ = call(daemon, "GET", "/oauth/work/prot/callback",
+                              cookie=f"{owner.cookie.split(';', 1)[0]}; {kept}")
+    assert (status, headers["location"]) == (303,
+                                            "/studio/playbooks/work?notice=server-authorized")
+    assert "director_oauth_answer=;" in headers["set-cookie"]
+    code = dict(part.split("=", 1) for part in back.split("?", 1)[1].split("&"))["code"]
+    assert code not in daemon.output()
 
 
 def test_a_replayed_code_is_refused_by_the_authorization_server_and_changes_nothing(

@@ -36,6 +36,7 @@ from director.oauth.client.flow import NotRequired
 from director.oauth.client.identity import NeedClient
 from director.playbooks.model import Server
 from director.web.api import api, reject_unknown_fields
+from director.web.auth import read_cookie
 from director.web.errors import (
     ApiError,
     Conflict,
@@ -52,6 +53,12 @@ if TYPE_CHECKING:
     from director.playbooks.cache import PlaybookCache
     from director.playbooks.store import Playbook
     from director.web.auth import Authenticator, Principal
+
+
+#: The parameters of an authorization server's answer that the callback reads.
+ANSWER_PARAMETERS = ("code", "state", "iss", "error", "error_description")
+#: Holds that answer while a signed-out browser signs in (``UpstreamOAuthPages._sign_in_first``).
+RETURN_COOKIE = "director_oauth_answer"
 
 
 def connect_url(base_url: str, playbook_id: str, server_name: str) -> str:
@@ -142,19 +149,24 @@ class UpstreamOAuthPages:
         self.playbooks = playbooks
 
     async def callback(self, request: Request, playbook_id: str, server_name: str) -> bytes:
+        arguments = {key.decode("latin-1"): values[0].decode("utf-8", "replace")
+                     for key, values in (request.args or {}).items()
+                     if values and key.decode("latin-1") in ANSWER_PARAMETERS}
         try:
             principal = await self.auth.authenticate(request)
         except Unauthorized:
-            back = request.uri.decode("latin-1")
-            return _redirect(request, "/studio/login?" + urllib.parse.urlencode({"next": back}))
+            return self._sign_in_first(request, arguments)
+        kept = read_cookie(request.getHeader(b"cookie"), RETURN_COOKIE)
+        if kept is not None:
+            self._set_return_cookie(request, "", 0)
+            if "state" not in arguments:
+                arguments = dict(urllib.parse.parse_qsl(kept))
         studio = f"/studio/playbooks/{urllib.parse.quote(playbook_id, safe='')}"
         playbook = self.playbooks.get(principal.user.id, playbook_id)
         if playbook is None or playbook.server(server_name) is None:
             return _redirect(request, "/studio/?" + urllib.parse.urlencode(
                 {"notice": "authorization-lost"}))
         connect = f"{studio}/servers/{urllib.parse.quote(server_name, safe='')}/connect"
-        arguments = {key.decode("latin-1"): values[0].decode("utf-8", "replace")
-                     for key, values in (request.args or {}).items() if values}
         try:
             await self.oauth.complete(principal.user.id, playbook.pk, server_name, arguments)
         except store.FlowRefused as refused:
@@ -165,6 +177,22 @@ class UpstreamOAuthPages:
             return _redirect(request, connect + "?" + urllib.parse.urlencode(
                 {"failed": store.state_hash(state).hex()}))
         return _redirect(request, studio + "?notice=server-authorized")
+
+    def _sign_in_first(self, request: Request, arguments: dict[str, str]) -> bytes:
+        """A browser signed out: the authorization server's answer waits in a cookie (never
+        in a URL, which would put the code in access logs) while it signs in and comes back
+        here (``studio.base.safe_next`` lets it)."""
+        if arguments:
+            self._set_return_cookie(request, urllib.parse.urlencode(arguments),
+                                    store.FLOW_SECONDS)
+        back = request.path.decode("latin-1")
+        return _redirect(request, "/studio/login?" + urllib.parse.urlencode({"next": back}))
+
+    def _set_return_cookie(self, request: Request, value: str, max_age: int) -> None:
+        secure = "; Secure" if self.auth.secure_cookie else ""
+        request.responseHeaders.addRawHeader(
+            b"set-cookie", f"{RETURN_COOKIE}={value}; Path=/oauth/; Max-Age={max_age}; "
+                           f"HttpOnly; SameSite=Lax{secure}".encode())
 
     def metadata_document(self, request: Request) -> Any:
         request.setHeader(b"cache-control", b"no-store")
