@@ -24,11 +24,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 class ProtectedServer:
     """The running fixture: the MCP server at ``url``, its authorization server beside it."""
 
-    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None, path: str = "/mcp") -> None:
         self.port = port
         self.tls = tls
         self.origin = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-        self.url = f"{self.origin}/mcp"
+        self.url = f"{self.origin}{path}"
         self.issuer = f"{self.origin}/as"
 
     def request(self, method: str, path: str, body: Any = None,
@@ -59,25 +59,27 @@ class ProtectedServer:
 
 @contextlib.contextmanager
 def protected_server(certificate: Path | None = None, key: Path | None = None,
-                     ca: Path | None = None, tls: ssl.SSLContext | None = None
-                     ) -> Iterator[ProtectedServer]:
+                     ca: Path | None = None, tls: ssl.SSLContext | None = None,
+                     sse: bool = False) -> Iterator[ProtectedServer]:
     port = free_port()
     argv = [sys.executable, str(FIXTURES / "oauth_server.py"), "--port", str(port)]
+    if sse:
+        argv += ["--transport", "sse"]
     if certificate is not None and key is not None:
         argv += ["--certfile", str(certificate), "--keyfile", str(key)]
     if ca is not None:
         argv += ["--ca", str(ca)]
     with local_servers([argv], [port]):
-        yield ProtectedServer(port, tls)
+        yield ProtectedServer(port, tls, "/sse" if sse else "/mcp")
 
 
 def add_protected(daemon: Daemon, account: Account, playbook: str, server: ProtectedServer,
-                  name: str = "prot") -> None:
+                  name: str = "prot", kind: str = "http") -> None:
     status, _, body = call(daemon, "POST", "/api/v1/playbooks", {"name": playbook},
                            key=account.key)
     assert status in (201, 409), body
     status, _, body = call(daemon, "POST", f"/api/v1/playbooks/{playbook}/servers",
-                           {"name": name, "type": "http", "url": server.url}, key=account.key)
+                           {"name": name, "type": kind, "url": server.url}, key=account.key)
     assert status == 201, body
 
 

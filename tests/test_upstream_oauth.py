@@ -104,6 +104,23 @@ def test_the_sdk_client_calls_a_protected_tool_once_the_owner_authorized(
 # --- client identities ------------------------------------------------------------------------
 
 
+def test_a_server_of_the_http_sse_transport_is_authorized_too(
+        daemon: Daemon, migrated_url: str) -> None:
+    """Its resource is the SSE URL; the token also goes to the message endpoint the stream
+    names (on the same origin, outside the resource's path)."""
+    with protected_server(sse=True) as legacy:
+        owner = sign_up(daemon, "legacy@example.com")
+        add_protected(daemon, owner, "work", legacy, kind="sse")
+        session = open_session(daemon, owner.key, "work")
+        assert tool_names(daemon, owner.key, "work", session) == []
+        assert server_status(daemon, owner, "work")["authorization"]["state"] == "unauthorized"
+        authorize(daemon, owner, "work", legacy)
+        eventually(lambda: "echo" in tool_names(daemon, owner.key, "work", session),
+                   timeout=20, interval=0.2)
+        assert echoed(call_tool(daemon, owner.key, "work", session, "echo",
+                                {"text": "legacy"}, 5)) == "legacy"
+
+
 def test_a_client_the_user_entered_is_used_where_the_server_offers_no_registration(
         daemon: Daemon, server: ProtectedServer) -> None:
     server.knobs(registration=False)

@@ -122,6 +122,11 @@ def resource_covers(resource: str, url: str) -> bool:
     return theirs.path == mine.path or theirs.path.startswith(mine.path + "/")
 
 
+def same_origin(first: str, second: str) -> bool:
+    one, other = urlsplit(canonical(first)), urlsplit(canonical(second))
+    return (one.scheme, one.netloc) == (other.scheme, other.netloc)
+
+
 def resource_metadata_urls(server_url: str, challenge: Challenge | None) -> list[str]:
     """Where to look for the protected-resource metadata, in order."""
     parts = urlsplit(server_url)

@@ -55,7 +55,7 @@ from director.mcp.upstream.authorization import UpstreamUnauthorized
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstream.http import _Once, display_url, upstream_agent
 from director.oauth.client import challenge, flow, store, tokens
-from director.oauth.client.discovery import Discovery, discover, resource_covers
+from director.oauth.client.discovery import Discovery, discover, resource_covers, same_origin
 from director.oauth.client.fetch import Fetcher, FetchError
 from director.oauth.client.store import Credential
 from director.playbooks.model import Server
@@ -443,10 +443,15 @@ class OAuthProvider:
         self._covered: dict[tuple[str, str], bool] = {}
 
     def _covers(self, resource: str, url: str) -> bool:
+        """Whether the token for ``resource`` may go to ``url``: a URL under the resource, or
+        (the HTTP+SSE transport's message endpoint, which ``http.py`` keeps on the server's
+        origin) any URL of the origin of this server, itself under the resource."""
         key = (resource, url)
         covered = self._covered.get(key)
         if covered is None:
-            covered = self._covered[key] = resource_covers(resource, url)
+            covered = self._covered[key] = resource_covers(resource, url) or (
+                resource_covers(resource, self.server_url)
+                and same_origin(self.server_url, url))
         return covered
 
     async def headers(self, url: str) -> dict[str, str]:
