@@ -53,6 +53,7 @@ from bench import (
     slowclients,
     startup,
     throughput,
+    upstream_oauth,
     wrk,
 )
 from bench.daemon import log_findings
@@ -251,6 +252,21 @@ def _oauth(c: Context) -> list[Figure]:
 
 
 GROUPS["oauth"] = _oauth
+
+
+def _upstream_oauth(c: Context) -> list[Figure]:
+    """``upstream-oauth``: what the OAuth provider costs a request; a call with a cached upstream OAuth
+    token vs a static header (same run); and the refreshes 100 concurrent calls at expiry
+    cause on two instances (bench/upstream_oauth.py)."""
+    return (upstream_oauth.provider_cost(100_000, 3 if c.quick else 7)
+            + upstream_oauth.cached_token_latency(c.reaper, c.workdir, c.database.url,
+                                                rounds=2 if c.quick else 6,
+                                                duration=2.0 if c.quick else 3.0)
+            + upstream_oauth.refreshes_at_expiry(c.reaper, c.workdir, c.database.url,
+                                                 rounds=1 if c.quick else 3))
+
+
+GROUPS["upstream-oauth"] = _upstream_oauth
 
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:

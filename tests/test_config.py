@@ -149,6 +149,8 @@ def test_base_url_follows_port_when_unset() -> None:
      "DATABASE_URL=(unparseable DATABASE_URL) holds an unencoded @ or / (in the password?)"),
     ("BETTER_AUTH_SECRET", "short", "BETTER_AUTH_SECRET=(hidden) is 5 characters long, at least "
                                     "32 are required; generate one with: openssl rand -base64 48"),
+    ("BETTER_AUTH_SECRET_PREVIOUS", "old", "BETTER_AUTH_SECRET_PREVIOUS=(hidden) is 3 characters "
+                                           "long, at least 32 are required"),
     ("BASE_URL", "director.example.com", "BASE_URL='director.example.com' is not an http(s) URL"),
     ("BASE_URL", "https://x.example.com/?a=1", "has a query or fragment"),
     ("ALLOWED_ORIGINS", "https://ok.example.com,ftp://bad", "contains 'ftp://bad', which is not an"
@@ -220,7 +222,8 @@ def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected
 
 
 def test_every_variable_has_a_bad_value_test() -> None:
-    tested = {"PORT", "HOST", "DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL", "ALLOWED_ORIGINS",
+    tested = {"PORT", "HOST", "DATABASE_URL", "BETTER_AUTH_SECRET", "BETTER_AUTH_SECRET_PREVIOUS",
+              "BASE_URL", "ALLOWED_ORIGINS",
               "ALLOWED_HOSTS", "TELEMETRY_ENABLED", "REGISTRY_URL", "REGISTRY_TRUST",
               "REGISTRY_ALLOW", "API_KEY_RATE_LIMIT_WINDOW_SECONDS", "API_KEY_RATE_LIMIT_MAX_REQUESTS",
               "USER_RATE_LIMIT_WINDOW_SECONDS", "USER_RATE_LIMIT_MAX_REQUESTS",

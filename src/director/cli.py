@@ -306,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     from director.studio import cli as studio_cli  # likewise
 
     studio_cli.add_commands(commands)
-    from director.oauth.server import cli as oauth_cli  # likewise
+    from director.oauth.client import cli as oauth_client_cli  # likewise
+    from director.oauth.server import cli as oauth_server_cli  # likewise
 
-    oauth_cli.add_commands(commands)
+    oauth_server_cli.add_commands(commands)
+    oauth_client_cli.add_commands(commands)
     return parser
 
 

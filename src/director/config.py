@@ -82,6 +82,8 @@ class Settings:
     environment: str = "development"
     database_url: str | None = None
     auth_secret: str | None = None
+    #: The secret BETTER_AUTH_SECRET replaces, during a rotation (opens old sealed values).
+    auth_secret_previous: str | None = None
     base_url: str = "http://localhost:3673"
     host: str = "0.0.0.0"  # noqa: S104 - a gateway listens on all interfaces unless told
     port: int = 3673
@@ -532,11 +534,18 @@ VARIABLES: tuple[Variable, ...] = (
              _database_url, "database_url"),
     Variable("BETTER_AUTH_SECRET", None,
              f"Secret (at least {MIN_SECRET_LENGTH} characters) from which the key that encrypts "
-             "secrets at rest (secret env values and headers of upstream servers) is derived; "
+             "secrets at rest (secret env values and headers of upstream servers, their OAuth "
+             "tokens) is derived; "
              "lose it and they cannot be read. Sessions and API keys are random tokens stored "
              "hashed and do not depend on it. Required in production; elsewhere one is generated "
              "once and kept in the state directory.",
              _secret, "auth_secret"),
+    Variable("BETTER_AUTH_SECRET_PREVIOUS", None,
+             "Only while changing BETTER_AUTH_SECRET: the secret it replaces. Values sealed with "
+             "it (secret env values and headers, upstream OAuth tokens) still open and are sealed "
+             "again with the new one when used; run `director secrets rotate` to re-seal all of "
+             "them at once, then remove this variable.",
+             _secret, "auth_secret_previous"),
     Variable("BASE_URL", "http://localhost:3673",
              "Public URL where Director is reached; the CORS origin, Host check and the URLs it "
              "hands out derive from it. Required in production.",
@@ -786,7 +795,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         try:
             values[variable.field] = variable.parse(raw)
         except _Invalid as invalid:
-            shown = ("(hidden)" if variable.name in ("BETTER_AUTH_SECRET", "OIDC_CLIENT_SECRET")
+            shown = ("(hidden)" if variable.name.startswith("BETTER_AUTH_SECRET")
+                     or variable.name == "OIDC_CLIENT_SECRET"
                      else _shown_database_url(raw) if variable.name == "DATABASE_URL"
                      else repr(raw))
             problems.append(

@@ -518,7 +518,7 @@ def check_stored_secrets(dsn: str, settings: Settings) -> Result:
                                   f"secret: BETTER_AUTH_SECRET is unset and {where} is missing "
                                   "(the daemon would generate a new one and refuse to start)",
                       restore)
-    box = SecretBox(secret)
+    box = SecretBox(secret, settings.auth_secret_previous)
     unreadable = []
     for label, value, key in sealed:
         try:
@@ -530,6 +530,40 @@ def check_stored_secrets(dsn: str, settings: Settings) -> Result:
                                   f"not decrypt with {where}: the daemon stops at start "
                                   "(SecretUnreadable)", restore, tuple(unreadable[:5]))
     return Result(name, OK, f"{len(sealed)} stored secret values decrypt with {where}")
+
+
+def check_upstream_oauth(dsn: str, settings: Settings) -> Result:
+    """Upstream OAuth credentials that no configured secret opens: their servers are
+    unauthorized until their users authorize again (the daemon does not stop for them)."""
+    from director.crypto import SecretBox
+    from director.oauth.client.maintenance import unreadable_credentials
+
+    name = "upstream-oauth"
+    secret = _secret_in_use(settings)
+    connection = _connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM upstream_oauth_credentials")
+            stored = int(cursor.fetchone()[0])
+        if not stored:
+            return Result(name, OK, "no upstream OAuth tokens stored")
+        if secret is None:
+            return Result(name, WARN, f"{stored} upstream OAuth credentials are stored, but "
+                                      "there is no secret to open them",
+                          "their users must authorize those servers again")
+        unreadable = unreadable_credentials(connection, SecretBox(
+            secret, settings.auth_secret_previous))
+    finally:
+        connection.close()
+    if unreadable:
+        return Result(name, WARN, f"{len(unreadable)} stored upstream OAuth credential(s) or "
+                                  "client registration(s) do not open with the configured "
+                                  "secret (their servers show unauthorized)",
+                      "put back the secret they were sealed with (or set it as "
+                      "BETTER_AUTH_SECRET_PREVIOUS); otherwise their users authorize again",
+                      tuple(unreadable[:5]))
+    return Result(name, OK, f"{stored} upstream OAuth credentials open with the configured "
+                            "secret")
 
 
 def _servers_check(name: str, check: Any, dsn: str, settings: Settings) -> Result:
@@ -616,7 +650,7 @@ def check_registry_runtimes(dsn: str, settings: Settings) -> Result:
 
 def check_database(settings: Settings) -> tuple[list[Result], int | None]:
     """Reach, schema and LISTEN/NOTIFY, and the server's version (``server_version_num``)."""
-    names = ("database", "schema", "stored-secrets", "refused-servers", "registry-runtimes",
+    names = ("database", "schema", "stored-secrets", "refused-servers", "registry-runtimes", "upstream-oauth",
              "listen-notify")
     if settings.embedded_database:
         from director.db.embedded import EmbeddedPostgres
@@ -638,7 +672,8 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
                        else Result(name, SKIP, "the schema is not current")
                        for name, check in (("stored-secrets", check_stored_secrets),
                                            ("refused-servers", check_refused_servers),
-                                           ("registry-runtimes", check_registry_runtimes))]
+                                           ("registry-runtimes", check_registry_runtimes),
+                                           ("upstream-oauth", check_upstream_oauth))]
             return [reach, schema, *servers, check_listen_notify(dsn)], version
     except cli.CommandError as error:
         return [Result("database", FAIL, f"the private cluster did not start: {error}",

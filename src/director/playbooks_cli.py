@@ -100,7 +100,7 @@ def _box(settings: Settings) -> SecretBox:
     from director.crypto import SecretBox
 
     try:
-        return SecretBox(state.auth_secret(settings))
+        return SecretBox(state.auth_secret(settings), settings.auth_secret_previous)
     except OSError as error:
         raise CommandError(f"cannot read the secret that seals stored secrets "
                            f"({settings.state_directory}): {error.strerror}") from None
@@ -383,3 +383,7 @@ def add_commands(commands: Any) -> None:
     from director import registry_cli  # imports this module: registered once both are loaded
 
     registry_cli.add_playbook_commands(actions)
+
+    from director.oauth.client.cli import add_authorize
+
+    add_authorize(actions)

@@ -49,6 +49,9 @@ from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
+from director.oauth.client.routes import UpstreamOAuthPages
+from director.oauth.client.service import UpstreamAuthorizations
+from director.oauth.client.sessions import follow as follow_authorizations
 from director.oauth.server.authority import AuthorizationServer
 from director.oauth.server.tokens import TokenCache
 from director.playbooks.cache import PlaybookCache
@@ -114,7 +117,7 @@ class DirectorService(MultiService):
         self.port: Any = None  # IListeningPort
         self.metrics_port: Any = None  # IListeningPort of METRICS_LISTEN
         self.site: DirectorSite | None = None
-        self.secret_box = SecretBox(self.auth_secret)
+        self.secret_box = SecretBox(self.auth_secret, settings.auth_secret_previous)
         self.playbooks = PlaybookCache(self.database, self.secret_box)
         self.http_pool = new_pool(reactor, endpoints=CheckedEndpoints(
             reactor, allow_insecure=settings.allow_insecure_http_servers))
@@ -128,14 +131,19 @@ class DirectorService(MultiService):
             self.stdio_launcher = stdio_launcher(settings, self.stdio_account, self.auth_secret)
         except SandboxError as refused:
             self.stdio_sandbox_refused = str(refused)
+        #: The users' upstream OAuth credentials (director.oauth.client).
+        self.upstream_oauth = UpstreamAuthorizations(settings, self.database, self.secret_box,
+                                                     reactor, self.http_pool)
         factory = upstream_factory(reactor, self.http_pool, self.stdio_account,
-                                   self.stdio_launcher)
+                                   self.stdio_launcher,
+                                   authorizations=self._upstream_authorization)
         self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
         self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
         self.oauth_tokens.watch(self.mcp)  # and so does a revoked OAuth grant
+        follow_authorizations(self.mcp, self.upstream_oauth)
         if self.metrics is not None:
             from director.metrics import ServiceCollector
 
@@ -144,14 +152,16 @@ class DirectorService(MultiService):
             self.playbooks.subscribe(self.metrics.playbook_changed)
         self.registry = RegistryClient(settings.registry_url, reactor)
         api_v1 = ApiV1(settings, self.database, self.authenticator, self.playbooks,
-                       self.secret_box, self.registry)
+                       self.secret_box, self.registry, oauth=self.upstream_oauth)
         self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
-                             self.mcp, api_v1, self.auth_secret, reactor)
+                             self.mcp, api_v1, self.auth_secret, reactor,
+                             oauth=self.upstream_oauth)
         self.oauth = AuthorizationServer(settings, self.database, self.authenticator,
                                          self.playbooks, self.studio, reactor, self.oauth_tokens)
         self.web = DirectorApp(
             self.health_reason, api_v1, McpRoutes(self.mcp, self.authenticator, self.playbooks),
-            studio=self.studio, oauth=self.oauth)
+            studio=self.studio, oauth=self.oauth, upstream_oauth=UpstreamOAuthPages(
+                settings, self.upstream_oauth, self.authenticator, self.playbooks))
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
@@ -165,6 +175,13 @@ class DirectorService(MultiService):
             self.telemetry = TelemetryService(settings.telemetry_url, self.database,
                                               self.metrics, reactor, self.started_at)
             self.addService(self.telemetry)
+
+    def _upstream_authorization(self, playbook_pk: Any, server: Any) -> Any:
+        """The OAuth provider of an HTTP server's upstream sessions: its playbook owner's."""
+        playbook = self.playbooks.by_pk(playbook_pk) if playbook_pk is not None else None
+        if playbook is None:
+            return None
+        return self.upstream_oauth.provider(playbook.user_id, server)
 
     # --- health ------------------------------------------------------------------------
 
@@ -203,6 +220,7 @@ class DirectorService(MultiService):
         await self._wait_until_available()
         await self.accounts.start()
         await self.playbooks.start()
+        await self.upstream_oauth.start()
         self.rate_limiter.start()
         self.mcp.start()
         await self.studio.start()

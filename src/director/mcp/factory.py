@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from uuid import UUID
 
 from director.mcp.upstream.account import StdioAccount
+from director.mcp.upstream.authorization import UpstreamAuthorization
 from director.mcp.upstream.base import UpstreamSession
 from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
@@ -13,34 +15,44 @@ from director.mcp.upstream.stdio import StdioUpstream
 from director.playbooks.model import Server
 from director.sandbox.launcher import Launcher
 
+#: ``authorizations(playbook pk, server)``: what authorizes an HTTP server's requests (upstream
+#: OAuth, ``director.oauth.client``), or None.
+Authorizations = Callable[[UUID | None, Server], UpstreamAuthorization | None]
+
 
 def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = None,
                      launcher: Launcher | None = None,
-                     ) -> Callable[[Server, str, str], UpstreamSession]:
-    """``make(server, era, owner="")``: ``era`` is that of the downstream clients the session
-    will serve ("modern" or "legacy"); a server that speaks both is used in it; ``owner`` (the
-    playbook) keys a stdio server's sandbox directory. Stdio children are started by
-    ``launcher`` (``director.sandbox``; None: as ``account``, or as the daemon, which is then
-    not root). ``UpstreamManager`` applies the security rails before it calls ``make``."""
+                     authorizations: Authorizations | None = None,
+                     ) -> Callable[[Server, str, UUID | None], UpstreamSession]:
+    """``make(server, era, playbook_pk=None)``: ``era`` is that of the downstream clients the
+    session will serve ("modern" or "legacy"); a server that speaks both is used in it; the
+    playbook keys a stdio server's sandbox directory and tells an HTTP server's authorization.
+    Stdio children are started by ``launcher`` (``director.sandbox``; None: as ``account``, or
+    as the daemon, which is then not root). HTTP sessions get ``authorizations(playbook_pk,
+    server)`` (the OAuth seam, ``upstream.authorization``). ``UpstreamManager`` applies the
+    security rails before it calls ``make``."""
 
-    def make(server: Server, era: str, owner: str = "") -> UpstreamSession:
+    def make(server: Server, era: str, playbook_pk: UUID | None = None) -> UpstreamSession:
         if server.type == "stdio":
             assert server.command is not None
             return StdioUpstream(server.name, server.command, list(server.args),
                                  {key: item.value for key, item in server.env}, server.cwd,
                                  reactor, timeout_default=server.timeout_seconds,
                                  prefer_modern=era == "modern", account=account,
-                                 launcher=launcher, owner=owner)
+                                 launcher=launcher, owner=str(playbook_pk or ""))
         headers = {key: item.value for key, item in server.headers}
+        authorization = authorizations(playbook_pk, server) if authorizations else None
         if server.type == "sse":
             assert server.url is not None
             return LegacySseUpstream(server.name, server.url, headers, reactor, pool,
-                                     timeout_default=server.timeout_seconds)
+                                     timeout_default=server.timeout_seconds,
+                                     authorization=authorization)
         # Streamable HTTP, falling back to legacy HTTP+SSE when the server does not speak it.
         assert server.url is not None
         # In the clients' era when the server speaks it, in the other one otherwise.
         return HttpUpstream(server.name, server.url, headers, reactor, pool,
                             timeout_default=server.timeout_seconds,
+                            authorization=authorization,
                             streamable_class=ModernFirstHttpUpstream if era == "modern"
                             else ModernHttpUpstream)
 

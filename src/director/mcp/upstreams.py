@@ -56,9 +56,10 @@ LIST_METHODS = {
     "resources/templates/list": ("resourceTemplates", "notifications/resources/list_changed"),
 }
 
-#: ``factory(server, era, owner)``, era being that of the downstream clients ("modern" or
-#: "legacy"), owner the playbook's id (a stdio server's sandbox directory is keyed by it).
-Factory = Callable[[Server, str, str], UpstreamSession]
+#: ``factory(server, era, playbook_pk)``, era being that of the downstream clients ("modern" or
+#: "legacy"); the playbook keys a stdio server's sandbox directory and tells an HTTP server's
+#: authorization (its owner's OAuth tokens).
+Factory = Callable[[Server, str, UUID | None], UpstreamSession]
 
 
 @attrs.define(eq=False)
@@ -178,7 +179,7 @@ class UpstreamManager:
 
     async def _start(self, upstream: Upstream) -> None:
         self._status_changed(upstream)
-        session = self.factory(upstream.server, upstream.era, str(upstream.playbook_pk or ""))
+        session = self.factory(upstream.server, upstream.era, upstream.playbook_pk)
         session.on_notification = lambda message: self._notified(upstream, message)
         if self.on_request is not None:
             handler = self.on_request

@@ -7,6 +7,7 @@ Page families (``pages/*.py``) are mixins of ``StudioBase`` whose methods are ro
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -77,12 +78,18 @@ class Viewer:
         return self.principal.user
 
 
+#: An upstream OAuth callback (``director.oauth.client.routes``): a browser that comes back
+#: from an authorization server signed out signs in, then goes on to it.
+_OAUTH_CALLBACK = re.compile(r"^/oauth/[^/?#\\]+/[^/?#\\]+/callback(\?[^#]*)?$")
+
+
 def safe_next(value: str | None) -> str:
-    """Where to go after signing in: a Studio path, or back to an OAuth authorization that
-    asked to sign in (never another site)."""
-    if value and value.startswith(("/studio/", "/oauth/authorize?")) \
-            and not value.startswith("//") \
-            and "\\" not in value and not any(ord(c) < 32 for c in value):
+    """Where to go after signing in: a Studio path, back to an OAuth authorization that asked
+    to sign in, or an upstream OAuth callback (never another site)."""
+    if value and (value.startswith(("/studio/", "/oauth/authorize?"))
+                  or _OAUTH_CALLBACK.match(value)) \
+            and not value.startswith("//") and "\\" not in value \
+            and not any(ord(c) < 32 for c in value):
         return value
     return "/studio/"
 
@@ -99,6 +106,8 @@ class StudioBase:
     workbench: Workbench
     live: LiveHub
     key_usage: KeyUsage
+    #: ``director.oauth.client``'s ``UpstreamAuthorizations`` (None when not wired).
+    oauth: Any
 
     # --- responses ------------------------------------------------------------------------
 

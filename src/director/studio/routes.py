@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from director.accounts.usage import KeyUsage
 from director.config import Settings
 from director.db.database import Database
+from director.oauth.client.studio import ServerAuthorizationPages
 from director.oauth.server.connected import ConnectedAppsPages
 from director.oauth.server.organisation import OrganisationSignIn, ProviderClient, StateCookies
 from director.playbooks.cache import PlaybookCache
@@ -41,13 +42,15 @@ log = Logger(namespace="studio")
 
 
 class Studio(OrganisationSignIn, AuthPages, PlaybookListPages, RegistryPages, PlaybookPages,
-             ToolPages, PromptPages, ConnectPages, AccountPages, ConnectedAppsPages):
+             ToolPages, PromptPages, ConnectPages, AccountPages, ConnectedAppsPages,
+             ServerAuthorizationPages):
     app = studio
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
                  playbooks: PlaybookCache, engine: McpEngine, api: ApiV1, auth_secret: str,
-                 reactor: Any) -> None:
+                 reactor: Any, oauth: Any = None) -> None:
         self.settings = settings
+        self.oauth = oauth
         self.database = database
         self.auth = auth
         self.playbooks = playbooks

@@ -24,12 +24,13 @@ class DirectorApp:
     install_error_handlers(app)
 
     def __init__(self, health_check: HealthCheck, api_v1: Any, mcp: Any,
-                 studio: Any = None, oauth: Any = None) -> None:
+                 studio: Any = None, oauth: Any = None, upstream_oauth: Any = None) -> None:
         self.health_check = health_check
         self.api_v1 = api_v1
         self.mcp = mcp
         self.studio = studio
         self.oauth = oauth
+        self.upstream_oauth = upstream_oauth
 
     @app.route("/playbooks/", branch=True)
     def mcp_routes(self, request: Request) -> Any:
@@ -61,6 +62,18 @@ class DirectorApp:
     @app.route("/connect", endpoint="oauth_connect")
     def oauth_routes(self, request: Request, **_: str) -> Any:
         return self.oauth.resource()
+
+    # Upstream OAuth (director.oauth.client.routes): the callback and Director's client
+    # metadata document. (/oauth/authorize, /token, … are the authorization server's.)
+    @app.route("/oauth/<playbook_id>/<server_name>/callback", methods=["GET"])
+    async def upstream_oauth_callback(self, request: Request, playbook_id: str,
+                                      server_name: str) -> bytes:
+        result: bytes = await self.upstream_oauth.callback(request, playbook_id, server_name)
+        return result
+
+    @app.route("/oauth/client-metadata.json", methods=["GET", "HEAD"])
+    def upstream_oauth_metadata(self, request: Request) -> Any:
+        return self.upstream_oauth.metadata_document(request)
 
     @app.route("/api/health", methods=["GET", "HEAD"])
     async def health(self, request: Request) -> bytes:

@@ -238,13 +238,15 @@ def _playbook_schemas() -> dict[str, Any]:
                            "flag is set again or the server is changed to pass the rules",
             "oneOf": [
                 {"type": "object", "additionalProperties": False, "required": ["state"],
-                 "properties": {"state": {"const": "allowed"}}},
+                 "properties": {"state": {"const": "allowed"},
+                                "authorization": _ref("ServerAuthorization")}},
                 {"type": "object", "additionalProperties": False,
                  "required": ["state", "reason"],
                  "properties": {"state": {"const": "refused"},
                                 "reason": {"type": "string",
                                            "description": "refused by configuration: what "
-                                                          "needs which flag"}}}]},
+                                                          "needs which flag"},
+                                "authorization": _ref("ServerAuthorization")}}]},
         "StdioServer": {"type": "object", "required": [*common_out, *stdio_out],
                         "properties": {**common_out, **stdio_out}},
         "HttpServer": {"type": "object", "required": [*common_out, *http_out],
@@ -465,14 +467,16 @@ def _playbook_paths() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    """The whole document: the paths below plus those of the YAML routes, of the registry and
-    of Connected apps (``director.oauth.server.connected``)."""
+    """The whole document: the paths below plus those of the YAML routes, of the registry, of
+    Connected apps (``director.oauth.server.connected``) and of upstream OAuth."""
+    from director.oauth.client.routes import OPENAPI_SCHEMAS, UPSTREAM_OAUTH_PATHS
     from director.oauth.server.connected import OPENAPI_PATHS as CONNECTED_APPS
     from director.web import registry_openapi
     from director.web.playbooks_yaml_api import OPENAPI_PATHS
 
     described = _document()
-    described["paths"] |= OPENAPI_PATHS | CONNECTED_APPS
+    described["paths"] |= OPENAPI_PATHS | CONNECTED_APPS | UPSTREAM_OAUTH_PATHS
+    described["components"]["schemas"] |= OPENAPI_SCHEMAS
     registry_openapi.extend(described)
     return described
 

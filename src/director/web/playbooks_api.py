@@ -19,6 +19,7 @@ from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
 from director.db.interactions import Interaction
+from director.oauth.client.routes import connect_url
 from director.playbooks import model, rails, store
 from director.playbooks.cache import PlaybookCache
 from director.playbooks.store import Playbook
@@ -60,6 +61,8 @@ class PlaybookRoutes:
     auth: Authenticator
     playbooks: PlaybookCache
     box: SecretBox
+    #: ``director.oauth.client``'s ``UpstreamAuthorizations`` (None: not wired, as in tests).
+    oauth: Any
 
     # --- shared ---------------------------------------------------------------------------
 
@@ -68,11 +71,18 @@ class PlaybookRoutes:
         return {"streamable_http": f"{base}/playbooks/{playbook_id}/mcp",
                 "sse": f"{base}/playbooks/{playbook_id}/sse"}
 
-    def server_json(self, server: model.Server, reveal_secrets: bool = False) -> dict[str, Any]:
+    def server_json(self, server: model.Server, reveal_secrets: bool = False,
+                    playbook: Playbook | None = None) -> dict[str, Any]:
         """A server as the API shows it: with its read-only ``status`` under the current
-        configuration (the same on every instance that shares it)."""
-        return model.server_json(server, reveal_secrets) | {
-            "status": rails.server_status(self.settings, server)}
+        configuration (the same on every instance that shares it), and for an HTTP server
+        behind OAuth its owner's ``authorization`` (``director.oauth.client``)."""
+        status = rails.server_status(self.settings, server)
+        if self.oauth is not None and playbook is not None:
+            authorization = self.oauth.status(playbook.user_id, server, connect_url(
+                self.settings.base_url, playbook.id, server.name))
+            if authorization is not None:
+                status["authorization"] = authorization
+        return model.server_json(server, reveal_secrets) | {"status": status}
 
     def playbook_json(self, playbook: Playbook, reveal_secrets: bool = False,
                       summary: bool = False) -> dict[str, Any]:
@@ -84,7 +94,8 @@ class PlaybookRoutes:
         if summary:
             data |= {"servers": len(playbook.servers), "prompts": len(playbook.prompts)}
         else:
-            data |= {"servers": [self.server_json(s, reveal_secrets) for s in playbook.servers],
+            data |= {"servers": [self.server_json(s, reveal_secrets, playbook)
+                                 for s in playbook.servers],
                      "prompts": [model.prompt_json(p) for p in playbook.prompts]}
         return data
 
@@ -202,7 +213,7 @@ class PlaybookRoutes:
         playbook = self._owned(principal, playbook_id)
         reveal = _flag(request, "reveal_secrets")
         return self._answer(request, 200, playbook, {
-            "items": [self.server_json(s, reveal) for s in playbook.servers]})
+            "items": [self.server_json(s, reveal, playbook) for s in playbook.servers]})
 
     @api.route("/playbooks/<playbook_id>/servers", methods=["POST"])
     async def add_server(self, request: Request, playbook_id: str) -> bytes:
@@ -219,7 +230,7 @@ class PlaybookRoutes:
                            details={"fields": {"name": "is already in use"}}) from None
         created = fresh.server(server.name)
         assert created is not None
-        return self._answer(request, 201, fresh, self.server_json(created))
+        return self._answer(request, 201, fresh, self.server_json(created, playbook=fresh))
 
     def _server_of(self, playbook: Playbook, name: str) -> model.Server:
         server = playbook.server(name)
@@ -233,7 +244,7 @@ class PlaybookRoutes:
         playbook = self._owned(principal, playbook_id)
         server = self._server_of(playbook, name)
         return self._answer(request, 200, playbook, self.server_json(
-            server, _flag(request, "reveal_secrets")))
+            server, _flag(request, "reveal_secrets"), playbook))
 
     @api.route("/playbooks/<playbook_id>/servers/<name>", methods=["PATCH"])
     async def update_server(self, request: Request, playbook_id: str, name: str) -> bytes:
@@ -253,7 +264,7 @@ class PlaybookRoutes:
             raise NotFound(f"playbook {playbook_id!r} has no server {name!r}") from None
         updated = fresh.server(changed.name)
         assert updated is not None
-        return self._answer(request, 200, fresh, self.server_json(updated))
+        return self._answer(request, 200, fresh, self.server_json(updated, playbook=fresh))
 
     @api.route("/playbooks/<playbook_id>/servers/<name>", methods=["DELETE"])
     async def remove_server(self, request: Request, playbook_id: str, name: str) -> bytes:

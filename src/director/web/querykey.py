@@ -21,7 +21,7 @@ key-shaped word anywhere else in the URI (``?token=dk_…``, a client's mistake)
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
 REDACTED = b"[REDACTED]"
@@ -49,19 +49,32 @@ def query_keys(args: Mapping[bytes, Sequence[bytes]]) -> list[str]:
     return found
 
 
-def redact_key_parameters(uri: bytes) -> bytes:
-    """The URI with the raw value of every key parameter replaced by ``[REDACTED]``."""
+def redact_key_parameters(uri: bytes, secret: Callable[[bytes], bool] = is_key_name) -> bytes:
+    """The URI with the raw value of every key parameter (every ``secret`` one) replaced by
+    ``[REDACTED]``."""
     path, question, query = uri.partition(b"?")
     if not question:
         return uri
     parts = _SEPARATORS.split(query)  # items at even indexes, separators between them
     for index in range(0, len(parts), 2):
         name, equals, _ = parts[index].partition(b"=")
-        if equals and is_key_name(unquote_to_bytes(name.replace(b"+", b" "))):
+        if equals and secret(unquote_to_bytes(name.replace(b"+", b" "))):
             parts[index] = name + b"=" + REDACTED
     return path + b"?" + b"".join(parts)
 
 
+#: An upstream OAuth callback (``director.oauth.client.routes``): its authorization code and
+#: state are credentials of a flow under way, kept out of log lines too.
+_OAUTH_CALLBACK = re.compile(rb"^/oauth/[^/?]+/[^/?]+/callback\?")
+
+
+def _flow_parameter(decoded_name: bytes) -> bool:
+    return decoded_name.strip().lower() in (b"code", b"state")
+
+
 def redact(uri: bytes) -> str:
     """A request URI fit for a log line."""
-    return _KEY_SHAPED.sub(b"dk_" + REDACTED, redact_key_parameters(uri)).decode("latin-1")
+    redacted = redact_key_parameters(uri)
+    if _OAUTH_CALLBACK.match(redacted):
+        redacted = redact_key_parameters(redacted, _flow_parameter)
+    return _KEY_SHAPED.sub(b"dk_" + REDACTED, redacted).decode("latin-1")

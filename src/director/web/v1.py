@@ -12,6 +12,7 @@ from director.accounts.throttle import LoginThrottle
 from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
+from director.oauth.client.routes import UpstreamOAuthRoutes
 from director.oauth.server.connected import ConnectedAppsApi
 from director.playbooks.cache import PlaybookCache
 from director.registry.client import RegistryClient
@@ -25,13 +26,15 @@ from director.web.registry_api import RegistryRoutes
 
 
 class ApiV1(AccountRoutes, PlaybookYamlRoutes, RegistryRoutes, PlaybookRoutes, ConnectedAppsApi,
+            UpstreamOAuthRoutes,
             OpenApiRoutes):
     app = api
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
                  playbooks: PlaybookCache, box: SecretBox,
-                 registry: RegistryClient) -> None:
+                 registry: RegistryClient, oauth: Any = None) -> None:
         self.settings = settings
+        self.oauth = oauth
         self.database = database
         self.auth = auth
         self.playbooks = playbooks

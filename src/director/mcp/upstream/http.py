@@ -52,6 +52,10 @@ ever being buffered whole. Error messages read ``[name] POST https://host/path: 
 Unauthorized: <first 200 characters of the body>`` or ``[name] failed to connect to
 https://host/path: connection refused``; query strings are never shown (they may hold keys).
 
+An optional ``authorization`` (``authorization.UpstreamAuthorization``, given by the factory
+for servers behind OAuth) adds its headers to every request and is told of each 401/403,
+which it may have sent again once; that is all the transports know of OAuth.
+
 A later protocol era (2026-07-28, stateless) can subclass ``StreamableHttpUpstream``:
 ``_handshake`` (what ``start()`` and re-initialisation do) and ``_post_headers`` (the
 headers of each POST) are the two places that differ.
@@ -80,6 +84,7 @@ from director import __version__
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError, RequestId
 from director.mcp.sse import Event, EventTooLarge, SseParser
+from director.mcp.upstream.authorization import UpstreamAuthorization
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
@@ -335,10 +340,13 @@ class _HttpSession:
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None,
+                 authorization: UpstreamAuthorization | None = None) -> None:
         self.name = name
         self.url = url
         self.headers = dict(headers)
+        #: Adds credentials to each request and hears of its 401/403 (``authorization.py``).
+        self.authorization = authorization
         self.timeout_default = timeout_default
         self.max_message_size = max_message_size
         self.client_capabilities = client_capabilities
@@ -694,6 +702,38 @@ class _HttpSession:
 
     async def _http(self, call: _HttpCall, method: str, url: str, headers: dict[str, str],
                     body: bytes | None = None) -> _Response:
+        authorization = self.authorization
+        if authorization is None:
+            return await self._exchange(call, method, url, headers, body)
+        return await self._authorized_exchange(authorization, call, method, url, headers, body)
+
+    async def _authorized_exchange(self, authorization: UpstreamAuthorization, call: _HttpCall,
+                                   method: str, url: str, headers: dict[str, str],
+                                   body: bytes | None) -> _Response:
+        """``_exchange`` with the authorization's headers; a 401/403 it claims is sent again
+        once (``authorization.py`` states the contract)."""
+        sent = {**headers, **await authorization.headers(url)}
+        response = await self._exchange(call, method, url, sent, body)
+        for retried in (False, True):
+            if response.code not in (401, 403):
+                return response
+            challenges = [value.decode("latin-1") for value in
+                          response.headers.getRawHeaders(b"www-authenticate") or []]
+            try:
+                again = await authorization.refused(url, response.code, challenges, sent,
+                                                    retried)
+            except BaseException:
+                await self._discard(response, call)
+                raise
+            if not again or retried:
+                return response
+            await self._discard(response, call)
+            sent = {**headers, **await authorization.headers(url)}
+            response = await self._exchange(call, method, url, sent, body)
+        return response
+
+    async def _exchange(self, call: _HttpCall, method: str, url: str, headers: dict[str, str],
+                        body: bytes | None = None) -> _Response:
         if call.aborted:
             raise _Aborted()
         self._calls.add(call)
@@ -881,10 +921,11 @@ class StreamableHttpUpstream(_HttpSession):
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None,
+                 authorization: UpstreamAuthorization | None = None) -> None:
         super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
                          max_message_size=max_message_size,
-                         client_capabilities=client_capabilities)
+                         client_capabilities=client_capabilities, authorization=authorization)
         self.session_id: str | None = None
         self._get_generation = 0
         self._get_call: _HttpCall | None = None
@@ -1207,10 +1248,11 @@ class LegacySseUpstream(_HttpSession):
     def __init__(self, name: str, url: str, headers: dict[str, str], reactor: Any,
                  pool: HTTPConnectionPool | None, *, timeout_default: float = 60.0,
                  max_message_size: int = MAX_MESSAGE_SIZE,
-                 client_capabilities: dict[str, Any] | None = None) -> None:
+                 client_capabilities: dict[str, Any] | None = None,
+                 authorization: UpstreamAuthorization | None = None) -> None:
         super().__init__(name, url, headers, reactor, pool, timeout_default=timeout_default,
                          max_message_size=max_message_size,
-                         client_capabilities=client_capabilities)
+                         client_capabilities=client_capabilities, authorization=authorization)
         self.endpoint: str | None = None
         self._stream_call: _HttpCall | None = None
         self._endpoint_waiter: defer.Deferred[str] | None = None

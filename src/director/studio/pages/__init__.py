@@ -21,6 +21,10 @@ NOTICES = {
     "others-signed-out": "Every other session was signed out.",
     "session-ended": "Session signed out.",
     "key-revoked": "API key revoked. Clients using it are refused from now on.",
+    "server-authorized": "Server authorized. Its tools appear below once it has connected.",
+    "server-disconnected": "Server disconnected: its tokens were revoked and deleted.",
+    "authorization-lost": "The authorization came back for a playbook or server that no "
+                          "longer exists; nothing was stored.",
 }
 
 

@@ -10,6 +10,7 @@ from twisted.web.server import Request
 from twisted.web.template import Tag, tags
 
 from director.accounts.validation import ValidationFailed
+from director.oauth.client.studio import server_actions
 from director.playbooks.model import SecretValue, Server
 from director.playbooks.rails import INSECURE_FLAG, STDIO_FLAG
 from director.playbooks.store import Playbook
@@ -163,6 +164,8 @@ class PlaybookPages(StudioBase):
                     button_form(self.playbook_url(playbook, "servers", server.name, "restart"),
                                 viewer.csrf, "Restart", style="link",
                                 confirm=f"Restart {server.name}?"),
+                    *server_actions(self.oauth, viewer, playbook, server, status.state,
+                                    self.playbook_url(playbook, "servers", server.name)),
                     tags.a("Remove", href=self.playbook_url(playbook, "servers", server.name,
                                                             "remove"),
                            **{"aria-label": f"Remove {server.name}"}),
