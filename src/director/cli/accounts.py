@@ -36,7 +36,6 @@ from director.cli.base import (
     CommandError,
     Handler,
     connection_for,
-    environment,
     invalid,
     json_flag,
     no_user,
@@ -49,14 +48,13 @@ from director.cli.base import (
     user_of,
     when,
 )
+from director.config import VARIABLES
 
 if TYPE_CHECKING:
     from director.accounts.store import ApiKey, User
     from director.db.interactions import Interaction
 
 PAGE_SIZE = 500
-DEFAULT_SEED_EMAIL = "user@director.run"
-DEFAULT_SEED_PASSWORD = "password"  # noqa: S105 - the original's development default
 
 
 # --- input ----------------------------------------------------------------------------------
@@ -368,11 +366,9 @@ def cmd_seed(arguments: argparse.Namespace) -> int:
     if not settings.enable_seeding:
         raise CommandError("seeding is disabled: set DANGEROUSLY_ENABLE_SEEDING=true to seed "
                            "(development only; it is refused in production)")
-    environ = environment(arguments.env_file)
-    email = normalised_email(environ.get("SEED_USER_EMAIL") or DEFAULT_SEED_EMAIL, "SEED_USER_EMAIL")
+    email = normalised_email(settings.seed_user_email, "SEED_USER_EMAIL")
     try:
-        password = check_password(environ.get("SEED_USER_PASSWORD") or DEFAULT_SEED_PASSWORD,
-                                  "SEED_USER_PASSWORD")
+        password = check_password(settings.seed_user_password, "SEED_USER_PASSWORD")
     except ValidationFailed as error:
         raise invalid(error.fields) from None
     with connection_for(arguments) as connection:
@@ -393,6 +389,10 @@ def cmd_seed(arguments: argparse.Namespace) -> int:
     else:
         print(f"user {user.email} already exists ({user.status}); left unchanged")
     return 0
+
+
+def _default(name: str) -> str | None:
+    return next(variable.default for variable in VARIABLES if variable.name == name)
 
 
 # --- parsers ------------------------------------------------------------------------------
@@ -486,8 +486,8 @@ def add_commands(commands: Any) -> None:
         description="Create development data; running it again changes nothing.\n\n"
                     "Needs DANGEROUSLY_ENABLE_SEEDING=true, which is refused in production.\n"
                     "Today it creates one active user, SEED_USER_EMAIL (default\n"
-                    f"{DEFAULT_SEED_EMAIL}) with the password SEED_USER_PASSWORD (default\n"
-                    f"'{DEFAULT_SEED_PASSWORD}'), unless it exists already: an existing user is\n"
+                    f"{_default('SEED_USER_EMAIL')}) with the password SEED_USER_PASSWORD (default\n"
+                    f"'{_default('SEED_USER_PASSWORD')}'), unless it exists already: an existing user is\n"
                     "left unchanged. Seeding will grow with playbooks.")
     seed.add_argument("--show-key", action="store_true",
                       help="print the value of the seeded user's 'default' API key")

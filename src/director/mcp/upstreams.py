@@ -107,9 +107,6 @@ class UpstreamManager:
         #: failed, lost, restored, closed): the Studio's live status listens here.
         self.status_observers: list[Callable[[Upstream], object]] = []
 
-    def shared_count(self) -> int:
-        return len(self._shared)
-
     def shared_upstreams(self) -> list[Upstream]:
         """The shared (per playbook) upstreams, for metrics."""
         return list(self._shared.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.web.template import Tag, tags
@@ -112,11 +112,6 @@ def snippet(identifier: str, text: str, label: str) -> Tag:
 
 def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
-
-
-def definition_rows(rows: Iterable[tuple[str, Any]]) -> Tag:
-    return tags.table(tags.tbody(*[tags.tr(tags.th(name, scope="row"), tags.td(value))
-                                   for name, value in rows]))
 
 
 def crumbs(*links: tuple[str, str]) -> Tag:
