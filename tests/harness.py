@@ -29,9 +29,12 @@ import psycopg2
 
 from director.db.embedded import EmbeddedPostgres
 
+ROOT = Path(__file__).resolve().parent.parent
 DIRECTOR = str(Path(sys.executable).with_name("director"))
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SECRET = "test-secret-" + "x" * 40
+#: How long a daemon measured by coverage is given to stop (SHUTDOWN_TIMEOUT_SECONDS is 3).
+MEASURED_STOP_SECONDS = 10.0
 
 
 def make_temp_dir(prefix: str, mode: int = 0o755) -> Path:
@@ -117,8 +120,24 @@ def base_environment(**overrides: str) -> dict[str, str]:
     # A first list waits for servers that start slowly on a busy test machine (the fixture
     # servers import the mcp SDK); tests/test_slow_upstreams.py runs with the default.
     environ["MCP_LIST_WAIT_SECONDS"] = "10"
+    environ.update(coverage_environment())
     environ.update(overrides)
     return environ
+
+
+def coverage_environment() -> dict[str, str]:
+    """Under ``coverage run`` (``make test``), what makes a ``director`` command or daemon
+    measure itself into the same data: the configuration coverage's .pth file starts it with,
+    and the data file by absolute path (a daemon runs in a directory of its own)."""
+    try:
+        import coverage
+    except ImportError:
+        return {}
+    measuring = coverage.Coverage.current()
+    if measuring is None:
+        return {}
+    return {"COVERAGE_PROCESS_START": str(ROOT / "setup.cfg"),
+            "COVERAGE_FILE": os.path.abspath(measuring.config.data_file)}
 
 
 class Daemon:
@@ -135,6 +154,7 @@ class Daemon:
             argv or [DIRECTOR, "serve"], env=dict(environ), stdout=self._log,
             stderr=subprocess.STDOUT, cwd=self.workdir,
         )
+        self.measured = "COVERAGE_PROCESS_START" in environ
 
     # --- output -------------------------------------------------------------------------
 
@@ -209,6 +229,11 @@ class Daemon:
         return self.wait_exit(timeout)
 
     def stop(self) -> None:
+        if self.process.poll() is None and self.measured:
+            # It writes its coverage data when it exits: stop it the way systemd does.
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(MEASURED_STOP_SECONDS)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)

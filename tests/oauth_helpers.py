@@ -48,12 +48,6 @@ def register(daemon: Daemon, **metadata: Any) -> dict[str, Any]:
     return dict(answer)
 
 
-def csrf_of(page: bytes) -> str:
-    found = re.search(rb'name="csrf_token" value="([^"]+)"', page)
-    assert found is not None, page[:2000]
-    return found[1].decode()
-
-
 def hidden_fields(page: bytes) -> list[tuple[str, str]]:
     return [(html.unescape(name.decode()), html.unescape(value.decode()))
             for name, value in re.findall(rb'<input type="hidden" name="([^"]+)" value="([^"]*)"',

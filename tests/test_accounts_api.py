@@ -249,6 +249,37 @@ def test_expired_sessions_are_refused(pair: tuple[Daemon, Daemon], migrated_url:
     assert (status, error_code(body)) == (401, "unauthorized")
 
 
+def _sessions_expiring(url: str, *intervals: str) -> None:
+    """A user with one session per interval (``'-1 hour'``: expired an hour ago)."""
+    user, _ = admin(url, store.create_user("ivy@example.com", "x", "active"))  # type: ignore[misc]
+    for number, interval in enumerate(intervals):
+        query(url, "INSERT INTO sessions (user_id, token_hash, expires_at) "
+                   "VALUES (%s, %s, now() + %s::interval)", str(user.id), f"t{number}", interval)
+
+
+def test_expired_sessions_are_deleted_when_an_instance_starts(start_daemon: StartDaemon,
+                                                             migrated_url: str) -> None:
+    _sessions_expiring(migrated_url, "-1 second", "-30 days", "1 hour")
+    started = start_daemon(DATABASE_URL=migrated_url)
+    record = started.wait_for_log("expired login sessions")
+    assert record["msg"] == "deleted 2 expired login sessions"
+    assert query(migrated_url, "SELECT encode(token_hash, 'escape') FROM sessions") == [("t2",)]
+
+
+def test_one_instance_purges_at_a_time(migrated_url: str) -> None:
+    _sessions_expiring(migrated_url, "-1 second")
+    holder = psycopg2.connect(migrated_url)
+    try:  # another instance in the middle of its purge
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (store.PURGE_LOCK_KEY,))
+            assert admin(migrated_url, store.purge_expired_sessions()) is None
+            assert query(migrated_url, "SELECT count(*) FROM sessions") == [(1,)]
+    finally:
+        holder.close()
+    assert admin(migrated_url, store.purge_expired_sessions()) == 1
+    assert query(migrated_url, "SELECT count(*) FROM sessions") == [(0,)]
+
+
 def test_password_change_revokes_other_sessions(pair: tuple[Daemon, Daemon]) -> None:
     first, second = pair
     account = sign_up(first, "hal@example.com")

@@ -29,6 +29,7 @@ from tests.conformance.runner import (
     FIXTURE,
     NEXT,
     STABLE,
+    Check,
     HttpFixture,
     Key,
     Run,
@@ -132,8 +133,14 @@ def add_server(gateway: Gateway, server: dict[str, Any]) -> str:
 def compare(suite: Suite, direct: Run, gateway: Run, label: str,
             known_failures: dict[Key, str]) -> None:
     """Fails on every check that passed directly but not through the gateway, unless listed
-    in ``known_failures``."""
+    in ``known_failures``; and when the direct run passed fewer than ``DIRECT_MINIMUM``
+    checks, against which the comparison would prove nothing (a direct run that passes
+    nothing loses nothing through the gateway)."""
     direct_passed, gateway_passed = direct.passed(), gateway.passed()
+    assert sum(direct_passed.values()) >= DIRECT_MINIMUM[suite.label], (
+        f"the direct run passed {sum(direct_passed.values())} checks, fewer than the "
+        f"{DIRECT_MINIMUM[suite.label]} the fixture passes: nothing to compare the gateway "
+        f"with ({suite.label}):\n" + direct.output[-3000:])
     lost = {key: count - gateway_passed[key] for key, count in direct_passed.items()
             if count > gateway_passed[key]}
     d_pass, d_fail = direct.counts()
@@ -193,6 +200,22 @@ def test_every_direct_pass_also_passes_through_an_http_playbook(
                 KNOWN_GATEWAY_FAILURES[suite.label])
     finally:
         fixture.stop()
+
+
+@SUITES
+def test_the_comparison_fails_when_the_direct_run_passes_too_little(suite: Suite) -> None:
+    """A direct run whose checks all failed (a broken fixture, a suite that cannot reach it)
+    must not make every gateway run look as good as it."""
+    failing = Run("http://direct", [Check("server-initialize", "initialize", "", "FAILURE",
+                                          "refused", None)], 1.0, "direct output", "")
+    gateway = Run("http://gateway", [], 1.0, "", "")
+    with pytest.raises(AssertionError, match="nothing to compare the gateway with"):
+        compare(suite, failing, gateway, "any upstream", {})
+    passing = Run("http://direct", [Check("server-initialize", "initialize", "", "SUCCESS",
+                                          None, None)] * DIRECT_MINIMUM[suite.label],
+                  1.0, "", "")
+    compare(suite, passing, Run("http://gateway", passing.checks, 1.0, "", ""), "any upstream",
+            {})
 
 
 def test_the_key_front_adds_the_key_and_changes_nothing_else() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from psycopg2.extensions import parse_dsn
 
-from director.doctor import estimate_entropy_bits, is_placeholder
+from director.cli.doctor import estimate_entropy_bits, is_placeholder
 from tests.harness import (
     DIRECTOR,
     Daemon,
@@ -527,14 +527,14 @@ def test_default_env_file_unreadable_by_this_user_fails(where: str) -> None:
         env_file.chmod(0o640)
         script = textwrap.dedent(f"""
             import contextlib, io, json
-            import director.cli as cli, director.doctor as doctor
-            cli.DEFAULT_ENV_FILE = {str(env_file)!r}
+            import director.cli as cli, director.cli.base as base, director.cli.doctor as doctor
+            base.DEFAULT_ENV_FILE = {str(env_file)!r}
             check = doctor.check_env_file(None, {{}}).result.as_json()
             errors = io.StringIO()
             with contextlib.redirect_stderr(errors):
                 status = cli.main(["config", "check"])
             with contextlib.redirect_stderr(io.StringIO()) as warning:
-                values = cli.environment(None)
+                values = base.environment(None)
             print(json.dumps({{"doctor": check, "config_check": [status, errors.getvalue()],
                               "warning": warning.getvalue(), "read": "NODE_ENV" in values}}))
             """)

@@ -596,6 +596,132 @@ def test_server_everything_over_stdio_sse_and_streamable_http(start_daemon: Star
             process.wait(10)
 
 
+async def tool_names(client: Any, until: str, timeout: float = 20.0) -> list[str]:
+    """The client's tools once ``until`` is among them (a server registers some tools only
+    after ``initialized``, and says so with list_changed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = [tool.name for tool in (await client.list_tools()).tools]
+        if until in names or time.monotonic() > deadline:
+            return names
+        await asyncio.sleep(0.1)
+
+
+def test_url_elicitation_reaches_the_clients_that_declare_it(start_daemon: StartDaemon,
+                                                            migrated_url: str) -> None:
+    """server-everything registers ``trigger-url-elicitation`` only for a client that declares
+    ``elicitation.url``. Its HTTP session (one per client session) is told what the client
+    declared: the tool is there for a client with an elicitation callback, in both eras (a
+    modern client gets the request as input_required), and absent for one without; the shared
+    stdio process is told everything the gateway relays, and its request is refused for a
+    session that did not declare URL elicitation."""
+    from tests.harness import free_port, local_servers
+
+    port = free_port()
+    with local_servers([["node", str(EVERYTHING), "streamableHttp"]], [port],
+                       env={**os.environ, "PORT": str(port)}):
+        daemon = start_daemon(DATABASE_URL=migrated_url,
+                              DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
+                              DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true")
+        daemon.wait_healthy()
+        owner = sign_up(daemon, "elicit@example.com")
+        call(daemon, "POST", "/api/v1/playbooks", {"name": "Everything"}, key=owner.key)
+        for server in ({"name": "http", "type": "http", "prefix": "c_",
+                        "url": f"http://127.0.0.1:{port}/mcp"},
+                       {"name": "stdio", "type": "stdio", "command": "node",
+                        "args": [str(EVERYTHING), "stdio"], "prefix": "a_"}):
+            status, _, body = call(daemon, "POST", "/api/v1/playbooks/everything/servers",
+                                   server, key=owner.key)
+            assert status == 201, body
+        url = f"{daemon.base}/playbooks/everything/mcp?key={owner.key}"
+        asked: list[Any] = []
+
+        async def accept(context: Any, params: Any) -> Any:
+            asked.append(params)
+            return types.ElicitResult(action="accept")
+
+        async def no_roots(context: Any) -> Any:
+            return types.ListRootsResult(roots=[])
+
+        async def declaring(mode: str) -> tuple[list[str], Any]:
+            async with Client(url, mode=mode, elicitation_callback=accept) as client:
+                names = await tool_names(client, until="c_trigger-url-elicitation")
+                result = await client.call_tool("c_trigger-url-elicitation", {
+                    "url": "https://example.com/consent", "elicitationId": f"e-{mode}"})
+                return names, result
+
+        async def not_declaring() -> tuple[list[str], Any]:
+            # Roots declared (and nothing else): get-roots-list is the sign that the server
+            # registered this session's conditional tools.
+            async with Client(url, mode="legacy", list_roots_callback=no_roots) as client:
+                names = await tool_names(client, until="c_get-roots-list")
+                return names, await client.call_tool("a_trigger-url-elicitation",
+                                                     {"url": "https://example.com/consent"})
+
+        for mode in ("legacy", "auto"):
+            names, result = run(declaring(mode))
+            assert {"c_trigger-url-elicitation", "a_trigger-url-elicitation"} <= set(names)
+            assert not result.is_error and "completed the URL elicitation" in \
+                result.content[0].text, (mode, result)
+            assert (asked[-1].mode, asked[-1].url, asked[-1].elicitation_id) == \
+                ("url", "https://example.com/consent", f"e-{mode}")
+        names, refused = run(not_declaring())
+        assert "c_get-roots-list" in names, names
+        assert "c_trigger-url-elicitation" not in names
+        assert "c_trigger-elicitation-request" not in names  # no form elicitation either
+        assert "a_trigger-url-elicitation" in names  # the shared process: all, refused here
+        assert refused.is_error and \
+            "not support elicitation/create (elicitation is not among its capabilities)" in \
+            refused.content[0].text, refused
+        assert len(asked) == 2
+
+
+def test_a_url_elicitation_and_its_completion_reach_the_client(gateway: Gateway) -> None:
+    """The reference server (a shared stdio process) sends the user to a URL, then says the
+    flow completed (notifications/elicitation/complete): both reach the calling client."""
+    asked: list[Any] = []
+    completed: list[Any] = []
+
+    async def accept(context: Any, params: Any) -> Any:
+        asked.append(params)
+        return types.ElicitResult(action="accept")
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ElicitCompleteNotification):
+            completed.append(message.params.elicitation_id)
+
+    async def scenario() -> Any:
+        async with Client(gateway.url(), mode="legacy", elicitation_callback=accept,
+                          message_handler=on_message) as client:
+            result = await client.call_tool("consent", {"url": "https://example.com/ok"})
+            deadline = time.monotonic() + 10
+            while not completed and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return result
+
+    result = run(scenario())
+    assert result.content[0].text == "accept", result
+    assert [(p.mode, p.url, p.elicitation_id) for p in asked] == \
+        [("url", "https://example.com/ok", "consent-1")]
+    assert completed == ["consent-1"]
+
+
+def test_the_capabilities_a_server_request_needs() -> None:
+    from director.mcp.capabilities import missing, relayed
+
+    both = {"elicitation": {"form": {}, "url": {}}, "sampling": {}, "roots": {}}
+    assert all(missing(method, params, both) is None for method, params in (
+        ("elicitation/create", {"mode": "url"}), ("elicitation/create", {}),
+        ("sampling/createMessage", {}), ("roots/list", {}), ("ping", {})))
+    assert missing("elicitation/create", {"mode": "url"}, {"elicitation": {}}) == \
+        {"elicitation": {"url": {}}}  # an empty elicitation is form mode only
+    assert missing("elicitation/create", {}, {"elicitation": {}}) is None
+    assert missing("elicitation/create", {"mode": "form"}, {"elicitation": {"url": {}}}) == \
+        {"elicitation": {"form": {}}}
+    assert missing("sampling/createMessage", {}, {"roots": {}}) == {"sampling": {}}
+    assert relayed({**both, "experimental": {"x": {}}, "tasks": {}}) == both
+
+
 def test_no_upstream_process_outlives_the_daemon(gateway: Gateway) -> None:
     import signal
 

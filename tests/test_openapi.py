@@ -95,10 +95,6 @@ def _refusal_the_document_cannot_predict(case: Any, response: Any) -> bool:
         response.status_code == 400
 
 
-def operation_names(schema: Any) -> list[str]:
-    return [result.ok().label for result in schema.get_all_operations()]
-
-
 def test_every_operation_conforms_to_the_document(openapi_schema: Any, api_key: str) -> None:
     # Driven by hand rather than through schemathesis' pytest plugin, which does not load
     # under pytest 9 yet.

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, reactor, ssl, task, threads
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
@@ -676,7 +677,7 @@ class StatelessJsonServer(resource.Resource):
     isLeaf = True
 
     def render_POST(self, request: Any) -> bytes:
-        message = json.loads(request.content.read())
+        message = json.loads(request.content.getvalue())
         if "id" not in message:
             request.setResponseCode(202)
             return b""
@@ -693,6 +694,59 @@ class StatelessJsonServer(resource.Resource):
     def render_GET(self, request: Any) -> bytes:
         request.setResponseCode(405)
         return b""
+
+
+class SeveralMessagesJsonServer(StatelessJsonServer):
+    """Answers ``tools/call`` as the TypeScript SDK's conformance fixture does in JSON mode:
+    the notifications the call produced, then its answer, one JSON text per line."""
+
+    def render_POST(self, request: Any) -> bytes:
+        message = json.loads(request.content.getvalue())
+        answer = super().render_POST(request)
+        if message.get("method") != "tools/call":
+            return answer
+        token = message["params"]["_meta"]["progressToken"]
+        notifications = [
+            {"jsonrpc": "2.0", "method": "notifications/progress",
+             "params": {"progressToken": token, "progress": 1, "total": 2}},
+            {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"},
+        ]
+        return b"".join(json.dumps(each).encode() + b"\n" for each in notifications) + answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_json_body_of_several_messages_is_handled_message_by_message(
+        closing: Any, pool: Any) -> None:
+    port = reactor.listenTCP(0, server.Site(SeveralMessagesJsonServer()), interface="127.0.0.1")
+    notes: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "mcp.upstream.http":
+            notes.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        session = closing(StreamableHttpUpstream(
+            "several", f"http://127.0.0.1:{port.getHost().port}/mcp", {}, reactor, pool))
+        notifications: list[dict[str, Any]] = []
+        session.on_notification = notifications.append
+        await session.start()
+        for _ in range(2):
+            progress: list[dict[str, Any]] = []
+            result = await session.request(
+                "tools/call", {"name": "tiny", "arguments": {}, "_meta": {"progressToken": "t"}},
+                on_progress=progress.append)
+            assert text_of(result) == "tiny answer"
+            assert [(each["progressToken"], each["progress"]) for each in progress] == [("t", 1)]
+        assert [each["method"] for each in notifications] == \
+            ["notifications/tools/list_changed"] * 2
+        several = [note for note in notes if "JSON-RPC messages in one" in note]
+        assert several == ["[several] answered with 3 JSON-RPC messages in one application/json "
+                           "body (one per line, not one JSON text as the specification says); "
+                           "each is handled"]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await port.stopListening()
 
 
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # twisted's server side

@@ -50,6 +50,7 @@ from twisted.web.resource import Resource
 
 from director import __version__
 from director.mcp.upstream.base import LEGACY_VERSIONS
+from director.web.hosts import host_name, is_loopback_name
 
 if TYPE_CHECKING:
     from director.accounts.cache import AccountCache
@@ -455,9 +456,7 @@ def endpoint_description(listen: str) -> str:
 
 
 def _loopback_host(header: bytes | None) -> bool:
-    from director.web.edge import _hostname, _is_loopback_host
-
-    return _is_loopback_host(_hostname((header or b"").decode("latin-1")))
+    return is_loopback_name(host_name((header or b"").decode("latin-1")))
 
 
 class MetricsResource(Resource):

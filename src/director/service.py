@@ -37,6 +37,7 @@ from twisted.logger import Logger
 
 from director import __version__, state, systemd
 from director.accounts.cache import AccountCache
+from director.accounts.purge import SessionPurge
 from director.accounts.ratelimit import RateLimiter
 from director.config import Settings, dangerous_settings, host_is_loopback
 from director.crypto import SecretBox, SecretUnreadable
@@ -103,6 +104,7 @@ class DirectorService(MultiService):
         self.database = Database(dsn, settings.database_pool_size, reactor)
         self.accounts = AccountCache(self.database)
         self.rate_limiter = RateLimiter(self.database)
+        self.session_purge = SessionPurge(self.database, reactor)
         # This service's own registry; only when something reads it (prometheus_client then
         # costs ~1 MB of resident memory, nothing otherwise; the instruments check for None).
         self.metrics: Metrics | None = None
@@ -222,6 +224,7 @@ class DirectorService(MultiService):
         await self.playbooks.start()
         await self.upstream_oauth.start()
         self.rate_limiter.start()
+        self.session_purge.start()
         self.mcp.start()
         await self.studio.start()
         await self.oauth.start()
@@ -438,6 +441,7 @@ class DirectorService(MultiService):
         await self.http_pool.closeCachedConnections()
         await self.registry.close()
         self.rate_limiter.stop()
+        self.session_purge.stop()
         self.database.stop()
         if self.postmaster_watch is not None:
             self.postmaster_watch.stop()

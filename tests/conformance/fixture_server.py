@@ -264,10 +264,6 @@ class Color(BaseModel):
     color: str
 
 
-class PromptContext(BaseModel):
-    context: str
-
-
 def user_name() -> Elicit[Name]:
     return Elicit("What is your name?", Name)
 

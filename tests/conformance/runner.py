@@ -58,7 +58,6 @@ STABLE = Suite("stable", NPM / "@modelcontextprotocol" / "conformance" / "dist" 
 # wire version), plus what that set runs unscored (the tasks extension, pending scenarios).
 NEXT = Suite("2026-07-28", NPM / "conformance-next" / "dist" / "index.js",
              ("--requirements", "2026-07-28"))
-SUITE = STABLE.index  # what earlier callers imported
 
 
 def missing_tools(suite: Suite = STABLE) -> str | None:
@@ -68,10 +67,6 @@ def missing_tools(suite: Suite = STABLE) -> str | None:
             return (f"{path} is missing: run `make test` (or `cd tests/npm && npm ci`) to "
                     "install the conformance suite and its Node runtime")
     return None
-
-
-def suite_version(suite: Suite = STABLE) -> str:
-    return suite.version()
 
 
 def not_scored(suite: Suite) -> frozenset[str]:

@@ -226,9 +226,19 @@ def delete_session(token: str) -> Interaction[None]:
         yield notify_change("session", rows[0][0])
 
 
-def purge_expired_sessions() -> Interaction[int]:
-    rows = yield Query("DELETE FROM sessions WHERE expires_at <= now() RETURNING id")
-    return len(rows)
+#: Held (for one transaction) by the instance deleting expired sessions: one at a time.
+PURGE_LOCK_KEY = 0x0D12EC7016
+
+
+def purge_expired_sessions() -> Interaction[int | None]:
+    """Delete the sessions past their expiry (refused already, kept by nobody): how many, or
+    None when another instance is purging at this moment (it deletes the same rows)."""
+    rows = yield Query("SELECT pg_try_advisory_xact_lock(%s)", (PURGE_LOCK_KEY,))
+    if not rows[0][0]:
+        return None
+    rows = yield Query("WITH gone AS (DELETE FROM sessions WHERE expires_at <= now() "
+                       "RETURNING 1) SELECT count(*) FROM gone")
+    return int(rows[0][0])
 
 
 # --- API keys ---------------------------------------------------------------------------

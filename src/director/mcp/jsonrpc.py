@@ -19,7 +19,6 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 #: MCP: a request that timed out or whose upstream went away (server-defined range).
 REQUEST_TIMEOUT = -32001
-UPSTREAM_UNAVAILABLE = -32002
 RESOURCE_NOT_FOUND = -32002
 
 Message = dict[str, Any]

@@ -100,6 +100,7 @@ from twisted.logger import Logger
 
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
+from director.mcp.capabilities import describe, missing
 from director.mcp.headers import (
     PARAM_HEADER_PREFIX,
     decode_header_value,
@@ -148,9 +149,6 @@ ENVELOPE_KEYS = (PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META, CLIENT_INFO_ME
 
 HEADER_MISMATCH = -32020
 MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
-#: Which client capability each server→client request needs.
-ASKED_CAPABILITY = {"sampling/createMessage": "sampling", "elicitation/create": "elicitation",
-                    "roots/list": "roots"}
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 #: Ends a ``subscriptions/listen`` whose credential was revoked: the code the MCP routes give
 #: their HTTP-level refusals (401 among them), as HTTP has already said 200 here.
@@ -470,19 +468,19 @@ class Exchange:
 
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """An upstream's request: held until the client's retry answers it."""
-        capability = ASKED_CAPABILITY.get(method)
-        if method == "roots/list" and capability not in self.client_capabilities:
+        required = missing(method, params, self.client_capabilities)
+        if method == "roots/list" and required is not None:
             # Roots describe the client, not this call: servers ask on their own (right after
             # `initialized`, on roots/list_changed), so the call in flight may have nothing to
             # do with the question. Answer as a handshake-era client without roots does (the
             # SDK's -32601) and let the call go on, rather than failing an unrelated call.
             raise ProtocolError(METHOD_NOT_FOUND, "the client does not offer roots")
-        if capability is not None and capability not in self.client_capabilities:
+        if required is not None:
             # The client's call fails with -32021 (it cannot answer); the upstream is told too.
-            message = (f"the server needs the client's {capability!r} capability for {method}, "
-                       f"which this request's clientCapabilities do not declare")
+            message = (f"the server needs the client's {describe(required)!r} capability for "
+                       f"{method}, which this request's clientCapabilities do not declare")
             self.refused = jsonrpc.error(None, MISSING_REQUIRED_CLIENT_CAPABILITY, message,
-                                         {"requiredCapabilities": {capability: {}}})
+                                         {"requiredCapabilities": required})
             self._poke()
             raise ProtocolError(MISSING_REQUIRED_CLIENT_CAPABILITY, message)
         self._keys += 1

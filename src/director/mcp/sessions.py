@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
+from director.mcp.capabilities import describe, missing, relayed
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 from director.mcp.router import (
     Aggregator,
@@ -256,9 +257,15 @@ class DownstreamSession:
     def upstream(self, server: Server) -> Upstream:
         upstream = self.engine.upstreams.upstream_for(
             self.playbook_pk, server, self.upstreams, self,
-            "modern" if self.transport == "modern" else "legacy")
+            "modern" if self.transport == "modern" else "legacy", self.upstream_capabilities())
         upstream.users[self] = time.monotonic()
         return upstream
+
+    def upstream_capabilities(self) -> dict[str, Any] | None:
+        """What this session's own upstreams are told its client can do: what it declared
+        at ``initialize``, of what the gateway relays; None (all of it) for a modern context,
+        whose requests each declare their own (``director.mcp.capabilities``)."""
+        return None if self.transport == "modern" else relayed(self.client_capabilities)
 
     async def _fetch(self, server: Server) -> Upstream | None:
         upstream = self.upstream(server)
@@ -501,7 +508,13 @@ class DownstreamSession:
     # --- server→client ----------------------------------------------------------------------
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Relay an upstream's request (sampling, elicitation, roots) to this client."""
+        """Relay an upstream's request (sampling, elicitation, roots) to this client, unless
+        it did not declare the capability (a shared stdio process is told all of them)."""
+        required = missing(method, params, self.client_capabilities)
+        if required is not None:
+            code = METHOD_NOT_FOUND if method == "roots/list" else INVALID_PARAMS
+            raise ProtocolError(code, f"the client does not support {method} "
+                                      f"({describe(required)} is not among its capabilities)")
         channel: Channel = next((c for c in reversed(self.call_channels) if c.open),
                                 self.channel)
         if not channel.open and self.transport == "streamable":
@@ -746,13 +759,15 @@ class McpEngine:
         method = message.get("method", "")
         params = message.get("params") or {}
         users = self.users_of(upstream)
-        if method == "notifications/message":
+        if method in ("notifications/message", "notifications/elicitation/complete"):
             # A log line belongs to one client: the session that used this upstream last
             # (the only one, unless it is a shared stdio process), on the stream of its
             # call in progress if it has one, and only at or above the level it asked for.
+            # So does the end of a URL-mode elicitation: that session was asked.
             if users:
                 latest = max(users, key=lambda s: upstream.users.get(s, 0.0))
-                if log_level_allows(latest.log_level, params.get("level")):
+                if method != "notifications/message" or \
+                        log_level_allows(latest.log_level, params.get("level")):
                     latest.send_related(message)
             return
         for session in users:

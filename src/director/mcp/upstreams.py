@@ -56,10 +56,11 @@ LIST_METHODS = {
     "resources/templates/list": ("resourceTemplates", "notifications/resources/list_changed"),
 }
 
-#: ``factory(server, era, playbook_pk)``, era being that of the downstream clients ("modern" or
-#: "legacy"); the playbook keys a stdio server's sandbox directory and tells an HTTP server's
-#: authorization (its owner's OAuth tokens).
-Factory = Callable[[Server, str, UUID | None], UpstreamSession]
+#: ``factory(server, era, playbook_pk, client_capabilities)``, era being that of the downstream
+#: clients ("modern" or "legacy"); the playbook keys a stdio server's sandbox directory and
+#: tells an HTTP server's authorization (its owner's OAuth tokens); the capabilities are those
+#: the upstream is told its client has (None: all the gateway relays; ``director.mcp.capabilities``).
+Factory = Callable[[Server, str, UUID | None, dict[str, Any] | None], UpstreamSession]
 
 
 @attrs.define(eq=False)
@@ -80,6 +81,8 @@ class Upstream:
     users: dict[Any, float] = attrs.field(factory=dict)
     #: Resource URIs the gateway subscribed to on this upstream (re-applied after a restart).
     subscribed: set[str] = attrs.field(factory=set)
+    #: What it is told its client can do: the owning session's declaration (None: shared).
+    client_capabilities: dict[str, Any] | None = None
     closed: bool = False
 
     @property
@@ -109,16 +112,15 @@ class UpstreamManager:
         #: failed, lost, restored, closed): the Studio's live status listens here.
         self.status_observers: list[Callable[[Upstream], object]] = []
 
-    def shared_count(self) -> int:
-        return len(self._shared)
-
     def shared_upstreams(self) -> list[Upstream]:
         """The shared (per playbook) upstreams, for metrics."""
         return list(self._shared.values())
 
     def upstream_for(self, playbook_pk: UUID, server: Server, owned: dict[str, Upstream],
-                     user: Any, era: str = "legacy") -> Upstream:
-        """The upstream serving ``user`` (a downstream session of ``era``) for ``server``."""
+                     user: Any, era: str = "legacy",
+                     client_capabilities: dict[str, Any] | None = None) -> Upstream:
+        """The upstream serving ``user`` (a downstream session of ``era``) for ``server``;
+        one of the session's own is told ``client_capabilities`` (a shared one, all)."""
         if server.type == "stdio" and not server.isolate_sessions:
             if era == "modern":
                 # A server known not to speak the stateless era serves both eras' clients from
@@ -138,7 +140,8 @@ class UpstreamManager:
             if upstream is None or upstream.server != server or upstream.closed:
                 if upstream is not None:
                     self._close(upstream)
-                upstream = owned[server.name] = Upstream(server, era, playbook_pk)
+                upstream = owned[server.name] = Upstream(
+                    server, era, playbook_pk, client_capabilities=client_capabilities)
         upstream.users.setdefault(user, 0.0)
         return upstream
 
@@ -179,7 +182,8 @@ class UpstreamManager:
 
     async def _start(self, upstream: Upstream) -> None:
         self._status_changed(upstream)
-        session = self.factory(upstream.server, upstream.era, upstream.playbook_pk)
+        session = self.factory(upstream.server, upstream.era, upstream.playbook_pk,
+                               upstream.client_capabilities)
         session.on_notification = lambda message: self._notified(upstream, message)
         if self.on_request is not None:
             handler = self.on_request

@@ -209,10 +209,6 @@ def server_status(settings: Settings, server: Server) -> dict[str, Any]:
     return {"state": "refused", "reason": refused.reason}
 
 
-def address_is_public(address: str) -> bool:
-    return address_kind(address) is None
-
-
 def addresses_refusal(host: str, addresses: Iterable[str]) -> str | None:
     """Why the addresses ``host`` resolved to are refused, or None when all are public.
 

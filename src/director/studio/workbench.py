@@ -100,6 +100,11 @@ class StudioSession(DownstreamSession):
             return None
         return upstream
 
+    def upstream_capabilities(self) -> dict[str, Any] | None:
+        """Its upstreams are told every capability the gateway relays, so that the Studio
+        lists the tools a capable client sees (those asking the client fail readably here)."""
+        return None
+
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """No one can answer a server's sampling, elicitation or roots request in the Studio:
         refused at once, so that the call fails with a readable error instead of waiting for

@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from director.config import Settings, origin_of
 from director.logs import THRESHOLD
 from director.web.errors import error_body
+from director.web.hosts import host_name, is_loopback_name
 from director.web.querykey import redact
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ ALLOWED_METHODS = b"GET, HEAD, PUT, PATCH, POST, DELETE"
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
-_LOOPBACK_NAMES = ("localhost", "localhost.")
 #: How often request deadlines are checked: a slow request is cut at most this late.
 SWEEP_SECONDS = 0.5
 
@@ -101,22 +101,6 @@ def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _hostname(host_header: str) -> str:
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def raw_response(status: bytes, trace_id: str, code: str, message: str,
@@ -469,7 +453,7 @@ class EdgeResource(Resource):
         base_host = (urlsplit(settings.base_url).hostname or "").lower()
         origin_hosts = {(urlsplit(o).hostname or "").lower() for o in settings.allowed_origins}
         self.allowed_hosts = frozenset(
-            {base_host, *origin_hosts, *(_hostname(h) for h in settings.allowed_hosts)}
+            {base_host, *origin_hosts, *(host_name(h) for h in settings.allowed_hosts)}
         )
 
     def origin_allowed(self, origin: str) -> bool:
@@ -483,8 +467,8 @@ class EdgeResource(Resource):
             return False
 
     def host_allowed(self, host_header: str) -> bool:
-        host = _hostname(host_header)
-        return host in self.allowed_hosts or _is_loopback_host(host)
+        host = host_name(host_header)
+        return host in self.allowed_hosts or is_loopback_name(host)
 
     def render(self, request: DirectorRequest) -> Any:
         request.trace_id = trace_id_for(request.getHeader(b"traceparent"))

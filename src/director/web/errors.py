@@ -69,11 +69,6 @@ class Conflict(ApiError):
     code = "conflict"
 
 
-class ServiceUnavailable(ApiError):
-    status = 503
-    code = "unavailable"
-
-
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
     return json.dumps(
         {"error": {"code": code, "message": message, "details": details or {}}}

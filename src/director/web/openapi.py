@@ -14,32 +14,19 @@ from twisted.web.server import Request
 from director import __version__
 from director.web.api import api
 from director.web.errors import write_json
+from director.web.openapi_parts import (
+    COMMON_ERRORS,
+    NON_BLANK,
+    SECURITY,
+    error_answer,
+    json_answer,
+    ref,
+)
 
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
-
-
-_SECURITY: list[dict[str, list[str]]] = [{"apiKeyHeader": []}, {"bearer": []}, {"sessionCookie": []}]
-_COMMON_ERRORS = {
-    "401": _error("No credential, or a wrong, revoked or expired one"),
-    "403": _error("Pending account (waitlist), or a cookie request failing the CSRF check"),
-    "429": _error("Rate limit of the API key or of the user exceeded (details.limit says "
-                  "which; Retry-After)"),
-    "503": _error("The database is unavailable"),
-}
 _BODY_ERRORS = {
-    "400": _error("Malformed JSON or invalid fields (details.fields names each)"),
-    "413": _error("Body too large"),
-    "415": _error("Body is not application/json"),
+    "400": error_answer("Malformed JSON or invalid fields (details.fields names each)"),
+    "413": error_answer("Body too large"),
+    "415": error_answer("Body is not application/json"),
 }
 _PASSWORD = {"type": "string", "minLength": 8, "maxLength": 256, "pattern": "^[^\u0000]*$"}
 #: A label: no control characters, something besides white space.
@@ -58,8 +45,6 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
 # valid the server accepts. Rules JSON Schema cannot state are in the descriptions.
 
 _NO_NUL = "^[^\u0000]*$"
-#: Something besides white space (as Python's str.strip() sees it), and no NUL.
-_NON_BLANK = "^[^\u0000]*[^\\s\u0000\u001c-\u001f\u0085][^\u0000]*$"
 _PART_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _PLAYBOOK_ID_PATTERN = "^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 #: An https URL naming a host by a dotted name whose last label starts with a letter (so never
@@ -77,7 +62,7 @@ def _text(limit: int, *, nullable: bool = False, **extra: Any) -> dict[str, Any]
 
 
 def _non_blank(limit: int, **extra: Any) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": _NON_BLANK,
+    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": NON_BLANK,
             **extra}
 
 
@@ -109,9 +94,9 @@ _PAGE = [
 ]
 _ETAG = {"ETag": {"required": True, "description": "The playbook's version, quoted",
                   "schema": {"type": "string", "pattern": '^"[0-9]+"$'}}}
-_NOT_FOUND = _error("No such playbook of yours (or no such server / prompt in it)")
-_VERSION_CONFLICT = _error("If-Match is stale: code version_conflict, details.current_version")
-_BAD_IF_MATCH = _error("If-Match is not an ETag (details.fields)")
+_NOT_FOUND = error_answer("No such playbook of yours (or no such server / prompt in it)")
+_VERSION_CONFLICT = error_answer("If-Match is stale: code version_conflict, details.current_version")
+_BAD_IF_MATCH = error_answer("If-Match is not an ETag (details.fields)")
 
 
 def _with_etag(response: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +109,7 @@ def _items(schema: dict[str, Any], description: str, paged: bool = False) -> dic
     if paged:
         properties["next_cursor"] = {"type": ["string", "null"]}
         required.append("next_cursor")
-    return _json({"type": "object", "required": required, "properties": properties},
+    return json_answer({"type": "object", "required": required, "properties": properties},
                  description)
 
 
@@ -198,7 +183,7 @@ def _playbook_schemas() -> dict[str, Any]:
                                                   "items": {"type": "string"}},
         "exclude": {"type": ["array", "null"], "items": {"type": "string"}},
         "expose_prompts": {"type": "boolean"}, "timeout_seconds": {"type": "number"},
-        "status": _ref("ServerStatus"),
+        "status": ref("ServerStatus"),
     }
     stdio_out = {"type": {"const": "stdio"}, "command": {"type": "string"},
                  "args": {"type": "array", "items": {"type": "string"}},
@@ -239,19 +224,19 @@ def _playbook_schemas() -> dict[str, Any]:
             "oneOf": [
                 {"type": "object", "additionalProperties": False, "required": ["state"],
                  "properties": {"state": {"const": "allowed"},
-                                "authorization": _ref("ServerAuthorization")}},
+                                "authorization": ref("ServerAuthorization")}},
                 {"type": "object", "additionalProperties": False,
                  "required": ["state", "reason"],
                  "properties": {"state": {"const": "refused"},
                                 "reason": {"type": "string",
                                            "description": "refused by configuration: what "
                                                           "needs which flag"},
-                                "authorization": _ref("ServerAuthorization")}}]},
+                                "authorization": ref("ServerAuthorization")}}]},
         "StdioServer": {"type": "object", "required": [*common_out, *stdio_out],
                         "properties": {**common_out, **stdio_out}},
         "HttpServer": {"type": "object", "required": [*common_out, *http_out],
                        "properties": {**common_out, **http_out}},
-        "Server": {"oneOf": [_ref("StdioServer"), _ref("HttpServer")],
+        "Server": {"oneOf": [ref("StdioServer"), ref("HttpServer")],
                    "discriminator": {"propertyName": "type", "mapping": {
                        "stdio": "#/components/schemas/StdioServer",
                        "http": "#/components/schemas/HttpServer",
@@ -261,7 +246,7 @@ def _playbook_schemas() -> dict[str, Any]:
             "description": "Runs a command on the gateway host: refused (400) unless an "
                            "operator set DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS"},
         "NewHttpServer": server_in(http_in, ["name", "type", "url"]),
-        "NewServer": {"oneOf": [_ref("NewStdioServer"), _ref("NewHttpServer")],
+        "NewServer": {"oneOf": [ref("NewStdioServer"), ref("NewHttpServer")],
                       "discriminator": {"propertyName": "type", "mapping": {
                           "stdio": "#/components/schemas/NewStdioServer",
                           "http": "#/components/schemas/NewHttpServer",
@@ -269,7 +254,7 @@ def _playbook_schemas() -> dict[str, Any]:
         "StdioServerChange": server_in(stdio_in, []),
         "HttpServerChange": server_in(http_in, []),
         "ServerChange": {
-            "anyOf": [_ref("StdioServerChange"), _ref("HttpServerChange")],
+            "anyOf": [ref("StdioServerChange"), ref("HttpServerChange")],
             "description": "The fields to change. type cannot change, and a field of the other "
                            "type's variant is refused; setting include (exclude) needs the "
                            "other null, as stored or in the same change"},
@@ -282,14 +267,14 @@ def _playbook_schemas() -> dict[str, Any]:
                    "properties": {"name": {"type": "string"}, "title": {"type": "string"},
                                   "description": {"type": "string"}, "body": {"type": "string"},
                                   "arguments": {"type": "array",
-                                                "items": _ref("PromptArgument")}}},
+                                                "items": ref("PromptArgument")}}},
         "NewPrompt": {"type": "object", "additionalProperties": False,
                       "required": ["name", "body"], "properties": prompt_in},
         "PromptChange": {"type": "object", "additionalProperties": False,
                          "properties": prompt_in},
         "Playbook": {"type": "object", "required": playbook_fields, "properties": {
-            **playbook_common, "servers": {"type": "array", "items": _ref("Server")},
-            "prompts": {"type": "array", "items": _ref("Prompt")}}},
+            **playbook_common, "servers": {"type": "array", "items": ref("Server")},
+            "prompts": {"type": "array", "items": ref("Prompt")}}},
         "PlaybookSummary": {"type": "object", "required": playbook_fields, "properties": {
             **playbook_common, "servers": {"type": "integer", "minimum": 0},
             "prompts": {"type": "integer", "minimum": 0}}},
@@ -357,21 +342,21 @@ def _playbook_schemas() -> dict[str, Any]:
 
 def _playbook_paths() -> dict[str, Any]:
     base = [_PLAYBOOK_ID]
-    write = {**_COMMON_ERRORS, "400": _BAD_IF_MATCH, "404": _NOT_FOUND,
+    write = {**COMMON_ERRORS, "400": _BAD_IF_MATCH, "404": _NOT_FOUND,
              "409": _VERSION_CONFLICT}
     body_write = {**write, **_BODY_ERRORS,
-                  "400": _error("Malformed JSON, invalid fields (details.fields names each) "
+                  "400": error_answer("Malformed JSON, invalid fields (details.fields names each) "
                                 "or a bad If-Match")}
-    read = {**_COMMON_ERRORS, "404": _NOT_FOUND}
-    read_secrets = {**read, "400": _error("reveal_secrets is not true or false")}
+    read = {**COMMON_ERRORS, "404": _NOT_FOUND}
+    read_secrets = {**read, "400": error_answer("reveal_secrets is not true or false")}
 
     def op(operation_id: str, summary: str, parameters: list[dict[str, Any]],
            responses: dict[str, Any], body: str | None = None) -> dict[str, Any]:
         operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
-                                     "security": _SECURITY, "parameters": parameters,
+                                     "security": SECURITY, "parameters": parameters,
                                      "responses": responses}
         if body is not None:
-            operation["requestBody"] = _body(_ref(body))
+            operation["requestBody"] = _body(ref(body))
         return operation
 
     # The playbook itself comes after its parts: tools that walk the document in order (the
@@ -379,42 +364,42 @@ def _playbook_paths() -> dict[str, Any]:
     return {
         "/playbooks": {
             "get": op("listPlaybooks", "The caller's playbooks, by position then name", _PAGE, {
-                "200": _items(_ref("PlaybookSummary"), "A page of playbooks", paged=True),
-                "400": _error("Invalid limit or cursor"), **_COMMON_ERRORS}),
+                "200": _items(ref("PlaybookSummary"), "A page of playbooks", paged=True),
+                "400": error_answer("Invalid limit or cursor"), **COMMON_ERRORS}),
             "post": op("createPlaybook", "Create a playbook", [], {
-                "201": _with_etag(_json(_ref("Playbook"), "Created")),
-                "409": _error("The id is already one of your playbooks'"),
-                **_BODY_ERRORS, **_COMMON_ERRORS}, body="NewPlaybook"),
+                "201": _with_etag(json_answer(ref("Playbook"), "Created")),
+                "409": error_answer("The id is already one of your playbooks'"),
+                **_BODY_ERRORS, **COMMON_ERRORS}, body="NewPlaybook"),
         },
         "/playbooks/{playbook_id}/servers": {
             "get": op("listServers", "The playbook's upstream servers", [*base, _REVEAL_SECRETS],
-                      {"200": _with_etag(_items(_ref("Server"), "Servers, in order")),
+                      {"200": _with_etag(_items(ref("Server"), "Servers, in order")),
                        **read_secrets}),
             "post": op("addServer", "Add an upstream server", [*base, _IF_MATCH], {
-                "201": _with_etag(_json(_ref("Server"), "Added")),
+                "201": _with_etag(json_answer(ref("Server"), "Added")),
                 **body_write,
-                "400": _error("Malformed JSON, invalid fields (details.fields names each), a "
+                "400": error_answer("Malformed JSON, invalid fields (details.fields names each), a "
                               "server the security rails refuse, or a bad If-Match"),
-                "409": _error("A server of that name exists (code conflict), or If-Match is "
+                "409": error_answer("A server of that name exists (code conflict), or If-Match is "
                               "stale (code version_conflict)")}, body="NewServer"),
         },
         "/playbooks/{playbook_id}/tools": {
             "patch": op("updateTools", "Enable or disable tools, several at once",
                         [*base, _IF_MATCH],
-                        {"200": _with_etag(_json(_ref("Playbook"), "Changed")), **body_write},
+                        {"200": _with_etag(json_answer(ref("Playbook"), "Changed")), **body_write},
                         body="ToolChanges"),
         },
         "/playbooks/{playbook_id}/servers/{name}": {
             "get": op("getServer", "One upstream server", [*base, _SERVER_NAME, _REVEAL_SECRETS],
-                      {"200": _with_etag(_json(_ref("Server"), "The server")),
+                      {"200": _with_etag(json_answer(ref("Server"), "The server")),
                        **read_secrets}),
             "patch": op("updateServer", "Change (or rename) an upstream server",
                         [*base, _SERVER_NAME, _IF_MATCH], {
-                            "200": _with_etag(_json(_ref("Server"), "Changed")), **body_write,
-                            "400": _error("Malformed JSON, invalid fields (details.fields "
+                            "200": _with_etag(json_answer(ref("Server"), "Changed")), **body_write,
+                            "400": error_answer("Malformed JSON, invalid fields (details.fields "
                                           "names each), a server the security rails refuse, "
                                           "or a bad If-Match"),
-                            "409": _error("Renamed to a name in use (code conflict), or "
+                            "409": error_answer("Renamed to a name in use (code conflict), or "
                                           "If-Match is stale (code version_conflict)")},
                         body="ServerChange"),
             "delete": op("removeServer", "Remove an upstream server",
@@ -423,19 +408,19 @@ def _playbook_paths() -> dict[str, Any]:
         },
         "/playbooks/{playbook_id}/prompts": {
             "get": op("listPrompts", "The playbook's prompts", base,
-                      {"200": _with_etag(_items(_ref("Prompt"), "Prompts, in order")), **read}),
+                      {"200": _with_etag(_items(ref("Prompt"), "Prompts, in order")), **read}),
             "post": op("addPrompt", "Add a prompt", [*base, _IF_MATCH], {
-                "201": _with_etag(_json(_ref("Prompt"), "Added")), **body_write,
-                "409": _error("A prompt of that name exists (code conflict), or If-Match is "
+                "201": _with_etag(json_answer(ref("Prompt"), "Added")), **body_write,
+                "409": error_answer("A prompt of that name exists (code conflict), or If-Match is "
                               "stale (code version_conflict)")}, body="NewPrompt"),
         },
         "/playbooks/{playbook_id}/prompts/{name}": {
             "get": op("getPrompt", "One prompt", [*base, _PROMPT_NAME],
-                      {"200": _with_etag(_json(_ref("Prompt"), "The prompt")), **read}),
+                      {"200": _with_etag(json_answer(ref("Prompt"), "The prompt")), **read}),
             "patch": op("updatePrompt", "Change (or rename) a prompt",
                         [*base, _PROMPT_NAME, _IF_MATCH], {
-                            "200": _with_etag(_json(_ref("Prompt"), "Changed")), **body_write,
-                            "409": _error("Renamed to a name in use (code conflict), or "
+                            "200": _with_etag(json_answer(ref("Prompt"), "Changed")), **body_write,
+                            "409": error_answer("Renamed to a name in use (code conflict), or "
                                           "If-Match is stale (code version_conflict)")},
                         body="PromptChange"),
             "delete": op("removePrompt", "Remove a prompt", [*base, _PROMPT_NAME, _IF_MATCH],
@@ -443,22 +428,22 @@ def _playbook_paths() -> dict[str, Any]:
         },
         "/playbooks/{playbook_id}/connection": {
             "get": op("playbookConnection", "Ready-to-paste MCP client configuration", base,
-                      {"200": _json(_ref("Connection"), "Snippets per client"), **read}),
+                      {"200": json_answer(ref("Connection"), "Snippets per client"), **read}),
         },
         "/playbooks/{playbook_id}/history": {
             "get": op("playbookHistory", "Every change to the playbook, newest first",
                       [*base, *_PAGE], {
-                          "200": _items(_ref("HistoryEntry"), "A page of changes", paged=True),
-                          "400": _error("Invalid limit or cursor"), **read}),
+                          "200": _items(ref("HistoryEntry"), "A page of changes", paged=True),
+                          "400": error_answer("Invalid limit or cursor"), **read}),
         },
         "/playbooks/{playbook_id}": {
             "get": op("getPlaybook", "A playbook with its servers and prompts",
                       [*base, _REVEAL_SECRETS],
-                      {"200": _with_etag(_json(_ref("Playbook"), "The playbook")),
+                      {"200": _with_etag(json_answer(ref("Playbook"), "The playbook")),
                        **read_secrets}),
             "patch": op("updatePlaybook", "Change a playbook's name, description or position",
                         [*base, _IF_MATCH],
-                        {"200": _with_etag(_json(_ref("Playbook"), "Changed")), **body_write},
+                        {"200": _with_etag(json_answer(ref("Playbook"), "Changed")), **body_write},
                         body="PlaybookChange"),
             "delete": op("deletePlaybook", "Delete a playbook (its history is kept)",
                          [*base, _IF_MATCH], {"204": {"description": "Deleted"}, **write}),
@@ -531,7 +516,7 @@ def _document() -> dict[str, Any]:
                             "max_requests": {"type": ["integer", "null"]}}},
                     },
                 },
-                "NewApiKey": {"allOf": [_ref("ApiKey"), {
+                "NewApiKey": {"allOf": [ref("ApiKey"), {
                     "type": "object", "required": ["key"],
                     "properties": {"key": {"type": "string", "pattern": "^dk_[A-Za-z0-9]{64}$",
                                            "description": "Shown once"}},
@@ -544,60 +529,60 @@ def _document() -> dict[str, Any]:
                 "operationId": "signup", "summary": "Create an account and sign in",
                 "requestBody": _body(credentials),
                 "responses": {
-                    "201": _json({"type": "object", "required": ["user", "api_key"],
-                                  "properties": {"user": _ref("User"),
-                                                 "api_key": _ref("NewApiKey")}},
+                    "201": json_answer({"type": "object", "required": ["user", "api_key"],
+                                  "properties": {"user": ref("User"),
+                                                 "api_key": ref("NewApiKey")}},
                                  "Signed up; the session cookie is set"),
-                    "409": _error("The email is already registered"),
-                    "429": _error("Too many sign-ups from this address "
+                    "409": error_answer("The email is already registered"),
+                    "429": error_answer("Too many sign-ups from this address "
                                   "(SIGNUP_RATE_LIMIT_PER_HOUR; Retry-After)"),
-                    **_BODY_ERRORS, "503": _COMMON_ERRORS["503"],
+                    **_BODY_ERRORS, "503": COMMON_ERRORS["503"],
                 },
             }},
             "/auth/login": {"post": {
                 "operationId": "login", "summary": "Sign in with email and password",
                 "requestBody": _body(credentials),
                 "responses": {
-                    "200": _json({"type": "object", "required": ["user"],
-                                  "properties": {"user": _ref("User")}},
+                    "200": json_answer({"type": "object", "required": ["user"],
+                                  "properties": {"user": ref("User")}},
                                  "Signed in; the session cookie is set"),
-                    "401": _error("Wrong email or password"),
-                    "403": _error("The account is disabled"),
-                    "429": _error("Too many failed logins"),
-                    **_BODY_ERRORS, "503": _COMMON_ERRORS["503"],
+                    "401": error_answer("Wrong email or password"),
+                    "403": error_answer("The account is disabled"),
+                    "429": error_answer("Too many failed logins"),
+                    **_BODY_ERRORS, "503": COMMON_ERRORS["503"],
                 },
             }},
             "/auth/logout": {"post": {
                 "operationId": "logout", "summary": "Sign out (ends the cookie session)",
-                "security": _SECURITY,
+                "security": SECURITY,
                 "responses": {"204": {"description": "Signed out; the cookie is cleared"},
-                              **_COMMON_ERRORS},
+                              **COMMON_ERRORS},
             }},
             "/me": {"get": {
                 "operationId": "me", "summary": "The authenticated user",
-                "security": _SECURITY,
-                "responses": {"200": _json({"allOf": [_ref("User"), {
+                "security": SECURITY,
+                "responses": {"200": json_answer({"allOf": [ref("User"), {
                     "type": "object", "required": ["authenticated_by"],
                     "properties": {"authenticated_by": {"enum": ["api_key", "session"]},
-                                   "api_key": _ref("ApiKey")}}]}, "The caller"),
-                    **_COMMON_ERRORS},
+                                   "api_key": ref("ApiKey")}}]}, "The caller"),
+                    **COMMON_ERRORS},
             }},
             "/me/password": {"post": {
                 "operationId": "changePassword",
                 "summary": "Change the password; every other session is signed out",
-                "security": _SECURITY,
+                "security": SECURITY,
                 "requestBody": _body({
                     "type": "object", "additionalProperties": False,
                     "required": ["current_password", "new_password"],
                     "properties": {"current_password": {"type": "string"},
                                    "new_password": _PASSWORD}}),
                 "responses": {"204": {"description": "Changed"}, **_BODY_ERRORS,
-                              **_COMMON_ERRORS},
+                              **COMMON_ERRORS},
             }},
             "/api-keys": {
                 "get": {
                     "operationId": "listApiKeys", "summary": "The caller's live API keys",
-                    "security": _SECURITY,
+                    "security": SECURITY,
                     "parameters": [
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
@@ -605,36 +590,36 @@ def _document() -> dict[str, Any]:
                          "previous page", "schema": {"type": "string",
                                                      "pattern": "^[A-Za-z0-9_-]+$"}},
                     ],
-                    "responses": {"200": _json({
+                    "responses": {"200": json_answer({
                         "type": "object", "required": ["items", "next_cursor"],
-                        "properties": {"items": {"type": "array", "items": _ref("ApiKey")},
+                        "properties": {"items": {"type": "array", "items": ref("ApiKey")},
                                        "next_cursor": {"type": ["string", "null"]}}},
                         "A page of keys, oldest first"),
-                        "400": _error("Invalid limit or cursor"), **_COMMON_ERRORS},
+                        "400": error_answer("Invalid limit or cursor"), **COMMON_ERRORS},
                 },
                 "post": {
                     "operationId": "createApiKey", "summary": "Create a named API key",
-                    "security": _SECURITY,
+                    "security": SECURITY,
                     "requestBody": _body({"type": "object", "additionalProperties": False,
                                           "required": ["name"],
                                           "properties": {"name": _NAME}}),
-                    "responses": {"201": _json(_ref("NewApiKey"), "Created; the key is shown once"),
-                                  "409": _error("A live key of that name exists"),
-                                  **_BODY_ERRORS, **_COMMON_ERRORS},
+                    "responses": {"201": json_answer(ref("NewApiKey"), "Created; the key is shown once"),
+                                  "409": error_answer("A live key of that name exists"),
+                                  **_BODY_ERRORS, **COMMON_ERRORS},
                 },
             },
             "/api-keys/{key_id}": {"delete": {
                 "operationId": "revokeApiKey", "summary": "Revoke a key (everywhere within a second)",
-                "security": _SECURITY, "parameters": [_KEY_ID],
+                "security": SECURITY, "parameters": [_KEY_ID],
                 "responses": {"204": {"description": "Revoked"},
-                              "404": _error("No such key of yours"), **_COMMON_ERRORS},
+                              "404": error_answer("No such key of yours"), **COMMON_ERRORS},
             }},
             "/api-keys/{key_id}/regenerate": {"post": {
                 "operationId": "regenerateApiKey",
                 "summary": "Revoke a key and issue a new one with the same name and limits",
-                "security": _SECURITY, "parameters": [_KEY_ID],
-                "responses": {"200": _json(_ref("NewApiKey"), "The replacement, shown once"),
-                              "404": _error("No such key of yours"), **_COMMON_ERRORS},
+                "security": SECURITY, "parameters": [_KEY_ID],
+                "responses": {"200": json_answer(ref("NewApiKey"), "The replacement, shown once"),
+                              "404": error_answer("No such key of yours"), **COMMON_ERRORS},
             }},
             **_playbook_paths(),
             "/openapi.json": {"get": {

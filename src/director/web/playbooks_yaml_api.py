@@ -26,6 +26,7 @@ from director.playbooks.documents import DocumentInvalid, DocumentTooLarge, Pars
 from director.registry.client import RegistryClient, RegistryError
 from director.web.api import api
 from director.web.errors import ApiError, Conflict, UnsupportedMediaType, write_json
+from director.web.openapi_parts import COMMON_ERRORS, SECURITY, error_answer
 from director.web.playbooks_api import PlaybookRoutes, _flag
 
 YAML_TYPES = (b"application/yaml", b"text/yaml")
@@ -151,23 +152,10 @@ class PlaybookYamlRoutes(PlaybookRoutes):
 
 # --- OpenAPI 3.1 -----------------------------------------------------------------------------
 
-_SECURITY: list[dict[str, list[str]]] = [{"apiKeyHeader": []}, {"bearer": []},
-                                         {"sessionCookie": []}]
 #: ``_flag`` reads true/false/1/0, in any case.
 _FLAG = {"type": "string", "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
-_COMMON_ERRORS = {
-    "401": _error("No credential, or a wrong, revoked or expired one"),
-    "403": _error("Pending account (waitlist), or a cookie request failing the CSRF check"),
-    "429": _error("Rate limit of the API key exceeded"),
-    "503": _error("The database is unavailable"),
-}
 _ETAG = {"ETag": {"description": 'The playbook\'s version, e.g. "3"',
                   "schema": {"type": "string"}}}
 _PARTS_CHANGED = {
@@ -203,7 +191,7 @@ OPENAPI_PATHS: dict[str, Any] = {
         "description": "Schema version 1; fields at their default are left out. Without "
                        "include_secrets, each secret is written {secret: true}, and importing "
                        "the document keeps the stored value.",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": [
             {"name": "playbook_id", "in": "path", "required": True,
              "schema": {"type": "string"}},
@@ -213,9 +201,9 @@ OPENAPI_PATHS: dict[str, Any] = {
         "responses": {
             "200": {"description": "The document", "headers": _ETAG,
                     "content": {"application/yaml": {"schema": documents.JSON_SCHEMA}}},
-            "400": _error("include_secrets is not true or false"),
-            "404": _error("No such playbook of yours"),
-            **_COMMON_ERRORS,
+            "400": error_answer("include_secrets is not true or false"),
+            "404": error_answer("No such playbook of yours"),
+            **COMMON_ERRORS,
         },
     }},
     "/playbooks/import": {"post": {
@@ -227,7 +215,7 @@ OPENAPI_PATHS: dict[str, Any] = {
                        "applied to every server, before anything is written. An invalid "
                        "document is a 400 whose details.fields name each problem by path "
                        "(servers[0].url) and details.locations give {line, column}.",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": [{"name": "dry_run", "in": "query", "schema": _FLAG,
                         "description": "true to check and report without writing"}],
         "requestBody": {"required": True, "content": {
@@ -239,12 +227,12 @@ OPENAPI_PATHS: dict[str, Any] = {
                     "content": {"application/json": {"schema": _IMPORTED}}},
             "201": {"description": "Created", "headers": _ETAG,
                     "content": {"application/json": {"schema": _IMPORTED}}},
-            "400": _error("Invalid document (details.fields and details.locations by path), "
+            "400": error_answer("Invalid document (details.fields and details.locations by path), "
                           "a server refused by the rails, or an invalid dry_run"),
-            "409": _error("The playbook changed, appeared or vanished during the import"),
-            "413": _error("Document larger than 1 MiB"),
-            "415": _error("Body is not application/yaml or text/yaml in UTF-8"),
-            **_COMMON_ERRORS,
+            "409": error_answer("The playbook changed, appeared or vanished during the import"),
+            "413": error_answer("Document larger than 1 MiB"),
+            "415": error_answer("Body is not application/yaml or text/yaml in UTF-8"),
+            **COMMON_ERRORS,
         },
     }},
 }

@@ -6,33 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from director.registry.install import FORMATS
+from director.web.openapi_parts import COMMON_ERRORS, SECURITY, error_answer, json_answer, ref
 
 _JSON = "application/json"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _answer(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {_JSON: {"schema": schema}}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _answer(_ref("Error"), description)
-
-
-_SECURITY: list[dict[str, list[str]]] = [{"apiKeyHeader": []}, {"bearer": []},
-                                         {"sessionCookie": []}]
 _COMMON = {
-    "401": _error("No credential, or a wrong, revoked or expired one"),
-    "403": _error("Pending account (waitlist), or a cookie request failing the CSRF check"),
-    "429": _error("Rate limit exceeded"),
-    "503": _error("The database is unavailable"),
-    "502": _error("The registry is down, slow or answered nonsense (code "
-                  "registry_unavailable); nothing was changed"),
+    **COMMON_ERRORS,
+    "502": error_answer("The registry is down, slow or answered nonsense (code "
+                        "registry_unavailable); nothing was changed"),
 }
-_BODY = {"413": _error("Body too large"), "415": _error("Body is not application/json")}
+_BODY = {"413": error_answer("Body too large"),
+         "415": error_answer("Body is not application/json")}
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[^\u0000-\u001f]+$"}
 _REGISTRY_NAME = {"type": "string", "maxLength": 200,
                   "pattern": "^[a-zA-Z0-9.-]{1,200}/[a-zA-Z0-9._-]{1,200}$"}
@@ -69,7 +54,7 @@ SCHEMAS: dict[str, Any] = {
     "RegistryPage": {"type": "object", "required": ["registry", "items", "next_cursor",
                                                     "skipped"], "properties": {
         "registry": {"type": "string", "description": "REGISTRY_URL"},
-        "items": {"type": "array", "items": _ref("RegistryEntry")},
+        "items": {"type": "array", "items": ref("RegistryEntry")},
         "next_cursor": _NULLABLE_TEXT,
         "skipped": {"type": "integer", "minimum": 0,
                     "description": "Entries of the registry's page that were not servers"}}},
@@ -88,12 +73,12 @@ SCHEMAS: dict[str, Any] = {
         "label": {"type": "string"}, "installable": {"type": "boolean"},
         "problem": {**_NULLABLE_TEXT, "description": "Why it cannot be installed"},
         "runtime": {**_NULLABLE_TEXT, "description": "npx, uvx, or null for a remote"},
-        "fields": {"type": "array", "items": _ref("RegistryField")}}},
-    "RegistryEntryDetails": {"allOf": [_ref("RegistryEntry"), {
+        "fields": {"type": "array", "items": ref("RegistryField")}}},
+    "RegistryEntryDetails": {"allOf": [ref("RegistryEntry"), {
         "type": "object", "required": ["versions", "options"], "properties": {
             "versions": {"type": "array", "items": {"type": "string"},
                          "description": "Newest first"},
-            "options": {"type": "array", "items": _ref("RegistryOption")}}}]},
+            "options": {"type": "array", "items": ref("RegistryOption")}}}]},
     "RegistryInstall": {"type": "object", "additionalProperties": False, "required": ["name"],
                         "properties": {
         "name": _REGISTRY_NAME,
@@ -117,7 +102,7 @@ SCHEMAS: dict[str, Any] = {
                                         "version": {"type": "string"},
                                         "inputs": {"type": "object",
                                                    "additionalProperties": _SECRET_OUT}}},
-    "RegistryState": {"allOf": [_ref("ServerProvenance"), {
+    "RegistryState": {"allOf": [ref("ServerProvenance"), {
         "type": "object", "required": ["latest_version", "update_available", "problem"],
         "properties": {"latest_version": _NULLABLE_TEXT,
                        "update_available": {"type": "boolean"},
@@ -129,15 +114,15 @@ SCHEMAS: dict[str, Any] = {
 def _op(operation_id: str, summary: str, parameters: list[dict[str, Any]],
         responses: dict[str, Any], body: str | None = None) -> dict[str, Any]:
     operation: dict[str, Any] = {"operationId": operation_id, "summary": summary,
-                                 "security": _SECURITY, "parameters": parameters,
+                                 "security": SECURITY, "parameters": parameters,
                                  "responses": {**_COMMON, **responses}}
     if body is not None:
         operation["requestBody"] = {"required": True,
-                                    "content": {_JSON: {"schema": _ref(body)}}}
+                                    "content": {_JSON: {"schema": ref(body)}}}
     return operation
 
 
-_WRITE_400 = _error("Invalid fields or inputs (details.fields names each, e.g. "
+_WRITE_400 = error_answer("Invalid fields or inputs (details.fields names each, e.g. "
                     "inputs.env.API_KEY), an option Director cannot install, a server the "
                     "rails or the trust setting (REGISTRY_TRUST) refuse, or a bad If-Match")
 
@@ -149,8 +134,8 @@ PATHS: dict[str, Any] = {
              "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
             {"name": "cursor", "in": "query", "description": "next_cursor of the last page",
              "schema": {"type": "string", "maxLength": 1024}}],
-        {"200": _answer(_ref("RegistryPage"), "A page"),
-         "400": _error("Invalid q, limit or cursor")})},
+        {"200": json_answer(ref("RegistryPage"), "A page"),
+         "400": error_answer("Invalid q, limit or cursor")})},
     "/registry/servers/{namespace}/{name}": {"get": _op(
         "showRegistryEntry", "One registry entry: versions, installable options, inputs", [
             {"name": "namespace", "in": "path", "required": True,
@@ -159,28 +144,28 @@ PATHS: dict[str, Any] = {
              "schema": {"type": "string", "pattern": "^[a-zA-Z0-9._-]{1,200}$"}},
             {"name": "version", "in": "query", "description": "Default: latest",
              "schema": {"type": "string", "maxLength": 255}}],
-        {"200": _answer(_ref("RegistryEntryDetails"), "The entry"),
-         "404": _error("No such server or version in the registry (code not_in_registry)")})},
+        {"200": json_answer(ref("RegistryEntryDetails"), "The entry"),
+         "404": error_answer("No such server or version in the registry (code not_in_registry)")})},
     "/playbooks/{playbook_id}/servers/from-registry": {"post": _op(
         "installFromRegistry", "Install a registry entry as a server of the playbook",
         [_PLAYBOOK_ID, _IF_MATCH],
-        {"201": {**_answer(_ref("Server"), "Installed"), "headers": _ETAG}, **_BODY,
+        {"201": {**json_answer(ref("Server"), "Installed"), "headers": _ETAG}, **_BODY,
          "400": _WRITE_400,
-         "404": _error("No such playbook of yours, or no such entry (code not_in_registry)"),
-         "409": _error("A server of that name exists (code conflict), or If-Match is stale "
+         "404": error_answer("No such playbook of yours, or no such entry (code not_in_registry)"),
+         "409": error_answer("A server of that name exists (code conflict), or If-Match is stale "
                        "(code version_conflict)")}, body="RegistryInstall")},
     "/playbooks/{playbook_id}/servers/{name}/registry": {"get": _op(
         "serverRegistryState", "A registry server's provenance and whether an update exists",
         [_PLAYBOOK_ID, _SERVER_NAME],
-        {"200": _answer(_ref("RegistryState"), "Provenance and the latest version"),
-         "404": _error("No such playbook or server, or a server not from a registry")})},
+        {"200": json_answer(ref("RegistryState"), "Provenance and the latest version"),
+         "404": error_answer("No such playbook or server, or a server not from a registry")})},
     "/playbooks/{playbook_id}/servers/{name}/registry-update": {"post": _op(
         "updateFromRegistry", "Move a registry server to another version, keeping its inputs",
         [_PLAYBOOK_ID, _SERVER_NAME, _IF_MATCH],
-        {"200": {**_answer(_ref("Server"), "Updated"), "headers": _ETAG}, **_BODY,
+        {"200": {**json_answer(ref("Server"), "Updated"), "headers": _ETAG}, **_BODY,
          "400": _WRITE_400,
-         "404": _error("No such playbook, server or version (code not_in_registry)"),
-         "409": _error("If-Match is stale (code version_conflict)")}, body="RegistryUpdate")},
+         "404": error_answer("No such playbook, server or version (code not_in_registry)"),
+         "409": error_answer("If-Match is stale (code version_conflict)")}, body="RegistryUpdate")},
 }
 
 
@@ -190,4 +175,4 @@ def extend(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     schemas |= SCHEMAS
     for variant in ("StdioServer", "HttpServer"):
-        schemas[variant]["properties"]["registry"] = _ref("ServerProvenance")
+        schemas[variant]["properties"]["registry"] = ref("ServerProvenance")

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from director.jsontext import JsonTextError
 from director.mcp import jsonrpc
+from director.mcp.capabilities import GATEWAY
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
@@ -106,8 +107,8 @@ class UpstreamSession(Protocol):
 
 
 def initialize_params(client_capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the gateway sends upstream: it declares the client capabilities it can relay."""
+    """What the gateway sends upstream: the client capabilities it relays for this session,
+    all of them when None (``director.mcp.capabilities``)."""
     return {"protocolVersion": LATEST_LEGACY_VERSION,
-            "capabilities": client_capabilities if client_capabilities is not None else {
-                "roots": {"listChanged": True}, "sampling": {}, "elicitation": {}},
+            "capabilities": client_capabilities if client_capabilities is not None else GATEWAY,
             "clientInfo": CLIENT_INFO}

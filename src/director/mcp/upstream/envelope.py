@@ -35,7 +35,7 @@ UNSUPPORTED_PROTOCOL_VERSION = -32022
 INPUT_REQUIRED_MAX_ROUNDS = 10
 #: What the gateway can relay to its clients.
 GATEWAY_CLIENT_CAPABILITIES: dict[str, Any] = {
-    "sampling": {}, "elicitation": {"form": {}}, "roots": {}}
+    "sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}}
 
 
 class NotModern(UpstreamError):

@@ -14,7 +14,9 @@ service-identity. Redirects are not followed (a 3xx is an error naming its targe
   ``MCP-Protocol-Version`` once negotiated. A request's answer is either one JSON body or an
   SSE stream that may carry notifications, progress, log messages and server→client
   requests before the response; server→client requests are answered by POSTing the
-  response. Notifications and responses expect 202.
+  response (a JSON body holding several messages, one per line, as the TypeScript SDK's
+  conformance fixture sends, is taken message by message). Notifications and responses
+  expect 202.
 * after ``initialize`` + ``notifications/initialized`` a GET stream is opened for
   server-initiated messages (405: the server has none, fine). When it drops it is reopened
   with a growing delay (the server's ``retry:`` if it sent one) and ``Last-Event-ID``.
@@ -372,6 +374,7 @@ class _HttpSession:
         self._established = False
         self._ever_established = False
         self._loss_reported = False
+        self._several_messages_noted = False
         self._connecting = _Once()
 
     # --- the UpstreamSession interface ---------------------------------------------------
@@ -614,11 +617,26 @@ class _HttpSession:
             decoded = json.loads(body)
         except ValueError:
             decoded = None
+            lines = [line for line in body.split(b"\n") if line.strip()]
+            if len(lines) > 1:  # several messages, one per line: each is handled
+                self._note_several_messages(len(lines))
+                for line in lines:
+                    self._received(line)
+                return
         if isinstance(decoded, list):  # a 2025-03-26 batch
             for item in decoded:
                 self._received(json.dumps(item))
         else:
             self._received(body)
+
+    def _note_several_messages(self, count: int) -> None:
+        """Logged once per session: the TypeScript SDK's conformance fixture answers this way
+        (notifications, then the response) for every such call."""
+        if not self._several_messages_noted:
+            self._several_messages_noted = True
+            log.info("[{server}] answered with {count} JSON-RPC messages in one "
+                     "application/json body (one per line, not one JSON text as the "
+                     "specification says); each is handled", server=self.name, count=count)
 
     def _dispatch(self, message: Message, origin: _Pending | None = None) -> None:
         if jsonrpc.is_response(message):

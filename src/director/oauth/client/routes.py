@@ -45,7 +45,7 @@ from director.web.errors import (
     read_json_object,
     write_json,
 )
-from director.web.openapi import _COMMON_ERRORS, _NON_BLANK, _SECURITY, _error
+from director.web.openapi_parts import COMMON_ERRORS, NON_BLANK, SECURITY, error_answer
 
 if TYPE_CHECKING:
     from director.config import Settings
@@ -259,7 +259,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                        "the client it gave you, with the redirect URI "
                        "<BASE_URL>/oauth/{playbook_id}/{name}/callback",
         "properties": {"client_id": {"type": "string", "minLength": 1, "maxLength": 2048,
-                                     "pattern": _NON_BLANK},
+                                     "pattern": NON_BLANK},
                        "client_secret": {"type": ["string", "null"], "maxLength": 2048}},
         "dependentRequired": {"client_secret": ["client_id"]}},
     "AuthorizeUrl": {
@@ -281,34 +281,34 @@ UPSTREAM_OAUTH_PATHS: dict[str, Any] = {
                        "needed, and how Director identifies itself there (its client metadata "
                        "document, dynamic registration, or the client given here). The body is "
                        "optional.",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": _PATH_PARAMETERS,
         "requestBody": {"required": False, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/Authorize"}}}},
         "responses": {
             "200": _json_answer("AuthorizeUrl", "The authorize URL"),
-            "400": _error("A stdio server (code not_http), malformed JSON or invalid fields"),
-            "404": _error("No such playbook of yours, or no such server in it"),
-            "409": _error("The server is disabled (server_disabled), answers without "
+            "400": error_answer("A stdio server (code not_http), malformed JSON or invalid fields"),
+            "404": error_answer("No such playbook of yours, or no such server in it"),
+            "409": error_answer("The server is disabled (server_disabled), answers without "
                           "authorization (not_required), or needs a client id "
                           "(client_required)"),
-            "413": _error("Body too large"),
-            "415": _error("Body is not application/json"),
-            "502": _error("The server's authorization cannot be discovered or is refused "
+            "413": error_answer("Body too large"),
+            "415": error_answer("Body is not application/json"),
+            "502": error_answer("The server's authorization cannot be discovered or is refused "
                           "(upstream_authorization_failed: the message says why)"),
-            **_COMMON_ERRORS}}},
+            **COMMON_ERRORS}}},
     "/playbooks/{playbook_id}/servers/{name}/authorization": {"delete": {
         "operationId": "disconnectServer",
         "summary": "Revoke and delete the caller's OAuth tokens for an HTTP server",
         "description": "Revoked at the authorization server where it offers revocation "
                        "(RFC 7009), deleted in any case; for every playbook of the caller that "
                        "uses that server.",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": _PATH_PARAMETERS,
         "responses": {
             "204": {"description": "Revoked and deleted"},
-            "400": _error("A stdio server (code not_http)"),
-            "404": _error("No such playbook, server, or authorization of yours"),
-            "409": _error("The server is disabled (server_disabled)"),
-            **_COMMON_ERRORS}}},
+            "400": error_answer("A stdio server (code not_http)"),
+            "404": error_answer("No such playbook, server, or authorization of yours"),
+            "409": error_answer("The server is disabled (server_disabled)"),
+            **COMMON_ERRORS}}},
 }

@@ -36,10 +36,6 @@ def _notify(payload: str) -> Query:
     return Query("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
-def _utc(seconds: float | None) -> datetime.datetime | None:
-    return None if seconds is None else datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-
-
 def _epoch(moment: datetime.datetime | None) -> float | None:
     return None if moment is None else moment.timestamp()
 

@@ -29,6 +29,7 @@ from director.studio.templates.components import button_form, crumbs, notice
 from director.web.api import api, decode_cursor, encode_cursor, page_size
 from director.web.auth import Authenticator, parse_uuid
 from director.web.errors import NotFound, write_json
+from director.web.openapi_parts import COMMON_ERRORS, SECURITY, error_answer
 
 
 class ConnectedAppsApi:
@@ -160,20 +161,6 @@ def _date(text: str) -> datetime.datetime:
 
 # --- the OpenAPI description of the two operations (paths relative to /api/v1) ----------------
 
-_SECURITY: list[dict[str, list[str]]] = [{"apiKeyHeader": []}, {"bearer": []},
-                                         {"sessionCookie": []}]
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
-_COMMON_ERRORS = {"401": _error("No credential, or a wrong, revoked or expired one"),
-                  "403": _error("Pending account (waitlist), or a cookie request failing the "
-                                "CSRF check"),
-                  "429": _error("Rate limit exceeded (Retry-After)"),
-                  "503": _error("The database is unavailable")}
 _TIME = {"type": "string", "format": "date-time"}
 GRANT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -205,7 +192,7 @@ OPENAPI_PATHS: dict[str, Any] = {
     "/oauth/grants": {"get": {
         "operationId": "listOAuthGrants",
         "summary": "Connected apps: the caller's OAuth grants, oldest first",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": [
             {"name": "limit", "in": "query",
              "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
@@ -217,16 +204,16 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "schema": {"type": "object", "required": ["items", "next_cursor"],
                            "properties": {"items": {"type": "array", "items": GRANT_SCHEMA},
                                           "next_cursor": {"type": ["string", "null"]}}}}}},
-            "400": _error("Invalid limit or cursor"), **_COMMON_ERRORS},
+            "400": error_answer("Invalid limit or cursor"), **COMMON_ERRORS},
     }},
     "/oauth/grants/{grant_id}": {"delete": {
         "operationId": "revokeOAuthGrant",
         "summary": "Revoke a grant: its tokens stop working and the MCP sessions it opened "
                    "end, on every instance within a second",
-        "security": _SECURITY,
+        "security": SECURITY,
         "parameters": [{"name": "grant_id", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
         "responses": {"204": {"description": "Revoked"},
-                      "404": _error("No such grant of yours"), **_COMMON_ERRORS},
+                      "404": error_answer("No such grant of yours"), **COMMON_ERRORS},
     }},
 }

@@ -42,7 +42,6 @@ CODE_LIFETIME = datetime.timedelta(seconds=120)
 GRANT_NOTIFY_KIND = "oauth_grant"
 _TOKEN_BODY = r"[A-Za-z0-9_-]{43}"  # noqa: S105 - a pattern, not a secret
 _ACCESS_TOKEN = re.compile(ACCESS_PREFIX + _TOKEN_BODY)
-_REFRESH_TOKEN = re.compile(REFRESH_PREFIX + _TOKEN_BODY)
 #: RFC 7636 section 4.1: 43 to 128 unreserved characters.
 _VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
@@ -53,10 +52,6 @@ def new_secret(prefix: str = "") -> str:
 
 def looks_like_access_token(value: str) -> bool:
     return _ACCESS_TOKEN.fullmatch(value) is not None
-
-
-def looks_like_refresh_token(value: str) -> bool:
-    return _REFRESH_TOKEN.fullmatch(value) is not None
 
 
 def verifier_valid(verifier: str) -> bool:

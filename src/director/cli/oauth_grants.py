@@ -11,20 +11,20 @@ import argparse
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from director.admin import (
+from director.cli.base import (
     EX_USAGE,
-    _email,
-    _json_flag,
-    _no_user,
-    _print_json,
-    _reports_failures,
-    _table,
-    _user_of,
-    _when,
+    CommandError,
     connection_for,
+    json_flag,
+    no_user,
+    normalised_email,
+    print_json,
+    reports_failures,
     run,
+    table,
+    user_of,
+    when,
 )
-from director.cli import CommandError
 
 if TYPE_CHECKING:
     from director.accounts.store import User
@@ -35,30 +35,30 @@ if TYPE_CHECKING:
 def _grants_of(email: str) -> Interaction[tuple[User, list[GrantInfo]]]:
     from director.oauth.server import grants
 
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     found = yield from grants.grants_of(user.id)
     return user, found
 
 
-@_reports_failures
+@reports_failures
 def cmd_grants_list(arguments: argparse.Namespace) -> int:
     from director.accounts import store
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     with connection_for(arguments) as connection:
         try:
             user, found = run(connection, _grants_of(email))
         except store.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
     if arguments.json:
-        _print_json({"user": {"id": str(user.id), "email": user.email},
+        print_json({"user": {"id": str(user.id), "email": user.email},
                      "grants": [grant.public() for grant in found]})
     elif not found:
         print(f"{user.email} has no connected apps")
     else:
-        _table(("ID", "APPLICATION", "KIND", "PLAYBOOK", "SCOPE", "CONNECTED", "REFRESHED"),
+        table(("ID", "APPLICATION", "KIND", "PLAYBOOK", "SCOPE", "CONNECTED", "REFRESHED"),
                [(str(g.id), g.client_name or g.client_id, g.client_kind, g.playbook_id,
-                 g.scope, _when(g.created_at), _when(g.refreshed_at)) for g in found])
+                 g.scope, when(g.created_at), when(g.refreshed_at)) for g in found])
     return 0
 
 
@@ -66,7 +66,7 @@ def _revoke(email: str, grant_id: UUID | None, client_id: str | None
             ) -> Interaction[tuple[User, list[UUID]]]:
     from director.oauth.server import grants
 
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     if client_id is not None:
         return user, (yield from grants.revoke_client(user.id, client_id))
     assert grant_id is not None
@@ -77,11 +77,11 @@ def _revoke(email: str, grant_id: UUID | None, client_id: str | None
     return user, [grant_id]
 
 
-@_reports_failures
+@reports_failures
 def cmd_grants_revoke(arguments: argparse.Namespace) -> int:
     from director.accounts import store
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     if (arguments.grant is None) == (arguments.client is None):
         raise CommandError("name one grant (its id) or --client CLIENT_ID (all of that "
                            "application's grants)", EX_USAGE)
@@ -96,12 +96,12 @@ def cmd_grants_revoke(arguments: argparse.Namespace) -> int:
         try:
             user, revoked = run(connection, _revoke(email, grant_id, arguments.client))
         except store.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
     if not revoked:
         what = f"grant {arguments.grant}" if grant_id else f"grant of client {arguments.client}"
         raise CommandError(f"{user.email} has no {what}")
     if arguments.json:
-        _print_json({"revoked": [str(grant) for grant in revoked]})
+        print_json({"revoked": [str(grant) for grant in revoked]})
     else:
         for grant in revoked:
             print(f"revoked grant {grant} of {user.email}: its tokens stop working and the "
@@ -120,7 +120,7 @@ def add_commands(commands: Any) -> None:
 
     listing = actions.add_parser("list", help="a user's grants, oldest first")
     listing.add_argument("--user", required=True, metavar="EMAIL")
-    _json_flag(listing)
+    json_flag(listing)
     listing.set_defaults(handler=cmd_grants_list)
 
     revoke = actions.add_parser("revoke", help="revoke a grant, or every grant of one client")
@@ -128,5 +128,5 @@ def add_commands(commands: Any) -> None:
     revoke.add_argument("grant", metavar="GRANT_ID", nargs="?", help="from `grants list`")
     revoke.add_argument("--client", metavar="CLIENT_ID",
                         help="revoke every grant the user gave this client instead")
-    _json_flag(revoke)
+    json_flag(revoke)
     revoke.set_defaults(handler=cmd_grants_revoke)

@@ -6,11 +6,10 @@ import argparse
 import json
 from typing import Any
 
-from director.cli import CommandError, settings_from
+from director.cli.base import CommandError, connection_for, run, settings_from
 
 
 def cmd_setup_url(arguments: argparse.Namespace) -> int:
-    from director.admin import connection_for, run
     from director.studio.setup import issue_token, setup_url
 
     settings = settings_from(arguments)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from director.cli import CommandError, settings_from
+from director.cli.base import CommandError, settings_from
 
 #: How long ``authorize`` waits by default (the flow's own life).
 WAIT_SECONDS = 15 * 60
@@ -51,14 +51,14 @@ def _in_reactor(work: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def cmd_authorize(arguments: argparse.Namespace) -> int:
-    from director.admin import _email, connection_for
-    from director.playbooks_cli import _box, _owned
+    from director.cli.base import connection_for, normalised_email
+    from director.cli.owned import box_of, owned
 
     settings = settings_from(arguments)
-    email = _email(arguments.user, "user")
-    box = _box(settings)
+    email = normalised_email(arguments.user, "user")
+    box = box_of(settings)
     with connection_for(arguments) as connection:
-        user, playbook = _owned(connection, email, box, arguments.id)
+        user, playbook = owned(connection, email, box, arguments.id)
         server = playbook.server(arguments.server)
         if server is None:
             raise CommandError(f"playbook '{playbook.id}' has no server '{arguments.server}'")
@@ -96,7 +96,7 @@ def _read_secret(path: str | None) -> str | None:
 
 async def _begin(reactor: Any, settings: Any, connection: Any, box: Any, user_id: Any,
                  playbook: Any, server: Any, entered: dict[str, Any] | None) -> Any:
-    from director.admin import run
+    from director.cli.base import run
     from director.mcp.upstream.connect import CheckedEndpoints
     from director.mcp.upstream.http import new_pool, upstream_agent
     from director.oauth.client import flow, store
@@ -132,7 +132,7 @@ async def _begin(reactor: Any, settings: Any, connection: Any, box: Any, user_id
 
 def _wait(connection: Any, state_hash: bytes, user_id: Any, timeout: float) -> str:
     """The flow's outcome once it has one: "authorized", or why not."""
-    from director.admin import run
+    from director.cli.base import run
     from director.oauth.client import store
 
     deadline = time.monotonic() + timeout
@@ -151,9 +151,9 @@ def _wait(connection: Any, state_hash: bytes, user_id: Any, timeout: float) -> s
 
 
 def cmd_secrets_rotate(arguments: argparse.Namespace) -> int:
-    from director.admin import connection_for
+    from director.cli.base import connection_for
+    from director.cli.owned import box_of
     from director.oauth.client.maintenance import reseal_everything
-    from director.playbooks_cli import _box
 
     settings = settings_from(arguments)
     if settings.auth_secret_previous is None:
@@ -161,7 +161,7 @@ def cmd_secrets_rotate(arguments: argparse.Namespace) -> int:
               "be opened; checking that every value opens with BETTER_AUTH_SECRET",
               file=sys.stderr)
     with connection_for(arguments) as connection:
-        tally = reseal_everything(connection, _box(settings), reseal=not arguments.dry_run)
+        tally = reseal_everything(connection, box_of(settings), reseal=not arguments.dry_run)
     verb = "would seal" if arguments.dry_run else "sealed"
     print(f"{verb} {tally.resealed} value(s) again with BETTER_AUTH_SECRET; {tally.current} "
           f"already were; {len(tally.unreadable)} open with neither secret")
@@ -212,6 +212,6 @@ def add_commands(commands: Any) -> None:
 
 def _failures_reported(handler: Callable[[argparse.Namespace], int]
                        ) -> Callable[[argparse.Namespace], int]:
-    from director.admin import _reports_failures
+    from director.cli.base import reports_failures
 
-    return _reports_failures(handler)
+    return reports_failures(handler)

@@ -23,32 +23,32 @@ or playbook, database unreachable, changed meanwhile); 78 invalid configuration.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import sys
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from director.admin import (
+from director.cli.base import (
     EX_USAGE,
-    _email,
-    _json_flag,
-    _no_user,
-    _print_json,
-    _reports_failures,
-    _table,
-    _user_of,
-    _when,
+    CommandError,
     connection_for,
+    json_flag,
+    no_user,
+    normalised_email,
+    print_json,
+    reports_failures,
     run,
+    settings_from,
+    table,
+    user_of,
+    when,
 )
-from director.cli import CommandError, settings_from
+from director.cli.owned import actor, box_of, lookup, owned
 
 if TYPE_CHECKING:
     from director.accounts.store import User
     from director.config import Settings
-    from director.crypto import SecretBox
     from director.db.interactions import Interaction
     from director.playbooks.documents import DocumentInvalid, ParsedPlaybook
     from director.playbooks.store import Playbook
@@ -74,8 +74,8 @@ def check_rails_sync(settings: Settings, parsed: ParsedPlaybook) -> None:
 def _with_registry(settings: Settings, parsed: ParsedPlaybook,
                    existing: Playbook | None) -> ParsedPlaybook:
     """Registry servers made whole from REGISTRY_URL's entries (or the stored ones)."""
+    from director.cli.registry import with_registry
     from director.registry.client import RegistryError
-    from director.registry_cli import with_registry
 
     wanted = parsed.registry_lookups(existing)
 
@@ -93,56 +93,6 @@ def _with_registry(settings: Settings, parsed: ParsedPlaybook,
 
 
 # --- plumbing --------------------------------------------------------------------------------
-
-
-def _box(settings: Settings) -> SecretBox:
-    from director import state
-    from director.crypto import SecretBox
-
-    try:
-        return SecretBox(state.auth_secret(settings), settings.auth_secret_previous)
-    except OSError as error:
-        raise CommandError(f"cannot read the secret that seals stored secrets "
-                           f"({settings.state_directory}): {error.strerror}") from None
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (OSError, KeyError):
-        return "cli"
-
-
-def _user_and_playbook(email: str, box: SecretBox,
-                       playbook_id: str) -> Interaction[tuple[User, Playbook | None]]:
-    from director.playbooks import store
-
-    user = yield from _user_of(email)
-    pk = yield from store.find_pk(user.id, playbook_id)
-    playbook = (yield from store.load(box, pk)) if pk is not None else None
-    return user, playbook
-
-
-def _lookup(connection: Any, email: str, box: SecretBox,
-            playbook_id: str) -> tuple[User, Playbook | None]:
-    from director.accounts import store as accounts
-    from director.crypto import SecretUnreadable
-
-    try:
-        found: tuple[User, Playbook | None] = run(
-            connection, _user_and_playbook(email, box, playbook_id))
-        return found
-    except accounts.NoSuchThing:
-        raise _no_user(email) from None
-    except SecretUnreadable as error:
-        raise CommandError(str(error)) from None
-
-
-def _owned(connection: Any, email: str, box: SecretBox, playbook_id: str) -> tuple[User, Playbook]:
-    user, playbook = _lookup(connection, email, box, playbook_id)
-    if playbook is None:
-        raise CommandError(f"{user.email} has no playbook '{playbook_id}'")
-    return user, playbook
 
 
 def _report_invalid(source: str, invalid: DocumentInvalid) -> int:
@@ -199,42 +149,42 @@ def _summaries(user_id: UUID) -> Interaction[list[dict[str, Any]]]:
 
 
 def _user_and_summaries(email: str) -> Interaction[tuple[User, list[dict[str, Any]]]]:
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     summaries = yield from _summaries(user.id)
     return user, summaries
 
 
-@_reports_failures
+@reports_failures
 def cmd_list(arguments: argparse.Namespace) -> int:
     from director.accounts import store as accounts
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     with connection_for(arguments) as connection:
         try:
             user, playbooks = run(connection, _user_and_summaries(email))
         except accounts.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
     if arguments.json:
-        _print_json({"user": {"id": str(user.id), "email": user.email}, "playbooks": [
+        print_json({"user": {"id": str(user.id), "email": user.email}, "playbooks": [
             {**p, "created_at": p["created_at"].isoformat(),
              "updated_at": p["updated_at"].isoformat()} for p in playbooks]})
     elif not playbooks:
         print(f"{user.email} has no playbooks")
     else:
-        _table(("ID", "NAME", "VERSION", "SERVERS", "PROMPTS", "UPDATED"),
+        table(("ID", "NAME", "VERSION", "SERVERS", "PROMPTS", "UPDATED"),
                [(p["id"], p["name"], str(p["version"]), str(p["servers"]), str(p["prompts"]),
-                 _when(p["updated_at"])) for p in playbooks])
+                 when(p["updated_at"])) for p in playbooks])
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_export(arguments: argparse.Namespace) -> int:
     from director.playbooks import documents
 
-    email = _email(arguments.user, "user")
-    box = _box(settings_from(arguments))
+    email = normalised_email(arguments.user, "user")
+    box = box_of(settings_from(arguments))
     with connection_for(arguments) as connection:
-        _, playbook = _owned(connection, email, box, arguments.id)
+        _, playbook = owned(connection, email, box, arguments.id)
     text = documents.export_document(playbook, arguments.include_secrets)
     _write_output(arguments.output, text, private=arguments.include_secrets)
     if arguments.output != "-":
@@ -244,20 +194,20 @@ def cmd_export(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_import(arguments: argparse.Namespace) -> int:
     from director.playbooks import documents, store
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     settings = settings_from(arguments)
     source, raw = _read_document(arguments.file)
     try:
         parsed = documents.parse_document(raw)  # before connecting: a bad file fails fast
     except documents.DocumentInvalid as invalid:
         return _report_invalid(source, invalid)
-    box = _box(settings)
+    box = box_of(settings)
     with connection_for(arguments) as connection:
-        user, existing = _lookup(connection, email, box, parsed.id)
+        user, existing = lookup(connection, email, box, parsed.id)
         try:
             parsed = parsed.with_stored_secrets(existing)
             parsed = _with_registry(settings, parsed, existing)
@@ -272,7 +222,7 @@ def cmd_import(arguments: argparse.Namespace) -> int:
         else:
             try:
                 imported = run(connection, documents.import_playbook(
-                    box, user.id, parsed, version, _actor()))
+                    box, user.id, parsed, version, actor()))
             except store.VersionConflict as conflict:
                 raise CommandError(f"playbook '{parsed.id}' changed while it was being "
                                    f"imported (now version {conflict.current}); import "
@@ -282,7 +232,7 @@ def cmd_import(arguments: argparse.Namespace) -> int:
                                    "was being imported; import again") from None
             result, version = imported.result, imported.version
     if arguments.json:
-        _print_json({"result": result, "dry_run": arguments.dry_run, "id": parsed.id,
+        print_json({"result": result, "dry_run": arguments.dry_run, "id": parsed.id,
                      "version": version, "user": user.email, "changes": changes})
         return 0
     summary = documents.summarise_changes(changes)
@@ -301,24 +251,24 @@ def cmd_import(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_history(arguments: argparse.Namespace) -> int:
     from director.playbooks import store
 
     if not 1 <= arguments.limit <= MAX_HISTORY_LIMIT:
         raise CommandError(f"--limit must be from 1 to {MAX_HISTORY_LIMIT}", EX_USAGE)
-    email = _email(arguments.user, "user")
-    box = _box(settings_from(arguments))
+    email = normalised_email(arguments.user, "user")
+    box = box_of(settings_from(arguments))
     with connection_for(arguments) as connection:
-        user, playbook = _owned(connection, email, box, arguments.id)
+        user, playbook = owned(connection, email, box, arguments.id)
         entries = run(connection, store.history(playbook.pk, arguments.limit))
     if arguments.json:
-        _print_json({"id": playbook.id, "user": user.email, "version": playbook.version,
+        print_json({"id": playbook.id, "user": user.email, "version": playbook.version,
                      "history": entries})
     elif not entries:
         print(f"playbook '{playbook.id}' has no history")
     else:
-        _table(("SEQ", "AT", "VERSION", "ACTION", "ACTOR", "DETAIL"),
+        table(("SEQ", "AT", "VERSION", "ACTION", "ACTOR", "DETAIL"),
                [(str(e["seq"]), e["at"], str(e["version"]), e["action"], e["actor"],
                  json.dumps(e["detail"], separators=(",", ":"))) for e in entries])
     return 0
@@ -344,7 +294,7 @@ def add_commands(commands: Any) -> None:
 
     listing = actions.add_parser("list", help="list a user's playbooks")
     listing.add_argument("--user", required=True, metavar="EMAIL")
-    _json_flag(listing)
+    json_flag(listing)
     listing.set_defaults(handler=cmd_list)
 
     export = actions.add_parser(
@@ -368,7 +318,7 @@ def add_commands(commands: Any) -> None:
     importing.add_argument("--user", required=True, metavar="EMAIL")
     importing.add_argument("--dry-run", action="store_true",
                            help="check and say what would change, without writing")
-    _json_flag(importing)
+    json_flag(importing)
     importing.set_defaults(handler=cmd_import)
 
     history = actions.add_parser("history", help="a playbook's changes, newest first")
@@ -377,13 +327,11 @@ def add_commands(commands: Any) -> None:
     history.add_argument("--limit", type=int, default=HISTORY_LIMIT, metavar="N",
                          help=f"at most N entries (default {HISTORY_LIMIT}, at most "
                               f"{MAX_HISTORY_LIMIT})")
-    _json_flag(history)
+    json_flag(history)
     history.set_defaults(handler=cmd_history)
 
-    from director import registry_cli  # imports this module: registered once both are loaded
+    from director.cli import registry, upstream_oauth
 
-    registry_cli.add_playbook_commands(actions)
+    registry.add_playbook_commands(actions)
+    upstream_oauth.add_authorize(actions)
 
-    from director.oauth.client.cli import add_authorize
-
-    add_authorize(actions)

@@ -6,7 +6,7 @@ when any check failed and 0 otherwise, so it can gate a deployment; ``--json`` p
 for scripts.
 
 It reads the configuration exactly as the daemon and the other commands do (the environment
-file under the process environment, see ``director.cli.environment``) and changes nothing: it
+file under the process environment, see ``director.cli.base.environment``) and changes nothing: it
 opens two database connections of its own, binds the configured port for an instant and asks a
 daemon already on it for ``/api/health``. With ``DATABASE_URL`` unset it uses the private
 cluster the way ``director db status`` does (shared when the daemon runs it, otherwise started
@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from director import cli
+from director.cli import base
 from director.config import (
     MIN_SECRET_LENGTH,
     VARIABLES,
@@ -104,14 +104,6 @@ class Result:
                 "fix": self.fix, "details": list(self.details)}
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _user() -> str:
-    return cli.user_name()
-
-
 def _owner(info: os.stat_result) -> str:
     import grp
 
@@ -131,7 +123,7 @@ def _owner(info: os.stat_result) -> str:
 
 @attrs.define
 class Environment:
-    """What ``director.cli.environment`` would read, and what the doctor found doing so."""
+    """What ``director.cli.base.environment`` would read, and what the doctor found doing so."""
 
     values: dict[str, str]
     result: Result
@@ -147,15 +139,15 @@ def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environm
         path, source = process["DIRECTOR_ENV_FILE"], "DIRECTOR_ENV_FILE"
     merged = dict(process)
     if path is None:
-        default = cli.DEFAULT_ENV_FILE
-        unreadable = cli.unreadable_default_env_file()
+        default = base.DEFAULT_ENV_FILE
+        unreadable = base.unreadable_default_env_file()
         if unreadable is not None:
             # Every check below would be of the process environment, not of the service's.
             return Environment(merged, Result(
                 name, FAIL,
                 f"{unreadable}, so it was ignored: these checks are not of the service's "
                 "configuration",
-                cli.READ_AS_ADMINISTRATOR.format(command="doctor")))
+                base.READ_AS_ADMINISTRATOR.format(command="doctor")))
         if not os.path.exists(default):
             return Environment(merged, Result(
                 name, OK, f"no {default}; the process environment only"))
@@ -360,7 +352,7 @@ def check_reach(dsn: str, embedded: bool) -> tuple[Result, int | None]:
                    "and firewalls between this host and it; `pg_isready -d \"$DATABASE_URL\"` "
                    "says whether the server answers at all (it does not check the password)")
         return Result(name, FAIL,
-                      f"cannot connect as {database_target(dsn)}: {_one_line(error)}", fix), None
+                      f"cannot connect as {database_target(dsn)}: {base.one_line(error)}", fix), None
     try:
         version = int(_scalar(connection, "SHOW server_version_num"))
         database = _scalar(connection, "SELECT current_database()")
@@ -381,7 +373,7 @@ def check_schema(dsn: str, embedded: bool) -> Result:
     try:
         state = migrate.status(dsn)
     except Exception as error:
-        return Result(name, FAIL, f"cannot read the schema version: {_one_line(error)}",
+        return Result(name, FAIL, f"cannot read the schema version: {base.one_line(error)}",
                       "check the role's privileges on the database")
     if state.newer_than_code:
         return Result(name, FAIL, migrate.newer_schema_message(state.current, state.latest),
@@ -425,7 +417,7 @@ def check_listen_notify(dsn: str, timeout: float = NOTIFY_TIMEOUT_SECONDS) -> Re
         listener = _connect(dsn)
         sender = _connect(dsn)
     except Exception as error:
-        return Result(name, FAIL, f"cannot open two connections: {_one_line(error)}",
+        return Result(name, FAIL, f"cannot open two connections: {base.one_line(error)}",
                       "Director needs DATABASE_POOL_SIZE + 1 connections per instance; raise "
                       "max_connections or the pooler's limits")
     try:
@@ -446,7 +438,7 @@ def check_listen_notify(dsn: str, timeout: float = NOTIFY_TIMEOUT_SECONDS) -> Re
         sender.poll()
         misdelivered = any(n.channel == channel for n in sender.notifies)
     except Exception as error:
-        return Result(name, FAIL, f"LISTEN/NOTIFY failed: {_one_line(error)}", LISTEN_RULE)
+        return Result(name, FAIL, f"LISTEN/NOTIFY failed: {base.one_line(error)}", LISTEN_RULE)
     finally:
         listener.close()
         sender.close()
@@ -571,7 +563,7 @@ def _servers_check(name: str, check: Any, dsn: str, settings: Settings) -> Resul
     try:
         result: Result = check(dsn, settings)
     except Exception as error:
-        return Result(name, FAIL, f"cannot read the servers: {_one_line(error)}",
+        return Result(name, FAIL, f"cannot read the servers: {base.one_line(error)}",
                       "check the role's privileges on the database")
     return result
 
@@ -662,7 +654,7 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
                     Result("schema", SKIP, "no private cluster yet (it is migrated at start)"),
                     *(Result(n, SKIP, "no private cluster yet") for n in names[2:])], None
     try:
-        with cli.database_dsn(settings) as dsn:
+        with base.database_dsn(settings) as dsn:
             reach, version = check_reach(dsn, settings.embedded_database)
             if reach.status == FAIL:
                 return [reach, *(Result(n, SKIP, "the database is unreachable")
@@ -675,7 +667,7 @@ def check_database(settings: Settings) -> tuple[list[Result], int | None]:
                                            ("registry-runtimes", check_registry_runtimes),
                                            ("upstream-oauth", check_upstream_oauth))]
             return [reach, schema, *servers, check_listen_notify(dsn)], version
-    except cli.CommandError as error:
+    except base.CommandError as error:
         return [Result("database", FAIL, f"the private cluster did not start: {error}",
                        "see postgres.log in the state directory's postgres/ folder"),
                 *(Result(n, SKIP, "the database is unreachable") for n in names[1:])], None
@@ -748,7 +740,7 @@ def check_port(settings: Settings) -> Result:
                       f"see it with: ss -tanp 'sport = :{settings.port}'{hint}")
     except (OSError, http.client.HTTPException) as failure:
         return Result(name, FAIL, f"{address} is in use, and /api/health does not answer "
-                                  f"({_one_line(failure)})",
+                                  f"({base.one_line(failure)})",
                       f"find the process: ss -ltnp 'sport = :{settings.port}'; stop it or set "
                       "PORT to another port")
     try:
@@ -860,12 +852,12 @@ def check_base_url_reach(settings: Settings) -> Result:
     except ssl.SSLError as failure:
         # A warning: this host's view (its trust store, split DNS) may not be the clients'.
         return Result(name, WARN, f"{settings.base_url}: TLS fails from this host "
-                                  f"({_one_line(failure)})",
+                                  f"({base.one_line(failure)})",
                       "if clients see the same, they refuse it: install a certificate valid for "
                       "this name (chain included) at the reverse proxy")
     except (OSError, http.client.HTTPException) as failure:
         return Result(name, WARN, f"{settings.base_url} cannot be reached from this host "
-                                  f"({_one_line(failure)})",
+                                  f"({base.one_line(failure)})",
                       "MCP clients signing in with OAuth are sent there: check DNS and the "
                       "reverse proxy (if the daemon is not started yet, run the doctor again "
                       "once it is)")
@@ -920,7 +912,7 @@ def check_state_directory(settings: Settings) -> Result:
         if os.access(parent, os.W_OK | os.X_OK):
             return Result(name, OK, f"{path} does not exist yet; it is created at the first "
                                     f"start ({why})")
-        return Result(name, FAIL, f"{path} does not exist and {_user()} cannot create it in "
+        return Result(name, FAIL, f"{path} does not exist and {base.user_name()} cannot create it in "
                                   f"{parent}", f"create it: install -d -m 0700 -o director "
                                                f"-g director {path} (systemd's StateDirectory= "
                                                "does this for the service)")
@@ -930,7 +922,7 @@ def check_state_directory(settings: Settings) -> Result:
     mode = stat.S_IMODE(info.st_mode)
     shown = f"{path} (mode {mode:04o} {_owner(info)})"
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        return Result(name, FAIL if needed else WARN, f"{shown} is not writable by {_user()}",
+        return Result(name, FAIL if needed else WARN, f"{shown} is not writable by {base.user_name()}",
                       f"run as its owner or root, or chown it to the service's user ({why})"
                       if needed else "only needed without DATABASE_URL or BETTER_AUTH_SECRET")
     if mode & 0o066:
@@ -985,7 +977,7 @@ def check_server_binaries(settings: Settings) -> Result:
         version = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True,
                                  text=True, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as error:
-        return Result(name, FAIL, f"{bindir}/postgres does not run: {_one_line(error)}",
+        return Result(name, FAIL, f"{bindir}/postgres does not run: {base.one_line(error)}",
                       "reinstall the server package (apt-get install --reinstall postgresql-15)")
     return Result(name, OK, f"{bindir} ({version})")
 
@@ -1000,7 +992,7 @@ def check_pg_dump(server_version: int | None) -> Result:
         output = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=10,
                                 check=False).stdout
     except (OSError, subprocess.TimeoutExpired) as error:
-        return Result(name, WARN, f"{found} does not run: {_one_line(error)}", "")
+        return Result(name, WARN, f"{found} does not run: {base.one_line(error)}", "")
     major = _major(output.rsplit(")", 1)[-1]) or _major(output)
     if server_version is not None and major is not None and major < server_version // 10000:
         return Result(name, WARN, f"pg_dump {major} is older than the server "
@@ -1031,7 +1023,7 @@ def check_plugin_cache() -> Result:
     if writable:
         return Result(name, OK, f"{cache} {state}; twistd rewrites it at the next start",
                       "", (f"unless the service's user cannot write {folder}: then {regenerate}",))
-    return Result(name, WARN, f"{cache} {state} and {_user()} cannot write {folder}: twistd "
+    return Result(name, WARN, f"{cache} {state} and {base.user_name()} cannot write {folder}: twistd "
                               "rescans the plugins at every start", regenerate)
 
 
@@ -1101,7 +1093,7 @@ def cmd_doctor(arguments: argparse.Namespace) -> int:
         results = run_checks(arguments.env_file)
     failed = any(result.status == FAIL for result in results)
     if arguments.json:
-        print(json.dumps({"ok": not failed, "user": _user(),
+        print(json.dumps({"ok": not failed, "user": base.user_name(),
                           "checks": [result.as_json() for result in results]}, indent=2))
     else:
         print(render(results))

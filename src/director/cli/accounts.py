@@ -1,4 +1,4 @@
-"""Administration commands: ``director users …``, ``director keys …`` and ``director seed``.
+"""``director users …``, ``director keys …`` and ``director seed``: accounts, administered.
 
 They act on the database directly, through the same interactions the daemon runs
 (``director.accounts.store``), one transaction per change. Every change ends with a NOTIFY, so
@@ -6,7 +6,7 @@ running daemons see it within milliseconds: a revoked key or a disabled user sto
 once, without a restart.
 
 Each command opens one psycopg2 connection to the database the daemon uses (``DATABASE_URL``, or
-the private cluster, see ``director.cli.database_dsn``) and refuses to work on a schema that is
+the private cluster, see ``director.cli.base.database_dsn``) and refuses to work on a schema that is
 not at the version this code expects. Output is aligned columns for people and ``--json`` for
 scripts; every failure is one line on standard error and a non-zero exit:
 
@@ -25,138 +25,39 @@ another).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import functools
 import getpass
-import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from director.cli import CommandError, database_dsn, environment, settings_from
+from director.cli.base import (
+    EX_USAGE,
+    CommandError,
+    Handler,
+    connection_for,
+    invalid,
+    json_flag,
+    no_user,
+    normalised_email,
+    print_json,
+    reports_failures,
+    run,
+    settings_from,
+    table,
+    user_of,
+    when,
+)
+from director.config import VARIABLES
 
 if TYPE_CHECKING:
     from director.accounts.store import ApiKey, User
     from director.db.interactions import Interaction
 
-EX_USAGE = 2
 PAGE_SIZE = 500
-DEFAULT_SEED_EMAIL = "user@director.run"
-DEFAULT_SEED_PASSWORD = "password"  # noqa: S105 - the original's development default
-
-Handler = Callable[[argparse.Namespace], int]
 
 
-# --- plumbing -----------------------------------------------------------------------------
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _invalid(fields: dict[str, str]) -> CommandError:
-    return CommandError("invalid " + "; invalid ".join(f"{name}: {problem}"
-                                                       for name, problem in fields.items()),
-                        EX_USAGE)
-
-
-def _reports_failures(handler: Handler) -> Handler:
-    """Turn the exceptions of account work into one-line errors with the right exit status."""
-
-    @functools.wraps(handler)
-    def run(arguments: argparse.Namespace) -> int:
-        import psycopg2
-
-        from director.accounts.validation import ValidationFailed
-
-        try:
-            return handler(arguments)
-        except ValidationFailed as error:
-            raise _invalid(error.fields) from None
-        except UnicodeError as error:  # e.g. undecodable bytes from a terminal or environment
-            raise CommandError(f"invalid input: {error}", EX_USAGE) from None
-        except psycopg2.OperationalError as error:
-            raise CommandError(f"cannot reach the database: {_one_line(error)}") from None
-        except psycopg2.Error as error:
-            raise CommandError(f"database error: {_one_line(error)}") from None
-
-    return run
-
-
-def _connect(dsn: str) -> Any:
-    import psycopg2
-    import psycopg2.extensions
-
-    try:
-        given = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.Error:
-        given = {}
-    extra: dict[str, Any] = {}
-    if "connect_timeout" not in given:
-        extra["connect_timeout"] = 10
-    if "application_name" not in given:
-        extra["application_name"] = "director-cli"
-    try:
-        return psycopg2.connect(dsn, **extra)
-    except psycopg2.Error as error:
-        raise CommandError(f"cannot reach the database: {_one_line(error)}") from None
-
-
-@contextlib.contextmanager
-def connection_for(arguments: argparse.Namespace) -> Iterator[Any]:
-    """One psycopg2 connection to the daemon's database, whose schema is known to be current."""
-    from director.db import migrate
-
-    settings = settings_from(arguments)
-    with database_dsn(settings) as dsn:
-        connection = _connect(dsn)
-        try:
-            try:
-                latest = migrate.known_migrations()[-1].version
-                with connection.cursor() as cursor:
-                    current = migrate.current_version(cursor)
-                connection.rollback()
-            except migrate.MigrationError as error:
-                raise CommandError(str(error)) from None
-            if current > latest:
-                raise CommandError(migrate.newer_schema_message(current, latest))
-            if current < latest:
-                raise CommandError(migrate.outdated_schema_message(current, latest))
-            yield connection
-        finally:
-            connection.close()
-
-
-def run(connection: Any, interaction: Interaction[Any]) -> Any:
-    from director.db.interactions import run_sync
-
-    return run_sync(connection, interaction)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=False))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip())
-
-
-def _when(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _email(value: str, field: str = "email") -> str:
-    from director.accounts.validation import ValidationFailed, normalise_email
-
-    try:
-        return normalise_email(value)
-    except ValidationFailed as error:
-        raise _invalid({field: error.fields["email"]}) from None
+# --- input ----------------------------------------------------------------------------------
 
 
 def _read_password(arguments: argparse.Namespace) -> str:
@@ -168,7 +69,7 @@ def _read_password(arguments: argparse.Namespace) -> str:
         try:
             password = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise _invalid({"password": "is not valid UTF-8"}) from None
+            raise invalid({"password": "is not valid UTF-8"}) from None
         if password.endswith("\r\n"):
             password = password[:-2]
         elif password.endswith("\n"):
@@ -177,35 +78,22 @@ def _read_password(arguments: argparse.Namespace) -> str:
         password = getpass.getpass("New password: ")
         check_password(password)
         if getpass.getpass("Repeat it: ") != password:
-            raise _invalid({"password": "the two entries differ"})
+            raise invalid({"password": "the two entries differ"})
     else:
         raise CommandError("a password is needed: pass --password-stdin and write it to "
                            "standard input", EX_USAGE)
     return check_password(password)
 
 
-def _user_of(email: str) -> Interaction[User]:
-    from director.accounts import store
-
-    user = yield from store.user_by_email(email)
-    if user is None:
-        raise store.NoSuchThing(email)
-    return user
-
-
-def _no_user(email: str) -> CommandError:
-    return CommandError(f"no user with email '{email}'")
-
-
 # --- users --------------------------------------------------------------------------------
 
 
-@_reports_failures
+@reports_failures
 def cmd_users_create(arguments: argparse.Namespace) -> int:
     from director.accounts import store
     from director.accounts.credentials import hash_password
 
-    email = _email(arguments.email)
+    email = normalised_email(arguments.email)
     password_hash = hash_password(_read_password(arguments))
     status = "pending" if arguments.pending else "active"
     with connection_for(arguments) as connection:
@@ -223,7 +111,7 @@ def _report_new_user(arguments: argparse.Namespace, user: User, key: Any,
     if key is not None:
         key_body = key.public() if arguments.show_key else key.record.public()
     if arguments.json:
-        _print_json({**user.public(), "api_key": key_body})
+        print_json({**user.public(), "api_key": key_body})
         return
     print(f"{verb} user {user.email} ({user.status})")
     print(f"  id: {user.id}")
@@ -235,7 +123,7 @@ def _report_new_user(arguments: argparse.Namespace, user: User, key: Any,
                   "--show-key at creation, or `director keys create`)")
 
 
-@_reports_failures
+@reports_failures
 def cmd_users_list(arguments: argparse.Namespace) -> int:
     from director.accounts import store
 
@@ -249,36 +137,36 @@ def cmd_users_list(arguments: argparse.Namespace) -> int:
                 break
             after = page[-1].email
     if arguments.json:
-        _print_json({"users": [user.public() for user in users]})
+        print_json({"users": [user.public() for user in users]})
     elif not users:
         print("no users")
     else:
-        _table(("EMAIL", "STATUS", "CREATED", "ID"),
-               [(u.email, u.status, _when(u.created_at), str(u.id)) for u in users])
+        table(("EMAIL", "STATUS", "CREATED", "ID"),
+               [(u.email, u.status, when(u.created_at), str(u.id)) for u in users])
     return 0
 
 
 def _set_status(email: str, status: str) -> Interaction[tuple[User, User]]:
     from director.accounts import store
 
-    before = yield from _user_of(email)
+    before = yield from user_of(email)
     after = yield from store.set_status(email, status)
     return before, after
 
 
 def _status_command(status: str, done: str) -> Handler:
-    @_reports_failures
+    @reports_failures
     def command(arguments: argparse.Namespace) -> int:
         from director.accounts import store
 
-        email = _email(arguments.email)
+        email = normalised_email(arguments.email)
         with connection_for(arguments) as connection:
             try:
                 before, after = run(connection, _set_status(email, status))
             except store.NoSuchThing:
-                raise _no_user(email) from None
+                raise no_user(email) from None
         if arguments.json:
-            _print_json({**after.public(), "previous_status": before.status})
+            print_json({**after.public(), "previous_status": before.status})
         elif before.status == status:
             print(f"{after.email} was already {status}")
         else:
@@ -297,25 +185,25 @@ cmd_users_disable = _status_command(
 def _change_password(email: str, password_hash: str) -> Interaction[User]:
     from director.accounts import store
 
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     yield from store.set_password(user.id, password_hash)
     return user
 
 
-@_reports_failures
+@reports_failures
 def cmd_users_set_password(arguments: argparse.Namespace) -> int:
     from director.accounts import store
     from director.accounts.credentials import hash_password
 
-    email = _email(arguments.email)
+    email = normalised_email(arguments.email)
     password_hash = hash_password(_read_password(arguments))
     with connection_for(arguments) as connection:
         try:
             user = run(connection, _change_password(email, password_hash))
         except store.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
     if arguments.json:
-        _print_json({**user.public(), "sessions_revoked": True})
+        print_json({**user.public(), "sessions_revoked": True})
     else:
         print(f"password of {user.email} changed; its sessions were signed out")
     return 0
@@ -338,7 +226,7 @@ def _all_keys(user_id: UUID) -> Interaction[list[ApiKey]]:
 
 
 def _user_and_keys(email: str) -> Interaction[tuple[User, list[ApiKey]]]:
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     keys = yield from _all_keys(user.id)
     return user, keys
 
@@ -351,17 +239,17 @@ def _default_key_name(attempt: int) -> str:
 def _create_key(email: str, name: str) -> Interaction[tuple[User, Any]]:
     from director.accounts import store
 
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     key = yield from store.create_key(user.id, name)
     return user, key
 
 
-@_reports_failures
+@reports_failures
 def cmd_keys_create(arguments: argparse.Namespace) -> int:
     from director.accounts import store
     from director.accounts.validation import check_name
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     chosen = None if arguments.name is None else check_name(arguments.name)
     with connection_for(arguments) as connection:
         for attempt in range(20):
@@ -370,7 +258,7 @@ def cmd_keys_create(arguments: argparse.Namespace) -> int:
                 user, key = run(connection, _create_key(email, name))
                 break
             except store.NoSuchThing:
-                raise _no_user(email) from None
+                raise no_user(email) from None
             except store.NameTaken:
                 if chosen is not None:
                     raise CommandError(f"{email} already has a live API key named '{name}'; "
@@ -378,7 +266,7 @@ def cmd_keys_create(arguments: argparse.Namespace) -> int:
         else:
             raise CommandError("could not find a free default key name; pass --name")
     if arguments.json:
-        _print_json({**key.public(), "user": {"id": str(user.id), "email": user.email}})
+        print_json({**key.public(), "user": {"id": str(user.id), "email": user.email}})
     else:
         # The key alone on standard output, so that `KEY=$(director keys create …)` works.
         print(key.value)
@@ -393,24 +281,24 @@ def _limit_text(key: ApiKey) -> str:
     return f"{key.rate_limit_max_requests or 'default'}/{key.rate_limit_window_seconds or '?'}s"
 
 
-@_reports_failures
+@reports_failures
 def cmd_keys_list(arguments: argparse.Namespace) -> int:
     from director.accounts import store
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     with connection_for(arguments) as connection:
         try:
             user, keys = run(connection, _user_and_keys(email))
         except store.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
     if arguments.json:
-        _print_json({"user": {"id": str(user.id), "email": user.email},
+        print_json({"user": {"id": str(user.id), "email": user.email},
                      "keys": [key.public() for key in keys]})
     elif not keys:
         print(f"{user.email} has no live API keys")
     else:
-        _table(("ID", "NAME", "PREFIX", "CREATED", "RATE LIMIT"),
-               [(str(k.id), k.name, k.prefix + "...", _when(k.created_at), _limit_text(k))
+        table(("ID", "NAME", "PREFIX", "CREATED", "RATE LIMIT"),
+               [(str(k.id), k.name, k.prefix + "...", when(k.created_at), _limit_text(k))
                 for k in keys])
     return 0
 
@@ -425,7 +313,7 @@ def _revoke(email: str, reference: str) -> Interaction[tuple[User, ApiKey]]:
     from director.accounts.credentials import hash_token, looks_like_api_key
     from director.accounts.validation import ValidationFailed, check_name
 
-    user = yield from _user_of(email)
+    user = yield from user_of(email)
     keys = yield from _all_keys(user.id)
     try:
         key_id: UUID | None = UUID(reference)
@@ -445,21 +333,21 @@ def _revoke(email: str, reference: str) -> Interaction[tuple[User, ApiKey]]:
     return user, revoked
 
 
-@_reports_failures
+@reports_failures
 def cmd_keys_revoke(arguments: argparse.Namespace) -> int:
     from director.accounts import store
 
-    email = _email(arguments.user, "user")
+    email = normalised_email(arguments.user, "user")
     with connection_for(arguments) as connection:
         try:
             user, key = run(connection, _revoke(email, arguments.key))
         except store.NoSuchThing:
-            raise _no_user(email) from None
+            raise no_user(email) from None
         except _NoSuchKey:
             raise CommandError(f"{email} has no live API key with id or name "
                                f"'{arguments.key}'") from None
     if arguments.json:
-        _print_json({**key.public(), "revoked": True})
+        print_json({**key.public(), "revoked": True})
     else:
         print(f"revoked API key '{key.name}' (id {key.id}) of {user.email}")
     return 0
@@ -468,7 +356,7 @@ def cmd_keys_revoke(arguments: argparse.Namespace) -> int:
 # --- seed ---------------------------------------------------------------------------------
 
 
-@_reports_failures
+@reports_failures
 def cmd_seed(arguments: argparse.Namespace) -> int:
     from director.accounts import store
     from director.accounts.credentials import hash_password
@@ -478,13 +366,11 @@ def cmd_seed(arguments: argparse.Namespace) -> int:
     if not settings.enable_seeding:
         raise CommandError("seeding is disabled: set DANGEROUSLY_ENABLE_SEEDING=true to seed "
                            "(development only; it is refused in production)")
-    environ = environment(arguments.env_file)
-    email = _email(environ.get("SEED_USER_EMAIL") or DEFAULT_SEED_EMAIL, "SEED_USER_EMAIL")
+    email = normalised_email(settings.seed_user_email, "SEED_USER_EMAIL")
     try:
-        password = check_password(environ.get("SEED_USER_PASSWORD") or DEFAULT_SEED_PASSWORD,
-                                  "SEED_USER_PASSWORD")
+        password = check_password(settings.seed_user_password, "SEED_USER_PASSWORD")
     except ValidationFailed as error:
-        raise _invalid(error.fields) from None
+        raise invalid(error.fields) from None
     with connection_for(arguments) as connection:
         existing = run(connection, store.user_by_email(email))
         key = None
@@ -493,23 +379,23 @@ def cmd_seed(arguments: argparse.Namespace) -> int:
                 user, key = run(connection, store.create_user(email, hash_password(password),
                                                               "active"))
             except store.EmailTaken:  # seeded concurrently
-                user = run(connection, _user_of(email))
+                user = run(connection, user_of(email))
         else:
             user = existing
     if key is not None:
         _report_new_user(arguments, user, key, verb="seeded")
     elif arguments.json:
-        _print_json({**user.public(), "api_key": None, "already_existed": True})
+        print_json({**user.public(), "api_key": None, "already_existed": True})
     else:
         print(f"user {user.email} already exists ({user.status}); left unchanged")
     return 0
 
 
+def _default(name: str) -> str | None:
+    return next(variable.default for variable in VARIABLES if variable.name == name)
+
+
 # --- parsers ------------------------------------------------------------------------------
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _password_flag(parser: argparse.ArgumentParser) -> None:
@@ -543,11 +429,11 @@ def add_commands(commands: Any) -> None:
                         help="create the account pending (waiting for `users activate`)")
     create.add_argument("--show-key", action="store_true",
                         help="print the value of the new 'default' API key")
-    _json_flag(create)
+    json_flag(create)
     create.set_defaults(handler=cmd_users_create)
 
     listing = user_commands.add_parser("list", help="list every user")
-    _json_flag(listing)
+    json_flag(listing)
     listing.set_defaults(handler=cmd_users_list)
 
     for name, handler, text in (
@@ -557,14 +443,14 @@ def add_commands(commands: Any) -> None:
     ):
         action = user_commands.add_parser(name, help=text)
         action.add_argument("email", metavar="EMAIL")
-        _json_flag(action)
+        json_flag(action)
         action.set_defaults(handler=handler)
 
     password = user_commands.add_parser(
         "set-password", help="set a user's password; its sessions are signed out")
     password.add_argument("email", metavar="EMAIL")
     _password_flag(password)
-    _json_flag(password)
+    json_flag(password)
     password.set_defaults(handler=cmd_users_set_password)
 
     keys = commands.add_parser("keys", help="create, list and revoke users' API keys")
@@ -579,19 +465,19 @@ def add_commands(commands: Any) -> None:
     key_create.add_argument("--user", required=True, metavar="EMAIL")
     key_create.add_argument("--name", help="unique among the user's live keys "
                                            "(default: cli-YYYYMMDD-HHMMSS, in UTC)")
-    _json_flag(key_create)
+    json_flag(key_create)
     key_create.set_defaults(handler=cmd_keys_create)
 
     key_list = key_commands.add_parser("list", help="list a user's live API keys")
     key_list.add_argument("--user", required=True, metavar="EMAIL")
-    _json_flag(key_list)
+    json_flag(key_list)
     key_list.set_defaults(handler=cmd_keys_list)
 
     revoke = key_commands.add_parser(
         "revoke", help="revoke a user's API key, given by id or name; it stops working at once")
     revoke.add_argument("--user", required=True, metavar="EMAIL")
     revoke.add_argument("key", metavar="KEY", help="the key's id, its name, or its full value")
-    _json_flag(revoke)
+    json_flag(revoke)
     revoke.set_defaults(handler=cmd_keys_revoke)
 
     seed = commands.add_parser(
@@ -600,11 +486,11 @@ def add_commands(commands: Any) -> None:
         description="Create development data; running it again changes nothing.\n\n"
                     "Needs DANGEROUSLY_ENABLE_SEEDING=true, which is refused in production.\n"
                     "Today it creates one active user, SEED_USER_EMAIL (default\n"
-                    f"{DEFAULT_SEED_EMAIL}) with the password SEED_USER_PASSWORD (default\n"
-                    f"'{DEFAULT_SEED_PASSWORD}'), unless it exists already: an existing user is\n"
+                    f"{_default('SEED_USER_EMAIL')}) with the password SEED_USER_PASSWORD (default\n"
+                    f"'{_default('SEED_USER_PASSWORD')}'), unless it exists already: an existing user is\n"
                     "left unchanged. Seeding will grow with playbooks.")
     seed.add_argument("--show-key", action="store_true",
                       help="print the value of the seeded user's 'default' API key")
-    _json_flag(seed)
+    json_flag(seed)
     seed.set_defaults(handler=cmd_seed)
 

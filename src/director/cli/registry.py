@@ -26,17 +26,18 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from director.admin import (
+from director.cli.base import (
     EX_USAGE,
-    _email,
-    _json_flag,
-    _print_json,
-    _reports_failures,
-    _table,
+    CommandError,
     connection_for,
+    json_flag,
+    normalised_email,
+    print_json,
+    reports_failures,
     run,
+    settings_from,
+    table,
 )
-from director.cli import CommandError, settings_from
 
 if TYPE_CHECKING:
     from director.registry.client import RegistryClient
@@ -101,7 +102,7 @@ def _inputs(arguments: argparse.Namespace) -> dict[str, str]:
 # --- registry search | show ------------------------------------------------------------------
 
 
-@_reports_failures
+@reports_failures
 def cmd_search(arguments: argparse.Namespace) -> int:
     from director.registry import catalogue
 
@@ -109,14 +110,14 @@ def cmd_search(arguments: argparse.Namespace) -> int:
     page = with_registry(settings.registry_url, lambda client: client.search(
         arguments.query, arguments.cursor, arguments.limit))
     if arguments.json:
-        _print_json({"registry": settings.registry_url,
+        print_json({"registry": settings.registry_url,
                      "items": [catalogue.entry_json(entry) for entry in page.entries],
                      "next_cursor": page.next_cursor, "skipped": page.skipped})
         return 0
     if not page.entries:
         print(f"no server of {settings.registry_url} matches {arguments.query!r}")
     else:
-        _table(("NAME", "VERSION", "DESCRIPTION"),
+        table(("NAME", "VERSION", "DESCRIPTION"),
                [(entry.name, entry.version, " ".join(entry.description.split())[:80])
                 for entry in page.entries])
     if page.next_cursor:
@@ -124,7 +125,7 @@ def cmd_search(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_show(arguments: argparse.Namespace) -> int:
     from director.registry import catalogue, install
 
@@ -140,7 +141,7 @@ def cmd_show(arguments: argparse.Namespace) -> int:
     entry, versions = with_registry(settings.registry_url, fetch)
     found = install.options(entry)
     if arguments.json:
-        _print_json(catalogue.entry_json(entry) | {
+        print_json(catalogue.entry_json(entry) | {
             "versions": [version.version for version in reversed(versions)],
             "options": [install.option_json(option) for option in found]})
         return 0
@@ -171,16 +172,16 @@ def cmd_show(arguments: argparse.Namespace) -> int:
 
 
 def _write(arguments: argparse.Namespace, change: Callable[..., Any]) -> Any:
+    from director.cli.owned import actor, box_of, owned
     from director.playbooks import store
-    from director.playbooks_cli import _actor, _box, _owned
 
     settings = settings_from(arguments)
-    box = _box(settings)
+    box = box_of(settings)
     with connection_for(arguments) as connection:
-        user, playbook = _owned(connection, _email(arguments.user, "user"), box,
+        user, playbook = owned(connection, normalised_email(arguments.user, "user"), box,
                                 arguments.playbook)
         try:
-            return user, playbook, change(settings, connection, box, playbook, _actor())
+            return user, playbook, change(settings, connection, box, playbook, actor())
         except store.VersionConflict:
             raise CommandError(f"playbook '{playbook.id}' changed meanwhile; run the command "
                                "again") from None
@@ -193,12 +194,12 @@ def _report(arguments: argparse.Namespace, said: str, server: Any) -> None:
     from director.playbooks import model
 
     if arguments.json:
-        _print_json(model.server_json(server))
+        print_json(model.server_json(server))
     else:
         print(said)
 
 
-@_reports_failures
+@reports_failures
 def cmd_install(arguments: argparse.Namespace) -> int:
     from director.playbooks import model, rails, store
     from director.registry import catalogue, install
@@ -230,7 +231,7 @@ def cmd_install(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_update_server(arguments: argparse.Namespace) -> int:
     from director.playbooks import rails, store
     from director.registry import install
@@ -262,7 +263,7 @@ def cmd_update_server(arguments: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_failures
+@reports_failures
 def cmd_remove_server(arguments: argparse.Namespace) -> int:
     from director.playbooks import store
 
@@ -272,7 +273,7 @@ def cmd_remove_server(arguments: argparse.Namespace) -> int:
 
     user, playbook, version = _write(arguments, remove)
     if arguments.json:
-        _print_json({"removed": arguments.server, "playbook": playbook.id, "version": version})
+        print_json({"removed": arguments.server, "playbook": playbook.id, "version": version})
     else:
         print(f"removed server '{arguments.server}' from playbook '{playbook.id}' of "
               f"{user.email} (version {version})")
@@ -289,7 +290,7 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
                         help="a JSON object of field ids and values (for secrets)")
 
 
-def add_registry_commands(commands: Any) -> None:
+def add_commands(commands: Any) -> None:
     """Register ``registry`` on the ``director`` command's subparsers."""
     registry = commands.add_parser("registry", help="find servers in the MCP Registry "
                                                     "(REGISTRY_URL)")
@@ -298,12 +299,12 @@ def add_registry_commands(commands: Any) -> None:
     search.add_argument("query", nargs="?", default="", metavar="QUERY")
     search.add_argument("--limit", type=int, default=30, choices=range(1, 101), metavar="N")
     search.add_argument("--cursor", metavar="CURSOR", help="the next page (from a search)")
-    _json_flag(search)
+    json_flag(search)
     search.set_defaults(handler=cmd_search)
     show = actions.add_parser("show", help="one entry: versions, packages, remotes, inputs")
     show.add_argument("name", metavar="NAME", help="namespace/name, e.g. io.github.acme/tool")
     show.add_argument("--version", default="latest")
-    _json_flag(show)
+    json_flag(show)
     show.set_defaults(handler=cmd_show)
 
 
@@ -319,7 +320,7 @@ def add_playbook_commands(actions: Any) -> None:
     installing.add_argument("--server-name", metavar="NAME",
                             help="the server's name in the playbook (default: from NAME)")
     _input_options(installing)
-    _json_flag(installing)
+    json_flag(installing)
     installing.set_defaults(handler=cmd_install)
 
     updating = actions.add_parser("update-server",
@@ -329,13 +330,13 @@ def add_playbook_commands(actions: Any) -> None:
     updating.add_argument("--user", required=True, metavar="EMAIL")
     updating.add_argument("--version", default="latest")
     _input_options(updating)
-    _json_flag(updating)
+    json_flag(updating)
     updating.set_defaults(handler=cmd_update_server)
 
     removing = actions.add_parser("remove-server", help="remove a server from a playbook")
     removing.add_argument("playbook", metavar="PLAYBOOK")
     removing.add_argument("server", metavar="SERVER")
     removing.add_argument("--user", required=True, metavar="EMAIL")
-    _json_flag(removing)
+    json_flag(removing)
     removing.set_defaults(handler=cmd_remove_server)
 
