@@ -43,6 +43,16 @@ def debug_log(port: int) -> list[dict[str, Any]]:
         return json.loads(answer.read())  # type: ignore[no-any-return]
 
 
+async def upstream_listening(port: int) -> None:
+    """Waits until the gateway's subscriptions/listen request reached the stateless-era
+    upstream: a change the upstream makes before it holds the stream is not announced (the
+    stream has no history), so a test that changes something first waits for it."""
+    with anyio.fail_after(10):
+        while not any(entry["rpc"] == "subscriptions/listen"
+                      for entry in await anyio.to_thread.run_sync(debug_log, port)):
+            await anyio.sleep(0.05)
+
+
 def setup(start_daemon: StartDaemon, migrated_url: str,
           upstreams: dict[str, int]) -> tuple[Daemon, Account, str]:
     daemon = start_daemon(DATABASE_URL=migrated_url,
@@ -227,6 +237,8 @@ def test_change_notifications_from_a_modern_upstream_reach_both_eras(
                 updated.set()
 
         async with Client(url, mode="legacy", message_handler=on_message) as legacy:
+            await legacy.list_tools()  # the upstream session starts, and with it the listen
+            await upstream_listening(upstreams["modern"])
             await legacy.call_tool("m_grow", {"name": "fresh"})
             with anyio.fail_after(10):
                 await changed.wait()
