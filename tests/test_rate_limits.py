@@ -52,24 +52,41 @@ def most_in_any_window(times: list[float], window: float) -> int:
 def test_leases_spent_within_their_lifetime_never_exceed_the_limit_in_any_window(
         requests: list[tuple[float, int]], maximum: int) -> None:
     """Two instances, one shared lease log, requests at arbitrary times (clocks may go back
-    between instances): the admissions of any window number at most N."""
+    between instances), expired leases' unspent permits given back: the admissions of any
+    window number at most N."""
     limit = Limit("test", "s", maximum, 10, "test")
     log: list[tuple[float, int]] = []
-    held: list[list[tuple[float, int]]] = [[], []]  # per instance: (expires at, permits)
+    held: list[list[list[float]]] = [[], []]  # per instance: [granted at, expires at, permits]
+    unspent: list[list[tuple[float, int]]] = [[], []]
     admitted: list[float] = []
     for at, instance in sorted(requests):
-        mine = [(expiry, n) for expiry, n in held[instance] if expiry > at and n]
+        for granted_at, expiry, n in held[instance]:
+            if expiry <= at and n:
+                unspent[instance].append((granted_at, int(n)))
+        mine = [entry for entry in held[instance] if entry[1] > at and entry[2]]
         if not mine:
-            grant = lease(log, at, limit)
+            grant = lease(log, at, limit, unspent[instance])
+            unspent[instance] = []
             log = grant.leases
             if grant.granted:
-                mine = [(at + limit.lease_lifetime, grant.granted)]
+                mine = [[at, at + limit.lease_lifetime, grant.granted]]
         if mine:
-            expiry, n = mine[0]
-            mine[0] = (expiry, n - 1)
+            mine[0][2] -= 1
             admitted.append(at)
         held[instance] = mine
     assert most_in_any_window(admitted, limit.window_seconds) <= maximum
+
+
+def test_an_expired_lease_gives_back_what_it_did_not_spend() -> None:
+    limit = Limit("test", "s", 100, 10, "test")  # batches of 5, leases count for 11 s
+    first = lease([], 0.0, limit)
+    assert first.granted == 5
+    # One permit spent; at 1.5 the lease has expired with four unspent.
+    second = lease(first.leases, 1.5, limit, [(0.0, 4)])
+    assert second.leases == [(0.0, 1), (1.5, 5)] and second.counted == 6
+    # Nothing spent: the lease leaves the log; a lease no longer logged needs nothing.
+    assert lease(second.leases, 3.0, limit, [(1.5, 5), (-50.0, 3)]).leases == [(0.0, 1),
+                                                                              (3.0, 5)]
 
 
 def test_a_refusal_says_when_the_next_permit_frees_up() -> None:
@@ -148,6 +165,23 @@ async def test_two_instances_admit_at_most_the_limit_in_any_window(
     rows = query(migrated_url, "SELECT cardinality(lease_times) FROM rate_limits "
                                "WHERE subject = %s", limit.subject)
     assert rows and rows[0][0] <= 2 * (limit.max_requests // limit.batch) + 2  # pruned as it goes
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_clients_on_several_instances_are_not_refused(database: Database) -> None:
+    """Three instances each serving one request of a key per lease lifetime: every lease
+    expires nearly unspent. Without giving back, each would count a whole batch per second,
+    165% of the limit per window, and the key would be refused after 27 requests."""
+    await until_available(database)
+    now = [2_000_000.0]
+    instances = [RateLimiter(database, clock=lambda: now[0]) for _ in range(3)]
+    limit = Limit("key", uuid.uuid4(), 100, 10, "this API key")  # batches of 5, E = 1 s
+    refused = 0
+    for _ in range(90):  # 3 requests every 1.1 s for 99 s: about 27 per window
+        now[0] += 1.1
+        for instance in instances:
+            refused += not (await instance.check(limit)).allowed
+    assert refused == 0
 
 
 @pytest_twisted.ensureDeferred

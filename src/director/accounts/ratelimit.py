@@ -22,9 +22,14 @@ What it costs, and why not something simpler:
   still inside, plus the current count) assumes the previous window's requests were spread
   evenly, and when they came at its end still admits nearly 2N in one window's length;
 * counting L + E rather than L, a client sending steadily at full speed gets about N per 1.1 L
-  (91% of N per L); a lease's unspent permits when it expires (a client that slowed down) or
-  when the client stops still count, so a client may be refused up to one batch per instance
-  (5%) early;
+  (91% of N per L);
+* a lease that expires with permits unspent (a client slower than a batch per E) gives them
+  back at the instance's next lease: the database lowers that lease's count to what was
+  spent. Without that, every instance serving a slow client would burn a whole batch each E
+  seconds, 55% of N per L + E, and two instances would refuse a client that sent a handful of
+  requests. What still counts unspent is each instance's current lease and, for an instance
+  that stopped receiving the subject's requests, its last one: a client may be refused up to
+  one batch per instance (5%) early;
 * a refused request costs no database round trip: the database also answers when its next
   permit frees up (the oldest counted lease leaving the ``L + E`` stretch), which is the
   ``Retry-After``, and the instance asks again only then.
@@ -38,7 +43,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import attrs
@@ -104,11 +109,31 @@ class Grant:
     freed_at: float
 
 
-def lease(leases: LeaseLog, now: float, limit: Limit) -> Grant:
+def give_back(leases: Sequence[tuple[float, int]],
+              unspent: Sequence[tuple[float, int]]) -> LeaseLog:
+    """``leases`` with each expired lease of ``unspent`` (granted at, permits never spent)
+    lowered to what was spent. Only permits that can no longer be spent are given back, so
+    every admitted request still has a counted permit and the bound holds. A lease no longer
+    in the log (it stopped counting) needs nothing."""
+    if not unspent:
+        return list(leases)
+    kept = list(leases)
+    for at, permits in unspent:
+        for index, (granted_at, granted) in enumerate(kept):
+            if granted_at == at and granted >= permits:
+                kept[index] = (at, granted - permits)
+                break
+    return [(at, permits) for at, permits in kept if permits]
+
+
+def lease(leases: LeaseLog, now: float, limit: Limit,
+          unspent: Sequence[tuple[float, int]] = ()) -> Grant:
     """Grant up to one batch at ``now``, never letting the leases of any ``limit.span`` exceed
-    ``limit.max_requests`` (see the module docstring). Leases granted "later" than ``now`` (an
-    instance whose clock is ahead) count too; that keeps the bound whatever the clocks say."""
-    kept = sorted((at, permits) for at, permits in leases if at > now - limit.span)
+    ``limit.max_requests`` (see the module docstring), after giving back ``unspent``. Leases
+    granted "later" than ``now`` (an instance whose clock is ahead) count too; that keeps the
+    bound whatever the clocks say."""
+    kept = sorted((at, permits) for at, permits in give_back(leases, unspent)
+                  if at > now - limit.span)
     counted = sum(permits for _, permits in kept)
     granted = max(0, min(limit.batch, limit.max_requests - counted))
     if granted:
@@ -125,8 +150,9 @@ def lease(leases: LeaseLog, now: float, limit: Limit) -> Grant:
     return Grant(granted, kept, counted, kept[0][0] if kept else None, freed_at)
 
 
-def _claim_permits(limit: Limit, now: float) -> Interaction[Grant]:
-    """Lease permits of ``limit`` from the database, under the subject's row lock.
+def _claim_permits(limit: Limit, now: float, unspent: LeaseLog) -> Interaction[Grant]:
+    """Give back ``unspent`` and lease permits of ``limit`` from the database, under the
+    subject's row lock.
 
     The row is created or locked, and read, in one statement (an upsert locks the row it
     returns until the transaction ends), so concurrent claims from several instances are
@@ -137,7 +163,7 @@ def _claim_permits(limit: Limit, now: float) -> Interaction[Grant]:
                        "DO UPDATE SET subject = EXCLUDED.subject "
                        "RETURNING lease_times, lease_permits", (limit.subject,))
     before = list(zip(rows[0][0], rows[0][1], strict=True))
-    grant = lease(before, now, limit)
+    grant = lease(before, now, limit, unspent)
     if grant.leases != sorted(before):
         yield Query("UPDATE rate_limits SET lease_times = %s::float8[], "
                     "lease_permits = %s::integer[], expires_at = %s WHERE subject = %s",
@@ -170,6 +196,7 @@ class Decision:
 
 @attrs.define
 class _Lease:
+    granted_at: float
     expires_at: float
     permits: int
 
@@ -186,6 +213,7 @@ class _Subject:
     oldest_at: float | None = None
     refused_until: float = 0.0  # the database has no permit to give before then
     own: LeaseLog = attrs.field(factory=list)  # this instance's leases, for counting alone
+    unspent: LeaseLog = attrs.field(factory=list)  # expired leases' permits, to give back
     claiming: defer.Deferred[None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -193,7 +221,12 @@ class _Subject:
 
     def drop_expired(self, now: float) -> None:
         while self.leases and self.leases[0].expires_at <= now:
-            self.available -= self.leases.popleft().permits
+            expired = self.leases.popleft()
+            if expired.permits:
+                self.available -= expired.permits
+                given_back = [(expired.granted_at, expired.permits)]
+                self.unspent += given_back
+                self.own = give_back(self.own, given_back)
 
     def spend(self) -> None:
         first = self.leases[0]
@@ -283,6 +316,7 @@ class RateLimiter:
         if state.claiming is not None:
             return state.claiming
         limit, now = state.limit, self.clock()
+        unspent, state.unspent = state.unspent, []
 
         def granted(grant: Grant) -> None:
             if self._degraded:
@@ -296,12 +330,13 @@ class RateLimiter:
                 log.warn("rate-limit permits unavailable ({reason}); counting locally",
                          reason=str(failure.value))
                 self._degraded = True
+            state.unspent[:0] = unspent  # for the database, once it answers again
             self._record(state, now, lease(state.own, now, limit))
 
         def done(_: object) -> None:
             state.claiming = None
 
-        claimed = self.database.run(_claim_permits(limit, now))
+        claimed = self.database.run(_claim_permits(limit, now, unspent))
         d: defer.Deferred[None] = claimed.addCallbacks(granted, failed)
         d.addBoth(done)
         if not d.called:
@@ -311,7 +346,8 @@ class RateLimiter:
     def _record(self, state: _Subject, granted_at: float, grant: Grant) -> None:
         limit = state.limit
         if grant.granted:
-            state.leases.append(_Lease(granted_at + limit.lease_lifetime, grant.granted))
+            state.leases.append(_Lease(granted_at, granted_at + limit.lease_lifetime,
+                                       grant.granted))
             state.available += grant.granted
             state.own.append((granted_at, grant.granted))
         state.own = [(at, n) for at, n in state.own if at > granted_at - limit.span]
