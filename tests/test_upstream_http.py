@@ -749,6 +749,39 @@ async def test_a_json_body_of_several_messages_is_handled_message_by_message(
         await port.stopListening()
 
 
+class LyingJsonServer(StatelessJsonServer):
+    """Answers ``tools/call`` with a result that is a string, and a ``ping`` with a number."""
+
+    def render_POST(self, request: Any) -> bytes:
+        message = json.loads(request.content.getvalue())
+        answer = super().render_POST(request)
+        if message.get("method") == "tools/call" and message["params"]["name"] == "lie":
+            return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": "text"}).encode()
+        if message.get("method") == "ping":
+            return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": 7}).encode()
+        return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_that_is_not_an_object_fails_that_request(closing: Any,
+                                                                  pool: Any) -> None:
+    port = reactor.listenTCP(0, server.Site(LyingJsonServer()), interface="127.0.0.1")
+    try:
+        session = closing(StreamableHttpUpstream(
+            "liar", f"http://127.0.0.1:{port.getHost().port}/mcp", {}, reactor, pool))
+        await session.start()
+        for method, params, kind in (("tools/call", {"name": "lie", "arguments": {}}, "str"),
+                                     ("ping", {}, "int")):
+            with pytest.raises(UpstreamError) as raised:
+                await session.request(method, params)
+            assert str(raised.value) == (f"[liar] answered with a result that is not a JSON "
+                                         f"object ({kind}); every MCP result is one")
+        answer = await session.request("tools/call", {"name": "tiny", "arguments": {}})
+        assert text_of(answer) == "tiny answer"
+    finally:
+        await port.stopListening()
+
+
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # twisted's server side
 @pytest_twisted.ensureDeferred
 async def test_tls_is_verified(pool: Any, closing: Any) -> None:

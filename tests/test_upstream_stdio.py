@@ -462,6 +462,17 @@ async def test_garbage_on_stdout_is_logged_and_dropped(upstreams: Any, logged: l
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_result_that_is_not_an_object_fails_that_request(upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
+    await upstream.start()
+    with pytest.raises(UpstreamError) as raised:
+        await call(upstream, "not_an_object")
+    assert str(raised.value) == ("[raw] answered with a result that is not a JSON object "
+                                 "(list); every MCP result is one")
+    assert text_of(await call(upstream, "echo", text="still here")) == "still here"
+
+
+@pytest_twisted.ensureDeferred
 async def test_oversized_line_fails_pending_and_restarts_without_buffering(upstreams: Any) -> None:
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], max_line=1024 * 1024)
     await upstream.start()

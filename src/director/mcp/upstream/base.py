@@ -43,7 +43,13 @@ from typing import Any, Protocol
 from director.jsontext import JsonTextError
 from director.mcp import jsonrpc
 from director.mcp.capabilities import GATEWAY
-from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
+from director.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    Message,
+    ProtocolError,
+)
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 LATEST_LEGACY_VERSION = LEGACY_VERSIONS[0]
@@ -64,6 +70,23 @@ class UpstreamRequestError(UpstreamError):
     def __init__(self, name: str, error: dict[str, Any]) -> None:
         super().__init__(f"[{name}] {error.get('message', 'error')}")
         self.error = error
+
+
+def answer_of(name: str, message: dict[str, Any]) -> dict[str, Any] | UpstreamError:
+    """What a JSON-RPC response from upstream ``name`` means: its result, or the error to fail
+    the request with. Every MCP result is an object; an upstream that answers anything else
+    is lying, and passing that on would hand the client (or the aggregator) a shape it
+    cannot use."""
+    if "error" in message:
+        error = message["error"]
+        if not isinstance(error, dict):
+            error = {"code": INTERNAL_ERROR, "message": str(error)}
+        return UpstreamRequestError(name, error)
+    result = message["result"]
+    if not isinstance(result, dict):
+        return UpstreamError(f"[{name}] answered with a result that is not a JSON object "
+                             f"({type(result).__name__}); every MCP result is one")
+    return result
 
 
 def encoded(name: str, message: Message) -> bytes:

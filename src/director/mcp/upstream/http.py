@@ -91,9 +91,9 @@ from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
     UpstreamError,
-    UpstreamRequestError,
     UpstreamSession,
     UpstreamTimeout,
+    answer_of,
     default_request_handler,
     encoded,
     initialize_params,
@@ -646,13 +646,12 @@ class _HttpSession:
             if pending is None:
                 log.debug("[{server}] answer to an unknown or finished request {id}",
                           server=self.name, id=message["id"])
-            elif "error" in message:
-                error_object = message["error"]
-                if not isinstance(error_object, dict):
-                    error_object = {"code": jsonrpc.INTERNAL_ERROR, "message": str(error_object)}
-                self._fail(pending, UpstreamRequestError(self.name, error_object))
             else:
-                self._resolve(pending, message["result"])
+                answer = answer_of(self.name, message)
+                if isinstance(answer, UpstreamError):
+                    self._fail(pending, answer)
+                else:
+                    self._resolve(pending, answer)
         elif jsonrpc.is_request(message):
             defer.ensureDeferred(self._answer(message, origin))
         else:

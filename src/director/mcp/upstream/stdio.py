@@ -111,6 +111,7 @@ from director.mcp.upstream.base import (
     UpstreamError,
     UpstreamRequestError,
     UpstreamTimeout,
+    answer_of,
     default_request_handler,
     encoded,
     initialize_params,
@@ -995,13 +996,11 @@ class StdioUpstream:
             return
         self._forget(pending)
         assert pending.deferred is not None
-        if "error" in message:
-            error_object = message["error"]
-            if not isinstance(error_object, dict):
-                error_object = {"code": INTERNAL_ERROR, "message": str(error_object)}
-            pending.deferred.errback(UpstreamRequestError(self.name, error_object))
+        answer = answer_of(self.name, message)
+        if isinstance(answer, UpstreamError):
+            pending.deferred.errback(answer)
         else:
-            pending.deferred.callback(message["result"])
+            pending.deferred.callback(answer)
 
     def _notification(self, message: Message) -> None:
         if self.era == "modern":
