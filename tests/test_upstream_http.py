@@ -749,6 +749,37 @@ async def test_a_json_body_of_several_messages_is_handled_message_by_message(
         await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_failing_hook_breaks_neither_the_call_nor_the_transport(closing: Any,
+                                                                        pool: Any) -> None:
+    """As over stdio (tests/test_upstream_stdio.py): one rule for both transports."""
+    port = reactor.listenTCP(0, server.Site(SeveralMessagesJsonServer()), interface="127.0.0.1")
+    failures: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "mcp.upstream" and "log_failure" in event:
+            failures.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        session = closing(StreamableHttpUpstream(
+            "several", f"http://127.0.0.1:{port.getHost().port}/mcp", {}, reactor, pool))
+
+        def broken(message: dict[str, Any]) -> None:
+            raise RuntimeError("bug in the gateway")
+
+        session.on_notification = broken
+        await session.start()
+        result = await session.request(
+            "tools/call", {"name": "tiny", "arguments": {}, "_meta": {"progressToken": "t"}},
+            on_progress=broken)
+        assert text_of(result) == "tiny answer"
+        assert failures == ["[several] on_progress failed", "[several] on_notification failed"]
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        await port.stopListening()
+
+
 class LyingJsonServer(StatelessJsonServer):
     """Answers ``tools/call`` with a result that is a string, and a ``ping`` with a number."""
 

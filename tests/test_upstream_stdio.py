@@ -473,6 +473,55 @@ async def test_a_result_that_is_not_an_object_fails_that_request(upstreams: Any)
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_answer_whose_id_is_a_digit_string_is_understood(upstreams: Any) -> None:
+    """As the HTTP transport does (tests/test_upstream_http.py): one rule for both."""
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
+    await upstream.start()
+    assert text_of(await call(upstream, "string_id")) == "string id"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_server_request_is_stopped_and_not_passed_on(upstreams: Any) -> None:
+    """The upstream cancels its own ``roots/list``: the gateway stops answering it, and the
+    notification, which names the upstream's own request id, goes no further (as over HTTP)."""
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
+    cancelled: list[bool] = []
+    answering: defer.Deferred[dict[str, Any]] = defer.Deferred(lambda _: cancelled.append(True))
+    upstream.on_request = lambda method, params: answering
+    passed_on: list[dict[str, Any]] = []
+    upstream.on_notification = passed_on.append
+    await upstream.start()
+    assert text_of(await call(upstream, "cancelled_roots")) == "cancelled it"
+    await eventually(lambda: bool(cancelled))
+    assert [each["method"] for each in passed_on
+            if each["method"] == "notifications/cancelled"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_hook_breaks_neither_the_call_nor_the_transport(upstreams: Any) -> None:
+    upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)])
+    await upstream.start()
+    failures: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "mcp.upstream" and "log_failure" in event:
+            failures.append(formatEvent(event))
+
+    def broken(params: dict[str, Any]) -> None:
+        raise RuntimeError("bug in the gateway")
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        result = await upstream.request("tools/call", {"name": "progress", "arguments": {
+            "steps": 2, "delay": 0}, "_meta": {"progressToken": "p"}}, on_progress=broken)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert "content" in result
+    assert failures == ["[raw] on_progress failed"] * 2
+    assert text_of(await call(upstream, "echo", text="fine")) == "fine"
+
+
+@pytest_twisted.ensureDeferred
 async def test_oversized_line_fails_pending_and_restarts_without_buffering(upstreams: Any) -> None:
     upstream: StdioUpstream = upstreams("raw", sys.executable, [str(RAW)], max_line=1024 * 1024)
     await upstream.start()

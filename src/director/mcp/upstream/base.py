@@ -40,6 +40,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from twisted.logger import Logger
+
 from director.jsontext import JsonTextError
 from director.mcp import jsonrpc
 from director.mcp.capabilities import GATEWAY
@@ -54,6 +56,8 @@ from director.mcp.jsonrpc import (
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 LATEST_LEGACY_VERSION = LEGACY_VERSIONS[0]
 CLIENT_INFO = {"name": "director", "version": "0.1.0"}
+
+log = Logger(namespace="mcp.upstream")
 
 
 class UpstreamError(Exception):
@@ -70,6 +74,27 @@ class UpstreamRequestError(UpstreamError):
     def __init__(self, name: str, error: dict[str, Any]) -> None:
         super().__init__(f"[{name}] {error.get('message', 'error')}")
         self.error = error
+
+
+def own_request_id(answer_id: object) -> int | None:
+    """The gateway's request id that an upstream's answer refers to. The gateway numbers its
+    requests with integers; a server that echoes the id as a digit string (some do) is
+    understood, in every transport alike."""
+    if isinstance(answer_id, int) and not isinstance(answer_id, bool):
+        return answer_id
+    if isinstance(answer_id, str) and answer_id.isascii() and answer_id.isdigit():
+        return int(answer_id)
+    return None
+
+
+def run_hook(name: str, hook: str, callback: Callable[[Any], object], value: Any) -> None:
+    """Hand ``value`` to a session's ``callback`` (``on_progress``, ``on_notification``): a
+    failure there is the gateway's own bug, logged, and must not break the transport's read
+    loop or the request it belongs to."""
+    try:
+        callback(value)
+    except Exception:
+        log.failure("[{server}] {hook} failed", server=name, hook=hook)
 
 
 def answer_of(name: str, message: dict[str, Any]) -> dict[str, Any] | UpstreamError:

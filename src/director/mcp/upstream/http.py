@@ -97,6 +97,8 @@ from director.mcp.upstream.base import (
     default_request_handler,
     encoded,
     initialize_params,
+    own_request_id,
+    run_hook,
 )
 from director.mcp.upstream.connect import CheckedEndpoints, Refused
 
@@ -640,9 +642,8 @@ class _HttpSession:
 
     def _dispatch(self, message: Message, origin: _Pending | None = None) -> None:
         if jsonrpc.is_response(message):
-            pending = self._pending.get(message["id"])
-            if pending is None and isinstance(message["id"], str) and message["id"].isdigit():
-                pending = self._pending.get(int(message["id"]))
+            own_id = own_request_id(message["id"])
+            pending = self._pending.get(own_id) if own_id is not None else None
             if pending is None:
                 log.debug("[{server}] answer to an unknown or finished request {id}",
                           server=self.name, id=message["id"])
@@ -666,14 +667,15 @@ class _HttpSession:
                 if pending.timer is not None and pending.timer.active():
                     pending.timer.reset(pending.timeout)
                 if pending.on_progress is not None:
-                    pending.on_progress({**params, "progressToken": pending.original_token})
+                    run_hook(self.name, "on_progress", pending.on_progress,
+                             {**params, "progressToken": pending.original_token})
                 return
         elif method == "notifications/cancelled":
             inbound = self._inbound.get(params.get("requestId"))  # type: ignore[arg-type]
             if inbound is not None:
                 inbound.cancel()
-                return
-        self.on_notification(message)
+                return  # handled here: the request it names was the gateway's to answer
+        run_hook(self.name, "on_notification", self.on_notification, message)
 
     async def _answer(self, message: Message, origin: _Pending | None = None) -> None:
         """Answer a server→client request. One that came on a request's stream is cancelled

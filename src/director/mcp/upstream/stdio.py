@@ -115,6 +115,8 @@ from director.mcp.upstream.base import (
     default_request_handler,
     encoded,
     initialize_params,
+    own_request_id,
+    run_hook,
 )
 from director.mcp.upstream.envelope import (
     LISTEN_TIMEOUT,
@@ -985,7 +987,8 @@ class StdioUpstream:
 
     def _response(self, message: Message) -> None:
         upstream_id = message["id"]
-        pending = self._pending.get(upstream_id) if isinstance(upstream_id, int) else None
+        own_id = own_request_id(upstream_id)
+        pending = self._pending.get(own_id) if own_id is not None else None
         if pending is None:
             if "error" in message:
                 log.warn("[{server}] error answer to an unknown request {id}: {error}",
@@ -1017,10 +1020,8 @@ class StdioUpstream:
                 if pending.timer is not None and pending.timer.active():
                     pending.timer.reset(pending.timeout)
                 if pending.on_progress is not None:
-                    try:
-                        pending.on_progress({**params, "progressToken": pending.token})
-                    except Exception:
-                        log.failure("[{server}] on_progress failed", server=self.name)
+                    run_hook(self.name, "on_progress", pending.on_progress,
+                             {**params, "progressToken": pending.token})
                 return
         elif method == "notifications/cancelled" and isinstance(params, dict):
             request_id = params.get("requestId")
@@ -1028,10 +1029,12 @@ class StdioUpstream:
                 if isinstance(request_id, str | int) else None
             if handling is not None:
                 handling.cancel()
-        try:
-            self.on_notification(message)
-        except Exception:
-            log.failure("[{server}] on_notification failed", server=self.name)
+                return  # handled here: the request it names was the gateway's to answer
+        run_hook(self.name, "on_notification", self.on_notification, message)
+
+    def _handled(self, outcome: object, request_id: RequestId) -> object:
+        self._incoming.pop(request_id, None)
+        return outcome
 
     def _server_request(self, process: _Process, message: Message) -> None:
         request_id: RequestId = message["id"]
@@ -1057,7 +1060,7 @@ class StdioUpstream:
         handling = defer.ensureDeferred(answer())
         if not handling.called:
             self._incoming[request_id] = handling
-            handling.addBoth(lambda _: self._incoming.pop(request_id, None))
+            handling.addBoth(self._handled, request_id)
 
     def _cancel_incoming(self) -> None:
         for handling in list(self._incoming.values()):
