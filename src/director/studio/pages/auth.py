@@ -82,7 +82,7 @@ class AuthPages(StudioBase):
             tags.p("Open the link the daemon wrote in its log at start "
                    "(", tags.code("journalctl -u director | grep setup"), "), or print a fresh "
                    "one on the server with:"),
-            snippet("setup-url", "sudo director setup-url", "the command"),
+            snippet("setup-url", "director setup-url", "the command (as root)"),
             class_="card narrow"), status=status)
 
     def _setup_closed(self) -> bool:

@@ -43,7 +43,8 @@ class PlaybookListPages(StudioBase):
             tags.h1("Welcome to Director"),
             tags.p("No account exists yet. Open the one-time setup link that the daemon wrote "
                    "in its log when it started, or print a fresh one on the server:"),
-            tags.pre(tags.code("sudo director setup-url")),
+            tags.pre(tags.code("director setup-url")),
+            tags.p("(as root)"),
             class_="card narrow"))
 
     @app.route("/", methods=["GET"])
