@@ -150,6 +150,35 @@ def test_inputs_become_one_argument_each_and_are_checked() -> None:
     assert made["headers"][0][1].value == "Bearer t" and made["headers"][0][1].secret
 
 
+def test_a_pypi_package_runs_with_uvx_pinned_and_its_inputs_follow() -> None:
+    page = catalogue.parse_page({"servers": [
+        {"server": {"name": "io.example/fetch", "version": "2025.4.7", "description": "fetch",
+                    "packages": [{"registryType": "pypi", "identifier": "mcp-server-fetch",
+                                  "version": "2025.4.7", "transport": {"type": "stdio"},
+                                  "packageArguments": [{"type": "named",
+                                                        "name": "--user-agent",
+                                                        "isRequired": True}],
+                                  "environmentVariables": [{"name": "FETCH_TOKEN",
+                                                            "isSecret": True}]}]}},
+        {"server": {"name": "io.example/fetch-latest", "version": "1.0.0", "description": "x",
+                    "packages": [{"registryType": "pypi", "identifier": "mcp-server-fetch",
+                                  "version": "latest", "transport": {"type": "stdio"}}]}},
+        {"server": {"name": "io.example/fetch-bad", "version": "1.0.0", "description": "x",
+                    "packages": [{"registryType": "pypi", "identifier": "fetch==1; rm -rf /",
+                                  "version": "1.0.0", "transport": {"type": "stdio"}}]}}]})
+    fetch, latest, bad = page.entries
+    option = install.choose(fetch, None)
+    assert option.recipe is not None and option.problem is None
+    values = install.check_inputs(option.recipe, {"arg.user-agent": "director-test",
+                                                  "env.FETCH_TOKEN": "s3cret"})
+    made = install.materialize(option.recipe, values)
+    assert (made["command"], made["args"]) == (
+        "uvx", ("mcp-server-fetch==2025.4.7", "--user-agent", "director-test"))
+    assert made["env"][0][0] == "FETCH_TOKEN" and made["env"][0][1].secret
+    assert "not an exact version" in (install.options(latest)[0].problem or "")
+    assert install.options(bad)[0].problem
+
+
 # --- finding ----------------------------------------------------------------------------
 
 
