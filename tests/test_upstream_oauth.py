@@ -315,6 +315,25 @@ def test_openid_discovery_is_the_fallback(daemon: Daemon, server: ProtectedServe
         "/studio/playbooks/work?notice=server-authorized"
 
 
+@pytest.mark.parametrize("prm_at", ["path", "root"])
+def test_a_challenge_naming_no_metadata_is_followed_by_the_well_known_urls(
+        daemon: Daemon, server: ProtectedServer, prm_at: str) -> None:
+    """RFC 9728 §3 through the MCP authorization spec: without ``resource_metadata`` in the
+    401, the path-aware well-known URL first, then the root one."""
+    server.knobs(bare_challenge=True, prm_at=prm_at)
+    owner = sign_up(daemon, f"bare-{prm_at}@example.com")
+    add_protected(daemon, owner, "work", server)
+    assert authorize(daemon, owner, "work", server) == \
+        "/studio/playbooks/work?notice=server-authorized"
+    session = open_session(daemon, owner.key, "work")
+    assert "echo" in tool_names(daemon, owner.key, "work", session)
+    tried = server.stats()["metadata_paths"]
+    path_aware = "/.well-known/oauth-protected-resource/mcp"
+    assert tried[0] == path_aware
+    if prm_at == "root":
+        assert tried[1] == "/.well-known/oauth-protected-resource"
+
+
 # --- refresh ------------------------------------------------------------------------------------
 
 
