@@ -27,6 +27,7 @@ from tests.studio_client import (
 
 PASSWORD = "correct horse battery"
 REFERENCE = str(Path(__file__).parent / "fixtures" / "reference_server.py")
+HOSTILE = Path(__file__).parent / "fixtures" / "hostile_server.py"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -388,6 +389,31 @@ def test_tools_settings_and_try_a_tool(studio: tuple[Daemon, StudioClient]) -> N
     restarted = admin.post(f"{base}/servers/ref/restart")
     assert restarted.status == 303
     eventually(lambda: admin.get(base).text.count('data-status="connected"') == 2, timeout=30)
+
+
+def test_what_a_stdio_server_says_on_stderr_shows_on_its_status(
+        studio: tuple[Daemon, StudioClient]) -> None:
+    """The hostile server reports each refused attempt on stderr: its owner reads them on the
+    server's status, escaped (issue 14: "the failures are reported on that server's status")."""
+    _daemon, admin = studio
+    playbook = create_playbook(admin, "Hostile")
+    base = f"/studio/playbooks/{playbook}"
+    admin.get(f"{base}/servers/new?type=stdio")
+    added = admin.post(f"{base}/servers", [
+        ("name", "hostile"), ("type", "stdio"), ("command", sys.executable),
+        ("args", str(HOSTILE)), ("timeout_seconds", "30"),
+        ("version", form_version(admin, base + "/servers/new?type=stdio"))])
+    assert added.status == 303, added.text
+    eventually(lambda: admin.get(base).has('data-status="connected"'), timeout=40)
+    assert not admin.get(base).has("lines on stderr")
+    admin.get(f"{base}/tools/probe")
+    probed = admin.post(f"{base}/tools/probe",
+                        {"arg.targets": '{"reads": ["/etc/shadow", "/<nowhere>"]}'})
+    assert probed.status == 200 and probed.has("denied"), probed.text
+    page = admin.get(base)
+    assert page.has("Its last 2 lines on stderr"), page.text
+    assert page.has("hostile probe: \"reads\": {\"/etc/shadow\": \"denied: "), page.text
+    assert "/&lt;nowhere&gt;" in page.text and "/<nowhere>" not in page.text
 
 
 def test_stdio_form_names_the_flag_when_the_rail_forbids_it(postgres: PostgresServer) -> None:

@@ -34,6 +34,7 @@ class ServerStatus:
     transport: str | None = None
     era: str | None = None
     protocol: str | None = None
+    stderr: tuple[str, ...] = ()  # a stdio server's last lines there, newest last
 
     @property
     def label(self) -> str:
@@ -61,13 +62,15 @@ def server_status(settings: Settings, server: Server, upstream: Upstream | None)
         result = session.initialize_result or {}
         protocol = result.get("protocolVersion") or getattr(session, "protocol_version", None)
         state = getattr(session, "state", "ready")
+        stderr = getattr(session, "recent_stderr", ())
         if state == "failed":
             return ServerStatus("error", str(getattr(session, "_last_error", "") or
-                                             "the process failed"), transport=transport)
+                                             "the process failed"), transport=transport,
+                                stderr=stderr)
         if state in ("starting", "restarting"):
             return ServerStatus("starting", f"{state} the process", transport=transport)
         return ServerStatus("connected", "", transport=transport, era=era,
-                            protocol=str(protocol) if protocol else None)
+                            protocol=str(protocol) if protocol else None, stderr=stderr)
     if upstream.starting is not None:
         return ServerStatus("starting", "connecting")
     if upstream.error is not None:

@@ -514,6 +514,12 @@ class StdioUpstream:
         process = self._process
         return process.pid if process is not None and not process.exited else None
 
+    @property
+    def recent_stderr(self) -> tuple[str, ...]:
+        """The current process's last lines on stderr (a server reports its own troubles
+        there: a refused file, a failed fork), shown on its status."""
+        return tuple(self._stderr_tail)
+
     # --- the contract ------------------------------------------------------------------------
 
     async def start(self) -> None:

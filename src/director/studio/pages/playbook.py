@@ -58,6 +58,10 @@ def status_badge(status: ServerStatus, server_name: str) -> Tag:
         parts.append(tags.div(status.detail, class_=css))
     if status.since is not None:
         parts.append(tags.div("since ", when(status.since), class_="small muted"))
+    if status.stderr:
+        parts.append(tags.details(
+            tags.summary(f"Its last {len(status.stderr)} lines on stderr", class_="small"),
+            tags.pre("\n".join(status.stderr), class_="small")))
     return tags.div(*parts, id=f"status-{field_id(server_name)}",
                     **{"data-status": status.state})
 
