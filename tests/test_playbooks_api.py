@@ -14,7 +14,7 @@ import pytest
 from director.db import migrate
 from director.db.embedded import EmbeddedPostgres
 from tests.accounts_helpers import Account, call, error_code, eventually, sign_up
-from tests.harness import Daemon, make_temp_dir, query
+from tests.harness import SECRET, Daemon, make_temp_dir, query
 
 StartDaemon = Callable[..., Daemon]
 STDIO = {"name": "everything", "type": "stdio", "command": "npx",
@@ -290,6 +290,33 @@ def test_changes_on_one_instance_appear_on_the_other(start_daemon: StartDaemon,
     call(second, "DELETE", "/api/v1/playbooks/shared", key=owner.key)
     eventually(lambda: call(first, "GET", "/api/v1/playbooks/shared", key=owner.key)[0] == 404,
                timeout=1.0, interval=0.005)
+
+
+def test_an_instance_without_the_secret_keeps_its_copy_and_says_why(start_daemon: StartDaemon,
+                                                                    migrated_url: str) -> None:
+    """A rotation half done: the second instance seals with a secret the first lacks. The
+    first logs one error naming the playbook and the fix (no fatal traceback) and keeps
+    serving the copy it had."""
+    first = start_daemon(DATABASE_URL=migrated_url)
+    first.wait_healthy()
+    owner = sign_up(first, "rotating@example.com")
+    create(first, owner, {"name": "Sealed", "description": "v1"})
+    second = start_daemon(DATABASE_URL=migrated_url,
+                          BETTER_AUTH_SECRET="the-new-secret-" + "n" * 40,
+                          BETTER_AUTH_SECRET_PREVIOUS=SECRET)
+    second.wait_healthy()
+    status, _, _ = call(second, "POST", "/api/v1/playbooks/sealed/servers", {
+        "name": "remote", "type": "http", "url": "https://mcp.example.com/mcp",
+        "disabled": True, "headers": {"X-Token": {"value": "t0ken", "secret": True}}},
+        key=owner.key)
+    assert status == 201
+    record = first.wait_for_log("cannot open its stored secrets")
+    assert record["level"] == 50 and "err" not in record, record
+    assert "BETTER_AUTH_SECRET differs" in record["msg"] and "Changing the secret" in \
+        record["msg"]
+    status, _, kept = call(first, "GET", "/api/v1/playbooks/sealed", key=owner.key)
+    assert status == 200 and kept["description"] == "v1" and kept["servers"] == []
+    assert not [line for line in first.records() if line.get("level", 0) >= 60]
 
 
 def test_notifications_lost_while_listen_is_down_are_recovered(start_daemon: StartDaemon,

@@ -17,8 +17,9 @@ from uuid import UUID
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from director.crypto import SecretBox
+from director.crypto import SecretBox, SecretUnreadable
 from director.db.database import Database
 from director.db.interactions import CHANGES_CHANNEL
 from director.playbooks import store
@@ -93,8 +94,19 @@ class PlaybookCache:
         if cached is not None and cached.version >= number:
             return
         d = defer.ensureDeferred(self.refresh(pk))
-        d.addErrback(lambda failure: log.failure("refreshing playbook {pk} failed", failure,
-                                                 pk=str(pk)))
+        d.addErrback(self._refresh_failed, pk)
+
+    def _refresh_failed(self, failure: Failure, pk: UUID) -> None:
+        if failure.check(SecretUnreadable):
+            # Another instance sealed it with a secret this one lacks: a rotation half done,
+            # or instances configured apart. The operator's to fix; no traceback to read.
+            log.error("playbook {pk} changed, but this instance cannot open its stored "
+                      "secrets ({reason}); it keeps serving the copy it had. Every instance "
+                      "needs the same BETTER_AUTH_SECRET: during a rotation, restart the "
+                      "instances still on the old one (docs/manual.rst, \"Changing the "
+                      "secret\")", pk=str(pk), reason=str(failure.value))
+            return
+        log.failure("refreshing playbook {pk} failed", failure, pk=str(pk))
 
     async def refresh(self, pk: UUID) -> Playbook | None:
         """Re-read one playbook now (the writer calls this before answering)."""
