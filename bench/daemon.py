@@ -45,7 +45,10 @@ def environment(port: int, state_directory: Path, database_url: str | None,
                STATE_DIRECTORY=str(state_directory), SIGNUP_RATE_LIMIT_PER_HOUR="1000000",
                # Every load comes from 127.0.0.1, as through a proxy on the same host (the
                # "slow" group sets the cap itself).
-               MAX_CONNECTIONS_PER_ADDRESS="0")
+               MAX_CONNECTIONS_PER_ADDRESS="0",
+               # The address the bench's browsers and clients use: the edge accepts forms
+               # only from BASE_URL's origin.
+               BASE_URL=f"http://{HOST}:{port}")
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     env.update(extra or {})
