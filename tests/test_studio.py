@@ -131,6 +131,23 @@ def test_first_run_setup_by_one_time_token(postgres: PostgresServer) -> None:
         daemon.stop()
 
 
+def test_wrong_setup_links_are_throttled_per_address(postgres: PostgresServer) -> None:
+    daemon, _ = start(postgres)
+    try:
+        visitor = StudioClient(daemon)
+        # Five free failures, then a delay that doubles with each one more (1 s, 2 s, …):
+        # on a slow machine a guess may come after the first delay ran out.
+        wrong: list[int] = []
+        while 429 not in wrong and len(wrong) < 12:
+            wrong.append(visitor.get(f"/studio/setup?token=guess-{len(wrong)}").status)
+        assert wrong[-1] == 429 and set(wrong[:-1]) == {403} and len(wrong) > 5, wrong
+        throttled = visitor.get(f"/studio/setup?token={setup_token(daemon)}")
+        assert throttled.status == 429 and throttled.has("too many wrong setup links")
+        assert int(throttled.headers["retry-after"]) >= 1
+    finally:
+        daemon.stop()
+
+
 # --- headers, static files, CSRF --------------------------------------------------------------
 
 

@@ -27,6 +27,14 @@ log = Logger(namespace="studio")
 app: Klein = studio
 
 
+def _setup_attempt(request: Request) -> tuple[str, str]:
+    """The throttle's keys for a setup link tried from this address: the address alone. The
+    link is unguessable, so the throttle only slows a scan; keyed on the page, anyone who can
+    reach it could lock its owner out by failing first."""
+    address = client_address(request)
+    return f"studio-setup {address}", address
+
+
 class AuthPages(StudioBase):
     # --- plumbing -------------------------------------------------------------------------
 
@@ -98,7 +106,7 @@ class AuthPages(StudioBase):
                 request, "Set up Director", "This page needs the one-time setup link.", 200)
         self._check_setup_throttle(request)
         if not await self.database.run(setup.token_valid(token)):
-            self.api.throttle.failed("studio-setup", client_address(request))
+            self.api.throttle.failed(*_setup_attempt(request))
             return self._setup_link_problem(
                 request, "This setup link does not work",
                 "The link is not valid: it was used, replaced by a newer one, or is more "
@@ -106,7 +114,7 @@ class AuthPages(StudioBase):
         return self._setup_form(request, token)
 
     def _check_setup_throttle(self, request: Request) -> None:
-        wait = self.api.throttle.retry_after("studio-setup", client_address(request))
+        wait = self.api.throttle.retry_after(*_setup_attempt(request))
         if wait:
             raise TooManyRequests(f"too many wrong setup links; retry in {wait} s",
                                   headers={"Retry-After": str(wait)})
@@ -131,7 +139,7 @@ class AuthPages(StudioBase):
         except setup.SetupClosed:
             raise NotFound("the setup page is closed: an account exists already") from None
         except setup.TokenInvalid:
-            self.api.throttle.failed("studio-setup", client_address(request))
+            self.api.throttle.failed(*_setup_attempt(request))
             return self._setup_link_problem(
                 request, "This setup link does not work",
                 "The link is not valid: it was used, replaced by a newer one, or is more "
