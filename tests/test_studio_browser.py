@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from director.db import migrate
-from tests.harness import Daemon, PostgresServer, base_environment, free_port
+from tests import registry_catalogue as rc
+from tests.harness import Daemon, PostgresServer, base_environment, free_port, make_temp_dir
 from tests.studio_browser import (
     fill,
     find,
@@ -44,13 +46,16 @@ def daemon(postgres: PostgresServer) -> Iterator[Daemon]:
     url = postgres.url_for(name)
     migrate.upgrade(url)
     port = free_port()
+    catalogue = rc.write(make_temp_dir("director-test-catalogue-", 0o755) / "catalogue.json")
     started = Daemon(base_environment(
         DATABASE_URL=url, PORT=str(port), BASE_URL=f"http://127.0.0.1:{port}",
+        REGISTRY_URL=catalogue.as_uri(), REGISTRY_TRUST="any",
         DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
         DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true"))
     started.wait_healthy()
     yield started
     started.stop()
+    shutil.rmtree(catalogue.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +248,27 @@ def test_a_failing_servers_error_appears_live(daemon: Daemon, browser: webdriver
     badge = find(browser, "[data-status='error']").text
     assert "failed to run" in badge and "cannot open the database" in badge
     record(browser, "playbook-error")
+
+
+def test_the_registry_pages_in_the_browser(daemon: Daemon, browser: webdriver.Chrome) -> None:
+    """Find a server, its page, and the install form with its secret input: each checked by
+    axe-core and photographed like the other pages."""
+    open_page(browser, daemon, "/studio/registry?playbook=demo-tools")
+    fill(browser, {"q": "everything"})
+    submit(browser, "Search")
+    assert rc.EVERYTHING in browser.page_source
+    record(browser, "registry-search")
+    find(browser, "a[href*='/studio/registry/entry']").click()
+    wait_for(browser, lambda: "Install" in browser.page_source)
+    record(browser, "registry-entry")
+    open_page(browser, daemon, f"/studio/registry/install?into=demo-tools&name={rc.EVERYTHING}"
+                               f"&version={rc.NEW}&choice=package:0")
+    assert "/servers/from-registry" in browser.current_url
+    assert browser.find_elements(By.CSS_SELECTOR, "input[type=password]")
+    record(browser, "registry-install")
+    open_page(browser, daemon, "/studio/registry/entry?name=io.example/container")
+    assert "need a container runtime" in browser.page_source
+    record(browser, "registry-refused")
 
 
 def test_csrf_and_another_users_pages_in_the_browser(daemon: Daemon,
