@@ -268,10 +268,10 @@ def test_changes_on_one_instance_appear_on_the_other(start_daemon: StartDaemon,
     owner = sign_up(first, "two@example.com")
     create(first, owner, {"name": "Shared"})
     eventually(lambda: call(second, "GET", "/api/v1/playbooks/shared", key=owner.key)[0] == 200,
-               timeout=1.0, interval=0.005)
+               timeout=5.0, interval=0.005)
     call(first, "PATCH", "/api/v1/playbooks/shared", {"description": "v2"}, key=owner.key)
     eventually(lambda: call(second, "GET", "/api/v1/playbooks/shared",
-                            key=owner.key)[2]["description"] == "v2", timeout=1.0, interval=0.005)
+                            key=owner.key)[2]["description"] == "v2", timeout=5.0, interval=0.005)
 
     # No lost update: both read version 2, both write with If-Match; the second is refused.
     status_a, _, _ = call(first, "PATCH", "/api/v1/playbooks/shared", {"description": "by A"},
@@ -281,15 +281,16 @@ def test_changes_on_one_instance_appear_on_the_other(start_daemon: StartDaemon,
     assert (status_a, status_b) == (200, 409)
     assert error_code(body) == "version_conflict" and body["error"]["details"] == {
         "current_version": 3}
-    assert call(second, "GET", "/api/v1/playbooks/shared", key=owner.key)[2]["description"] == \
-        "by A"
+    eventually(lambda: call(second, "GET", "/api/v1/playbooks/shared",
+                            key=owner.key)[2]["description"] == "by A", timeout=5.0,
+               interval=0.005)
     status, _, body = call(first, "PATCH", "/api/v1/playbooks/shared", {"description": "x"},
                            key=owner.key, headers={"if-match": "three"})
     assert status == 400
 
     call(second, "DELETE", "/api/v1/playbooks/shared", key=owner.key)
     eventually(lambda: call(first, "GET", "/api/v1/playbooks/shared", key=owner.key)[0] == 404,
-               timeout=1.0, interval=0.005)
+               timeout=5.0, interval=0.005)
 
 
 def test_an_instance_without_the_secret_keeps_its_copy_and_says_why(start_daemon: StartDaemon,

@@ -403,7 +403,9 @@ def test_start_waits_for_ready_then_health_and_clean_stop(director: Box) -> None
                      "WatchdogTimestampMonotonic", "ActiveEnterTimestampMonotonic",
                      "InactiveExitTimestampMonotonic")
     assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
-    assert state["StatusText"] == "serving", state  # STATUS= arrives
+    # STATUS=serving follows once everything has started, a moment after health says 200.
+    assert wait_for(lambda: box.show("StatusText")["StatusText"] == "serving"), \
+        box.show("StatusText")
     assert int(state["WatchdogTimestampMonotonic"]) > 0, "no WATCHDOG=1 received"
     assert state["NRestarts"] == "0"
     in_systemd = (int(state["ActiveEnterTimestampMonotonic"])
