@@ -3,8 +3,9 @@ first-run setup → a playbook → a stdio and an HTTP server → their tools �
 connect page's Claude Code line and key, copied → the ``mcp`` SDK client uses exactly what
 the page showed and calls the tool. Also: a failing server's error appears live (no reload),
 a form without its CSRF token is refused (403), a second user gets 404 for the first user's
-pages, the registry's pages (search, entry, install form). Every page visited is checked with axe-core (no serious or critical violation) and
-photographed light and dark, narrow and wide, into tests/screenshots/."""
+pages, the registry's pages (search, entry, install form). Every page visited is checked with
+axe-core (no serious or critical violation) and photographed light and dark, narrow and wide,
+into tests/screenshots/."""
 
 from __future__ import annotations
 
