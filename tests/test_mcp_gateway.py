@@ -418,7 +418,8 @@ def test_client_cancellation_and_disconnect_reach_the_upstream(gateway: Gateway)
 
     thread = threading.Thread(target=hang)
     thread.start()
-    time.sleep(0.5)
+    eventually(lambda: gateway.cancel_log.exists() and "started c1" in
+               gateway.cancel_log.read_text(), timeout=10)
     assert gateway.post({"jsonrpc": "2.0", "method": "notifications/cancelled",
                          "params": {"requestId": 7}}, session)[0] == 202
     thread.join(10)
@@ -435,7 +436,7 @@ def test_client_cancellation_and_disconnect_reach_the_upstream(gateway: Gateway)
                      b"\r\nx-api-key: " + gateway.owner.key.encode() +
                      b"\r\nMcp-Session-Id: " + session.encode() +
                      b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.5)
+        eventually(lambda: "started d1" in gateway.cancel_log.read_text(), timeout=10)
     eventually(lambda: "cancelled d1" in gateway.cancel_log.read_text(), timeout=5)
 
 

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -91,9 +90,11 @@ def test_metrics_count_http_and_mcp_traffic_on_their_own_listener(
 
     owner = sign_up(daemon, "metrics@example.com")
     assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Ref"}, key=owner.key)[0] == 201
-    # The stdlib-only raw server starts well within the 1 s that bounds its start and calls.
+    # The stdlib-only raw server starts well within the 3 s that bound its start and calls; it
+    # writes each message it receives to RAW_LOG (the account of its child may be nobody).
+    received = make_temp_dir("director-test-metrics-raw-", 0o777) / "received.jsonl"
     server = {"name": "raw", "type": "stdio", "command": sys.executable,
-              "args": [RAW], "timeout_seconds": 1}
+              "args": [RAW], "timeout_seconds": 3, "env": {"RAW_LOG": str(received)}}
     assert call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
                 key=owner.key)[0] == 201
     assert call(daemon, "GET", "/api/v1/playbooks/no-such-one", key=owner.key)[0] == 404
@@ -117,7 +118,7 @@ def test_metrics_count_http_and_mcp_traffic_on_their_own_listener(
     hung = mcp_post(daemon, owner.key, {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
                                         "params": {"name": "hang",
                                                    "arguments": {"tag": "t"}}}, session)[2]
-    assert hung["error"]["code"] == -32001  # the server's 1 s timeout
+    assert hung["error"]["code"] == -32001  # the server's 3 s timeout
 
     cancelled: dict[str, Any] = {}
 
@@ -128,7 +129,8 @@ def test_metrics_count_http_and_mcp_traffic_on_their_own_listener(
 
     thread = threading.Thread(target=hang)
     thread.start()
-    time.sleep(0.3)
+    # Cancelled once the server has it, well within its timeout.
+    eventually(lambda: '"tag": "c"' in received.read_text(), timeout=2, interval=0.01)
     mcp_post(daemon, owner.key, {"jsonrpc": "2.0", "method": "notifications/cancelled",
                                  "params": {"requestId": 6}}, session)
     thread.join(10)
