@@ -255,8 +255,11 @@ async def test_timeout_and_cancellation_send_notifications_cancelled(upstreams: 
                                         {"REFERENCE_CANCEL_LOG": str(cancellations)})
     await upstream.start()
 
-    def cancelled() -> list[str]:
+    def logged() -> list[str]:
         return cancellations.read_text().splitlines() if cancellations.exists() else []
+
+    def cancelled() -> list[str]:
+        return [line for line in logged() if line.startswith("cancelled ")]
 
     started = time.monotonic()
     with pytest.raises(UpstreamTimeout, match=r"^\[reference\] no answer to tools/call within 0.5 s"):
@@ -268,7 +271,7 @@ async def test_timeout_and_cancellation_send_notifications_cancelled(upstreams: 
     # Cancelling the Deferred (the downstream client went away) cancels upstream too.
     waiting = defer.ensureDeferred(
         upstream.request("tools/call", {"name": "hang", "arguments": {"tag": "client"}}))
-    await sleep(0.3)
+    await eventually(lambda: "started client" in logged())
     waiting.cancel()
     with pytest.raises(defer.CancelledError):
         await waiting
