@@ -33,6 +33,7 @@ from director.mcp.upstream.base import (
     UpstreamTimeout,
     initialize_params,
 )
+from director.mcp.upstream.eras import EraMemory, stdio_key
 from director.mcp.upstream.stdio import StdioUpstream, child_environment
 from director.sandbox import chain
 from tests.harness import make_temp_dir
@@ -823,16 +824,17 @@ async def test_a_handshake_only_server_is_probed_once_per_command_line(
         upstreams: Any, shared_dir: Path) -> None:
     log = shared_dir / "received.jsonl"
     arguments = [str(RAW), "--probe-once", str(shared_dir)]  # a command line of this test only
+    eras = EraMemory()  # the service's, shared by its sessions
     first: StdioUpstream = upstreams("legacy", sys.executable, arguments,
-                                     {"RAW_LOG": str(log)}, prefer_modern=True)
+                                     {"RAW_LOG": str(log)}, prefer_modern=True, eras=eras)
     await first.start()
     assert first.era == "legacy"
     assert text_of(await call(first, "echo", text="x")) == "x"
     assert [m.get("method") for m in received(log)][:2] == ["server/discover", "initialize"]
-    assert stdio.stdio_speaks_modern(sys.executable, arguments, None) is False
+    assert eras.verdict(stdio_key(sys.executable, arguments, None)) is False
     log.unlink()
     second: StdioUpstream = upstreams("legacy", sys.executable, arguments,
-                                      {"RAW_LOG": str(log)}, prefer_modern=True)
+                                      {"RAW_LOG": str(log)}, prefer_modern=True, eras=eras)
     await second.start()
     assert second.era == "legacy"
     assert received(log)[0].get("method") == "initialize"

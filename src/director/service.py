@@ -48,6 +48,7 @@ from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
 from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
+from director.mcp.upstream.eras import EraMemory
 from director.mcp.upstream.http import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.oauth.client.routes import UpstreamOAuthPages
@@ -136,10 +137,13 @@ class DirectorService(MultiService):
         #: The users' upstream OAuth credentials (director.oauth.client).
         self.upstream_oauth = UpstreamAuthorizations(settings, self.database, self.secret_box,
                                                      reactor, self.http_pool)
+        #: What the upstream sessions learn of which era each server speaks, shared by all.
+        self.eras = EraMemory(reactor.seconds)
         factory = upstream_factory(reactor, self.http_pool, self.stdio_account,
                                    self.stdio_launcher,
-                                   authorizations=self._upstream_authorization)
-        self.mcp = McpEngine(settings, self.playbooks, UpstreamManager(factory, settings), reactor,
+                                   authorizations=self._upstream_authorization, eras=self.eras)
+        self.mcp = McpEngine(settings, self.playbooks,
+                             UpstreamManager(factory, settings, eras=self.eras), reactor,
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)

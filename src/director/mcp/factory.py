@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from uuid import UUID
 
 from director.mcp.upstream.account import StdioAccount
 from director.mcp.upstream.authorization import UpstreamAuthorization
 from director.mcp.upstream.base import UpstreamSession
+from director.mcp.upstream.eras import EraMemory
 from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
 from director.mcp.upstream.stdio import StdioUpstream
@@ -23,6 +25,7 @@ Authorizations = Callable[[UUID | None, Server], UpstreamAuthorization | None]
 def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = None,
                      launcher: Launcher | None = None,
                      authorizations: Authorizations | None = None,
+                     eras: EraMemory | None = None,
                      ) -> Callable[[Server, str, UUID | None, dict[str, Any] | None],
                                    UpstreamSession]:
     """``make(server, era, playbook_pk=None, client_capabilities=None)``: ``era`` is that of the
@@ -32,8 +35,10 @@ def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = Non
     (None: all the gateway relays, see ``director.mcp.capabilities``). Stdio children are
     started by ``launcher`` (``director.sandbox``; None: as ``account``, or as the daemon, which
     is then not root). HTTP sessions get ``authorizations(playbook_pk, server)`` (the OAuth seam,
-    ``upstream.authorization``). ``UpstreamManager`` applies the security rails before it calls
-    ``make``."""
+    ``upstream.authorization``). Every session learns and reads which era each server speaks
+    in ``eras`` (the service's; ``upstream.eras``). ``UpstreamManager`` applies the security
+    rails before it calls ``make``."""
+    eras = eras if eras is not None else EraMemory()
 
     def make(server: Server, era: str, playbook_pk: UUID | None = None,
              client_capabilities: dict[str, Any] | None = None) -> UpstreamSession:
@@ -44,7 +49,7 @@ def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = Non
                                  reactor, timeout_default=server.timeout_seconds,
                                  prefer_modern=era == "modern", account=account,
                                  launcher=launcher, owner=str(playbook_pk or ""),
-                                 client_capabilities=client_capabilities)
+                                 client_capabilities=client_capabilities, eras=eras)
         headers = {key: item.value for key, item in server.headers}
         authorization = authorizations(playbook_pk, server) if authorizations else None
         if server.type == "sse":
@@ -60,7 +65,8 @@ def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = Non
                             timeout_default=server.timeout_seconds,
                             authorization=authorization,
                             client_capabilities=client_capabilities,
-                            streamable_class=ModernFirstHttpUpstream if era == "modern"
-                            else ModernHttpUpstream)
+                            streamable_class=partial(
+                                ModernFirstHttpUpstream if era == "modern"
+                                else ModernHttpUpstream, eras=eras))
 
     return make

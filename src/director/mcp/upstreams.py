@@ -5,7 +5,7 @@
   transport) — unless the server is marked ``isolate_sessions``, then one process per
   downstream session. A stdio connection is locked to one protocol era by its first request,
   so a server that speaks both runs once per era in use; one known to speak only the handshake
-  era (``stdio_speaks_modern``) serves both eras' clients from one process;
+  era (``upstream.eras``) serves both eras' clients from one process;
 * HTTP and SSE servers: one upstream MCP session per downstream session (pooled TCP
   underneath), so that server→client requests, log levels and subscriptions reach exactly
   the client they belong to.
@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from director.config import Settings
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamSession, UpstreamTimeout
-from director.mcp.upstream.stdio import stdio_speaks_modern
+from director.mcp.upstream.eras import EraMemory, stdio_key
 from director.playbooks import rails
 from director.playbooks.model import Server
 
@@ -93,9 +93,12 @@ class Upstream:
 
 
 class UpstreamManager:
-    def __init__(self, factory: Factory, settings: Settings, clock: Any = None) -> None:
+    def __init__(self, factory: Factory, settings: Settings, clock: Any = None,
+                 eras: EraMemory | None = None) -> None:
         self.factory = factory
         self.settings = settings
+        #: The factory's: which era the stdio command lines speak (``upstream.eras``).
+        self.eras = eras if eras is not None else EraMemory()
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock: Any = clock
@@ -127,7 +130,8 @@ class UpstreamManager:
                 # its handshake-era process (a running probe's process stays in use).
                 probed = self._shared.get((playbook_pk, server.name, era))
                 if (probed is None or probed.closed or probed.server != server) and \
-                        stdio_speaks_modern(server.command or "", server.args, server.cwd) is False:
+                        self.eras.verdict(stdio_key(server.command or "", server.args,
+                                                  server.cwd)) is False:
                     era = "legacy"
             key = (playbook_pk, server.name, era)
             upstream = self._shared.get(key)

@@ -1498,11 +1498,12 @@ async def connect_http(name: str, url: str, headers: dict[str, str], reactor: An
                        on_notification: Callable[[Message], object] | None = None,
                        on_request: RequestHandler | None = None,
                        on_closed: Callable[[str], object] | None = None,
-                       streamable_class: type[StreamableHttpUpstream] | None = None,
+                       streamable_class: Callable[..., StreamableHttpUpstream] | None = None,
                        **options: Any) -> StreamableHttpUpstream | LegacySseUpstream:
     """A started session: Streamable HTTP, or the 2024-11-05 HTTP+SSE transport if the
-    server answers the ``initialize`` POST with 400, 404 or 405. ``streamable_class``: the
-    Streamable HTTP session to try first (e.g. ``upstream.modern.ModernHttpUpstream``)."""
+    server answers the ``initialize`` POST with 400, 404 or 405. ``streamable_class``: makes the
+    Streamable HTTP session to try first (e.g. ``upstream.modern.ModernHttpUpstream``, or a
+    ``functools.partial`` of it with its ``eras``)."""
 
     def wire(session: _HttpSession) -> None:
         if on_notification is not None:

@@ -17,11 +17,12 @@ that speaks both eras is used in the clients' own era and nothing needs bridging
 
 When both are refused the handshake's refusal stands (and ``connect_http`` goes on to try
 HTTP+SSE); an outage (connection refused, 5xx, timeout) is never taken for an era verdict.
-What was learnt is remembered per URL and era (``SPEAKS``, for ``ERA_MEMORY_SECONDS``): a server
-known not to speak the preferred era is asked in the other one first, and when that fails the
-preferred one is tried again (re-probing); so is a modern request answered ``-32022`` (the server
-no longer speaks this version), or with a 400/404/405 that carries no JSON-RPC error (the URL no
-longer serves this era): the session forgets, re-probes and retries the request once.
+What was learnt is remembered per URL and era (``upstream.eras.EraMemory``, the service's, for
+an hour): a server known not to speak the preferred era is asked in the other one first, and
+when that fails the preferred one is tried again (re-probing); so is a modern request answered
+``-32022`` (the server no longer speaks this version), or with a 400/404/405 that carries no
+JSON-RPC error (the URL no longer serves this era): the session forgets, re-probes and retries
+the request once.
 
 In the modern era each request is one POST with the envelope in ``params._meta``
 (``io.modelcontextprotocol/protocolVersion``, ``…/clientCapabilities``, ``…/clientInfo`` and,
@@ -49,7 +50,6 @@ instead: the client answers the server itself, and its retry carries the server'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +71,7 @@ from director.mcp.upstream.envelope import (
     listened,
     settle,
 )
+from director.mcp.upstream.eras import EraMemory, http_key
 from director.mcp.upstream.http import (
     EVENT_STREAM,
     FALLBACK_STATUSES,
@@ -87,38 +88,16 @@ log = Logger(namespace="mcp.upstream.modern")
 
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 HEADER_MISMATCH = -32020
-ERA_MEMORY_SECONDS = 3600.0
-#: (URL, era) -> (whether the server speaks that era, when it was learnt); era: "modern" or
-#: "legacy". Module-wide: every session with one server learns from the others.
-SPEAKS: dict[tuple[str, str], tuple[bool, float]] = {}
-
-
-def speaks(url: str, era: str) -> bool | None:
-    """What is remembered of ``url`` speaking ``era``: True, False or None (not known)."""
-    entry = SPEAKS.get((url, era))
-    if entry is None or time.monotonic() - entry[1] > ERA_MEMORY_SECONDS:
-        SPEAKS.pop((url, era), None)
-        return None
-    return entry[0]
-
-
-def learnt(url: str, era: str, verdict: bool) -> None:
-    SPEAKS[(url, era)] = (verdict, time.monotonic())
-
-
-def forget(url: str) -> None:
-    for era in ("modern", "legacy"):
-        SPEAKS.pop((url, era), None)
-
-
 class ModernHttpUpstream(StreamableHttpUpstream):
     """A Streamable HTTP session in whichever era its server speaks (module docstring)."""
 
     #: Probe ``server/discover`` before the handshake (sessions serving modern clients).
     prefer_modern = False
 
-    def __init__(self, *arguments: Any, **options: Any) -> None:
+    def __init__(self, *arguments: Any, eras: EraMemory | None = None, **options: Any) -> None:
         super().__init__(*arguments, **options)
+        #: What this and the other sessions learnt of the servers' eras (the service's).
+        self.eras = eras if eras is not None else EraMemory()
         #: "modern" once ``server/discover`` succeeded, "legacy" after a handshake.
         self.era: str | None = None
         self.log_level: str | None = None
@@ -139,11 +118,11 @@ class ModernHttpUpstream(StreamableHttpUpstream):
     async def _handshake(self) -> None:
         if self.prefer_modern:
             first, second = self._try_discover, self._try_legacy
-            if speaks(self.url, "modern") is False:
+            if self.eras.verdict(http_key(self.url, "modern")) is False:
                 first, second = second, first
         else:
             first, second = self._try_legacy, self._try_discover
-            if speaks(self.url, "legacy") is False:
+            if self.eras.verdict(http_key(self.url, "legacy")) is False:
                 first, second = second, first
         refusal = await first()
         if refusal is None:
@@ -163,11 +142,11 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         except (HttpStatusError, UpstreamRequestError) as refused:
             if isinstance(refused, HttpStatusError) and refused.status not in FALLBACK_STATUSES:
                 raise
-            learnt(self.url, "legacy", False)
+            self.eras.learnt(http_key(self.url, "legacy"), False)
             log.debug("[{server}] initialize refused: {error}", server=self.name,
                       error=str(refused))
             return refused
-        learnt(self.url, "legacy", True)
+        self.eras.learnt(http_key(self.url, "legacy"), True)
         return None
 
     async def _try_discover(self) -> UpstreamError | None:
@@ -175,11 +154,11 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         try:
             await self._discover()
         except (HttpStatusError, UpstreamRequestError, NotModern) as refused:
-            learnt(self.url, "modern", False)
+            self.eras.learnt(http_key(self.url, "modern"), False)
             log.debug("[{server}] server/discover refused: {error}", server=self.name,
                       error=str(refused))
             return refused
-        learnt(self.url, "modern", True)
+        self.eras.learnt(http_key(self.url, "modern"), True)
         log.info("[{server}] the server speaks MCP {version}", server=self.name,
                  version=MODERN_VERSION)
         self._reactor.callLater(0, self.changes.start)  # once the handshake has finished
@@ -238,7 +217,7 @@ class ModernHttpUpstream(StreamableHttpUpstream):
                 raise
             log.info("[{server}] the server no longer speaks {version} ({error}); probing "
                      "again", server=self.name, version=MODERN_VERSION, error=str(failure))
-            forget(self.url)
+            self.eras.forget(http_key(self.url, "modern"), http_key(self.url, "legacy"))
             self._established = False
             self.era = None
             result = await super().request(method, params, timeout=timeout,

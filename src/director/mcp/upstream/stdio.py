@@ -77,7 +77,7 @@ process speaks that era — every request carries the envelope in ``params._meta
 resolved through ``on_request`` (or returned as they are with ``return_input_required=True``).
 Any other answer (an error, no answer within ``DISCOVER_TIMEOUT``, other versions) is a verdict:
 the handshake follows on the same process, and the verdict is remembered per command line
-(``stdio_speaks_modern``) so that later processes skip the probe.
+(``upstream.eras``, the service's) so that later processes skip the probe.
 
 **Handshake timeout.** A start (and each restart) has one deadline, ``handshake_timeout``
 after the spawn (by default the server's own timeout, ``timeout_default``), shared by the
@@ -92,7 +92,6 @@ import collections
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -128,6 +127,7 @@ from director.mcp.upstream.envelope import (
     listened,
     settle,
 )
+from director.mcp.upstream.eras import EraMemory, stdio_key
 from director.sandbox.chain import (  # noqa: F401 - the launch chain's home used to be here
     DEFAULT_PATH,
     child_environment,
@@ -143,7 +143,6 @@ STDERR_MAX_LINE = 16 * 1024
 LOG_LINES_PER_SECOND = 20
 STDERR_TAIL_LINES = 10
 DISCOVER_TIMEOUT = 10.0
-SPEAKS_MODERN_SECONDS = 3600.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 60.0
@@ -426,21 +425,6 @@ def _fire_all(waiters: list[defer.Deferred[None]]) -> None:
         waiter.callback(None)
 
 
-#: (command, args, cwd) -> (whether it answered server/discover with 2026-07-28, when).
-_SPEAKS_MODERN: dict[tuple[str, tuple[str, ...], str | None], tuple[bool, float]] = {}
-
-
-def stdio_speaks_modern(command: str, args: list[str] | tuple[str, ...],
-                        cwd: str | None) -> bool | None:
-    """What the last probe of this command line found (None: not probed lately)."""
-    key = (command, tuple(args), cwd)
-    entry = _SPEAKS_MODERN.get(key)
-    if entry is None or time.monotonic() - entry[1] > SPEAKS_MODERN_SECONDS:
-        _SPEAKS_MODERN.pop(key, None)
-        return None
-    return entry[0]
-
-
 class StdioUpstream:
     """One MCP server run as a child process (see the module docstring)."""
 
@@ -450,7 +434,8 @@ class StdioUpstream:
                  max_line: int = DEFAULT_MAX_LINE,
                  client_capabilities: dict[str, Any] | None = None,
                  prefer_modern: bool = False, account: StdioAccount | None = None,
-                 launcher: Launcher | None = None, owner: str = "") -> None:
+                 launcher: Launcher | None = None, owner: str = "",
+                 eras: EraMemory | None = None) -> None:
         self.name = name
         self.command = command
         self.args = list(args)
@@ -465,6 +450,8 @@ class StdioUpstream:
         self.max_line = max_line
         self.client_capabilities = client_capabilities
         self.prefer_modern = prefer_modern
+        #: What the probes of this and other command lines found (the service's).
+        self.eras = eras if eras is not None else EraMemory()
         #: Who the child runs as (None: as the daemon, which must not then be root).
         self.account = account
         #: How the child is boxed (``director.sandbox``); by default as ``account``.
@@ -687,8 +674,8 @@ class StdioUpstream:
 
     async def _discovered(self, process: _Process, deadline: float) -> bool:
         """Probe ``server/discover``: True when the process now speaks the stateless era."""
-        key = (self.command, tuple(self.args), self.cwd)
-        if stdio_speaks_modern(*key) is False:
+        key = stdio_key(self.command, self.args, self.cwd)
+        if self.eras.verdict(key) is False:
             return False
         left = max(0.0, deadline - self.reactor.seconds())
         try:
@@ -710,12 +697,12 @@ class StdioUpstream:
             await self._discard(process)
             raise
         else:
-            _SPEAKS_MODERN[key] = (True, time.monotonic())
+            self.eras.learnt(key, True)
             process.handshaken = True
             self.era = "modern"
             log.info("[{server}] speaks MCP 2026-07-28", server=self.name)
             return True
-        _SPEAKS_MODERN[key] = (False, time.monotonic())
+        self.eras.learnt(key, False)
         log.info("[{server}] no MCP 2026-07-28 ({error}); using the handshake",
                  server=self.name, error=verdict)
         return False
