@@ -154,6 +154,10 @@ class Metrics:
             "director_upstream_restarts", "Upstream sessions restarted (stdio: process respawned; "
             "HTTP: re-initialised after the server forgot it).", ("playbook", "server"),
             registry=self.registry)
+        self.tracing_dropped = Counter(
+            "director_tracing_spans_dropped", "Spans not exported (OTEL_* tracing): the batch "
+            "queue was full, or the collector did not take their batch.", ("reason",),
+            registry=self.registry)
         ProcessCollector(registry=self.registry)
         # Label children and route templates, looked up once each (labels() costs ~4 µs).
         self._http: dict[tuple[str, str, int], tuple[Any, Any]] = {}
