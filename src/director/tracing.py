@@ -189,10 +189,19 @@ def fail(span: Span, failure: BaseException | None = None, *, code: Any = None,
 
 
 def response_outcome(span: Span, response: Mapping[str, Any]) -> None:
-    """Record a JSON-RPC response's outcome on ``span`` (its error code, if any)."""
+    """Record a JSON-RPC response's outcome on ``span``: its error code, if any."""
     error = response.get("error")
     if isinstance(error, dict):
         fail(span, code=error.get("code"))
+    else:
+        result_outcome(span, response.get("result"))
+
+
+def result_outcome(span: Span, result: Any) -> None:
+    """A ``tools/call`` result with ``isError`` fails its span as ``tool_error`` (the MCP
+    conventions), its content untold."""
+    if isinstance(result, dict) and result.get("isError") is True:
+        fail(span, kind="tool_error")
 
 
 def mcp_attributes(method: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -211,13 +220,15 @@ def mcp_attributes(method: str, params: Mapping[str, Any]) -> tuple[str, dict[st
 
 
 def upstream_transport(session: Any) -> str:
-    """stdio, streamable-http, sse or modern (2026-07-28 over HTTP), from the session's class."""
-    kind = type(session).__name__
+    """stdio, streamable-http, sse or modern (2026-07-28 over HTTP), from the session's class
+    (an ``http`` server's is known once connected: ``HttpUpstream.session``)."""
+    inner = getattr(session, "session", None) or session
+    kind = type(inner).__name__
     if "Stdio" in kind:
         return "stdio"
     if "Sse" in kind:
         return "sse"
-    return "modern" if "Modern" in kind else "streamable-http"
+    return "modern" if getattr(inner, "era", None) == "modern" else "streamable-http"
 
 
 def upstream_span(server: str, session: Any, method: str,

@@ -463,7 +463,9 @@ class DownstreamSession:
         span = tracing.upstream_span(server.name, session, method, params)
         token = tracing.attach(span)
         try:
-            return await self._timed_request(server, session, method, params, **options)
+            result = await self._timed_request(server, session, method, params, **options)
+            tracing.result_outcome(span, result)
+            return result
         except BaseException as failure:
             tracing.fail(span, failure)
             raise

@@ -1,0 +1,417 @@
+"""OpenTelemetry tracing end to end: a real daemon exports to a real OTLP/HTTP receiver started
+here (a small HTTP server decoding ``ExportTraceServiceRequest`` with ``opentelemetry-proto``),
+and real upstream servers (stdio, Streamable HTTP, a 2026-07-28 HTTP server) report the trace
+context they received."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from director.cli.doctor import FAIL, OK, check_tracing
+from director.config import load_settings
+from tests.accounts_helpers import call, sign_up
+from tests.harness import Daemon, free_port, local_servers
+from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server
+from tests.test_mcp_modern import META, VERSION
+
+StartDaemon = Callable[..., Daemon]
+FIXTURES = Path(__file__).parent / "fixtures"
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+SECRET = "sup3r-s3cret-argument-value"
+SERVER, CLIENT = 2, 3  # Span.SpanKind
+ERROR = 2  # Status.StatusCode
+
+
+def _value(any_value: Any) -> Any:
+    kind = any_value.WhichOneof("value")
+    return getattr(any_value, kind) if kind else None
+
+
+class Collector:
+    """An OTLP/HTTP receiver: decodes every export, answers after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.requests: list[dict[str, str]] = []
+        self.delay = 0.0
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                collector.requests.append({k.lower(): v for k, v in self.headers.items()})
+                time.sleep(collector.delay)
+                exported = ExportTraceServiceRequest()
+                exported.ParseFromString(body)
+                for resource in exported.resource_spans:
+                    service = {a.key: _value(a.value) for a in resource.resource.attributes}
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            collector.spans.append({
+                                "name": span.name, "kind": span.kind,
+                                "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(),
+                                "status": span.status.code, "service": service,
+                                "attributes": {a.key: _value(a.value) for a in span.attributes},
+                                "status_message": span.status.message,
+                                "events": [(e.name, {a.key: _value(a.value) for a in e.attributes})
+                                           for e in span.events]})
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for(self, wanted: Callable[[list[dict[str, Any]]], bool],
+                 timeout: float = 15.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            spans = list(self.spans)
+            if wanted(spans):
+                return spans
+            time.sleep(0.05)
+        raise AssertionError("the spans wanted never came; got:\n" + "\n".join(
+            f"{s['name']} {s['trace'][:8]} {s['id']} <- {s['parent']}" for s in self.spans))
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    receiver = Collector()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def http_upstreams() -> Iterator[dict[str, int]]:
+    """A Streamable HTTP server (handshake era) and a 2026-07-28-only one."""
+    ports = {"http": free_port(), "modern": free_port()}
+    with local_servers([
+            [sys.executable, str(FIXTURES / "http_reference_server.py"), "--transport",
+             "streamable-http", "--port", str(ports["http"])],
+            [sys.executable, str(FIXTURES / "modern_http_server.py"), "--era", "modern",
+             "--port", str(ports["modern"])]], list(ports.values())):
+        yield ports
+
+
+class Traced:
+    def __init__(self, daemon: Daemon, key: str) -> None:
+        self.daemon, self.key = daemon, key
+
+    def post(self, message: dict[str, Any], headers: dict[str, str] | None = None
+             ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        status, answer_headers, body = self.daemon.request(
+            "POST", "/playbooks/ref/mcp", json.dumps(message).encode(),
+            {"accept": ACCEPT, "content-type": "application/json", "x-api-key": self.key,
+             **(headers or {})})
+        return status, answer_headers, parse_response(body) if body else {}
+
+    def session(self) -> str:
+        status, headers, _ = self.post(INIT)
+        assert status == 200
+        assert self.post({"jsonrpc": "2.0", "method": "notifications/initialized"},
+                         {"mcp-session-id": headers["mcp-session-id"]})[0] == 202
+        return headers["mcp-session-id"]
+
+    def legacy_call(self, session: str, tool: str, arguments: dict[str, Any],
+                    traceparent: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+        headers = {"mcp-session-id": session}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        status, answer_headers, body = self.post({
+            "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments}}, headers)
+        assert status == 200, body
+        return answer_headers, body
+
+    def modern_call(self, tool: str, arguments: dict[str, Any],
+                    traceparent: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+        headers = {"mcp-protocol-version": VERSION, "mcp-method": "tools/call",
+                   "mcp-name": tool}
+        if traceparent:
+            headers["traceparent"] = traceparent
+        status, answer_headers, body = self.post({
+            "jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments, "_meta": META}}, headers)
+        assert status == 200, body
+        return answer_headers, body
+
+
+def start_traced(start_daemon: StartDaemon, migrated_url: str, endpoint: str | None,
+                 http_upstreams: dict[str, int] | None = None, **env: str) -> Traced:
+    if endpoint is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    daemon = start_daemon(DATABASE_URL=migrated_url, OTEL_BSP_SCHEDULE_DELAY="100",
+                          DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
+                          DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS="true", **env)
+    daemon.wait_healthy()
+    owner = sign_up(daemon, "tracing@example.com")
+    assert call(daemon, "POST", "/api/v1/playbooks", {"name": "Ref"}, key=owner.key)[0] == 201
+    servers = [reference_server(prefix="s_")]
+    if http_upstreams is not None:
+        servers += [{"name": "web", "type": "http", "prefix": "h_",
+                     "url": f"http://127.0.0.1:{http_upstreams['http']}/mcp"},
+                    {"name": "modern", "type": "http", "prefix": "m_",
+                     "url": f"http://127.0.0.1:{http_upstreams['modern']}/mcp"}]
+    for server in servers:
+        status, _, body = call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
+                               key=owner.key)
+        assert status == 201, body
+    return Traced(daemon, owner.key)
+
+
+def debug(port: int) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/log", timeout=5) as answer:
+        return json.loads(answer.read())  # type: ignore[no-any-return]
+
+
+def text_of(body: dict[str, Any]) -> str:
+    return str(body["result"]["content"][0]["text"])
+
+
+def tree(spans: list[dict[str, Any]], trace: str) -> dict[str, dict[str, Any]]:
+    return {span["id"]: span for span in spans if span["trace"] == trace}
+
+
+def one(spans: dict[str, dict[str, Any]], name: str, **attributes: Any) -> dict[str, Any]:
+    found = [s for s in spans.values() if s["name"] == name and all(
+        s["attributes"].get(k) == v for k, v in attributes.items())]
+    assert len(found) == 1, (name, [(s["name"], s["attributes"]) for s in spans.values()])
+    return found[0]
+
+
+def chain(spans: dict[str, dict[str, Any]], leaf: dict[str, Any]) -> list[str]:
+    """The names from the trace's root down to ``leaf``."""
+    names = []
+    span: dict[str, Any] | None = leaf
+    while span is not None:
+        names.append(span["name"])
+        span = spans.get(span["parent"])
+    return names[::-1]
+
+
+def test_a_call_is_one_trace_from_the_client_into_each_upstream(
+        start_daemon: StartDaemon, migrated_url: str, collector: Collector,
+        http_upstreams: dict[str, int]) -> None:
+    gateway = start_traced(start_daemon, migrated_url, collector.endpoint, http_upstreams,
+                           OTEL_SERVICE_NAME="director-test")
+    session = gateway.session()
+
+    # Handshake era, stdio upstream: the client's traceparent is continued, and the server
+    # receives, in params._meta, the context of the gateway's client span for its call.
+    parent = f"00-{TRACE}-{CLIENT_SPAN}-01"
+    headers, body = gateway.legacy_call(session, "s_trace_meta", {}, parent)
+    assert headers["x-trace-id"] == TRACE
+    received = json.loads(text_of(body))
+    assert received["traceparent"].startswith(f"00-{TRACE}-")
+    stdio_parent = received["traceparent"].split("-")[2]
+
+    spans = tree(collector.wait_for(lambda spans: any(
+        s["id"] == stdio_parent for s in spans) and any(
+        s["name"] == "POST" and s["trace"] == TRACE for s in spans)), TRACE)
+    upstream = spans[stdio_parent]
+    assert upstream["name"] == "tools/call trace_meta" and upstream["kind"] == CLIENT
+    assert upstream["attributes"]["director.server.name"] == "reference"
+    assert upstream["attributes"]["director.upstream.transport"] == "stdio"
+    assert upstream["attributes"]["network.transport"] == "pipe"
+    assert chain(spans, upstream) == ["POST", "tools/call s_trace_meta",
+                                      "tools/call trace_meta"]
+    request = one(spans, "POST")
+    assert request["parent"] == CLIENT_SPAN and request["kind"] == SERVER
+    assert request["attributes"]["http.response.status_code"] == 200
+    assert request["service"]["service.name"] == "director-test"
+    method = one(spans, "tools/call s_trace_meta")
+    assert method["kind"] == SERVER
+    assert method["attributes"]["mcp.method.name"] == "tools/call"
+    assert method["attributes"]["gen_ai.tool.name"] == "s_trace_meta"
+    assert method["attributes"]["mcp.session.id"] == session[:8]
+    assert method["attributes"]["director.mcp.transport"] == "streamable"
+    route = one(spans, "route")
+    assert route["parent"] == method["id"]
+    assert route["attributes"]["director.server.name"] == "reference"
+    authenticate = one(spans, "authenticate")
+    assert authenticate["parent"] == request["id"]
+    assert one(spans, "rate limit")["parent"] == authenticate["id"]
+
+    # Handshake era, Streamable HTTP upstream: the traceparent header of the POST that
+    # carried the call names the gateway's client span.
+    second = f"00-{TRACE[::-1]}-{CLIENT_SPAN}-01"
+    _, body = gateway.legacy_call(session, "h_echo", {"text": "hello"}, second)
+    assert text_of(body) == "hello"
+    posted = [entry for entry in debug(http_upstreams["http"]) if isinstance(entry["body"], dict)
+              and entry["body"].get("method") == "tools/call"]
+    header = posted[-1]["headers"]["traceparent"]
+    assert header.startswith(f"00-{TRACE[::-1]}-")
+    spans = tree(collector.wait_for(lambda spans: any(
+        s["id"] == header.split("-")[2] for s in spans)), TRACE[::-1])
+    upstream = spans[header.split("-")[2]]
+    assert chain(spans, upstream) == ["POST", "tools/call h_echo", "tools/call echo"]
+    assert upstream["attributes"]["director.upstream.transport"] == "streamable-http"
+    assert upstream["attributes"]["server.address"] == "127.0.0.1"
+
+    # The 2026-07-28 era, from the client to the stdio server and to a modern HTTP server.
+    third = f"00-{'1' * 32}-{CLIENT_SPAN}-01"
+    headers, body = gateway.modern_call("s_trace_meta", {}, third)
+    assert headers["x-trace-id"] == "1" * 32
+    received = json.loads(text_of(body))
+    assert received["traceparent"].startswith(f"00-{'1' * 32}-")
+    stdio_parent = received["traceparent"].split("-")[2]
+    fourth = f"00-{'2' * 32}-{CLIENT_SPAN}-01"
+    _, body = gateway.modern_call("m_echo", {"text": "modern"}, fourth)
+    assert text_of(body) == "modern"
+    sent = [entry["traceparent"] for entry in debug(http_upstreams["modern"])
+            if entry["rpc"] == "tools/call"]
+    assert sent[-1].startswith(f"00-{'2' * 32}-")
+    spans = tree(collector.wait_for(lambda spans: any(
+        s["id"] == stdio_parent for s in spans)), "1" * 32)
+    assert chain(spans, spans[stdio_parent]) == ["POST", "tools/call s_trace_meta",
+                                                 "tools/call trace_meta"]
+    assert one(spans, "tools/call s_trace_meta")["attributes"]["director.mcp.transport"] == \
+        "modern"
+    spans = tree(collector.wait_for(lambda spans: any(
+        s["id"] == sent[-1].split("-")[2] for s in spans)), "2" * 32)
+    modern_upstream = spans[sent[-1].split("-")[2]]
+    assert chain(spans, modern_upstream) == ["POST", "tools/call m_echo", "tools/call echo"]
+    assert modern_upstream["attributes"]["director.upstream.transport"] == "modern"
+
+    # The log lines of a traced request carry its span beside its trace.
+    access = [r for r in gateway.daemon.records() if r.get("trace_id") == TRACE
+              and r.get("status") == 200]
+    assert access and all(r.get("span_id") == request["id"] for r in access)
+
+
+def test_failures_mark_their_spans_and_no_secret_is_exported(
+        start_daemon: StartDaemon, migrated_url: str, collector: Collector) -> None:
+    gateway = start_traced(start_daemon, migrated_url, collector.endpoint)
+    session = gateway.session()
+    _, body = gateway.legacy_call(session, "s_refuse", {"secret": SECRET},
+                                  f"00-{TRACE}-{CLIENT_SPAN}-01")
+    assert body["result"]["isError"] is True and SECRET in text_of(body)
+    _, body = gateway.legacy_call(session, "s_crash", {"code": 3},
+                                  f"00-{'3' * 32}-{CLIENT_SPAN}-01")
+    assert "error" in body
+    _, body = gateway.legacy_call(session, "s_no_such_tool", {"secret": SECRET},
+                                  f"00-{'4' * 32}-{CLIENT_SPAN}-01")
+    assert body["error"]["code"] == -32602
+
+    spans = collector.wait_for(lambda spans: {"3" * 32, "4" * 32, TRACE} <= {
+        s["trace"] for s in spans if s["name"] == "POST"} and any(
+        s["name"] == "upstream restart" for s in spans))
+    refused = tree(spans, TRACE)
+    upstream = one(refused, "tools/call refuse")
+    assert upstream["status"] == ERROR and upstream["attributes"]["error.type"] == "tool_error"
+    method = one(refused, "tools/call s_refuse")
+    assert method["status"] == ERROR and method["attributes"]["error.type"] == "tool_error"
+    assert one(refused, "POST")["status"] != ERROR  # the HTTP exchange itself went well
+    crashed = tree(spans, "3" * 32)
+    upstream = one(crashed, "tools/call crash")
+    assert upstream["status"] == ERROR and upstream["attributes"]["error.type"] == "UpstreamError"
+    method = one(crashed, "tools/call s_crash")
+    assert method["status"] == ERROR and isinstance(
+        method["attributes"]["rpc.jsonrpc.error_code"], int)
+    unknown = one(tree(spans, "4" * 32), "tools/call s_no_such_tool")
+    assert unknown["attributes"]["rpc.jsonrpc.error_code"] == -32602
+    assert unknown["attributes"]["error.type"] == "-32602"
+    # The stdio server's restart after the crash is a trace of its own.
+    restart = next(s for s in spans if s["name"] == "upstream restart")
+    assert restart["parent"] == "" and restart["attributes"]["director.server.name"] == "reference"
+
+    # Nothing a client sent as an argument or a credential, nor an upstream's error text, is in
+    # any exported attribute, event or status.
+    exported = json.dumps(spans)
+    for secret in (SECRET, gateway.key, gateway.key[:12]):
+        assert secret not in exported
+    assert all("authorization" not in str(r) for r in collector.requests)
+
+
+def metric(port: int, series: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        lines = [line for line in answer.read().decode().splitlines()
+                 if line.startswith(series + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def twenty_calls(gateway: Traced) -> float:
+    """Seconds 20 calls took (after a first one that starts the server)."""
+    session = gateway.session()
+    gateway.legacy_call(session, "s_echo", {"text": "warm"})
+    started = time.monotonic()
+    for index in range(20):
+        _, body = gateway.legacy_call(session, "s_echo", {"text": str(index)})
+        assert text_of(body) == str(index)
+    return time.monotonic() - started
+
+
+def test_a_collector_down_changes_nothing_for_clients_and_is_logged_once(
+        start_daemon: StartDaemon, migrated_url: str) -> None:
+    metrics = free_port()
+    down = f"http://127.0.0.1:{free_port()}"
+    gateway = start_traced(start_daemon, migrated_url, down,
+                           METRICS_LISTEN=f"127.0.0.1:{metrics}")
+    assert twenty_calls(gateway) < 5
+    gateway.daemon.wait_for_log("did not take", timeout=20)
+    twenty_calls(gateway)
+    time.sleep(1.0)  # more batches fail meanwhile: still one line
+    assert sum("did not take" in r.get("msg", "") for r in gateway.daemon.records()) == 1
+    assert metric(metrics, 'director_tracing_spans_dropped_total{reason="export_failed"}') > 0
+
+
+def test_a_slow_collector_changes_nothing_for_clients(
+        start_daemon: StartDaemon, migrated_url: str, collector: Collector) -> None:
+    collector.delay = 3.0
+    gateway = start_traced(start_daemon, migrated_url, collector.endpoint)
+    assert twenty_calls(gateway) < 5
+    collector.wait_for(lambda spans: len(spans) > 0)
+
+
+def test_tracing_off_exports_nothing_and_passes_no_context(
+        start_daemon: StartDaemon, migrated_url: str, collector: Collector) -> None:
+    gateway = start_traced(start_daemon, migrated_url, None,
+                           OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=collector.endpoint + "/v1/traces",
+                           OTEL_SDK_DISABLED="true")
+    session = gateway.session()
+    headers, body = gateway.legacy_call(session, "s_trace_meta", {},
+                                        f"00-{TRACE}-{CLIENT_SPAN}-01")
+    assert headers["x-trace-id"] == TRACE  # the trace id is still honoured and logged
+    assert json.loads(text_of(body)) == {"traceparent": None, "tracestate": None}
+    time.sleep(0.5)
+    assert collector.requests == []
+    assert not any("span_id" in record for record in gateway.daemon.records())
+
+
+def test_doctor_checks_the_collector(collector: Collector) -> None:
+    assert check_tracing(load_settings({})) is None
+    found = check_tracing(load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+                                         "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=t1"}))
+    assert found is not None and found.status == OK, found
+    assert collector.requests[-1]["x-tenant"] == "t1"
+    found = check_tracing(load_settings(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))
+    assert found is not None and found.status == FAIL and "cannot be reached" in found.summary
