@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 #: The tracer while tracing is on; None: off (the one check every instrumented place makes).
@@ -45,22 +45,11 @@ TRACER: Tracer | None = None
 
 PROPAGATOR = TraceContextTextMapPropagator()
 SERVER, CLIENT, INTERNAL = SpanKind.SERVER, SpanKind.CLIENT, SpanKind.INTERNAL
-#: The W3C trace-context keys an MCP request's ``params._meta`` carries (the MCP conventions).
-META_KEYS = ("traceparent", "tracestate")
 
 
 def install(tracer: Tracer | None) -> None:
     global TRACER
     TRACER = tracer
-
-
-def on() -> bool:
-    return TRACER is not None
-
-
-def _getter(carrier: Mapping[str, Any], key: str) -> list[str] | None:
-    value = carrier.get(key)
-    return [value] if isinstance(value, str) else None
 
 
 class _HeaderGetter:
@@ -287,25 +276,3 @@ def params_with_context(params: dict[str, Any] | None) -> dict[str, Any] | None:
     meta = params.get("_meta")
     params["_meta"] = {**(meta if isinstance(meta, dict) else {}), **carrier}
     return params
-
-
-def meta_context(params: Mapping[str, Any] | None) -> Span | None:
-    """The span a request's ``params._meta`` trace context names (as a parent), if valid."""
-    meta = params.get("_meta") if params else None
-    if not isinstance(meta, dict) or "traceparent" not in meta:
-        return None
-    found = trace.get_current_span(PROPAGATOR.extract(meta, getter=_META))  # type: ignore[arg-type]
-    return found if found.get_span_context().is_valid else None
-
-
-class _MetaGetter:
-    get = staticmethod(_getter)
-
-    @staticmethod
-    def keys(carrier: Mapping[str, Any]) -> list[str]:
-        return list(carrier)
-
-
-_META = _MetaGetter()
-
-__all__ = ["TRACER", "NonRecordingSpan", "Span", "install", "on"]
