@@ -801,28 +801,20 @@ def check_tracing(settings: Settings) -> Result | None:
     if endpoint is None:
         return None
     name = "tracing"
-    parts = urlsplit(endpoint)
-    connection: http.client.HTTPConnection = (
-        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    )(parts.hostname or "", parts.port, timeout=REACH_TIMEOUT_SECONDS)
     headers = {"content-type": "application/x-protobuf",
                **dict(settings.otel_headers), **dict(settings.otel_traces_headers)}
     try:
-        connection.request("POST", parts.path or "/", body=b"", headers=headers)
-        response = connection.getresponse()
-        status, content_type = response.status, response.getheader("content-type") or ""
-        response.read(65536)
+        status, answered, _ = _fetch(endpoint, "POST", b"", headers)
     except (OSError, http.client.HTTPException) as failure:
         return Result(name, FAIL, f"the OTLP collector at {endpoint} cannot be reached: "
                                   f"{failure}",
                       "start the collector (docs/operations.rst, Tracing), or correct "
                       "OTEL_EXPORTER_OTLP_ENDPOINT; meanwhile spans are dropped (clients are "
                       "not affected)")
-    finally:
-        connection.close()
     if 200 <= status < 300:
+        content_type = answered.get("content-type") or "no content type"
         return Result(name, OK, f"the OTLP collector at {endpoint} takes spans "
-                                f"({status}, {content_type or 'no content type'})")
+                                f"({status}, {content_type})")
     fix = ("check OTEL_EXPORTER_OTLP_HEADERS (the collector's credentials)" if status in (401, 403)
            else "point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's OTLP/HTTP receiver "
                 "(port 4318 by default; spans go to /v1/traces)")
@@ -867,7 +859,8 @@ REACH_TIMEOUT_SECONDS = 5.0
 DISCOVERY_PATH = "/.well-known/oauth-authorization-server"
 
 
-def _fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+def _fetch(url: str, method: str = "GET", body: bytes | None = None,
+           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     parts = urlsplit(url)
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
@@ -877,7 +870,8 @@ def _fetch(url: str) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection(parts.hostname or "", parts.port,
                                                 timeout=REACH_TIMEOUT_SECONDS)
     try:
-        connection.request("GET", parts.path or "/", headers={"accept": "application/json"})
+        connection.request(method, parts.path or "/", body=body,
+                           headers=headers or {"accept": "application/json"})
         response = connection.getresponse()
         return (response.status, {k.lower(): v for k, v in response.getheaders()},
                 response.read(65536))
