@@ -260,6 +260,11 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
     assert authenticate["parent"] == request["id"]
     assert one(spans, "rate limit")["parent"] == authenticate["id"]
 
+    # A trace the client did not sample is not exported, but its context still travels.
+    _, body = gateway.legacy_call(session, "s_trace_meta", {}, f"00-{'5' * 32}-{CLIENT_SPAN}-00")
+    received = json.loads(text_of(body))["traceparent"]
+    assert received.startswith(f"00-{'5' * 32}-") and received.endswith("-00")
+
     # Handshake era, Streamable HTTP upstream: the traceparent header of the POST that
     # carried the call names the gateway's client span.
     second = f"00-{TRACE[::-1]}-{CLIENT_SPAN}-01"
@@ -300,6 +305,8 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
     modern_upstream = spans[sent[-1].split("-")[2]]
     assert chain(spans, modern_upstream) == ["POST", "tools/call m_echo", "tools/call echo"]
     assert modern_upstream["attributes"]["director.upstream.transport"] == "modern"
+
+    assert not any(span["trace"] == "5" * 32 for span in collector.spans)
 
     # The log lines of a traced request carry its span beside its trace.
     access = [r for r in gateway.daemon.records() if r.get("trace_id") == TRACE

@@ -96,10 +96,21 @@ def detach(token: object) -> None:
 
 def start(name: str, kind: SpanKind = INTERNAL, attributes: dict[str, Any] | None = None,
           parent: Span | None = None) -> Span:
-    """A span, child of ``parent`` if given, else of the current span. Only with tracing on."""
+    """A span, child of ``parent`` if given, else of the current span. Only where ``spans()``."""
     assert TRACER is not None
     context = trace.set_span_in_context(parent) if parent is not None else None
     return TRACER.start_span(name, context, kind, attributes=attributes)
+
+
+def spans() -> bool:
+    """Whether to make spans here: tracing is on, and the current trace (if any) is sampled.
+    In a trace the sampler dropped (``OTEL_TRACES_SAMPLER_ARG``), nothing below its first
+    span is made: the decision is the trace's, and its context still travels upstream (with
+    its sampled flag off), so a trace that is not kept costs one span, not one per step."""
+    if TRACER is None:
+        return False
+    span = trace.get_current_span()
+    return span.is_recording() or not span.get_span_context().is_valid
 
 
 def current() -> Span | None:
@@ -113,10 +124,11 @@ def span(name: str, kind: SpanKind = INTERNAL, attributes: dict[str, Any] | None
          ) -> Iterator[Span | None]:
     """A current span around a block (a child of the current one), ended with the block and
     failed by what it raises; no-op (yielding None) with tracing off. Off the hot path only:
-    the hot path checks ``TRACER`` itself."""
-    if TRACER is None:
+    the hot path checks ``spans()`` itself."""
+    if not spans():
         yield None
         return
+    assert TRACER is not None
     started = TRACER.start_span(name, None, kind, attributes=attributes)
     token = attach(started)
     try:
@@ -134,7 +146,7 @@ def child(name: str, kind: SpanKind = INTERNAL, attributes: dict[str, Any] | Non
           ) -> Iterator[Span | None]:
     """``span``, but only inside a trace already (database work, refreshes): work done for no
     traced request starts no trace of its own."""
-    if TRACER is None or current() is None:
+    if TRACER is None or not trace.get_current_span().is_recording():
         yield None
         return
     with span(name, kind, attributes) as started:
@@ -145,7 +157,7 @@ def child_of_deferred(name: str, deferred: Any, attributes: dict[str, Any] | Non
                       ) -> Any:
     """A span from now until ``deferred`` fires (failed if it fails), only inside a trace
     already (database work done for a traced request; never a trace of its own)."""
-    if TRACER is None or current() is None:
+    if TRACER is None or not trace.get_current_span().is_recording():
         return deferred
     started = TRACER.start_span(name, None, INTERNAL, attributes=attributes)
 

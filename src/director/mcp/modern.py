@@ -706,7 +706,7 @@ class StatelessContext(DownstreamSession):
             raise ProtocolError(INVALID_REQUEST,  # what the SDK's NoBackChannelError says
                                 f"{method} cannot reach the client: it speaks MCP 2026-07-28 "
                                 f"and no call of it that could carry input_required is waiting")
-        if tracing.TRACER is not None:
+        if tracing.spans():
             with tracing.relay_span(method, channel.trace_span):
                 return await channel.exchange.ask(method, params)
         return await channel.exchange.ask(method, params)

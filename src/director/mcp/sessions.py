@@ -308,7 +308,7 @@ class DownstreamSession:
 
     async def handle(self, message: Message, channel: Channel) -> Message:
         """The response to one client request (never raises)."""
-        if tracing.TRACER is None:
+        if not tracing.spans():
             return await self._handle(message, channel)
         span = self._method_span(message)
         if isinstance(channel, CallChannel):
@@ -387,7 +387,7 @@ class DownstreamSession:
             return await self.aggregator.templates(playbook)
         if method == "tools/call":
             name = _required_string(params, "name")
-            if tracing.TRACER is None:
+            if not tracing.spans():
                 server, original = await self.aggregator.tool_route(playbook, name)
             else:
                 with tracing.span("route", attributes={"gen_ai.tool.name": name}) as routed:
@@ -458,7 +458,7 @@ class DownstreamSession:
                                 ) -> dict[str, Any]:
         """``session.request``, timed for the metrics (per server, and as the client request's
         wait) when they are on, in a client span when tracing is."""
-        if tracing.TRACER is None:
+        if not tracing.spans():
             return await self._timed_request(server, session, method, params, **options)
         span = tracing.upstream_span(server.name, session, method, params)
         token = tracing.attach(span)
@@ -576,7 +576,7 @@ class DownstreamSession:
                                 self.channel)
         if not channel.open and self.transport == "streamable":
             raise ProtocolError(-32603, "the client has no open stream to receive the request")
-        if tracing.TRACER is not None:
+        if tracing.spans():
             with tracing.relay_span(method, getattr(channel, "trace_span", None)):
                 return await self._ask(channel, method, params)
         return await self._ask(channel, method, params)

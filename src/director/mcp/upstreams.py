@@ -201,7 +201,7 @@ class UpstreamManager:
         if hasattr(session, "on_reinitialized"):
             session.on_reinitialized = lambda result: self._restored(upstream)
         try:
-            if tracing.TRACER is None:
+            if not tracing.spans():
                 await self._bounded_start(session, upstream.server)
             else:
                 with tracing.span("upstream start", attributes={

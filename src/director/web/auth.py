@@ -147,7 +147,7 @@ class Authenticator:
                            allow_pending: bool = False, allow_oauth: bool = False) -> Principal:
         """The caller, or an ``ApiError`` (401, 403, 429) saying why not. ``allow_oauth``:
         an OAuth access token is accepted (MCP routes, which check its playbook)."""
-        if tracing.TRACER is None:
+        if not tracing.spans():
             return await self._authenticate(request, allow_query_key, allow_pending,
                                              allow_oauth)
         with tracing.span("authenticate") as span:
@@ -279,7 +279,7 @@ class Authenticator:
                       "this API key"), user]
 
     async def _apply_rate_limits(self, request: Request, principal: Principal) -> None:
-        if tracing.TRACER is None:
+        if not tracing.spans():
             return await self._rate_limit(request, principal)
         with tracing.span("rate limit"):
             return await self._rate_limit(request, principal)

@@ -991,7 +991,7 @@ class StreamableHttpUpstream(_HttpSession):
             self._established = False
             self._stop_get_stream()
         try:
-            if tracing.TRACER is None:
+            if not tracing.spans():
                 await self._establish()
             else:
                 with tracing.span("upstream reinitialize", attributes={
