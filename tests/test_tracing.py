@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp import Client, types
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -25,7 +26,7 @@ from director.cli.doctor import FAIL, OK, check_tracing
 from director.config import load_settings
 from tests.accounts_helpers import call, sign_up
 from tests.harness import Daemon, free_port, local_servers
-from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server
+from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server, run
 from tests.test_mcp_modern import META, VERSION
 
 StartDaemon = Callable[..., Daemon]
@@ -111,13 +112,14 @@ def collector() -> Iterator[Collector]:
 
 @pytest.fixture(scope="module")
 def http_upstreams() -> Iterator[dict[str, int]]:
-    """A Streamable HTTP server (handshake era) and a 2026-07-28-only one."""
-    ports = {"http": free_port(), "modern": free_port()}
+    """A Streamable HTTP server (both eras), a 2026-07-28-only one and a handshake-only one."""
+    ports = {"http": free_port(), "modern": free_port(), "legacy": free_port()}
     with local_servers([
             [sys.executable, str(FIXTURES / "http_reference_server.py"), "--transport",
              "streamable-http", "--port", str(ports["http"])],
-            [sys.executable, str(FIXTURES / "modern_http_server.py"), "--era", "modern",
-             "--port", str(ports["modern"])]], list(ports.values())):
+            *([sys.executable, str(FIXTURES / "modern_http_server.py"), "--era", era,
+               "--port", str(ports[era])] for era in ("modern", "legacy"))],
+            list(ports.values())):
         yield ports
 
 
@@ -179,7 +181,9 @@ def start_traced(start_daemon: StartDaemon, migrated_url: str, endpoint: str | N
         servers += [{"name": "web", "type": "http", "prefix": "h_",
                      "url": f"http://127.0.0.1:{http_upstreams['http']}/mcp"},
                     {"name": "modern", "type": "http", "prefix": "m_",
-                     "url": f"http://127.0.0.1:{http_upstreams['modern']}/mcp"}]
+                     "url": f"http://127.0.0.1:{http_upstreams['modern']}/mcp"},
+                    {"name": "old", "type": "http", "prefix": "l_",
+                     "url": f"http://127.0.0.1:{http_upstreams['legacy']}/mcp"}]
     for server in servers:
         status, _, body = call(daemon, "POST", "/api/v1/playbooks/ref/servers", server,
                                key=owner.key)
@@ -308,6 +312,26 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
 
     assert not any(span["trace"] == "5" * 32 for span in collector.spans)
 
+    # A 2026-07-28 client's call whose handshake-only server asks for sampling mid-call: the
+    # request is bridged to input_required, and relayed in the call's trace.
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        return types.CreateMessageResult(role="assistant", model="m",
+                                         content=types.TextContent(type="text", text="sampled"))
+
+    async def asking() -> str:
+        url = f"{gateway.daemon.base}/playbooks/ref/mcp?key={gateway.key}"
+        async with Client(url, mode="auto", sampling_callback=sampling) as client:
+            asked = await client.call_tool("l_sample", {"prompt": "p"})
+            return str(asked.content[0].text)
+
+    assert "sampled" in run(asking())
+    spans = collector.wait_for(lambda spans: any(
+        s["name"] == "sampling/createMessage" for s in spans))
+    by_id = {s["id"]: s for s in spans}
+    relayed = next(s for s in spans if s["name"] == "sampling/createMessage")
+    assert by_id[relayed["parent"]]["name"] == "tools/call l_sample"
+    assert by_id[relayed["parent"]]["attributes"]["director.mcp.transport"] == "modern"
+
     # The log lines of a traced request carry its span beside its trace.
     access = [r for r in gateway.daemon.records() if r.get("trace_id") == TRACE
               and r.get("status") == 200]
@@ -328,9 +352,29 @@ def test_failures_mark_their_spans_and_no_secret_is_exported(
                                   f"00-{'4' * 32}-{CLIENT_SPAN}-01")
     assert body["error"]["code"] == -32602
 
+    # A sampling request the server makes mid-call is relayed in the call's trace. (Handshake
+    # era only: to a 2026-07-28 client, this stdio server speaks that era itself, where the
+    # SDK's `ctx.session.create_message` has no back-channel.)
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        return types.CreateMessageResult(role="assistant", model="m",
+                                         content=types.TextContent(type="text", text="sampled"))
+
+    async def asking() -> None:
+        url = f"{gateway.daemon.base}/playbooks/ref/mcp?key={gateway.key}"
+        async with Client(url, mode="legacy", sampling_callback=sampling) as client:
+            asked = await client.call_tool("s_ask", {"question": SECRET})
+            assert asked.content[0].text == "sampled"
+
+    run(asking())
+
     spans = collector.wait_for(lambda spans: {"3" * 32, "4" * 32, TRACE} <= {
         s["trace"] for s in spans if s["name"] == "POST"} and any(
-        s["name"] == "upstream restart" for s in spans))
+        s["name"] == "upstream restart" for s in spans) and sum(
+        s["name"] == "sampling/createMessage" for s in spans) == 1)
+    by_id = {s["id"]: s for s in spans}
+    for relayed in (s for s in spans if s["name"] == "sampling/createMessage"):
+        assert relayed["kind"] == CLIENT
+        assert by_id[relayed["parent"]]["name"] == "tools/call s_ask"
     refused = tree(spans, TRACE)
     upstream = one(refused, "tools/call refuse")
     assert upstream["status"] == ERROR and upstream["attributes"]["error.type"] == "tool_error"
