@@ -196,6 +196,12 @@ def debug(port: int) -> list[dict[str, Any]]:
         return json.loads(answer.read())  # type: ignore[no-any-return]
 
 
+async def sampled(context: Any, params: types.CreateMessageRequestParams) -> Any:
+    """A client's sampling callback."""
+    return types.CreateMessageResult(role="assistant", model="m",
+                                     content=types.TextContent(type="text", text="sampled"))
+
+
 def text_of(body: dict[str, Any]) -> str:
     return str(body["result"]["content"][0]["text"])
 
@@ -314,13 +320,9 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
 
     # A 2026-07-28 client's call whose handshake-only server asks for sampling mid-call: the
     # request is bridged to input_required, and relayed in the call's trace.
-    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
-        return types.CreateMessageResult(role="assistant", model="m",
-                                         content=types.TextContent(type="text", text="sampled"))
-
     async def asking() -> str:
         url = f"{gateway.daemon.base}/playbooks/ref/mcp?key={gateway.key}"
-        async with Client(url, mode="auto", sampling_callback=sampling) as client:
+        async with Client(url, mode="auto", sampling_callback=sampled) as client:
             asked = await client.call_tool("l_sample", {"prompt": "p"})
             return str(asked.content[0].text)
 
@@ -355,13 +357,9 @@ def test_failures_mark_their_spans_and_no_secret_is_exported(
     # A sampling request the server makes mid-call is relayed in the call's trace. (Handshake
     # era only: to a 2026-07-28 client, this stdio server speaks that era itself, where the
     # SDK's `ctx.session.create_message` has no back-channel.)
-    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> Any:
-        return types.CreateMessageResult(role="assistant", model="m",
-                                         content=types.TextContent(type="text", text="sampled"))
-
     async def asking() -> None:
         url = f"{gateway.daemon.base}/playbooks/ref/mcp?key={gateway.key}"
-        async with Client(url, mode="legacy", sampling_callback=sampling) as client:
+        async with Client(url, mode="legacy", sampling_callback=sampled) as client:
             asked = await client.call_tool("s_ask", {"question": SECRET})
             assert asked.content[0].text == "sampled"
 
