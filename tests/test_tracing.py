@@ -35,6 +35,8 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 SECRET = "sup3r-s3cret-argument-value"
 SERVER, CLIENT = 2, 3  # Span.SpanKind
+#: The server span of an MCP POST: named after the route that answered, never the raw path.
+MCP_POST = "POST /playbooks/{playbook_id}/mcp"
 ERROR = 2  # Status.StatusCode
 
 
@@ -245,17 +247,19 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
 
     spans = tree(collector.wait_for(lambda spans: any(
         s["id"] == stdio_parent for s in spans) and any(
-        s["name"] == "POST" and s["trace"] == TRACE for s in spans)), TRACE)
+        s["name"] == MCP_POST and s["trace"] == TRACE for s in spans)), TRACE)
     upstream = spans[stdio_parent]
     assert upstream["name"] == "tools/call trace_meta" and upstream["kind"] == CLIENT
     assert upstream["attributes"]["director.server.name"] == "reference"
     assert upstream["attributes"]["director.upstream.transport"] == "stdio"
     assert upstream["attributes"]["network.transport"] == "pipe"
-    assert chain(spans, upstream) == ["POST", "tools/call s_trace_meta",
+    assert chain(spans, upstream) == [MCP_POST, "tools/call s_trace_meta",
                                       "tools/call trace_meta"]
-    request = one(spans, "POST")
+    request = one(spans, MCP_POST)
     assert request["parent"] == CLIENT_SPAN and request["kind"] == SERVER
     assert request["attributes"]["http.response.status_code"] == 200
+    assert request["attributes"]["http.route"] == "/playbooks/{playbook_id}/mcp"
+    assert "url.path" not in request["attributes"]
     assert request["service"]["service.name"] == "director-test"
     method = one(spans, "tools/call s_trace_meta")
     assert method["kind"] == SERVER
@@ -287,7 +291,7 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
     spans = tree(collector.wait_for(lambda spans: any(
         s["id"] == header.split("-")[2] for s in spans)), TRACE[::-1])
     upstream = spans[header.split("-")[2]]
-    assert chain(spans, upstream) == ["POST", "tools/call h_echo", "tools/call echo"]
+    assert chain(spans, upstream) == [MCP_POST, "tools/call h_echo", "tools/call echo"]
     assert upstream["attributes"]["director.upstream.transport"] == "streamable-http"
     assert upstream["attributes"]["server.address"] == "127.0.0.1"
 
@@ -306,14 +310,14 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
     assert sent[-1].startswith(f"00-{'2' * 32}-")
     spans = tree(collector.wait_for(lambda spans: any(
         s["id"] == stdio_parent for s in spans)), "1" * 32)
-    assert chain(spans, spans[stdio_parent]) == ["POST", "tools/call s_trace_meta",
+    assert chain(spans, spans[stdio_parent]) == [MCP_POST, "tools/call s_trace_meta",
                                                  "tools/call trace_meta"]
     assert one(spans, "tools/call s_trace_meta")["attributes"]["director.mcp.transport"] == \
         "modern"
     spans = tree(collector.wait_for(lambda spans: any(
         s["id"] == sent[-1].split("-")[2] for s in spans)), "2" * 32)
     modern_upstream = spans[sent[-1].split("-")[2]]
-    assert chain(spans, modern_upstream) == ["POST", "tools/call m_echo", "tools/call echo"]
+    assert chain(spans, modern_upstream) == [MCP_POST, "tools/call m_echo", "tools/call echo"]
     assert modern_upstream["attributes"]["director.upstream.transport"] == "modern"
 
     assert not any(span["trace"] == "5" * 32 for span in collector.spans)
@@ -333,6 +337,15 @@ def test_a_call_is_one_trace_from_the_client_into_each_upstream(
     relayed = next(s for s in spans if s["name"] == "sampling/createMessage")
     assert by_id[relayed["parent"]]["name"] == "tools/call l_sample"
     assert by_id[relayed["parent"]]["attributes"]["director.mcp.transport"] == "modern"
+
+    # Database work done for a traced request (the API calls that set the playbook up) is in
+    # its trace, named by its statement's first word; starting an upstream is a span too.
+    spans = collector.wait_for(lambda spans: any(s["name"].startswith("db ") for s in spans))
+    database = [s for s in spans if s["name"].startswith("db ")]
+    assert all(s["parent"] for s in database)
+    assert all(set(s["attributes"]) == {"db.system.name", "db.operation.name"} for s in database)
+    starts = [s for s in spans if s["name"] == "upstream start"]
+    assert {s["attributes"]["director.server.name"] for s in starts} >= {"reference", "web"}
 
     # The log lines of a traced request carry its span beside its trace.
     access = [r for r in gateway.daemon.records() if r.get("trace_id") == TRACE
@@ -366,7 +379,7 @@ def test_failures_mark_their_spans_and_no_secret_is_exported(
     run(asking())
 
     spans = collector.wait_for(lambda spans: {"3" * 32, "4" * 32, TRACE} <= {
-        s["trace"] for s in spans if s["name"] == "POST"} and any(
+        s["trace"] for s in spans if s["name"] == MCP_POST} and any(
         s["name"] == "upstream restart" for s in spans) and sum(
         s["name"] == "sampling/createMessage" for s in spans) == 1)
     by_id = {s["id"]: s for s in spans}
@@ -378,7 +391,7 @@ def test_failures_mark_their_spans_and_no_secret_is_exported(
     assert upstream["status"] == ERROR and upstream["attributes"]["error.type"] == "tool_error"
     method = one(refused, "tools/call s_refuse")
     assert method["status"] == ERROR and method["attributes"]["error.type"] == "tool_error"
-    assert one(refused, "POST")["status"] != ERROR  # the HTTP exchange itself went well
+    assert one(refused, MCP_POST)["status"] != ERROR  # the HTTP exchange itself went well
     crashed = tree(spans, "3" * 32)
     upstream = one(crashed, "tools/call crash")
     assert upstream["status"] == ERROR and upstream["attributes"]["error.type"] == "UpstreamError"

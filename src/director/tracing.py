@@ -74,15 +74,15 @@ def hex_ids(span: Span) -> tuple[str, str]:
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
-def request_span(request: Any, path: str) -> Span:
+def request_span(request: Any) -> Span:
     """The server span of an HTTP request, continuing the client's ``traceparent`` (and
-    ``tracestate``) when valid. ``path`` is the path without its query."""
+    ``tracestate``) when valid. Not the path (a client may type anything in it): the route
+    that answered names the span when it ends (``DirectorRequest.end_span``)."""
     assert TRACER is not None
     parent = PROPAGATOR.extract(request, getter=_HEADERS)  # type: ignore[arg-type]
     method = request.method.decode("latin-1")
     return TRACER.start_span(method, parent, SERVER, attributes={
-        "http.request.method": method, "url.path": path, "url.scheme":
-        "https" if request.isSecure() else "http"})
+        "http.request.method": method, "url.scheme": "https" if request.isSecure() else "http"})
 
 
 def attach(span: Span) -> object:

@@ -36,6 +36,7 @@ from director.logs import THRESHOLD
 from director.web.errors import error_body
 from director.web.hosts import host_name, is_loopback_name
 from director.web.querykey import redact
+from director.web.routes import OTHER, route_template
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
@@ -165,12 +166,16 @@ class DirectorRequest(server.Request):
         if self.span is not None and not self.finished:  # the client went away
             self.end_span(answered=False)
 
-    def end_span(self, answered: bool = True) -> None:
+    def end_span(self, answered: bool = True, route: str | None = None) -> None:
         """End the server span (once) with the response's status (``answered``: the response
-        was finished, rather than cut by the client going away)."""
+        was finished, rather than cut by the client going away) and, when one answered, the
+        template of the route, which names it (``POST /playbooks/{playbook_id}/mcp``)."""
         span, self.span = self.span, None
         if span is None:
             return
+        if route is not None and route != OTHER:
+            span.set_attribute("http.route", route)
+            span.update_name(f"{self.method.decode('latin-1')} {route}")
         span.set_attribute("http.response.status_code", self.code)
         if self.code >= 500 or not answered:
             tracing.fail(span, kind=str(self.code) if answered else "connection_lost")
@@ -360,6 +365,8 @@ class DirectorSite(server.Site):
         self.displayTracebacks = False
         self.open_channels: set[Any] = set()  # DirectorChannel
         self.in_flight: set[DirectorRequest] = set()
+        #: Route templates by Klein rule, for the server spans' names (tracing on).
+        self.route_templates: dict[tuple[str, str], str] = {}
         #: Connections counted per address key (see ``address_key``); absent means none.
         self.connections_by_address: dict[str, int] = {}
         self._refusals = RefusalLog(self.connection_cap)
@@ -449,7 +456,8 @@ class DirectorSite(server.Site):
             self.metrics.http_request(request, duration / 1000)
         span_id = getattr(request, "span_id", "")
         if span_id:
-            request.end_span()  # type: ignore[attr-defined]
+            request.end_span(  # type: ignore[attr-defined]
+                route=route_template(request, self.route_templates))
         if not self.access_log:
             return
         log.info(
@@ -498,7 +506,7 @@ class EdgeResource(Resource):
             request.trace_id = trace_id_for(request.getHeader(b"traceparent"))
             return self._render(request)
         # The trace id logged and answered is the span's: the client's, or a new trace's.
-        span = request.span = tracing.request_span(request, request.path.decode("latin-1"))
+        span = request.span = tracing.request_span(request)
         request.trace_id, request.span_id = tracing.hex_ids(span)
         token = tracing.attach(span)
         try:
