@@ -16,18 +16,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 from mcp import Client, types
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from twisted.internet import reactor
 
+from director import tracing
 from director.cli.doctor import FAIL, OK, check_tracing
 from director.config import load_settings
+from director.mcp.upstream.base import UpstreamError
+from director.mcp.upstream.connect import CheckedEndpoints
+from director.mcp.upstream.http import StreamableHttpUpstream, new_pool
 from tests.accounts_helpers import call, sign_up
 from tests.harness import Daemon, free_port, local_servers
 from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server, run
 from tests.test_mcp_modern import META, VERSION
+from tests.test_upstream_http import call as call_tool
+from tests.test_upstream_http import posts, reference
 
 StartDaemon = Callable[..., Daemon]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -477,3 +488,50 @@ def test_doctor_checks_the_collector(collector: Collector) -> None:
     found = check_tracing(load_settings(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}))
     assert found is not None and found.status == FAIL and "cannot be reached" in found.summary
+
+
+# --- in process: what a daemon test cannot reach easily ------------------------------------
+
+
+@pytest.fixture
+def memory_tracer() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process, its spans kept in memory (the SDK's own exporter)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider.get_tracer("test"))
+    yield exporter
+    tracing.install(None)
+    provider.shutdown()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_session_reinitialised_is_a_span_of_the_call_that_found_it_gone(
+        memory_tracer: InMemorySpanExporter) -> None:
+    server = reference()
+    pool = new_pool(reactor, endpoints=CheckedEndpoints(reactor, allow_insecure=True))
+    session = StreamableHttpUpstream("ref", f"{server.base}/mcp", {}, reactor, pool)
+    try:
+        server.wait_ready()
+        await session.start()
+        server.stop()
+        with pytest.raises(UpstreamError):  # what the pooled connection learns it from
+            await call_tool(session, "echo", text="while down")
+        server.launch()  # a new process: it forgot the session
+        server.wait_ready()
+        with tracing.span("call") as parent:
+            assert await call_tool(session, "echo", text="after") == "after"
+        assert parent is not None
+        renewed = next(s for s in memory_tracer.get_finished_spans()
+                       if s.name == "upstream reinitialize")
+        assert renewed.parent is not None
+        assert renewed.parent.span_id == parent.get_span_context().span_id
+        assert renewed.attributes is not None
+        assert renewed.attributes["director.server.name"] == "ref"
+        trace_id = format(parent.get_span_context().trace_id, "032x")
+        for sent in (posts(server.log(), "initialize")[-1], posts(server.log(), "tools/call")[-1]):
+            assert sent["headers"]["traceparent"].split("-")[1] == trace_id
+    finally:
+        await session.close()
+        await pool.closeCachedConnections()
+        server.stop()
