@@ -535,3 +535,24 @@ async def test_an_http_session_reinitialised_is_a_span_of_the_call_that_found_it
         await session.close()
         await pool.closeCachedConnections()
         server.stop()
+
+
+def test_an_oauth_refresh_is_a_span_of_the_call_that_needed_it(
+        start_daemon: StartDaemon, migrated_url: str, collector: Collector) -> None:
+    from tests.test_upstream_oauth import authorized_session, echo, echoed, started
+    from tests.upstream_oauth_helpers import protected_server
+
+    with protected_server() as server:
+        daemon = started(start_daemon, migrated_url, OTEL_BSP_SCHEDULE_DELAY="100",
+                         OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
+        owner, session = authorized_session(daemon, server, "refresh@example.com")
+        assert echoed(echo(daemon, owner, session, "one")) == "one"
+        server.post("/debug/expire")  # the server no longer takes the token Director holds
+        assert echoed(echo(daemon, owner, session, "again")) == "again"
+    spans = collector.wait_for(lambda spans: any(s["name"] == "oauth refresh" for s in spans))
+    by_id = {s["id"]: s for s in spans}
+    refresh = next(s for s in spans if s["name"] == "oauth refresh")
+    assert chain(by_id, refresh) == [MCP_POST, "tools/call echo", "tools/call echo",
+                                     "oauth refresh"]  # client, method, upstream call, refresh
+    assert by_id[refresh["parent"]]["kind"] == CLIENT
+    assert set(refresh["attributes"]) == {"director.oauth.generation"}
