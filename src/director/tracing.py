@@ -280,11 +280,9 @@ def params_with_context(params: dict[str, Any] | None) -> dict[str, Any] | None:
     """``params`` with the current span's trace context in ``_meta`` (stdio upstreams), as
     the MCP conventions put it; ``params`` itself is not changed."""
     span = current()
-    if span is None:
-        return params
+    meta = params.get("_meta") if params else None
+    if span is None or (meta is not None and not isinstance(meta, dict)):
+        return params  # a _meta that is no object passes through as the client sent it
     carrier: dict[str, str] = {}
     PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
-    params = dict(params or {})
-    meta = params.get("_meta")
-    params["_meta"] = {**(meta if isinstance(meta, dict) else {}), **carrier}
-    return params
+    return {**(params or {}), "_meta": {**(meta or {}), **carrier}}
