@@ -7,7 +7,9 @@ start-to-healthy: external, embedded fresh, embedded existing), ``memory`` (idle
 limit shared by two instances), ``playbooks`` (propagation between two instances, 10,000
 playbooks in the cache), ``mcp`` (the gateway: added latency, CPU and throughput of
 ``tools/call``, idle sessions with streams, ``list_changed`` fan-out), ``ops`` (what
-``METRICS_LISTEN`` costs a proxied ``tools/call``), ``modern`` (the stateless era:
+``METRICS_LISTEN`` costs a proxied ``tools/call``), ``tracing`` (what OpenTelemetry costs it:
+off next to the code of ``main``, on sampling every trace and 1 in 100; spans per call;
+``bench/tracing.py``), ``modern`` (the stateless era:
 a modern ``tools/call`` next to a handshake-era one, to a handshake-only and to a dual-era
 upstream, two instances without affinity), ``slow`` (2,000 slow clients: connections held
 over time, time until all are closed, RSS, and health latency meanwhile), ``revocation`` (a
@@ -53,6 +55,7 @@ from bench import (
     slowclients,
     startup,
     throughput,
+    tracing,
     upstream_oauth,
     wrk,
 )
@@ -179,6 +182,11 @@ def _ops(c: Context) -> list[Figure]:
                                 duration=2.0 if c.quick else 3.0)
 
 
+def _tracing(c: Context) -> list[Figure]:
+    return tracing.tracing_overhead(c.reaper, c.workdir, c.database.url,
+                                    rounds=2 if c.quick else 6, duration=2.0 if c.quick else 3.0)
+
+
 def _modern(c: Context) -> list[Figure]:
     duration = 2.0 if c.quick else 3.0
     return (modern.modern_vs_handshake(c.reaper, c.workdir, c.database.url,
@@ -206,7 +214,7 @@ def _fuzz(c: Context) -> list[Figure]:
 GROUPS: dict[str, Callable[[Context], list[Figure]]] = {
     "startup": _startup, "memory": _memory, "health": _health,
     "accounts": _accounts, "playbooks": _playbooks, "mcp": _mcp, "ops": _ops,
-    "modern": _modern, "slow": _slow, "revocation": _revocation, "fuzz": _fuzz,
+    "tracing": _tracing, "modern": _modern, "slow": _slow, "revocation": _revocation, "fuzz": _fuzz,
 }
 
 

@@ -212,6 +212,15 @@ def test_base_url_follows_port_when_unset() -> None:
     ("STDIO_MEMORY_MAX", "lots", "STDIO_MEMORY_MAX='lots' is not a size; use a size in bytes"),
     ("STDIO_MEMORY_MAX", "1M", "is under 16M, too little for any runtime"),
     ("STDIO_TASKS_MAX", "0", "STDIO_TASKS_MAX='0' must be greater than 0"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318",
+     "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318' is not an http(s) URL"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "grpc://c:4317", "is not an http(s) URL"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "authorization Bearer s3cret",
+     "OTEL_EXPORTER_OTLP_HEADERS=(hidden) is not a list of key=value pairs"),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "=s3cret", "(hidden) is not a list"),
+    ("OTEL_TRACES_SAMPLER", "sometimes", "OTEL_TRACES_SAMPLER='sometimes' is not recognised"),
+    ("OTEL_TRACES_SAMPLER_ARG", "2", "OTEL_TRACES_SAMPLER_ARG='2' is not a ratio between 0 and 1"),
+    ("OTEL_SDK_DISABLED", "nope", "OTEL_SDK_DISABLED='nope' is not a boolean"),
 ])
 def test_invalid_values_are_named_with_their_fix(name: str, value: str, expected: str) -> None:
     problems = problems_for({name: value})
@@ -239,7 +248,10 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "MCP_LIST_WAIT_SECONDS",
               "METRICS_LISTEN", "METRICS_ALLOW_PUBLIC", "STDIO_USER", "STDIO_SANDBOX",
               "STDIO_SANDBOX_SOCKET", "STDIO_CACHE_DIRECTORY", "STDIO_MEMORY_MAX",
-              "STDIO_TASKS_MAX"}
+              "STDIO_TASKS_MAX", "OTEL_EXPORTER_OTLP_ENDPOINT",
+              "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS",
+              "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER",
+              "OTEL_TRACES_SAMPLER_ARG", "OTEL_SDK_DISABLED"}
     assert {variable.name for variable in VARIABLES} <= tested
 
 
@@ -530,3 +542,17 @@ def test_an_openid_connect_provider_needs_all_three_variables() -> None:
                               "OIDC_CLIENT_SECRET": "s" * 20})
     assert settings.oidc_issuer == "https://idp.example.com"
     assert "s" * 20 not in repr(settings)
+
+
+def test_tracing_is_on_only_with_an_endpoint() -> None:
+    assert load_settings({}).tracing_endpoint is None
+    settings = load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318/",
+                              "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=a%20b,authorization=k"})
+    assert settings.tracing_endpoint == "http://127.0.0.1:4318/v1/traces"
+    assert dict(settings.otel_headers) == {"x-tenant": "a b", "authorization": "k"}
+    assert "authorization=k" not in repr(settings)
+    assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318",
+                          "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://b/traces"}
+                         ).tracing_endpoint == "https://b/traces"
+    assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318",
+                          "OTEL_SDK_DISABLED": "true"}).tracing_endpoint is None

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 
@@ -130,6 +130,15 @@ class Settings:
     #: ``host:port`` (IPv6 as ``[::1]:port``) or ``unix:/path``; None: no metrics listener.
     metrics_listen: str | None = None
     metrics_allow_public: bool = False
+    #: OpenTelemetry (director.tracing): on when either endpoint is set.
+    otel_endpoint: str | None = None
+    otel_traces_endpoint: str | None = None
+    otel_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    otel_traces_headers: tuple[tuple[str, str], ...] = attrs.field(default=(), repr=False)
+    otel_service_name: str = "director"
+    otel_traces_sampler: str = "parentbased_always_on"
+    otel_traces_sampler_arg: float | None = None
+    otel_sdk_disabled: bool = False
     #: The account stdio servers run as when the daemon runs as root.
     stdio_user: str = "nobody"
     #: How stdio servers are boxed ("auto", "systemd", "account"): director.sandbox.
@@ -146,6 +155,17 @@ class Settings:
     @property
     def base_origin(self) -> str:
         return origin_of(self.base_url)
+
+    @property
+    def tracing_endpoint(self) -> str | None:
+        """Where spans go (OTLP/HTTP), or None: tracing off."""
+        if self.otel_sdk_disabled:
+            return None
+        if self.otel_traces_endpoint is not None:
+            return self.otel_traces_endpoint
+        if self.otel_endpoint is not None:
+            return self.otel_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @property
     def embedded_database(self) -> bool:
@@ -477,6 +497,44 @@ def _size(raw: str) -> int:
     return size
 
 
+SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+            "parentbased_always_off", "parentbased_traceidratio")
+
+
+def _otlp_url(raw: str) -> str:
+    url = raw.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Invalid("is not an http(s) URL",
+                       "give the collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318")
+    return url
+
+
+def _otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    """W3C baggage-like ``key=value,key2=value2`` (values percent-encoded), as the
+    OpenTelemetry SDKs read ``OTEL_EXPORTER_OTLP_HEADERS``."""
+    headers = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise _Invalid("is not a list of key=value pairs",
+                           "write it as name=value,name2=value2 (values percent-encoded)")
+        headers[key.strip().lower()] = unquote(value.strip())
+    return tuple(headers.items())
+
+
+def _sampler_ratio(raw: str) -> float:
+    try:
+        ratio = float(raw.strip())
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise _Invalid("is not a ratio between 0 and 1", "give e.g. 0.01 to keep 1 trace in 100")
+    return ratio
+
+
 def _metrics_listen(raw: str) -> str:
     """``ADDRESS:PORT`` or ``unix:/absolute/path``, normalised (``localhost`` → 127.0.0.1)."""
     value = raw.strip()
@@ -736,6 +794,32 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("METRICS_ALLOW_PUBLIC", "false",
              "Allow METRICS_LISTEN on a non-loopback address (metrics are unauthenticated).",
              _boolean, "metrics_allow_public"),
+    Variable("OTEL_EXPORTER_OTLP_ENDPOINT", None,
+             "OpenTelemetry tracing: the collector's OTLP/HTTP base URL (spans go to its "
+             "/v1/traces, protobuf), e.g. http://127.0.0.1:4318. Unset (and "
+             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT unset): tracing is off and costs nothing.",
+             _otlp_url, "otel_endpoint"),
+    Variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None,
+             "The full URL spans are posted to, instead of OTEL_EXPORTER_OTLP_ENDPOINT's "
+             "/v1/traces.", _otlp_url, "otel_traces_endpoint"),
+    Variable("OTEL_EXPORTER_OTLP_HEADERS", None,
+             "Headers sent to the collector, key=value,key2=value2 (values percent-encoded), "
+             "e.g. a tenant or an authorization; never logged.", _otlp_headers, "otel_headers"),
+    Variable("OTEL_EXPORTER_OTLP_TRACES_HEADERS", None,
+             "Headers for the traces endpoint only (over OTEL_EXPORTER_OTLP_HEADERS).",
+             _otlp_headers, "otel_traces_headers"),
+    Variable("OTEL_SERVICE_NAME", "director",
+             "service.name of the spans (OTEL_RESOURCE_ATTRIBUTES adds other resource "
+             "attributes, e.g. deployment.environment.name=prod).", _text, "otel_service_name"),
+    Variable("OTEL_TRACES_SAMPLER", "parentbased_always_on",
+             f"Which traces are kept: {', '.join(SAMPLERS)}. parentbased_* follow the "
+             "client's traceparent flag when there is one.",
+             _one_of(SAMPLERS), "otel_traces_sampler"),
+    Variable("OTEL_TRACES_SAMPLER_ARG", None,
+             "The ratio of the *traceidratio samplers (0 to 1; default 1), e.g. 0.01.",
+             _sampler_ratio, "otel_traces_sampler_arg"),
+    Variable("OTEL_SDK_DISABLED", "false", "true: tracing off, whatever the endpoints say.",
+             _boolean, "otel_sdk_disabled"),
 )
 
 
@@ -796,6 +880,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             values[variable.field] = variable.parse(raw)
         except _Invalid as invalid:
             shown = ("(hidden)" if variable.name.startswith("BETTER_AUTH_SECRET")
+                     or variable.name.endswith("_HEADERS")
                      or variable.name == "OIDC_CLIENT_SECRET"
                      else _shown_database_url(raw) if variable.name == "DATABASE_URL"
                      else repr(raw))

@@ -5,8 +5,9 @@ Every line is one JSON object with the fields the deployment guide shows (``leve
 guide's log-shipping recipes keep working. When stdout is connected to the journal
 (``JOURNAL_STREAM`` names our stdout), entries go to journald's native socket instead, with
 ``PRIORITY``, ``SYSLOG_IDENTIFIER`` and the context as upper-case fields (``PLAYBOOK_ID``,
-``TRACE_ID``, …), so ``journalctl -o json`` is directly shippable and ``journalctl -p warning``
-filters by severity. If the journal socket refuses an entry, that entry falls back to stdout.
+``TRACE_ID``, ``SPAN_ID``: the span a line was logged in, with tracing on …), so
+``journalctl -o json`` is directly shippable and ``journalctl -p warning`` filters by severity.
+If the journal socket refuses an entry, that entry falls back to stdout.
 
 twistd selects this with ``--logger=director.logs.observer`` (``director serve`` and the
 plugin do that for you).
@@ -27,6 +28,8 @@ from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
+
+from director import tracing
 
 #: Pino's numeric levels. Twisted has no "trace"; LOG_LEVEL=trace shows debug and below.
 PINO_LEVEL = {
@@ -74,6 +77,8 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
         "name": event.get("log_namespace", IDENTIFIER),
         "msg": formatEvent(dict(event)) if event.get("log_format") is not None else "",
     }
+    if tracing.TRACER is not None and "span_id" not in record:
+        _add_span(record)
     failure = event.get("log_failure")
     if failure is not None:
         record["err"] = {
@@ -84,6 +89,19 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
         if not record["msg"]:
             record["msg"] = str(failure.value)
     return record
+
+
+def _add_span(record: dict[str, Any]) -> None:
+    """With tracing on, a line logged within a span names it beside its trace (``span_id``);
+    a line that names another trace (a request's, logged elsewhere) is left alone."""
+    span = tracing.current()
+    if span is None:
+        return
+    trace_id, span_id = tracing.hex_ids(span)
+    if not record.get("trace_id"):
+        record["trace_id"] = trace_id
+    if record["trace_id"] == trace_id:
+        record["span_id"] = span_id
 
 
 def _journal_field(key: str) -> str:

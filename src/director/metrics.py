@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import prometheus_client
-from klein.interfaces import IKleinRequest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -51,6 +49,7 @@ from twisted.web.resource import Resource
 from director import __version__
 from director.mcp.upstream.base import LEGACY_VERSIONS
 from director.web.hosts import host_name, is_loopback_name
+from director.web.routes import OTHER, route_template
 
 if TYPE_CHECKING:
     from director.accounts.cache import AccountCache
@@ -94,10 +93,8 @@ TARGET_BUCKETS = (0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 60.0, 300.0)
 GATEWAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 UPSTREAM_TYPES = ("stdio", "http", "sse")
 UPSTREAM_STATES = ("starting", "started", "restarting", "failed")
-OTHER = "other"
 #: What ``generate_latest`` writes: the classic text format every scraper reads.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-_PARAMETER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
 class Metrics:
@@ -153,6 +150,10 @@ class Metrics:
         self.upstream_restarts = Counter(
             "director_upstream_restarts", "Upstream sessions restarted (stdio: process respawned; "
             "HTTP: re-initialised after the server forgot it).", ("playbook", "server"),
+            registry=self.registry)
+        self.tracing_dropped = Counter(
+            "director_tracing_spans_dropped", "Spans not exported (OTEL_* tracing): the batch "
+            "queue was full, or the collector did not take their batch.", ("reason",),
             registry=self.registry)
         ProcessCollector(registry=self.registry)
         # Label children and route templates, looked up once each (labels() costs ~4 µs).
@@ -309,24 +310,8 @@ class Metrics:
         _remove(self.upstream_restarts, *labels)
 
     def route(self, request: http.Request) -> str:
-        """The template of the Klein route that answered, e.g. ``/playbooks/{playbook_id}/mcp``.
-
-        The innermost Klein app leaves its bound URL map on the request; matching it again
-        (a few µs) names the rule without keeping anything from the raw path.
-        """
-        mapper = getattr(IKleinRequest(request), "mapper", None)
-        if mapper is None:
-            return OTHER  # refused at the edge (Host, Origin, preflight) before any route
-        try:
-            rule, _ = mapper.match(return_rule=True)
-        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
-            return OTHER
-        key = (mapper.script_name, rule.rule)
-        template = self._templates.get(key)
-        if template is None:
-            template = self._templates[key] = _PARAMETER.sub(
-                r"{\1}", mapper.script_name.rstrip("/") + rule.rule)
-        return template
+        """The template of the Klein route that answered (``director.web.routes``)."""
+        return route_template(request, self._templates)
 
     # --- reading --------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 
-from director import __version__, state, systemd
+from director import __version__, state, systemd, tracing
 from director.accounts.cache import AccountCache
 from director.accounts.purge import SessionPurge
 from director.accounts.ratelimit import RateLimiter
@@ -69,6 +69,7 @@ from director.web.v1 import ApiV1
 if TYPE_CHECKING:
     from director.metrics import Metrics
     from director.telemetry import TelemetryService
+    from director.tracing_export import TracingExport
 
 log = Logger(namespace="gateway")
 
@@ -113,6 +114,13 @@ class DirectorService(MultiService):
             from director.metrics import Metrics
 
             self.metrics = Metrics()
+        #: OpenTelemetry's provider and exporter when OTEL_* configure an endpoint.
+        self.tracing: TracingExport | None = None
+        if settings.tracing_endpoint is not None:
+            from director.tracing_export import TracingExport
+
+            self.tracing = TracingExport(settings, self.metrics, reactor)
+            tracing.install(self.tracing.tracer)
         #: OAuth access tokens, resolved on the MCP hot path like API keys.
         self.oauth_tokens = TokenCache(self.database)
         self.authenticator = Authenticator(settings, self.database, self.accounts,
@@ -447,11 +455,26 @@ class DirectorService(MultiService):
         self.rate_limiter.stop()
         self.session_purge.stop()
         self.database.stop()
+        if self.tracing is not None:
+            await self._stop_tracing(self.tracing)
         if self.postmaster_watch is not None:
             self.postmaster_watch.stop()
         if self.embedded is not None:
             await threads.deferToThread(self.embedded.stop, self.settings.shutdown_timeout_seconds)
         log.info("stopped")
+
+    async def _stop_tracing(self, export: TracingExport) -> None:
+        """The spans still queued go out, within the shutdown timeout (a collector that does
+        not answer holds the exporter's thread, never the stop)."""
+        tracing.install(None)
+        flushed = threads.deferToThread(export.shutdown)
+        waited: defer.Deferred[None] = defer.Deferred()
+        flushed.addBoth(lambda _: None if waited.called else waited.callback(None))
+        timer = self.reactor.callLater(self.settings.shutdown_timeout_seconds,
+                                       lambda: None if waited.called else waited.callback(None))
+        await waited
+        if timer.active():
+            timer.cancel()
 
     async def _drain_connections(self) -> None:
         """Wait for in-flight responses, then cut what remains (idle keep-alives, streams)."""

@@ -71,7 +71,13 @@ CONNECT_TIMEOUT_SECONDS = 5
 #: Below this many bits of estimated entropy a secret is called weak.
 MIN_SECRET_BITS = 100
 #: Variables Director reads besides the configuration table's.
-OTHER_VARIABLES = ("DIRECTOR_ENV", "DIRECTOR_ENV_FILE", "DIRECTOR_PG_BINDIR")
+OTHER_VARIABLES = ("DIRECTOR_ENV", "DIRECTOR_ENV_FILE", "DIRECTOR_PG_BINDIR",
+                   # read by the OpenTelemetry SDK itself (docs/operations.rst, Tracing)
+                   "OTEL_RESOURCE_ATTRIBUTES", "OTEL_BSP_MAX_QUEUE_SIZE",
+                   "OTEL_BSP_SCHEDULE_DELAY", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                   "OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                   "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                   "OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
 #: Fragments of documentation examples and placeholders, compared without case or punctuation.
 PLACEHOLDERS = (
     "yoursecure", "yoursecret", "randomstring", "securerandom", "secrethere", "changeme",
@@ -196,7 +202,9 @@ def check_env_file(env_file: str | None, process: Mapping[str, str]) -> Environm
         problems.append(f"{', '.join(blanked)} set in the file but empty in the process "
                         "environment, which wins (empty counts as unset)")
         fixes.append("unset " + " ".join(blanked) + " in the calling environment")
-    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL", "OIDC_CLIENT_SECRET")
+    sensitive = [key for key in ("BETTER_AUTH_SECRET", "DATABASE_URL", "OIDC_CLIENT_SECRET",
+                                 "OTEL_EXPORTER_OTLP_HEADERS",
+                                 "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
                  if file_values.get(key)]
     if info.st_mode & stat.S_IROTH and sensitive:
         problems.append(f"{path} is readable by every user and holds {', '.join(sensitive)}")
@@ -783,6 +791,36 @@ def check_metrics_port(settings: Settings) -> Result | None:
                   "choose a free port for METRICS_LISTEN (each instance needs its own)")
 
 
+# --- OpenTelemetry collector ------------------------------------------------------------------
+
+
+def check_tracing(settings: Settings) -> Result | None:
+    """When tracing is on: the collector answers an empty OTLP/HTTP export (protobuf) with
+    2xx. An empty ``ExportTraceServiceRequest`` is zero bytes of protobuf: nothing is stored."""
+    endpoint = settings.tracing_endpoint
+    if endpoint is None:
+        return None
+    name = "tracing"
+    headers = {"content-type": "application/x-protobuf",
+               **dict(settings.otel_headers), **dict(settings.otel_traces_headers)}
+    try:
+        status, answered, _ = _fetch(endpoint, "POST", b"", headers)
+    except (OSError, http.client.HTTPException) as failure:
+        return Result(name, FAIL, f"the OTLP collector at {endpoint} cannot be reached: "
+                                  f"{failure}",
+                      "start the collector (docs/operations.rst, Tracing), or correct "
+                      "OTEL_EXPORTER_OTLP_ENDPOINT; meanwhile spans are dropped (clients are "
+                      "not affected)")
+    if 200 <= status < 300:
+        content_type = answered.get("content-type") or "no content type"
+        return Result(name, OK, f"the OTLP collector at {endpoint} takes spans "
+                                f"({status}, {content_type})")
+    fix = ("check OTEL_EXPORTER_OTLP_HEADERS (the collector's credentials)" if status in (401, 403)
+           else "point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's OTLP/HTTP receiver "
+                "(port 4318 by default; spans go to /v1/traces)")
+    return Result(name, FAIL, f"{endpoint} answered an OTLP export with HTTP {status}", fix)
+
+
 # --- BASE_URL ---------------------------------------------------------------------------------
 
 
@@ -821,7 +859,8 @@ REACH_TIMEOUT_SECONDS = 5.0
 DISCOVERY_PATH = "/.well-known/oauth-authorization-server"
 
 
-def _fetch(url: str) -> tuple[int, dict[str, str], bytes]:
+def _fetch(url: str, method: str = "GET", body: bytes | None = None,
+           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     parts = urlsplit(url)
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
@@ -831,7 +870,8 @@ def _fetch(url: str) -> tuple[int, dict[str, str], bytes]:
         connection = http.client.HTTPConnection(parts.hostname or "", parts.port,
                                                 timeout=REACH_TIMEOUT_SECONDS)
     try:
-        connection.request("GET", parts.path or "/", headers={"accept": "application/json"})
+        connection.request(method, parts.path or "/", body=body,
+                           headers=headers or {"accept": "application/json"})
         response = connection.getresponse()
         return (response.status, {k.lower(): v for k, v in response.getheaders()},
                 response.read(65536))
@@ -1050,6 +1090,9 @@ def run_checks(env_file: str | None, process: Mapping[str, str] | None = None) -
         metrics = check_metrics_port(settings)
         if metrics is not None:
             results.append(metrics)
+        tracing = check_tracing(settings)
+        if tracing is not None:
+            results.append(tracing)
         results.append(check_base_url(settings))
         results.append(check_base_url_reach(settings))
         results.append(check_state_directory(settings))

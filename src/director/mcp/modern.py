@@ -98,6 +98,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director import tracing
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.capabilities import describe, missing
@@ -699,13 +700,16 @@ class StatelessContext(DownstreamSession):
 
     async def ask_client(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Bridged to ``input_required`` for the latest call that can carry it."""
-        exchange = next((c.exchange for c in reversed(self.forwarding)
-                         if c.exchange is not None and not c.exchange.done), None)
-        if exchange is None:
+        channel = next((c for c in reversed(self.forwarding)
+                        if c.exchange is not None and not c.exchange.done), None)
+        if channel is None or channel.exchange is None:
             raise ProtocolError(INVALID_REQUEST,  # what the SDK's NoBackChannelError says
                                 f"{method} cannot reach the client: it speaks MCP 2026-07-28 "
                                 f"and no call of it that could carry input_required is waiting")
-        return await exchange.ask(method, params)
+        if tracing.spans():
+            with tracing.relay_span(method, channel.trace_span):
+                return await channel.exchange.ask(method, params)
+        return await channel.exchange.ask(method, params)
 
     def send_related(self, message: Message) -> None:
         """An upstream's log line: on the stream of the latest call waiting on an upstream,

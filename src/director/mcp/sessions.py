@@ -34,6 +34,7 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director import tracing
 from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
@@ -141,6 +142,10 @@ class Channel(Protocol):
 
 class CallChannel:
     """The answer to one POSTed request: JSON, or SSE once something precedes the result."""
+
+    #: With tracing on, the span of the request this channel answers (the parent of what the
+    #: upstream asks the client meanwhile, which arrives in no request's context).
+    trace_span: Any = None
 
     def __init__(self, request: Any, streams: StreamRegistry) -> None:
         self.request = request
@@ -303,6 +308,35 @@ class DownstreamSession:
 
     async def handle(self, message: Message, channel: Channel) -> Message:
         """The response to one client request (never raises)."""
+        if not tracing.spans():
+            return await self._handle(message, channel)
+        span = self._method_span(message)
+        if isinstance(channel, CallChannel):
+            channel.trace_span = span
+        token = tracing.attach(span)
+        try:
+            response = await self._handle(message, channel)
+            tracing.response_outcome(span, response)
+            return response
+        finally:
+            tracing.detach(token)
+            span.end()
+
+    def _method_span(self, message: Message) -> tracing.Span:
+        """The span of an MCP request on this session (MCP conventions: a server span)."""
+        params = message.get("params")
+        name, attributes = tracing.mcp_attributes(
+            message["method"], params if isinstance(params, dict) else {})
+        attributes["jsonrpc.request.id"] = str(message.get("id"))
+        attributes["director.playbook.id"] = str(self.playbook_pk)
+        attributes["director.mcp.transport"] = self.transport
+        attributes["network.protocol.name"] = "http"
+        if self.transport != "modern":  # a modern context's id is no client's session
+            attributes["mcp.session.id"] = self.id[:8]
+            attributes["mcp.protocol.version"] = self.protocol_version
+        return tracing.start(name, tracing.SERVER, attributes)
+
+    async def _handle(self, message: Message, channel: Channel) -> Message:
         self.touch()
         request_id = message.get("id")
         self.call_channels.append(channel)
@@ -353,7 +387,13 @@ class DownstreamSession:
             return await self.aggregator.templates(playbook)
         if method == "tools/call":
             name = _required_string(params, "name")
-            server, original = await self.aggregator.tool_route(playbook, name)
+            if not tracing.spans():
+                server, original = await self.aggregator.tool_route(playbook, name)
+            else:
+                with tracing.span("route", attributes={"gen_ai.tool.name": name}) as routed:
+                    server, original = await self.aggregator.tool_route(playbook, name)
+                    assert routed is not None
+                    routed.set_attribute("director.server.name", server.name)
             return await self._forward(server, method, dict(params, name=original), channel)
         if method == "prompts/get":
             name = _required_string(params, "name")
@@ -417,7 +457,24 @@ class DownstreamSession:
                                 params: dict[str, Any] | None, **options: Any
                                 ) -> dict[str, Any]:
         """``session.request``, timed for the metrics (per server, and as the client request's
-        wait) when they are on."""
+        wait) when they are on, in a client span when tracing is."""
+        if not tracing.spans():
+            return await self._timed_request(server, session, method, params, **options)
+        span = tracing.upstream_span(server.name, session, method, params)
+        token = tracing.attach(span)
+        try:
+            result = await self._timed_request(server, session, method, params, **options)
+            tracing.result_outcome(span, result)
+            return result
+        except BaseException as failure:
+            tracing.fail(span, failure)
+            raise
+        finally:
+            tracing.detach(token)
+            span.end()
+
+    async def _timed_request(self, server: Server, session: UpstreamSession, method: str,
+                             params: dict[str, Any] | None, **options: Any) -> dict[str, Any]:
         metrics = self.engine.metrics
         if metrics is None:
             return await session.request(method, params, **options)
@@ -519,6 +576,13 @@ class DownstreamSession:
                                 self.channel)
         if not channel.open and self.transport == "streamable":
             raise ProtocolError(-32603, "the client has no open stream to receive the request")
+        if tracing.spans():
+            with tracing.relay_span(method, getattr(channel, "trace_span", None)):
+                return await self._ask(channel, method, params)
+        return await self._ask(channel, method, params)
+
+    async def _ask(self, channel: Channel, method: str, params: dict[str, Any]
+                   ) -> dict[str, Any]:
         request_id = f"director-{secrets.token_hex(8)}"
         waiting: defer.Deferred[Any] = defer.Deferred()
         self.client_requests[request_id] = waiting

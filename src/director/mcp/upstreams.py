@@ -39,6 +39,7 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director import tracing
 from director.config import Settings
 from director.mcp.jsonrpc import Message
 from director.mcp.upstream.base import UpstreamError, UpstreamSession, UpstreamTimeout
@@ -204,7 +205,14 @@ class UpstreamManager:
         if hasattr(session, "on_reinitialized"):
             session.on_reinitialized = lambda result: self._restored(upstream)
         try:
-            await self._bounded_start(session, upstream.server)
+            if not tracing.spans():
+                await self._bounded_start(session, upstream.server)
+            else:
+                with tracing.span("upstream start", attributes={
+                        "director.server.name": upstream.server.name,
+                        "director.upstream.transport": tracing.upstream_transport(session),
+                        "director.upstream.era": upstream.era}):
+                    await self._bounded_start(session, upstream.server)
         except Exception as failure:
             message = str(failure) if isinstance(failure, UpstreamError) else \
                 f"[{upstream.server.name}] {failure}"

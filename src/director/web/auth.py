@@ -33,6 +33,7 @@ from uuid import UUID
 import attrs
 from twisted.web.server import Request
 
+from director import tracing
 from director.accounts import store
 from director.accounts.cache import AccountCache
 from director.accounts.credentials import looks_like_api_key
@@ -146,6 +147,18 @@ class Authenticator:
                            allow_pending: bool = False, allow_oauth: bool = False) -> Principal:
         """The caller, or an ``ApiError`` (401, 403, 429) saying why not. ``allow_oauth``:
         an OAuth access token is accepted (MCP routes, which check its playbook)."""
+        if not tracing.spans():
+            return await self._authenticate(request, allow_query_key, allow_pending,
+                                             allow_oauth)
+        with tracing.span("authenticate") as span:
+            principal = await self._authenticate(request, allow_query_key, allow_pending,
+                                                 allow_oauth)
+            assert span is not None
+            span.set_attribute("director.auth.via", principal.via)
+            return principal
+
+    async def _authenticate(self, request: Request, allow_query_key: bool,
+                            allow_pending: bool, allow_oauth: bool) -> Principal:
         principal = await self._oauth(request, allow_oauth)
         if principal is None:
             principal = await self._resolve(request, allow_query_key)
@@ -266,6 +279,12 @@ class Authenticator:
                       "this API key"), user]
 
     async def _apply_rate_limits(self, request: Request, principal: Principal) -> None:
+        if not tracing.spans():
+            return await self._rate_limit(request, principal)
+        with tracing.span("rate limit"):
+            return await self._rate_limit(request, principal)
+
+    async def _rate_limit(self, request: Request, principal: Principal) -> None:
         decision = await self.limiter.check(*self._limits(principal))
         for name, value in decision.headers().items():
             request.setHeader(name.encode(), value.encode())

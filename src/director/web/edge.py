@@ -1,8 +1,10 @@
 """Edge policy applied to every request before any route sees it.
 
-In order: a trace id (from ``traceparent`` when valid), security headers, the Host check
-(DNS-rebinding protection), the Origin check, CORS, then the application. Bodies larger than
-``MAX_REQUEST_BODY_BYTES`` are refused with 413 while they arrive, before being buffered.
+In order: a trace id (from ``traceparent`` when valid; with tracing on, the request's server
+span continuing it, current while the application renders: ``director.tracing``), security
+headers, the Host check (DNS-rebinding protection), the Origin check, CORS, then the application.
+Bodies larger than ``MAX_REQUEST_BODY_BYTES`` are refused with 413 while they arrive, before
+being buffered.
 Every finished request gets one access-log line; every line that names a request's URI
 redacts the API key from it in every spelling the authenticator reads (``web/querykey.py``).
 
@@ -28,11 +30,13 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from director import tracing
 from director.config import Settings, origin_of
 from director.logs import THRESHOLD
 from director.web.errors import error_body
 from director.web.hosts import host_name, is_loopback_name
 from director.web.querykey import redact
+from director.web.routes import OTHER, route_template
 
 if TYPE_CHECKING:
     from director.metrics import Metrics
@@ -131,6 +135,9 @@ class DirectorRequest(server.Request):
     """A request that refuses oversized bodies while they arrive and remembers its trace id."""
 
     trace_id = ""
+    #: With tracing on: the request's server span, and its id as the logs write it.
+    span: Any = None
+    span_id = ""
     _body_bytes = 0
     _rejected = False
 
@@ -156,6 +163,23 @@ class DirectorRequest(server.Request):
     def connectionLost(self, reason: Any) -> None:
         self._leave_in_flight()
         super().connectionLost(reason)
+        if self.span is not None and not self.finished:  # the client went away
+            self.end_span(answered=False)
+
+    def end_span(self, answered: bool = True, route: str | None = None) -> None:
+        """End the server span (once) with the response's status (``answered``: the response
+        was finished, rather than cut by the client going away) and, when one answered, the
+        template of the route, which names it (``POST /playbooks/{playbook_id}/mcp``)."""
+        span, self.span = self.span, None
+        if span is None:
+            return
+        if route is not None and route != OTHER:
+            span.set_attribute("http.route", route)
+            span.update_name(f"{self.method.decode('latin-1')} {route}")
+        span.set_attribute("http.response.status_code", self.code)
+        if self.code >= 500 or not answered:
+            tracing.fail(span, kind=str(self.code) if answered else "connection_lost")
+        span.end()
 
     def _leave_in_flight(self) -> None:
         site = getattr(getattr(self, "channel", None), "site", None)
@@ -341,6 +365,8 @@ class DirectorSite(server.Site):
         self.displayTracebacks = False
         self.open_channels: set[Any] = set()  # DirectorChannel
         self.in_flight: set[DirectorRequest] = set()
+        #: Route templates by Klein rule, for the server spans' names (tracing on).
+        self.route_templates: dict[tuple[str, str], str] = {}
         #: Connections counted per address key (see ``address_key``); absent means none.
         self.connections_by_address: dict[str, int] = {}
         self._refusals = RefusalLog(self.connection_cap)
@@ -428,6 +454,10 @@ class DirectorSite(server.Site):
         duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
         if self.metrics is not None:
             self.metrics.http_request(request, duration / 1000)
+        span_id = getattr(request, "span_id", "")
+        if span_id:
+            request.end_span(  # type: ignore[attr-defined]
+                route=route_template(request, self.route_templates))
         if not self.access_log:
             return
         log.info(
@@ -437,6 +467,7 @@ class DirectorSite(server.Site):
             status=request.code,
             duration_ms=round(duration, 3),
             trace_id=getattr(request, "trace_id", ""),
+            **({"span_id": span_id} if span_id else {}),
         )
 
 
@@ -471,7 +502,19 @@ class EdgeResource(Resource):
         return host in self.allowed_hosts or is_loopback_name(host)
 
     def render(self, request: DirectorRequest) -> Any:
-        request.trace_id = trace_id_for(request.getHeader(b"traceparent"))
+        if tracing.TRACER is None:
+            request.trace_id = trace_id_for(request.getHeader(b"traceparent"))
+            return self._render(request)
+        # The trace id logged and answered is the span's: the client's, or a new trace's.
+        span = request.span = tracing.request_span(request)
+        request.trace_id, request.span_id = tracing.hex_ids(span)
+        token = tracing.attach(span)
+        try:
+            return self._render(request)
+        finally:
+            tracing.detach(token)
+
+    def _render(self, request: DirectorRequest) -> Any:
         request.setHeader(b"x-trace-id", request.trace_id.encode())
         request.setHeader(b"server", b"director")
         for name, value in SECURITY_HEADERS.items():

@@ -82,7 +82,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from director import __version__
+from director import __version__, tracing
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError, RequestId
 from director.mcp.sse import Event, EventTooLarge, SseParser
@@ -717,6 +717,8 @@ class _HttpSession:
     def _base_headers(self) -> dict[str, str]:
         headers = {"User-Agent": f"director/{__version__}"}
         headers.update(self.headers)
+        if tracing.TRACER is not None:  # W3C trace context of the request being made
+            tracing.headers_with_context(headers)
         return headers
 
     async def _http(self, call: _HttpCall, method: str, url: str, headers: dict[str, str],
@@ -990,7 +992,13 @@ class StreamableHttpUpstream(_HttpSession):
             self._established = False
             self._stop_get_stream()
         try:
-            await self._establish()
+            if not tracing.spans():
+                await self._establish()
+            else:
+                with tracing.span("upstream reinitialize", attributes={
+                        "director.server.name": self.name,
+                        "director.upstream.transport": tracing.upstream_transport(self)}):
+                    await self._establish()
         except UpstreamError as failure:
             self._report_lost(f"the session expired and re-initialising failed: {failure}")
             raise

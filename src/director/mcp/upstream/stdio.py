@@ -101,6 +101,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from director import tracing
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
 from director.mcp.upstream.account import StdioAccount
@@ -854,7 +855,14 @@ class StdioUpstream:
         self.state = "restarting"
         self.restarts += 1
         try:
-            await self._launch()
+            if tracing.TRACER is None:
+                await self._launch()
+            else:  # a trace of its own: no request asked for it
+                with tracing.span("upstream restart", attributes={
+                        "director.server.name": self.name,
+                        "director.upstream.transport": "stdio",
+                        "director.upstream.restarts": self.restarts}):
+                    await self._launch()
         except UpstreamError as failure:
             if self.state == "closed":
                 return
@@ -887,6 +895,8 @@ class StdioUpstream:
         self._next_id += 1
         upstream_id = self._next_id
         pending = _Pending(upstream_id, method, timeout, on_progress, cancellable)
+        if tracing.TRACER is not None:  # the MCP conventions: trace context in params._meta
+            params = tracing.params_with_context(params)
         meta = params.get("_meta") if params is not None else None
         relays_progress = False
         if params is not None and isinstance(meta, dict) and "progressToken" in meta:

@@ -48,6 +48,7 @@ from uuid import UUID
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from director import tracing
 from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database, DatabaseUnavailable
@@ -236,8 +237,10 @@ class UpstreamAuthorizations:
         """The credential after a refresh of its current generation (shared by everyone who
         asks meanwhile, module docstring); None when it is gone or unusable."""
         try:
-            await self._refreshing.setdefault(credential.id, _Once()).run(
-                lambda: self._refresh(credential.id, credential.generation))
+            with tracing.child("oauth refresh", attributes={
+                    "director.oauth.generation": credential.generation}):
+                await self._refreshing.setdefault(credential.id, _Once()).run(
+                    lambda: self._refresh(credential.id, credential.generation))
         except (FetchError, UpstreamError) as failure:
             log.warn("upstream OAuth: refreshing the token failed: {error}", error=str(failure))
         except DatabaseUnavailable as failure:
