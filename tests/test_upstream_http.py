@@ -474,7 +474,7 @@ async def test_server_restart_expires_the_session_and_it_reinitialises(pool: Any
         renewed: list[dict[str, Any]] = []
         notifications: list[dict[str, Any]] = []
         session.on_closed = closed.append
-        session.on_reinitialized = renewed.append
+        session.on_restored = renewed.append
         session.on_notification = notifications.append
         await session.start()
         assert await call(session, "echo", text="before") == "before"
@@ -622,7 +622,7 @@ async def test_server_everything_restart_heals_through_the_get_stream(pool: Any,
         session = closing(StreamableHttpUpstream("everything", f"{server.base}/mcp", {},
                                                  reactor, pool))
         renewed: list[dict[str, Any]] = []
-        session.on_reinitialized = renewed.append
+        session.on_restored = renewed.append
         await session.start()
         progress: list[dict[str, Any]] = []
         result = await session.request(

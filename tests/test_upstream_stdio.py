@@ -290,7 +290,7 @@ async def test_crash_mid_call_fails_that_call_then_restarts(upstreams: Any) -> N
     closed: list[str] = []
     restarted: list[bool] = []
     upstream.on_closed = closed.append
-    upstream.on_restarted = lambda: restarted.append(True)
+    upstream.on_restored = lambda result: restarted.append(True)
     await upstream.start()
     first_pid = int(text_of(await call(upstream, "pid")))
     assert first_pid == upstream.pid

@@ -198,12 +198,7 @@ class UpstreamManager:
 
             session.on_request = relay
         session.on_closed = lambda reason: self._lost(upstream, reason)
-        # Not in the UpstreamSession contract: stdio sessions report a restart, HTTP ones a
-        # re-initialisation after the server forgot the session.
-        if hasattr(session, "on_restarted"):
-            session.on_restarted = lambda: self._restored(upstream)
-        if hasattr(session, "on_reinitialized"):
-            session.on_reinitialized = lambda result: self._restored(upstream)
+        session.on_restored = lambda result: self._restored(upstream)
         try:
             if not tracing.spans():
                 await self._bounded_start(session, upstream.server)

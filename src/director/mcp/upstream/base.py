@@ -141,6 +141,10 @@ class UpstreamSession(Protocol):
     on_notification: Callable[[Message], object]
     on_request: RequestHandler
     on_closed: Callable[[str], object]
+    #: Called with the new ``initialize_result`` once the session is re-established by itself:
+    #: a stdio server restarted, an HTTP server that forgot the session re-initialised. What
+    #: the server was told before (subscriptions, log level) must be told again.
+    on_restored: Callable[[dict[str, Any]], object]
 
     async def start(self) -> None: ...
 

@@ -26,7 +26,7 @@ service-identity. Redirects are not followed (a 3xx is an error naming its targe
   about the session, as servers built on the TypeScript SDK's example answer) means the
   server forgot the session. The session re-initialises transparently, once per request,
   and retries that request; this is logged but ``on_closed`` is *not* called, because the
-  session object goes on working (see ``on_reinitialized`` below). Only if re-initialising
+  session object goes on working (``on_restored`` is called). Only if re-initialising
   fails is ``on_closed`` called (once per such loss); the next request tries the handshake
   again, so the object heals itself when the server comes back.
 * ``close()`` aborts everything in flight and DELETEs the session.
@@ -362,7 +362,7 @@ class _HttpSession:
         #: Called with the new ``initialize`` result after a transparent re-initialisation
         #: (the upstream forgot the session): subscriptions, log levels and cached lists of
         #: the old session are gone upstream.
-        self.on_reinitialized: Callable[[dict[str, Any]], object] = lambda result: None
+        self.on_restored: Callable[[dict[str, Any]], object] = lambda result: None
         self._reactor: Any = reactor
         self._agent: Any = upstream_agent(reactor, pool)
         self._display = display_url(url)
@@ -462,10 +462,7 @@ class _HttpSession:
         reinitialised = self._ever_established
         self._ever_established = True
         if reinitialised:
-            try:
-                self.on_reinitialized(self.initialize_result)
-            except Exception:
-                log.failure("[{server}] on_reinitialized failed", server=self.name)
+            run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
 
     async def _ensure_established(self) -> None:
         if not self._established:
@@ -1446,7 +1443,7 @@ class HttpUpstream:
         self.on_notification: Callable[[Message], object] = lambda message: None
         self.on_request: RequestHandler = default_request_handler
         self.on_closed: Callable[[str], object] = lambda reason: None
-        self.on_reinitialized: Callable[[dict[str, Any]], object] = lambda result: None
+        self.on_restored: Callable[[dict[str, Any]], object] = lambda result: None
         self._closed = False
 
     @property
@@ -1472,7 +1469,7 @@ class HttpUpstream:
             *self._arguments, on_notification=lambda message: self.on_notification(message),
             on_request=lambda method, params: self.on_request(method, params),
             on_closed=lambda reason: self.on_closed(reason), **self._options)
-        session.on_reinitialized = lambda result: self.on_reinitialized(result)
+        session.on_restored = lambda result: self.on_restored(result)
         if self._closed:
             await session.close()
             raise UpstreamError(f"[{self.name}] the session was closed")

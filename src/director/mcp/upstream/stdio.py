@@ -62,8 +62,8 @@ summary; the last few lines are kept to explain an early exit.
 
 **Restarts.** An unexpected exit fails the pending requests, calls ``on_closed`` and, with
 ``restart=True``, respawns after 0.5 s, 1 s, 2 s … 30 s (back to 0.5 s once a process has run
-for 60 s) and repeats the handshake; ``on_restarted`` (an extension of the contract) is called
-after each successful one. Requests made meanwhile wait for the restart within their own
+for 60 s) and repeats the handshake; ``on_restored`` (``UpstreamSession``) is called after each
+successful one. Requests made meanwhile wait for the restart within their own
 timeout, or fail at once while the last attempt has failed (``state == "failed"``). ``state``
 and ``restarts`` (respawn attempts) are there for metrics.
 
@@ -472,7 +472,7 @@ class StdioUpstream:
         self.on_closed: Callable[[str], object] = _ignore
         #: Not in the contract: called after a restart has completed its handshake (the
         #: upstream's tools, subscriptions, … may have changed).
-        self.on_restarted: Callable[[], object] = _ignore
+        self.on_restored: Callable[[dict[str, Any]], object] = _ignore
         #: "starting", "ready", "restarting", "failed" or "closed".
         self.state = "starting"
         #: How many times the process was respawned after an unexpected exit.
@@ -874,10 +874,7 @@ class StdioUpstream:
             return
         self._ready()
         log.info("[{server}] restarted", server=self.name)
-        try:
-            self.on_restarted()
-        except Exception:
-            log.failure("[{server}] on_restarted failed", server=self.name)
+        run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
 
     # --- requests ----------------------------------------------------------------------------
 
