@@ -30,7 +30,6 @@ settings cannot change before a restart, so there is nothing to retry).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -157,11 +156,15 @@ class UpstreamManager:
         refused = rails.refusal(self.settings, upstream.server)
         if refused is not None:
             raise UpstreamError(self._refused(upstream, refused))
-        if upstream.starting is None:
-            if upstream.error is not None and time.monotonic() < upstream.retry_at:
-                raise UpstreamError(upstream.error)
-            upstream.starting = defer.ensureDeferred(self._start(upstream))
         starting = upstream.starting
+        if starting is None:
+            if upstream.error is not None and self.clock.seconds() < upstream.retry_at:
+                raise UpstreamError(upstream.error)
+            starting = defer.ensureDeferred(self._start(upstream))
+            # A start that ended at once has cleared ``starting`` already: keeping its fired
+            # Deferred would make every later call wait on it, never starting again.
+            if not starting.called:
+                upstream.starting = starting
         await _shielded(starting)
         if upstream.session is None:
             raise UpstreamError(upstream.error or f"[{upstream.server.name}] not available")
@@ -212,7 +215,7 @@ class UpstreamManager:
             message = str(failure) if isinstance(failure, UpstreamError) else \
                 f"[{upstream.server.name}] {failure}"
             upstream.error = message
-            upstream.retry_at = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
+            upstream.retry_at = self.clock.seconds() + RETRY_AFTER_FAILURE_SECONDS
             log.warn("upstream unavailable: {error}", error=message,
                      server=upstream.server.name)
         else:

@@ -12,7 +12,6 @@ server's process is shared by the playbook's clients, so its state is everyone's
 from __future__ import annotations
 
 import datetime
-import time
 
 import attrs
 
@@ -41,9 +40,9 @@ class ServerStatus:
         return LABELS[self.state]
 
 
-def _wall(monotonic_time: float) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(time.time() - (time.monotonic() - monotonic_time),
-                                           datetime.UTC)
+def _wall(reactor_time: float) -> datetime.datetime:
+    """A time of the reactor's clock (``IReactorTime.seconds``: the wall clock) as a date."""
+    return datetime.datetime.fromtimestamp(reactor_time, datetime.UTC)
 
 
 def server_status(settings: Settings, server: Server, upstream: Upstream | None) -> ServerStatus:
