@@ -20,8 +20,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,32 +125,94 @@ def run_suite(url: str, *, timeout: float = 240.0, scenario: str | None = None,
     reason = missing_tools(suite)
     if reason:
         raise AssertionError(reason)
-    kept = os.environ.get("CONFORMANCE_OUTPUT_DIR")
-    with contextlib.ExitStack() as stack:
-        if kept and keep:
-            output = str(Path(kept, keep))
-            shutil.rmtree(output, ignore_errors=True)
-            Path(output).mkdir(parents=True)
-        else:
-            output = stack.enter_context(tempfile.TemporaryDirectory(prefix="director-conformance-"))
+    with output_dir(keep) as output:
         selection = ("--scenario", scenario) if scenario else suite.args
         started = time.monotonic()
         process = subprocess.run(
             [str(NODE), str(suite.index), "server", "--url", url, *selection, "-o", output],
             capture_output=True, text=True, timeout=timeout, cwd=output)
         seconds = time.monotonic() - started
-        checks = []
-        for path in sorted(Path(output).glob("server-*/checks.json")):
-            name = re.sub(r"^server-|-\d{4}-\d\d-\d\dT[\d-]+Z$", "", path.parent.name)
-            for item in json.loads(path.read_text()):
-                checks.append(Check(name, item["id"], item.get("name", ""), item["status"],
-                                    item.get("errorMessage"), item.get("details")))
-    text = process.stdout + process.stderr
+        checks = read_checks(output, "server")
+    return finish_run(url, checks, seconds, process.stdout + process.stderr, process.returncode)
+
+
+@contextlib.contextmanager
+def output_dir(keep: str | None) -> Iterator[str]:
+    """Where the suite writes its results: ``$CONFORMANCE_OUTPUT_DIR/<keep>/`` when both are
+    set (kept after the run), else a temporary directory."""
+    kept = os.environ.get("CONFORMANCE_OUTPUT_DIR")
+    if kept and keep:
+        output = str(Path(kept, keep))
+        shutil.rmtree(output, ignore_errors=True)
+        Path(output).mkdir(parents=True)
+        yield output
+    else:
+        with tempfile.TemporaryDirectory(prefix="director-conformance-") as output:
+            yield output
+
+
+def read_checks(output: str, prefix: str) -> list[Check]:
+    """Every check in the ``<output>/<prefix>-<scenario>-<time>/checks.json`` files."""
+    checks = []
+    for path in sorted(Path(output).glob(f"{prefix}-*/checks.json")):
+        name = re.sub(rf"^{prefix}-|-\d{{4}}-\d\d-\d\dT[\d-]+Z$", "", path.parent.name)
+        for item in json.loads(path.read_text()):
+            checks.append(Check(name, item["id"], item.get("name", ""), item["status"],
+                                item.get("errorMessage"), item.get("details")))
+    return checks
+
+
+def finish_run(url: str, checks: list[Check], seconds: float, text: str,
+               returncode: int | None) -> Run:
     totals = [line for line in text.splitlines() if line.startswith("Total: ")]
     if not checks:
-        raise AssertionError(f"the suite reported no checks (exit {process.returncode}):\n"
+        raise AssertionError(f"the suite reported no checks (exit {returncode}):\n"
                              + text[-4000:])
     return Run(url, checks, seconds, text, totals[-1] if totals else "")
+
+
+AUTHORIZE_PROMPT = "Access the following URL in your browser"
+
+
+def run_authorization(issuer: str, *, client_id: str, resource: str, port: int,
+                      browser: Callable[[str], None], timeout: float = 60.0,
+                      keep: str | None = None, suite: Suite = NEXT) -> Run:
+    """Every authorization-server scenario (``authorization``, no ``--scenario``: the code
+    grant reads the endpoints from the metadata scenario's result) against ``issuer``, as the
+    public client ``client_id`` whose redirect URI is ``http://127.0.0.1:<port>/callback``.
+    When the suite prints the authorization URL it waits for its callback: ``browser(url)``
+    is then called (in this thread) to play the user's browser. The suite is killed after
+    ``timeout`` seconds (it would wait five minutes for a callback that never comes)."""
+    reason = missing_tools(suite)
+    if reason:
+        raise AssertionError(reason)
+    with output_dir(keep) as output:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [str(NODE), str(suite.index), "authorization", "--url", issuer, "--client-id",
+             client_id, "--resource", resource, "-p", str(port), "-o", output],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=output)
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            prompted = False
+            for line in process.stdout:
+                lines.append(line)
+                if prompted and line.strip():
+                    prompted = False
+                    browser(line.strip())
+                prompted = prompted or line.startswith(AUTHORIZE_PROMPT)
+            process.wait()
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        seconds = time.monotonic() - started
+        checks = read_checks(output, "authorization-server")
+    return finish_run(issuer, checks, seconds, "".join(lines), process.returncode)
 
 
 def free_port() -> int:
