@@ -380,18 +380,25 @@ def test_constants_agree_with_the_sdk_types() -> None:
     from mcp.shared import inbound
     from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
-    assert modern.MODERN_VERSIONS == MODERN_PROTOCOL_VERSIONS
+    from director.mcp import protocol
+
+    assert protocol.MODERN_VERSIONS == MODERN_PROTOCOL_VERSIONS
+    assert tuple(reversed(HANDSHAKE_PROTOCOL_VERSIONS)) == protocol.LEGACY_VERSIONS  # newest first
     assert set(modern.SUPPORTED_VERSIONS) == {*MODERN_PROTOCOL_VERSIONS,
                                               *HANDSHAKE_PROTOCOL_VERSIONS}
-    assert modern.PROTOCOL_VERSION_META == mcp_types.PROTOCOL_VERSION_META_KEY
-    assert modern.CLIENT_CAPABILITIES_META == mcp_types.CLIENT_CAPABILITIES_META_KEY
-    assert modern.CLIENT_INFO_META == mcp_types.CLIENT_INFO_META_KEY
-    assert modern.LOG_LEVEL_META == mcp_types.LOG_LEVEL_META_KEY
-    assert modern.SERVER_INFO_META == mcp_types.SERVER_INFO_META_KEY
-    assert (modern.HEADER_MISMATCH, modern.UNSUPPORTED_PROTOCOL_VERSION,
-            modern.MISSING_REQUIRED_CLIENT_CAPABILITY) == \
+    assert protocol.PROTOCOL_VERSION_META == mcp_types.PROTOCOL_VERSION_META_KEY
+    assert protocol.CLIENT_CAPABILITIES_META == mcp_types.CLIENT_CAPABILITIES_META_KEY
+    assert protocol.CLIENT_INFO_META == mcp_types.CLIENT_INFO_META_KEY
+    assert protocol.LOG_LEVEL_META == mcp_types.LOG_LEVEL_META_KEY
+    assert protocol.SERVER_INFO_META == mcp_types.SERVER_INFO_META_KEY
+    assert (protocol.HEADER_MISMATCH, protocol.UNSUPPORTED_PROTOCOL_VERSION,
+            protocol.MISSING_REQUIRED_CLIENT_CAPABILITY) == \
         (mcp_types.HEADER_MISMATCH, mcp_types.UNSUPPORTED_PROTOCOL_VERSION,
          mcp_types.MISSING_REQUIRED_CLIENT_CAPABILITY)
+    assert (protocol.PARSE_ERROR, protocol.INVALID_REQUEST, protocol.METHOD_NOT_FOUND,
+            protocol.INVALID_PARAMS, protocol.INTERNAL_ERROR) == \
+        (mcp_types.PARSE_ERROR, mcp_types.INVALID_REQUEST, mcp_types.METHOD_NOT_FOUND,
+         mcp_types.INVALID_PARAMS, mcp_types.INTERNAL_ERROR)
     assert dict(inbound.ERROR_CODE_HTTP_STATUS) == modern.HTTP_STATUS
     assert dict(inbound.NAME_BEARING_METHODS) == modern.NAME_BEARING_METHODS
     assert inbound.MCP_PARAM_HEADER_PREFIX.lower() == headers.PARAM_HEADER_PREFIX

@@ -11,15 +11,15 @@ from typing import Any, TypeGuard
 
 from director import jsontext
 from director.jsontext import JsonTextError
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-#: MCP: a request that timed out or whose upstream went away (server-defined range).
-REQUEST_TIMEOUT = -32001
-RESOURCE_NOT_FOUND = -32002
+from director.mcp.protocol import (  # noqa: F401 - the codes, re-exported for jsonrpc.X
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    REQUEST_TIMEOUT,
+    RESOURCE_NOT_FOUND,
+)
 
 Message = dict[str, Any]
 RequestId = str | int

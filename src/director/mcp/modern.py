@@ -115,6 +115,20 @@ from director.mcp.jsonrpc import (
     Message,
     ProtocolError,
 )
+from director.mcp.protocol import (
+    CLIENT_CAPABILITIES_META,
+    CLIENT_INFO_META,
+    HEADER_MISMATCH,
+    LOG_LEVEL_META,
+    MISSING_REQUIRED_CLIENT_CAPABILITY,
+    MODERN_VERSIONS,
+    PROTOCOL_VERSION_META,
+    RESOURCE_NOT_FOUND,
+    SERVER_ERROR,
+    SERVER_INFO_META,
+    SUBSCRIPTION_ID_META,
+    UNSUPPORTED_PROTOCOL_VERSION,
+)
 from director.mcp.sessions import (
     LOG_LEVELS,
     SERVER_CAPABILITIES,
@@ -133,27 +147,13 @@ from director.playbooks.store import Playbook
 
 log = Logger(namespace="mcp.modern")
 
-MODERN_VERSIONS = ("2026-07-28",)
 #: What a -32022 answer lists: the stateless version(s), then those served after ``initialize``.
 SUPPORTED_VERSIONS = (*MODERN_VERSIONS, *LEGACY_VERSIONS)
 
-PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
-CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
-CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
-SUBSCRIPTION_ID_META = "io.modelcontextprotocol/subscriptionId"
 #: Request ``_meta`` keys of the modern envelope, removed before forwarding to an upstream.
-RESOURCE_NOT_FOUND_LEGACY = -32002
 ENVELOPE_KEYS = (PROTOCOL_VERSION_META, CLIENT_CAPABILITIES_META, CLIENT_INFO_META,
                  LOG_LEVEL_META)
 
-HEADER_MISMATCH = -32020
-MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
-UNSUPPORTED_PROTOCOL_VERSION = -32022
-#: Ends a ``subscriptions/listen`` whose credential was revoked: the code the MCP routes give
-#: their HTTP-level refusals (401 among them), as HTTP has already said 200 here.
-CREDENTIAL_REVOKED = -32000
 #: JSON-RPC error code -> HTTP status for modern answers (unlisted codes: 200).
 HTTP_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400,
                MISSING_REQUIRED_CLIENT_CAPABILITY: 400, UNSUPPORTED_PROTOCOL_VERSION: 400,
@@ -327,7 +327,7 @@ def translated(method: str, failure: ProtocolError | UpstreamRequestError
     "resource not found" is -32002 there (the gateway's own for an unknown URI, or a
     handshake-era upstream's) and -32602 here (SEP-2164); the message and data are kept."""
     error = failure.error_object() if isinstance(failure, ProtocolError) else failure.error
-    if method != "resources/read" or error.get("code") != RESOURCE_NOT_FOUND_LEGACY:
+    if method != "resources/read" or error.get("code") != RESOURCE_NOT_FOUND:
         return None
     return ProtocolError(INVALID_PARAMS, str(error.get("message", "")), error.get("data"))
 
@@ -606,7 +606,7 @@ class Listener:
 
     def revoked(self) -> None:
         """The credential that opened it was revoked: an error answers the listen request."""
-        self._last(jsonrpc.error(self.id, CREDENTIAL_REVOKED, (
+        self._last(jsonrpc.error(self.id, SERVER_ERROR, (  # credential revoked
             "the credential that opened this subscription was revoked (API key revoked, signed "
             "out, password changed or account disabled); authenticate again"),
             {"code": "credential_revoked"}))

@@ -33,7 +33,13 @@ import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from director.mcp.jsonrpc import INVALID_PARAMS, RESOURCE_NOT_FOUND, ProtocolError, error_of
+from director.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    RESOURCE_NOT_FOUND,
+    ProtocolError,
+    error_of,
+)
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.mcp.upstreams import Upstream
 from director.playbooks.model import Prompt, Server
@@ -433,5 +439,5 @@ def upstream_error(failure: UpstreamError) -> ProtocolError:
     """An upstream's own JSON-RPC error passes through; anything else becomes -32603."""
     if isinstance(failure, UpstreamRequestError):
         return error_of(failure.error)
-    return ProtocolError(-32603, str(failure))
+    return ProtocolError(INTERNAL_ERROR, str(failure))
 

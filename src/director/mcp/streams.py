@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from director import jsontext
 from director.jsontext import JsonTextError
+from director.mcp.protocol import INTERNAL_ERROR
 
 log = Logger(namespace="mcp.streams")
 
@@ -62,7 +63,7 @@ def response_bytes(response: dict[str, Any]) -> bytes:
         request_id = response.get("id")
         return jsontext.dumps({"jsonrpc": "2.0",
                                "id": request_id if isinstance(request_id, str | int) else None,
-                               "error": {"code": -32603, "message": (
+                               "error": {"code": INTERNAL_ERROR, "message": (
                                    f"the answer could not be encoded as JSON: {failure}")}})
 
 

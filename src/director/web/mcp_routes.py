@@ -31,6 +31,7 @@ from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.modern import ModernGateway, is_modern_request, modern_method_not_allowed
+from director.mcp.protocol import PROTOCOL_VERSION_META, SERVER_ERROR, UNSUPPORTED_PROTOCOL_VERSION
 from director.mcp.sessions import CallChannel, CredentialRevoked, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
 from director.mcp.upstream.base import LEGACY_VERSIONS
@@ -43,9 +44,6 @@ from director.web.querykey import query_keys
 
 log = Logger(namespace="mcp.http")
 
-MODERN_VERSION_META = "io.modelcontextprotocol/protocolVersion"
-UNSUPPORTED_PROTOCOL_VERSION = -32022
-SERVER_ERROR = -32000
 
 
 class McpHttpError(Exception):
@@ -237,7 +235,7 @@ class McpRoutes:
         that clients in ``auto`` mode fall back to the handshake."""
         params = message.get("params") or {}
         meta = params.get("_meta") if isinstance(params, dict) else None
-        asked = meta.get(MODERN_VERSION_META) if isinstance(meta, dict) else None
+        asked = meta.get(PROTOCOL_VERSION_META) if isinstance(meta, dict) else None
         if message.get("method") == "server/discover" or (asked and asked not in LEGACY_VERSIONS):
             raise McpHttpError(
                 400, UNSUPPORTED_PROTOCOL_VERSION,

@@ -52,9 +52,8 @@ from director.mcp.jsonrpc import (
     Message,
     ProtocolError,
 )
+from director.mcp.protocol import LATEST_LEGACY_VERSION, LEGACY_VERSIONS  # noqa: F401
 
-LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
-LATEST_LEGACY_VERSION = LEGACY_VERSIONS[0]
 CLIENT_INFO = {"name": "director", "version": "0.1.0"}
 
 log = Logger(namespace="mcp.upstream")

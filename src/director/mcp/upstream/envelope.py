@@ -18,6 +18,15 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from director.mcp.jsonrpc import Message, ProtocolError
+from director.mcp.protocol import (
+    CLIENT_CAPABILITIES_META,
+    CLIENT_INFO_META,
+    LOG_LEVEL_META,
+    METHOD_NOT_FOUND,
+    MODERN_VERSION,
+    PROTOCOL_VERSION_META,
+    SERVER_INFO_META,
+)
 from director.mcp.upstream.base import (
     CLIENT_INFO,
     RequestHandler,
@@ -25,13 +34,6 @@ from director.mcp.upstream.base import (
     UpstreamRequestError,
 )
 
-MODERN_VERSION = "2026-07-28"
-PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
-CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
-CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
-LOG_LEVEL_META = "io.modelcontextprotocol/logLevel"
-SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
-UNSUPPORTED_PROTOCOL_VERSION = -32022
 INPUT_REQUIRED_MAX_ROUNDS = 10
 #: What the gateway can relay to its clients.
 GATEWAY_CLIENT_CAPABILITIES: dict[str, Any] = {
@@ -255,7 +257,7 @@ class ChangeListener:
         self._current = None
         failure = outcome.value if isinstance(outcome, Failure) else None
         if isinstance(failure, UpstreamRequestError) and \
-                failure.error.get("code") == -32601:
+                failure.error.get("code") == METHOD_NOT_FOUND:
             self._unsupported = True
             return None
         if self.reactor.seconds() - opened >= LISTEN_HEALTHY_AFTER:

@@ -58,11 +58,10 @@ from twisted.logger import Logger
 
 from director.mcp.headers import Annotations, encode_header_value, header_annotations, mirrored
 from director.mcp.jsonrpc import Message
+from director.mcp.protocol import HEADER_MISMATCH, MODERN_VERSION, UNSUPPORTED_PROTOCOL_VERSION
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.mcp.upstream.envelope import (
     LISTEN_TIMEOUT,
-    MODERN_VERSION,
-    UNSUPPORTED_PROTOCOL_VERSION,
     ChangeListener,
     NotModern,
     answered_here,
@@ -87,7 +86,6 @@ from director.mcp.upstream.http import (
 log = Logger(namespace="mcp.upstream.modern")
 
 NAME_BEARING_METHODS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
-HEADER_MISMATCH = -32020
 class ModernHttpUpstream(StreamableHttpUpstream):
     """A Streamable HTTP session in whichever era its server speaks (module docstring)."""
 
