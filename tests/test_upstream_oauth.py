@@ -121,6 +121,19 @@ def test_a_server_of_the_http_sse_transport_is_authorized_too(
                                 {"text": "legacy"}, 5)) == "legacy"
 
 
+def test_director_registers_as_a_web_application(daemon: Daemon,
+                                                 server: ProtectedServer) -> None:
+    """SEP-837: a dynamic registration says which kind of application registers (the
+    conformance suite's ``sep-837-application-type-present``); Director, whose redirect URI is
+    on its own server, is a web one."""
+    owner = sign_up(daemon, "web@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize_url(daemon, owner, "work")
+    [registered] = server.stats()["registered"]
+    assert registered["application_type"] == "web"
+    assert registered["redirect_uris"] == [f"{daemon.base}/oauth/work/prot/callback"]
+
+
 def test_a_client_the_user_entered_is_used_where_the_server_offers_no_registration(
         daemon: Daemon, server: ProtectedServer) -> None:
     server.knobs(registration=False)
