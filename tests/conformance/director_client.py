@@ -6,14 +6,15 @@ a browser, and the MCP client that then uses the playbook.
 
 Director itself is the OAuth client: a daemon the test started, reached through
 ``DIRECTOR_CLIENT_PORT`` (loopback), as the user whose API key and Studio cookie are
-``DIRECTOR_CLIENT_KEY`` and ``DIRECTOR_CLIENT_COOKIE``. The suite's own variables name the
+``DIRECTOR_CLIENT_KEY`` and ``DIRECTOR_CLIENT_COOKIE``, in a new playbook named
+``DIRECTOR_CLIENT_PLAYBOOK`` (by default, after the scenario). The suite's own variables name the
 scenario (``MCP_CONFORMANCE_SCENARIO``) and, for a pre-registered client, its credentials
 (``MCP_CONFORMANCE_CONTEXT``: ``client_id``, ``client_secret``), which the user enters when
 authorizing, as Studio lets them.
 
 The steps, each printed (the suite saves this script's output with the scenario's checks):
 
-1. a playbook of the scenario's name, holding the server (``http``, the URL given);
+1. the playbook, holding the server (``http``, the URL given);
 2. an MCP session on the playbook lists its tools: Director connects to the server, meets its
    401 and discovers its authorization (the server shows ``unauthorized``);
 3. the user authorizes: ``POST …/authorize`` gives the authorize URL, the browser opens it
@@ -118,7 +119,8 @@ def main(server_url: str) -> int:
     scenario = os.environ.get("MCP_CONFORMANCE_SCENARIO", "scenario")
     context = json.loads(os.environ.get("MCP_CONFORMANCE_CONTEXT") or "{}")
     entered = {key: context[key] for key in ("client_id", "client_secret") if context.get(key)}
-    playbook = re.sub(r"[^A-Za-z0-9_.-]+", "-", scenario).strip("-")[:64]
+    playbook = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.environ.get(
+        "DIRECTOR_CLIENT_PLAYBOOK") or scenario).strip("-")[:64]
     say(f"{scenario}: {server_url} in playbook {playbook}")
     status, _, body = call(daemon, "POST", "/api/v1/playbooks", {"name": playbook},
                            key=user.key)
