@@ -121,6 +121,19 @@ def test_a_server_of_the_http_sse_transport_is_authorized_too(
                                 {"text": "legacy"}, 5)) == "legacy"
 
 
+def test_director_registers_as_a_web_application(daemon: Daemon,
+                                                 server: ProtectedServer) -> None:
+    """SEP-837: a dynamic registration says which kind of application registers (the
+    conformance suite's ``sep-837-application-type-present``); Director, whose redirect URI is
+    on its own server, is a web one."""
+    owner = sign_up(daemon, "web@example.com")
+    add_protected(daemon, owner, "work", server)
+    authorize_url(daemon, owner, "work")
+    [registered] = server.stats()["registered"]
+    assert registered["application_type"] == "web"
+    assert registered["redirect_uris"] == [f"{daemon.base}/oauth/work/prot/callback"]
+
+
 def test_a_client_the_user_entered_is_used_where_the_server_offers_no_registration(
         daemon: Daemon, server: ProtectedServer) -> None:
     server.knobs(registration=False)
@@ -405,6 +418,35 @@ def test_a_revoked_refresh_token_leaves_the_server_unauthorized_until_authorized
     eventually(lambda: "echo" in tool_names(daemon, owner.key, "work", session), timeout=20,
                interval=0.2)
     assert echoed(echo(daemon, owner, session, "three", 5)) == "three"
+
+
+def test_a_server_that_moved_to_another_authorization_server_is_authorized_there(
+        daemon: Daemon, server: ProtectedServer) -> None:
+    """SEP-2352 (the conformance suite's ``auth/authorization-server-migration``): when the
+    server refuses the token for good and its metadata now names another authorization
+    server, Director discovers that one, shows the server unauthorized there, and the next
+    authorization registers with it: the old server's client is not shown to the new one."""
+    owner, session = authorized_session(daemon, server, "moved@example.com")
+    assert echoed(echo(daemon, owner, session, "one")) == "one"
+    with protected_server() as elsewhere:
+        server.knobs(authorization_server=elsewhere.issuer)
+        # The token is refused, refreshed (the old server still answers), refused again.
+        answer = echo(daemon, owner, session, "two")
+        assert f"the server now names another authorization server ({elsewhere.issuer})" in \
+            answer["error"]["message"], answer
+        assert server.stats()["refreshes"] == 1
+        status = server_status(daemon, owner, "work")["authorization"]
+        assert (status["state"], status["issuer"]) == ("unauthorized", elsewhere.issuer)
+        url = authorize_url(daemon, owner, "work")
+        assert url.startswith(f"{elsewhere.issuer}/authorize?")
+        # Registered there (which knows only its own clients: the authorization below
+        # would fail with the old server's).
+        [registered] = elsewhere.stats()["registered"]
+        assert registered["redirect_uris"] == [f"{daemon.base}/oauth/work/prot/callback"]
+        assert callback(daemon, owner, follow_to_callback(elsewhere, url)) == \
+            "/studio/playbooks/work?notice=server-authorized"
+        status = server_status(daemon, owner, "work")["authorization"]
+        assert (status["state"], status["issuer"]) == ("authorized", elsewhere.issuer)
 
 
 @pytest.fixture

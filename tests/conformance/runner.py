@@ -122,18 +122,31 @@ def run_suite(url: str, *, timeout: float = 240.0, scenario: str | None = None,
     """Every server scenario (or one) against ``url``; the suite's exit status is not an
     error (it is 1 whenever a check fails). With ``keep`` and ``CONFORMANCE_OUTPUT_DIR`` set,
     the suite's own result folders are kept in ``$CONFORMANCE_OUTPUT_DIR/<keep>/``."""
+    selection = ("--scenario", scenario) if scenario else suite.args
+    return _run(suite, ["server", "--url", url, *selection], "server", url, timeout, keep)
+
+
+def require(suite: Suite) -> None:
     reason = missing_tools(suite)
     if reason:
         raise AssertionError(reason)
+
+
+def _run(suite: Suite, arguments: list[str], prefix: str, label: str, timeout: float,
+         keep: str | None, environ: dict[str, str] | None = None) -> Run:
+    """``node <suite> <arguments> -o DIR`` until it exits; the checks it wrote under
+    ``DIR/<prefix>-*``."""
+    require(suite)
     with output_dir(keep) as output:
-        selection = ("--scenario", scenario) if scenario else suite.args
         started = time.monotonic()
         process = subprocess.run(
-            [str(NODE), str(suite.index), "server", "--url", url, *selection, "-o", output],
-            capture_output=True, text=True, timeout=timeout, cwd=output)
+            [str(NODE), str(suite.index), *arguments, "-o", output], capture_output=True,
+            text=True, timeout=timeout, cwd=output,
+            env={**os.environ, **environ} if environ else None)
         seconds = time.monotonic() - started
-        checks = read_checks(output, "server")
-    return finish_run(url, checks, seconds, process.stdout + process.stderr, process.returncode)
+        checks = read_checks(output, prefix)
+    return finish_run(label, checks, seconds, process.stdout + process.stderr,
+                      process.returncode)
 
 
 @contextlib.contextmanager
@@ -171,6 +184,18 @@ def finish_run(url: str, checks: list[Check], seconds: float, text: str,
     return Run(url, checks, seconds, text, totals[-1] if totals else "")
 
 
+def run_client(command: str, scenario: str, *, environ: dict[str, str] | None = None,
+               timeout: float = 60.0, keep: str | None = None, suite: Suite = NEXT) -> Run:
+    """One client scenario (``conformance client``) with ``command`` as the client under
+    test: the suite starts the scenario's servers and runs ``command <server URL>`` (split on
+    spaces, through a shell, with this process's environment plus ``environ`` and the suite's
+    ``MCP_CONFORMANCE_*`` variables), then judges what reached its servers. The checks are in
+    ``DIR/<scenario>-<time>/checks.json`` (a ``/`` in the scenario's name is a directory)."""
+    return _run(suite, ["client", "--command", command, "--scenario", scenario, "--timeout",
+                        str(int(timeout * 1000))], scenario, scenario, timeout + 30, keep,
+                environ)
+
+
 AUTHORIZE_PROMPT = "Access the following URL in your browser"
 
 
@@ -183,9 +208,7 @@ def run_authorization(issuer: str, *, client_id: str, resource: str, port: int,
     When the suite prints the authorization URL it waits for its callback: ``browser(url)``
     is then called (in this thread) to play the user's browser. The suite is killed after
     ``timeout`` seconds (it would wait five minutes for a callback that never comes)."""
-    reason = missing_tools(suite)
-    if reason:
-        raise AssertionError(reason)
+    require(suite)
     with output_dir(keep) as output:
         started = time.monotonic()
         process = subprocess.Popen(

@@ -73,7 +73,11 @@ def registration_request(base_url: str, redirect: str, discovery: Discovery
     request: dict[str, Any] = {
         "client_name": CLIENT_NAME, "client_uri": base_url.rstrip("/") + "/",
         "redirect_uris": [redirect], "grant_types": GRANT_TYPES, "response_types": ["code"],
-        "token_endpoint_auth_method": method}
+        "token_endpoint_auth_method": method,
+        # A web application (its redirect URI is on its own server, not a device's): the
+        # MCP specification (SEP-837) has clients say which, and RFC 7591 / OpenID
+        # Connect Registration's default ("web") is not assumed by every server.
+        "application_type": "web"}
     scope = discovery.scope()
     if scope:
         request["scope"] = scope

@@ -27,7 +27,10 @@ requests and instances need it:
   unreachable) keep it for the next attempt.
 
 An upstream's 401: to the token the credential holds now, one refresh and one retry (a second
-401 marks the credential's ``problem``: authorize again); to an older token (someone refreshed
+401 marks the credential's ``problem``: authorize again; before either verdict the server's
+authorization is discovered again, and if its metadata now names another authorization server
+(SEP-2352) that discovery replaces the old one: the server shows ``unauthorized`` there, and
+the next authorization registers with it); to an older token (someone refreshed
 meanwhile), a retry with the new one; without any token, the server's authorization is
 discovered (and stored for every instance), then a retry if the user has a credential for it
 (authorized through another playbook), else ``unauthorized`` with the way to authorize. A 403
@@ -330,6 +333,7 @@ class UpstreamAuthorizations:
         if retried:
             if credential is not None and sent.get("Authorization") == \
                     credential.header.get("Authorization"):
+                await self._moved(provider, url, status, found)
                 await self._set_problem(credential, "the server refused a freshly refreshed "
                                         "token", None)
             raise provider.unauthorized(url, status, "the server refused the token even after "
@@ -341,6 +345,8 @@ class UpstreamAuthorizations:
                 fresh = await self.refreshed(credential)
                 if fresh is not None and fresh.generation != credential.generation:
                     return True
+            if credential.id in self._credentials:  # not deleted by a refused refresh
+                await self._moved(provider, url, status, found)
             raise provider.unauthorized(url, status, "the server refused the token and it "
                                         "could not be refreshed: authorize it again")
         try:
@@ -352,6 +358,43 @@ class UpstreamAuthorizations:
         if credential is not None and credential.usable:
             return True
         raise provider.unauthorized(url, status, "authorization required")
+
+    async def _moved(self, provider: OAuthProvider, url: str, status: int,
+                     found: challenge.Challenge | None) -> None:
+        """After the server refused the current token for good: its authorization discovered
+        again (once for concurrent callers). If it now names another authorization server or
+        resource (SEP-2352: a server that moved to a new authorization server), the new
+        discovery replaces the old for every instance and ``unauthorized`` says so: the
+        credential of the old one no longer applies, and the next authorization registers
+        with the new server (a client of one authorization server is never shown to
+        another: clients are kept per issuer)."""
+        known = self._discoveries.get(provider.server_url)
+        if known is None:
+            return
+        try:
+            await self._discovering.setdefault(provider.server_url, _Once()).run(
+                lambda: self._rediscover(provider.server_url, found))
+        except FetchError as failure:
+            log.warn("upstream OAuth: discovering {server}'s authorization again failed: "
+                     "{error}", server=display_url(provider.server_url), error=str(failure))
+            return
+        current = self._discoveries.get(provider.server_url)
+        if current is not None and (current.issuer, current.resource) != \
+                (known.issuer, known.resource):
+            raise provider.unauthorized(url, status, "the server now names another "
+                                        f"authorization server ({current.issuer}) or resource: "
+                                        "authorize it again")
+
+    async def _rediscover(self, server_url: str, found: challenge.Challenge | None) -> None:
+        discovery = await discover(self.fetcher, server_url, found)
+        known = self._discoveries.get(server_url)
+        if known is None or (discovery.issuer, discovery.resource) != \
+                (known.issuer, known.resource):
+            log.info("upstream OAuth: {server} now names authorization server {issuer} "
+                     "(was {before})", server=display_url(server_url), issuer=discovery.issuer,
+                     before=known.issuer if known is not None else None)
+            await self.database.run(store.save_discovery(discovery))
+            self._discoveries[server_url] = discovery
 
     async def _set_problem(self, credential: Credential, problem: str,
                            wanted_scope: str | None) -> None:
