@@ -182,6 +182,8 @@ class SessionChannel:
     #: Set (with ``key``, the session's hash) for a streamable session shared by instances.
     shared: SharedSessions | None = None
     key = b""
+    #: This instance held the session's GET stream last (it keeps what the client misses).
+    last_holder = False
 
     def __init__(self, session_id: str, tag: str = "") -> None:
         self.replay = ReplayBuffer(session_id[:8] + tag)
@@ -206,6 +208,8 @@ class SessionChannel:
                 shared.events.append(self.key, self.replay.last_id, data, False)
         elif shared is not None and not derived:  # the stream is elsewhere, or nowhere yet
             shared.events.append(self.key, self.replay.last_id, data, True)
+        elif shared is not None and self.last_holder:  # every instance has it: one keeps it
+            shared.events.append(self.key, self.replay.last_id, data, False)
 
     def write_relayed(self, event_id: str, data: bytes) -> None:
         """An event another instance produced for this stream (already in the event log)."""
@@ -780,13 +784,7 @@ class McpEngine:
                 for credential, sessions in self._of_credential.items()]
 
     def _remember_revoked(self, credential: Credential) -> None:
-        now = time.monotonic()
-        for old, when in list(self._revoked.items()):
-            if now - when < REVOKED_MEMORY_SECONDS:
-                break
-            del self._revoked[old]
-        self._revoked.pop(credential, None)
-        self._revoked[credential] = now
+        remember(self._revoked, credential, REVOKED_MEMORY_SECONDS)
 
     # --- change routing -------------------------------------------------------------------
 
@@ -925,6 +923,18 @@ class McpEngine:
         if playbook.description:
             result["instructions"] = playbook.description
         return result
+
+
+def remember(memory: dict[Any, float], key: Any, seconds: float) -> None:
+    """Note ``key`` in ``memory`` (oldest first, with when), forgetting what is older than
+    ``seconds``."""
+    now = time.monotonic()
+    for old, when in list(memory.items()):
+        if now - when < seconds:
+            break
+        del memory[old]
+    memory.pop(key, None)
+    memory[key] = now
 
 
 def _unindex(index: dict[Any, dict[str, DownstreamSession]], key: Any, session_id: str) -> None:

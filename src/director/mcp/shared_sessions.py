@@ -42,6 +42,7 @@ from director.db.interactions import Interaction, Query
 from director.mcp import jsonrpc
 from director.mcp.event_log import EventLog
 from director.mcp.relay import Relay, payload_or_row
+from director.mcp.sessions import remember
 from director.mcp.streams import frame
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ log = Logger(namespace="mcp.shared")
 ADOPT_TIMEOUT_SECONDS = 5.0
 #: Legacy ``/sse`` sessions held elsewhere that this instance remembers (for its POSTs).
 FOREIGN_SSE_MEMORY = 10_000
+#: How long a session ended everywhere is remembered here, so that a request racing its end
+#: cannot adopt it again from a row not yet deleted.
+ENDED_MEMORY_SECONDS = 60.0
 
 
 def session_hash(session_id: str) -> bytes:
@@ -80,15 +84,15 @@ def _record(key: bytes, session: DownstreamSession, instance: uuid.UUID,
         "INSERT INTO mcp_sessions (id_hash, user_id, playbook_pk, credential_kind, "
         "credential_id, transport, protocol_version, client_info, client_capabilities, holder)"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (key, session.user_id, session.playbook_pk, session.credential.kind,
-         session.credential.id, session.transport, session.protocol_version,
+        (key, str(session.user_id), str(session.playbook_pk), session.credential.kind,
+         str(session.credential.id), session.transport, session.protocol_version,
          json.dumps(session.client_info), json.dumps(session.client_capabilities),
-         instance))
+         str(instance)))
     # The per-user cap, across instances: the least recently seen beyond it end everywhere.
     rows = yield Query(
         "DELETE FROM mcp_sessions WHERE id_hash IN (SELECT id_hash FROM mcp_sessions "
         "WHERE user_id = %s AND id_hash <> %s ORDER BY last_seen DESC, created_at DESC "
-        "OFFSET %s) RETURNING id_hash", (session.user_id, key, max(cap - 1, 0)))
+        "OFFSET %s) RETURNING id_hash", (str(session.user_id), key, max(cap - 1, 0)))
     ended = [bytes(row[0]) for row in rows]
     for old in ended:
         yield from payload_or_row("x", old, instance, "cap", b"")
@@ -118,6 +122,10 @@ class SharedSessions:
         self.by_hash: dict[bytes, DownstreamSession] = {}
         self._foreign_sse: dict[bytes, StoredSession] = {}
         self._touched: set[bytes] = set()
+        # Sessions ended everywhere lately (oldest first, with when), and the deletion of the
+        # rows this instance is ending, for a DELETE to wait on.
+        self._ended_lately: dict[bytes, float] = {}
+        self._forgetting: dict[bytes, defer.Deferred[None]] = {}
         self._last_flush = time.monotonic()
         self._sweeper: task.LoopingCall | None = None
         self.relay.on("e", self._event)
@@ -151,6 +159,7 @@ class SharedSessions:
         self.by_hash[key] = session
         if session.transport == "streamable":
             session.channel.shared = self
+            session.channel.key = key
 
     def released(self, session: DownstreamSession, reason: str, everywhere: bool) -> None:
         key = session.key
@@ -161,9 +170,28 @@ class SharedSessions:
         # A stopping instance keeps its streamable sessions for the others; an /sse session
         # ends with its stream wherever that was.
         if everywhere and (reason != "shutdown" or session.transport == "sse"):
+            self._remember_ended(key)
             forgetting = self.database.run(_forget(key, self.instance, reason))
             forgetting.addErrback(lambda failure: log.info(
                 "could not delete an ended session's row: {error}", error=str(failure.value)))
+            self._forgetting[key] = forgetting
+            forgetting.addBoth(self._forgot, key)
+
+    def _forgot(self, result: Any, key: bytes) -> Any:
+        self._forgetting.pop(key, None)
+        return result
+
+    async def forgotten(self, session: DownstreamSession) -> None:
+        """Wait until the row of a session this instance ended is deleted (a DELETE answers
+        once no instance can adopt the session any more)."""
+        pending = self._forgetting.get(session.key) if session.key is not None else None
+        if pending is not None:
+            waiter: defer.Deferred[None] = defer.Deferred()
+            pending.addBoth(_fire, waiter)
+            await waiter
+
+    def _remember_ended(self, key: bytes) -> None:
+        remember(self._ended_lately, key, ENDED_MEMORY_SECONDS)
 
     async def record(self, session: DownstreamSession) -> None:
         """Store a new session's facts (before its id is handed out: any instance may get the
@@ -218,6 +246,8 @@ class SharedSessions:
                     playbook_pk: uuid.UUID) -> DownstreamSession | None:
         """The streamable session ``session_id`` rebuilt here from its row, or None (no such
         session, or not this credential's on this playbook)."""
+        if session_hash(session_id) in self._ended_lately:
+            return None
         stored = await self.stored(session_id)
         if stored is None or stored.credential != credential or \
                 stored.playbook_pk != playbook_pk or stored.transport != "streamable":
@@ -233,6 +263,8 @@ class SharedSessions:
     async def foreign_sse(self, session_id: str) -> StoredSession | None:
         """The row of a legacy ``/sse`` session held by another instance (remembered)."""
         key = session_hash(session_id)
+        if key in self._ended_lately:
+            return None
         stored = self._foreign_sse.get(key)
         if stored is None:
             stored = await self.stored(session_id)
@@ -259,6 +291,7 @@ class SharedSessions:
 
     def stream_opened(self, session: DownstreamSession) -> None:
         if session.key is not None:
+            session.channel.last_holder = True
             self.relay.send("g", session.key).addErrback(lambda _: None)
 
     async def missed(self, session: DownstreamSession, last_event_id: str) -> list[bytes]:
@@ -304,14 +337,17 @@ class SharedSessions:
 
     def _ended(self, key: bytes, reason: str, _body: bytes) -> None:
         self._foreign_sse.pop(key, None)
+        self._remember_ended(key)
         session = self.by_hash.get(key)
         if session is not None:
             self.engine.end(session, reason or "client", everywhere=False)
 
     def _stream_moved(self, key: bytes, _extra: str, _body: bytes) -> None:
         session = self.by_hash.get(key)
-        if session is not None and session.channel.stream is not None:
-            session.channel.stream.finish()
+        if session is not None:
+            session.channel.last_holder = False
+            if session.channel.stream is not None:
+                session.channel.stream.finish()
 
     # --- upkeep -----------------------------------------------------------------------------
 
@@ -321,12 +357,12 @@ class SharedSessions:
         args: tuple[Any, ...]
         if credential is not None:
             sql, args = ("DELETE FROM mcp_sessions WHERE credential_kind = %s AND "
-                         "credential_id = %s", (credential.kind, credential.id))
+                         "credential_id = %s", (credential.kind, str(credential.id)))
         elif cookie_sessions_only:
             sql, args = ("DELETE FROM mcp_sessions WHERE user_id = %s AND "
-                         "credential_kind = 'session'", (user_id,))
+                         "credential_kind = 'session'", (str(user_id),))
         else:
-            sql, args = "DELETE FROM mcp_sessions WHERE user_id = %s", (user_id,)
+            sql, args = "DELETE FROM mcp_sessions WHERE user_id = %s", (str(user_id),)
         self.database.runOperation(sql, args).addErrback(lambda failure: log.info(
             "could not delete a revoked credential's sessions: {error}",
             error=str(failure.value)))
@@ -356,6 +392,11 @@ class SharedSessions:
         d.addErrback(lambda failure: log.info("the shared sessions' upkeep failed: {error}",
                                               error=str(failure.value)))
         return d
+
+
+def _fire(result: Any, waiter: defer.Deferred[None]) -> Any:
+    waiter.callback(None)
+    return result
 
 
 def _uuid(value: Any) -> uuid.UUID:

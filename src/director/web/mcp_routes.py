@@ -159,6 +159,11 @@ class McpRoutes:
     async def _caller(self, request: Request, playbook_id: str,
                       transport: str = "mcp") -> tuple[Principal, Playbook]:
         settings = self.auth.settings
+        if not (self.playbooks.loaded and self.auth.cache.loaded):
+            # Starting (or reloading after the database came back): "no playbook" would be a
+            # lie that makes clients give up.
+            raise McpHttpError(503, SERVER_ERROR, "starting: not ready to serve yet; retry "
+                                                  "shortly", headers={"Retry-After": "1"})
         try:
             principal = await self.auth.authenticate(request, allow_query_key=True,
                                                      allow_oauth=True)
@@ -372,6 +377,11 @@ class McpRoutes:
         self._refuse_modern(request)
         session = await self._session(request, principal, playbook)
         self.engine.end(session, "client")
+        if self.engine.shared is not None:
+            try:
+                await self.engine.shared.forgotten(session)
+            except Exception as failure:  # ended here all the same
+                log.info("deleting an ended session's row failed: {error}", error=str(failure))
         request.setResponseCode(204)
         return b""
 
