@@ -53,9 +53,10 @@ CAP = 30
 
 
 class Cluster:
-    def __init__(self, start_daemon: StartDaemon, url: str) -> None:
+    def __init__(self, start_daemon: StartDaemon, url: str, **settings: str) -> None:
         self.start_daemon = start_daemon
         self.url = url
+        self.settings = settings
         self.ports = [free_port() for _ in range(3)]
         self.daemons = [self.start(port) for port in self.ports]
         self.proxy_port = free_port()
@@ -90,7 +91,7 @@ class Cluster:
                                  DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true",
                                  MCP_MAX_SESSIONS_PER_USER=str(CAP),
                                  API_KEY_RATE_LIMIT_MAX_REQUESTS="1000000",
-                                 USER_RATE_LIMIT_MAX_REQUESTS="1000000")
+                                 USER_RATE_LIMIT_MAX_REQUESTS="1000000", **self.settings)
 
     def new_playbook(self, owner: Account, name: str = "Cluster") -> str:
         status, _, body = call(self.daemons[0], "POST", "/api/v1/playbooks", {"name": name},
@@ -255,6 +256,31 @@ def test_credential_delete_revocation_and_cap_hold_everywhere(cluster: Cluster) 
         eventually(lambda d=daemon: post_mcp(Through_(d.port), playbook, capped.key, ping,
                                              opened[0])[0] == 404)
         assert post_mcp(Through_(daemon.port), playbook, capped.key, ping, opened[-1])[0] == 200
+
+
+def test_idle_sessions_end_everywhere(start_daemon: StartDaemon, migrated_url: str) -> None:
+    """A session idle on every instance ends on all of them; one idle here but in use
+    elsewhere lives on (``last_seen`` is shared)."""
+    cluster = Cluster(start_daemon, migrated_url, MCP_SESSION_IDLE_SECONDS="2")
+    try:
+        first, second, third = cluster.daemons
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+
+        def answer(daemon: Daemon, session: str) -> int:
+            return post_mcp(Through_(daemon.port), cluster.playbook, cluster.owner.key, ping,
+                            session)[0]
+
+        idle, busy = cluster.open_session(first), cluster.open_session(first)
+        assert answer(second, idle) == 200  # a copy on the second too
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the busy one is used on the others only
+            assert answer(second, busy) == answer(third, busy) == 200
+            time.sleep(0.3)
+        for daemon in cluster.daemons:
+            eventually(lambda d=daemon: answer(d, idle) == 404)
+        assert answer(first, busy) == 200
+    finally:
+        cluster.proxy.stop()
 
 
 def cluster_delete(daemon: Daemon, cluster: Cluster, session: str) -> tuple[int, Any, Any]:
