@@ -18,6 +18,12 @@ credential reaches it again, and when it is revoked — or its user disabled, or
 cookie sessions ended by a password change — the engine ends the session: its stream is
 finished, its calls in progress cancelled, its upstream sessions released (``McpEngine.revoked``,
 told by the account cache, which every instance keeps fresh by NOTIFY).
+With several instances, a handshake-era or ``/sse`` session is not this process's alone:
+``director.mcp.shared_sessions`` stores its facts when it starts, and any instance that gets a
+request for it adopts it (``McpEngine.adopted``) and serves it as its own; ``McpEngine.shared``
+is then set, a session's end reaches every instance (``McpEngine.end``, ``everywhere``), and the
+session channel writes its events to the shared log or relays them to the instance holding the
+stream (``SessionChannel.send_encoded``).
 Why bound to the credential and not to the user: revoking a key must end exactly what that key
 opened, and a session another credential could continue would either outlive the revocation or
 be cut under the other credential's feet; clients keep one credential per connection anyway.
@@ -184,6 +190,8 @@ class SessionChannel:
     key = b""
     #: This instance held the session's GET stream last (it keeps what the client misses).
     last_holder = False
+    #: Another instance opened the session's GET stream since (what is sent here is relayed).
+    held_elsewhere = False
 
     def __init__(self, session_id: str, tag: str = "") -> None:
         self.replay = ReplayBuffer(session_id[:8] + tag)
@@ -556,7 +564,8 @@ class DownstreamSession:
                                       f"({describe(required)} is not among its capabilities)")
         channel: Channel = next((c for c in reversed(self.call_channels) if c.open),
                                 self.channel)
-        if not channel.open and self.transport == "streamable":
+        if not channel.open and self.transport == "streamable" and \
+                not self.channel.held_elsewhere:
             raise ProtocolError(-32603, "the client has no open stream to receive the request")
         request_id = f"director-{secrets.token_hex(8)}"
         waiting: defer.Deferred[Any] = defer.Deferred()
@@ -702,7 +711,8 @@ class McpEngine:
         self._of_credential.setdefault(credential, {})[session_id] = session
         if self.metrics is not None:
             self.metrics.session_created(transport)
-        if self.shared is not None and transport in ("streamable", "sse"):
+        if self.shared is not None and transport in ("streamable", "sse") and \
+                credential.kind != "studio":  # the Studio's own stay in its instance
             self.shared.held(session)
         return session
 

@@ -38,10 +38,9 @@ from twisted.logger import Logger
 
 from director.accounts.cache import Credential
 from director.db.database import Database
-from director.db.interactions import Interaction, Query
 from director.mcp import jsonrpc
 from director.mcp.event_log import EventLog
-from director.mcp.relay import Relay, payload_or_row
+from director.mcp.relay import CHANNEL, Relay
 from director.mcp.sessions import remember
 from director.mcp.streams import frame
 
@@ -76,33 +75,27 @@ class StoredSession:
     client_capabilities: dict[str, Any]
     log_level: str | None
     subscriptions: tuple[str, ...]
+    #: The instance that opened the session's stream last (None: never opened).
+    holder: uuid.UUID | None = None
 
 
-def _record(key: bytes, session: DownstreamSession, instance: uuid.UUID,
-            cap: int) -> Interaction[list[bytes]]:
-    yield Query(
-        "INSERT INTO mcp_sessions (id_hash, user_id, playbook_pk, credential_kind, "
-        "credential_id, transport, protocol_version, client_info, client_capabilities, holder)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (key, str(session.user_id), str(session.playbook_pk), session.credential.kind,
-         str(session.credential.id), session.transport, session.protocol_version,
-         json.dumps(session.client_info), json.dumps(session.client_capabilities),
-         str(instance)))
-    # The per-user cap, across instances: the least recently seen beyond it end everywhere.
-    rows = yield Query(
-        "DELETE FROM mcp_sessions WHERE id_hash IN (SELECT id_hash FROM mcp_sessions "
-        "WHERE user_id = %s AND id_hash <> %s ORDER BY last_seen DESC, created_at DESC "
-        "OFFSET %s) RETURNING id_hash", (str(session.user_id), key, max(cap - 1, 0)))
-    ended = [bytes(row[0]) for row in rows]
-    for old in ended:
-        yield from payload_or_row("x", old, instance, "cap", b"")
-    return ended
+#: Tells every instance (an ``x`` message, director.mcp.relay) of each ``id_hash`` of a CTE
+#: ``gone``, and returns them; parameters: the channel, this instance (hex), the reason.
+_ENDED_NOTICE = ("SELECT id_hash, pg_notify(%s, 'x ' || encode(id_hash, 'hex') || ' ' || %s "
+                 "|| ' ' || %s || E'\\n') FROM gone")
 
 
-def _forget(key: bytes, instance: uuid.UUID, reason: str) -> Interaction[None]:
-    rows = yield Query("DELETE FROM mcp_sessions WHERE id_hash = %s RETURNING 1", (key,))
-    if rows:
-        yield from payload_or_row("x", key, instance, reason, b"")
+#: One statement (one round trip; connections are autocommit, so it is atomic): the new row,
+#: and the per-user cap across instances — the least recently seen beyond it deleted, and
+#: every instance told.
+_RECORD = (
+    "WITH added AS (INSERT INTO mcp_sessions (id_hash, user_id, playbook_pk, credential_kind, "
+    "credential_id, transport, protocol_version, client_info, client_capabilities, holder) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)), "
+    "gone AS (DELETE FROM mcp_sessions WHERE id_hash IN (SELECT id_hash FROM mcp_sessions "
+    "WHERE user_id = %s AND id_hash <> %s ORDER BY last_seen DESC, created_at DESC "
+    "OFFSET %s) RETURNING id_hash) ")
+_FORGET = "WITH gone AS (DELETE FROM mcp_sessions WHERE id_hash = %s RETURNING id_hash) "
 
 
 class SharedSessions:
@@ -171,7 +164,8 @@ class SharedSessions:
         # ends with its stream wherever that was.
         if everywhere and (reason != "shutdown" or session.transport == "sse"):
             self._remember_ended(key)
-            forgetting = self.database.run(_forget(key, self.instance, reason))
+            forgetting = self.database.runOperation(
+                _FORGET + _ENDED_NOTICE, (key, CHANNEL, self.instance.hex, reason))
             forgetting.addErrback(lambda failure: log.info(
                 "could not delete an ended session's row: {error}", error=str(failure.value)))
             self._forgetting[key] = forgetting
@@ -197,10 +191,17 @@ class SharedSessions:
         """Store a new session's facts (before its id is handed out: any instance may get the
         next request); sessions past the user's cap end everywhere."""
         assert session.key is not None
-        ended = await self.database.run(_record(session.key, session, self.instance,
-                                                self.engine.max_sessions_per_user))
-        for key in ended:
-            self._ended(key, "cap", b"")
+        user = str(session.user_id)
+        ended = await self.database.runQuery(
+            _RECORD + _ENDED_NOTICE,
+            (session.key, user, str(session.playbook_pk), session.credential.kind,
+             str(session.credential.id), session.transport, session.protocol_version,
+             json.dumps(session.client_info), json.dumps(session.client_capabilities),
+             str(self.instance) if session.transport == "sse" else None,
+             user, session.key, max(self.engine.max_sessions_per_user - 1, 0),
+             CHANNEL, self.instance.hex, "cap"))
+        for (key, _) in ended:
+            self._ended(bytes(key), "cap", b"")
 
     def facts_changed(self, session: DownstreamSession) -> None:
         """The version, client info, log level or subscriptions changed: stored for the
@@ -224,8 +225,8 @@ class SharedSessions:
         ``ADOPT_TIMEOUT_SECONDS``."""
         query = self.database.runQuery(
             "SELECT user_id, playbook_pk, credential_kind, credential_id, transport, "
-            "protocol_version, client_info, client_capabilities, log_level, subscriptions "
-            "FROM mcp_sessions WHERE id_hash = %s", (session_hash(session_id),))
+            "protocol_version, client_info, client_capabilities, log_level, subscriptions, "
+            "holder FROM mcp_sessions WHERE id_hash = %s", (session_hash(session_id),))
         # The query itself must not be cancelled half-way (txpostgres raises from its
         # canceller): the deadline is on a copy, as in ``Database.ping``.
         waiter: defer.Deferred[Any] = defer.Deferred()
@@ -235,12 +236,12 @@ class SharedSessions:
         if not rows:
             return None
         (user_id, playbook_pk, kind, credential_id, transport, version, info, capabilities,
-         level, subscriptions) = rows[0]
+         level, subscriptions, holder) = rows[0]
         return StoredSession(
             _uuid(user_id), _uuid(playbook_pk), Credential(kind, _uuid(credential_id)),
             transport, version, info if isinstance(info, dict) else {},
             capabilities if isinstance(capabilities, dict) else {}, level,
-            tuple(subscriptions or ()))
+            tuple(subscriptions or ()), _uuid(holder) if holder is not None else None)
 
     async def adopt(self, session_id: str, credential: Credential,
                     playbook_pk: uuid.UUID) -> DownstreamSession | None:
@@ -256,6 +257,8 @@ class SharedSessions:
         if existing is not None:  # adopted meanwhile by a concurrent request
             return existing
         session = self.engine.adopted(session_id, stored)
+        if stored.holder is not None and stored.holder != self.instance:
+            session.channel.held_elsewhere = True  # its GET stream is (or was) there
         self._touched.add(session_hash(session_id))
         log.info("MCP session adopted", session=session_id[:8])
         return session
@@ -292,7 +295,14 @@ class SharedSessions:
     def stream_opened(self, session: DownstreamSession) -> None:
         if session.key is not None:
             session.channel.last_holder = True
-            self.relay.send("g", session.key).addErrback(lambda _: None)
+            session.channel.held_elsewhere = False
+            # One statement: the holder stored (for instances adopting it later), and the
+            # others told (they finish a stream of theirs).
+            self.database.runOperation(
+                "WITH held AS (UPDATE mcp_sessions SET holder = %s WHERE id_hash = %s) "
+                "SELECT pg_notify(%s, %s)",
+                (str(self.instance), session.key, CHANNEL,
+                 f"g {session.key.hex()} {self.instance.hex} \n")).addErrback(lambda _: None)
 
     async def missed(self, session: DownstreamSession, last_event_id: str) -> list[bytes]:
         """What a client resuming from ``last_event_id`` missed, from the event log."""
@@ -346,6 +356,7 @@ class SharedSessions:
         session = self.by_hash.get(key)
         if session is not None:
             session.channel.last_holder = False
+            session.channel.held_elsewhere = True
             if session.channel.stream is not None:
                 session.channel.stream.finish()
 
