@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 from director.mcp.relay import payload_or_row
+from director.mcp.streams import frame
 
 log = Logger(namespace="mcp.events")
 
@@ -38,13 +39,14 @@ TRIM_SECONDS = 10.0
 MAX_BATCH = 2000
 
 
-def _write(events: list[tuple[bytes, str, bytes, bool]], instance: UUID,
+def _write(events: list[tuple[bytes, str, bytes, bool | None]], instance: UUID,
            logged: bool) -> Interaction[None]:
     if logged:
+        framed = [e[2] if e[3] is None else frame(e[2], e[1]) for e in events]
         yield Query(
             "INSERT INTO mcp_events (session_hash, event_id, body) "
             "SELECT * FROM unnest(%s::bytea[], %s::text[], %s::bytea[])",
-            ([e[0] for e in events], [e[1] for e in events], [e[2] for e in events]))
+            ([e[0] for e in events], [e[1] for e in events], framed))
     for session_hash, event_id, body, relayed in events:
         if relayed:
             yield from payload_or_row("e", session_hash, instance, event_id, body)
@@ -71,7 +73,8 @@ class EventLog:
         self.enabled = max_events > 0
         self.max_events = max_events
         self.max_seconds = max_seconds
-        self._batch: list[tuple[bytes, str, bytes, bool]] = []
+        #: (session, event id, data — or the framed event when the last is None, relayed)
+        self._batch: list[tuple[bytes, str, bytes, bool | None]] = []
         self._flushing: defer.Deferred[None] | None = None
         self._scheduled: Any = None
         self._trimmer: task.LoopingCall | None = None
@@ -94,6 +97,13 @@ class EventLog:
         if self._scheduled is None:
             self._scheduled = self.reactor.callLater(0, self._flush_now)
 
+    def append_framed(self, session_hash: bytes, event_id: str, chunk: bytes) -> None:
+        """Keep an event already framed and sent here (not relayed)."""
+        if self.enabled:
+            self._batch.append((session_hash, event_id, chunk, None))
+            if self._scheduled is None:
+                self._scheduled = self.reactor.callLater(0, self._flush_now)
+
     def _flush_now(self) -> None:
         self._scheduled = None
         defer.ensureDeferred(self.flush()).addErrback(
@@ -111,9 +121,9 @@ class EventLog:
             finally:
                 self._flushing = None
 
-    async def since(self, session_hash: bytes, last_event_id: str) -> list[tuple[str, bytes]]:
-        """The session's events after ``last_event_id`` (all of those kept when that one is no
-        longer, or never was, in the log)."""
+    async def since(self, session_hash: bytes, last_event_id: str) -> list[bytes]:
+        """The session's events after ``last_event_id``, framed (all of those kept when that one
+        is no longer, or never was, in the log)."""
         if not self.enabled:
             return []
         await self.flush()
@@ -122,7 +132,7 @@ class EventLog:
             "coalesce((SELECT position FROM mcp_events WHERE session_hash = %s AND event_id = %s"
             " ORDER BY position DESC LIMIT 1), 0) ORDER BY position",
             (session_hash, session_hash, last_event_id))
-        return [(event_id, bytes(body)) for event_id, body in rows]
+        return [bytes(body) for _, body in rows]
 
     def _trim(self) -> defer.Deferred[Any]:
         d = self.database.run(_trim(self.max_events, self.max_seconds))

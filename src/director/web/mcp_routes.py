@@ -361,8 +361,12 @@ class McpRoutes:
             # yet (a closed socket is only seen on the next write): the new one replaces it.
             assert session.channel.stream is not None
             session.channel.stream.finish()
-        stream = EventStream(request, self.engine.streams)
-        session.channel.stream = stream
+        def ended(closed: EventStream) -> None:
+            if session.channel.stream is closed:
+                session.channel.detached()
+
+        stream = EventStream(request, self.engine.streams, on_close=ended)
+        session.channel.attach(stream)
         session.touch()
         for chunk in missed or ():
             stream.send(chunk)
