@@ -1,9 +1,11 @@
 """The bounded log of GET-stream events, for ``Last-Event-ID`` resumption on any instance.
 
-What is kept: every event an instance writes to a handshake-era session's GET stream, and every
-event produced for a session whose stream is held elsewhere or by nobody (a resource update, a
-log line outside a call, an upstream's ``list_changed``, a server→client request sent on the GET
-stream), with its event id. What is not: the answers and notifications sent on a POST's own
+What is kept: every event an instance writes to a handshake-era session's GET stream (at once:
+a client that lost its connection is often noticed only at the next heartbeat, and what was
+written meanwhile is what it will miss), and every event produced for a session whose stream is
+held elsewhere or by nobody (a resource update, a log line outside a call, an upstream's
+``list_changed``, a server→client request sent on the GET stream), with its event id. What is
+not: the answers and notifications sent on a POST's own
 response stream (the client asked on that request; it re-asks if that request is lost), the
 legacy ``/sse`` transport's events (its session is its stream: it has no resumption), and a
 ``list_changed`` that a playbook change causes while the session has no open stream anywhere
@@ -16,7 +18,9 @@ indexes (position, time), so a trim costs what it deletes. ``MCP_EVENT_LOG_EVENT
 the log off: resumption is then served from the instance's own memory only.
 
 Writes are batched: the events of one reactor turn go in one INSERT (and the NOTIFYs of those
-relayed in the same transaction), never awaited by the stream that sent them.
+relayed in the same transaction), never awaited by the stream that sent them; a large batch (a
+``list_changed`` fan-out) is written ``FANOUT_DELAY_SECONDS`` later, once the streams' own
+writes have gone out.
 """
 
 from __future__ import annotations
@@ -30,23 +34,24 @@ from twisted.logger import Logger
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 from director.mcp.relay import payload_or_row
-from director.mcp.streams import frame
 
 log = Logger(namespace="mcp.events")
 
 TRIM_SECONDS = 10.0
 #: A batch never grows past this (a fan-out to many streams is written in several).
 MAX_BATCH = 2000
+#: A batch at least this large waits ``FANOUT_DELAY_SECONDS`` before it is written.
+FANOUT_BATCH = 200
+FANOUT_DELAY_SECONDS = 0.05
 
 
-def _write(events: list[tuple[bytes, str, bytes, bool | None]], instance: UUID,
+def _write(events: list[tuple[bytes, str, bytes, bool]], instance: UUID,
            logged: bool) -> Interaction[None]:
     if logged:
-        framed = [e[2] if e[3] is None else frame(e[2], e[1]) for e in events]
         yield Query(
             "INSERT INTO mcp_events (session_hash, event_id, body) "
             "SELECT * FROM unnest(%s::bytea[], %s::text[], %s::bytea[])",
-            ([e[0] for e in events], [e[1] for e in events], framed))
+            ([e[0] for e in events], [e[1] for e in events], [e[2] for e in events]))
     for session_hash, event_id, body, relayed in events:
         if relayed:
             yield from payload_or_row("e", session_hash, instance, event_id, body)
@@ -73,8 +78,7 @@ class EventLog:
         self.enabled = max_events > 0
         self.max_events = max_events
         self.max_seconds = max_seconds
-        #: (session, event id, data — or the framed event when the last is None, relayed)
-        self._batch: list[tuple[bytes, str, bytes, bool | None]] = []
+        self._batch: list[tuple[bytes, str, bytes, bool]] = []
         self._flushing: defer.Deferred[None] | None = None
         self._scheduled: Any = None
         self._trimmer: task.LoopingCall | None = None
@@ -97,14 +101,11 @@ class EventLog:
         if self._scheduled is None:
             self._scheduled = self.reactor.callLater(0, self._flush_now)
 
-    def append_framed(self, session_hash: bytes, event_id: str, chunk: bytes) -> None:
-        """Keep an event already framed and sent here (not relayed)."""
-        if self.enabled:
-            self._batch.append((session_hash, event_id, chunk, None))
-            if self._scheduled is None:
-                self._scheduled = self.reactor.callLater(0, self._flush_now)
-
-    def _flush_now(self) -> None:
+    def _flush_now(self, delayed: bool = False) -> None:
+        if len(self._batch) >= FANOUT_BATCH and not delayed:
+            self._scheduled = self.reactor.callLater(FANOUT_DELAY_SECONDS, self._flush_now,
+                                                     True)
+            return
         self._scheduled = None
         defer.ensureDeferred(self.flush()).addErrback(
             lambda failure: log.failure("writing stream events failed", failure))
@@ -121,9 +122,9 @@ class EventLog:
             finally:
                 self._flushing = None
 
-    async def since(self, session_hash: bytes, last_event_id: str) -> list[bytes]:
-        """The session's events after ``last_event_id``, framed (all of those kept when that one
-        is no longer, or never was, in the log)."""
+    async def since(self, session_hash: bytes, last_event_id: str) -> list[tuple[str, bytes]]:
+        """The session's events after ``last_event_id`` (all of those kept when that one is no
+        longer, or never was, in the log)."""
         if not self.enabled:
             return []
         await self.flush()
@@ -132,7 +133,7 @@ class EventLog:
             "coalesce((SELECT position FROM mcp_events WHERE session_hash = %s AND event_id = %s"
             " ORDER BY position DESC LIMIT 1), 0) ORDER BY position",
             (session_hash, session_hash, last_event_id))
-        return [bytes(body) for _, body in rows]
+        return [(event_id, bytes(body)) for event_id, body in rows]
 
     def _trim(self) -> defer.Deferred[Any]:
         d = self.database.run(_trim(self.max_events, self.max_seconds))

@@ -192,8 +192,6 @@ class SessionChannel:
     last_holder = False
     #: Another instance opened the session's GET stream since (what is sent here is relayed).
     held_elsewhere = False
-    #: ``replay.kept`` when the current stream was attached.
-    attached_at = 0
 
     def __init__(self, session_id: str, tag: str = "") -> None:
         self.replay = ReplayBuffer(session_id[:8] + tag)
@@ -213,26 +211,13 @@ class SessionChannel:
         chunk = self.replay.record(data)
         shared = self.shared
         if self.stream is not None and self.stream.open:
-            # Logged when the stream ends (``detached``), not now: a fan-out to every stream
-            # must not wait for the database.
             self.stream.send(chunk)
+            if shared is not None:  # logged at once: the stream may be dead already, unseen
+                shared.events.append(self.key, self.replay.last_id, data, False)
         elif shared is not None and not derived:  # the stream is elsewhere, or nowhere yet
             shared.events.append(self.key, self.replay.last_id, data, True)
         elif shared is not None and self.last_holder:  # every instance has it: one keeps it
             shared.events.append(self.key, self.replay.last_id, data, False)
-
-    def attach(self, stream: EventStream) -> None:
-        """``stream`` is now the session's GET stream."""
-        self.stream = stream
-        if self.shared is not None:
-            self.attached_at = self.replay.kept
-
-    def detached(self) -> None:
-        """The GET stream ended: what it carried goes to the shared log (a client resuming
-        on another instance gets what it missed of it)."""
-        if self.shared is not None:
-            for event_id, chunk in self.replay.unlogged_since(self.attached_at):
-                self.shared.events.append_framed(self.key, event_id, chunk)
 
     def write_relayed(self, event_id: str, data: bytes) -> None:
         """An event another instance produced for this stream (already in the event log)."""
@@ -954,7 +939,8 @@ def remember(memory: dict[Any, float], key: Any, seconds: float) -> None:
     """Note ``key`` in ``memory`` (oldest first, with when), forgetting what is older than
     ``seconds``."""
     now = time.monotonic()
-    for old, when in list(memory.items()):
+    while memory:  # oldest first: stop at the first one still young (no copy of it all)
+        old, when = next(iter(memory.items()))
         if now - when < seconds:
             break
         del memory[old]

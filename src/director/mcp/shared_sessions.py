@@ -42,6 +42,7 @@ from director.mcp import jsonrpc
 from director.mcp.event_log import EventLog
 from director.mcp.relay import CHANNEL, Relay
 from director.mcp.sessions import remember
+from director.mcp.streams import frame
 
 if TYPE_CHECKING:
     from director.mcp.sessions import DownstreamSession, McpEngine
@@ -306,7 +307,8 @@ class SharedSessions:
     async def missed(self, session: DownstreamSession, last_event_id: str) -> list[bytes]:
         """What a client resuming from ``last_event_id`` missed, from the event log."""
         assert session.key is not None
-        return await self.events.since(session.key, last_event_id)
+        return [frame(body, event_id)
+                for event_id, body in await self.events.since(session.key, last_event_id)]
 
     def _event(self, key: bytes, event_id: str, body: bytes) -> None:
         session = self.by_hash.get(key)

@@ -212,7 +212,7 @@ class ReplayBuffer:
         self._kept = 0
         self._size = size
         # Created at the first event: most sessions never get one (an empty deque is ~600 B).
-        self._events: deque[tuple[str, bytes, bool]] | None = None
+        self._events: deque[tuple[str, bytes]] | None = None
         #: The id of the last event ``record`` framed.
         self.last_id = ""
 
@@ -221,33 +221,23 @@ class ReplayBuffer:
         self._counter += 1
         self.last_id = f"{self.prefix}-{self._counter}"
         chunk = frame(data, self.last_id)
-        self.keep(self.last_id, chunk, False)
+        self.keep(self.last_id, chunk)
         return chunk
 
-    def keep(self, event_id: str, chunk: bytes, logged: bool = True) -> None:
-        """Remember an event (``logged``: framed elsewhere, already in the shared log)."""
+    def keep(self, event_id: str, chunk: bytes) -> None:
+        """Remember an event framed elsewhere (another instance's, relayed here)."""
         if self._events is None:
             self._events = deque(maxlen=self._size)
-        self._events.append((event_id, chunk, logged))
+        self._events.append((event_id, chunk))
         self._kept += 1
-
-    @property
-    def kept(self) -> int:
-        """How many events were remembered so far (a mark for ``unlogged_since``)."""
-        return self._kept
-
-    def unlogged_since(self, mark: int) -> list[tuple[str, bytes]]:
-        """The events remembered after ``mark`` (still here) that are not in the shared log."""
-        events = list(self._events or ())[-(self._kept - mark):] if self._kept > mark else []
-        return [(event_id, chunk) for event_id, chunk, logged in events if not logged]
 
     def after(self, last_event_id: str) -> list[bytes] | None:
         """Events after ``last_event_id``; None if that id is not here (another instance's,
         already forgotten, or never one)."""
         events = self._events or ()
-        for position, (event_id, _, _) in enumerate(events):
+        for position, (event_id, _) in enumerate(events):
             if event_id == last_event_id:
-                return [chunk for _, chunk, _ in list(events)[position + 1:]]
+                return [chunk for _, chunk in list(events)[position + 1:]]
         if last_event_id == f"{self.prefix}-0" and self._kept <= self._size:
-            return [chunk for _, chunk, _ in events]  # before the first: all, none dropped
+            return [chunk for _, chunk in events]  # before the first: all, none dropped yet
         return None

@@ -361,12 +361,8 @@ class McpRoutes:
             # yet (a closed socket is only seen on the next write): the new one replaces it.
             assert session.channel.stream is not None
             session.channel.stream.finish()
-        def ended(closed: EventStream) -> None:
-            if session.channel.stream is closed:
-                session.channel.detached()
-
-        stream = EventStream(request, self.engine.streams, on_close=ended)
-        session.channel.attach(stream)
+        stream = EventStream(request, self.engine.streams)
+        session.channel.stream = stream
         session.touch()
         for chunk in missed or ():
             stream.send(chunk)
