@@ -276,6 +276,19 @@ def _upstream_oauth(c: Context) -> list[Figure]:
 
 GROUPS["upstream-oauth"] = _upstream_oauth
 
+
+def _cluster(c: Context) -> list[Figure]:
+    """``cluster`` (bench/cluster.py): any instance serving any session — a request on an
+    instance that does not hold its session (adoption), a forwarded /sse POST /message,
+    calls/s through nginx with 1, 2 and 3 instances, the held-session hot path (against
+    ``BENCH_MAIN_SOURCE`` when set), and the event log's size under load."""
+    from bench import cluster
+
+    return cluster.cluster_figures(c.reaper, c.workdir, c.database.url, c.quick)
+
+
+GROUPS["cluster"] = _cluster
+
 def _run(reaper: Reaper, arguments: argparse.Namespace, figures: list[Figure],
          keep: list[bool], failed: list[str], logged: list[str]) -> None:
     workdir = _workdir(reaper, keep)

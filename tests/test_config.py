@@ -194,6 +194,8 @@ def test_base_url_follows_port_when_unset() -> None:
     ("MCP_SESSION_IDLE_SECONDS", "-1", "must be greater than 0"),
     ("MCP_MAX_SESSIONS_PER_USER", "many", "is not a whole number"),
     ("MCP_LIST_WAIT_SECONDS", "0", "must be greater than 0"),
+    ("MCP_EVENT_LOG_EVENTS", "-1", "is negative"),
+    ("MCP_EVENT_LOG_SECONDS", "0", "must be greater than 0"),
     ("METRICS_LISTEN", "metrics.example.com:9464",
      "METRICS_LISTEN='metrics.example.com:9464' is not an IP address and port; use "
      "ADDRESS:PORT such as 127.0.0.1:9464"),
@@ -246,6 +248,7 @@ def test_every_variable_has_a_bad_value_test() -> None:
               "MAX_CONNECTIONS_PER_ADDRESS", "SHUTDOWN_TIMEOUT_SECONDS", "DATABASE_POOL_SIZE",
               "TELEMETRY_URL", "SEED_USER_EMAIL", "SEED_USER_PASSWORD",
               "MCP_SESSION_IDLE_SECONDS", "MCP_MAX_SESSIONS_PER_USER", "MCP_LIST_WAIT_SECONDS",
+              "MCP_EVENT_LOG_EVENTS", "MCP_EVENT_LOG_SECONDS",
               "METRICS_LISTEN", "METRICS_ALLOW_PUBLIC", "STDIO_USER", "STDIO_SANDBOX",
               "STDIO_SANDBOX_SOCKET", "STDIO_CACHE_DIRECTORY", "STDIO_MEMORY_MAX",
               "STDIO_TASKS_MAX", "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -23,7 +23,7 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.accounts_helpers import Account, call, sign_up
+from tests.accounts_helpers import Account, call, eventually, sign_up
 from tests.conformance.key_proxy import KeyProxy
 from tests.conformance.runner import (
     FIXTURE,
@@ -200,6 +200,48 @@ def test_every_direct_pass_also_passes_through_an_http_playbook(
                 KNOWN_GATEWAY_FAILURES[suite.label])
     finally:
         fixture.stop()
+
+
+def test_every_direct_pass_also_passes_through_three_instances_round_robin(
+        start_daemon: StartDaemon, migrated_url: str) -> None:
+    """The handshake-era suite through nginx, round robin over three instances with no
+    affinity (issue 17: any instance serves any session): the same as through one."""
+    from tests.test_nginx import NGINX, Nginx, server, upstream
+
+    if NGINX is None:
+        pytest.fail("nginx is not installed (Debian: apt-get install nginx-light)")
+    suite = STABLE
+    require_tools(suite)
+    front_port, proxy_port = free_port(), free_port()
+    daemons = [start_daemon(DATABASE_URL=migrated_url, BASE_URL=f"http://localhost:{front_port}",
+                            ALLOWED_ORIGINS=f"http://127.0.0.1:{front_port}",
+                            DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS="true")
+               for _ in range(3)]
+    proxy = Nginx(upstream([d.port for d in daemons]) + server(proxy_port))
+    front: KeyProxy | None = None
+    try:
+        for daemon in daemons:
+            daemon.wait_healthy()
+        owner = sign_up(daemons[0], "conformance@example.com")
+        front = KeyProxy(f"http://127.0.0.1:{proxy_port}", owner.key, port=front_port)
+        status, _, body = call(daemons[0], "POST", "/api/v1/playbooks", {"name": "conformance"},
+                               key=owner.key)
+        assert status == 201, body
+        status, _, body = call(daemons[0], "POST", "/api/v1/playbooks/conformance/servers",
+                               {"name": "fixture", "type": "stdio", "command": sys.executable,
+                                "args": [str(FIXTURE)], "expose_prompts": True}, key=owner.key)
+        assert status == 201, body
+        for daemon in daemons:  # a change reaches the others by NOTIFY, in milliseconds
+            eventually(lambda d=daemon: call(d, "GET", "/api/v1/playbooks/conformance/servers",
+                                             key=owner.key)[2]["items"] != [])
+        compare(suite, direct_run(suite),
+                run_suite(f"{front.url}/playbooks/conformance/mcp",
+                          keep=f"{suite.label}/gateway-balanced", suite=suite),
+                "three instances, round robin", KNOWN_GATEWAY_FAILURES[suite.label])
+    finally:
+        if front is not None:
+            front.stop()
+        proxy.stop()
 
 
 @SUITES

@@ -127,6 +127,8 @@ class Settings:
     mcp_session_idle_seconds: float = 1800.0
     mcp_max_sessions_per_user: int = 100
     mcp_list_wait_seconds: float = 3.0
+    mcp_event_log_events: int = 100_000  # 0: no shared event log
+    mcp_event_log_seconds: float = 300.0
     #: ``host:port`` (IPv6 as ``[::1]:port``) or ``unix:/path``; None: no metrics listener.
     metrics_listen: str | None = None
     metrics_allow_public: bool = False
@@ -779,8 +781,18 @@ VARIABLES: tuple[Variable, ...] = (
              "A handshake-era MCP session with no request and no open stream for this long "
              "ends (the client re-initialises).", _positive_float, "mcp_session_idle_seconds"),
     Variable("MCP_MAX_SESSIONS_PER_USER", "100",
-             "Open MCP sessions per user on one instance; past it the least recently used "
-             "one ends.", _positive_int, "mcp_max_sessions_per_user"),
+             "Open MCP sessions per user (handshake era and /sse), counted across instances "
+             "when each starts; past it the least recently used one ends.", _positive_int,
+             "mcp_max_sessions_per_user"),
+    Variable("MCP_EVENT_LOG_EVENTS", "100000",
+             "Events of handshake-era GET streams kept in the database, in total, so that a "
+             "client resuming with Last-Event-ID on another instance gets what it missed "
+             "(docs/manual.rst, Several instances behind a load balancer). 0: none kept; an "
+             "instance then replays only what it sent itself.", _count_or_zero,
+             "mcp_event_log_events"),
+    Variable("MCP_EVENT_LOG_SECONDS", "300",
+             "Events older than this are dropped from that log.", _positive_float,
+             "mcp_event_log_seconds"),
     Variable("MCP_LIST_WAIT_SECONDS", "3",
              "How long an MCP list (tools/list, prompts/list, resources/list) waits for upstream "
              "servers still starting; it then answers without them, names them in its _meta "

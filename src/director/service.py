@@ -46,6 +46,7 @@ from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres, ExitWatch
 from director.mcp.factory import upstream_factory
 from director.mcp.sessions import McpEngine
+from director.mcp.shared_sessions import SharedSessions
 from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.eras import EraMemory
@@ -155,6 +156,12 @@ class DirectorService(MultiService):
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
+        #: Handshake-era and /sse sessions served by any instance (issue 17).
+        self.shared_sessions = SharedSessions(self.database, reactor, self.mcp,
+                                              settings.mcp_event_log_events,
+                                              settings.mcp_event_log_seconds)
+        self.mcp.shared = self.shared_sessions
+        self.mcp.instance_tag = "." + self.shared_sessions.tag
         self.accounts.watch(self.mcp)  # a revoked credential ends the sessions it opened
         self.oauth_tokens.watch(self.mcp)  # and so does a revoked OAuth grant
         follow_authorizations(self.mcp, self.upstream_oauth)
@@ -238,6 +245,7 @@ class DirectorService(MultiService):
         self.rate_limiter.start()
         self.session_purge.start()
         self.mcp.start()
+        await self.shared_sessions.start()
         await self.studio.start()
         await self.oauth.start()
         elapsed = time.monotonic() - self.started_at

@@ -18,6 +18,12 @@ credential reaches it again, and when it is revoked — or its user disabled, or
 cookie sessions ended by a password change — the engine ends the session: its stream is
 finished, its calls in progress cancelled, its upstream sessions released (``McpEngine.revoked``,
 told by the account cache, which every instance keeps fresh by NOTIFY).
+With several instances, a handshake-era or ``/sse`` session is not this process's alone:
+``director.mcp.shared_sessions`` stores its facts when it starts, and any instance that gets a
+request for it adopts it (``McpEngine.adopted``) and serves it as its own; ``McpEngine.shared``
+is then set, a session's end reaches every instance (``McpEngine.end``, ``everywhere``), and the
+session channel writes its events to the shared log or relays them to the instance holding the
+stream (``SessionChannel.send_encoded``).
 Why bound to the credential and not to the user: revoking a key must end exactly what that key
 opened, and a session another credential could continue would either outlive the revocation or
 be cut under the other credential's feet; clients keep one credential per connection anyway.
@@ -68,6 +74,7 @@ from director.playbooks.model import Server
 from director.playbooks.store import Playbook
 
 if TYPE_CHECKING:
+    from director.mcp.shared_sessions import SharedSessions, StoredSession
     from director.metrics import Metrics
 
 log = Logger(namespace="mcp.sessions")
@@ -180,10 +187,19 @@ class CallChannel:
 
 
 class SessionChannel:
-    """The session's notifications: its GET stream, remembered for ``Last-Event-ID``."""
+    """The session's notifications: its GET stream, remembered for ``Last-Event-ID`` (here,
+    and in the shared event log when several instances serve the session: ``shared``)."""
 
-    def __init__(self, session_id: str) -> None:
-        self.replay = ReplayBuffer(session_id[:8])
+    #: Set (with ``key``, the session's hash) for a streamable session shared by instances.
+    shared: SharedSessions | None = None
+    key = b""
+    #: This instance held the session's GET stream last (it keeps what the client misses).
+    last_holder = False
+    #: Another instance opened the session's GET stream since (what is sent here is relayed).
+    held_elsewhere = False
+
+    def __init__(self, session_id: str, tag: str = "") -> None:
+        self.replay = ReplayBuffer(session_id[:8] + tag)
         self.stream: EventStream | None = None
 
     @property
@@ -194,14 +210,32 @@ class SessionChannel:
         self.send_encoded(response_bytes(message) if jsonrpc.is_response(message)
                           else json_bytes(message))
 
-    def send_encoded(self, data: bytes) -> None:
-        """``send`` of a message already encoded (``json_bytes``)."""
+    def send_encoded(self, data: bytes, derived: bool = False) -> None:
+        """``send`` of a message already encoded (``json_bytes``). ``derived``: every instance
+        produces it by itself (a playbook change), so only one with the stream sends it."""
         chunk = self.replay.record(data)
+        shared = self.shared
         if self.stream is not None and self.stream.open:
+            self.stream.send(chunk)
+            if shared is not None:  # logged at once: the stream may be dead already, unseen
+                shared.events.append(self.key, self.replay.last_id, data, False)
+        elif shared is not None and not derived:  # the stream is elsewhere, or nowhere yet
+            shared.events.append(self.key, self.replay.last_id, data, True)
+        elif shared is not None and self.last_holder:  # every instance has it: one keeps it
+            shared.events.append(self.key, self.replay.last_id, data, False)
+
+    def write_relayed(self, event_id: str, data: bytes) -> None:
+        """An event another instance produced for this stream (already in the event log)."""
+        chunk = frame(data, event_id)
+        self.replay.keep(event_id, chunk)
+        if self.stream is not None:
             self.stream.send(chunk)
 
 
 class DownstreamSession:
+    #: The hash of ``id`` when the session is shared by instances (``director.mcp.shared_sessions``).
+    key: bytes | None = None
+
     def __init__(self, engine: McpEngine, session_id: str, user_id: UUID, credential: Credential,
                  playbook_pk: UUID, transport: str) -> None:
         self.engine = engine
@@ -215,7 +249,7 @@ class DownstreamSession:
         self.client_capabilities: dict[str, Any] = {}
         self.client_info: dict[str, Any] = {}
         self.initialized = False
-        self.channel = SessionChannel(session_id)
+        self.channel = SessionChannel(session_id, engine.instance_tag)
         self.upstreams: dict[str, Upstream] = {}
         # The aggregator and the subscriptions are created at first use: an idle session (a
         # client holding its GET stream) never needs them, and they are ~0.7 KB of its memory.
@@ -298,6 +332,11 @@ class DownstreamSession:
                 break
         upstream.lists[method] = entries
         return entries
+
+    def facts_changed(self) -> None:
+        """The client changed what another instance adopting the session must know."""
+        if self.engine.shared is not None and self.key is not None:
+            self.engine.shared.facts_changed(self)
 
     def _list_grew(self, method: str) -> None:
         """A server left out of this session's last ``method`` answer (not ready yet) has
@@ -416,6 +455,7 @@ class DownstreamSession:
             return await self._complete(playbook, params, channel)
         if method == "logging/setLevel":
             self.log_level = _required_string(params, "level")
+            self.facts_changed()
             await self._set_upstream_log_levels(playbook, params)
             return {}
         raise ProtocolError(METHOD_NOT_FOUND, f"method not found: {method}")
@@ -429,8 +469,10 @@ class DownstreamSession:
             result = await self._forward(server, method, params, channel)
             self.subscriptions.add(uri)
             upstream.subscribed.add(uri)
+            self.facts_changed()
             return result
         self.subscriptions.discard(uri)
+        self.facts_changed()
         if any(uri in (user._subscriptions or ()) for user in self.engine.users_of(upstream)):
             return {}
         upstream.subscribed.discard(uri)
@@ -545,6 +587,8 @@ class DownstreamSession:
             pending = self.in_flight.get(request_id)
             if pending is not None:
                 pending.cancel()
+            elif self.engine.shared is not None and self.key is not None:
+                self.engine.shared.answer_elsewhere(self, message)  # in flight elsewhere?
         elif method == "notifications/roots/list_changed":
             for upstream in self.upstreams.values():
                 if upstream.session is not None:
@@ -553,6 +597,9 @@ class DownstreamSession:
     def handle_response(self, message: Message) -> None:
         self.touch()
         waiting = self.client_requests.pop(str(message.get("id")), None)
+        if waiting is None and self.engine.shared is not None and self.key is not None:
+            self.engine.shared.answer_elsewhere(self, message)  # pending on another instance
+            return
         if waiting is None:
             log.info("a response to no pending request of this session: {id}",
                      id=message.get("id"))
@@ -574,7 +621,8 @@ class DownstreamSession:
                                       f"({describe(required)} is not among its capabilities)")
         channel: Channel = next((c for c in reversed(self.call_channels) if c.open),
                                 self.channel)
-        if not channel.open and self.transport == "streamable":
+        if not channel.open and self.transport == "streamable" and \
+                not self.channel.held_elsewhere:
             raise ProtocolError(-32603, "the client has no open stream to receive the request")
         if tracing.spans():
             with tracing.relay_span(method, getattr(channel, "trace_span", None)):
@@ -615,12 +663,13 @@ class DownstreamSession:
         if not self.closed:
             self.channel.send(message)
 
-    def notify_list_changed(self, method: str) -> None:
-        """``notify`` of a parameterless ``list_changed``, encoded once for all sessions."""
+    def notify_list_changed(self, method: str, derived: bool = False) -> None:
+        """``notify`` of a parameterless ``list_changed``, encoded once for all sessions
+        (``derived``: as ``SessionChannel.send_encoded``)."""
         if type(self).notify is not DownstreamSession.notify:  # a subclass routes its own
             self.notify(jsonrpc.notification(method))
         elif not self.closed:
-            self.channel.send_encoded(LIST_CHANGED_ENCODED[method])
+            self.channel.send_encoded(LIST_CHANGED_ENCODED[method], derived)
 
     # --- end ------------------------------------------------------------------------------
 
@@ -677,6 +726,9 @@ class McpEngine:
         self._revoked: dict[Credential, float] = {}
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_seconds = idle_seconds
+        #: Set when several instances share the sessions (``director.mcp.shared_sessions``).
+        self.shared: SharedSessions | None = None
+        self.instance_tag = ""
         self._expiry: task.LoopingCall | None = None
         upstreams.on_notification = self._upstream_notified
         upstreams.on_request = self._upstream_asks
@@ -695,6 +747,8 @@ class McpEngine:
             self.end(session, "shutdown")
         self.streams.stop()
         self.streams.close_all()
+        if self.shared is not None:
+            await self.shared.stop()
         await self.upstreams.close_all()
 
     # --- sessions -------------------------------------------------------------------------
@@ -710,7 +764,9 @@ class McpEngine:
             oldest = min(mine.values(), key=lambda s: s.last_active)
             log.info("session cap reached for a user: ending their least recently used session",
                      user_id=str(user_id))
-            self.end(oldest, "cap")
+            # Shared sessions: only this copy; the cap across instances is counted when the
+            # new one is recorded (``SharedSessions.record``).
+            self.end(oldest, "cap", everywhere=self.shared is None)
             mine = self._of_user.setdefault(user_id, {})
         session_id = secrets.token_urlsafe(24)
         session = session_type(self, session_id, user_id, credential, playbook.pk, transport)
@@ -719,6 +775,28 @@ class McpEngine:
         self._of_credential.setdefault(credential, {})[session_id] = session
         if self.metrics is not None:
             self.metrics.session_created(transport)
+        if self.shared is not None and transport in ("streamable", "sse") and \
+                credential.kind != "studio":  # the Studio's own stay in its instance
+            self.shared.held(session)
+        return session
+
+    def adopted(self, session_id: str, stored: StoredSession) -> DownstreamSession:
+        """A streamable session another instance created, rebuilt here from its stored facts
+        (``SharedSessions.adopt``): its upstream sessions follow lazily, as for a new one."""
+        session = DownstreamSession(self, session_id, stored.user_id, stored.credential,
+                                    stored.playbook_pk, stored.transport)
+        session.protocol_version = stored.protocol_version
+        session.client_info = stored.client_info
+        session.client_capabilities = stored.client_capabilities
+        session.log_level = stored.log_level
+        if stored.subscriptions:
+            session.subscriptions.update(stored.subscriptions)
+        session.initialized = True
+        self.sessions[session_id] = session
+        self._of_user.setdefault(stored.user_id, {})[session_id] = session
+        self._of_credential.setdefault(stored.credential, {})[session_id] = session
+        if self.shared is not None:
+            self.shared.held(session)
         return session
 
     def find(self, session_id: str, credential: Credential,
@@ -731,14 +809,18 @@ class McpEngine:
             return None
         return session
 
-    def end(self, session: DownstreamSession, reason: str) -> None:
-        """End ``session`` (idempotent); ``reason`` as ``DownstreamSession.ended_because``."""
+    def end(self, session: DownstreamSession, reason: str, everywhere: bool = True) -> None:
+        """End ``session`` (idempotent); ``reason`` as ``DownstreamSession.ended_because``.
+        A shared session ends on every instance unless ``everywhere`` is false (only this
+        copy is dropped: another instance may go on serving it)."""
         if self.sessions.pop(session.id, None) is not None:
             _unindex(self._of_user, session.user_id, session.id)
             _unindex(self._of_credential, session.credential, session.id)
             session.ended_because = reason
             if self.metrics is not None:
                 self.metrics.session_ended(session.transport, reason)
+            if self.shared is not None:
+                self.shared.released(session, reason, everywhere)
         session.close()
 
     def expire_idle(self) -> None:
@@ -746,7 +828,9 @@ class McpEngine:
         for session in list(self.sessions.values()):
             if session.last_active < cutoff and not session.channel.open and \
                     not session.in_flight:
-                self.end(session, "idle")
+                # A shared session may be in use elsewhere: its row ends by the shared
+                # ``last_seen`` (``SharedSessions``), this copy here.
+                self.end(session, "idle", everywhere=self.shared is None)
 
     # --- revocation (``director.accounts.cache.CredentialHolder``) ------------------------
 
@@ -756,11 +840,15 @@ class McpEngine:
             credential = Credential(revocation.kind, revocation.id)
             self._remember_revoked(credential)
             ending = list(self._of_credential.get(credential, {}).values())
+            if self.shared is not None:
+                self.shared.revoked(credential, None)
         else:  # "user": all of them; "sessions_of": those opened by cookie sessions
             ending = [session for session in self._of_user.get(revocation.id, {}).values()
                       if revocation.kind == "user" or session.credential.kind == "session"]
+            if self.shared is not None:
+                self.shared.revoked(None, revocation.id, revocation.kind != "user")
         for session in ending:
-            self.end(session, "revoked")
+            self.end(session, "revoked", everywhere=False)  # every instance is told
         if ending:
             log.info("ended {count} MCP session(s): their credential was revoked ({kind})",
                      count=len(ending), kind=revocation.kind)
@@ -770,13 +858,7 @@ class McpEngine:
                 for credential, sessions in self._of_credential.items()]
 
     def _remember_revoked(self, credential: Credential) -> None:
-        now = time.monotonic()
-        for old, when in list(self._revoked.items()):
-            if now - when < REVOKED_MEMORY_SECONDS:
-                break
-            del self._revoked[old]
-        self._revoked.pop(credential, None)
-        self._revoked[credential] = now
+        remember(self._revoked, credential, REVOKED_MEMORY_SECONDS)
 
     # --- change routing -------------------------------------------------------------------
 
@@ -865,10 +947,36 @@ class McpEngine:
         prompts_changed = old is None or old.prompts != new.prompts or servers_changed
         for session in affected:
             if servers_changed:
-                session.notify_list_changed("notifications/tools/list_changed")
-                session.notify_list_changed("notifications/resources/list_changed")
+                session.notify_list_changed("notifications/tools/list_changed", True)
+                session.notify_list_changed("notifications/resources/list_changed", True)
             if prompts_changed:
-                session.notify_list_changed("notifications/prompts/list_changed")
+                session.notify_list_changed("notifications/prompts/list_changed", True)
+
+    # --- the legacy /sse transport -------------------------------------------------------
+
+    def sse_message(self, session: DownstreamSession, message: Message) -> None:
+        """A message POSTed to ``/message`` of ``session``, held here (posted here, or relayed
+        from the instance it was posted to); ``ProtocolError`` for a refused notification."""
+        if jsonrpc.is_notification(message):
+            session.handle_notification(message)
+        elif jsonrpc.is_response(message):
+            session.handle_response(message)
+        elif message["method"] == "initialize":
+            playbook = self.playbooks.by_pk(session.playbook_pk)
+            if playbook is None:
+                return
+            result = self.initialize_result(session, message.get("params") or {}, playbook)
+            session.channel.send(jsonrpc.result(message["id"], result))
+            session.facts_changed()
+        else:
+            handling = defer.ensureDeferred(session.handle(message, session.channel))
+            session.in_flight[message["id"]] = handling
+
+            def answered(response: Message) -> None:
+                session.in_flight.pop(message["id"], None)
+                session.channel.send(response)
+
+            handling.addCallback(answered)
 
     # --- the handshake --------------------------------------------------------------------
 
@@ -889,6 +997,19 @@ class McpEngine:
         if playbook.description:
             result["instructions"] = playbook.description
         return result
+
+
+def remember(memory: dict[Any, float], key: Any, seconds: float) -> None:
+    """Note ``key`` in ``memory`` (oldest first, with when), forgetting what is older than
+    ``seconds``."""
+    now = time.monotonic()
+    while memory:  # oldest first: stop at the first one still young (no copy of it all)
+        old, when = next(iter(memory.items()))
+        if now - when < seconds:
+            break
+        del memory[old]
+    memory.pop(key, None)
+    memory[key] = now
 
 
 def _unindex(index: dict[Any, dict[str, DownstreamSession]], key: Any, session_id: str) -> None:

@@ -204,32 +204,41 @@ class StreamRegistry:
 
 
 class ReplayBuffer:
-    """The last events of a session's GET stream, for ``Last-Event-ID`` resumption."""
+    """The last events of a session's GET stream, for ``Last-Event-ID`` resumption (on this
+    instance; ``director.mcp.event_log`` serves it on the others)."""
 
     def __init__(self, prefix: str, size: int = REPLAY_EVENTS) -> None:
         self.prefix = prefix
         self._counter = 0
+        self._kept = 0
         self._size = size
         # Created at the first event: most sessions never get one (an empty deque is ~600 B).
-        self._events: deque[tuple[int, bytes]] | None = None
+        self._events: deque[tuple[str, bytes]] | None = None
+        #: The id of the last event ``record`` framed.
+        self.last_id = ""
 
     def record(self, data: bytes) -> bytes:
-        """The framed event (with a fresh id), remembered for replay."""
+        """The framed event (with a fresh id, ``last_id``), remembered for replay."""
         self._counter += 1
-        chunk = frame(data, f"{self.prefix}-{self._counter}")
-        if self._events is None:
-            self._events = deque(maxlen=self._size)
-        self._events.append((self._counter, chunk))
+        self.last_id = f"{self.prefix}-{self._counter}"
+        chunk = frame(data, self.last_id)
+        self.keep(self.last_id, chunk)
         return chunk
 
+    def keep(self, event_id: str, chunk: bytes) -> None:
+        """Remember an event framed elsewhere (another instance's, relayed here)."""
+        if self._events is None:
+            self._events = deque(maxlen=self._size)
+        self._events.append((event_id, chunk))
+        self._kept += 1
+
     def after(self, last_event_id: str) -> list[bytes] | None:
-        """Events after ``last_event_id``; None if that id is not ours or already forgotten."""
-        prefix, _, number = last_event_id.rpartition("-")
-        if prefix != self.prefix or not (number.isascii() and number.isdigit()) or \
-                len(number) > 18:  # ``isdigit`` alone takes "²", which ``int`` refuses
-            return None
-        seen = int(number)
+        """Events after ``last_event_id``; None if that id is not here (another instance's,
+        already forgotten, or never one)."""
         events = self._events or ()
-        if events and events[0][0] > seen + 1:
-            return None  # a gap: events were dropped from the buffer
-        return [chunk for counter, chunk in events if counter > seen]
+        for position, (event_id, _) in enumerate(events):
+            if event_id == last_event_id:
+                return [chunk for _, chunk in list(events)[position + 1:]]
+        if last_event_id == f"{self.prefix}-0" and self._kept <= self._size:
+            return [chunk for _, chunk in events]  # before the first: all, none dropped yet
+        return None

@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException
 
+from director import jsontext
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
@@ -156,6 +157,11 @@ class McpRoutes:
     async def _caller(self, request: Request, playbook_id: str,
                       transport: str = "mcp") -> tuple[Principal, Playbook]:
         settings = self.auth.settings
+        if not (self.playbooks.loaded and self.auth.cache.loaded):
+            # Starting (or reloading after the database came back): "no playbook" would be a
+            # lie that makes clients give up.
+            raise McpHttpError(503, SERVER_ERROR, "starting: not ready to serve yet; retry "
+                                                  "shortly", headers={"Retry-After": "1"})
         try:
             principal = await self.auth.authenticate(request, allow_query_key=True,
                                                      allow_oauth=True)
@@ -171,16 +177,26 @@ class McpRoutes:
             raise McpHttpError(404, SERVER_ERROR, f"no playbook {playbook_id!r}")
         return principal, playbook
 
-    def _session(self, request: Request, principal: Principal, playbook: Playbook,
-                 required: bool = True) -> DownstreamSession | None:
+    async def _session(self, request: Request, principal: Principal,
+                       playbook: Playbook) -> DownstreamSession:
         raw = request.getHeader(b"mcp-session-id")
         if raw is None:
-            if required:
-                raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
-                                   "Bad Request: the Mcp-Session-Id header is required "
-                                   "(send initialize first)")
-            return None
-        session = self.engine.find(raw.decode("latin-1"), credential_of(principal), playbook)
+            raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
+                               "Bad Request: the Mcp-Session-Id header is required "
+                               "(send initialize first)")
+        session_id = raw.decode("latin-1")
+        credential = credential_of(principal)
+        session = self.engine.find(session_id, credential, playbook)
+        shared = self.engine.shared
+        if session is None and shared is not None and session_id not in self.engine.sessions:
+            # Not held here: another instance created it (director.mcp.shared_sessions).
+            try:
+                session = await shared.adopt(session_id, credential, playbook.pk)
+            except Exception as failure:
+                log.info("adopting a session failed: {error}", error=str(failure))
+                raise McpHttpError(503, SERVER_ERROR, "the session store is unavailable; "
+                                                      "try again", headers={"Retry-After": "1"}
+                                   ) from None
         if session is None or session.transport == "modern":  # contexts have no public id
             raise McpHttpError(404, SERVER_ERROR,
                                "session not found: it ended or expired; initialize again")
@@ -260,9 +276,8 @@ class McpRoutes:
                                           playbook, message)
         self._check_modern(message)
         if message.get("method") == "initialize":
-            return self._initialize(request, principal, playbook, message)
-        session = self._session(request, principal, playbook)
-        assert session is not None
+            return await self._initialize(request, principal, playbook, message)
+        session = await self._session(request, principal, playbook)
         version = request.getHeader(b"mcp-protocol-version")
         if version is not None and version.decode("latin-1") not in LEGACY_VERSIONS:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
@@ -279,8 +294,8 @@ class McpRoutes:
             return b""
         return await self._call(request, session, message)
 
-    def _initialize(self, request: Request, principal: Principal, playbook: Playbook,
-                    message: Message) -> bytes:
+    async def _initialize(self, request: Request, principal: Principal, playbook: Playbook,
+                          message: Message) -> bytes:
         if request.getHeader(b"mcp-session-id") is not None:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST,
                                "Bad Request: initialize opens a new session; send it without "
@@ -290,11 +305,23 @@ class McpRoutes:
         session = self.engine.create(principal.user.id, credential_of(principal), playbook,
                                      "streamable")
         result = self.engine.initialize_result(session, message.get("params") or {}, playbook)
+        await self._record(session)
         request.setHeader(b"mcp-session-id", session.id.encode())
         request.setHeader(b"content-type", b"application/json")
         log.info("MCP session opened", playbook_id=playbook.id, session=session.id[:8],
                  client=str(session.client_info.get("name", "")))
         return json.dumps(jsonrpc.result(message["id"], result)).encode()
+
+    async def _record(self, session: DownstreamSession) -> None:
+        """Store a new session for the other instances before its id is handed out; without
+        the database it still works here (and only here)."""
+        if self.engine.shared is None:
+            return
+        try:
+            await self.engine.shared.record(session)
+        except Exception as failure:
+            log.warn("a new MCP session could not be stored, so only this instance can serve "
+                     "it: {error}", error=str(failure))
 
     async def _call(self, request: Request, session: DownstreamSession,
                     message: Message) -> None:
@@ -312,9 +339,18 @@ class McpRoutes:
     async def get(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
         self._refuse_modern(request)
-        session = self._session(request, principal, playbook)
-        assert session is not None
+        session = await self._session(request, principal, playbook)
         last_event_id = request.getHeader(b"last-event-id")
+        missed: list[bytes] | None = None
+        if last_event_id is not None:
+            missed = session.channel.replay.after(last_event_id.decode("latin-1"))
+            if missed is None and self.engine.shared is not None and session.key is not None:
+                # Not an event of this instance's: the shared log has what others sent.
+                try:
+                    missed = await self.engine.shared.missed(
+                        session, last_event_id.decode("latin-1"))
+                except Exception as failure:
+                    log.info("reading the event log failed: {error}", error=str(failure))
         if session.channel.open:
             if last_event_id is None:
                 raise McpHttpError(409, SERVER_ERROR, "Conflict: this session already has an "
@@ -326,10 +362,10 @@ class McpRoutes:
         stream = EventStream(request, self.engine.streams)
         session.channel.stream = stream
         session.touch()
-        if last_event_id is not None:
-            missed = session.channel.replay.after(last_event_id.decode("latin-1"))
-            for chunk in missed or ():
-                stream.send(chunk)
+        for chunk in missed or ():
+            stream.send(chunk)
+        if self.engine.shared is not None:
+            self.engine.shared.stream_opened(session)  # another instance's ends there
         stream.comment(b"stream open")
         return STREAMING
 
@@ -337,9 +373,13 @@ class McpRoutes:
     async def delete(self, request: Request, playbook_id: str) -> bytes:
         principal, playbook = await self._caller(request, playbook_id)
         self._refuse_modern(request)
-        session = self._session(request, principal, playbook)
-        assert session is not None
+        session = await self._session(request, principal, playbook)
         self.engine.end(session, "client")
+        if self.engine.shared is not None:
+            try:
+                await self.engine.shared.forgotten(session)
+            except Exception as failure:  # ended here all the same
+                log.info("deleting an ended session's row failed: {error}", error=str(failure))
         request.setResponseCode(204)
         return b""
 
@@ -352,6 +392,7 @@ class McpRoutes:
         stream = EventStream(request, self.engine.streams,
                              on_close=lambda _: self.engine.end(session, "client"))
         session.channel.stream = stream
+        await self._record(session)
         endpoint = f"/playbooks/{playbook.id}/message?sessionId={session.id}"
         keys = query_keys(request.args)
         if keys and principal.key is not None:  # a client without headers posts with it too
@@ -366,29 +407,42 @@ class McpRoutes:
         values = request.args.get(b"sessionId")
         if not values:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "Bad Request: sessionId is required")
-        session = self.engine.find(values[0].decode("latin-1"), credential_of(principal),
-                                   playbook)
+        session_id = values[0].decode("latin-1")
+        credential = credential_of(principal)
+        session = self.engine.find(session_id, credential, playbook)
+        if session is None and self.engine.shared is not None and \
+                session_id not in self.engine.sessions:
+            return await self._message_elsewhere(request, principal, playbook, session_id)
         if session is None or session.transport != "sse":
             raise McpHttpError(404, SERVER_ERROR, "session not found")
         message = self._read_message(request)
         self._check_scope(principal, message, playbook_id, "sse")
         self._check_modern(message)
-        if jsonrpc.is_notification(message):
-            self._notified(session, message)
-        elif jsonrpc.is_response(message):
-            session.handle_response(message)
-        elif message["method"] == "initialize":
-            result = self.engine.initialize_result(session, message.get("params") or {},
-                                                   playbook)
-            session.channel.send(jsonrpc.result(message["id"], result))
-        else:
-            handling = defer.ensureDeferred(session.handle(message, session.channel))
-            session.in_flight[message["id"]] = handling
+        try:
+            self.engine.sse_message(session, message)
+        except ProtocolError as failure:
+            raise McpHttpError(400, failure.code, failure.message) from None
+        request.setResponseCode(202)
+        return b"Accepted"
 
-            def answered(response: Message) -> None:
-                session.in_flight.pop(message["id"], None)
-                session.channel.send(response)
-
-            handling.addCallback(answered)
+    async def _message_elsewhere(self, request: Request, principal: Principal,
+                                 playbook: Playbook, session_id: str) -> bytes:
+        """``POST /message`` of an ``/sse`` session whose stream another instance holds: checked
+        against the stored session, then relayed there (``director.mcp.relay``)."""
+        shared = self.engine.shared
+        assert shared is not None
+        try:
+            stored = await shared.foreign_sse(session_id)
+        except Exception as failure:
+            log.info("looking up a session failed: {error}", error=str(failure))
+            raise McpHttpError(503, SERVER_ERROR, "the session store is unavailable; try again",
+                               headers={"Retry-After": "1"}) from None
+        if stored is None or stored.credential != credential_of(principal) or \
+                stored.playbook_pk != playbook.pk:
+            raise McpHttpError(404, SERVER_ERROR, "session not found")
+        message = self._read_message(request)
+        self._check_scope(principal, message, playbook.id, "sse")
+        self._check_modern(message)
+        await shared.post_elsewhere(session_id, jsontext.dumps(message))
         request.setResponseCode(202)
         return b"Accepted"
