@@ -22,6 +22,7 @@ relies on:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sys
@@ -35,7 +36,7 @@ import pytest
 from mcp import Client, types
 
 from tests.accounts_helpers import Account, call, eventually, sign_up
-from tests.harness import Daemon, free_port, query
+from tests.harness import Daemon, free_port, make_temp_dir, query
 from tests.raw_stream import RawStream
 from tests.test_nginx import NGINX, Nginx, Through, post_mcp, server, upstream
 
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.skipif(
 
 StartDaemon = Callable[..., Daemon]
 CLUSTER_SERVER = str(Path(__file__).parent / "fixtures" / "cluster_server.py")
+RAW_SERVER = str(Path(__file__).parent / "fixtures" / "raw_server.py")
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25",
                    "capabilities": {"sampling": {}},
@@ -358,6 +360,64 @@ def test_events_relayed_to_the_stream_and_resumed_elsewhere(cluster: Cluster) ->
 
 
 # --- instances that go away ----------------------------------------------------------------------
+
+
+def test_adopting_instance_resubscribes_and_sets_the_log_level(cluster: Cluster) -> None:
+    """The instance that subscribed goes away: the one adopting the session tells its own
+    upstream the session's subscription and log level, so that the resource's updates go on
+    reaching the client's GET stream."""
+    first, second, _ = cluster.daemons
+    key = cluster.owner.key
+    received = make_temp_dir("director-test-adopt-raw-", 0o777) / "received.jsonl"
+    server = {"name": "raw", "type": "stdio", "command": sys.executable, "args": [RAW_SERVER],
+              "prefix": "raw_", "timeout_seconds": 5, "env": {"RAW_LOG": str(received)}}
+    assert call(first, "POST", f"/api/v1/playbooks/{cluster.playbook}/servers", server,
+                key=key)[0] == 201
+    eventually(lambda: all(b"raw_update" in post_mcp(
+        Through_(d.port), cluster.playbook, key,
+        {"jsonrpc": "2.0", "id": 9, "method": "tools/list"}, cluster.open_session(d))[2]
+        for d in (first, second)))
+    received.unlink(missing_ok=True)
+
+    def told(method: str) -> list[Any]:
+        lines = received.read_text().splitlines() if received.exists() else []
+        return [message["params"] for message in map(json.loads, lines)
+                if message.get("method") == method]
+
+    session = cluster.open_session(first)
+    for number, (method, params) in enumerate((
+            ("resources/subscribe", {"uri": "raw://note"}),
+            ("logging/setLevel", {"level": "debug"})), 2):
+        status, _, body = post_mcp(Through_(first.port), cluster.playbook, key,
+                                   {"jsonrpc": "2.0", "id": number, "method": method,
+                                    "params": params}, session)
+        assert status == 200 and b'"result"' in body, body
+    assert told("resources/subscribe") == [{"uri": "raw://note"}]
+    assert {"level": "debug"} in told("logging/setLevel")
+    set_levels = len(told("logging/setLevel"))
+    first.terminate()
+    # The next request and the GET stream land on the second instance, which adopts.
+    status, _, body = post_mcp(Through_(second.port), cluster.playbook, key,
+                               {"jsonrpc": "2.0", "id": 4, "method": "ping"}, session)
+    assert status == 200, body
+    stream = GetStream(second.port, cluster.playbook, key, session)
+    try:
+        assert stream.wait_for(b"stream open")
+        eventually(lambda: len(told("resources/subscribe")) == 2 and
+                   len(told("logging/setLevel")) > set_levels)
+        assert told("resources/subscribe")[1] == {"uri": "raw://note"}
+        assert told("logging/setLevel")[-1] == {"level": "debug"}
+        status, _, body = post_mcp(Through_(second.port), cluster.playbook, key,
+                                   {"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                                    "params": {"name": "raw_update", "arguments": {}}},
+                                   session)
+        assert status == 200 and b"not subscribed" not in body, body
+        assert stream.wait_for(b"notifications/resources/updated")
+        assert b"raw://note" in stream.data
+    finally:
+        stream.close()
+    assert second.output().count("MCP session adopted") >= 1
+
 
 
 def test_sigkill_and_rolling_restart_lose_no_session(cluster: Cluster) -> None:

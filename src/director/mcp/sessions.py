@@ -456,20 +456,41 @@ class DownstreamSession:
         if method == "logging/setLevel":
             self.log_level = _required_string(params, "level")
             self.facts_changed()
-            await self._set_upstream_log_levels(playbook, params)
+            await self._set_upstream_log_levels(playbook)
             return {}
         raise ProtocolError(METHOD_NOT_FOUND, f"method not found: {method}")
 
+    async def resume(self) -> None:
+        """Adopted from another instance: this instance's upstreams are told what the client
+        asked there — its log level and its subscriptions, each routed by its URI — as the
+        client's own ``logging/setLevel`` and ``resources/subscribe`` tell them (a shared stdio
+        process counts this session among those wanting the URI, ``_subscription``)."""
+        playbook = self.playbook
+        if self.log_level is not None:
+            await self._set_upstream_log_levels(playbook)
+        for uri in sorted(self._subscriptions or ()):
+            if self.closed:
+                return
+            try:
+                server = await self.aggregator.resource_route(playbook, uri)
+                await self._subscription(server, "resources/subscribe", uri, {"uri": uri},
+                                         self.channel, changed=False)
+            except (ProtocolError, UpstreamError) as failure:
+                log.info("re-subscribing {uri} of an adopted session failed: {error}",
+                         uri=uri, error=str(failure))
+
     async def _subscription(self, server: Server, method: str, uri: str, params: dict[str, Any],
-                            channel: Channel) -> dict[str, Any]:
+                            channel: Channel, changed: bool = True) -> dict[str, Any]:
         """``resources/(un)subscribe``: an upstream shared with other sessions is unsubscribed
-        only when none of them still wants the URI."""
+        only when none of them still wants the URI (``changed``: the session's stored facts
+        are updated; not when they are what is re-applied, ``resume``)."""
         upstream = self.upstream(server)
         if method == "resources/subscribe":
             result = await self._forward(server, method, params, channel)
             self.subscriptions.add(uri)
             upstream.subscribed.add(uri)
-            self.facts_changed()
+            if changed:
+                self.facts_changed()
             return result
         self.subscriptions.discard(uri)
         self.facts_changed()
@@ -554,7 +575,7 @@ class DownstreamSession:
             raise ProtocolError(INVALID_PARAMS, "ref.type must be ref/prompt or ref/resource")
         return await self._forward(server, "completion/complete", params, channel)
 
-    async def _set_upstream_log_levels(self, playbook: Playbook, params: dict[str, Any]) -> None:
+    async def _set_upstream_log_levels(self, playbook: Playbook) -> None:
         """Each upstream gets the most verbose level any of its sessions asked for (a shared
         stdio process serves several): every session still sees only what it asked for, since
         log lines are filtered per session on their way down."""
@@ -782,7 +803,9 @@ class McpEngine:
 
     def adopted(self, session_id: str, stored: StoredSession) -> DownstreamSession:
         """A streamable session another instance created, rebuilt here from its stored facts
-        (``SharedSessions.adopt``): its upstream sessions follow lazily, as for a new one."""
+        (``SharedSessions.adopt``): its upstream sessions follow lazily, as for a new one,
+        except those its log level and subscriptions must be told to now (``resume``: else
+        ``notifications/resources/updated`` would stop with the instance that subscribed)."""
         session = DownstreamSession(self, session_id, stored.user_id, stored.credential,
                                     stored.playbook_pk, stored.transport)
         session.protocol_version = stored.protocol_version
@@ -797,6 +820,10 @@ class McpEngine:
         self._of_credential.setdefault(stored.credential, {})[session_id] = session
         if self.shared is not None:
             self.shared.held(session)
+        if session.log_level is not None or stored.subscriptions:
+            resuming = defer.ensureDeferred(session.resume())
+            resuming.addErrback(lambda failure: log.failure("resuming an adopted session",
+                                                            failure))
         return session
 
     def find(self, session_id: str, credential: Credential,
