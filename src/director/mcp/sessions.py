@@ -45,7 +45,13 @@ from director.accounts.cache import Credential, Revocation
 from director.config import Settings
 from director.mcp import jsonrpc
 from director.mcp.capabilities import describe, missing, relayed
-from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
+from director.mcp.jsonrpc import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    METHOD_NOT_FOUND,
+    Message,
+    ProtocolError,
+)
 from director.mcp.router import (
     Aggregator,
     enabled_servers,
@@ -287,7 +293,7 @@ class DownstreamSession:
     def playbook(self) -> Playbook:
         playbook = self.engine.playbooks.by_pk(self.playbook_pk)
         if playbook is None:
-            raise ProtocolError(-32603, "the playbook was deleted")
+            raise ProtocolError(INTERNAL_ERROR, "the playbook was deleted")
         return playbook
 
     def touch(self) -> None:
@@ -644,7 +650,7 @@ class DownstreamSession:
                                 self.channel)
         if not channel.open and self.transport == "streamable" and \
                 not self.channel.held_elsewhere:
-            raise ProtocolError(-32603, "the client has no open stream to receive the request")
+            raise ProtocolError(INTERNAL_ERROR, "the client has no open stream to receive the request")
         if tracing.spans():
             with tracing.relay_span(method, getattr(channel, "trace_span", None)):
                 return await self._ask(channel, method, params)
@@ -702,7 +708,7 @@ class DownstreamSession:
             pending.cancel()
         for waiting in list(self.client_requests.values()):
             if not waiting.called:
-                waiting.errback(ProtocolError(-32603, "session closed"))
+                waiting.errback(ProtocolError(INTERNAL_ERROR, "session closed"))
         self.engine.upstreams.release(self, self.upstreams)
         if self.channel.stream is not None:
             self.channel.stream.finish()
@@ -956,7 +962,7 @@ class McpEngine:
         if method == "ping":
             return {}
         if not users:
-            raise ProtocolError(-32603, "no client session to relay the request to")
+            raise ProtocolError(INTERNAL_ERROR, "no client session to relay the request to")
         latest = max(users, key=lambda s: upstream.users.get(s, 0.0))
         return await latest.ask_client(method, params)
 
