@@ -122,7 +122,12 @@ def world(postgres: Any) -> Any:  # one daemon and its users for the whole matri
     catalogue = registry_catalogue.write(make_temp_dir("director-test-matrix-") / "c.json")
     daemon = DaemonClass(base_environment(DATABASE_URL=url, PORT=str(free_port()),
                                           WAITLIST_ENABLED="true",
-                                          REGISTRY_URL=f"file://{catalogue}"))
+                                          REGISTRY_URL=f"file://{catalogue}",
+                                          # One owner (and key) makes every case's objects:
+                                          # thousands of requests a minute on a fast machine,
+                                          # over the default limits (test_rate_limits's part).
+                                          USER_RATE_LIMIT_MAX_REQUESTS="1000000",
+                                          API_KEY_RATE_LIMIT_MAX_REQUESTS="1000000"))
     daemon.wait_healthy()
     yield daemon, url
     daemon.stop()
