@@ -25,7 +25,7 @@ from twisted.internet.task import Clock
 
 from director.db import migrate
 from director.mcp import jsonrpc
-from director.mcp.modern import Exchange
+from director.mcp.modern.exchange import Exchange
 from tests.accounts_helpers import call, eventually, sign_up
 from tests.fuzzing import (
     CLIENT_CAPABILITIES_META,

@@ -17,7 +17,8 @@ import pytest
 from mcp.client.client import Client
 from mcp.shared.exceptions import MCPError
 
-from director.mcp import headers, modern
+from director.mcp import headers
+from director.mcp.modern import envelope as modern_envelope
 from tests.accounts_helpers import Account, call, sign_up
 from tests.harness import Daemon
 from tests.raw_stream import RawStream
@@ -384,7 +385,7 @@ def test_constants_agree_with_the_sdk_types() -> None:
 
     assert protocol.MODERN_VERSIONS == MODERN_PROTOCOL_VERSIONS
     assert tuple(reversed(HANDSHAKE_PROTOCOL_VERSIONS)) == protocol.LEGACY_VERSIONS  # newest first
-    assert set(modern.SUPPORTED_VERSIONS) == {*MODERN_PROTOCOL_VERSIONS,
+    assert set(modern_envelope.SUPPORTED_VERSIONS) == {*MODERN_PROTOCOL_VERSIONS,
                                               *HANDSHAKE_PROTOCOL_VERSIONS}
     assert protocol.PROTOCOL_VERSION_META == mcp_types.PROTOCOL_VERSION_META_KEY
     assert protocol.CLIENT_CAPABILITIES_META == mcp_types.CLIENT_CAPABILITIES_META_KEY
@@ -399,12 +400,12 @@ def test_constants_agree_with_the_sdk_types() -> None:
             protocol.INVALID_PARAMS, protocol.INTERNAL_ERROR) == \
         (mcp_types.PARSE_ERROR, mcp_types.INVALID_REQUEST, mcp_types.METHOD_NOT_FOUND,
          mcp_types.INVALID_PARAMS, mcp_types.INTERNAL_ERROR)
-    assert dict(inbound.ERROR_CODE_HTTP_STATUS) == modern.HTTP_STATUS
-    assert dict(inbound.NAME_BEARING_METHODS) == modern.NAME_BEARING_METHODS
+    assert dict(inbound.ERROR_CODE_HTTP_STATUS) == modern_envelope.HTTP_STATUS
+    assert dict(inbound.NAME_BEARING_METHODS) == modern_envelope.NAME_BEARING_METHODS
     assert inbound.MCP_PARAM_HEADER_PREFIX.lower() == headers.PARAM_HEADER_PREFIX
-    assert modern.CACHEABLE_METHODS == mcp_types.methods.CACHEABLE_METHODS
-    assert {m for m, v in mcp_types.methods.CLIENT_REQUESTS if v == VERSION} == modern.METHODS
-    assert tuple(mcp_types.LoggingLevel.__args__) == modern.LOG_LEVELS  # type: ignore[attr-defined]
+    assert modern_envelope.CACHEABLE_METHODS == mcp_types.methods.CACHEABLE_METHODS
+    assert {m for m, v in mcp_types.methods.CLIENT_REQUESTS if v == VERSION} == modern_envelope.METHODS
+    assert tuple(mcp_types.LoggingLevel.__args__) == modern_envelope.LOG_LEVELS  # type: ignore[attr-defined]
 
 
 def test_mcp_param_headers_agree_with_the_sdk() -> None:

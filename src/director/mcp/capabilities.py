@@ -18,7 +18,7 @@ client can do (``initialize``'s ``capabilities``, the stateless envelope's
   (``missing``: the error that client would give) when it did not declare what is asked;
 * a 2026-07-28 request carries its own ``clientCapabilities``, so the upstreams of a modern
   context are told the gateway's whole set too, and each request's own declaration is checked
-  when an upstream asks (``modern.Exchange``: -32021 naming what is missing).
+  when an upstream asks (``modern.exchange.Exchange``: -32021 naming what is missing).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from director import jsontext
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
-from director.mcp.modern import ModernGateway, is_modern_request, modern_method_not_allowed
+from director.mcp.modern.envelope import is_modern_request, modern_method_not_allowed
+from director.mcp.modern.gateway import ModernGateway
 from director.mcp.protocol import PROTOCOL_VERSION_META, SERVER_ERROR, UNSUPPORTED_PROTOCOL_VERSION
 from director.mcp.sessions import CallChannel, CredentialRevoked, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
