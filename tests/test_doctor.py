@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from psycopg2.extensions import parse_dsn
 
-from director.cli.doctor import estimate_entropy_bits, is_placeholder
+from director.cli.doctor.environment import estimate_entropy_bits, is_placeholder
 from tests.harness import (
     DIRECTOR,
     Daemon,
@@ -527,7 +527,7 @@ def test_default_env_file_unreadable_by_this_user_fails(where: str) -> None:
         env_file.chmod(0o640)
         script = textwrap.dedent(f"""
             import contextlib, io, json
-            import director.cli as cli, director.cli.base as base, director.cli.doctor as doctor
+            import director.cli as cli, director.cli.base as base, director.cli.doctor.environment as doctor
             base.DEFAULT_ENV_FILE = {str(env_file)!r}
             check = doctor.check_env_file(None, {{}}).result.as_json()
             errors = io.StringIO()

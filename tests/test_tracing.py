@@ -28,7 +28,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from twisted.internet import reactor
 
 from director import tracing
-from director.cli.doctor import FAIL, OK, check_tracing
+from director.cli.doctor.network import check_tracing
+from director.cli.doctor.result import FAIL, OK
 from director.config import load_settings
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstream.connect import CheckedEndpoints
