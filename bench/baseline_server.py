@@ -8,6 +8,8 @@ For the stream figures it also holds raw server-sent-event streams: ``GET /sse``
 comment is written at once and the response never finishes), and ``POST /fanout`` writes one
 ``notifications/prompts/list_changed`` event to every open stream before answering: what
 holding and notifying streams costs Twisted itself, with no session behind them.
+``POST /fanout-raw`` writes the same bytes (chunk framing included) with one ``send(2)`` per
+socket at once, bypassing Twisted's buffered write path: the floor of a fan-out on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ reactor: Any = _reactor
 BODY = b'{"status": "ok"}'
 EVENT = (b'event: message\ndata: {"jsonrpc":"2.0",'
          b'"method":"notifications/prompts/list_changed"}\n\n')
+#: ``EVENT`` as ``Request.write`` frames it in a chunked HTTP/1.1 response.
+CHUNKED_EVENT = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
 
 
 class Health(resource.Resource):
@@ -44,11 +48,15 @@ class Health(resource.Resource):
         return BODY
 
     def render_POST(self, request: server.Request) -> bytes:
-        if request.path != b"/fanout":
+        if request.path == b"/fanout":
+            for stream in list(self.streams):
+                stream.write(EVENT)
+        elif request.path == b"/fanout-raw":
+            for stream in list(self.streams):
+                send_now(stream, CHUNKED_EVENT)
+        else:
             request.setResponseCode(404)
             return b""
-        for stream in list(self.streams):
-            stream.write(EVENT)
         return b"%d" % len(self.streams)
 
     def _stream(self, request: server.Request) -> int:
@@ -58,6 +66,25 @@ class Health(resource.Resource):
         self.streams.add(request)
         request.notifyFinish().addBoth(lambda _: self.streams.discard(request))
         return server.NOT_DONE_YET
+
+
+def send_now(stream: server.Request, data: bytes) -> None:
+    """``data`` on the stream's socket with one ``send(2)`` now; through Twisted's buffer only
+    when something is queued already (order) or the kernel took part of it."""
+    transport: Any = stream.channel.transport if stream.channel is not None else None
+    if transport is None:
+        return
+    if transport.dataBuffer or transport._tempDataBuffer:
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 class QuietSite(server.Site):

@@ -25,8 +25,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,7 @@ THROUGHPUT_BUDGET = Budget(3000.0, "≥ 3,000 calls/s", at_most=False)
 SESSION_MEMORY_BUDGET = Budget(16_000 / 1024, "≤ 16 KB")
 FANOUT_BUDGET = Budget(100.0, "≤ 100 ms at 10,000")
 FANOUT_BUDGET_SIZE = 10_000
+STALL_BUDGET = Budget(20.0, "≤ 20 ms")
 SESSION_COUNTS = (1, 8, 32)
 
 MCP_ENV = NO_LIMIT | {"DANGEROUSLY_ALLOW_ARBITRARY_STDIO_SERVERS": "true",
@@ -193,15 +196,49 @@ def _settled_rss(pid: int, settle: float = 1.0) -> int:
     return status_kib(pid, "VmRSS")
 
 
-def _fanouts(holder: StreamHolder, trigger: Callable[[], None], count: int) -> list[dict[str, Any]]:
-    """``count`` changes, each awaited on every stream: kernel stamps relative to the trigger."""
+class StallProbe:
+    """A concurrent caller: ``GET /api/health`` back to back on one keep-alive connection
+    while a fan-out runs; its worst latency is how long the fan-out stalled other requests."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.latencies_ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StallProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        connection = http.client.HTTPConnection(HOST, self.port, timeout=30)
+        try:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                connection.request("GET", "/api/health")
+                connection.getresponse().read()
+                self.latencies_ms.append((time.perf_counter() - started) * 1e3)
+        finally:
+            connection.close()
+
+
+def _fanouts(holder: StreamHolder, trigger: Callable[[], None], count: int,
+             probe_port: int | None = None) -> list[dict[str, Any]]:
+    """``count`` changes, each awaited on every stream: kernel stamps relative to the trigger;
+    with ``probe_port``, the worst latency of a concurrent caller during each."""
     results = []
     for _ in range(count):
         holder.command("mark")
-        before = time.time_ns()
-        trigger()
-        after = time.time_ns()
-        arrival = holder.command("wait 30", timeout=60)
+        with contextlib.ExitStack() as probing:
+            probe = probing.enter_context(StallProbe(probe_port)) if probe_port else None
+            before = time.time_ns()
+            trigger()
+            after = time.time_ns()
+            arrival = holder.command("wait 30", timeout=60)
         if arrival["first_ns"] is None:
             results.append({"received": 0, "open": arrival["open"]})
             continue
@@ -217,6 +254,9 @@ def _fanouts(holder: StreamHolder, trigger: Callable[[], None], count: int) -> l
             "request_answered_ms": (after - before) / 1e6,
             "last_read_after_last_stamp_ms": (arrival["last_read_ns"] - arrival["last_ns"]) / 1e6,
             "unstamped": arrival["unstamped"],
+            "concurrent_worst_ms": max(probe.latencies_ms) if probe and probe.latencies_ms
+            else None,
+            "concurrent_calls": len(probe.latencies_ms) if probe else 0,
         })
     return results
 
@@ -233,19 +273,22 @@ def _baseline_streams(reaper: Reaper, workdir: Path, sessions: int,
     rss_after = _settled_rss(base.pid)
     connection = http.client.HTTPConnection(HOST, base.port, timeout=60)
 
-    def trigger() -> None:
-        connection.request("POST", "/fanout")
-        connection.getresponse().read()
+    def trigger(path: str) -> Callable[[], None]:
+        def post() -> None:
+            connection.request("POST", path)
+            connection.getresponse().read()
+        return post
 
     try:
-        results = _fanouts(holder, trigger, fanouts)
+        results = _fanouts(holder, trigger("/fanout"), fanouts)
+        raw = _fanouts(holder, trigger("/fanout-raw"), fanouts)
     finally:
         connection.close()
         holder.stop()
         base.stop()
     return {"ready": holder.ready, "rss_kib": [rss_before, rss_after],
             "per_stream_kib": (rss_after - rss_before) / max(1, holder.ready["ready"]),
-            "fanouts": results}
+            "fanouts": results, "raw_fanouts": raw}
 
 
 @attrs.frozen
@@ -291,7 +334,7 @@ def _hold(reaper: Reaper, workdir: Path, database_url: str, sessions: int, fanou
     rss_after = _settled_rss(server.pid)
     toggle = api.PromptToggle(client, playbook)
     try:
-        results = _fanouts(holder, toggle.toggle, fanouts)
+        results = _fanouts(holder, toggle.toggle, fanouts, probe_port=server.port)
     finally:
         holder.stop()
         server.stop()
@@ -340,8 +383,16 @@ def _stream_figures(run: StreamRun, legacy: StreamRun,
                "(committed → last stream)", "ms",
                tuple(r["committed_to_last_ms"] for r in complete), budget,
                "plain twisted.web, request → last: "
-               + formatted(_baseline_median(baseline["fanouts"], "request_to_last_ms"), "ms"),
+               + formatted(_baseline_median(baseline["fanouts"], "request_to_last_ms"), "ms")
+               + "; raw send(2) per socket: "
+               + formatted(_baseline_median(baseline["raw_fanouts"], "request_to_last_ms"), "ms"),
                details={"fanouts": run.fanouts}),
+        Figure("mcp_fanout_stall", "  worst latency of a concurrent /api/health meanwhile",
+               "ms", tuple(r["concurrent_worst_ms"] for r in complete
+                           if r.get("concurrent_worst_ms") is not None),
+               STALL_BUDGET if budget else None,
+               baseline=f"{_median_count(complete, 'concurrent_calls')} calls during each "
+                        "fan-out (median)"),
         Figure("mcp_fanout_spread", "  of which first → last stream (the socket writes)", "ms",
                tuple(r["spread_ms"] for r in complete),
                baseline="plain twisted.web "
@@ -360,6 +411,10 @@ def _stream_figures(run: StreamRun, legacy: StreamRun,
                               "sessions/s (1 request each)",
                details={"fanouts": legacy.fanouts}),
     ]
+
+
+def _median_count(results: list[dict[str, Any]], name: str) -> str:
+    return f"{statistics.median(r[name] for r in results):,.0f}" if results else "—"
 
 
 def _median_of(results: list[dict[str, Any]], name: str) -> str:
