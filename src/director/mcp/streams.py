@@ -81,6 +81,8 @@ class EventStream:
         # Created when first needed: an empty deque is ~600 bytes, and most streams never
         # fall behind.
         self._queue: deque[bytes] | None = None
+        #: The plain TCP transport under a chunked response, once seen (``_raw_transport``).
+        self._socket_transport: Any = None
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache, no-transform")
         request.setHeader(b"x-accel-buffering", b"no")  # nginx: do not buffer this response
@@ -103,7 +105,45 @@ class EventStream:
                 return
             self._queue.append(chunk)
             return
-        self.request.write(chunk)
+        self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        """``chunk`` on the response: straight to the socket when that is safe, else through
+        ``Request.write``. A fan-out writes one event to thousands of idle streams at once;
+        Twisted's path buffers each, registers the socket with epoll, and sends on the next
+        turn (three system calls and ~15 µs a stream here); one ``send(2)`` now does the
+        same with a third of the cost (bench ``mcp``: the raw floor). Safe means: headers
+        already sent, chunked HTTP/1.1 (we frame the chunk as Twisted would), a plain TCP
+        socket, and nothing of this connection waiting in Twisted's buffer (order)."""
+        request = self.request
+        transport = self._raw_transport()
+        if transport is None:
+            request.write(chunk)
+            return
+        data = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        request.sentLength += len(chunk)
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # full (EAGAIN) or broken: Twisted's buffer sends it or finds out
+            sent = 0
+        if sent < len(data):
+            transport.write(data[sent:])
+
+    def _raw_transport(self) -> Any:
+        """The TCP transport this stream may write to directly now, or None (``_write``)."""
+        transport = self._socket_transport
+        if transport is None:
+            request = self.request
+            if not (request.startedWriting and request.chunked) or request.finished:
+                return None
+            transport = getattr(request.channel, "transport", None)
+            if getattr(transport, "socket", None) is None or getattr(transport, "TLS", True):
+                return None
+            self._socket_transport = transport  # what was checked above cannot change
+        if transport.disconnecting or not transport.connected or transport.dataBuffer or \
+                transport._tempDataBuffer:
+            return None
+        return transport
 
     def comment(self, text: bytes = b"ping") -> None:
         self.send(b": " + text + b"\n\n")
@@ -134,7 +174,7 @@ class EventStream:
         self.paused_since = None
         queue = self._queue
         while queue and self.paused_since is None and self.open:
-            self.request.write(queue.popleft())
+            self._write(queue.popleft())
 
     def stopProducing(self) -> None:
         # The connection is gone. Twisted says so here first, before the request's

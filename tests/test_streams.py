@@ -1,0 +1,165 @@
+"""``EventStream``'s write path, in-process: one ``send(2)`` straight to the socket when that is
+safe, Twisted's buffered ``Request.write`` otherwise — and never a byte out of order.
+
+The request and transport are small stand-ins with the attributes the stream reads; the socket
+is a real one (a socket pair), so what the client would read is what is asserted. Every daemon
+test that holds a GET stream runs the same path against real clients.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+
+from director.mcp.streams import EventStream, StreamRegistry
+
+
+class Transport:
+    """What ``EventStream`` reads of a Twisted TCP transport."""
+
+    TLS = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+
+    def write(self, data: bytes) -> None:  # Twisted's buffer: kept in order, sent later
+        self._tempDataBuffer.append(data)
+
+
+class Channel:
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+
+class Request:
+    """A chunked HTTP/1.1 response whose headers went out; ``write`` frames as Twisted does
+    and queues behind what the transport holds (``Request.write`` → ``writeSequence``)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.channel = Channel(transport)
+        self.startedWriting = True
+        self.chunked = True
+        self.finished = False
+        self.sentLength = 0
+        self.through_twisted: list[bytes] = []
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        pass
+
+    def notifyFinish(self) -> defer.Deferred[None]:
+        return defer.Deferred()
+
+    def write(self, data: bytes) -> None:
+        self.through_twisted.append(data)
+        self.channel.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    client.setblocking(False)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def received(client: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            data += client.recv(1 << 20)
+        except BlockingIOError:
+            return data
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def stream_on(server: socket.socket) -> tuple[EventStream, Request, Transport]:
+    transport = Transport(server)
+    request = Request(transport)
+    return EventStream(request, StreamRegistry()), request, transport
+
+
+def test_an_event_goes_straight_to_the_socket_framed_as_a_chunk(pair: Any) -> None:
+    server, client = pair
+    stream, request, transport = stream_on(server)
+    stream.send(b"data: one\n\n")
+    stream.send(b"data: two\n\n")
+    assert received(client) == chunk(b"data: one\n\n") + chunk(b"data: two\n\n")
+    assert request.through_twisted == [] and transport._tempDataBuffer == []
+    assert request.sentLength == 2 * len(b"data: one\n\n")
+
+
+def test_what_twisted_holds_for_the_connection_goes_first(pair: Any) -> None:
+    server, client = pair
+    stream, request, transport = stream_on(server)
+    transport._tempDataBuffer.append(chunk(b"held"))
+    stream.send(b"after")
+    assert received(client) == b""  # nothing overtook the held bytes
+    assert request.through_twisted == [b"after"]
+    assert transport._tempDataBuffer == [chunk(b"held"), chunk(b"after")]
+
+
+def test_a_full_socket_leaves_the_rest_to_twisteds_buffer(pair: Any) -> None:
+    server, client = pair
+    filled = 0
+    try:
+        while True:
+            filled += server.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    stream, _, transport = stream_on(server)
+    event = b"data: " + b"y" * 200_000 + b"\n\n"
+    stream.send(event)
+    framed = chunk(event)
+    kept = b"".join(transport._tempDataBuffer)
+    assert kept and framed.endswith(kept)  # the unsent tail, for Twisted to send in order
+    assert received(client) == b"x" * filled + framed[:len(framed) - len(kept)]
+
+
+@pytest.mark.parametrize("unsafe", ["headers not sent", "not chunked", "tls", "closing",
+                                    "no socket"])
+def test_anything_but_a_plain_chunked_socket_goes_through_request_write(pair: Any,
+                                                                        unsafe: str) -> None:
+    server, client = pair
+    transport = Transport(server)
+    request = Request(transport)
+    if unsafe == "headers not sent":
+        request.startedWriting = False
+    elif unsafe == "not chunked":
+        request.chunked = False
+    elif unsafe == "tls":
+        transport.TLS = True
+    elif unsafe == "closing":
+        transport.disconnecting = True
+    else:
+        del transport.socket
+    stream = EventStream(request, StreamRegistry())
+    stream.send(b"event")
+    assert request.through_twisted == [b"event"]
+    assert received(client) == b""
+
+
+def test_a_paused_stream_queues_and_resumes_in_order(pair: Any) -> None:
+    server, client = pair
+    stream, _, _ = stream_on(server)
+    stream.pauseProducing()
+    stream.send(b"a")
+    stream.send(b"b")
+    assert received(client) == b""
+    stream.resumeProducing()
+    assert received(client) == chunk(b"a") + chunk(b"b")
