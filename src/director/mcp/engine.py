@@ -63,6 +63,8 @@ class McpEngine:
         self.metrics = metrics
         self.playbooks = playbooks
         self.upstreams = upstreams
+        #: For the timers of ``director.mcp.modern`` and ``director.oauth.client`` (which do not
+        #: measure durations); the session layer's own are ``clock``'s.
         self.reactor = reactor
         #: Time and timers of the sessions, their streams and their upkeep (``director.mcp.clock``).
         self.clock = clock
