@@ -194,7 +194,7 @@ def test_handshake_and_sse_sessions_through_round_robin(cluster: Cluster) -> Non
         together = await asyncio.gather(asyncio.gather(*(legacy(i) for i in range(10))),
                                         auto(), legacy_sse(False), legacy_sse(False))
         # Sampling alone: a stdio server shared by a playbook's sessions on one instance asks
-        # the session that used it last (director.mcp.sessions), which is this one only when
+        # the session that used it last (director.mcp.fanout), which is this one only when
         # no other is calling it at the same time.
         return (*together, await asking(), await legacy_sse(True))
 

@@ -4,8 +4,9 @@ Each service owns one ``Metrics`` (its own ``CollectorRegistry``; nothing goes t
 ``prometheus_client``'s global one), so two services in one process count separately.
 
 * Counters and histograms are written where things happen: ``DirectorSite.log`` (HTTP),
-  ``DownstreamSession.handle`` (MCP, per playbook) and ``_upstream_request`` (per upstream
-  server), ``McpEngine`` (sessions created and ended, ``initialize``, upstream restarts),
+  ``DownstreamSession.handle`` (MCP, per playbook) and ``director.mcp.timing`` (per upstream
+  server), ``McpEngine`` (sessions created and ended, upstream restarts),
+  ``director.mcp.handshake`` (``initialize``),
   ``Authenticator`` (rate-limit refusals, authentication failures).
 * Gauges are read from the service tree when scraped (``ServiceCollector``): nothing is kept
   up to date on the hot path for them.
@@ -54,7 +55,7 @@ from director.web.routes import OTHER, route_template
 if TYPE_CHECKING:
     from director.accounts.cache import AccountCache
     from director.db.database import Database
-    from director.mcp.sessions import McpEngine
+    from director.mcp.engine import McpEngine
     from director.mcp.upstreams import Upstream
     from director.playbooks.cache import PlaybookCache
     from director.playbooks.store import Playbook

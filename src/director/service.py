@@ -44,8 +44,9 @@ from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
 from director.db.database import Database
 from director.db.embedded import EmbeddedDatabaseError, EmbeddedPostgres, ExitWatch
+from director.mcp.clock import MonotonicClock
+from director.mcp.engine import McpEngine
 from director.mcp.factory import upstream_factory
-from director.mcp.sessions import McpEngine
 from director.mcp.shared_sessions import SharedSessions
 from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
@@ -153,6 +154,7 @@ class DirectorService(MultiService):
                                    authorizations=self._upstream_authorization, eras=self.eras)
         self.mcp = McpEngine(settings, self.playbooks,
                              UpstreamManager(factory, settings, eras=self.eras), reactor,
+                             clock=MonotonicClock(reactor),
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +38,15 @@ from twisted.logger import Logger
 from director.accounts.cache import Credential
 from director.db.database import Database
 from director.mcp import jsonrpc
+from director.mcp.engine import remember
 from director.mcp.event_log import EventLog
+from director.mcp.handshake import sse_message
 from director.mcp.relay import CHANNEL, Relay
-from director.mcp.sessions import remember
 from director.mcp.streams import frame
 
 if TYPE_CHECKING:
-    from director.mcp.sessions import DownstreamSession, McpEngine
+    from director.mcp.downstream import DownstreamSession
+    from director.mcp.engine import McpEngine
 
 log = Logger(namespace="mcp.shared")
 
@@ -104,7 +105,6 @@ class SharedSessions:
     def __init__(self, database: Database, reactor: Any, engine: McpEngine,
                  event_log_events: int, event_log_seconds: float) -> None:
         self.database = database
-        self.reactor = reactor
         self.engine = engine
         self.instance = uuid.uuid4()
         #: In this instance's event ids, so that they are unique across instances.
@@ -119,7 +119,9 @@ class SharedSessions:
         # rows this instance is ending, for a DELETE to wait on.
         self._ended_lately: dict[bytes, float] = {}
         self._forgetting: dict[bytes, defer.Deferred[None]] = {}
-        self._last_flush = time.monotonic()
+        #: The engine's: ``_last_flush`` is compared with its sessions' ``last_active``.
+        self.clock = engine.clock
+        self._last_flush = self.clock.seconds()
         self._sweeper: task.LoopingCall | None = None
         self.relay.on("e", self._event)
         self.relay.on("m", self._posted)
@@ -131,7 +133,7 @@ class SharedSessions:
         await self.relay.start()
         self.events.start()
         self._sweeper = task.LoopingCall(self._sweep)
-        self._sweeper.clock = self.reactor
+        self._sweeper.clock = self.clock
         self._sweeper.start(min(30.0, self.engine.idle_seconds / 4), now=False)
 
     async def stop(self) -> None:
@@ -185,7 +187,7 @@ class SharedSessions:
             await waiter
 
     def _remember_ended(self, key: bytes) -> None:
-        remember(self._ended_lately, key, ENDED_MEMORY_SECONDS)
+        remember(self._ended_lately, key, ENDED_MEMORY_SECONDS, self.clock.seconds())
 
     async def record(self, session: DownstreamSession) -> None:
         """Store a new session's facts (before its id is handed out: any instance may get the
@@ -231,7 +233,7 @@ class SharedSessions:
         # canceller): the deadline is on a copy, as in ``Database.ping``.
         waiter: defer.Deferred[Any] = defer.Deferred()
         query.addBoth(lambda result: waiter.callback(result) if not waiter.called else None)
-        waiter.addTimeout(ADOPT_TIMEOUT_SECONDS, self.reactor)
+        waiter.addTimeout(ADOPT_TIMEOUT_SECONDS, self.clock)
         rows = await waiter
         if not rows:
             return None
@@ -324,7 +326,7 @@ class SharedSessions:
         except jsonrpc.ProtocolError:
             return
         try:
-            self.engine.sse_message(session, message)
+            sse_message(session, message)
         except jsonrpc.ProtocolError as failure:
             log.info("a relayed message was refused: {error}", error=failure.message)
 
@@ -381,7 +383,7 @@ class SharedSessions:
     async def _flush_touched(self) -> None:
         """``last_seen`` of the copies used here since the last time (found by a scan every
         sweep, so that the calls themselves do nothing for it)."""
-        since, self._last_flush = self._last_flush, time.monotonic()
+        since, self._last_flush = self._last_flush, self.clock.seconds()
         touched = self._touched
         self._touched = set()
         for key, session in self.by_hash.items():  # an open stream keeps its session alive

@@ -13,7 +13,6 @@ tens of thousands of idle streams and notice dead peers behind proxies.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -168,7 +167,7 @@ class EventStream:
 
     def pauseProducing(self) -> None:
         if self.paused_since is None:
-            self.paused_since = time.monotonic()
+            self.paused_since = self.registry.clock.seconds()
 
     def resumeProducing(self) -> None:
         self.paused_since = None
@@ -204,10 +203,11 @@ class EventStream:
 class StreamRegistry:
     """Every open stream of this process, for heartbeats, stuck-reader checks and shutdown."""
 
-    def __init__(self, clock: Any = None) -> None:
+    def __init__(self, clock: Any) -> None:
         self._streams: set[EventStream] = set()
         self._loop: task.LoopingCall | None = None
-        self._clock = clock
+        #: Of the heartbeats and of how long a reader is stuck (``director.mcp.clock``).
+        self.clock = clock
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -220,8 +220,7 @@ class StreamRegistry:
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self.beat)
-        if self._clock is not None:
-            self._loop.clock = self._clock
+        self._loop.clock = self.clock
         self._loop.start(HEARTBEAT_SECONDS, now=False)
 
     def stop(self) -> None:
@@ -229,7 +228,7 @@ class StreamRegistry:
             self._loop.stop()
 
     def beat(self) -> None:
-        now = time.monotonic()
+        now = self.clock.seconds()
         for stream in list(self._streams):
             if stream.paused_since is not None and now - stream.paused_since > STUCK_SECONDS:
                 log.info("disconnecting a stream whose reader has not read for {seconds:.0f} s",

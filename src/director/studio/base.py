@@ -36,7 +36,7 @@ from director.web.errors import ApiError, Forbidden, NotFound, Unauthorized
 
 if TYPE_CHECKING:
     from director.accounts.usage import KeyUsage
-    from director.mcp.sessions import McpEngine
+    from director.mcp.engine import McpEngine
     from director.studio.live import LiveHub
     from director.studio.workbench import Workbench
     from director.web.v1 import ApiV1

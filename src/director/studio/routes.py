@@ -35,7 +35,7 @@ from director.studio.workbench import Workbench
 from director.web.auth import Authenticator
 
 if TYPE_CHECKING:
-    from director.mcp.sessions import McpEngine
+    from director.mcp.engine import McpEngine
     from director.web.v1 import ApiV1
 
 log = Logger(namespace="studio")

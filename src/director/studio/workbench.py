@@ -28,9 +28,10 @@ from twisted.logger import Logger
 
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
+from director.mcp.downstream import DownstreamSession
+from director.mcp.engine import McpEngine
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.router import SHADOWED_META, tool_visible
-from director.mcp.sessions import DownstreamSession, McpEngine
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstreams import Upstream
 from director.playbooks.model import Server

@@ -9,7 +9,7 @@ sign in, a missing scope is a 403 ``insufficient_scope``); errors
 are JSON-RPC error objects with the HTTP status that says what happened (401 with
 ``WWW-Authenticate``, 404 for a playbook that is not the caller's, 429 when rate limited).
 A session is reached only with the credential that opened it (another key of the same user
-gets 404 "session not found": ``director.mcp.sessions`` says why), and ends when that
+gets 404 "session not found": ``director.mcp.engine`` says why), and ends when that
 credential is revoked.
 """
 
@@ -30,11 +30,14 @@ from werkzeug.exceptions import HTTPException
 from director import jsontext
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
+from director.mcp.channels import CallChannel
+from director.mcp.downstream import DownstreamSession
+from director.mcp.engine import CredentialRevoked, McpEngine
+from director.mcp.handshake import initialize_result, sse_message
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.modern.envelope import is_modern_request, modern_method_not_allowed
 from director.mcp.modern.gateway import ModernGateway
 from director.mcp.protocol import PROTOCOL_VERSION_META, SERVER_ERROR, UNSUPPORTED_PROTOCOL_VERSION
-from director.mcp.sessions import CallChannel, CredentialRevoked, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream, frame
 from director.mcp.upstream.base import LEGACY_VERSIONS
 from director.oauth.server import resource as oauth_resource
@@ -305,7 +308,7 @@ class McpRoutes:
             raise McpHttpError(400, jsonrpc.INVALID_REQUEST, "initialize must be a request")
         session = self.engine.create(principal.user.id, credential_of(principal), playbook,
                                      "streamable")
-        result = self.engine.initialize_result(session, message.get("params") or {}, playbook)
+        result = initialize_result(session, message.get("params") or {}, playbook)
         await self._record(session)
         request.setHeader(b"mcp-session-id", session.id.encode())
         request.setHeader(b"content-type", b"application/json")
@@ -420,7 +423,7 @@ class McpRoutes:
         self._check_scope(principal, message, playbook_id, "sse")
         self._check_modern(message)
         try:
-            self.engine.sse_message(session, message)
+            sse_message(session, message)
         except ProtocolError as failure:
             raise McpHttpError(400, failure.code, failure.message) from None
         request.setResponseCode(202)

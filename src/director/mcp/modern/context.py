@@ -22,6 +22,10 @@ from twisted.logger import Logger
 from director import tracing
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
+from director.mcp.channels import Channel
+from director.mcp.downstream import DownstreamSession
+from director.mcp.engine import McpEngine
+from director.mcp.handshake import SERVER_INFO
 from director.mcp.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -41,7 +45,6 @@ from director.mcp.modern.envelope import (
 )
 from director.mcp.modern.exchange import Exchange, ModernCallChannel
 from director.mcp.modern.listen import LISTEN_PREPARE_SECONDS, Listener, ListenHub
-from director.mcp.sessions import SERVER_INFO, Channel, DownstreamSession, McpEngine
 from director.mcp.streams import EventStream
 from director.mcp.upstream.base import UpstreamError, UpstreamRequestError
 from director.playbooks.model import Server

@@ -38,6 +38,8 @@ from typing import Any
 
 import attrs
 
+from director.mcp.fanout import LOG_LEVELS
+from director.mcp.handshake import SERVER_CAPABILITIES, SERVER_INFO
 from director.mcp.headers import decode_header_value
 from director.mcp.jsonrpc import (
     INVALID_PARAMS,
@@ -59,7 +61,6 @@ from director.mcp.protocol import (
     SERVER_INFO_META,
     UNSUPPORTED_PROTOCOL_VERSION,
 )
-from director.mcp.sessions import LOG_LEVELS, SERVER_CAPABILITIES, SERVER_INFO
 from director.mcp.upstream.base import LEGACY_VERSIONS, UpstreamRequestError
 from director.playbooks.store import Playbook
 

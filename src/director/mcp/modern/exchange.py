@@ -35,10 +35,11 @@ from twisted.internet import defer
 
 from director.mcp import jsonrpc
 from director.mcp.capabilities import describe, missing
+from director.mcp.channels import CallChannel
+from director.mcp.fanout import log_level_allows
 from director.mcp.jsonrpc import INVALID_PARAMS, METHOD_NOT_FOUND, Message, ProtocolError
 from director.mcp.modern.envelope import Envelope, http_status
 from director.mcp.protocol import MISSING_REQUIRED_CLIENT_CAPABILITY
-from director.mcp.sessions import CallChannel, log_level_allows
 from director.mcp.streams import EventStream, StreamRegistry, json_bytes
 
 # --- channels -----------------------------------------------------------------------------

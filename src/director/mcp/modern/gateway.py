@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
+from director.mcp.engine import McpEngine
 from director.mcp.headers import PARAM_HEADER_PREFIX, param_header_mismatch
 from director.mcp.jsonrpc import INVALID_PARAMS, INVALID_REQUEST, Message, ProtocolError
 from director.mcp.modern.context import StatelessContext
@@ -32,7 +33,6 @@ from director.mcp.modern.exchange import (
     ModernCallChannel,
 )
 from director.mcp.protocol import CLIENT_CAPABILITIES_META, HEADER_MISMATCH, MODERN_VERSIONS
-from director.mcp.sessions import McpEngine
 from director.mcp.streams import json_bytes
 from director.mcp.upstream.base import UpstreamError
 from director.playbooks.store import Playbook

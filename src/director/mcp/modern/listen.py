@@ -22,10 +22,10 @@ from __future__ import annotations
 from typing import Any
 
 from director.mcp import jsonrpc
+from director.mcp.channels import SessionChannel
 from director.mcp.jsonrpc import INVALID_PARAMS, Message
 from director.mcp.modern.envelope import Rejection, with_server_info
 from director.mcp.protocol import SERVER_ERROR, SUBSCRIPTION_ID_META
-from director.mcp.sessions import SessionChannel
 from director.mcp.streams import EventStream, frame, json_bytes
 
 #: How long a listen waits for its upstreams before acknowledging anyway.

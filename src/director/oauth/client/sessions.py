@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from director.mcp.sessions import LIST_CHANGED, McpEngine
+from director.mcp.channels import LIST_CHANGED
+from director.mcp.engine import McpEngine
 from director.oauth.client.store import Credential
 
 if TYPE_CHECKING:
