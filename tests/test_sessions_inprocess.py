@@ -244,7 +244,10 @@ class Transport:
 
 
 class Request:
-    """What an ``EventStream`` uses of a ``twisted.web`` request."""
+    """What an ``EventStream`` uses of a ``twisted.web`` request (one whose headers are not
+    sent yet: everything goes through ``write``)."""
+
+    startedWriting = False
 
     def __init__(self) -> None:
         self.written: list[bytes] = []

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from director.mcp.streams import EventStream, StreamRegistry
 
@@ -91,7 +91,7 @@ def chunk(data: bytes) -> bytes:
 def stream_on(server: socket.socket) -> tuple[EventStream, Request, Transport]:
     transport = Transport(server)
     request = Request(transport)
-    return EventStream(request, StreamRegistry()), request, transport
+    return EventStream(request, StreamRegistry(task.Clock())), request, transport
 
 
 def test_an_event_goes_straight_to_the_socket_framed_as_a_chunk(pair: Any) -> None:
@@ -148,7 +148,7 @@ def test_anything_but_a_plain_chunked_socket_goes_through_request_write(pair: An
         transport.disconnecting = True
     else:
         del transport.socket
-    stream = EventStream(request, StreamRegistry())
+    stream = EventStream(request, StreamRegistry(task.Clock()))
     stream.send(b"event")
     assert request.through_twisted == [b"event"]
     assert received(client) == b""
