@@ -13,6 +13,7 @@ import datetime
 import uuid
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet import defer, task
 
@@ -20,7 +21,12 @@ from director.accounts.cache import Credential, Revocation
 from director.config import load_settings
 from director.mcp.channels import SessionChannel
 from director.mcp.downstream import CLIENT_REQUEST_TIMEOUT, DownstreamSession
-from director.mcp.engine import REVOKED_MEMORY_SECONDS, CredentialRevoked, McpEngine
+from director.mcp.engine import (
+    FANOUT_SLICE,
+    REVOKED_MEMORY_SECONDS,
+    CredentialRevoked,
+    McpEngine,
+)
 from director.mcp.jsonrpc import REQUEST_TIMEOUT, ProtocolError
 from director.mcp.streams import HEARTBEAT_SECONDS, STUCK_SECONDS, EventStream, StreamRegistry
 from director.mcp.upstreams import UpstreamManager
@@ -54,9 +60,14 @@ class Playbooks:
 
     def __init__(self, *playbooks: Playbook) -> None:
         self.playbooks = {playbook.pk: playbook for playbook in playbooks}
+        self.listeners: list[Any] = []
 
     def subscribe(self, listener: Any) -> None:
-        pass
+        self.listeners.append(listener)
+
+    def changed(self, old: Playbook | None, new: Playbook | None) -> None:
+        for listener in self.listeners:
+            listener(old, new)
 
     def by_pk(self, pk: uuid.UUID) -> Playbook | None:
         return self.playbooks.get(pk)
@@ -81,7 +92,8 @@ class Harness:
                                  servers=(SERVER,))
         settings = load_settings({})
         manager = UpstreamManager(lambda *_: self.upstream, settings, clock=self.clock)
-        self.engine = McpEngine(settings, Playbooks(self.playbook), manager,
+        self.playbooks = Playbooks(self.playbook)
+        self.engine = McpEngine(settings, self.playbooks, manager,
                                 self.clock, clock=self.clock, max_sessions_per_user=CAP,
                                 idle_seconds=IDLE_SECONDS, metrics=metrics)
         self.engine.start()
@@ -281,3 +293,25 @@ def test_a_reader_stuck_longer_than_allowed_is_disconnected() -> None:
     assert stuck.channel.transport.aborted and not reading.channel.transport.aborted
     assert len(reading.written) == 3
     registry.stop()
+
+
+# --- a playbook change's fan-out --------------------------------------------------------------
+
+
+def test_a_playbook_change_reaches_every_session_a_slice_per_reactor_turn() -> None:
+    harness = Harness()
+    sessions = [harness.open(user=uuid.uuid4()) for _ in range(2 * FANOUT_SLICE + 1)]
+
+    def told() -> int:  # each session's channel numbers the events it was given
+        return sum(1 for session in sessions if session.channel.replay.last_id)
+
+    harness.playbooks.changed(harness.playbook, attrs.evolve(harness.playbook, servers=()))
+    assert told() == FANOUT_SLICE  # the rest waits while the reactor serves other requests
+    assert [call.getTime() for call in harness.clock.getDelayedCalls()
+            if call.func == harness.engine._tell_changed] == [harness.clock.seconds()]
+    harness.clock.advance(0)  # (task.Clock runs the following slices' turns at once)
+    assert told() == len(sessions)
+    # tools and resources changed with the servers, and so may the prompts they offer
+    assert {session.channel.replay.last_id.rsplit("-", 1)[1] for session in sessions} == {"3"}
+    assert not [call for call in harness.clock.getDelayedCalls()
+                if call.func == harness.engine._tell_changed]
