@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet import defer, task
 
+from director.mcp.slices import SLICE
 from director.mcp.streams import EventStream, StreamRegistry
 
 
@@ -56,6 +57,12 @@ class Request:
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.finished = True
 
     def notifyFinish(self) -> defer.Deferred[None]:
         return defer.Deferred()
@@ -163,3 +170,22 @@ def test_a_paused_stream_queues_and_resumes_in_order(pair: Any) -> None:
     assert received(client) == b""
     stream.resumeProducing()
     assert received(client) == chunk(b"a") + chunk(b"b")
+
+
+def test_a_heartbeat_writes_a_slice_of_the_streams_per_reactor_turn() -> None:
+    clock = task.Clock()
+    registry = StreamRegistry(clock)
+    requests = [Request(Transport(None)) for _ in range(SLICE + 10)]  # type: ignore[arg-type]
+    for request in requests:
+        request.startedWriting = False  # through request.write: counted there
+        EventStream(request, registry)
+    registry.beat()
+    assert sum(1 for request in requests if request.through_twisted) == SLICE
+    ended = next(request for request in requests if not request.through_twisted)
+    for stream in list(registry._streams):
+        if stream.request is ended:
+            stream.finish()
+    clock.advance(0)  # the next turn: the rest, but not the stream that ended meanwhile
+    assert [request.through_twisted for request in requests].count([b": ping\n\n"]) == \
+        len(requests) - 1
+    assert ended.through_twisted == []

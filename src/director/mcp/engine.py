@@ -33,6 +33,7 @@ from director.config import Settings
 from director.mcp.dispatch import resume
 from director.mcp.downstream import DownstreamSession
 from director.mcp.fanout import relay_request, restore, route_notification, users_of
+from director.mcp.slices import in_slices
 from director.mcp.streams import StreamRegistry
 from director.mcp.upstreams import Upstream, UpstreamManager
 from director.playbooks.cache import PlaybookCache
@@ -41,12 +42,6 @@ from director.playbooks.store import Playbook
 if TYPE_CHECKING:
     from director.mcp.shared_sessions import SharedSessions, StoredSession
     from director.metrics import Metrics
-
-#: Sessions told of a playbook change per reactor turn. Telling 10,000 streams takes the
-#: reactor 100 to 200 ms on a shared 2-core machine, and every other request waited that long;
-#: in slices of 256 (a few ms each) a concurrent request waits one slice (bench ``mcp``,
-#: "worst latency of a concurrent /api/health"), for a fan-out a few per cent longer.
-FANOUT_SLICE = 256
 
 log = Logger(namespace="mcp.sessions")
 
@@ -251,18 +246,12 @@ class McpEngine:
                    if servers_changed else ()) + \
             (("notifications/prompts/list_changed",) if prompts_changed else ())
         if methods:
-            self._tell_changed(affected, methods, 0)
+            in_slices(self.clock, affected, lambda session: tell(session, methods))
 
-    def _tell_changed(self, sessions: list[DownstreamSession], methods: tuple[str, ...],
-                      start: int) -> None:
-        """``methods``' notifications to ``sessions[start:]``, ``FANOUT_SLICE`` of them now and
-        the rest on the reactor's next turns, so that other requests are served in between."""
-        end = start + FANOUT_SLICE
-        for session in sessions[start:end]:
-            for method in methods:
-                session.notify_list_changed(method, True)
-        if end < len(sessions):
-            self.clock.callLater(0, self._tell_changed, sessions, methods, end)
+
+def tell(session: DownstreamSession, methods: tuple[str, ...]) -> None:
+    for method in methods:
+        session.notify_list_changed(method, True)
 
 
 def remember(memory: dict[Any, float], key: Any, seconds: float, now: float) -> None:

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from director import jsontext
 from director.jsontext import JsonTextError
 from director.mcp.protocol import INTERNAL_ERROR
+from director.mcp.slices import in_slices
 
 log = Logger(namespace="mcp.streams")
 
@@ -228,14 +229,18 @@ class StreamRegistry:
             self._loop.stop()
 
     def beat(self) -> None:
+        in_slices(self.clock, list(self._streams), self._beat_one)
+
+    def _beat_one(self, stream: EventStream) -> None:
+        if not stream.open:  # ended while the beat went through the others
+            return
         now = self.clock.seconds()
-        for stream in list(self._streams):
-            if stream.paused_since is not None and now - stream.paused_since > STUCK_SECONDS:
-                log.info("disconnecting a stream whose reader has not read for {seconds:.0f} s",
-                         seconds=now - stream.paused_since)
-                stream.abort()
-            else:
-                stream.comment()
+        if stream.paused_since is not None and now - stream.paused_since > STUCK_SECONDS:
+            log.info("disconnecting a stream whose reader has not read for {seconds:.0f} s",
+                     seconds=now - stream.paused_since)
+            stream.abort()
+        else:
+            stream.comment()
 
     def close_all(self) -> None:
         for stream in list(self._streams):
