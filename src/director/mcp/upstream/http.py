@@ -87,6 +87,7 @@ from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError, RequestId
 from director.mcp.sse import Event, EventTooLarge, SseParser
 from director.mcp.upstream.authorization import UpstreamAuthorization
+from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
@@ -1118,7 +1119,7 @@ class StreamableHttpUpstream(_HttpSession):
         """A request's stream ended before its response: GET it again from its last event id
         (2025-11-25 resumability), as long as the server gave its events ids."""
         attempts = 0
-        delay = RECONNECT_INITIAL
+        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
         while not pending.finished:
             if not parser.last_event_id or attempts >= RESUME_ATTEMPTS:
                 how = f"was lost ({dropped})" if dropped else "ended"
@@ -1126,9 +1127,8 @@ class StreamableHttpUpstream(_HttpSession):
                                     f"before the answer to {pending.method}")
             attempts += 1
             if parser.retry is not None:
-                delay = parser.retry / 1000
-            await self._sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+                backoff.prefer(parser.retry / 1000)
+            await self._sleep(backoff.next_delay())
             if pending.finished:
                 return
             before = parser.last_event_id
@@ -1171,7 +1171,7 @@ class StreamableHttpUpstream(_HttpSession):
             self._get_call = None
 
     async def _get_stream(self, generation: int) -> None:
-        delay = RECONNECT_INITIAL
+        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
         last_event_id = ""
         warned = False
         while generation == self._get_generation and not self._closed:
@@ -1204,7 +1204,8 @@ class StreamableHttpUpstream(_HttpSession):
                         return
                 else:
                     self.get_stream_supported = True
-                    delay, warned = RECONNECT_INITIAL, False
+                    backoff.succeeded()
+                    warned = False
                     parser = SseParser(self.max_message_size)
                     parser.last_event_id = last_event_id
                     parser, dropped = await self._read_events(response, call, self._event,
@@ -1222,17 +1223,16 @@ class StreamableHttpUpstream(_HttpSession):
             if parser is not None:
                 last_event_id = parser.last_event_id
                 if parser.retry is not None:
-                    delay = parser.retry / 1000
+                    backoff.prefer(parser.retry / 1000)
             if problem is not None:
                 if not warned:
                     log.info("[{server}] GET stream: {problem}; reconnecting",
                              server=self.name, problem=problem)
                 warned = True
             try:
-                await self._sleep(delay)
+                await self._sleep(backoff.next_delay())
             except defer.CancelledError:
                 return
-            delay = min(max(delay, RECONNECT_INITIAL) * 2, RECONNECT_MAX)
 
     # --- closing -----------------------------------------------------------------------------
 

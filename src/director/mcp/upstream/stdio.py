@@ -105,6 +105,7 @@ from director import tracing
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
 from director.mcp.upstream.account import StdioAccount
+from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
@@ -485,8 +486,8 @@ class StdioUpstream:
         self._incoming: dict[RequestId, defer.Deferred[None]] = {}
         self._ready_waiters: list[defer.Deferred[None]] = []
         self._last_error: str | None = None
-        self._backoff = BACKOFF_INITIAL
-        self._ready_since: float | None = None
+        self._backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, healthy_after=HEALTHY_AFTER,
+                                clock=reactor)
         self._restart_call: _Timer | None = None
         self._close_waiters: list[defer.Deferred[None]] | None = None
         self._close_done = False
@@ -710,7 +711,7 @@ class StdioUpstream:
 
     def _ready(self) -> None:
         self.state = "ready"
-        self._ready_since = self.reactor.seconds()
+        self._backoff.running()
         self._last_error = None
         _fire_all(self._ready_waiters)
 
@@ -836,11 +837,7 @@ class StdioUpstream:
                 self._last_error = process.kill_reason or f"[{self.name}] process exited"
 
     def _schedule_restart(self) -> None:
-        now = self.reactor.seconds()
-        if self._ready_since is not None and now - self._ready_since >= HEALTHY_AFTER:
-            self._backoff = BACKOFF_INITIAL
-        self._ready_since = None
-        delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+        delay = self._backoff.next_delay()
         log.info("[{server}] restarting in {delay:g} s", server=self.name, delay=delay)
         self._restart_call = self.reactor.callLater(delay, self._restart_now)
 
