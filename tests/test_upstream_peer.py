@@ -4,12 +4,10 @@ tests/test_upstream_transports_agree.py) drive it through real bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet import defer, task
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from director.mcp import jsonrpc
@@ -44,20 +42,6 @@ class Wire:
 
     def cancellations(self) -> list[Any]:
         return [m["params"] for m in self.sent if m.get("method") == "notifications/cancelled"]
-
-
-@pytest.fixture
-def failures() -> Iterator[list[str]]:
-    """The failures logged meanwhile (``log.failure``), as text."""
-    logged: list[str] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            logged.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield logged
-    globalLogPublisher.removeObserver(observe)
 
 
 def cancellable() -> tuple[defer.Deferred[dict[str, Any]], list[bool]]:
@@ -152,7 +136,7 @@ def test_progress_of_a_request_that_relays_none_is_a_plain_notification() -> Non
     assert wire.notifications == [stray]
 
 
-def test_a_failing_hook_is_logged_and_nothing_else_notices(failures: list[str]) -> None:
+def test_a_failing_hook_is_logged_and_nothing_else_notices(logged_failures: list[str]) -> None:
     """As over every transport (tests/test_upstream_transports_agree.py)."""
     wire = Wire()
 
@@ -168,7 +152,7 @@ def test_a_failing_hook_is_logged_and_nothing_else_notices(failures: list[str]) 
     wire.peer.received(jsonrpc.notification("notifications/tools/list_changed"))
     wire.peer.received(jsonrpc.result(1, {"ok": True}))
     assert result_of(asked) == {"ok": True}
-    assert failures == ["[up] on_progress failed", "[up] on_notification failed"]
+    assert logged_failures == ["[up] on_progress failed", "[up] on_notification failed"]
 
 
 def test_cancelling_the_deferred_sends_notifications_cancelled_with_the_upstream_id() -> None:

@@ -256,10 +256,10 @@ class _BodyReader(protocol.Protocol):
 class _HttpCall:
     """One HTTP exchange in flight; ``abort()`` drops it at whatever stage it is."""
 
-    def __init__(self, keep_on_success: bool = True) -> None:
-        #: A request's own POST stream is left to end by itself once the response is in (so
+    def __init__(self, keep_once_answered: bool = True) -> None:
+        #: A request's own POST stream is left to end by itself once the answer is in (so
         #: its connection goes back to the pool); resumption streams are dropped.
-        self.keep_on_success = keep_on_success
+        self.keep_once_answered = keep_once_answered
         self.requesting: defer.Deferred[_Response] | None = None
         self.reader: _BodyReader | None = None
         self.aborted = False
@@ -498,12 +498,14 @@ class _HttpSession:
             if not calls:
                 del self._exchanges[pending]
 
-    def _request_ended(self, pending: Outgoing, success: bool) -> None:
+    def _request_ended(self, pending: Outgoing, answered: bool) -> None:
         """The peer's ``on_finished``: what is still in flight for the request is dropped, but
-        for its own POST stream after a result (left to end, so its connection goes back to
-        the pool)."""
+        for its own POST stream once the server answered (a result or an error): it is left to
+        end by itself, so that its connection goes back to the pool whole. (Dropped there, in
+        the middle of reading the answer's event, it could go back to the pool closing, and
+        fail the next POST.)"""
         for call in self._exchanges.pop(pending, ()):
-            if not (success and call.keep_on_success):
+            if not (answered and call.keep_once_answered):
                 call.abort()
 
     def _transmit(self, message: Message) -> None:
@@ -983,7 +985,7 @@ class StreamableHttpUpstream(_HttpSession):
             if pending.finished:
                 return
             before = parser.last_event_id
-            call = _HttpCall(keep_on_success=False)
+            call = _HttpCall(keep_once_answered=False)
             self._attach(pending, call)
             session_id = self.session_id
             try:

@@ -120,8 +120,9 @@ class Peer:
         self._clock = clock
         self._on_request = on_request
         self._on_notification = on_notification
-        #: Told of each request that ends (and whether it was answered with a result): a
-        #: transport drops what it still has in flight for it.
+        #: Told of each request that ends, and whether the server's answer (a result or an
+        #: error) ended it: a transport drops what it still has in flight for it, but may
+        #: let the exchange that carried the answer end by itself.
         self._on_finished = on_finished
         self._next_id = 0
         self._pending: dict[int, Outgoing] = {}
@@ -180,11 +181,11 @@ class Peer:
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         self._deliver(jsonrpc.notification(method, params))
 
-    def fail(self, outgoing: Outgoing, error: Exception) -> None:
+    def fail(self, outgoing: Outgoing, error: Exception, *, answered: bool = False) -> None:
         """End a request with ``error`` (nothing if it has ended already)."""
         if outgoing.finished:
             return
-        self._finish(outgoing, False)
+        self._finish(outgoing, answered)
         outgoing.deferred.errback(error)
 
     def fail_all(self, error: Exception) -> None:
@@ -201,7 +202,7 @@ class Peer:
         self._finish(outgoing, True)
         outgoing.deferred.callback(result)
 
-    def _finish(self, outgoing: Outgoing, success: bool) -> None:
+    def _finish(self, outgoing: Outgoing, answered: bool) -> None:
         outgoing.finished = True
         self._pending.pop(outgoing.id, None)
         if outgoing.timer is not None and outgoing.timer.active():
@@ -210,7 +211,7 @@ class Peer:
         for handling in list(outgoing.inbound):
             handling.cancel()
         outgoing.inbound.clear()
-        self._on_finished(outgoing, success)
+        self._on_finished(outgoing, answered)
 
     def _timed_out(self, outgoing: Outgoing) -> None:
         outgoing.timer = None
@@ -270,7 +271,7 @@ class Peer:
             return
         answer = answer_of(self.name, message)
         if isinstance(answer, UpstreamError):
-            self.fail(outgoing, answer)
+            self.fail(outgoing, answer, answered=True)
         else:
             self._resolve(outgoing, answer)
 
