@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import INTERNAL_ERROR, INVALID_PARAMS, Message, ProtocolError
-from director.mcp.protocol import METHOD_NOT_FOUND
+from director.mcp.protocol import METHOD_NOT_FOUND, REQUEST_TIMEOUT, RESOURCE_NOT_FOUND
 from director.mcp.upstream.base import (
     UpstreamError,
     UpstreamRequestError,
@@ -80,10 +80,10 @@ def test_a_request_goes_up_with_its_own_id_and_its_answer_comes_back() -> None:
 def test_an_error_answer_fails_the_request_with_the_upstreams_error() -> None:
     wire = Wire()
     asked = wire.peer.request("tools/call", {}, timeout=5)
-    wire.peer.received(jsonrpc.error(1, -32001, "nope", {"why": "because"}))
+    wire.peer.received(jsonrpc.error(1, REQUEST_TIMEOUT, "nope", {"why": "because"}))
     failure = failure_of(asked)
     assert failure.check(UpstreamRequestError)
-    assert failure.value.error == {"code": -32001, "message": "nope", "data": {"why": "because"}}
+    assert failure.value.error == {"code": REQUEST_TIMEOUT, "message": "nope", "data": {"why": "because"}}
 
 
 def test_a_request_times_out_and_is_cancelled_upstream_and_its_late_answer_dropped() -> None:
@@ -220,13 +220,13 @@ def test_a_server_request_that_fails_is_answered_with_an_error() -> None:
 
     async def failing(method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "elicitation/create":
-            raise ProtocolError(-32042, "declined", {"reason": "user"})
+            raise ProtocolError(RESOURCE_NOT_FOUND, "declined", {"reason": "user"})
         raise KeyError("a bug")
 
     wire.on_request = failing
     wire.peer.received(jsonrpc.request(1, "elicitation/create"))
     wire.peer.received(jsonrpc.request(2, "roots/list"))
-    assert wire.sent[0] == jsonrpc.error(1, -32042, "declined", {"reason": "user"})
+    assert wire.sent[0] == jsonrpc.error(1, RESOURCE_NOT_FOUND, "declined", {"reason": "user"})
     assert wire.sent[1]["id"] == 2 and wire.sent[1]["error"]["code"] == INTERNAL_ERROR
     assert "a bug" in wire.sent[1]["error"]["message"]
 

@@ -43,12 +43,13 @@ Streamable HTTP, and if the ``initialize`` POST is answered 400, 404 or 405, fal
 the legacy transport at the same URL. ``HttpUpstream`` does the same inside ``start()``,
 for factories that must hand out an unstarted session.
 
-Common behaviour: per-request timeouts restarted by each progress notification; on timeout
-or cancellation ``notifications/cancelled`` is POSTed and the request's HTTP exchange is
-aborted. Server→client requests (``on_request``) that arrived on a request's stream are
-cancelled when that request ends, and so are those the server cancels with
-``notifications/cancelled`` (which is then not passed to ``on_notification``); a cancelled
-one is never answered. Progress tokens are remapped per connection. Messages larger than
+Common behaviour: the JSON-RPC side (ids, timeouts restarted by progress, progress tokens,
+cancellation both ways, dispatch) is the session's ``peer.Peer``, as over stdio; these classes
+move its messages. A request's POST (and its resumptions) is aborted when the request times
+out or is cancelled (``notifications/cancelled`` is POSTed), and left to end by itself once
+the server answered it. Server→client requests (``on_request``) that arrived on a request's
+stream are cancelled when that request ends, since the server no longer waits for them; their
+answers, notifications and cancellations are POSTed in the background. Messages larger than
 ``max_message_size`` (16 MiB) fail the request (or are dropped from the GET stream) without
 ever being buffered whole. Error messages read ``[name] POST https://host/path: HTTP 401
 Unauthorized: <first 200 characters of the body>`` or ``[name] failed to connect to
