@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from director.db import migrate
 from tests.harness import Daemon, PostgresServer, base_environment, free_port
@@ -132,3 +133,17 @@ def start_daemon() -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+@pytest.fixture
+def logged_failures() -> Iterator[list[str]]:
+    """The failures logged (``log.failure``) during the test, as text."""
+    logged: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if "log_failure" in event:
+            logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield logged
+    globalLogPublisher.removeObserver(observe)

@@ -280,8 +280,7 @@ async def test_timeout_and_cancellation_send_notifications_cancelled(upstreams: 
 
     # The upstream is still in good shape, and nothing is left pending.
     assert text_of(await call(upstream, "echo", text="still here")) == "still here"
-    assert upstream._pending == {}
-    assert upstream._by_token == {}
+    assert upstream._peer.pending == 0
 
 
 @pytest_twisted.ensureDeferred

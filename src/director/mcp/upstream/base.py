@@ -1,7 +1,9 @@
 """What the router needs from an upstream MCP connection, whatever its transport.
 
 An ``UpstreamSession`` is one initialised MCP session with one upstream server. Transports
-(``stdio.py``, ``http.py``) implement it; the router and the downstream sessions use only this.
+(``stdio.py``, ``http.py``, ``modern.py``) implement it around one ``peer.Peer`` each (the
+JSON-RPC rules below are the peer's, so they are the same over every transport); the router and
+the downstream sessions use only this.
 
 Contract:
 
@@ -13,8 +15,8 @@ Contract:
   ``result`` object untouched (a dict, byte-faithful to what the upstream sent). A JSON-RPC
   error from the upstream raises ``UpstreamRequestError`` carrying the upstream's error object
   unchanged. Ids are remapped so concurrent callers never collide. If ``params._meta.
-  progressToken`` is present, it is replaced by a token unique to this connection on the way
-  up and restored on the way down; ``on_progress(params)`` receives each matching
+  progressToken`` is present, it is replaced by the request's own upstream id (an integer) on
+  the way up and restored on the way down; ``on_progress(params)`` receives each matching
   ``notifications/progress`` params (with the caller's original token). Each progress
   notification restarts the timeout. On timeout, and when the returned Deferred is cancelled
   (the downstream client cancelled or went away), ``notifications/cancelled`` with the
@@ -23,7 +25,9 @@ Contract:
 * ``notify(method, params)`` sends a notification (e.g. ``notifications/roots/list_changed``).
 * ``on_notification`` (settable attribute, default no-op): called with every notification that
   is not a progress notification matched to a pending request (``notifications/message``,
-  ``…/list_changed``, ``notifications/resources/updated``, …) as the whole message dict.
+  ``…/list_changed``, ``notifications/resources/updated``, …) as the whole message dict; never
+  ``notifications/cancelled``, which only ever names the server's own requests to the gateway
+  (``peer.py``).
 * ``on_request`` (settable attribute): async callable ``(method, params) -> result dict``
   answering server→client requests (``sampling/createMessage``, ``elicitation/create``,
   ``roots/list``, ``ping``); raising ``ProtocolError`` answers with that JSON-RPC error. The

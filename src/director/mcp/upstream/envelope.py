@@ -27,6 +27,7 @@ from director.mcp.protocol import (
     PROTOCOL_VERSION_META,
     SERVER_INFO_META,
 )
+from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import (
     CLIENT_INFO,
     RequestHandler,
@@ -35,6 +36,10 @@ from director.mcp.upstream.base import (
 )
 
 INPUT_REQUIRED_MAX_ROUNDS = 10
+#: How soon an ``input_required`` result that asks for nothing is asked again (the server is
+#: still working): 50 ms, doubling up to 250 ms.
+INPUT_POLL_INITIAL = 0.05
+INPUT_POLL_MAX = 0.25
 #: What the gateway can relay to its clients.
 GATEWAY_CLIENT_CAPABILITIES: dict[str, Any] = {
     "sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}}
@@ -89,6 +94,7 @@ async def settle(name: str, method: str, params: dict[str, Any] | None, result: 
     """``result``, or the final result after answering its ``inputRequests`` through
     ``on_request`` and sending the request again (``resend``), round after round."""
     rounds = 0
+    polling = Backoff(INPUT_POLL_INITIAL, INPUT_POLL_MAX)
     while isinstance(result, dict) and result.get("resultType") == "input_required":
         rounds += 1
         if rounds > INPUT_REQUIRED_MAX_ROUNDS:
@@ -100,7 +106,7 @@ async def settle(name: str, method: str, params: dict[str, Any] | None, result: 
         if isinstance(requests, dict) and requests:
             retry["inputResponses"] = await _fulfil(name, method, requests, on_request)
         else:  # nothing to answer: the server is still working; ask again shortly
-            await sleep(min(0.05 * 2 ** (rounds - 1), 0.25))
+            await sleep(polling.next_delay())
         if isinstance(result.get("requestState"), str):
             retry["requestState"] = result["requestState"]
         result = await resend(retry)
@@ -198,7 +204,8 @@ class ChangeListener:
         self.uris: dict[str, int] = {}
         self._current: defer.Deferred[Any] | None = None
         self._retry: Any = None
-        self._backoff = LISTEN_BACKOFF_INITIAL
+        self._backoff = Backoff(LISTEN_BACKOFF_INITIAL, LISTEN_BACKOFF_MAX,
+                                healthy_after=LISTEN_HEALTHY_AFTER, clock=reactor)
         self._stopped = False
         self._unsupported = False
 
@@ -245,13 +252,13 @@ class ChangeListener:
         notifications: dict[str, Any] = {kind: True for kind in LISTEN_KINDS}
         if self.uris:
             notifications["resourceSubscriptions"] = sorted(self.uris)
-        opened = self.reactor.seconds()
+        self._backoff.running()
         current: defer.Deferred[Any] = defer.ensureDeferred(
             self.listen({"notifications": notifications}))
         self._current = current
-        current.addBoth(self._ended, current, opened)
+        current.addBoth(self._ended, current)
 
-    def _ended(self, outcome: Any, which: defer.Deferred[Any], opened: float) -> None:
+    def _ended(self, outcome: Any, which: defer.Deferred[Any]) -> None:
         if which is not self._current or self._stopped:
             return None  # replaced or stopped: its end (a cancellation) is expected
         self._current = None
@@ -260,10 +267,7 @@ class ChangeListener:
                 failure.error.get("code") == METHOD_NOT_FOUND:
             self._unsupported = True
             return None
-        if self.reactor.seconds() - opened >= LISTEN_HEALTHY_AFTER:
-            self._backoff = LISTEN_BACKOFF_INITIAL
-        delay, self._backoff = self._backoff, min(self._backoff * 2, LISTEN_BACKOFF_MAX)
-        self._retry = self.reactor.callLater(delay, self._reopen_later)
+        self._retry = self.reactor.callLater(self._backoff.next_delay(), self._reopen_later)
         return None
 
     def _reopen_later(self) -> None:

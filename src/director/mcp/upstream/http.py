@@ -43,12 +43,13 @@ Streamable HTTP, and if the ``initialize`` POST is answered 400, 404 or 405, fal
 the legacy transport at the same URL. ``HttpUpstream`` does the same inside ``start()``,
 for factories that must hand out an unstarted session.
 
-Common behaviour: per-request timeouts restarted by each progress notification; on timeout
-or cancellation ``notifications/cancelled`` is POSTed and the request's HTTP exchange is
-aborted. Server→client requests (``on_request``) that arrived on a request's stream are
-cancelled when that request ends, and so are those the server cancels with
-``notifications/cancelled`` (which is then not passed to ``on_notification``); a cancelled
-one is never answered. Progress tokens are remapped per connection. Messages larger than
+Common behaviour: the JSON-RPC side (ids, timeouts restarted by progress, progress tokens,
+cancellation both ways, dispatch) is the session's ``peer.Peer``, as over stdio; these classes
+move its messages. A request's POST (and its resumptions) is aborted when the request times
+out or is cancelled (``notifications/cancelled`` is POSTed), and left to end by itself once
+the server answered it. Server→client requests (``on_request``) that arrived on a request's
+stream are cancelled when that request ends, since the server no longer waits for them; their
+answers, notifications and cancellations are POSTed in the background. Messages larger than
 ``max_message_size`` (16 MiB) fail the request (or are dropped from the GET stream) without
 ever being buffered whole. Error messages read ``[name] POST https://host/path: HTTP 401
 Unauthorized: <first 200 characters of the body>`` or ``[name] failed to connect to
@@ -66,11 +67,10 @@ headers of each POST) are the two places that differ.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error, protocol
@@ -84,23 +84,22 @@ from zope.interface import implementer
 
 from director import __version__, tracing
 from director.mcp import jsonrpc
-from director.mcp.jsonrpc import Message, ProtocolError, RequestId
+from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.sse import Event, EventTooLarge, SseParser
 from director.mcp.upstream.authorization import UpstreamAuthorization
+from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
     UpstreamError,
     UpstreamSession,
-    UpstreamTimeout,
-    answer_of,
     default_request_handler,
     encoded,
     initialize_params,
-    own_request_id,
     run_hook,
 )
 from director.mcp.upstream.connect import CheckedEndpoints, Refused
+from director.mcp.upstream.peer import Outgoing, Peer, Timer
 
 log = Logger(namespace="mcp.upstream.http")
 
@@ -163,16 +162,6 @@ def display_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
-
-
-class _Timer(Protocol):
-    """What ``reactor.callLater`` returns (``_Timer``, which mypy cannot use as a type)."""
-
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-    def reset(self, seconds: float) -> None: ...
 
 
 class _Response(Protocol):
@@ -268,10 +257,10 @@ class _BodyReader(protocol.Protocol):
 class _HttpCall:
     """One HTTP exchange in flight; ``abort()`` drops it at whatever stage it is."""
 
-    def __init__(self, keep_on_success: bool = True) -> None:
-        #: A request's own POST stream is left to end by itself once the response is in (so
+    def __init__(self, keep_once_answered: bool = True) -> None:
+        #: A request's own POST stream is left to end by itself once the answer is in (so
         #: its connection goes back to the pool); resumption streams are dropped.
-        self.keep_on_success = keep_on_success
+        self.keep_once_answered = keep_once_answered
         self.requesting: defer.Deferred[_Response] | None = None
         self.reader: _BodyReader | None = None
         self.aborted = False
@@ -282,27 +271,6 @@ class _HttpCall:
             self.requesting.cancel()
         if self.reader is not None:
             self.reader.abort()
-
-
-@attrs.define(eq=False)
-class _Pending:
-    id: int
-    method: str
-    message: Message
-    timeout: float
-    on_progress: Callable[[dict[str, Any]], object] | None
-    deferred: defer.Deferred[dict[str, Any]]
-    token: Any = None
-    original_token: Any = None
-    handshake: bool = False
-    timer: _Timer | None = None
-    calls: set[_HttpCall] = attrs.field(factory=set)
-    #: Server→client requests that came on this request's stream, being answered.
-    inbound: set[defer.Deferred[dict[str, Any]]] = attrs.field(factory=set)
-    sent: bool = False
-    finished: bool = False
-    #: The ``Mcp-Session-Id`` of the answer (initialize).
-    session_id: str | None = None
 
 
 class _Once:
@@ -366,12 +334,14 @@ class _HttpSession:
         self._reactor: Any = reactor
         self._agent: Any = upstream_agent(reactor, pool)
         self._display = display_url(url)
-        self._pending: dict[int, _Pending] = {}
-        self._progress: dict[Any, _Pending] = {}
-        self._inbound: dict[RequestId, defer.Deferred[dict[str, Any]]] = {}
+        #: The JSON-RPC conversation (``peer.py``); this class moves its messages over HTTP.
+        self._peer = Peer(name, self._transmit, reactor,
+                          on_request=lambda method, params: self.on_request(method, params),
+                          on_notification=self._notified, on_finished=self._request_ended)
+        #: The HTTP exchanges of each request still in flight (its POST, its resumptions).
+        self._exchanges: dict[Outgoing, set[_HttpCall]] = {}
         self._calls: set[_HttpCall] = set()
         self._sleeps: set[defer.Deferred[None]] = set()
-        self._next_id = 0
         self._closed = False
         self._established = False
         self._ever_established = False
@@ -390,18 +360,14 @@ class _HttpSession:
                       ) -> dict[str, Any]:
         if self._closed:
             raise UpstreamError(f"[{self.name}] the session is closed")
-        pending = self._new_pending(method, params, timeout, on_progress)
-        defer.ensureDeferred(self._deliver(pending)).addErrback(self._delivery_failed, pending)
-        return await pending.deferred
+        return await self._open(method, params, timeout, on_progress).deferred
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
         if self._closed:
             return
-        message = jsonrpc.notification(method, params)
-
         async def send() -> None:
             await self._ensure_established()
-            await self._send_message(message)
+            self._peer.notify(method, params)
 
         defer.ensureDeferred(send()).addErrback(
             lambda failure: log.warn("[{server}] {method} could not be sent: {error}",
@@ -413,11 +379,7 @@ class _HttpSession:
             return
         self._closed = True
         self._established = False
-        reason = UpstreamError(f"[{self.name}] the session was closed")
-        for pending in list(self._pending.values()):
-            self._fail(pending, reason)
-        for inbound in list(self._inbound.values()):
-            inbound.cancel()
+        self._peer.fail_all(UpstreamError(f"[{self.name}] the session was closed"))
         for sleep in list(self._sleeps):
             sleep.cancel()
         for call in list(self._calls):
@@ -429,11 +391,12 @@ class _HttpSession:
     async def _handshake(self) -> None:
         raise NotImplementedError
 
-    async def _send_request(self, pending: _Pending) -> None:
+    async def _send_request(self, pending: Outgoing) -> None:
         raise NotImplementedError
 
-    async def _send_message(self, message: Message) -> None:
-        """POST a notification or a response (no answer expected but an HTTP status)."""
+    async def _send_message(self, message: Message, body: bytes | None = None) -> None:
+        """POST a notification or a response (no answer expected but an HTTP status);
+        ``body``: its encoding, if made already."""
         raise NotImplementedError
 
     async def _close_transport(self) -> None:
@@ -468,12 +431,10 @@ class _HttpSession:
         if not self._established:
             await self._establish()
 
-    async def _initialize(self) -> tuple[dict[str, Any], _Pending]:
-        """Send ``initialize``: its result, and the request (with the answer's session id)."""
-        pending = self._new_pending("initialize", initialize_params(self.client_capabilities),
-                                    None, None, handshake=True)
-        defer.ensureDeferred(self._deliver(pending)).addErrback(self._delivery_failed, pending)
-        return await pending.deferred, pending
+    async def _initialize(self) -> dict[str, Any]:
+        """Send ``initialize``: its result."""
+        return await self._open("initialize", initialize_params(self.client_capabilities),
+                                None, None, handshake=True).deferred
 
     def _accept(self, result: dict[str, Any]) -> None:
         version = result.get("protocolVersion")
@@ -496,109 +457,75 @@ class _HttpSession:
 
     # --- requests ------------------------------------------------------------------------
 
-    def _new_pending(self, method: str, params: dict[str, Any] | None, timeout: float | None,
-                     on_progress: Callable[[dict[str, Any]], object] | None, *,
-                     handshake: bool = False) -> _Pending:
-        self._next_id += 1
-        request_id = self._next_id
-        token = original = None
-        meta = params.get("_meta") if params else None
-        if isinstance(meta, dict) and "progressToken" in meta:
-            original = meta["progressToken"]
-            token = f"director-{request_id}"
-            params = {**(params or {}), "_meta": {**meta, "progressToken": token}}
-        deferred: defer.Deferred[dict[str, Any]] = defer.Deferred(
-            lambda d: self._cancelled(pending))
-        pending = _Pending(
-            id=request_id, method=method, message=jsonrpc.request(request_id, method, params),
-            timeout=self.timeout_default if timeout is None else timeout,
-            on_progress=on_progress, deferred=deferred, token=token, original_token=original,
-            handshake=handshake)
-        self._pending[request_id] = pending
-        if token is not None:
-            self._progress[token] = pending
-        pending.timer = self._reactor.callLater(pending.timeout, self._timed_out, pending)
-        return pending
+    def _open(self, method: str, params: dict[str, Any] | None, timeout: float | None,
+              on_progress: Callable[[dict[str, Any]], object] | None, *,
+              handshake: bool = False) -> Outgoing:
+        """A request registered with the peer (its timeout runs from now, establishing the
+        session included) and on its way."""
+        outgoing = self._peer.open(
+            method, params, timeout=self.timeout_default if timeout is None else timeout,
+            on_progress=on_progress, handshake=handshake)
+        defer.ensureDeferred(self._deliver(outgoing)).addErrback(self._delivery_failed,
+                                                                 outgoing)
+        return outgoing
 
-    async def _deliver(self, pending: _Pending) -> None:
+    async def _deliver(self, pending: Outgoing) -> None:
         if not pending.handshake:
             await self._ensure_established()
         if not pending.finished:
             await self._send_request(pending)
 
-    def _delivery_failed(self, failure: Failure, pending: _Pending) -> None:
+    def _delivery_failed(self, failure: Failure, pending: Outgoing) -> None:
         if pending.finished:
             return
         if failure.check(UpstreamError):
-            self._fail(pending, failure.value)  # type: ignore[arg-type]
+            self._peer.fail(pending, failure.value)  # type: ignore[arg-type]
         elif failure.check(_Aborted, defer.CancelledError):
-            self._fail(pending, UpstreamError(f"[{self.name}] {pending.method}: aborted"))
+            self._peer.fail(pending, UpstreamError(f"[{self.name}] {pending.method}: aborted"))
         else:
             log.failure("[{server}] sending {method} failed", failure, server=self.name,
                         method=pending.method)
-            self._fail(pending, UpstreamError(
+            self._peer.fail(pending, UpstreamError(
                 f"[{self.name}] {pending.method}: {failure.getErrorMessage()}"))
 
-    def _finish(self, pending: _Pending, success: bool) -> None:
-        pending.finished = True
-        self._pending.pop(pending.id, None)
-        if pending.token is not None:
-            self._progress.pop(pending.token, None)
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        pending.timer = None
-        for call in list(pending.calls):
-            if not (success and call.keep_on_success):
+    def _attach(self, pending: Outgoing, call: _HttpCall) -> None:
+        if not pending.finished:
+            self._exchanges.setdefault(pending, set()).add(call)
+
+    def _detach(self, pending: Outgoing, call: _HttpCall) -> None:
+        calls = self._exchanges.get(pending)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._exchanges[pending]
+
+    def _request_ended(self, pending: Outgoing, answered: bool) -> None:
+        """The peer's ``on_finished``: what is still in flight for the request is dropped, but
+        for its own POST stream once the server answered (a result or an error): it is left to
+        end by itself, so that its connection goes back to the pool whole. (Dropped there, in
+        the middle of reading the answer's event, it could go back to the pool closing, and
+        fail the next POST.)"""
+        for call in self._exchanges.pop(pending, ()):
+            if not (answered and call.keep_once_answered):
                 call.abort()
-        pending.calls.clear()
-        for inbound in list(pending.inbound):
-            inbound.cancel()
 
-    def _resolve(self, pending: _Pending, result: dict[str, Any]) -> None:
-        if pending.finished:
+    def _transmit(self, message: Message) -> None:
+        """The peer's ``send`` for notifications and answers: POSTed in the background."""
+        if self._closed:
             return
-        self._finish(pending, True)
-        pending.deferred.callback(result)
-
-    def _fail(self, pending: _Pending, failure: Exception) -> None:
-        if pending.finished:
-            return
-        self._finish(pending, False)
-        pending.deferred.errback(failure)
-
-    def _timed_out(self, pending: _Pending) -> None:
-        pending.timer = None
-        if pending.finished:
-            return
-        self._send_cancelled(pending, "timed out")
-        self._fail(pending, UpstreamTimeout(
-            f"[{self.name}] {pending.method} timed out after {pending.timeout:g} s"))
-
-    def _cancelled(self, pending: _Pending) -> None:
-        # The Deferred's canceller: it errbacks with CancelledError once this returns.
-        if pending.finished:
-            return
-        self._send_cancelled(pending, "cancelled by the client")
-        self._finish(pending, False)
-
-    def _send_cancelled(self, pending: _Pending, reason: str) -> None:
-        # The spec forbids cancelling initialize; a request never sent needs no cancellation.
-        if pending.handshake or not pending.sent or self._closed:
-            return
-        message = jsonrpc.notification("notifications/cancelled",
-                                       {"requestId": pending.id, "reason": reason})
-        defer.ensureDeferred(self._send_message(message)).addErrback(
-            lambda failure: log.info("[{server}] cancellation of {method} not delivered: {error}",
-                                     server=self.name, method=pending.method,
+        body = encoded(self.name, message)
+        defer.ensureDeferred(self._send_message(message, body)).addErrback(
+            lambda failure: log.info("[{server}] {what} not delivered: {error}",
+                                     server=self.name, what=message.get("method") or "an answer",
                                      error=failure.getErrorMessage()))
 
     # --- incoming messages ------------------------------------------------------------------
 
-    def _event(self, event: Event, origin: _Pending | None = None) -> None:
+    def _event(self, event: Event, origin: Outgoing | None = None) -> None:
         if event.event == "message" and event.data.strip():
             self._received(event.data, origin)
 
-    def _received(self, raw: str | bytes, origin: _Pending | None = None) -> None:
+    def _received(self, raw: str | bytes, origin: Outgoing | None = None) -> None:
         """One message from the upstream; ``origin``: the request on whose stream it came."""
         try:
             message = jsonrpc.parse_message(raw, repair=True)
@@ -606,10 +533,7 @@ class _HttpSession:
             log.warn("[{server}] ignored a malformed message from the upstream: {problem}",
                      server=self.name, problem=problem.message)
             return
-        try:
-            self._dispatch(message, origin)
-        except Exception:
-            log.failure("[{server}] handling an upstream message failed", server=self.name)
+        self._peer.received(message, origin)
 
     def _received_json_body(self, body: bytes) -> None:
         try:
@@ -637,77 +561,8 @@ class _HttpSession:
                      "application/json body (one per line, not one JSON text as the "
                      "specification says); each is handled", server=self.name, count=count)
 
-    def _dispatch(self, message: Message, origin: _Pending | None = None) -> None:
-        if jsonrpc.is_response(message):
-            own_id = own_request_id(message["id"])
-            pending = self._pending.get(own_id) if own_id is not None else None
-            if pending is None:
-                log.debug("[{server}] answer to an unknown or finished request {id}",
-                          server=self.name, id=message["id"])
-            else:
-                answer = answer_of(self.name, message)
-                if isinstance(answer, UpstreamError):
-                    self._fail(pending, answer)
-                else:
-                    self._resolve(pending, answer)
-        elif jsonrpc.is_request(message):
-            defer.ensureDeferred(self._answer(message, origin))
-        else:
-            self._notification(message)
-
-    def _notification(self, message: Message) -> None:
-        method = message["method"]
-        params = message.get("params") or {}
-        if method == "notifications/progress":
-            pending = self._progress.get(params.get("progressToken"))
-            if pending is not None:
-                if pending.timer is not None and pending.timer.active():
-                    pending.timer.reset(pending.timeout)
-                if pending.on_progress is not None:
-                    run_hook(self.name, "on_progress", pending.on_progress,
-                             {**params, "progressToken": pending.original_token})
-                return
-        elif method == "notifications/cancelled":
-            inbound = self._inbound.get(params.get("requestId"))  # type: ignore[arg-type]
-            if inbound is not None:
-                inbound.cancel()
-                return  # handled here: the request it names was the gateway's to answer
-        run_hook(self.name, "on_notification", self.on_notification, message)
-
-    async def _answer(self, message: Message, origin: _Pending | None = None) -> None:
-        """Answer a server→client request. One that came on a request's stream is cancelled
-        when that request ends (answered, failed, timed out or cancelled): the server no
-        longer waits for it, and whoever answers it downstream can stop."""
-        request_id, method = message["id"], message["method"]
-        handling: defer.Deferred[dict[str, Any]] | None = None
-        try:
-            handling = defer.Deferred.fromCoroutine(
-                _awaited(self.on_request(method, message.get("params") or {})))
-            self._inbound[request_id] = handling
-            if origin is not None:
-                origin.inbound.add(handling)
-            result = await handling
-            if not isinstance(result, dict):
-                raise ProtocolError(jsonrpc.INTERNAL_ERROR, "the gateway produced no result")
-            answer = jsonrpc.result(request_id, result)
-        except ProtocolError as problem:
-            answer = jsonrpc.error(request_id, problem.code, problem.message, problem.data)
-        except defer.CancelledError:
-            return  # cancelled by the server (or the session closed): no answer is sent
-        except Exception as failure:
-            log.failure("[{server}] answering {method} failed", server=self.name, method=method)
-            answer = jsonrpc.error(request_id, jsonrpc.INTERNAL_ERROR, f"gateway error: {failure}")
-        finally:
-            self._inbound.pop(request_id, None)
-            if origin is not None and handling is not None:
-                origin.inbound.discard(handling)
-        if self._closed:
-            return
-        try:
-            await self._send_message(answer)
-        except Exception as failure:
-            log.warn("[{server}] the answer to {method} could not be delivered: {error}",
-                     server=self.name, method=method, error=str(failure))
+    def _notified(self, message: Message) -> None:
+        self.on_notification(message)
 
     # --- HTTP plumbing ------------------------------------------------------------------------
 
@@ -879,20 +734,16 @@ class _HttpSession:
         finally:
             self._sleeps.discard(sleep)
 
-    def _timed_call(self, seconds: float) -> tuple[_HttpCall, _Timer]:
+    def _timed_call(self, seconds: float) -> tuple[_HttpCall, Timer]:
         call = _HttpCall()
         return call, self._reactor.callLater(seconds, call.abort)
 
-    def _unanswered(self, deadline: _Timer) -> UpstreamError:
+    def _unanswered(self, deadline: Timer) -> UpstreamError:
         """Why a ``_timed_call`` was aborted: its deadline, or close()."""
         if deadline.active():
             return UpstreamError(f"[{self.name}] the session was closed")
         return UpstreamError(f"[{self.name}] POST {self._display}: no answer within "
                              f"{SHORT_EXCHANGE_TIMEOUT:g} s")
-
-
-async def _awaited(awaitable: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    return await awaitable
 
 
 def _describe(failure: BaseException) -> str:
@@ -945,6 +796,8 @@ class StreamableHttpUpstream(_HttpSession):
                          max_message_size=max_message_size,
                          client_capabilities=client_capabilities, authorization=authorization)
         self.session_id: str | None = None
+        #: The ``Mcp-Session-Id`` of the answer to the handshake's POST.
+        self._issued_session_id: str | None = None
         self._get_generation = 0
         self._get_call: _HttpCall | None = None
         #: False once the server answered the GET stream with 405.
@@ -956,10 +809,12 @@ class StreamableHttpUpstream(_HttpSession):
         self._stop_get_stream()
         self.session_id = None
         self.protocol_version = None
-        result, pending = await self._initialize()
-        if pending.session_id is not None and not _valid_session_id(pending.session_id):
+        self._issued_session_id = None
+        result = await self._initialize()
+        issued = self._issued_session_id
+        if issued is not None and not _valid_session_id(issued):
             raise UpstreamError(f"[{self.name}] the server issued an invalid session id")
-        self.session_id = pending.session_id
+        self.session_id = issued
         try:
             self._accept(result)
             await self._send_message(jsonrpc.notification("notifications/initialized"))
@@ -1037,7 +892,7 @@ class StreamableHttpUpstream(_HttpSession):
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def _send_request(self, pending: _Pending) -> None:
+    async def _send_request(self, pending: Outgoing) -> None:
         retried = False
         while not pending.finished:
             if not pending.handshake:
@@ -1057,10 +912,10 @@ class StreamableHttpUpstream(_HttpSession):
                 retried = True
                 await self._renew(session_id)
 
-    async def _send_message(self, message: Message) -> None:
+    async def _send_message(self, message: Message, body: bytes | None = None) -> None:
         call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
         try:
-            await self._post(message, self.session_id, None, call)
+            await self._post(message, self.session_id, None, call, body)
         except _SessionExpired:
             log.info("[{server}] {what} not delivered: the session expired", server=self.name,
                      what=message.get("method") or "an answer")
@@ -1070,19 +925,19 @@ class StreamableHttpUpstream(_HttpSession):
             if deadline.active():
                 deadline.cancel()
 
-    async def _post(self, message: Message, session_id: str | None, pending: _Pending | None,
-                    call: _HttpCall | None = None) -> None:
+    async def _post(self, message: Message, session_id: str | None, pending: Outgoing | None,
+                    call: _HttpCall | None = None, body: bytes | None = None) -> None:
         """POST one message and read what comes back, dispatching every message in it."""
         call = call or _HttpCall()
         if pending is not None:
-            pending.calls.add(call)
+            self._attach(pending, call)
             pending.sent = True
         try:
             response = await self._http(call, "POST", self.url,
                                         self._post_headers(message, session_id),
-                                        encoded(self.name, message))
+                                        encoded(self.name, message) if body is None else body)
             if pending is not None and pending.handshake:
-                pending.session_id = _header(response, b"mcp-session-id")
+                self._issued_session_id = _header(response, b"mcp-session-id")
             if not 200 <= response.code < 300:
                 raise await self._refusal("POST", response, call, session_id)
             content_type = _content_type(response)
@@ -1112,13 +967,13 @@ class StreamableHttpUpstream(_HttpSession):
         finally:
             self._calls.discard(call)
             if pending is not None:
-                pending.calls.discard(call)
+                self._detach(pending, call)
 
-    async def _resume(self, pending: _Pending, parser: SseParser, dropped: str | None) -> None:
+    async def _resume(self, pending: Outgoing, parser: SseParser, dropped: str | None) -> None:
         """A request's stream ended before its response: GET it again from its last event id
         (2025-11-25 resumability), as long as the server gave its events ids."""
         attempts = 0
-        delay = RECONNECT_INITIAL
+        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
         while not pending.finished:
             if not parser.last_event_id or attempts >= RESUME_ATTEMPTS:
                 how = f"was lost ({dropped})" if dropped else "ended"
@@ -1126,14 +981,13 @@ class StreamableHttpUpstream(_HttpSession):
                                     f"before the answer to {pending.method}")
             attempts += 1
             if parser.retry is not None:
-                delay = parser.retry / 1000
-            await self._sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+                backoff.prefer(parser.retry / 1000)
+            await self._sleep(backoff.next_delay())
             if pending.finished:
                 return
             before = parser.last_event_id
-            call = _HttpCall(keep_on_success=False)
-            pending.calls.add(call)
+            call = _HttpCall(keep_once_answered=False)
+            self._attach(pending, call)
             session_id = self.session_id
             try:
                 response = await self._http(call, "GET", self.url,
@@ -1149,7 +1003,7 @@ class StreamableHttpUpstream(_HttpSession):
                     raise
             finally:
                 self._calls.discard(call)
-                pending.calls.discard(call)
+                self._detach(pending, call)
             if parser.last_event_id != before:
                 attempts = 0
 
@@ -1171,7 +1025,7 @@ class StreamableHttpUpstream(_HttpSession):
             self._get_call = None
 
     async def _get_stream(self, generation: int) -> None:
-        delay = RECONNECT_INITIAL
+        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
         last_event_id = ""
         warned = False
         while generation == self._get_generation and not self._closed:
@@ -1204,7 +1058,8 @@ class StreamableHttpUpstream(_HttpSession):
                         return
                 else:
                     self.get_stream_supported = True
-                    delay, warned = RECONNECT_INITIAL, False
+                    backoff.succeeded()
+                    warned = False
                     parser = SseParser(self.max_message_size)
                     parser.last_event_id = last_event_id
                     parser, dropped = await self._read_events(response, call, self._event,
@@ -1222,17 +1077,16 @@ class StreamableHttpUpstream(_HttpSession):
             if parser is not None:
                 last_event_id = parser.last_event_id
                 if parser.retry is not None:
-                    delay = parser.retry / 1000
+                    backoff.prefer(parser.retry / 1000)
             if problem is not None:
                 if not warned:
                     log.info("[{server}] GET stream: {problem}; reconnecting",
                              server=self.name, problem=problem)
                 warned = True
             try:
-                await self._sleep(delay)
+                await self._sleep(backoff.next_delay())
             except defer.CancelledError:
                 return
-            delay = min(max(delay, RECONNECT_INITIAL) * 2, RECONNECT_MAX)
 
     # --- closing -----------------------------------------------------------------------------
 
@@ -1328,8 +1182,7 @@ class LegacySseUpstream(_HttpSession):
             if timer.active():
                 timer.cancel()
             self._endpoint_waiter = None
-        result, _ = await self._initialize()
-        self._accept(result)
+        self._accept(await self._initialize())
         await self._send_message(jsonrpc.notification("notifications/initialized"))
 
     def _drop_stream(self) -> None:
@@ -1381,30 +1234,28 @@ class LegacySseUpstream(_HttpSession):
             waiter.errback(UpstreamError(f"[{self.name}] GET {self._display}: {reason} before "
                                          f"the endpoint event"))
         self._report_lost(reason)
-        lost = UpstreamError(f"[{self.name}] {reason}")
-        for pending in list(self._pending.values()):
-            self._fail(pending, lost)
+        self._peer.fail_all(UpstreamError(f"[{self.name}] {reason}"))
 
-    async def _send_request(self, pending: _Pending) -> None:
+    async def _send_request(self, pending: Outgoing) -> None:
         call = _HttpCall()
-        pending.calls.add(call)
+        self._attach(pending, call)
         pending.sent = True
         try:
             await self._post(pending.message, call)
         finally:
-            pending.calls.discard(call)
+            self._detach(pending, call)
 
-    async def _send_message(self, message: Message) -> None:
+    async def _send_message(self, message: Message, body: bytes | None = None) -> None:
         call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
         try:
-            await self._post(message, call)
+            await self._post(message, call, body)
         except _Aborted:
             raise self._unanswered(deadline) from None
         finally:
             if deadline.active():
                 deadline.cancel()
 
-    async def _post(self, message: Message, call: _HttpCall) -> None:
+    async def _post(self, message: Message, call: _HttpCall, body: bytes | None = None) -> None:
         endpoint = self.endpoint
         if endpoint is None:
             raise UpstreamError(f"[{self.name}] not connected")
@@ -1412,7 +1263,7 @@ class LegacySseUpstream(_HttpSession):
         headers["Content-Type"] = JSON
         try:
             response = await self._http(call, "POST", endpoint, headers,
-                                        encoded(self.name, message))
+                                        encoded(self.name, message) if body is None else body)
             if not 200 <= response.code < 300:
                 raise await self._status_error("POST", endpoint, response, call)
             if _content_type(response) == JSON and response.code != 202:

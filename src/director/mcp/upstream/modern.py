@@ -53,7 +53,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from director.mcp.headers import Annotations, encode_header_value, header_annotations, mirrored
@@ -79,9 +78,9 @@ from director.mcp.upstream.http import (
     StreamableHttpUpstream,
     _content_type,
     _HttpCall,
-    _Pending,
     _Response,
 )
+from director.mcp.upstream.peer import Outgoing
 
 log = Logger(namespace="mcp.upstream.modern")
 
@@ -173,11 +172,8 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         self.era = None
         self._probing = True
         try:
-            pending = self._new_pending("server/discover", self._envelope({}), None, None,
-                                        handshake=True)
-            defer.ensureDeferred(self._deliver(pending)).addErrback(self._delivery_failed,
-                                                                    pending)
-            result = await pending.deferred
+            result = await self._open("server/discover", self._envelope({}), None, None,
+                                      handshake=True).deferred
         finally:
             self._probing = False
         self.initialize_result = discovered(self.name, result)
@@ -256,16 +252,16 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         return await self.request("subscriptions/listen", params, timeout=LISTEN_TIMEOUT,
                                   return_input_required=True)
 
-    def _notification(self, message: Message) -> None:
+    def _notified(self, message: Message) -> None:
         routed = listened(message) if self.modern else message
         if routed is not None:
-            super()._notification(routed)
+            super()._notified(routed)
 
     async def close(self) -> None:
         self.changes.stop()
         await super().close()
 
-    async def _send_request(self, pending: _Pending) -> None:
+    async def _send_request(self, pending: Outgoing) -> None:
         if not pending.handshake and not self._established:
             await self._ensure_established()
         params = pending.message.get("params")
@@ -274,10 +270,10 @@ class ModernHttpUpstream(StreamableHttpUpstream):
                 params if isinstance(params, dict) else None))
         await super()._send_request(pending)
 
-    async def _send_message(self, message: Message) -> None:
+    async def _send_message(self, message: Message, body: bytes | None = None) -> None:
         if self.modern:
             return  # no client→server notifications (nor answers) in this era
-        await super()._send_message(message)
+        await super()._send_message(message, body)
 
     def _post_headers(self, message: Message, session_id: str | None) -> dict[str, str]:
         if not self.modern:

@@ -1,7 +1,9 @@
 """An upstream MCP server run as a child process, spoken to over stdin/stdout (``UpstreamSession``).
 
-Newline-delimited JSON-RPC straight on a Twisted ``ProcessProtocol`` with an id → Deferred map
-(no ``mcp`` SDK, no asyncio). See ``base.py`` for the contract; the choices made here:
+Newline-delimited JSON-RPC straight on a Twisted ``ProcessProtocol`` (no ``mcp`` SDK, no
+asyncio): each line read is handed to the connection's ``peer.Peer``, which owns ids, pending
+requests, timeouts, progress and cancellation, and each message it sends is written as one line.
+See ``base.py`` for the contract; the choices made here:
 
 **Process group, identity and parent-death signal.** ``spawnProcess`` has no pre-exec hook, so
 the command is launched through programs that change the process and then ``exec`` in place
@@ -93,7 +95,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IPushProducer
@@ -103,19 +105,18 @@ from zope.interface import implementer
 
 from director import tracing
 from director.mcp import jsonrpc
-from director.mcp.jsonrpc import INTERNAL_ERROR, Message, ProtocolError, RequestId
+from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.upstream.account import StdioAccount
+from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import (
     LEGACY_VERSIONS,
     RequestHandler,
     UpstreamError,
     UpstreamRequestError,
     UpstreamTimeout,
-    answer_of,
     default_request_handler,
     encoded,
     initialize_params,
-    own_request_id,
     run_hook,
 )
 from director.mcp.upstream.envelope import (
@@ -129,6 +130,7 @@ from director.mcp.upstream.envelope import (
     settle,
 )
 from director.mcp.upstream.eras import EraMemory, stdio_key
+from director.mcp.upstream.peer import Peer, Timer
 from director.sandbox.chain import (  # noqa: F401 - the launch chain's home used to be here
     DEFAULT_PATH,
     child_environment,
@@ -172,16 +174,6 @@ def describe_exit(reason: Failure | None) -> str:
     return f"ended ({reason.getErrorMessage() if reason is not None else 'unknown'})"
 
 
-class _Timer(Protocol):
-    """What ``reactor.callLater`` returns (``IDelayedCall``, which mypy cannot use as a type)."""
-
-    def active(self) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-    def reset(self, seconds: float) -> None: ...
-
-
 def _ignore(*_: Any) -> None:
     return None
 
@@ -198,7 +190,7 @@ class _RateLimitedLog:
         self._window = -1.0
         self._count = 0
         self._suppressed = 0
-        self._summary: _Timer | None = None
+        self._summary: Timer | None = None
 
     def __call__(self, text: str) -> None:
         now = self._reactor.seconds()
@@ -223,23 +215,6 @@ class _RateLimitedLog:
         if self._suppressed:
             suppressed, self._suppressed = self._suppressed, 0
             self._emit(f"(suppressed {suppressed} {self._what})")
-
-
-class _Pending:
-    __slots__ = ("cancellable", "deferred", "method", "on_progress", "timeout", "timer",
-                 "token", "upstream_id")
-
-    def __init__(self, upstream_id: int, method: str, timeout: float,
-                 on_progress: Callable[[dict[str, Any]], object] | None,
-                 cancellable: bool) -> None:
-        self.upstream_id = upstream_id
-        self.method = method
-        self.timeout = timeout
-        self.on_progress = on_progress
-        self.cancellable = cancellable
-        self.token: Any = None
-        self.timer: _Timer | None = None
-        self.deferred: defer.Deferred[dict[str, Any]] | None = None
 
 
 @implementer(IPushProducer)
@@ -280,7 +255,7 @@ class _Process(protocol.ProcessProtocol):
         self._stdout_size = 0
         self._stderr = b""
         self._stderr_skipping = False
-        self._pipes_timer: _Timer | None = None
+        self._pipes_timer: Timer | None = None
         self._exit_waiters: list[defer.Deferred[None]] = []
         self._end_waiters: list[defer.Deferred[None]] = []
         self.stdin = _StdinPressure()
@@ -479,15 +454,15 @@ class StdioUpstream:
         self.restarts = 0
         self._started = False
         self._process: _Process | None = None
-        self._next_id = 0
-        self._pending: dict[int, _Pending] = {}
-        self._by_token: dict[int, _Pending] = {}
-        self._incoming: dict[RequestId, defer.Deferred[None]] = {}
+        #: The JSON-RPC conversation with the current process (``peer.py``).
+        self._peer = Peer(name, self._transmit, reactor,
+                          on_request=lambda method, params: self.on_request(method, params),
+                          on_notification=self._notified)
         self._ready_waiters: list[defer.Deferred[None]] = []
         self._last_error: str | None = None
-        self._backoff = BACKOFF_INITIAL
-        self._ready_since: float | None = None
-        self._restart_call: _Timer | None = None
+        self._backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, healthy_after=HEALTHY_AFTER,
+                                clock=reactor)
+        self._restart_call: Timer | None = None
         self._close_waiters: list[defer.Deferred[None]] | None = None
         self._close_done = False
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
@@ -547,15 +522,14 @@ class StdioUpstream:
         if remaining <= 0:
             raise UpstreamTimeout(f"[{self.name}] no answer to {method} within {timeout:g} s")
         if self.era != "modern":
-            return await self._call(process, method, params, timeout, on_progress,
-                                    first=remaining)
+            return await self._call(method, params, timeout, on_progress, first=remaining)
         local = answered_here(self, method, params)
         if local is not None:
             return local
 
         async def send(sent: dict[str, Any] | None, first: float | None = None
                        ) -> dict[str, Any]:
-            return await self._call(process, method, enveloped(
+            return await self._call(method, enveloped(
                 sent, self.client_capabilities, self.log_level), timeout, on_progress,
                 first=first)
 
@@ -578,7 +552,7 @@ class StdioUpstream:
             log.debug("[{server}] not ready ({state}): dropped notification {method}",
                       server=self.name, state=self.state, method=method)
             return
-        self._send(process, jsonrpc.notification(method, params))
+        self._peer.notify(method, params)
 
     async def close(self) -> None:
         if self._close_waiters is not None:  # closing or closed already
@@ -594,9 +568,8 @@ class StdioUpstream:
             self._restart_call.cancel()
         self._restart_call = None
         message = f"[{self.name}] closed"
-        self._fail_pending(lambda: UpstreamError(message))
+        self._peer.fail_all(UpstreamError(message))
         self._fail_waiters(message)
-        self._cancel_incoming()
         process = self._process
         try:
             if process is not None and not process.ended:
@@ -644,9 +617,9 @@ class StdioUpstream:
                 await self._launch(deadline)
                 return
         try:
-            result = await self._call(process, "initialize",
+            result = await self._call("initialize",
                                       initialize_params(self.client_capabilities),
-                                      self.handshake_timeout, None, cancellable=False,
+                                      self.handshake_timeout, None, handshake=True,
                                       first=max(0.0, deadline - self.reactor.seconds()))
         except UpstreamRequestError as failure:
             # Refused: perhaps a server of the stateless era only (unless known otherwise).
@@ -671,7 +644,7 @@ class StdioUpstream:
         process.handshaken = True
         self.initialize_result = result
         self.era = "legacy"
-        self._send(process, jsonrpc.notification("notifications/initialized"))
+        self._peer.notify("notifications/initialized")
 
     async def _discovered(self, process: _Process, deadline: float) -> bool:
         """Probe ``server/discover``: True when the process now speaks the stateless era."""
@@ -680,10 +653,10 @@ class StdioUpstream:
             return False
         left = max(0.0, deadline - self.reactor.seconds())
         try:
-            answer = await self._call(process, "server/discover",
+            answer = await self._call("server/discover",
                                       enveloped({}, self.client_capabilities, None),
                                       min(DISCOVER_TIMEOUT, self.handshake_timeout / 2, left),
-                                      None, cancellable=False)
+                                      None, handshake=True)
             self.initialize_result = discovered(self.name, answer)
         except (UpstreamRequestError, NotModern, UpstreamTimeout) as refused:
             verdict = str(refused)
@@ -710,7 +683,7 @@ class StdioUpstream:
 
     def _ready(self) -> None:
         self.state = "ready"
-        self._ready_since = self.reactor.seconds()
+        self._backoff.running()
         self._last_error = None
         _fire_all(self._ready_waiters)
 
@@ -800,14 +773,11 @@ class StdioUpstream:
         if self._process is not process:
             return  # discarded or replaced: whoever did that has dealt with it
         self._process = None
-        self._cancel_incoming()
         if self.state == "closed":
-            message = f"[{self.name}] closed"
-            self._fail_pending(lambda: UpstreamError(message))
+            self._peer.fail_all(UpstreamError(f"[{self.name}] closed"))
             return
         if not process.handshaken:
-            message = process.end_message
-            self._fail_pending(lambda: UpstreamError(message))
+            self._peer.fail_all(UpstreamError(process.end_message))
             return
         message = process.kill_reason or (
             f"[{self.name}] process exited unexpectedly: {description}"
@@ -822,7 +792,7 @@ class StdioUpstream:
             self.on_closed(message)
         except Exception:
             log.failure("[{server}] on_closed failed", server=self.name)
-        self._fail_pending(lambda: UpstreamError(message))
+        self._peer.fail_all(UpstreamError(message))
         if self.restart:
             self._schedule_restart()
         else:
@@ -836,11 +806,7 @@ class StdioUpstream:
                 self._last_error = process.kill_reason or f"[{self.name}] process exited"
 
     def _schedule_restart(self) -> None:
-        now = self.reactor.seconds()
-        if self._ready_since is not None and now - self._ready_since >= HEALTHY_AFTER:
-            self._backoff = BACKOFF_INITIAL
-        self._ready_since = None
-        delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+        delay = self._backoff.next_delay()
         log.info("[{server}] restarting in {delay:g} s", server=self.name, delay=delay)
         self._restart_call = self.reactor.callLater(delay, self._restart_now)
 
@@ -878,91 +844,28 @@ class StdioUpstream:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _call(self, process: _Process, method: str, params: dict[str, Any] | None,
-              timeout: float, on_progress: Callable[[dict[str, Any]], object] | None, *,
-              cancellable: bool = True,
+    def _call(self, method: str, params: dict[str, Any] | None, timeout: float,
+              on_progress: Callable[[dict[str, Any]], object] | None, *,
+              handshake: bool = False,
               first: float | None = None) -> defer.Deferred[dict[str, Any]]:
         """Send a request; ``timeout`` is restarted by progress, ``first`` is what is left of
         it for the first wait (the caller may have waited for a restart)."""
-        if process.stdin.backlog > self.max_line:
-            mebibytes = process.stdin.backlog / 1048576
-            return defer.fail(UpstreamError(
-                f"[{self.name}] the server is not reading its input ({mebibytes:.0f} MiB "
-                f"waiting for it): {method} refused"))
-        self._next_id += 1
-        upstream_id = self._next_id
-        pending = _Pending(upstream_id, method, timeout, on_progress, cancellable)
         if tracing.TRACER is not None:  # the MCP conventions: trace context in params._meta
             params = tracing.params_with_context(params)
-        meta = params.get("_meta") if params is not None else None
-        relays_progress = False
-        if params is not None and isinstance(meta, dict) and "progressToken" in meta:
-            relays_progress = True
-            pending.token = meta["progressToken"]
-            params = {**params, "_meta": {**meta, "progressToken": upstream_id}}
-        try:
-            line = encoded(self.name, jsonrpc.request(upstream_id, method, params)) + b"\n"
-        except UpstreamRequestError as failure:
-            return defer.fail(failure)
-        if relays_progress:
-            self._by_token[upstream_id] = pending
+        return self._peer.request(method, params, timeout=timeout, on_progress=on_progress,
+                                  handshake=handshake, first=first)
 
-        def cancel(_: defer.Deferred[dict[str, Any]]) -> None:
-            if self._forget(pending) and pending.cancellable:
-                self._send_cancelled(process, pending, "cancelled by the client")
-
-        deferred: defer.Deferred[dict[str, Any]] = defer.Deferred(cancel)
-        pending.deferred = deferred
-        pending.timer = self.reactor.callLater(timeout if first is None else first,
-                                               self._timed_out, process, pending)
-        self._pending[upstream_id] = pending
-        self._write(process, line)
-        return deferred
-
-    def _forget(self, pending: _Pending) -> bool:
-        """Drop a pending request; False if it had already been answered or failed."""
-        if self._pending.pop(pending.upstream_id, None) is None:
-            return False
-        self._by_token.pop(pending.upstream_id, None)
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
-        pending.timer = None
-        return True
-
-    def _timed_out(self, process: _Process, pending: _Pending) -> None:
-        pending.timer = None
-        if not self._forget(pending):
+    def _transmit(self, message: Message) -> None:
+        """The peer's ``send``: one line on the current child's stdin."""
+        process = self._process
+        if process is None or process.exited or process.transport is None:
             return
-        if pending.cancellable:
-            self._send_cancelled(process, pending, "timeout")
-        assert pending.deferred is not None
-        pending.deferred.errback(UpstreamTimeout(
-            f"[{self.name}] no answer to {pending.method} within {pending.timeout:g} s"))
-
-    def _send_cancelled(self, process: _Process, pending: _Pending, reason: str) -> None:
-        self._send(process, jsonrpc.notification(
-            "notifications/cancelled", {"requestId": pending.upstream_id, "reason": reason}))
-
-    def _fail_pending(self, make_error: Callable[[], UpstreamError]) -> None:
-        for pending in list(self._pending.values()):
-            self._forget(pending)
-            assert pending.deferred is not None
-            pending.deferred.errback(make_error())
-
-    def _send(self, process: _Process, message: Message) -> None:
-        try:
-            data = encoded(self.name, message) + b"\n"
-        except UpstreamRequestError as failure:  # a gateway bug: what it relays was read strictly
-            log.warn("{error}; not sent", error=str(failure))
-            if not jsonrpc.is_response(message):
-                return
-            data = encoded(self.name, jsonrpc.error(message["id"], INTERNAL_ERROR,
-                                                    str(failure))) + b"\n"
-        self._write(process, data)
-
-    def _write(self, process: _Process, data: bytes) -> None:
-        if process.exited or process.transport is None or process is not self._process:
-            return
+        if jsonrpc.is_request(message) and process.stdin.backlog > self.max_line:
+            mebibytes = process.stdin.backlog / 1048576
+            raise UpstreamError(
+                f"[{self.name}] the server is not reading its input ({mebibytes:.0f} MiB "
+                f"waiting for it): {message['method']} refused")
+        data = encoded(self.name, message) + b"\n"
         if process.stdin.paused:
             process.stdin.backlog += len(data)
         cast(Any, process.transport).write(data)
@@ -978,94 +881,15 @@ class StdioUpstream:
             self._log_dropped(f"{failure.message}: {line[:200]!r}"
                               + (f"… ({len(line)} bytes)" if len(line) > 200 else ""))
             return
-        if jsonrpc.is_response(message):
-            self._response(message)
-        elif jsonrpc.is_request(message):
-            self._server_request(process, message)
-        else:
-            self._notification(message)
+        self._peer.received(message)
 
-    def _response(self, message: Message) -> None:
-        upstream_id = message["id"]
-        own_id = own_request_id(upstream_id)
-        pending = self._pending.get(own_id) if own_id is not None else None
-        if pending is None:
-            if "error" in message:
-                log.warn("[{server}] error answer to an unknown request {id}: {error}",
-                         server=self.name, id=upstream_id, error=message["error"])
-            else:
-                log.debug("[{server}] answer to an unknown or abandoned request {id}",
-                          server=self.name, id=upstream_id)
-            return
-        self._forget(pending)
-        assert pending.deferred is not None
-        answer = answer_of(self.name, message)
-        if isinstance(answer, UpstreamError):
-            pending.deferred.errback(answer)
-        else:
-            pending.deferred.callback(answer)
-
-    def _notification(self, message: Message) -> None:
+    def _notified(self, message: Message) -> None:
         if self.era == "modern":
             routed = listened(message)
             if routed is None:
                 return
             message = routed
-        method = message["method"]
-        params = message.get("params")
-        if method == "notifications/progress" and isinstance(params, dict):
-            token = params.get("progressToken")
-            pending = self._by_token.get(token) if isinstance(token, int) else None
-            if pending is not None:
-                if pending.timer is not None and pending.timer.active():
-                    pending.timer.reset(pending.timeout)
-                if pending.on_progress is not None:
-                    run_hook(self.name, "on_progress", pending.on_progress,
-                             {**params, "progressToken": pending.token})
-                return
-        elif method == "notifications/cancelled" and isinstance(params, dict):
-            request_id = params.get("requestId")
-            handling = self._incoming.get(request_id) \
-                if isinstance(request_id, str | int) else None
-            if handling is not None:
-                handling.cancel()
-                return  # handled here: the request it names was the gateway's to answer
-        run_hook(self.name, "on_notification", self.on_notification, message)
-
-    def _handled(self, outcome: object, request_id: RequestId) -> object:
-        self._incoming.pop(request_id, None)
-        return outcome
-
-    def _server_request(self, process: _Process, message: Message) -> None:
-        request_id: RequestId = message["id"]
-        method: str = message["method"]
-        params = message.get("params") or {}
-
-        async def answer() -> None:
-            try:
-                value = await self.on_request(method, params)
-            except ProtocolError as failure:
-                self._send(process, jsonrpc.error(request_id, failure.code, failure.message,
-                                                  failure.data))
-            except defer.CancelledError:
-                return  # the upstream cancelled it or went away: no answer is expected
-            except Exception as failure:
-                log.failure("[{server}] answering {method} failed", server=self.name,
-                            method=method)
-                self._send(process, jsonrpc.error(request_id, INTERNAL_ERROR,
-                                                  f"gateway error: {failure}"))
-            else:
-                self._send(process, jsonrpc.result(request_id, value))
-
-        handling = defer.ensureDeferred(answer())
-        if not handling.called:
-            self._incoming[request_id] = handling
-            handling.addBoth(self._handled, request_id)
-
-    def _cancel_incoming(self) -> None:
-        for handling in list(self._incoming.values()):
-            handling.cancel()
-        self._incoming.clear()
+        self.on_notification(message)
 
     def _oversized(self, process: _Process) -> None:
         process.discarding = True
@@ -1078,7 +902,7 @@ class StdioUpstream:
         log.warn("{message}", message=message, server=self.name)
         process.kill_reason = message
         self._going_down(process)
-        self._fail_pending(lambda: UpstreamError(message))
+        self._peer.fail_all(UpstreamError(message))
         process.kill_group(signal.SIGKILL)
 
     def _stderr_line(self, raw: bytes) -> None:
