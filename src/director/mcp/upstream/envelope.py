@@ -34,6 +34,7 @@ from director.mcp.upstream.base import (
     UpstreamError,
     UpstreamRequestError,
 )
+from director.mcp.upstream.listen_lifecycle import lifecycle
 
 INPUT_REQUIRED_MAX_ROUNDS = 10
 #: How soon an ``input_required`` result that asks for nothing is asked again (the server is
@@ -194,7 +195,8 @@ class ChangeListener:
     in that era: the session turns it into ``subscribe``, which re-opens the stream with the new
     filter). The notifications arrive through the session's ``on_notification``; a stream that
     ends is opened again after a backoff (1 s doubling to 60 s, reset once a stream lived a
-    minute); a server without the method (-32601) is not asked again."""
+    minute); a server without the method (-32601) is not asked again. When each may happen is
+    ``listen_lifecycle.py``'s."""
 
     def __init__(self, name: str, listen: Callable[[dict[str, Any]], Coroutine[Any, Any, Any]],
                  reactor: Any) -> None:
@@ -206,47 +208,36 @@ class ChangeListener:
         self._retry: Any = None
         self._backoff = Backoff(LISTEN_BACKOFF_INITIAL, LISTEN_BACKOFF_MAX,
                                 healthy_after=LISTEN_HEALTHY_AFTER, clock=reactor)
-        self._stopped = False
-        self._unsupported = False
+        #: The machine's state, as it tells us.
+        self.state = "idle"
+        self._lifecycle = lifecycle(self)
 
     @property
     def listening(self) -> bool:
         return self._current is not None
 
     def start(self) -> None:
-        if not self._stopped and not self._unsupported and self._current is None \
-                and self._retry is None:
-            self._open()
+        self._lifecycle.start()
 
     def subscribe(self, uri: str) -> None:
         self.uris[uri] = self.uris.get(uri, 0) + 1
         if self.uris[uri] == 1:
-            self._reopen()
+            self._lifecycle.resubscribe()
 
     def unsubscribe(self, uri: str) -> None:
         count = self.uris.get(uri, 0) - 1
         if count > 0:
             self.uris[uri] = count
         elif self.uris.pop(uri, None) is not None:
-            self._reopen()
+            self._lifecycle.resubscribe()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._cancel()
+        self._lifecycle.stop()
 
-    def _cancel(self) -> None:
-        current, self._current = self._current, None
-        if current is not None:
-            current.cancel()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+    # --- the lifecycle's outputs (``listen_lifecycle.ListenCore``) -------------------------
 
-    def _reopen(self) -> None:
-        if self._stopped or self._unsupported:
-            return
-        self._cancel()
-        self._open()
+    def _entered(self, state: str) -> None:
+        self.state = state
 
     def _open(self) -> None:
         notifications: dict[str, Any] = {kind: True for kind in LISTEN_KINDS}
@@ -258,19 +249,31 @@ class ChangeListener:
         self._current = current
         current.addBoth(self._ended, current)
 
+    def _drop_stream(self) -> None:
+        current, self._current = self._current, None
+        if current is not None:
+            current.cancel()
+
+    def _schedule_retry(self) -> None:
+        self._retry = self.reactor.callLater(self._backoff.next_delay(), self._delay_elapsed)
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
     def _ended(self, outcome: Any, which: defer.Deferred[Any]) -> None:
-        if which is not self._current or self._stopped:
+        if which is not self._current:
             return None  # replaced or stopped: its end (a cancellation) is expected
         self._current = None
         failure = outcome.value if isinstance(outcome, Failure) else None
         if isinstance(failure, UpstreamRequestError) and \
                 failure.error.get("code") == METHOD_NOT_FOUND:
-            self._unsupported = True
-            return None
-        self._retry = self.reactor.callLater(self._backoff.next_delay(), self._reopen_later)
+            self._lifecycle.refused()
+        else:
+            self._lifecycle.ended()
         return None
 
-    def _reopen_later(self) -> None:
+    def _delay_elapsed(self) -> None:
         self._retry = None
-        if not self._stopped and self._current is None:
-            self._open()
+        self._lifecycle.delay_elapsed()

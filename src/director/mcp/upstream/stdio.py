@@ -67,7 +67,8 @@ summary; the last few lines are kept to explain an early exit.
 for 60 s) and repeats the handshake; ``on_restored`` (``UpstreamSession``) is called after each
 successful one. Requests made meanwhile wait for the restart within their own
 timeout, or fail at once while the last attempt has failed (``state == "failed"``). ``state``
-and ``restarts`` (respawn attempts) are there for metrics.
+and ``restarts`` (respawn attempts) are there for metrics. Which of these may happen when is
+decided by an explicit state machine (``stdio_lifecycle.py``); this class carries it out.
 
 **Era.** A stdio connection is locked to one protocol era by its first request. Without
 ``prefer_modern`` it is ``initialize``, and ``server/discover`` follows only when that is
@@ -131,6 +132,7 @@ from director.mcp.upstream.envelope import (
 )
 from director.mcp.upstream.eras import EraMemory, stdio_key
 from director.mcp.upstream.peer import Peer, Timer
+from director.mcp.upstream.stdio_lifecycle import REPORTED, StdioLifecycle, lifecycle
 from director.sandbox.chain import (  # noqa: F401 - the launch chain's home used to be here
     DEFAULT_PATH,
     child_environment,
@@ -448,11 +450,11 @@ class StdioUpstream:
         #: Not in the contract: called after a restart has completed its handshake (the
         #: upstream's tools, subscriptions, … may have changed).
         self.on_restored: Callable[[dict[str, Any]], object] = _ignore
-        #: "starting", "ready", "restarting", "failed" or "closed".
-        self.state = "starting"
         #: How many times the process was respawned after an unexpected exit.
         self.restarts = 0
-        self._started = False
+        #: Where the lifecycle is (``stdio_lifecycle.py``): the machine's state, as it tells us.
+        self._phase = "idle"
+        self._lifecycle: StdioLifecycle = lifecycle(self)
         self._process: _Process | None = None
         #: The JSON-RPC conversation with the current process (``peer.py``).
         self._peer = Peer(name, self._transmit, reactor,
@@ -463,13 +465,17 @@ class StdioUpstream:
         self._backoff = Backoff(BACKOFF_INITIAL, BACKOFF_MAX, healthy_after=HEALTHY_AFTER,
                                 clock=reactor)
         self._restart_call: Timer | None = None
-        self._close_waiters: list[defer.Deferred[None]] | None = None
-        self._close_done = False
+        self._close_waiters: list[defer.Deferred[None]] = []
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._log_stderr = _RateLimitedLog(reactor, self._emit_stderr, LOG_LINES_PER_SECOND,
                                            "stderr lines")
         self._log_dropped = _RateLimitedLog(reactor, self._emit_dropped, LOG_LINES_PER_SECOND,
                                             "dropped stdout lines")
+
+    @property
+    def state(self) -> str:
+        """"starting", "ready", "restarting", "failed" or "closed" (``stdio_lifecycle``)."""
+        return REPORTED[self._phase]
 
     @property
     def pid(self) -> int | None:
@@ -486,26 +492,9 @@ class StdioUpstream:
     # --- the contract ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self.state == "closed":
-            raise UpstreamError(f"[{self.name}] closed")
-        if self._started:
-            await self._wait_ready(self.handshake_timeout)
-            return
-        self._started = True
-        self.state = "starting"
-        try:
-            await self._launch()
-        except UpstreamError as failure:
-            if self.state != "closed":
-                self._failed(str(failure))
-            raise
-        except defer.CancelledError:
-            if self.state != "closed":
-                self._failed(f"[{self.name}] start cancelled")
-            raise
-        self._ready()
-        if self.era == "modern":
-            self.changes.start()
+        ready: defer.Deferred[None] = defer.Deferred(self._cancel_wait)
+        self._lifecycle.start(ready, self.handshake_timeout)
+        await ready
 
     async def request(self, method: str, params: dict[str, Any] | None = None, *,
                       timeout: float | None = None,
@@ -513,11 +502,12 @@ class StdioUpstream:
                       return_input_required: bool = False) -> dict[str, Any]:
         timeout = self.timeout_default if timeout is None else timeout
         deadline = self.reactor.seconds() + timeout
-        if self.state != "ready":
-            await self._wait_ready(timeout)
+        ready: defer.Deferred[None] = defer.Deferred(self._cancel_wait)
+        self._lifecycle.wait_ready(ready, timeout)
+        await ready
         process = self._process
-        if process is None or self.state != "ready":  # closed or crashed in between
-            raise UpstreamError(self._unavailable())
+        if process is None:  # (ready means a child; kept for the type checker)
+            raise UpstreamError(f"[{self.name}] not ready ({self.state})")
         remaining = deadline - self.reactor.seconds()
         if remaining <= 0:
             raise UpstreamTimeout(f"[{self.name}] no answer to {method} within {timeout:g} s")
@@ -547,38 +537,12 @@ class StdioUpstream:
         return task.deferLater(self.reactor, seconds, lambda: None)
 
     def notify(self, method: str, params: dict[str, Any] | None = None) -> None:
-        process = self._process
-        if self.state != "ready" or process is None:
-            log.debug("[{server}] not ready ({state}): dropped notification {method}",
-                      server=self.name, state=self.state, method=method)
-            return
-        self._peer.notify(method, params)
+        self._lifecycle.notify(method, params)
 
     async def close(self) -> None:
-        if self._close_waiters is not None:  # closing or closed already
-            if not self._close_done:
-                waiter: defer.Deferred[None] = defer.Deferred()
-                self._close_waiters.append(waiter)
-                await waiter
-            return
-        self._close_waiters = []
-        self.state = "closed"
-        self.changes.stop()
-        if self._restart_call is not None and self._restart_call.active():
-            self._restart_call.cancel()
-        self._restart_call = None
-        message = f"[{self.name}] closed"
-        self._peer.fail_all(UpstreamError(message))
-        self._fail_waiters(message)
-        process = self._process
-        try:
-            if process is not None and not process.ended:
-                await self._terminate(process)
-        finally:
-            self._log_stderr.flush()
-            self._log_dropped.flush()
-            self._close_done = True
-            _fire_all(self._close_waiters)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._lifecycle.close(done)
+        await done
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -681,57 +645,163 @@ class StdioUpstream:
                  server=self.name, error=verdict)
         return False
 
-    def _ready(self) -> None:
-        self.state = "ready"
+    # --- the lifecycle's outputs (``stdio_lifecycle.StdioCore``) ------------------------------
+
+    def _entered(self, state: str) -> None:
+        self._phase = state
+
+    def _launch_first(self, ready: defer.Deferred[None]) -> None:
+        launching = defer.ensureDeferred(self._launch())
+        launching.addCallbacks(self._first_launched, self._first_failed)
+        # start() waits on the launch itself: its exception, and its cancellation forwarded.
+        ready.addCallback(lambda _: launching)
+        ready.callback(None)
+
+    def _first_launched(self, result: None) -> None:
+        self._lifecycle.launched()
+        if self.era == "modern":
+            self.changes.start()
+
+    def _first_failed(self, failure: Failure) -> Failure:
+        if failure.check(UpstreamError):
+            self._lifecycle.launch_failed(str(failure.value))
+        elif failure.check(defer.CancelledError):
+            self._lifecycle.launch_failed(f"[{self.name}] start cancelled")
+        return failure
+
+    def _cancel_wait(self, ready: defer.Deferred[None]) -> None:
+        """A caller gave up waiting for a ready child."""
+        if ready in self._ready_waiters:
+            self._ready_waiters.remove(ready)
+
+    def _became_ready(self) -> None:
         self._backoff.running()
         self._last_error = None
         _fire_all(self._ready_waiters)
 
+    def _restored(self) -> None:
+        log.info("[{server}] restarted", server=self.name)
+        run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
+
     def _failed(self, message: str) -> None:
-        self.state = "failed"
         self._last_error = message
         self._fail_waiters(message)
 
-    def _unavailable(self) -> str:
-        if self.state == "closed":
-            return f"[{self.name}] closed"
-        if self._last_error:
-            return self._last_error
-        if not self._started:
-            return f"[{self.name}] not started"
-        return f"[{self.name}] not ready ({self.state})"
+    def _restart_failed(self, message: str) -> None:
+        log.warn("[{server}] restart failed: {error}", server=self.name, error=message)
+        self._failed(message)
 
-    async def _wait_ready(self, timeout: float) -> None:
-        if self.state == "ready":
-            return
-        if self.state in ("closed", "failed") or not self._started:
-            raise UpstreamError(self._unavailable())
-        def forget(waiter: defer.Deferred[None]) -> None:
-            if waiter in self._ready_waiters:
-                self._ready_waiters.remove(waiter)
+    def _exited_for_good(self, reason: str) -> None:
+        self._last_error = reason
 
-        waiter: defer.Deferred[None] = defer.Deferred(forget)
-        self._ready_waiters.append(waiter)
+    def _lost(self, message: str) -> None:
+        """The ready child is gone: ``on_closed``, and its requests fail."""
+        log.warn("{message}", message=message, server=self.name)
+        try:
+            self.on_closed(message)
+        except Exception:
+            log.failure("[{server}] on_closed failed", server=self.name)
+        self._peer.fail_all(UpstreamError(message))
+
+    def _fail_pending(self, message: str) -> None:
+        self._peer.fail_all(UpstreamError(message))
+
+    def _answer(self, ready: defer.Deferred[None]) -> None:
+        ready.callback(None)
+
+    def _add_waiter(self, ready: defer.Deferred[None], timeout: float) -> None:
+        self._ready_waiters.append(ready)
         state = self.state
 
         def timed_out() -> None:
-            if waiter in self._ready_waiters:
-                self._ready_waiters.remove(waiter)
-                waiter.errback(UpstreamTimeout(
+            if ready in self._ready_waiters:
+                self._ready_waiters.remove(ready)
+                ready.errback(UpstreamTimeout(
                     f"[{self.name}] still {state} after {timeout:g} s"))
 
         timer = self.reactor.callLater(timeout, timed_out)
-        try:
-            await waiter
-        finally:
+
+        def settled(result: object) -> object:
             if timer.active():
                 timer.cancel()
+            return result
+
+        ready.addBoth(settled)
+
+    def _refuse(self, ready: defer.Deferred[None], message: str | None) -> None:
+        """``message``, or (None) the last failure."""
+        ready.errback(UpstreamError(message or self._last_error
+                                    or f"[{self.name}] not ready ({self.state})"))
+
+    def _send_notification(self, method: str, params: dict[str, Any] | None) -> None:
+        self._peer.notify(method, params)
+
+    def _drop_notification(self, method: str) -> None:
+        log.debug("[{server}] not ready ({state}): dropped notification {method}",
+                  server=self.name, state=self.state, method=method)
+
+    def _shut_down(self, done: defer.Deferred[None]) -> None:
+        self.changes.stop()
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        message = f"[{self.name}] closed"
+        self._peer.fail_all(UpstreamError(message))
+        self._fail_waiters(message)
+        defer.ensureDeferred(self._reap_last()).chainDeferred(done)
+
+    async def _reap_last(self) -> None:
+        process = self._process
+        try:
+            if process is not None and not process.ended:
+                await self._terminate(process)
+        finally:
+            self._log_stderr.flush()
+            self._log_dropped.flush()
+            self._lifecycle.reaped()
+
+    def _join_shutdown(self, done: defer.Deferred[None]) -> None:
+        self._close_waiters.append(done)
+
+    def _closed(self) -> None:
+        _fire_all(self._close_waiters)
+
+    def _schedule_restart(self) -> None:
+        delay = self._backoff.next_delay()
+        log.info("[{server}] restarting in {delay:g} s", server=self.name, delay=delay)
+        self._restart_call = self.reactor.callLater(delay, self._delay_elapsed)
+
+    def _delay_elapsed(self) -> None:
+        self._restart_call = None
+        self._lifecycle.delay_elapsed()
+
+    def _relaunch(self) -> None:
+        self.restarts += 1
+        defer.ensureDeferred(self._relaunched()).addErrback(
+            lambda failure: log.failure("[{server}] restart failed", failure, server=self.name))
+
+    async def _relaunched(self) -> None:
+        try:
+            if tracing.TRACER is None:
+                await self._launch()
+            else:  # a trace of its own: no request asked for it
+                with tracing.span("upstream restart", attributes={
+                        "director.server.name": self.name,
+                        "director.upstream.transport": "stdio",
+                        "director.upstream.restarts": self.restarts}):
+                    await self._launch()
+        except UpstreamError as failure:
+            self._lifecycle.launch_failed(str(failure))
+            return
+        self._lifecycle.launched()
 
     def _fail_waiters(self, message: str) -> None:
         waiters = list(self._ready_waiters)
         self._ready_waiters.clear()
         for waiter in waiters:
             waiter.errback(UpstreamError(message))
+
+    # --- the child ---------------------------------------------------------------------------
 
     async def _discard(self, process: _Process) -> None:
         """Kill a child that failed its handshake and wait until it is reaped."""
@@ -773,74 +843,20 @@ class StdioUpstream:
         if self._process is not process:
             return  # discarded or replaced: whoever did that has dealt with it
         self._process = None
-        if self.state == "closed":
-            self._peer.fail_all(UpstreamError(f"[{self.name}] closed"))
-            return
-        if not process.handshaken:
-            self._peer.fail_all(UpstreamError(process.end_message))
-            return
-        message = process.kill_reason or (
+        message = process.end_message if not process.handshaken else process.kill_reason or (
             f"[{self.name}] process exited unexpectedly: {description}"
             + (f": {tail}" if tail else ""))
-        log.warn("{message}", message=message, server=self.name)
-        if self.restart:
-            self.state = "restarting"
-        else:
-            self.state = "failed"
-            self._last_error = message
-        try:
-            self.on_closed(message)
-        except Exception:
-            log.failure("[{server}] on_closed failed", server=self.name)
-        self._peer.fail_all(UpstreamError(message))
-        if self.restart:
-            self._schedule_restart()
-        else:
-            self._failed(message)
+        self._lifecycle.ended(message)
 
     def _going_down(self, process: _Process) -> None:
         """The ready child is exiting: new requests wait for the restart (or fail) meanwhile."""
-        if process is self._process and process.handshaken and self.state == "ready":
-            self.state = "restarting" if self.restart else "failed"
-            if not self.restart:
-                self._last_error = process.kill_reason or f"[{self.name}] process exited"
-
-    def _schedule_restart(self) -> None:
-        delay = self._backoff.next_delay()
-        log.info("[{server}] restarting in {delay:g} s", server=self.name, delay=delay)
-        self._restart_call = self.reactor.callLater(delay, self._restart_now)
-
-    def _restart_now(self) -> None:
-        self._restart_call = None
-        if self.state == "closed":
+        if process is not self._process or not process.handshaken:
             return
-        defer.ensureDeferred(self._restart()).addErrback(
-            lambda failure: log.failure("[{server}] restart failed", failure, server=self.name))
-
-    async def _restart(self) -> None:
-        self.state = "restarting"
-        self.restarts += 1
-        try:
-            if tracing.TRACER is None:
-                await self._launch()
-            else:  # a trace of its own: no request asked for it
-                with tracing.span("upstream restart", attributes={
-                        "director.server.name": self.name,
-                        "director.upstream.transport": "stdio",
-                        "director.upstream.restarts": self.restarts}):
-                    await self._launch()
-        except UpstreamError as failure:
-            if self.state == "closed":
-                return
-            log.warn("[{server}] restart failed: {error}", server=self.name, error=failure)
-            self._failed(str(failure))
-            self._schedule_restart()
-            return
-        if self.state == "closed":
-            return
-        self._ready()
-        log.info("[{server}] restarted", server=self.name)
-        run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
+        if self.restart:
+            self._lifecycle.exiting()
+        else:
+            self._lifecycle.exiting_for_good(
+                process.kill_reason or f"[{self.name}] process exited")
 
     # --- requests ----------------------------------------------------------------------------
 
