@@ -62,6 +62,7 @@ from director.mcp.upstream.http_plumbing import (
     display_url,
     upstream_agent,
 )
+from director.mcp.upstream.lifecycle import LifecycleHooks, session_lifecycle
 from director.mcp.upstream.peer import Outgoing, Peer, Timer
 
 log = Logger(namespace="mcp.upstream.http")  # one namespace for the HTTP transports
@@ -105,12 +106,28 @@ class HttpSession:
         self._exchanges: dict[Outgoing, set[_HttpCall]] = {}
         self._calls: set[_HttpCall] = set()
         self._sleeps: set[defer.Deferred[None]] = set()
-        self._closed = False
-        self._established = False
-        self._ever_established = False
-        self._loss_reported = False
+        #: Established, re-initialising, lost, closed (``lifecycle.py``).
+        self._lifecycle = session_lifecycle(LifecycleHooks(
+            restored=lambda: run_hook(self.name, "on_restored", self.on_restored,
+                                      self.initialize_result),
+            reported_lost=self._tell_lost))
         self._several_messages_noted = False
         self._connecting = _Once()
+
+    @property
+    def _closed(self) -> bool:
+        return self._lifecycle.closed()
+
+    @property
+    def _established(self) -> bool:
+        return self._lifecycle.established()
+
+    @_established.setter
+    def _established(self, value: bool) -> None:
+        """Only ever set False (``upstream.modern`` re-probing the era): the next request
+        establishes the session again."""
+        assert not value, "a session is established by its handshake only"
+        self._lifecycle.forgotten()
 
     # --- the UpstreamSession interface ---------------------------------------------------
 
@@ -138,10 +155,8 @@ class HttpSession:
                                      error=failure.getErrorMessage()))
 
     async def close(self) -> None:
-        if self._closed:
+        if not self._lifecycle.close():
             return
-        self._closed = True
-        self._established = False
         self._peer.fail_all(UpstreamError(f"[{self.name}] the session was closed"))
         for sleep in list(self._sleeps):
             sleep.cancel()
@@ -181,14 +196,8 @@ class HttpSession:
             raise UpstreamError(f"[{self.name}] the handshake was aborted"
                                 f"{' (the session was closed)' if self._closed else ''}"
                                 ) from None
-        if self._closed:
+        if not self._lifecycle.handshake_succeeded():
             raise UpstreamError(f"[{self.name}] the session was closed")
-        self._established = True
-        self._loss_reported = False
-        reinitialised = self._ever_established
-        self._ever_established = True
-        if reinitialised:
-            run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
 
     async def _ensure_established(self) -> None:
         if not self._established:
@@ -208,10 +217,9 @@ class HttpSession:
         self.protocol_version = version
 
     def _report_lost(self, reason: str) -> None:
-        self._established = False
-        if self._closed or self._loss_reported or not self._ever_established:
-            return
-        self._loss_reported = True
+        self._lifecycle.lost(reason)
+
+    def _tell_lost(self, reason: str) -> None:
         log.warn("[{server}] upstream session lost: {reason}", server=self.name, reason=reason)
         try:
             self.on_closed(reason)

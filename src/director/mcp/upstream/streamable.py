@@ -132,7 +132,7 @@ class StreamableHttpUpstream(HttpSession):
         if self._established:
             log.info("[{server}] the upstream forgot session {session}; re-initialising",
                      server=self.name, session=stale)
-            self._established = False
+            self._lifecycle.forgotten()
             self._stop_get_stream()
         try:
             if not tracing.spans():
