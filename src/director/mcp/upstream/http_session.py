@@ -62,7 +62,7 @@ from director.mcp.upstream.http_plumbing import (
     display_url,
     upstream_agent,
 )
-from director.mcp.upstream.lifecycle import LifecycleHooks, session_lifecycle
+from director.mcp.upstream.lifecycle import Handshake, Nothing, session_lifecycle
 from director.mcp.upstream.peer import Outgoing, Peer, Timer
 
 log = Logger(namespace="mcp.upstream.http")  # one namespace for the HTTP transports
@@ -107,10 +107,7 @@ class HttpSession:
         self._calls: set[_HttpCall] = set()
         self._sleeps: set[defer.Deferred[None]] = set()
         #: Established, re-initialising, lost, closed (``lifecycle.py``).
-        self._lifecycle = session_lifecycle(LifecycleHooks(
-            restored=lambda: run_hook(self.name, "on_restored", self.on_restored,
-                                      self.initialize_result),
-            reported_lost=self._tell_lost))
+        self._lifecycle = session_lifecycle(Nothing())
         self._several_messages_noted = False
         self._connecting = _Once()
 
@@ -196,8 +193,11 @@ class HttpSession:
             raise UpstreamError(f"[{self.name}] the handshake was aborted"
                                 f"{' (the session was closed)' if self._closed else ''}"
                                 ) from None
-        if not self._lifecycle.handshake_succeeded():
+        outcome = self._lifecycle.handshake_succeeded()
+        if outcome is Handshake.TOO_LATE:
             raise UpstreamError(f"[{self.name}] the session was closed")
+        if outcome is Handshake.RESTORED:
+            run_hook(self.name, "on_restored", self.on_restored, self.initialize_result)
 
     async def _ensure_established(self) -> None:
         if not self._established:
@@ -217,9 +217,8 @@ class HttpSession:
         self.protocol_version = version
 
     def _report_lost(self, reason: str) -> None:
-        self._lifecycle.lost(reason)
-
-    def _tell_lost(self, reason: str) -> None:
+        if not self._lifecycle.lost(reason):
+            return
         log.warn("[{server}] upstream session lost: {reason}", server=self.name, reason=reason)
         try:
             self.on_closed(reason)
