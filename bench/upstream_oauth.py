@@ -250,7 +250,7 @@ def provider_cost(calls: int, rounds: int) -> list[Figure]:
 
     from director.config import Settings
     from director.crypto import SecretBox
-    from director.mcp.upstream.http import new_pool
+    from director.mcp.upstream.http_plumbing import new_pool
     from director.oauth.client.discovery import Discovery
     from director.oauth.client.service import UpstreamAuthorizations
     from director.oauth.client.store import Credential

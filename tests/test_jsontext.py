@@ -24,8 +24,10 @@ from director.mcp.streams import ReplayBuffer, response_bytes
 from director.mcp.upstream.account import stdio_account
 from director.mcp.upstream.base import UpstreamRequestError, encoded
 from director.mcp.upstream.connect import CheckedEndpoints
-from director.mcp.upstream.http import LegacySseUpstream, StreamableHttpUpstream, new_pool
+from director.mcp.upstream.http_plumbing import new_pool
+from director.mcp.upstream.legacy_sse import LegacySseUpstream
 from director.mcp.upstream.stdio import StdioUpstream
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from tests.test_upstream_http import reference
 
 RAW = Path(__file__).resolve().parent / "fixtures" / "raw_server.py"

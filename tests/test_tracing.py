@@ -33,7 +33,8 @@ from director.cli.doctor.result import FAIL, OK
 from director.config import load_settings
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstream.connect import CheckedEndpoints
-from director.mcp.upstream.http import StreamableHttpUpstream, new_pool
+from director.mcp.upstream.http_plumbing import new_pool
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from tests.accounts_helpers import call, sign_up
 from tests.harness import Daemon, free_port, local_servers
 from tests.test_mcp_gateway import ACCEPT, INIT, parse_response, reference_server, run

@@ -30,14 +30,11 @@ from zope.interface import implementer
 from director.config import Settings
 from director.mcp.upstream.base import UpstreamError
 from director.mcp.upstream.connect import CheckedEndpoints
-from director.mcp.upstream.http import (
-    HttpUpstream,
-    LegacySseUpstream,
-    StreamableHttpUpstream,
-    UpstreamPool,
-    new_pool,
-)
+from director.mcp.upstream.http import HttpUpstream
+from director.mcp.upstream.http_plumbing import UpstreamPool, new_pool
+from director.mcp.upstream.legacy_sse import LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from director.playbooks import rails
 from director.playbooks.model import Server
 from tests.accounts_helpers import call, sign_up

@@ -37,13 +37,10 @@ from director.mcp.upstream.base import (
     UpstreamTimeout,
 )
 from director.mcp.upstream.connect import CheckedEndpoints
-from director.mcp.upstream.http import (
-    HttpUpstream,
-    LegacySseUpstream,
-    StreamableHttpUpstream,
-    connect_http,
-    new_pool,
-)
+from director.mcp.upstream.http import HttpUpstream, connect_http
+from director.mcp.upstream.http_plumbing import new_pool
+from director.mcp.upstream.legacy_sse import LegacySseUpstream
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from tests.harness import free_port
 
 HERE = Path(__file__).parent

@@ -21,9 +21,11 @@ from director.mcp.protocol import INVALID_PARAMS, METHOD_NOT_FOUND
 from director.mcp.upstream.account import stdio_account
 from director.mcp.upstream.base import UpstreamRequestError
 from director.mcp.upstream.connect import CheckedEndpoints
-from director.mcp.upstream.http import LegacySseUpstream, StreamableHttpUpstream, new_pool
+from director.mcp.upstream.http_plumbing import new_pool
+from director.mcp.upstream.legacy_sse import LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream
 from director.mcp.upstream.stdio import StdioUpstream
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from tests.fixtures.scripted_server import replies
 
 SCRIPT = Path(__file__).parent / "fixtures" / "scripted_server.py"

@@ -51,7 +51,7 @@ from director.mcp.shared_sessions import SharedSessions
 from director.mcp.upstream.account import clashes_with_database, stdio_account
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.mcp.upstream.eras import EraMemory
-from director.mcp.upstream.http import new_pool
+from director.mcp.upstream.http_plumbing import new_pool
 from director.mcp.upstreams import UpstreamManager
 from director.oauth.client.routes import UpstreamOAuthPages
 from director.oauth.client.service import UpstreamAuthorizations

@@ -98,7 +98,7 @@ async def _begin(reactor: Any, settings: Any, connection: Any, box: Any, user_id
                  playbook: Any, server: Any, entered: dict[str, Any] | None) -> Any:
     from director.cli.base import run
     from director.mcp.upstream.connect import CheckedEndpoints
-    from director.mcp.upstream.http import new_pool, upstream_agent
+    from director.mcp.upstream.http_plumbing import new_pool, upstream_agent
     from director.oauth.client import flow, store
     from director.oauth.client.fetch import Fetcher, FetchError
     from director.oauth.client.identity import manual_client

@@ -11,7 +11,8 @@ from director.mcp.upstream.account import StdioAccount
 from director.mcp.upstream.authorization import UpstreamAuthorization
 from director.mcp.upstream.base import UpstreamSession
 from director.mcp.upstream.eras import EraMemory
-from director.mcp.upstream.http import HttpUpstream, LegacySseUpstream
+from director.mcp.upstream.http import HttpUpstream
+from director.mcp.upstream.legacy_sse import LegacySseUpstream
 from director.mcp.upstream.modern import ModernFirstHttpUpstream, ModernHttpUpstream
 from director.mcp.upstream.stdio import StdioUpstream
 from director.playbooks.model import Server

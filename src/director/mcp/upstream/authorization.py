@@ -1,6 +1,6 @@
 """The seam between HTTP upstream sessions and whoever authorizes their requests (OAuth).
 
-An HTTP upstream session (``http.py``: Streamable HTTP, HTTP+SSE, and ``modern.py`` through
+An HTTP upstream session (``streamable.py``, ``legacy_sse.py``, and ``modern.py`` through
 them) may be given an ``UpstreamAuthorization`` by the factory. The session then, for every
 HTTP request it makes (each POST, the GET stream, a resumption, the DELETE of the session):
 

@@ -1,9 +1,9 @@
 """What the router needs from an upstream MCP connection, whatever its transport.
 
 An ``UpstreamSession`` is one initialised MCP session with one upstream server. Transports
-(``stdio.py``, ``http.py``, ``modern.py``) implement it around one ``peer.Peer`` each (the
-JSON-RPC rules below are the peer's, so they are the same over every transport); the router and
-the downstream sessions use only this.
+(``stdio.py``, ``streamable.py``, ``legacy_sse.py``, ``modern.py``) implement it around one
+``peer.Peer`` each (the JSON-RPC rules below are the peer's, so they are the same over every
+transport); the router and the downstream sessions use only this.
 
 Contract:
 

@@ -18,7 +18,7 @@ request — goes through it. For each one it:
 
 With ``DANGEROUSLY_ALLOW_INSECURE_HTTP_SERVERS`` on, steps 1 and 3 are skipped. A refusal fails
 the connection with ``Refused``, whose text the session turns into ``[server] URL: <text>``.
-Redirects are never followed (``http.py`` reports a 3xx as an error), so no other connection
+Redirects are never followed (``http_session.py`` reports a 3xx as an error), so no other connection
 exists to check. Resolving costs what it did before (one lookup per new connection; pooled
 connections are reused without one).
 """

@@ -70,17 +70,16 @@ from director.mcp.upstream.envelope import (
     settle,
 )
 from director.mcp.upstream.eras import EraMemory, http_key
-from director.mcp.upstream.http import (
+from director.mcp.upstream.http_plumbing import (
     EVENT_STREAM,
-    FALLBACK_STATUSES,
     JSON,
     HttpStatusError,
-    StreamableHttpUpstream,
     _content_type,
     _HttpCall,
     _Response,
 )
 from director.mcp.upstream.peer import Outgoing
+from director.mcp.upstream.streamable import FALLBACK_STATUSES, StreamableHttpUpstream
 
 log = Logger(namespace="mcp.upstream.modern")
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from director.mcp.upstream.http import display_url
+from director.mcp.upstream.http_plumbing import display_url
 from director.oauth.client.challenge import Challenge
 from director.oauth.client.fetch import Answer, Fetcher, FetchError, url_refusal
 

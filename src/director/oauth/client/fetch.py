@@ -32,7 +32,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from director import __version__
 from director.mcp.upstream.connect import Refused
-from director.mcp.upstream.http import _describe, display_url
+from director.mcp.upstream.http_plumbing import _describe, display_url
 
 #: Metadata documents, registration and token answers: a few KB in practice.
 MAX_BODY_BYTES = 64 * 1024

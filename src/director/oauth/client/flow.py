@@ -34,7 +34,7 @@ import attrs
 from director.crypto import SecretBox
 from director.db.interactions import Interaction
 from director.mcp.upstream.base import LATEST_LEGACY_VERSION, initialize_params
-from director.mcp.upstream.http import display_url
+from director.mcp.upstream.http_plumbing import display_url
 from director.oauth.client import challenge, identity, store, tokens
 from director.oauth.client.discovery import Discovery, discover
 from director.oauth.client.fetch import Fetcher, FetchError

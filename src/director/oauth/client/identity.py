@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from director.mcp.upstream.http import display_url
+from director.mcp.upstream.http_plumbing import display_url
 from director.oauth.client.discovery import Discovery
 from director.oauth.client.fetch import Fetcher, FetchError
 from director.oauth.client.tokens import Client

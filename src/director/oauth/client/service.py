@@ -57,7 +57,7 @@ from director.crypto import SecretBox
 from director.db.database import Database, DatabaseUnavailable
 from director.mcp.upstream.authorization import UpstreamUnauthorized
 from director.mcp.upstream.base import UpstreamError
-from director.mcp.upstream.http import _Once, display_url, upstream_agent
+from director.mcp.upstream.http_plumbing import _Once, display_url, upstream_agent
 from director.oauth.client import challenge, flow, store, tokens
 from director.oauth.client.discovery import Discovery, discover, resource_covers, same_origin
 from director.oauth.client.fetch import Fetcher, FetchError
@@ -490,7 +490,7 @@ class OAuthProvider:
 
     def _covers(self, resource: str, url: str) -> bool:
         """Whether the token for ``resource`` may go to ``url``: a URL under the resource, or
-        (the HTTP+SSE transport's message endpoint, which ``http.py`` keeps on the server's
+        (the HTTP+SSE transport's message endpoint, which ``legacy_sse.py`` keeps on the server's
         origin) any URL of the origin of this server, itself under the resource."""
         key = (resource, url)
         covered = self._covered.get(key)

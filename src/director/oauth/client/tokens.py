@@ -20,7 +20,7 @@ from urllib.parse import quote_plus
 
 import attrs
 
-from director.mcp.upstream.http import display_url
+from director.mcp.upstream.http_plumbing import display_url
 from director.oauth.client.fetch import Answer, Fetcher, FetchError
 
 MAX_TOKEN_CHARS = 16 * 1024
