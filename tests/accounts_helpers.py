@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import reactor, task
 
+from director.db.database import Database
 from tests.harness import Daemon
 
 PASSWORD = "correct horse battery"
@@ -62,3 +64,11 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0,
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
     return time.monotonic() - started
+
+
+async def until_available(database: Database) -> None:
+    """Until ``database`` (started in process) has its connections, without blocking the reactor."""
+    deadline = time.monotonic() + 15
+    while not database.available:
+        assert time.monotonic() < deadline, database.unavailable_reason
+        await task.deferLater(reactor, 0.02, lambda: None)

@@ -15,6 +15,7 @@ import pytest
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from director.db import migrate
+from director.db.database import Database
 from tests.harness import Daemon, PostgresServer, base_environment, free_port
 
 # --- CI: a skipped test is a failure ------------------------------------------------------
@@ -117,6 +118,18 @@ def database_url(postgres: PostgresServer) -> Iterator[str]:
 def migrated_url(database_url: str) -> str:
     migrate.upgrade(database_url)
     return database_url
+
+
+@pytest.fixture
+def database(migrated_url: str) -> Iterator[Database]:
+    """A ``Database`` (two connections) on this test's migrated database, started; in-process
+    tests wait for it with ``accounts_helpers.until_available``."""
+    from twisted.internet import reactor  # not at import: pytest-twisted installs the reactor
+
+    database = Database(migrated_url, 2, reactor)
+    database.start()
+    yield database
+    database.stop()
 
 
 @pytest.fixture

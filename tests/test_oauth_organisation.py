@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 
 import attrs
 import pytest
+from twisted.internet import task
 
+from director.oauth.server.organisation import FLOW_SECONDS, StateCookies
 from tests.accounts_helpers import call, sign_up
 from tests.harness import DIRECTOR, Daemon, base_environment, make_temp_dir
 from tests.oauth_helpers import protected_playbook, register, start_flow
@@ -186,3 +188,16 @@ def test_an_mcp_client_authorization_signs_in_through_the_provider(
     assert link is not None
     status, _, page = browser.get(link[1].decode().replace("&amp;", "&"))
     assert status == 200 and b"Connect Test client?" in page  # the consent page, signed in
+
+
+def test_a_sign_in_state_cookie_opens_until_the_flow_expires() -> None:
+    clock = task.Clock()
+    clock.advance(1_700_000_000.0)  # the expiry is written as a wall-clock time
+    cookies = StateCookies("s" * 32, clock)
+    sealed = cookies.seal({"state": "abc", "nonce": "n", "verifier": "v", "next": "/"})
+    clock.advance(FLOW_SECONDS)
+    assert cookies.open(sealed) == {"state": "abc", "nonce": "n", "verifier": "v", "next": "/",
+                                    "expires": 1_700_000_000 + FLOW_SECONDS}
+    clock.advance(1.0)
+    assert cookies.open(sealed) is None
+    assert StateCookies("t" * 32, clock).open(cookies.seal({"state": "x"})) is None  # signed

@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,7 +20,15 @@ from twisted.internet import reactor, task
 
 from director.accounts.ratelimit import Limit, RateLimiter, lease
 from director.db.database import Database
-from tests.accounts_helpers import PASSWORD, Account, call, error_code, eventually, sign_up
+from tests.accounts_helpers import (
+    PASSWORD,
+    Account,
+    call,
+    error_code,
+    eventually,
+    sign_up,
+    until_available,
+)
 from tests.harness import Daemon, query
 
 StartDaemon = Callable[..., Daemon]
@@ -106,32 +113,17 @@ def test_a_refusal_says_when_the_next_permit_frees_up() -> None:
 # --- the limiter, in process, on the real database --------------------------------------------
 
 
-@pytest.fixture
-def database(migrated_url: str) -> Iterator[Database]:
-    database = Database(migrated_url, 2, reactor)
-    database.start()
-    yield database
-    database.stop()
-
-
-async def until_available(database: Database) -> None:
-    deadline = time.monotonic() + 15
-    while not database.available:
-        assert time.monotonic() < deadline, database.unavailable_reason
-        await task.deferLater(reactor, 0.02, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_two_instances_admit_at_most_the_limit_in_any_window(
         database: Database, migrated_url: str) -> None:
     await until_available(database)
-    now = [0.0]
-    instances = [RateLimiter(database, clock=lambda: now[0]) for _ in range(2)]
+    clock = task.Clock()
+    instances = [RateLimiter(database, clock) for _ in range(2)]
     limit = Limit("key", uuid.uuid4(), 100, 10, "this API key")  # batches of 5, E = 1 s
     admitted: list[float] = []
 
     async def burst(at: float, count: int) -> int:
-        now[0] = at
+        clock.advance(at - clock.seconds())
         before = len(admitted)
         for number in range(count):
             decision = await instances[number % 2].check(limit)
@@ -146,12 +138,12 @@ async def test_two_instances_admit_at_most_the_limit_in_any_window(
     assert 90 <= first <= 100 and first + second <= 100, (first, second)
 
     # Refused, with the moment a permit frees up; at that moment one is admitted.
-    now[0] = 1_000_010.3
+    clock.advance(1_000_010.3 - clock.seconds())
     refused = await instances[0].check(limit)
     assert not refused.allowed and refused.remaining == 0
     assert refused.headers()["Retry-After"] == str(refused.reset_seconds)
     assert refused.reset_seconds == 11  # the first burst's leases count until 1_000_020.5
-    now[0] += refused.reset_seconds
+    clock.advance(refused.reset_seconds)
     assert (await instances[1].check(limit)).allowed
 
     # Then steady traffic at twice the limit's rate, alternating instances, for 40 s.
@@ -173,12 +165,13 @@ async def test_slow_clients_on_several_instances_are_not_refused(database: Datab
     expires nearly unspent. Without giving back, each would count a whole batch per second,
     165% of the limit per window, and the key would be refused after 27 requests."""
     await until_available(database)
-    now = [2_000_000.0]
-    instances = [RateLimiter(database, clock=lambda: now[0]) for _ in range(3)]
+    clock = task.Clock()
+    clock.advance(2_000_000.0)
+    instances = [RateLimiter(database, clock) for _ in range(3)]
     limit = Limit("key", uuid.uuid4(), 100, 10, "this API key")  # batches of 5, E = 1 s
     refused = 0
     for _ in range(90):  # 3 requests every 1.1 s for 99 s: about 27 per window
-        now[0] += 1.1
+        clock.advance(1.1)
         for instance in instances:
             refused += not (await instance.check(limit)).allowed
     assert refused == 0
@@ -187,8 +180,9 @@ async def test_slow_clients_on_several_instances_are_not_refused(database: Datab
 @pytest_twisted.ensureDeferred
 async def test_a_request_is_admitted_under_every_limit_or_spends_none(database: Database) -> None:
     await until_available(database)
-    now = [5_000_000.0]
-    limiter = RateLimiter(database, clock=lambda: now[0])
+    clock = task.Clock()
+    clock.advance(5_000_000.0)
+    limiter = RateLimiter(database, clock)
     user = Limit("user", uuid.uuid4(), 4, 60, "this user")
     keys = [Limit("key", uuid.uuid4(), 3, 60, "this API key") for _ in range(2)]
     decisions = [await limiter.check(keys[n % 2], user) for n in range(6)]
@@ -201,6 +195,79 @@ async def test_a_request_is_admitted_under_every_limit_or_spends_none(database: 
     fresh_user = Limit("user", uuid.uuid4(), 10, 60, "this user")
     assert (await limiter.check(keys[0], fresh_user)).remaining == 0
     assert not (await limiter.check(keys[0], fresh_user)).allowed
+
+
+def leases_of(url: str, limit: Limit) -> list[tuple[float, int]]:
+    """The lease log the database holds for ``limit``'s subject."""
+    rows = query(url, "SELECT lease_times, lease_permits FROM rate_limits WHERE subject = %s",
+                 limit.subject)
+    return list(zip(rows[0][0], rows[0][1], strict=True)) if rows else []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_is_spent_for_its_lifetime_then_gives_back_what_it_did_not_spend(
+        database: Database, migrated_url: str) -> None:
+    await until_available(database)
+    clock = task.Clock()
+    clock.advance(3_000_000.0)
+    limiter = RateLimiter(database, clock)
+    limit = Limit("key", uuid.uuid4(), 100, 10, "this API key")  # batches of 5, E = 1 s
+    assert (await limiter.check(limit)).remaining == 99  # 5 counted, 4 of them in hand
+    clock.advance(0.999)
+    assert (await limiter.check(limit)).remaining == 98  # from the same lease: no claim
+    assert leases_of(migrated_url, limit) == [(3_000_000.0, 5)]
+    # At 1 s the lease has expired with 3 permits unspent: the next request claims a new
+    # lease and gives them back, so that only the 2 spent still count (2 + 5, 4 in hand).
+    clock.advance(0.001)
+    assert (await limiter.check(limit)).remaining == 97
+    assert leases_of(migrated_url, limit) == [(3_000_000.0, 2), (3_000_001.0, 5)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_subject_is_admitted_again_when_the_oldest_lease_stops_counting(
+        database: Database) -> None:
+    await until_available(database)
+    clock = task.Clock()
+    clock.advance(4_000_000.0)
+    limiter = RateLimiter(database, clock)
+    limit = Limit("key", uuid.uuid4(), 3, 10, "this API key")  # batches of 1, E = 1 s
+    for _ in range(3):
+        assert (await limiter.check(limit)).allowed
+        clock.advance(2.0)
+    refused = await limiter.check(limit)  # at +6 s: the lease of +0 counts until +11 s
+    assert not refused.allowed and refused.reset_seconds == 5
+    clock.advance(4.999)
+    assert not (await limiter.check(limit)).allowed
+    clock.advance(0.001)
+    assert (await limiter.check(limit)).allowed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cleanup_runs_on_the_limiters_clock_and_deletes_only_expired_rows(
+        migrated_url: str) -> None:
+    # One connection: the cleanup's DELETE is done before the test's next query runs.
+    database = Database(migrated_url, 1, reactor)
+    database.start()
+    try:
+        await until_available(database)
+        clock = task.Clock()
+        clock.advance(6_000_000.0)
+        limiter = RateLimiter(database, clock)
+        limiter.start()
+        done, live = (Limit("key", uuid.uuid4(), 100, 10, "k") for _ in range(2))
+        await limiter.check(done)  # its leases count until +11 s
+        clock.advance(55.0)
+        await limiter.check(live)  # until +66 s
+        clock.advance(4.999)  # the first pass is due at +60 s
+        assert await database.runQuery("SELECT count(*) FROM rate_limits WHERE subject IN "
+                                       "(%s, %s)", (done.subject, live.subject)) == [(2,)]
+        clock.advance(0.001)
+        rows = await database.runQuery("SELECT subject FROM rate_limits WHERE subject IN "
+                                       "(%s, %s)", (done.subject, live.subject))
+        assert rows == [(live.subject,)]
+        limiter.stop()
+    finally:
+        database.stop()
 
 
 # --- real daemons -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from twisted.internet import reactor, task
 from director.db.database import Database
 from director.metrics import Metrics
 from director.telemetry import REPORT_FIELDS, TelemetryService
-from tests.accounts_helpers import call, sign_up
+from tests.accounts_helpers import call, sign_up, until_available
 from tests.harness import Daemon, free_port, query
 
 StartDaemon = Callable[..., Daemon]
@@ -146,7 +146,7 @@ async def test_mcp_requests_are_counted_since_the_last_delivered_report(
     database = Database(migrated_url, 1, reactor)
     database.start()
     metrics = Metrics()
-    telemetry = TelemetryService(receiver.url, database, metrics, reactor, time.monotonic())
+    telemetry = TelemetryService(receiver.url, database, metrics, reactor, reactor.seconds())
     telemetry.startService()
     try:
         while not database.available:
@@ -168,4 +168,22 @@ async def test_mcp_requests_are_counted_since_the_last_delivered_report(
                         {"prompts/get": 1}, {"prompts/get": 2}, {}]
     finally:
         telemetry.stopService()
+        database.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_uptime_is_counted_on_the_services_clock(migrated_url: str) -> None:
+    database = Database(migrated_url, 1, reactor)
+    database.start()
+    clock = task.Clock()
+    clock.advance(1_700_000_000.0)
+    # The clock is the service's reactor: report() reads it and the database, nothing else.
+    telemetry = TelemetryService("http://127.0.0.1:9/unused", database, Metrics(), clock,
+                                 clock.seconds())
+    try:
+        await until_available(database)
+        assert (await telemetry.report())["uptime_seconds"] == 0
+        clock.advance(90_061.9)
+        assert (await telemetry.report())["uptime_seconds"] == 90_061
+    finally:
         database.stop()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,8 +105,8 @@ class DirectorService(MultiService):
         dsn = settings.database_url if self.embedded is None else self.embedded.dsn()
         assert dsn is not None
         self.database = Database(dsn, settings.database_pool_size, reactor)
-        self.accounts = AccountCache(self.database)
-        self.rate_limiter = RateLimiter(self.database)
+        self.accounts = AccountCache(self.database, reactor)
+        self.rate_limiter = RateLimiter(self.database, reactor)
         self.session_purge = SessionPurge(self.database, reactor)
         # This service's own registry; only when something reads it (prometheus_client then
         # costs ~1 MB of resident memory, nothing otherwise; the instruments check for None).
@@ -188,7 +187,7 @@ class DirectorService(MultiService):
         self.schema_ready = False
         self.stopping = False
         self.exit_code = 0
-        self.started_at = time.monotonic()
+        self.started_at = reactor.seconds()
         self.ready = defer.Deferred[None]()  # fires when healthy for the first time
         self.addService(systemd.WatchdogService())
         self.telemetry: TelemetryService | None = None
@@ -250,7 +249,7 @@ class DirectorService(MultiService):
         await self.shared_sessions.start()
         await self.studio.start()
         await self.oauth.start()
-        elapsed = time.monotonic() - self.started_at
+        elapsed = self.reactor.seconds() - self.started_at
         log.info("director is healthy ({elapsed:.2f} s after start)", elapsed=elapsed)
         systemd.notify("STATUS=serving")
         # Everything loaded so far lives as long as the process: keep it out of the collector's
@@ -263,7 +262,7 @@ class DirectorService(MultiService):
 
     async def _listen(self) -> None:
         resource = EdgeResource(self.web.resource(), self.settings)
-        self.site = DirectorSite(resource, self.settings, self.metrics)
+        self.site = DirectorSite(resource, self.settings, self.metrics, reactor=self.reactor)
         self.site.noisy = False
         endpoint = endpoints.serverFromString(self.reactor, self.listen_description)
         try:
@@ -491,12 +490,12 @@ class DirectorService(MultiService):
         if self.site is None:
             return
         site = self.site
-        deadline = time.monotonic() + self.settings.shutdown_timeout_seconds
+        deadline = self.reactor.seconds() + self.settings.shutdown_timeout_seconds
         busy = {request.channel.transport for request in site.in_flight}
         for channel in list(site.open_channels):
             if channel.transport not in busy:
                 channel.transport.loseConnection()
-        while site.in_flight and time.monotonic() < deadline:
+        while site.in_flight and self.reactor.seconds() < deadline:
             await task.deferLater(self.reactor, 0.05, lambda: None)
         for channel in list(site.open_channels):
             channel.transport.abortConnection()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import TYPE_CHECKING, Any
 
 import treq
@@ -67,7 +66,7 @@ class TelemetryService(Service):
         self.database = database
         self.metrics = metrics
         self.reactor = reactor
-        self.started_at = started_at  # time.monotonic() of the daemon's start
+        self.started_at = started_at  # reactor.seconds() at the daemon's start
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         #: MCP requests by method already reported (cumulative counts at the last delivery).
         self.reported: dict[str, int] = {}
@@ -109,7 +108,7 @@ class TelemetryService(Service):
         return {
             "deployment_id": counts["deployment_id"],
             "version": __version__,
-            "uptime_seconds": int(time.monotonic() - self.started_at),
+            "uptime_seconds": int(self.reactor.seconds() - self.started_at),
             "users": counts["users"],
             "playbooks": counts["playbooks"],
             "servers": counts["servers"],

@@ -17,11 +17,14 @@ sessions and streams remember the ``Credential`` that opened them) is told of ev
 ended (a password change), a user disabled or gone — as soon as this instance knows it. After a
 reload (notifications may have been lost) the credentials the holder still holds are checked
 against what was reloaded, and those no longer valid are revoked.
+
+Time is the injected clock's (``director.clock``): the wall clock, which a session's
+``expires_at`` (PostgreSQL's) is compared with; how long an entry stays cached moves with a
+clock step, by the step.
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -33,6 +36,7 @@ from twisted.logger import Logger
 
 from director.accounts import store
 from director.accounts.credentials import hash_token
+from director.clock import Clock
 from director.db.database import Database
 from director.db.interactions import CHANGES_CHANNEL
 
@@ -82,8 +86,9 @@ class CredentialHolder(Protocol):
 
 
 class AccountCache:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
+        self.clock = clock
         self.users: dict[UUID, store.User] = {}
         self.keys_by_hash: dict[bytes, store.ApiKey] = {}
         self.keys_by_id: dict[UUID, store.ApiKey] = {}
@@ -231,7 +236,7 @@ class AccountCache:
         found = self.keys_by_hash.get(digest)
         if found is not None:
             return found
-        now = time.monotonic()
+        now = self.clock.seconds()
         seen = self._unknown_keys.get(digest)
         if seen is not None and now - seen[0] < UNKNOWN_KEY_CACHE_SECONDS:
             return None
@@ -261,9 +266,9 @@ class AccountCache:
     async def session(self, token: str) -> store.Session | None:
         digest = hash_token(token)
         cached = self._sessions.get(digest)
-        now = time.monotonic()
+        now = self.clock.seconds()
         if (cached is not None and now - cached.cached_at < SESSION_CACHE_SECONDS
-                and cached.session.expires_at.timestamp() > time.time()):
+                and cached.session.expires_at.timestamp() > now):
             return cached.session
         found = await self.database.run(store.session_by_token(token))
         if found is None:
@@ -276,7 +281,7 @@ class AccountCache:
         self._sessions.pop(hash_token(token), None)
 
     def remember_session(self, token: str, session: store.Session) -> None:
-        self._sessions[hash_token(token)] = CachedSession(session, time.monotonic())
+        self._sessions[hash_token(token)] = CachedSession(session, self.clock.seconds())
 
 
 def _tell(holder: CredentialHolder, revocation: Revocation) -> None:

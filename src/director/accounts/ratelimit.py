@@ -36,20 +36,25 @@ What it costs, and why not something simpler:
 
 If the database is unreachable an instance counts on its own against the full limit (it fails
 open per instance, never closed) and logs it once.
+
+Time is the injected clock's (``director.clock``), the cleanup pass's included. It must be the
+wall clock: lease times are stored in the database and compared across instances, where a
+monotonic clock's readings mean nothing.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 import attrs
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from director.clock import Clock
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 
@@ -250,7 +255,7 @@ class _Subject:
 
 
 class RateLimiter:
-    def __init__(self, database: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
         self.clock = clock
         self._subjects: dict[tuple[str, object], _Subject] = {}
@@ -259,6 +264,7 @@ class RateLimiter:
 
     def start(self) -> None:
         self._cleanup = task.LoopingCall(self._forget_old_subjects)
+        self._cleanup.clock = cast(IReactorTime, self.clock)
         self._cleanup.start(CLEANUP_INTERVAL_SECONDS, now=False)
 
     def stop(self) -> None:
@@ -270,13 +276,13 @@ class RateLimiter:
         from each only when all have one. The decision of a refusing limit (the one that
         refuses longest), else of the limit closest to refusing."""
         states = [self._state(limit) for limit in limits]
-        now = self.clock()
+        now = self.clock.seconds()
         for state in states:
             state.drop_expired(now)
         if not all(state.available for state in states):
             await defer.gatherResults([defer.ensureDeferred(self._ensure_permit(state))
                                        for state in states])
-            now = self.clock()
+            now = self.clock.seconds()
             for state in states:
                 state.drop_expired(now)
             refused = [state for state in states if not state.available]
@@ -306,7 +312,7 @@ class RateLimiter:
     async def _ensure_permit(self, state: _Subject) -> None:
         """Claim until this state has a permit or the database says when it will."""
         while True:
-            now = self.clock()
+            now = self.clock.seconds()
             state.drop_expired(now)
             if state.available or now < state.refused_until:
                 return
@@ -315,7 +321,7 @@ class RateLimiter:
     def _claim(self, state: _Subject) -> defer.Deferred[None]:
         if state.claiming is not None:
             return state.claiming
-        limit, now = state.limit, self.clock()
+        limit, now = state.limit, self.clock.seconds()
         unspent, state.unspent = state.unspent, []
 
         def granted(grant: Grant) -> None:
@@ -355,7 +361,7 @@ class RateLimiter:
         state.refused_until = grant.freed_at if grant.counted >= limit.max_requests else 0.0
 
     def _forget_old_subjects(self) -> defer.Deferred[Any]:
-        now = self.clock()
+        now = self.clock.seconds()
         for state in self._subjects.values():
             state.drop_expired(now)
         stale = [subject for subject, state in self._subjects.items()

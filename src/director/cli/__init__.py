@@ -6,34 +6,25 @@ database connection, output); ``serve``, ``configuration`` (``config``), ``schem
 ``upstream_oauth``'s playbook actions), ``registry``, ``doctor``, ``setup`` (``setup-url``),
 ``oauth_grants`` (``oauth grants``) and ``upstream_oauth`` (``secrets``) each register their
 subcommands with ``add_commands``; ``owned`` is what the playbook commands share. Nothing here is imported
-by a command module, so the package has no import cycle (``tests/test_imports.py``).
+by a command module, so the package has no import cycle (``tests/test_imports.py``). ``director
+serve`` imports its own family only (``runs_serve``): the daemon carries no other.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
 
 from director import __version__
-from director.cli import (
-    accounts,
-    configuration,
-    doctor,
-    oauth_grants,
-    playbooks,
-    registry,
-    schema,
-    serve,
-    setup,
-    upstream_oauth,
-)
+from director.cli import serve
 from director.cli.base import DEFAULT_ENV_FILE, EX_CONFIG, CommandError
 
-#: In the order ``director --help`` lists them.
-FAMILIES = (serve, configuration, schema, accounts, playbooks, registry, doctor, setup,
-            oauth_grants, upstream_oauth)
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serve_only: bool = False) -> argparse.ArgumentParser:
+    """Every command's parser; ``serve_only``: only ``serve``'s, for the daemon, which then
+    imports no other family (their modules would stay in its memory for its whole life, ~1 MB).
+    """
     parser = argparse.ArgumentParser(
         prog="director",
         description="Director, the MCP gateway: run it, look after its database and its accounts.",
@@ -45,13 +36,47 @@ def build_parser() -> argparse.ArgumentParser:
              f"{DEFAULT_ENV_FILE} when readable; '' for none)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for family in FAMILIES:
+    serve.add_commands(commands)
+    if serve_only:
+        return parser
+    from director.cli import (
+        accounts,
+        configuration,
+        doctor,
+        oauth_grants,
+        playbooks,
+        registry,
+        schema,
+        setup,
+        upstream_oauth,
+    )
+
+    # In the order ``director --help`` lists them, after serve.
+    for family in (configuration, schema, accounts, playbooks, registry, doctor, setup,
+                   oauth_grants, upstream_oauth):
         family.add_commands(commands)
     return parser
 
 
+def runs_serve(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is ``serve`` with at most ``--env-file`` before it: then ``serve``'s
+    parser alone parses it exactly as the whole one would. Anything else (``--help`` first, no
+    command, another one) gets the whole parser."""
+    words = iter(argv)
+    for word in words:
+        if word == "serve":
+            return True
+        name = word.partition("=")[0]
+        if len(name) < 3 or not "--env-file".startswith(name):  # argparse takes prefixes
+            return False
+        if "=" not in word:
+            next(words, None)  # its value
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(serve_only=runs_serve(argv))
     arguments = parser.parse_args(argv)
     try:
         return int(arguments.handler(arguments))

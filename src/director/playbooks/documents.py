@@ -54,7 +54,8 @@ there is none.
 (``director.playbooks.model``) before anything is written, and reports every problem with its
 path (``servers[0].url``) and its line and column in the text. Only plain data is read (YAML's
 safe loader; aliases, merge keys and tags beyond the standard ones are refused) and documents are
-capped at ``MAX_DOCUMENT_BYTES``.
+capped at ``MAX_DOCUMENT_BYTES``. The YAML text itself is read and written by
+``director.playbooks.yaml_text``, imported only then.
 
 Round trip: ``export_document`` is deterministic, and export → import → export gives the same
 text and the same playbook.
@@ -62,19 +63,18 @@ text and the same playbook.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 from uuid import UUID
 
 import attrs
-import yaml
 
 from director.accounts.validation import ValidationFailed
 from director.crypto import SecretBox
 from director.db.interactions import Interaction
 from director.playbooks import model, store
 from director.playbooks.model import PlaybookFields, Prompt, SecretValue, Server
+from director.playbooks.problems import ROOT, DocumentInvalid, Locator, child_path
 from director.playbooks.store import Playbook
 from director.registry import documents as registry_documents
 
@@ -82,11 +82,9 @@ DOCUMENT_VERSION = 1
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_SERVERS = 500
 MAX_PROMPTS = 500
-MAX_DEPTH = 32
 #: Version 1's default timeout, fixed here rather than taken from the model, so that a
 #: document that leaves it out keeps its meaning whatever the model's default becomes.
 DEFAULT_TIMEOUT_SECONDS = 60.0
-ROOT = "$"  # the path naming the document as a whole (syntax errors, size, encoding)
 
 TOP_FIELDS = ("version", "id", "name", "description", "position", "servers", "prompts")
 SERVER_FIELDS = ("name", "type", "command", "args", "env", "cwd", "isolate_sessions", "url",
@@ -97,236 +95,14 @@ ARGUMENT_FIELDS = ("name", "description", "required")
 SECRET_FIELDS = ("secret", "value")
 _REDACTED = ""  # stands in for a redacted secret until with_stored_secrets fills it
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_STR_TAG = "tag:yaml.org,2002:str"
-
 
 # --- errors -------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Problem:
-    path: str
-    message: str
-    line: int | None = None  # 1-based
-    column: int | None = None  # 1-based
-
-    def where(self) -> str:
-        return "" if self.line is None else f"{self.line}:{self.column}"
-
-
-class DocumentInvalid(ValidationFailed):
-    """Problems with a document: ``fields`` maps each path to its problem (as every
-    ``ValidationFailed`` does) and ``locations`` each path to its ``(line, column)``."""
-
-    def __init__(self, fields: dict[str, str],
-                 locations: Mapping[str, tuple[int, int]] | None = None) -> None:
-        super().__init__(fields)
-        self.locations = dict(locations or {})
-
-    def problems(self) -> list[Problem]:
-        found = [Problem(path, message, *self.locations.get(path, (None, None)))
-                 for path, message in self.fields.items()]
-        return sorted(found, key=lambda p: (p.line or 0, p.column or 0, p.path))
-
-    def lines(self, source: str) -> list[str]:
-        """``source:line:column: path: message``, one per problem, in document order."""
-        lines = []
-        for problem in self.problems():
-            where = f"{source}:{problem.where()}:" if problem.line is not None else f"{source}:"
-            what = problem.message if problem.path == ROOT else f"{problem.path}: {problem.message}"
-            lines.append(f"{where} {what}")
-        return lines
-
-    def summary(self) -> str:
-        """Every problem on one line: ``servers[0].url (line 5, column 10): must be …``."""
-        return "; ".join(
-            (problem.message if problem.path == ROOT else f"{problem.path}: {problem.message}")
-            if problem.line is None else
-            (f"line {problem.line}, column {problem.column}: {problem.message}"
-             if problem.path == ROOT else
-             f"{problem.path} (line {problem.line}, column {problem.column}): "
-             f"{problem.message}")
-            for problem in self.problems())
-
-    def details(self) -> dict[str, Any]:
-        """The ``details`` of a 400 answer: ``fields`` and ``locations`` keyed by path."""
-        return {"fields": dict(self.fields),
-                "locations": {path: {"line": line, "column": column}
-                              for path, (line, column) in self.locations.items()
-                              if path in self.fields}}
 
 
 class DocumentTooLarge(DocumentInvalid):
     def __init__(self, size: int) -> None:
         super().__init__({ROOT: f"the document is larger than {MAX_DOCUMENT_BYTES} bytes "
                                 f"({size} bytes or more)"})
-
-
-# --- where things are in the text -----------------------------------------------------------
-
-
-class _Locator:
-    """Path → (line, column) of every value and mapping key of the document, 1-based."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, tuple[int, int]] = {}
-        self.keys: dict[str, tuple[int, int]] = {}
-        self.unquoted: dict[str, tuple[str, str]] = {}  # plain scalars YAML did not read as text
-        self.typed: list[tuple[str, yaml.Node]] = []  # scalars to convert (numbers, dates, …)
-
-    def locate(self, path: str, message: str) -> tuple[int, int] | None:
-        if path in self.keys and (message in _KEY_PROBLEMS or path not in self.values
-                                  or self.values[path][0] > self.keys[path][0]):
-            return self.keys[path]  # about the key, or a block value that starts below it
-        while True:
-            if path in self.values:
-                return self.values[path]
-            if path == ROOT:
-                return None
-            path = _parent(path)
-
-    def invalid(self, fields: Mapping[str, str]) -> DocumentInvalid:
-        explained = {path: self._explain(path, message) for path, message in fields.items()}
-        located = {path: where for path in fields
-                   if (where := self.locate(path, fields[path])) is not None}
-        return DocumentInvalid(explained, located)
-
-    def _explain(self, path: str, message: str) -> str:
-        """``yes``, ``010`` or ``2024-01-01`` unquoted are not text in YAML: say so."""
-        if message == "must be a string" and path in self.unquoted:
-            text, tag = self.unquoted[path]
-            kind = _KINDS.get(tag.rsplit(":", 1)[-1], "something else")
-            return f"must be a string (YAML reads the unquoted {text!r} as {kind}: quote it)"
-        return message
-
-
-#: Problems with a mapping key rather than its value: located at the key.
-_KEY_PROBLEMS = {"is not a known field", "must be an environment variable name",
-                 "must be an HTTP header name", "the name must not end with a line break"}
-_KINDS = {"bool": "a boolean", "int": "a number", "float": "a number", "null": "null",
-          "timestamp": "a date"}
-
-
-def _parent(path: str) -> str:
-    match = re.fullmatch(r"(.+?)(?:\[\d+\]|\.[^.\[\]]*)", path)
-    return match[1] if match else ROOT
-
-
-def _child(path: str, key: str) -> str:
-    return key if path == ROOT else f"{path}.{key}"
-
-
-def _position(mark: Any) -> tuple[int, int]:
-    return int(mark.line) + 1, int(mark.column) + 1
-
-
-def _walk(node: yaml.Node, path: str, locator: _Locator, problems: dict[str, str],
-          seen: set[int], aliases: list[str], depth: int = 0) -> None:
-    """Record where everything is; refuse aliases, non-string and repeated keys, deep nests."""
-    if id(node) in seen:  # the composer hands an alias back as the anchored node itself
-        problems[path] = "aliases (*name) are not supported; write the value out"
-        aliases.append(path)
-        return
-    seen.add(id(node))
-    locator.values[path] = _position(node.start_mark)
-    if depth > MAX_DEPTH:
-        problems[path] = f"nests more than {MAX_DEPTH} levels deep"
-        return
-    if isinstance(node, yaml.ScalarNode) and node.tag != _STR_TAG:
-        locator.typed.append((path, node))
-        if not node.style:
-            locator.unquoted[path] = (str(node.value), node.tag)
-    if isinstance(node, yaml.MappingNode):
-        keys: set[str] = set()
-        for key_node, value_node in node.value:
-            scalar = isinstance(key_node, yaml.ScalarNode)
-            if not scalar or key_node.tag != _STR_TAG:
-                where = _child(path, str(key_node.value) if scalar else "?")
-                locator.values[where] = _position(key_node.start_mark)
-                problems[where] = (
-                    "merge keys (<<) are not supported; write the keys out"
-                    if key_node.tag == "tag:yaml.org,2002:merge" else
-                    "keys must be strings: quote this one" if scalar else "keys must be strings")
-                continue
-            key = str(key_node.value)
-            child = _child(path, key)
-            locator.keys[child] = _position(key_node.start_mark)
-            if key in keys:
-                locator.values[child] = _position(key_node.start_mark)
-                problems[child] = "appears twice in the same mapping"
-                continue
-            keys.add(key)
-            _walk(value_node, child, locator, problems, seen, aliases, depth + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, f"{path}[{index}]", locator, problems, seen, aliases, depth + 1)
-
-
-def _syntax_error(error: yaml.YAMLError, text: str) -> DocumentInvalid:
-    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-    problem = getattr(error, "problem", None)
-    context = getattr(error, "context", None)
-    context_mark = getattr(error, "context_mark", None)
-    if isinstance(error, yaml.reader.ReaderError):
-        before = text[:error.position]
-        line = before.count("\n") + 1
-        column = error.position - (before.rfind("\n") + 1) + 1
-        return DocumentInvalid({ROOT: f"character {error.character:#06x} is not allowed in "
-                                      "YAML (write it escaped in a double-quoted string)"},
-                               {ROOT: (line, column)})
-    message = problem or str(error).split("\n")[0]
-    if context and context_mark is not None and mark is not None \
-            and _position(context_mark) != _position(mark):
-        where = _position(context_mark)
-        message += f" ({context} at line {where[0]}, column {where[1]})"
-    elif context:
-        message += f" ({context})"
-    return DocumentInvalid({ROOT: f"invalid YAML: {message}"},
-                           {ROOT: _position(mark)} if mark is not None else {})
-
-
-def _unconvertible(locator: _Locator) -> DocumentInvalid:
-    """A scalar YAML resolves to a number or a date that cannot be one (``2024-13-01``,
-    ``0x``, a 5000-digit integer): find which, and say where."""
-    for path, node in locator.typed:
-        try:
-            yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-        except (ValueError, TypeError, OverflowError, yaml.YAMLError) as error:
-            reason = " ".join(str(error).split())[:200]
-            return locator.invalid({path: f"cannot be read ({reason}); quote it if it is text"})
-    return DocumentInvalid({ROOT: "a value cannot be read"})
-
-
-def _load(text: str) -> tuple[Any, _Locator]:
-    """The document's data (plain dicts, lists and scalars) and where each part is."""
-    locator = _Locator()
-    loader = _Loader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                raise DocumentInvalid({ROOT: "the document is empty"}, {ROOT: (1, 1)})
-            problems: dict[str, str] = {}
-            aliases: list[str] = []
-            _walk(node, ROOT, locator, problems, set(), aliases)
-            if aliases:  # the node carries its anchor's marks: find the aliases' own
-                marks = [event.start_mark for event in yaml.parse(text, Loader=_Loader)
-                         if isinstance(event, yaml.AliasEvent)]
-                for path, mark in zip(aliases, marks, strict=False):
-                    locator.values[path] = _position(mark)
-            if problems:
-                raise locator.invalid(problems)
-            try:
-                return loader.construct_document(node), locator
-            except (ValueError, TypeError, OverflowError):
-                raise _unconvertible(locator) from None
-        except yaml.YAMLError as error:
-            raise _syntax_error(error, text) from None
-        except RecursionError:
-            raise DocumentInvalid({ROOT: "the document nests too deeply"}) from None
-    finally:
-        loader.dispose()
 
 
 def _decode(document: str | bytes) -> str:
@@ -371,7 +147,7 @@ class ParsedPlaybook:
     servers: tuple[Server, ...] = ()
     prompts: tuple[Prompt, ...] = ()
     redacted: tuple[RedactedSecret, ...] = ()
-    locator: _Locator = attrs.field(factory=_Locator, eq=False, repr=False)
+    locator: Locator = attrs.field(factory=Locator, eq=False, repr=False)
     #: Registry servers' ``choice`` by server name (used when they are fetched anew).
     registry_choices: Mapping[str, str | None] = attrs.field(factory=dict, eq=False,
                                                              repr=False)
@@ -475,7 +251,7 @@ def _known(body: Mapping[str, Any], allowed: Sequence[str], path: str,
     kept = {}
     for key, value in body.items():
         if key not in allowed:
-            problems[_child(path, key)] = "is not a known field"
+            problems[child_path(path, key)] = "is not a known field"
         elif value is not None:
             kept[key] = value
     return kept
@@ -594,7 +370,9 @@ def parse_document(document: str | bytes) -> ParsedPlaybook:
     Redacted secrets (``{secret: true}``) are still to be filled from the stored playbook:
     see ``ParsedPlaybook.with_stored_secrets``.
     """
-    data, locator = _load(_decode(document))
+    from director.playbooks import yaml_text  # PyYAML only when a document is read (idle RSS)
+
+    data, locator = yaml_text.load(_decode(document))
     if not isinstance(data, dict):
         raise locator.invalid({ROOT: "must be a mapping with version, name, servers and "
                                      "prompts"})
@@ -734,28 +512,11 @@ def document_data(playbook: PlaybookLike, include_secrets: bool = False) -> dict
     return data
 
 
-class _Dumper(yaml.SafeDumper):
-    """Sequences indented under their key; multi-line text as literal blocks."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
-
-
-def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
-    if "\x85" in text:  # PyYAML's emitter mangles NEL in plain, quoted and block styles alike
-        return dumper.represent_scalar(_STR_TAG, text, style='"')
-    if "\n" in text:  # the emitter falls back to quoting when a block cannot hold it exactly
-        return dumper.represent_scalar(_STR_TAG, text, style="|")
-    return dumper.represent_str(text)
-
-
-_Dumper.add_representer(str, _represent_text)
-
-
 def export_document(playbook: PlaybookLike, include_secrets: bool = False) -> str:
     """The playbook as a version 1 YAML document (deterministic: same playbook, same text)."""
-    return yaml.dump(document_data(playbook, include_secrets), Dumper=_Dumper, sort_keys=False,
-                     allow_unicode=True, default_flow_style=False, width=100, indent=2)
+    from director.playbooks import yaml_text  # PyYAML only when a document is written
+
+    return yaml_text.dump(document_data(playbook, include_secrets))
 
 
 # --- importing ------------------------------------------------------------------------------

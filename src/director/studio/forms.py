@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import multipart
 
 from director.accounts.validation import ValidationFailed
 from director.playbooks.model import Prompt, SecretValue, Server
@@ -74,6 +73,8 @@ def read_form(request: Any) -> Form:
 
 
 def _read_multipart(header: str, raw: bytes) -> Form:
+    import multipart  # only for file uploads: an idle daemon need not hold it (or wsgiref)
+
     _, options = multipart.parse_options_header(header)
     boundary = options.get("boundary")
     if not boundary:

@@ -59,7 +59,7 @@ class Studio(OrganisationSignIn, AuthPages, PlaybookListPages, RegistryPages, Pl
         self.reactor = reactor
         self.tokens = CsrfTokens(auth_secret)
         self.oidc = ProviderClient(reactor, settings)  # signing in through an organisation's
-        self.oidc_states = StateCookies(auth_secret)
+        self.oidc_states = StateCookies(auth_secret, reactor)
         self.assets = StaticFiles()
         self.workbench = Workbench(engine, reactor)
         self.live = LiveHub(engine.streams, reactor, self._session_still_valid)

@@ -17,7 +17,6 @@ and show their error instead.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -237,7 +236,7 @@ class Workbench:
         message = jsonrpc.request(request_id, "tools/call", {
             "name": name, "arguments": arguments,
             "_meta": {"progressToken": request_id}})
-        started = time.monotonic()
+        started = self.reactor.seconds()
         handling = defer.ensureDeferred(session.handle(message, channel))
         session.in_flight[request_id] = handling
         try:
@@ -245,7 +244,7 @@ class Workbench:
         finally:
             session.in_flight.pop(request_id, None)
             channel.open = False
-        return response, channel.messages, time.monotonic() - started
+        return response, channel.messages, self.reactor.seconds() - started
 
     def restart(self, user_id: UUID, playbook: Playbook, server: Server) -> None:
         """Close the server's upstream as this Studio session uses it and list again, which

@@ -11,6 +11,10 @@ redacts the API key from it in every spelling the authenticator reads (``web/que
 Below the requests, the connections (``DirectorChannel``, ``DirectorSite``): a request's head
 and body must arrive within deadlines that trickling cannot extend, idle keep-alives are
 closed, and one client address may hold only so many connections that are not event streams.
+
+Every time here (deadlines, durations, the refusal log) is the site's reactor's ``seconds()``
+(``director.clock``; ``task.Clock`` in tests): a deadline moves with a wall-clock step exactly
+as the sweep that checks it does, and a duration logged across a step is off by it, once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import ipaddress
 import json
 import re
 import secrets
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -146,7 +149,12 @@ class DirectorRequest(server.Request):
         # a Content-Type parse (with the email package) per POST, ~40 µs on the MCP hot path.
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
-        self.started = time.monotonic()
+        self.started = self.now()
+
+    def now(self) -> float:
+        """Its site's clock (see the module docstring)."""
+        site: Any = self.channel.site  # type: ignore[attr-defined]
+        return float(site.reactor.seconds())
 
     def process(self) -> None:
         site: Any = self.channel.site  # type: ignore[attr-defined]
@@ -222,7 +230,7 @@ class DirectorRequest(server.Request):
         metrics = getattr(getattr(self.channel, "site", None), "metrics", None)
         if metrics is not None:
             self.code = 413
-            metrics.http_request(self, time.monotonic() - self.started)
+            metrics.http_request(self, self.now() - self.started)
         transport.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -260,7 +268,7 @@ class DirectorChannel(http.HTTPChannel):
     #: What the per-address cap counts this connection under; None when nothing is counted.
     address_key: str | None = None
     holds_slot = False  # counted now (every connection but an established stream)
-    deadline_at: float | None = None  # time.monotonic() by which the current part must be in
+    deadline_at: float | None = None  # the site's clock's time by which the current part is due
     deadline_part = ""  # "head" or "body"
     _request_started = False  # some byte of the request being received has arrived
     _timed_out = False
@@ -311,7 +319,8 @@ class DirectorChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def _expect(self, part: str, seconds: float) -> None:
-        self.deadline_at = time.monotonic() + seconds
+        reactor: Any = self.site.reactor
+        self.deadline_at = reactor.seconds() + seconds
         self.deadline_part = part
         self.site.receiving.add(self)
 
@@ -386,7 +395,8 @@ class DirectorSite(server.Site):
 
     def sweep(self) -> None:
         """Cut the connections whose head or body is overdue (at most ``SWEEP_SECONDS`` late)."""
-        now = time.monotonic()
+        reactor: Any = self.reactor
+        now = reactor.seconds()
         for channel in [c for c in self.receiving if c.deadline_at is not None
                         and c.deadline_at <= now]:
             channel.deadline_passed()
@@ -451,7 +461,8 @@ class DirectorSite(server.Site):
 
     def log(self, request: http.Request) -> None:
         started = getattr(request, "started", None)
-        duration = (time.monotonic() - started) * 1000 if started is not None else 0.0
+        reactor: Any = self.reactor
+        duration = (reactor.seconds() - started) * 1000 if started is not None else 0.0
         if self.metrics is not None:
             self.metrics.http_request(request, duration / 1000)
         span_id = getattr(request, "span_id", "")

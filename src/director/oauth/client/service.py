@@ -43,7 +43,6 @@ A token is only ever sent to URLs under the resource it was issued for
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -253,7 +252,8 @@ class UpstreamAuthorizations:
         return current if current is not None and current.usable else None
 
     async def _refresh(self, credential_id: UUID, generation: int) -> None:
-        deadline = time.monotonic() + LEASE_SECONDS + 10 * POLL_SECONDS
+        # The reactor's clock, as the lease (a database time) and the polls' timers are.
+        deadline = self.reactor.seconds() + LEASE_SECONDS + 10 * POLL_SECONDS
         while True:
             current = self._credentials.get(credential_id)
             if current is None or current.generation != generation or \
@@ -264,7 +264,7 @@ class UpstreamAuthorizations:
             if outcome == "taken":
                 await self._refresh_now(current)
                 return
-            if outcome == "moved" or time.monotonic() > deadline:
+            if outcome == "moved" or self.reactor.seconds() > deadline:
                 await self._reload_credential(credential_id)
                 return
             await self._changed(credential_id, POLL_SECONDS)
@@ -505,7 +505,7 @@ class OAuthProvider:
         if credential is None or credential.access_token is None or \
                 not self._covers(credential.resource, url):
             return {}
-        if credential.refresh_token is not None and credential.refresh_due(time.time()):
+        if credential.refresh_token is not None and credential.refresh_due(self.service.reactor.seconds()):
             refreshed = await self.service.refreshed(credential)
             if refreshed is None:
                 return {}

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import time
 import urllib.parse
 from typing import Any
 
@@ -47,6 +46,7 @@ from zope.interface import implementer
 from director import __version__, jsontext
 from director.accounts import store
 from director.accounts.validation import ValidationFailed, normalise_email
+from director.clock import Clock
 from director.config import Settings
 from director.oauth.server.documents import LimitedBody
 from director.oauth.server.grants import s256
@@ -90,13 +90,14 @@ class StateCookies:
     """``state``, ``nonce``, the PKCE verifier and where to go next, signed (HMAC-SHA256 with
     a key of its own derived from the auth secret) and valid ``FLOW_SECONDS``."""
 
-    def __init__(self, auth_secret: str) -> None:
+    def __init__(self, auth_secret: str, clock: Clock) -> None:
+        self.clock = clock  # the reactor: a cookie's expiry is a wall-clock time
         self._key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                          info=_INFO).derive(auth_secret.encode())
 
     def seal(self, values: dict[str, str]) -> str:
         payload = base64.urlsafe_b64encode(json.dumps(
-            {**values, "expires": int(time.time()) + FLOW_SECONDS}).encode()).decode()
+            {**values, "expires": int(self.clock.seconds()) + FLOW_SECONDS}).encode()).decode()
         return payload + "." + self._sign(payload)
 
     def open(self, value: str | None) -> dict[str, Any] | None:
@@ -109,7 +110,7 @@ class StateCookies:
             values = json.loads(base64.urlsafe_b64decode(payload))
         except ValueError:
             return None
-        if not isinstance(values, dict) or values.get("expires", 0) < time.time():
+        if not isinstance(values, dict) or values.get("expires", 0) < self.clock.seconds():
             return None
         return values
 
@@ -258,10 +259,9 @@ def id_token_claims(id_token: str) -> dict[str, Any]:
     return claims
 
 
-def check_claims(claims: dict[str, Any], settings: Settings, nonce: str,
-                 now: float | None = None) -> None:
-    """OpenID Connect Core 3.1.3.7: issuer, audience, expiry, nonce."""
-    now = time.time() if now is None else now
+def check_claims(claims: dict[str, Any], settings: Settings, nonce: str, now: float) -> None:
+    """OpenID Connect Core 3.1.3.7: issuer, audience, expiry, nonce; ``now``: the wall clock
+    (the reactor's ``seconds()``), which the token's ``exp`` and ``iat`` are in."""
     if claims.get("iss") != settings.oidc_issuer:
         raise SignInFailed(f"the ID token was issued by {str(claims.get('iss'))[:200]!r}, not "
                            f"{settings.oidc_issuer}")
@@ -363,7 +363,7 @@ class OrganisationSignIn(StudioBase):
         provider = await self.oidc.provider()
         answer = await self.oidc.tokens(provider, arguments["code"], str(flow["verifier"]))
         claims = id_token_claims(answer["id_token"])
-        check_claims(claims, self.settings, str(flow["nonce"]))
+        check_claims(claims, self.settings, str(flow["nonce"]), self.reactor.seconds())
         email = verified_email(claims)
         if email is None and isinstance(answer.get("access_token"), str):
             info = await self.oidc.userinfo(provider, answer["access_token"])
