@@ -97,11 +97,22 @@ def unroutable(request: Request) -> ApiError | None:
     raises werkzeug's BadHost outside every handler (a 500). The edge refuses foreign hosts,
     but not on the paths it exempts (health checks by address). Either is the client's
     mistake, answered here with a precise 400 and only the access-log line."""
-    path = b"/".join([*(request.prepath or []), *(request.postpath or [])])
+    return undecodable_path(_path(request)) or _unroutable_host(request)
+
+
+def _path(request: Request) -> bytes:
+    return b"/".join([*(request.prepath or []), *(request.postpath or [])])
+
+
+def undecodable_path(path: bytes) -> ApiError | None:
     try:
         path.decode("utf-8")
     except UnicodeDecodeError:
         return ApiError("the path is not UTF-8 (after percent-decoding)", code="bad_request")
+    return None
+
+
+def _unroutable_host(request: Request) -> ApiError | None:
     try:
         name = request.getRequestHostname().decode("utf-8")
         name.partition(":")[0].encode("idna")  # as werkzeug's Map.bind does
@@ -111,7 +122,8 @@ def unroutable(request: Request) -> ApiError | None:
 
 
 class _PlaybooksShortcut(Resource):
-    """Refuses URLs that cannot be routed (``unroutable``), then hands ``/playbooks/…`` to
+    """Refuses URLs that cannot be routed (``unroutable``; for ``/playbooks/…`` only a path
+    that is not UTF-8, as the MCP routes bind nothing to the Host), and hands those to
     the MCP routes' resource exactly as the ``/playbooks/`` branch route above would (one path
     segment moved to ``prepath``), without a first Klein dispatch: a URL map match, a Deferred
     chain and two ``notifyFinish`` Deferreds per request (which an open stream would hold for
@@ -126,15 +138,20 @@ class _PlaybooksShortcut(Resource):
         self.mcp = mcp
 
     def render(self, request: Request) -> Any:
+        postpath = request.postpath
+        if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
+                and not request.prepath:
+            path = b"/".join(postpath)
+            if b"//" not in path:
+                # The MCP routes bind nothing to the Host (director.web.mcp_dispatch).
+                refusal = undecodable_path(path)
+                if refusal is not None:
+                    return write_error(request, refusal)
+                assert request.prepath is not None
+                request.prepath.append(b"playbooks")
+                request.postpath = postpath[1:]
+                return self.mcp.render(request)
         refusal = unroutable(request)
         if refusal is not None:
             return write_error(request, refusal)
-        postpath = request.postpath
-        if postpath is not None and len(postpath) > 1 and postpath[0] == b"playbooks" \
-                and not request.prepath and b"//" not in b"/".join(postpath):
-            assert request.prepath is not None
-            request.prepath.append(b"playbooks")
-            request.postpath = postpath[1:]
-            return self.mcp.render(request)
         return self.application.render(request)
-

@@ -138,6 +138,9 @@ class DirectorRequest(server.Request):
     """A request that refuses oversized bodies while they arrive and remembers its trace id."""
 
     trace_id = ""
+    #: The template of the route that answered, set by a resource that routes without Klein
+    #: (``director.web.routes``).
+    route: str | None = None
     #: With tracing on: the request's server span, and its id as the logs write it.
     span: Any = None
     span_id = ""

@@ -19,20 +19,17 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from werkzeug.exceptions import HTTPException
 
 from director import jsontext
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.channels import CallChannel
 from director.mcp.downstream import DownstreamSession
-from director.mcp.engine import CredentialRevoked, McpEngine
+from director.mcp.engine import McpEngine
 from director.mcp.handshake import initialize_result, sse_message
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.modern.envelope import is_modern_request, modern_method_not_allowed
@@ -44,35 +41,18 @@ from director.oauth.server import resource as oauth_resource
 from director.playbooks.cache import PlaybookCache
 from director.playbooks.store import Playbook
 from director.web.auth import Authenticator, Principal
-from director.web.errors import ApiError, Unauthorized
+from director.web.errors import Unauthorized
+from director.web.mcp_dispatch import McpResource
+from director.web.mcp_errors import McpHttpError
 from director.web.querykey import query_keys
 
 log = Logger(namespace="mcp.http")
 
 
 
-class McpHttpError(Exception):
-    """An HTTP-level refusal, answered as a JSON-RPC error with this status."""
-
-    def __init__(self, status: int, code: int, message: str, request_id: Any = None,
-                 headers: dict[str, str] | None = None, data: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.request_id, self.headers, self.data = request_id, headers or {}, data
-
-
-def _error_response(request: Request, error: McpHttpError) -> bytes:
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    for name, value in error.headers.items():
-        request.setHeader(name.encode(), value.encode())
-    body = jsonrpc.error(error.request_id, error.code, error.message, error.data)
-    return json.dumps(body).encode()
-
-
 class _Streaming(Resource):
-    """What a stream route returns once its ``EventStream`` owns the response: Klein renders
-    it (``NOT_DONE_YET``) and leaves the request open. Nothing waits for the stream to end —
+    """What a stream route returns once its ``EventStream`` owns the response: rendered, it
+    answers ``NOT_DONE_YET`` and leaves the request open. Nothing waits for the stream to end —
     a coroutine suspended for the stream's whole life, with its Deferred chain, was most of
     an idle session's memory after the request itself."""
 
@@ -96,65 +76,19 @@ def credential_of(principal: Principal) -> Credential:
 
 
 class McpRoutes:
-    app = Klein()
-
     def __init__(self, engine: McpEngine, auth: Authenticator, playbooks: PlaybookCache) -> None:
         self.engine = engine
         self.auth = auth
         self.playbooks = playbooks
         self.modern = ModernGateway(engine)
+        self._resource = McpResource({
+            b"mcp": {b"POST": self.post, b"GET": self.get, b"DELETE": self.delete},
+            b"sse": {b"GET": self.sse},
+            b"message": {b"POST": self.message},
+        })
 
-    def resource(self) -> Any:
-        return self.app.resource()
-
-    # --- errors ---------------------------------------------------------------------------
-
-    @app.handle_errors(McpHttpError)
-    def mcp_error(self, request: Request, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, McpHttpError)
-        return _error_response(request, error)
-
-    @app.handle_errors(ApiError)
-    def api_error(self, request: Request, failure: Failure) -> bytes:
-        error = failure.value
-        assert isinstance(error, ApiError)
-        return _error_response(request, McpHttpError(
-            error.status, SERVER_ERROR, error.message, headers=error.headers,
-            data={"code": error.code, **error.details}))
-
-    @app.handle_errors(CredentialRevoked)
-    def revoked(self, request: Request, failure: Failure) -> bytes:
-        return _error_response(request, McpHttpError(
-            401, SERVER_ERROR, "this credential was revoked a moment ago; authenticate again",
-            headers={"WWW-Authenticate": 'Bearer realm="director"'}))
-
-    @app.handle_errors(HTTPException)
-    def unrouted(self, request: Request, failure: Failure) -> bytes:
-        """No such MCP route (404), a method it does not take (405), or a redirect."""
-        error = failure.value
-        assert isinstance(error, HTTPException)
-        status = error.code or 404
-        headers = {}
-        allowed = getattr(error, "valid_methods", None)
-        if allowed:
-            headers["Allow"] = ", ".join(sorted(allowed))
-        location = getattr(error, "new_url", None)
-        if location:
-            headers["Location"] = str(location)
-        reason = {404: "no such MCP endpoint", 405: "method not allowed here"}.get(
-            status, error.name)
-        return _error_response(request, McpHttpError(
-            status, SERVER_ERROR, f"{reason}: {request.method.decode('latin-1')} "
-                                  f"{request.path.decode('latin-1')}", headers=headers))
-
-    @app.handle_errors(Exception)
-    def unexpected(self, request: Request, failure: Failure) -> bytes:
-        if failure.check(defer.CancelledError):
-            return b""
-        log.failure("unhandled error on an MCP route", failure)
-        return _error_response(request, McpHttpError(500, jsonrpc.INTERNAL_ERROR,
-                                                     "internal error"))
+    def resource(self) -> McpResource:
+        return self._resource
 
     # --- shared ---------------------------------------------------------------------------
 
@@ -265,7 +199,6 @@ class McpRoutes:
 
     # --- Streamable HTTP ------------------------------------------------------------------
 
-    @app.route("/<playbook_id>/mcp", methods=["POST"])
     async def post(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
         accept = (request.getHeader(b"accept") or b"*/*").decode("latin-1").lower()
@@ -339,7 +272,6 @@ class McpRoutes:
             session.in_flight.pop(request_id, None)
         channel.finish(response)
 
-    @app.route("/<playbook_id>/mcp", methods=["GET"])
     async def get(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id)
         self._refuse_modern(request)
@@ -373,7 +305,6 @@ class McpRoutes:
         stream.comment(b"stream open")
         return STREAMING
 
-    @app.route("/<playbook_id>/mcp", methods=["DELETE"])
     async def delete(self, request: Request, playbook_id: str) -> bytes:
         principal, playbook = await self._caller(request, playbook_id)
         self._refuse_modern(request)
@@ -389,7 +320,6 @@ class McpRoutes:
 
     # --- legacy HTTP+SSE ------------------------------------------------------------------
 
-    @app.route("/<playbook_id>/sse", methods=["GET"])
     async def sse(self, request: Request, playbook_id: str) -> Any:
         principal, playbook = await self._caller(request, playbook_id, "sse")
         session = self.engine.create(principal.user.id, credential_of(principal), playbook, "sse")
@@ -405,7 +335,6 @@ class McpRoutes:
         log.info("legacy SSE session opened", playbook_id=playbook.id, session=session.id[:8])
         return STREAMING
 
-    @app.route("/<playbook_id>/message", methods=["POST"])
     async def message(self, request: Request, playbook_id: str) -> bytes:
         principal, playbook = await self._caller(request, playbook_id, "sse")
         values = request.args.get(b"sessionId")

@@ -16,10 +16,14 @@ _PARAMETER = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 def route_template(request: Any, templates: dict[tuple[str, str], str]) -> str:
     """The template of the route that answered ``request``; ``other`` when none did.
 
-    The innermost Klein app leaves its bound URL map on the request; matching it again
-    (a few µs) names the rule without keeping anything from the raw path. ``templates``
-    caches each rule's template (the caller's: a service's own).
+    A resource that routes without Klein names its route in ``request.route``
+    (``director.web.mcp_dispatch``). Else the innermost Klein app leaves its bound URL map on
+    the request; matching it again (a few µs) names the rule without keeping anything from
+    the raw path. ``templates`` caches each rule's template (the caller's: a service's own).
     """
+    named: str | None = getattr(request, "route", None)
+    if named is not None:
+        return named
     mapper = getattr(IKleinRequest(request), "mapper", None)
     if mapper is None:
         return OTHER  # refused at the edge (Host, Origin, preflight) before any route

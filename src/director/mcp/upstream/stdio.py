@@ -502,9 +502,10 @@ class StdioUpstream:
                       return_input_required: bool = False) -> dict[str, Any]:
         timeout = self.timeout_default if timeout is None else timeout
         deadline = self.reactor.seconds() + timeout
-        ready: defer.Deferred[None] = defer.Deferred(self._cancel_wait)
-        self._lifecycle.wait_ready(ready, timeout)
-        await ready
+        if self._phase != "ready":  # else the machine's answer is "go on": no Deferred for it
+            ready: defer.Deferred[None] = defer.Deferred(self._cancel_wait)
+            self._lifecycle.wait_ready(ready, timeout)
+            await ready
         process = self._process
         if process is None:  # (ready means a child; kept for the type checker)
             raise UpstreamError(f"[{self.name}] not ready ({self.state})")
