@@ -34,6 +34,11 @@ What it costs, and why not something simpler:
   permit frees up (the oldest counted lease leaving the ``L + E`` stretch), which is the
   ``Retry-After``, and the instance asks again only then.
 
+Concurrent requests of one subject share one lease round trip: a request finding no permit
+in hand waits for the lease in flight (or starts one) and then looks again, and is refused only
+when the database's last answer said no permit frees up before a moment still to come. A
+request that goes away stops waiting without cancelling the lease the others wait for.
+
 If the database is unreachable an instance counts on its own against the full limit (it fails
 open per instance, never closed) and logs it once.
 
@@ -254,6 +259,25 @@ class _Subject:
         return Decision(limit, True, max(0, self.remaining), max(1, math.ceil(until - now)))
 
 
+def _awaiting(claims: list[defer.Deferred[None]]) -> defer.Deferred[None]:
+    """One request's wait for the leases in flight, fired when all are answered. A wait of
+    its own: the request may go away (its client hangs up, the wait is cancelled) without
+    cancelling leases that other requests wait for too, and whose permits the database
+    counts whether or not anyone hears its answer."""
+    wait: defer.Deferred[None] = defer.Deferred()
+    left = len(claims)
+
+    def answered(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not wait.called:
+            wait.callback(None)
+
+    for claim in claims:
+        claim.addBoth(answered)
+    return wait
+
+
 class RateLimiter:
     def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
@@ -274,20 +298,27 @@ class RateLimiter:
     async def check(self, *limits: Limit) -> Decision:
         """Admit one request under every one of ``limits``, or under none: a permit is spent
         from each only when all have one. The decision of a refusing limit (the one that
-        refuses longest), else of the limit closest to refusing."""
+        refuses longest), else of the limit closest to refusing.
+
+        A limit without a permit in hand refuses only on the database's word (its last answer
+        said no permit frees up before a moment still to come); otherwise the request waits
+        for that limit's lease in flight, one per subject whoever started it, and looks
+        again: a permit it saw while waiting for another limit may have expired or been
+        spent by the requests that waited with it.
+        """
         states = [self._state(limit) for limit in limits]
         now = self.clock.seconds()
         for state in states:
             state.drop_expired(now)
-        if not all(state.available for state in states):
-            await defer.gatherResults([defer.ensureDeferred(self._ensure_permit(state))
-                                       for state in states])
+        while not all(state.available for state in states):
+            refused = [state for state in states
+                       if not state.available and now < state.refused_until]
+            if refused:
+                return max(refused, key=lambda state: state.refused_until).refusal(now)
+            await _awaiting([self._claim(state) for state in states if not state.available])
             now = self.clock.seconds()
             for state in states:
                 state.drop_expired(now)
-            refused = [state for state in states if not state.available]
-            if refused:
-                return max(refused, key=lambda state: state.refused_until).refusal(now)
         closest, fewest = states[0], None
         for state in states:
             state.spend()
@@ -308,15 +339,6 @@ class RateLimiter:
         if state is None or state.limit != limit:
             state = self._subjects[subject] = _Subject(limit)
         return state
-
-    async def _ensure_permit(self, state: _Subject) -> None:
-        """Claim until this state has a permit or the database says when it will."""
-        while True:
-            now = self.clock.seconds()
-            state.drop_expired(now)
-            if state.available or now < state.refused_until:
-                return
-            await self._claim(state)
 
     def _claim(self, state: _Subject) -> defer.Deferred[None]:
         if state.claiming is not None:
