@@ -24,7 +24,6 @@ from director.mcp.downstream import CLIENT_REQUEST_TIMEOUT, DownstreamSession
 from director.mcp.engine import REVOKED_MEMORY_SECONDS, CredentialRevoked, McpEngine
 from director.mcp.jsonrpc import REQUEST_TIMEOUT, ProtocolError
 from director.mcp.slices import SLICE as FANOUT_SLICE
-from director.mcp.slices import in_slices
 from director.mcp.streams import HEARTBEAT_SECONDS, STUCK_SECONDS, EventStream, StreamRegistry
 from director.mcp.upstreams import UpstreamManager
 from director.playbooks.store import Playbook
@@ -304,10 +303,13 @@ def test_a_playbook_change_reaches_every_session_a_slice_per_reactor_turn() -> N
 
     harness.playbooks.changed(harness.playbook, attrs.evolve(harness.playbook, servers=()))
     assert told() == FANOUT_SLICE  # the rest waits while the reactor serves other requests
+    slicer = harness.engine.streams.slicer
     assert [call.getTime() for call in harness.clock.getDelayedCalls()
-            if call.func is in_slices] == [harness.clock.seconds()]
+            if call.func == slicer.slice] == [harness.clock.seconds()]
+    assert slicer.running == 1  # (the collector waits meanwhile: director.collector)
     harness.clock.advance(0)  # (task.Clock runs the following slices' turns at once)
     assert told() == len(sessions)
     # tools and resources changed with the servers, and so may the prompts they offer
     assert {session.channel.replay.last_id.rsplit("-", 1)[1] for session in sessions} == {"3"}
-    assert not [call for call in harness.clock.getDelayedCalls() if call.func is in_slices]
+    assert not [call for call in harness.clock.getDelayedCalls() if call.func == slicer.slice]
+    assert slicer.running == 0

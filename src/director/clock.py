@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall
 
 
@@ -23,3 +24,17 @@ class Clock(Protocol):
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
                   **kwargs: Any) -> IDelayedCall: ...
+
+
+def repeating(clock: Clock, seconds: float, call: Callable[[], object],
+              now: bool = False) -> task.LoopingCall:
+    """``call`` every ``seconds`` of ``clock`` from now on (the first at once with ``now``)."""
+    loop = task.LoopingCall(call)
+    loop.clock = clock  # type: ignore[assignment]
+    loop.start(seconds, now=now)
+    return loop
+
+
+def stop_repeating(loop: task.LoopingCall | None) -> None:
+    if loop is not None and loop.running:
+        loop.stop()

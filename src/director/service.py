@@ -38,6 +38,7 @@ from director import __version__, state, systemd, tracing
 from director.accounts.cache import AccountCache
 from director.accounts.purge import SessionPurge
 from director.accounts.ratelimit import RateLimiter
+from director.collector import Collector
 from director.config import Settings, dangerous_settings, host_is_loopback
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
@@ -157,6 +158,7 @@ class DirectorService(MultiService):
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
+        self.collector = Collector(reactor, lambda: self.mcp.streams.slicer.running > 0)
         #: Handshake-era and /sse sessions served by any instance (issue 17).
         self.shared_sessions = SharedSessions(self.database, reactor, self.mcp,
                                               settings.mcp_event_log_events,
@@ -256,6 +258,7 @@ class DirectorService(MultiService):
         # full passes, which otherwise stall requests for tens of milliseconds (bench/).
         gc.collect()
         gc.freeze()
+        self.collector.start()  # and from now on, the daemon decides the full passes
         self.ready.callback(None)
         if self.telemetry is not None:
             self.telemetry.begin()
@@ -463,6 +466,7 @@ class DirectorService(MultiService):
         await self.registry.close()
         self.rate_limiter.stop()
         self.session_purge.stop()
+        self.collector.stop()
         self.database.stop()
         if self.tracing is not None:
             await self._stop_tracing(self.tracing)

@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from director.accounts.store import purge_expired_sessions
+from director.clock import repeating, stop_repeating
 from director.db.database import Database
 
 log = Logger(namespace="accounts")
@@ -29,13 +30,10 @@ class SessionPurge:
         self._loop: task.LoopingCall | None = None
 
     def start(self) -> None:
-        self._loop = task.LoopingCall(self.purge)
-        self._loop.clock = self.reactor
-        self._loop.start(PURGE_INTERVAL_SECONDS, now=True)
+        self._loop = repeating(self.reactor, PURGE_INTERVAL_SECONDS, self.purge, now=True)
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_repeating(self._loop)
 
     def purge(self) -> defer.Deferred[None]:
         """One round; a failure is logged and the next round tries again (the loop goes on)."""

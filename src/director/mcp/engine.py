@@ -33,7 +33,6 @@ from director.config import Settings
 from director.mcp.dispatch import resume
 from director.mcp.downstream import DownstreamSession
 from director.mcp.fanout import relay_request, restore, route_notification, users_of
-from director.mcp.slices import in_slices
 from director.mcp.streams import StreamRegistry
 from director.mcp.upstreams import Upstream, UpstreamManager
 from director.playbooks.cache import PlaybookCache
@@ -246,7 +245,7 @@ class McpEngine:
                    if servers_changed else ()) + \
             (("notifications/prompts/list_changed",) if prompts_changed else ())
         if methods:
-            in_slices(self.clock, affected, lambda session: tell(session, methods))
+            self.streams.slicer.run(affected, lambda session: tell(session, methods))
 
 
 def tell(session: DownstreamSession, methods: tuple[str, ...]) -> None:

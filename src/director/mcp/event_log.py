@@ -31,6 +31,7 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director.clock import repeating, stop_repeating
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 from director.mcp.relay import payload_or_row
@@ -85,13 +86,10 @@ class EventLog:
 
     def start(self) -> None:
         if self.enabled:
-            self._trimmer = task.LoopingCall(self._trim)
-            self._trimmer.clock = self.reactor
-            self._trimmer.start(TRIM_SECONDS, now=False)
+            self._trimmer = repeating(self.reactor, TRIM_SECONDS, self._trim)
 
     def stop(self) -> None:
-        if self._trimmer is not None and self._trimmer.running:
-            self._trimmer.stop()
+        stop_repeating(self._trimmer)
 
     def append(self, session_hash: bytes, event_id: str, body: bytes, relayed: bool) -> None:
         """Keep an event (and NOTIFY the others of it when ``relayed``: no stream here)."""

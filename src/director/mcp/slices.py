@@ -19,13 +19,28 @@ Item = TypeVar("Item")
 SLICE = 256
 
 
-def in_slices(clock: Any, items: Sequence[Item], act: Callable[[Item], object],
-              start: int = 0) -> None:
-    """``act(item)`` for ``items[start:]``: ``SLICE`` of them now, the rest on the following
-    turns of ``clock`` (a reactor runs a call scheduled with no delay on its next turn, after
-    the I/O that is ready)."""
-    end = start + SLICE
-    for item in items[start:end]:
-        act(item)
-    if end < len(items):
-        clock.callLater(0, in_slices, clock, items, act, end)
+class Slicer:
+    """Runs such work, and knows whether some is under way (``running``): the collector's
+    full passes wait until none is (``director.collector``)."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.running = 0
+
+    def run(self, items: Sequence[Item], act: Callable[[Item], object]) -> None:
+        """``act(item)`` for each of ``items``: ``SLICE`` of them now, the rest on the
+        following turns of ``clock`` (a reactor runs a call scheduled with no delay on its next
+        turn, after the I/O that is ready)."""
+        self.running += 1
+        self.slice(items, act, 0)
+
+    def slice(self, items: Sequence[Item], act: Callable[[Item], object], start: int) -> None:
+        end = start + SLICE
+        try:
+            for item in items[start:end]:
+                act(item)
+        finally:  # one item failing (logged by the reactor) does not stop the others
+            if end < len(items):
+                self.clock.callLater(0, self.slice, items, act, end)
+            else:
+                self.running -= 1

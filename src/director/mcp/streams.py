@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from director import jsontext
+from director.clock import repeating, stop_repeating
 from director.jsontext import JsonTextError
 from director.mcp.protocol import INTERNAL_ERROR
-from director.mcp.slices import in_slices
+from director.mcp.slices import Slicer
 
 log = Logger(namespace="mcp.streams")
 
@@ -209,6 +210,8 @@ class StreamRegistry:
         self._loop: task.LoopingCall | None = None
         #: Of the heartbeats and of how long a reader is stuck (``director.mcp.clock``).
         self.clock = clock
+        #: What writes to every stream (heartbeats, a playbook change's notifications).
+        self.slicer = Slicer(clock)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -220,16 +223,13 @@ class StreamRegistry:
         self._streams.discard(stream)
 
     def start(self) -> None:
-        self._loop = task.LoopingCall(self.beat)
-        self._loop.clock = self.clock
-        self._loop.start(HEARTBEAT_SECONDS, now=False)
+        self._loop = repeating(self.clock, HEARTBEAT_SECONDS, self.beat)
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_repeating(self._loop)
 
     def beat(self) -> None:
-        in_slices(self.clock, list(self._streams), self._beat_one)
+        self.slicer.run(list(self._streams), self._beat_one)
 
     def _beat_one(self, stream: EventStream) -> None:
         if not stream.open:  # ended while the beat went through the others

@@ -24,6 +24,7 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director.clock import repeating, stop_repeating
 from director.mcp.streams import EventStream, StreamRegistry, frame
 from director.playbooks.store import Playbook
 
@@ -47,13 +48,10 @@ class LiveHub:
         self._recheck: task.LoopingCall | None = None
 
     def start(self) -> None:
-        self._recheck = task.LoopingCall(self._check_sessions)
-        self._recheck.clock = self.reactor
-        self._recheck.start(RECHECK_SECONDS, now=False)
+        self._recheck = repeating(self.reactor, RECHECK_SECONDS, self._check_sessions)
 
     def stop(self) -> None:
-        if self._recheck is not None and self._recheck.running:
-            self._recheck.stop()
+        stop_repeating(self._recheck)
         for streams in list(self._streams.values()):
             for stream in list(streams):
                 stream.finish()
