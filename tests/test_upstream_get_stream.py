@@ -1,0 +1,306 @@
+"""The lifecycle of a Streamable HTTP session's GET stream in process: the machine
+(``get_stream_lifecycle``) on its own, every transition and every input it refuses, then through
+the real ``GetStream`` with GETs the test answers by hand, on ``task.Clock``. The transport's own
+tests (tests/test_upstream_http.py) drive the same paths over real HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from automat import NoTransition
+from twisted.internet import task
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from director.mcp.sse import SseParser
+from director.mcp.upstream.get_stream import GetAttempt, GetStream
+from director.mcp.upstream.get_stream_lifecycle import GetStreamLifecycle, lifecycle
+from director.mcp.upstream.http_plumbing import _HttpCall
+from tests.test_upstream_lifecycles import RecordingCore
+
+#: How to reach each state of the GET stream's machine from ``idle``.
+DRIVES: dict[str, tuple[tuple[Any, ...], ...]] = {
+    "idle": (),
+    "connecting": (("start",),),
+    "open": (("start",), ("connected",)),
+    "waiting": (("start",), ("failed", "HTTP 502")),
+    "refused": (("start",), ("refused",)),
+    "closed": (("close",),),
+}
+#: Every input of the machine, with arguments.
+INPUTS: dict[str, tuple[Any, ...]] = {
+    "start": (), "stop": (), "connected": (), "failed": ("HTTP 502",), "ended": (None,),
+    "refused": (), "expired": ("s1",), "delay_elapsed": (), "close": (),
+}
+NEW_STREAM = [("_begin",), ("_connect",)]
+#: (state, input): (the state it leads to, the outputs in order); any other pair is refused.
+TRANSITIONS: dict[tuple[str, str], tuple[str, list[tuple[Any, ...]]]] = {
+    ("idle", "start"): ("connecting", NEW_STREAM),
+    ("idle", "stop"): ("idle", []),
+    ("idle", "close"): ("closed", []),
+    ("connecting", "start"): ("connecting", [("_drop",), *NEW_STREAM]),
+    ("connecting", "stop"): ("idle", [("_drop",)]),
+    ("connecting", "close"): ("closed", [("_drop",)]),
+    ("connecting", "connected"): ("open", [("_opened",)]),
+    ("connecting", "failed"): ("waiting", [("_schedule_reconnect", "HTTP 502")]),
+    ("connecting", "refused"): ("refused", [("_unsupported",)]),
+    ("connecting", "expired"): ("idle", [("_renew_session", "s1")]),
+    ("open", "start"): ("connecting", [("_drop",), *NEW_STREAM]),
+    ("open", "stop"): ("idle", [("_drop",)]),
+    ("open", "close"): ("closed", [("_drop",)]),
+    ("open", "ended"): ("waiting", [("_schedule_reconnect", None)]),
+    ("waiting", "start"): ("connecting", [("_cancel_reconnect",), *NEW_STREAM]),
+    ("waiting", "stop"): ("idle", [("_cancel_reconnect",)]),
+    ("waiting", "close"): ("closed", [("_cancel_reconnect",)]),
+    ("waiting", "delay_elapsed"): ("connecting", [("_connect",)]),
+    ("refused", "start"): ("refused", []),
+    ("refused", "stop"): ("refused", []),
+    ("refused", "close"): ("closed", []),
+    ("closed", "start"): ("closed", []),
+    ("closed", "stop"): ("closed", []),
+    ("closed", "close"): ("closed", []),
+}
+
+
+def machine_in(state: str) -> tuple[RecordingCore, GetStreamLifecycle]:
+    core = RecordingCore()
+    inputs = lifecycle(core)
+    for symbol, *arguments in DRIVES[state]:
+        getattr(inputs, symbol)(*arguments)
+    assert core.state == state
+    core.outputs.clear()
+    return core, inputs
+
+
+@pytest.mark.parametrize(("where", "symbol"), sorted(TRANSITIONS))
+def test_transitions(where: str, symbol: str) -> None:
+    core, inputs = machine_in(where)
+    getattr(inputs, symbol)(*INPUTS[symbol])
+    assert (core.state, core.outputs) == TRANSITIONS[where, symbol]
+
+
+@pytest.mark.parametrize(("where", "symbol"), sorted(
+    (where, symbol) for where in DRIVES for symbol in INPUTS
+    if (where, symbol) not in TRANSITIONS))
+def test_impossible_inputs_are_refused(where: str, symbol: str) -> None:
+    core, inputs = machine_in(where)
+    with pytest.raises(NoTransition):
+        getattr(inputs, symbol)(*INPUTS[symbol])
+    assert (core.state, core.outputs) == (where, [])
+
+
+class Gets:
+    """``GetStream``'s ``get`` and ``renew``: each GET is an attempt the test answers."""
+
+    def __init__(self) -> None:
+        self.clock = task.Clock()
+        self.attempts: list[GetAttempt] = []
+        self.renewed: list[str | None] = []
+        self.events: list[str] = []
+        self.stream = GetStream("up", self.get, self.renew,
+                                lambda event: self.events.append(event.data), self.clock)
+
+    async def get(self, attempt: GetAttempt) -> None:
+        attempt.call = _HttpCall()
+        self.attempts.append(attempt)
+
+    async def renew(self, session_id: str | None) -> None:
+        self.renewed.append(session_id)
+
+    @property
+    def last(self) -> GetAttempt:
+        return self.attempts[-1]
+
+    def answer(self, body: bytes = b"") -> GetAttempt:
+        """The last GET is answered with a stream that carries ``body``."""
+        attempt = self.last
+        parser = SseParser()
+        parser.last_event_id = attempt.last_event_id
+        attempt.connected(parser)
+        for event in parser.feed(body):
+            attempt.event(event)
+        return attempt
+
+    def waits(self) -> list[float]:
+        """The delays of the reconnections scheduled, from now."""
+        return [call.getTime() - self.clock.seconds() for call in self.clock.getDelayedCalls()]
+
+
+def test_resumes_after_its_last_event_with_backoff() -> None:
+    gets = Gets()
+    stream = gets.stream
+    assert stream.state == "idle" and stream.supported is None and gets.attempts == []
+    stream.start()
+    assert stream.state == "connecting" and gets.last.last_event_id == ""
+    gets.answer(b"id: 7\ndata: one\n\n")
+    assert stream.state == "open" and stream.supported is True and gets.events == ["one"]
+
+    gets.last.ended(None)  # the server ended it
+    assert stream.state == "waiting" and gets.waits() == [1.0]
+    gets.clock.advance(0.99)
+    assert len(gets.attempts) == 1
+    gets.clock.advance(0.01)
+    assert stream.state == "connecting" and len(gets.attempts) == 2
+    assert gets.last.last_event_id == "7"
+
+    # Failed GETs wait longer each time (the end waited 1 s already), and keep the position;
+    # an answer resets the delay.
+    for delay in (2.0, 4.0, 8.0):
+        gets.last.failed("HTTP 502 Bad Gateway")
+        assert stream.state == "waiting" and gets.waits() == [delay]
+        gets.clock.advance(delay)
+        assert gets.last.last_event_id == "7"
+    gets.answer(b"retry: 5000\nid: 8\ndata: two\n\n")
+    gets.last.ended("connection lost")
+    assert gets.waits() == [5.0]  # the server's retry: is the next delay
+    gets.clock.advance(5.0)
+    assert gets.last.last_event_id == "8" and gets.events == ["one", "two"]
+    gets.answer()
+    gets.last.ended(None)
+    assert gets.waits() == [1.0]
+
+
+def test_a_new_session_drops_the_old_stream_which_is_not_heard_again() -> None:
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    old = gets.answer(b"id: 3\ndata: one\n\n")
+    gets.last.ended(None)
+    gets.clock.advance(1.0)
+    old = gets.answer()
+    assert old.last_event_id == "3"
+    stream.stop()  # the server forgot the session: it is re-initialised
+    assert stream.state == "idle" and old.call is not None and old.call.aborted
+    stream.start()  # the new session
+    new = gets.last
+    assert new is not old and stream.state == "connecting"
+    assert new.last_event_id == ""  # another session's position means nothing here
+
+    # The old stream's last events and its end change nothing.
+    for event in SseParser().feed(b"id: 4\ndata: stale\n\n"):
+        old.event(event)
+    old.ended("connection lost")
+    old.failed("HTTP 404")
+    assert stream.state == "connecting" and gets.clock.getDelayedCalls() == []
+    assert gets.events == ["one"] and stream.attempt is new
+
+    gets.answer(b"id: 1\ndata: fresh\n\n")
+    assert stream.state == "open" and gets.events == ["one", "fresh"]
+    # A start while a stream is open (a handshake without a stop first) replaces it too.
+    stream.start()
+    assert new.call is not None and new.call.aborted and gets.last.last_event_id == ""
+    new.ended(None)
+    assert stream.state == "connecting" and gets.clock.getDelayedCalls() == []
+
+
+def test_backoff_starts_over_with_a_new_session() -> None:
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    gets.last.failed("connection refused")
+    gets.clock.advance(1.0)
+    gets.last.failed("connection refused")
+    assert gets.waits() == [2.0]
+    stream.start()  # re-initialised during the backoff: the timer goes, a GET at once
+    assert stream.state == "connecting" and gets.clock.getDelayedCalls() == []
+    assert len(gets.attempts) == 3
+    gets.last.failed("connection refused")
+    assert gets.waits() == [1.0]
+
+
+@pytest.mark.parametrize("how", ["stop", "close"])
+def test_stop_or_close_during_the_backoff_cancels_the_timer(how: str) -> None:
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    gets.last.failed("connection refused")
+    assert gets.waits() == [1.0]
+    getattr(stream, how)()
+    assert stream.state == ("idle" if how == "stop" else "closed")
+    assert gets.clock.getDelayedCalls() == []
+    gets.clock.advance(60.0)
+    assert len(gets.attempts) == 1
+
+
+@pytest.mark.parametrize("where", ["idle", "connecting", "open", "waiting", "refused"])
+def test_close_from_every_state(where: str) -> None:
+    gets = Gets()
+    stream = gets.stream
+    if where != "idle":
+        stream.start()
+    if where == "open":
+        gets.answer()
+    elif where == "waiting":
+        gets.last.failed("HTTP 502")
+    elif where == "refused":
+        gets.last.refused()
+    assert stream.state == where
+    stream.close()
+    assert stream.state == "closed" and stream.attempt is None
+    assert gets.clock.getDelayedCalls() == []
+    for attempt in gets.attempts:
+        assert attempt.call is not None and attempt.call.aborted == (where in ("connecting",
+                                                                               "open"))
+        attempt.ended("aborted")  # (late, and not listened to)
+    stream.start()  # a handshake that finished after close()
+    stream.stop()
+    stream.close()
+    assert stream.state == "closed" and len(gets.attempts) == (0 if where == "idle" else 1)
+
+
+def test_405_is_final() -> None:
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    gets.last.refused()
+    assert stream.state == "refused" and stream.supported is False
+    assert gets.clock.getDelayedCalls() == []
+    stream.stop()  # the session is re-initialised …
+    stream.start()  # … and its new session is not asked either
+    gets.clock.advance(60.0)
+    assert stream.state == "refused" and len(gets.attempts) == 1
+
+
+def test_a_stream_that_finds_the_session_forgotten_renews_it() -> None:
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    gets.last.expired("s1")
+    assert stream.state == "idle" and gets.renewed == ["s1"]
+    assert gets.clock.getDelayedCalls() == []  # the new session opens the next stream
+    stream.stop()  # (what the renewal does first)
+    stream.start()
+    assert stream.state == "connecting" and len(gets.attempts) == 2
+
+
+def test_logs_its_first_problem_after_each_success() -> None:
+    lines: list[str] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_namespace") == "mcp.upstream.http":
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        get_stream_with_problems()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [line for line in lines if "GET stream" in line] == [
+        "[up] GET stream: HTTP 502 Bad Gateway; reconnecting",
+        "[up] GET stream: connection lost; reconnecting"]
+
+
+def get_stream_with_problems() -> None:
+    """Two failed GETs, a stream the server ends, one that is lost."""
+    gets = Gets()
+    stream = gets.stream
+    stream.start()
+    gets.last.failed("HTTP 502 Bad Gateway")
+    gets.clock.advance(1.0)
+    gets.last.failed("connection refused")
+    gets.clock.advance(2.0)
+    gets.answer()
+    gets.last.ended(None)  # the server ended it: nothing to tell
+    gets.clock.advance(1.0)
+    gets.answer()
+    gets.last.ended("connection lost")
