@@ -1,21 +1,30 @@
 """The lifecycle of a Streamable HTTP session's GET stream in process: the machine
 (``get_stream_lifecycle``) on its own, every transition and every input it refuses, then through
-the real ``GetStream`` with GETs the test answers by hand, on ``task.Clock``. The transport's own
-tests (tests/test_upstream_http.py) drive the same paths over real HTTP."""
+the real ``GetStream`` with GETs the test answers by hand, then through a
+``StreamableHttpUpstream`` whose HTTP agent the test plays, all on ``task.Clock``. The
+transport's own tests (tests/test_upstream_http.py) drive the same paths over real HTTP."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from automat import NoTransition
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 
+from director.mcp.protocol import LATEST_LEGACY_VERSION
 from director.mcp.sse import SseParser
 from director.mcp.upstream.get_stream import GetAttempt, GetStream
 from director.mcp.upstream.get_stream_lifecycle import GetStreamLifecycle, lifecycle
-from director.mcp.upstream.http_plumbing import _HttpCall
+from director.mcp.upstream.http_plumbing import SHORT_EXCHANGE_TIMEOUT, _HttpCall
+from director.mcp.upstream.streamable import StreamableHttpUpstream
 from tests.test_upstream_lifecycles import RecordingCore
 
 #: How to reach each state of the GET stream's machine from ``idle``.
@@ -304,3 +313,160 @@ def get_stream_with_problems() -> None:
     gets.clock.advance(1.0)
     gets.answer()
     gets.last.ended("connection lost")
+
+
+# --- through StreamableHttpUpstream, over an agent the test answers ------------------------------
+
+
+class Answer:
+    """A response: its body there at once (``body``), or an event stream the test writes and
+    ends. It is its body reader's transport too: the reader's abort drops it."""
+
+    def __init__(self, code: int, content_type: bytes = b"", body: bytes | None = b"",
+                 session_id: str | None = None) -> None:
+        self.code = code
+        self.phrase = b""
+        self.length = UNKNOWN_LENGTH
+        self.headers = Headers({b"content-type": [content_type]} if content_type else {})
+        if session_id is not None:
+            self.headers.setRawHeaders(b"mcp-session-id", [session_id.encode()])
+        self.body = body
+        self.reader: Any = None
+
+    def deliverBody(self, reader: Any) -> None:
+        self.reader = reader
+        reader.makeConnection(self)
+        if self.body is not None:
+            reader.dataReceived(self.body)
+            self.end()
+
+    def send(self, data: bytes) -> None:
+        self.reader.dataReceived(data)
+
+    def end(self) -> None:
+        self.reader.connectionLost(Failure(ResponseDone()))
+
+    def stopProducing(self) -> None:
+        """The reader dropped the connection: it is lost (once)."""
+        self.reader.connectionLost(Failure(ConnectionLost()))
+
+
+class Agent:
+    """The session's HTTP agent: each POST answered at once (``initialize`` with a new session
+    id, other requests with an empty result, or 404 once the server ``forgot``), each GET held
+    for the test, and so is ``initialize`` while ``slow``."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.clock = clock
+        self.gets: list[tuple[Headers, defer.Deferred[Answer]]] = []
+        self.sessions = 0
+        self.forgot = False
+        self.slow = False
+
+    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> Any:
+        if method == b"GET":
+            answer: defer.Deferred[Answer] = defer.Deferred()
+            self.gets.append((headers, answer))
+            return answer
+        message = json.loads(body.body) if body is not None else {}
+        if message.get("method") == "initialize":
+            self.sessions += 1
+            self.forgot = False
+            result = {"protocolVersion": LATEST_LEGACY_VERSION, "capabilities": {},
+                      "serverInfo": {"name": "fake", "version": "1"}}
+            initialized = Answer(200, b"application/json", json.dumps(
+                {"jsonrpc": "2.0", "id": message["id"], "result": result}).encode(),
+                session_id=f"s{self.sessions}")
+            if self.slow:
+                return task.deferLater(self.clock, 1.0, lambda: initialized)
+            return defer.succeed(initialized)
+        if self.forgot or method == b"DELETE":
+            return defer.succeed(Answer(404))
+        if "id" in message and "method" in message:
+            return defer.succeed(Answer(200, b"application/json", json.dumps(
+                {"jsonrpc": "2.0", "id": message["id"], "result": {}}).encode()))
+        return defer.succeed(Answer(202))
+
+    def get(self, index: int) -> tuple[dict[str, str], defer.Deferred[Answer]]:
+        """GET number ``index``: the headers that matter here, and its answer to give."""
+        headers, answer = self.gets[index]
+        return {name: (headers.getRawHeaders(name.encode()) or [b""])[0].decode()
+                for name in ("mcp-session-id", "last-event-id")}, answer
+
+
+def started(clock: task.Clock) -> tuple[StreamableHttpUpstream, Agent]:
+    session = StreamableHttpUpstream("up", "http://127.0.0.1:9/mcp", {}, clock, None)
+    session._agent = agent = Agent(clock)
+    start = defer.ensureDeferred(session.start())
+    assert start.called and start.result is None and session.session_id == "s1"
+    return session, agent
+
+
+def test_the_session_resumes_its_stream_times_out_a_get_and_stops_at_405() -> None:
+    clock = task.Clock()
+    session, agent = started(clock)
+    notifications: list[dict[str, Any]] = []
+    session.on_notification = notifications.append
+    headers, answer = agent.get(0)
+    assert headers == {"mcp-session-id": "s1", "last-event-id": ""}
+    answer.callback(stream := Answer(200, b"text/event-stream", None))
+    assert session.get_stream_supported is True
+    stream.send(b'id: 5\ndata: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}'
+                b'\n\n')
+    assert notifications == [{"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}]
+
+    stream.end()
+    clock.advance(1.0)
+    headers, answer = agent.get(1)
+    assert headers == {"mcp-session-id": "s1", "last-event-id": "5"}
+    clock.advance(SHORT_EXCHANGE_TIMEOUT)  # no answer: dropped, and tried again later
+    assert answer.called and len(agent.gets) == 2
+    clock.advance(2.0)
+    headers, answer = agent.get(2)
+    assert headers == {"mcp-session-id": "s1", "last-event-id": "5"}
+    answer.callback(Answer(405))
+    clock.advance(600.0)
+    assert session.get_stream_supported is False and len(agent.gets) == 3
+    defer.ensureDeferred(session.close())
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_get_that_finds_the_session_forgotten_re_initialises_it() -> None:
+    clock = task.Clock()
+    session, agent = started(clock)
+    restored: list[dict[str, Any]] = []
+    session.on_restored = restored.append
+    agent.get(0)[1].callback(stream := Answer(200, b"text/event-stream", None))
+    stream.send(b"id: 9\ndata: \n\n")
+    stream.end()
+    agent.forgot = True
+    clock.advance(1.0)
+    headers, answer = agent.get(1)
+    assert headers == {"mcp-session-id": "s1", "last-event-id": "9"}
+    answer.callback(Answer(404, b"text/plain", b"no such session"))
+    # Re-initialised at once; the new session's stream starts from its beginning.
+    assert session.session_id == "s2" and len(restored) == 1
+    assert agent.get(2)[0] == {"mcp-session-id": "s2", "last-event-id": ""}
+    clock.advance(SHORT_EXCHANGE_TIMEOUT - 1)  # (nothing else was scheduled)
+    assert len(agent.gets) == 3
+
+
+def test_a_request_that_finds_the_session_forgotten_drops_the_old_stream() -> None:
+    clock = task.Clock()
+    session, agent = started(clock)
+    notifications: list[dict[str, Any]] = []
+    session.on_notification = notifications.append
+    agent.get(0)[1].callback(old := Answer(200, b"text/event-stream", None))
+    agent.forgot = agent.slow = True
+    listed = defer.ensureDeferred(session.request("tools/list"))
+    # While the session re-initialises, the old session's stream is gone already.
+    assert old.reader.aborted and session._get_stream.state == "idle"
+    assert not listed.called and len(agent.gets) == 1
+    clock.advance(1.0)
+    assert listed.called and listed.result == {} and session.session_id == "s2"
+    assert len(agent.gets) == 2
+    assert agent.get(1)[0] == {"mcp-session-id": "s2", "last-event-id": ""}
+    old.send(b'data: {"jsonrpc":"2.0","method":"notifications/tools/list_changed"}\n\n')
+    clock.advance(SHORT_EXCHANGE_TIMEOUT - 1)
+    assert notifications == [] and len(agent.gets) == 2
+    defer.ensureDeferred(session.close())
