@@ -130,6 +130,13 @@ class Gets:
             attempt.event(event)
         return attempt
 
+    def retried_after(self, problem: str) -> float:
+        """The current GET fails with ``problem``: the delay after which the next is made."""
+        self.last.failed(problem)
+        [delay] = self.waits()
+        self.clock.advance(delay)
+        return delay
+
     def waits(self) -> list[float]:
         """The delays of the reconnections scheduled, from now."""
         return [call.getTime() - self.clock.seconds() for call in self.clock.getDelayedCalls()]
@@ -155,10 +162,8 @@ def test_resumes_after_its_last_event_with_backoff() -> None:
     # Failed GETs wait longer each time (the end waited 1 s already), and keep the position;
     # an answer resets the delay.
     for delay in (2.0, 4.0, 8.0):
-        gets.last.failed("HTTP 502 Bad Gateway")
-        assert stream.state == "waiting" and gets.waits() == [delay]
-        gets.clock.advance(delay)
-        assert gets.last.last_event_id == "7"
+        assert gets.retried_after("HTTP 502 Bad Gateway") == delay
+        assert stream.state == "connecting" and gets.last.last_event_id == "7"
     gets.answer(b"retry: 5000\nid: 8\ndata: two\n\n")
     gets.last.ended("connection lost")
     assert gets.waits() == [5.0]  # the server's retry: is the next delay
@@ -206,8 +211,7 @@ def test_backoff_starts_over_with_a_new_session() -> None:
     gets = Gets()
     stream = gets.stream
     stream.start()
-    gets.last.failed("connection refused")
-    gets.clock.advance(1.0)
+    assert gets.retried_after("connection refused") == 1.0
     gets.last.failed("connection refused")
     assert gets.waits() == [2.0]
     stream.start()  # re-initialised during the backoff: the timer goes, a GET at once
@@ -302,12 +306,9 @@ def test_logs_its_first_problem_after_each_success() -> None:
 def get_stream_with_problems() -> None:
     """Two failed GETs, a stream the server ends, one that is lost."""
     gets = Gets()
-    stream = gets.stream
-    stream.start()
-    gets.last.failed("HTTP 502 Bad Gateway")
-    gets.clock.advance(1.0)
-    gets.last.failed("connection refused")
-    gets.clock.advance(2.0)
+    gets.stream.start()
+    gets.retried_after("HTTP 502 Bad Gateway")
+    gets.retried_after("connection refused")
     gets.answer()
     gets.last.ended(None)  # the server ended it: nothing to tell
     gets.clock.advance(1.0)
