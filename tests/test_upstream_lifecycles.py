@@ -1,7 +1,8 @@
 """The upstream lifecycle machines in process: the stdio upstream's (``stdio_lifecycle``)
 driven with a core that records its outputs, the ``subscriptions/listen`` stream's
 (``listen_lifecycle``) through the real ``ChangeListener``; ``task.Clock`` for time. The
-transports' own tests drive both through real processes and servers."""
+transports' own tests drive both through real processes and servers. (The Streamable HTTP GET
+stream's: tests/test_upstream_get_stream.py.)"""
 
 from __future__ import annotations
 
@@ -378,10 +379,12 @@ def test_listen_stop_from_every_state(where: str) -> None:
     assert len(streams.opened) == (0 if where == "idle" else 1)
 
 
-class ListenCore:
+class RecordingCore:
+    """A machine's core that records each output as ``(name, *arguments)``."""
+
     def __init__(self) -> None:
         self.state = "idle"
-        self.outputs: list[str] = []
+        self.outputs: list[tuple[Any, ...]] = []
 
     def _entered(self, state: str) -> None:
         self.state = state
@@ -389,7 +392,7 @@ class ListenCore:
     def __getattr__(self, name: str) -> Any:
         if not name.startswith("_") or name.startswith("__"):
             raise AttributeError(name)
-        return lambda: self.outputs.append(name)
+        return lambda *args: self.outputs.append((name, *args))
 
 
 @pytest.mark.parametrize(("drive", "symbol"), [
@@ -404,7 +407,7 @@ class ListenCore:
     (("stop",), "delay_elapsed"),
 ])
 def test_listen_impossible_inputs_are_refused(drive: tuple[str, ...], symbol: str) -> None:
-    core = ListenCore()
+    core = RecordingCore()
     inputs = listen_lifecycle(core)
     for name in drive:
         getattr(inputs, name)()
@@ -412,3 +415,4 @@ def test_listen_impossible_inputs_are_refused(drive: tuple[str, ...], symbol: st
     with pytest.raises(NoTransition):
         getattr(inputs, symbol)()
     assert (core.state, core.outputs) == (before, outputs)
+

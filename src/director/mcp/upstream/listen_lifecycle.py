@@ -19,12 +19,13 @@ are accepted and change nothing. Outputs run once the machine has settled (``set
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from automat import TypeMachineBuilder
 
+from director.mcp.upstream.settling import entering as _entering
 from director.mcp.upstream.settling import settled
+from director.mcp.upstream.settling import unchanged as _nothing
 
 
 class ListenLifecycle(Protocol):
@@ -63,21 +64,6 @@ class ListenCore(Protocol):
 builder = TypeMachineBuilder(ListenLifecycle, ListenCore)  # type: ignore[type-abstract]
 idle, listening, waiting, unsupported, stopped = (
     builder.state(name) for name in ("idle", "listening", "waiting", "unsupported", "stopped"))
-
-
-def _entering(target: Any, *outputs: Callable[[ListenCore], None]) -> Any:
-    """A transition into ``target`` that runs the core's ``outputs`` (named by the protocol's
-    methods) in order."""
-    def transition(inputs: ListenLifecycle, core: ListenCore) -> None:
-        core._entered(target.name)
-        for output in outputs:
-            getattr(core, output.__name__)()
-
-    return transition
-
-
-def _nothing(inputs: ListenLifecycle, core: ListenCore) -> None:
-    return None
 
 
 idle.upon(ListenLifecycle.start).to(listening)(_entering(listening, ListenCore._open))

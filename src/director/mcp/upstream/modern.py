@@ -166,7 +166,7 @@ class ModernHttpUpstream(StreamableHttpUpstream):
         self.era = "legacy"
 
     async def _discover(self) -> None:
-        self._stop_get_stream()
+        self._get_stream.stop()
         self.session_id = None
         self.era = None
         self._probing = True

@@ -8,6 +8,9 @@ runs outputs during the transition and queues a reentrant input until it is over
 one that returns a value). So the machine is handed a core that only records its outputs
 (``_entered``, which tells the core the new state's name, is the exception), and each input
 is followed by the outputs it, and any input they make in turn, set off, in order.
+
+``entering`` and ``unchanged`` are the transitions the machines declare with: the listen
+stream's and the GET stream's name their outputs in a table this way.
 """
 
 from __future__ import annotations
@@ -53,6 +56,23 @@ class _Settling:
                 self._queue.popleft()()
 
         return feed
+
+
+def entering(target: Any, *outputs: Callable[..., None]) -> Callable[..., None]:
+    """A transition into ``target`` that tells the core its name, then runs the core's
+    ``outputs`` (named by the core protocol's methods) in order, each with the input's
+    arguments."""
+    def transition(inputs: object, core: Any, *args: Any) -> None:
+        core._entered(target.name)
+        for output in outputs:
+            getattr(core, output.__name__)(*args)
+
+    return transition
+
+
+def unchanged(inputs: object, core: object, *args: Any) -> None:
+    """A transition that stays put and does nothing (an input that may come late)."""
+    return None
 
 
 def settled(machine: Callable[[Core], Inputs], core: Core) -> Inputs:

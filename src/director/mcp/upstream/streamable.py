@@ -11,7 +11,8 @@
   expect 202.
 * after ``initialize`` + ``notifications/initialized`` a GET stream is opened for
   server-initiated messages (405: the server has none, fine). When it drops it is reopened
-  with a growing delay (the server's ``retry:`` if it sent one) and ``Last-Event-ID``.
+  with a growing delay (the server's ``retry:`` if it sent one) and ``Last-Event-ID``
+  (``get_stream.py``; when, ``get_stream_lifecycle.py``).
   A POST stream that ends before its response is resumed the same way, if the server gave
   its events ids (the 2025-11-25 polling pattern); otherwise the request fails.
 * session expiry: a 404 to a request that carried a session id (or a 400 whose body talks
@@ -41,6 +42,12 @@ from director.mcp.jsonrpc import Message
 from director.mcp.sse import SseParser
 from director.mcp.upstream.backoff import Backoff
 from director.mcp.upstream.base import UpstreamError, encoded
+from director.mcp.upstream.get_stream import (
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
+    GetAttempt,
+    GetStream,
+)
 from director.mcp.upstream.http_plumbing import (
     EVENT_STREAM,
     JSON,
@@ -60,12 +67,9 @@ log = Logger(namespace="mcp.upstream.http")  # one namespace for the HTTP transp
 
 #: How long close() waits for the DELETE of the session.
 CLOSE_TIMEOUT = 5.0
-#: Reconnection delays of the GET stream (and of a POST stream's resumption), in seconds.
 #: Answers to the ``initialize`` POST that mean "no Streamable HTTP here" (spec, backwards
 #: compatibility); 401/403 and the rest are real errors and are reported as such.
 FALLBACK_STATUSES = frozenset({400, 404, 405})
-RECONNECT_INITIAL = 1.0
-RECONNECT_MAX = 30.0
 #: A dropped POST stream is resumed at most this many times in a row without news.
 RESUME_ATTEMPTS = 3
 
@@ -89,15 +93,19 @@ class StreamableHttpUpstream(HttpSession):
         self.session_id: str | None = None
         #: The ``Mcp-Session-Id`` of the answer to the handshake's POST.
         self._issued_session_id: str | None = None
-        self._get_generation = 0
-        self._get_call: _HttpCall | None = None
-        #: False once the server answered the GET stream with 405.
-        self.get_stream_supported: bool | None = None
+        #: The stream of server-initiated messages (``get_stream.py``).
+        self._get_stream = GetStream(self.name, self._get, self._renew, self._event,
+                                     self._reactor)
+
+    @property
+    def get_stream_supported(self) -> bool | None:
+        """None until the server answered a GET; False once it answered 405."""
+        return self._get_stream.supported
 
     # --- the handshake ---------------------------------------------------------------------
 
     async def _handshake(self) -> None:
-        self._stop_get_stream()
+        self._get_stream.stop()
         self.session_id = None
         self.protocol_version = None
         self._issued_session_id = None
@@ -116,7 +124,7 @@ class StreamableHttpUpstream(HttpSession):
         except BaseException:
             self._abandon_session()
             raise
-        self._start_get_stream()
+        self._get_stream.start()
 
     def _abandon_session(self) -> None:
         """A half-made session: DELETE it in the background."""
@@ -133,7 +141,7 @@ class StreamableHttpUpstream(HttpSession):
             log.info("[{server}] the upstream forgot session {session}; re-initialising",
                      server=self.name, session=stale)
             self._lifecycle.forgotten()
-            self._stop_get_stream()
+            self._get_stream.stop()
         try:
             if not tracing.spans():
                 await self._establish()
@@ -300,89 +308,55 @@ class StreamableHttpUpstream(HttpSession):
 
     # --- the GET stream ------------------------------------------------------------------------
 
-    def _start_get_stream(self) -> None:
-        self._stop_get_stream()
-        if self.get_stream_supported is False or self._closed:
-            return
-        generation = self._get_generation
-        defer.ensureDeferred(self._get_stream(generation)).addErrback(
-            lambda failure: None if failure.check(_Aborted, defer.CancelledError) else
-            log.failure("[{server}] the GET stream failed", failure, server=self.name))
-
-    def _stop_get_stream(self) -> None:
-        self._get_generation += 1
-        if self._get_call is not None:
-            self._get_call.abort()
-            self._get_call = None
-
-    async def _get_stream(self, generation: int) -> None:
-        backoff = Backoff(RECONNECT_INITIAL, RECONNECT_MAX)
-        last_event_id = ""
-        warned = False
-        while generation == self._get_generation and not self._closed:
-            session_id = self.session_id
-            call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
-            self._get_call = call
-            parser: SseParser | None = None
-            problem: str | None = None
+    async def _get(self, attempt: GetAttempt) -> None:
+        """One GET of the stream (``GetStream``'s ``get``); what became of it goes to
+        ``attempt``."""
+        session_id = self.session_id
+        call, deadline = self._timed_call(SHORT_EXCHANGE_TIMEOUT)
+        attempt.call = call
+        in_time = True
+        try:
             try:
-                try:
-                    response = await self._http(call, "GET", self.url,
-                                                self._get_headers(session_id, last_event_id))
-                finally:
-                    if deadline.active():
-                        deadline.cancel()
-                    elif generation == self._get_generation and not self._closed:
-                        problem = "no answer to the GET"
-                if response.code == 405:
-                    await self._discard(response, call)
-                    self.get_stream_supported = False
-                    log.debug("[{server}] no GET stream (405)", server=self.name)
-                    return
-                if response.code != 200 or _content_type(response) != EVENT_STREAM:
-                    try:
-                        problem = str(await self._refusal("GET", response, call, session_id))
-                    except _SessionExpired:
-                        if generation == self._get_generation:
-                            defer.ensureDeferred(self._renew(session_id)).addErrback(
-                                lambda failure: None)
-                        return
-                else:
-                    self.get_stream_supported = True
-                    backoff.succeeded()
-                    warned = False
-                    parser = SseParser(self.max_message_size)
-                    parser.last_event_id = last_event_id
-                    parser, dropped = await self._read_events(response, call, self._event,
-                                                              parser)
-                    problem = dropped
-            except _Aborted:
-                if problem is None:
-                    return
-            except UpstreamError as failure:
-                problem = str(failure)
+                response = await self._http(call, "GET", self.url,
+                                            self._get_headers(session_id, attempt.last_event_id))
             finally:
-                self._calls.discard(call)
-                if self._get_call is call:
-                    self._get_call = None
-            if parser is not None:
-                last_event_id = parser.last_event_id
-                if parser.retry is not None:
-                    backoff.prefer(parser.retry / 1000)
-            if problem is not None:
-                if not warned:
-                    log.info("[{server}] GET stream: {problem}; reconnecting",
-                             server=self.name, problem=problem)
-                warned = True
+                in_time = deadline.active()
+                if in_time:
+                    deadline.cancel()
+            await self._got(attempt, response, call, session_id)
+        except _Aborted:
+            if not in_time:  # (otherwise it was dropped: nobody waits for its outcome)
+                attempt.failed("no answer to the GET")
+        except UpstreamError as failure:
+            attempt.failed(str(failure))
+        finally:
+            self._calls.discard(call)
+
+    async def _got(self, attempt: GetAttempt, response: _Response, call: _HttpCall,
+                   session_id: str | None) -> None:
+        """The server's answer to a GET of the stream."""
+        if response.code == 405:
+            await self._discard(response, call)
+            attempt.refused()
+        elif response.code != 200 or _content_type(response) != EVENT_STREAM:
             try:
-                await self._sleep(backoff.next_delay())
-            except defer.CancelledError:
-                return
+                attempt.failed(str(await self._refusal("GET", response, call, session_id)))
+            except _SessionExpired:
+                attempt.expired(session_id)
+        else:
+            parser = SseParser(self.max_message_size)
+            parser.last_event_id = attempt.last_event_id
+            attempt.connected(parser)
+            try:
+                _, dropped = await self._read_events(response, call, attempt.event, parser)
+            except UpstreamError as failure:  # a message too large
+                dropped = str(failure)
+            attempt.ended(dropped)
 
     # --- closing -----------------------------------------------------------------------------
 
     async def _close_transport(self) -> None:
-        self._stop_get_stream()
+        self._get_stream.close()
         await self._delete_session()
 
     async def _delete_session(self) -> None:
