@@ -9,6 +9,7 @@ read from it moves with a clock step exactly as the timer that checks it does.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -23,3 +24,8 @@ class Clock(Protocol):
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
                   **kwargs: Any) -> IDelayedCall: ...
+
+
+def utc_now(clock: Clock) -> datetime.datetime:
+    """``clock``'s time as an aware UTC datetime, to compare with ``timestamptz`` columns."""
+    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
