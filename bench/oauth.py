@@ -63,8 +63,10 @@ def validation_cost(calls: int) -> list[Figure]:
     from director.web.auth import Authenticator
 
     database = cast(Database, _NoDatabase())
-    accounts = AccountCache(database, Clock())  # what is measured never reads the clock
-    tokens = TokenCache(database)
+    clock = Clock()
+    clock.advance(time.time())  # the tokens' expiry is compared with it
+    accounts = AccountCache(database, clock)
+    tokens = TokenCache(database, clock)
     now = datetime.datetime.now(datetime.UTC)
     user = store.User(uuid4(), "bench@bench.invalid", "active", now)
     accounts.users[user.id] = user
@@ -78,7 +80,7 @@ def validation_cost(calls: int) -> list[Figure]:
         tokens._remember(hash_token(value), AccessGrant(
             uuid4(), user.id, "dc_bench", uuid4(), frozenset(("mcp:read", "mcp:tools")),
             expires))
-    authenticator = Authenticator(Settings(), database, accounts, cast(Any, None),
+    authenticator = Authenticator(Settings(), database, accounts, cast(Any, None), clock,
                                   oauth_tokens=tokens)
     key_request = _request({b"x-api-key": keys[CREDENTIALS // 2].encode()})
     token_request = _request({

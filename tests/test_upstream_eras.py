@@ -10,7 +10,7 @@ from director.mcp.upstream.eras import EraMemory, http_key, stdio_key
 
 def test_a_verdict_holds_for_its_lifetime_then_is_forgotten() -> None:
     clock = task.Clock()
-    eras = EraMemory(clock.seconds, lifetime=3600)
+    eras = EraMemory(clock, lifetime=3600)
     key = http_key("https://mcp.example.com/mcp", "modern")
     assert eras.verdict(key) is None
     eras.learnt(key, False)
@@ -22,7 +22,7 @@ def test_a_verdict_holds_for_its_lifetime_then_is_forgotten() -> None:
 
 def test_the_oldest_verdicts_make_room() -> None:
     clock = task.Clock()
-    eras = EraMemory(clock.seconds, limit=3)
+    eras = EraMemory(clock, limit=3)
     keys = [stdio_key("npx", ["-y", f"server-{n}"], None) for n in range(4)]
     for key in keys[:3]:
         eras.learnt(key, True)
@@ -33,7 +33,7 @@ def test_the_oldest_verdicts_make_room() -> None:
 
 
 def test_forgetting_one_server_leaves_the_others() -> None:
-    eras = EraMemory()
+    eras = EraMemory(task.Clock())
     url = "https://a.example/mcp"
     eras.learnt(http_key(url, "modern"), True)
     eras.learnt(http_key(url, "legacy"), False)

@@ -823,7 +823,7 @@ async def test_a_handshake_only_server_is_probed_once_per_command_line(
         upstreams: Any, shared_dir: Path) -> None:
     log = shared_dir / "received.jsonl"
     arguments = [str(RAW), "--probe-once", str(shared_dir)]  # a command line of this test only
-    eras = EraMemory()  # the service's, shared by its sessions
+    eras = EraMemory(reactor)  # the service's, shared by its sessions
     first: StdioUpstream = upstreams("legacy", sys.executable, arguments,
                                      {"RAW_LOG": str(log)}, prefer_modern=True, eras=eras)
     await first.start()

@@ -9,6 +9,7 @@ read from it moves with a clock step exactly as the timer that checks it does.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,3 +39,8 @@ def repeating(clock: Clock, seconds: float, call: Callable[[], object],
 def stop_repeating(loop: task.LoopingCall | None) -> None:
     if loop is not None and loop.running:
         loop.stop()
+
+
+def utc_now(clock: Clock) -> datetime.datetime:
+    """``clock``'s time as an aware UTC datetime, to compare with ``timestamptz`` columns."""
+    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)

@@ -124,9 +124,10 @@ class DirectorService(MultiService):
             self.tracing = TracingExport(settings, self.metrics, reactor)
             tracing.install(self.tracing.tracer)
         #: OAuth access tokens, resolved on the MCP hot path like API keys.
-        self.oauth_tokens = TokenCache(self.database)
+        self.oauth_tokens = TokenCache(self.database, reactor)
         self.authenticator = Authenticator(settings, self.database, self.accounts,
-                                           self.rate_limiter, self.metrics, self.oauth_tokens)
+                                           self.rate_limiter, reactor, self.metrics,
+                                           self.oauth_tokens)
         self.port: Any = None  # IListeningPort
         self.metrics_port: Any = None  # IListeningPort of METRICS_LISTEN
         self.site: DirectorSite | None = None
@@ -148,7 +149,7 @@ class DirectorService(MultiService):
         self.upstream_oauth = UpstreamAuthorizations(settings, self.database, self.secret_box,
                                                      reactor, self.http_pool)
         #: What the upstream sessions learn of which era each server speaks, shared by all.
-        self.eras = EraMemory(reactor.seconds)
+        self.eras = EraMemory(reactor)
         factory = upstream_factory(reactor, self.http_pool, self.stdio_account,
                                    self.stdio_launcher,
                                    authorizations=self._upstream_authorization, eras=self.eras)
@@ -176,7 +177,7 @@ class DirectorService(MultiService):
             self.playbooks.subscribe(self.metrics.playbook_changed)
         self.registry = RegistryClient(settings.registry_url, reactor)
         api_v1 = ApiV1(settings, self.database, self.authenticator, self.playbooks,
-                       self.secret_box, self.registry, oauth=self.upstream_oauth)
+                       self.secret_box, self.registry, reactor, oauth=self.upstream_oauth)
         self.studio = Studio(settings, self.database, self.authenticator, self.playbooks,
                              self.mcp, api_v1, self.auth_secret, reactor,
                              oauth=self.upstream_oauth)

@@ -210,13 +210,14 @@ def session_by_token(token: str) -> Interaction[Session | None]:
     return Session(UUID(str(row[0])), UUID(str(row[1])), row[2], row[3])
 
 
-def renew_session(session_id: UUID) -> Interaction[datetime.datetime]:
+def renew_session(session_id: UUID) -> Interaction[datetime.datetime | None]:
+    """The session's new expiry; None when it no longer exists."""
     rows = yield Query(
         "UPDATE sessions SET renewed_at = now(), expires_at = now() + %s WHERE id = %s "
         "RETURNING expires_at",
         (SESSION_LIFETIME, str(session_id)),
     )
-    return rows[0][0] if rows else datetime.datetime.now(datetime.UTC)
+    return rows[0][0] if rows else None
 
 
 def delete_session(token: str) -> Interaction[None]:

@@ -16,6 +16,7 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from director.clock import utc_now
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 
@@ -47,7 +48,7 @@ class KeyUsage:
 
     def used(self, key: Any) -> None:
         """An authenticated request with ``key`` (an ``ApiKey``): a dictionary store."""
-        self._pending[key.id] = datetime.datetime.now(datetime.UTC)
+        self._pending[key.id] = utc_now(self.reactor)
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self.flush)

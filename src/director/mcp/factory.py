@@ -39,7 +39,7 @@ def upstream_factory(reactor: Any, pool: Any, account: StdioAccount | None = Non
     ``upstream.authorization``). Every session learns and reads which era each server speaks
     in ``eras`` (the service's; ``upstream.eras``). ``UpstreamManager`` applies the security
     rails before it calls ``make``."""
-    eras = eras if eras is not None else EraMemory()
+    eras = eras if eras is not None else EraMemory(reactor)
 
     def make(server: Server, era: str, playbook_pk: UUID | None = None,
              client_capabilities: dict[str, Any] | None = None) -> UpstreamSession:

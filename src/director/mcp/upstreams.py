@@ -98,10 +98,10 @@ class UpstreamManager:
         self.factory = factory
         self.settings = settings
         #: The factory's: which era the stdio command lines speak (``upstream.eras``).
-        self.eras = eras if eras is not None else EraMemory()
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock: Any = clock
+        self.eras = eras if eras is not None else EraMemory(clock)
         self._shared: dict[tuple[UUID, str, str], Upstream] = {}
         #: (playbook, server) refusals logged already: once each per process.
         self._refusals_logged: set[tuple[UUID | None, str]] = set()

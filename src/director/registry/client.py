@@ -16,7 +16,8 @@ and checked, so a failure changes nothing.
 Answers are cached in memory per URL as their ``Cache-Control`` (``max-age``, ``s-maxage``
 less ``Age``; ``no-store``, ``no-cache`` and ``private`` are not cached) or ``Expires`` says,
 for at most ``MAX_CACHE_SECONDS``, at most ``CACHE_ENTRIES`` answers (least recently used
-out first). No validators: an expired answer is fetched again.
+out first). No validators: an expired answer is fetched again. Ages are read from the
+service's clock (``director.clock``), a wall clock like the ``Expires`` dates it is compared with.
 
 Who may be reached: the registry is the operator's choice (``REGISTRY_URL``, like
 ``DATABASE_URL``), not a user's, so its host is reached whatever it resolves to — a mirror on a
@@ -38,8 +39,6 @@ from __future__ import annotations
 import collections
 import email.utils
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -52,6 +51,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from director import jsontext
+from director.clock import Clock
 from director.mcp.upstream.connect import CheckedEndpoints
 from director.registry import catalogue
 from director.registry.catalogue import CatalogueError, Entry, Page
@@ -164,12 +164,13 @@ class RegistryClient:
     """Reads one registry (``url``: ``REGISTRY_URL``)."""
 
     def __init__(self, url: str, reactor: Any, *, timeout: float = TIMEOUT,
-                 max_bytes: int = MAX_BYTES, clock: Callable[[], float] = time.time) -> None:
+                 max_bytes: int = MAX_BYTES, clock: Clock | None = None) -> None:
         self.url = url.rstrip("/")
         self.reactor = reactor
+        #: What ages are read from: the reactor, unless a test moves a clock of its own.
+        self.clock: Clock = reactor if clock is None else clock
         self.timeout = timeout
         self.max_bytes = max_bytes
-        self.clock = clock
         self._cache: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
         self._catalogue: tuple[tuple[Any, ...], list[Entry], int] | None = None
         self.pool: HTTPConnectionPool | None = None
@@ -246,7 +247,7 @@ class RegistryClient:
 
     async def _get(self, path: str) -> Any:
         url = self.url + path
-        now = self.clock()
+        now = self.clock.seconds()
         cached = self._cache.get(url)
         if cached is not None and cached.expires > now:
             self._cache.move_to_end(url)
@@ -300,7 +301,7 @@ class RegistryClient:
         except ValueError:
             raise RegistryError(f"{self._where()} answered something that is not JSON") \
                 from None
-        return data, cache_seconds(response.headers, self.clock())
+        return data, cache_seconds(response.headers, self.clock.seconds())
 
     # --- a file catalogue ---------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from director.accounts import store
 from director.accounts.cache import AccountCache
 from director.accounts.credentials import looks_like_api_key
 from director.accounts.ratelimit import Decision, Limit, RateLimiter
+from director.clock import Clock, utc_now
 from director.config import Settings
 from director.db.database import Database
 from director.oauth.server.grants import AccessGrant, looks_like_access_token
@@ -93,9 +94,11 @@ def _unauthorized(message: str) -> Unauthorized:
 
 class Authenticator:
     def __init__(self, settings: Settings, database: Database, cache: AccountCache,
-                 limiter: RateLimiter, metrics: Metrics | None = None,
+                 limiter: RateLimiter, clock: Clock, metrics: Metrics | None = None,
                  oauth_tokens: TokenCache | None = None) -> None:
         self.settings = settings
+        #: The service's clock: a session's age and a cookie's lifetime are read from it.
+        self.clock = clock
         self.oauth_tokens = oauth_tokens
         self.metrics = metrics
         self.database = database
@@ -110,7 +113,7 @@ class Authenticator:
 
     def set_session_cookie(self, request: Request, token: str,
                            expires_at: datetime.datetime) -> None:
-        max_age = max(0, int((expires_at - datetime.datetime.now(datetime.UTC)).total_seconds()))
+        max_age = max(0, int((expires_at - utc_now(self.clock)).total_seconds()))
         attributes = [f"{self.cookie}={token}", "Path=/", f"Max-Age={max_age}", "HttpOnly",
                       "SameSite=Lax"]
         if self.secure_cookie:
@@ -246,12 +249,14 @@ class Authenticator:
 
     async def _renew_if_due(self, request: Request, token: str, session: store.Session) -> None:
         """Sliding expiry: at most one write per session per day."""
-        age = datetime.datetime.now(datetime.UTC) - session.renewed_at
-        if age < store.SESSION_RENEW_AFTER:
+        now = utc_now(self.clock)
+        if now - session.renewed_at < store.SESSION_RENEW_AFTER:
             return
-        expires_at = await self.database.run(store.renew_session(session.id))
+        renewed = await self.database.run(store.renew_session(session.id))
+        # A session deleted meanwhile (signed out elsewhere): its cookie expires at once.
+        expires_at = renewed if renewed is not None else now
         self.cache.remember_session(token, attrs.evolve(
-            session, expires_at=expires_at, renewed_at=datetime.datetime.now(datetime.UTC)))
+            session, expires_at=expires_at, renewed_at=now))
         self.set_session_cookie(request, token, expires_at)
 
     def _check_csrf(self, request: Request) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from director.accounts.throttle import LoginThrottle
+from director.clock import Clock
 from director.config import Settings
 from director.crypto import SecretBox
 from director.db.database import Database
@@ -32,14 +33,14 @@ class ApiV1(AccountRoutes, PlaybookYamlRoutes, RegistryRoutes, PlaybookRoutes, C
 
     def __init__(self, settings: Settings, database: Database, auth: Authenticator,
                  playbooks: PlaybookCache, box: SecretBox,
-                 registry: RegistryClient, oauth: Any = None) -> None:
+                 registry: RegistryClient, clock: Clock, oauth: Any = None) -> None:
         self.settings = settings
         self.oauth = oauth
         self.database = database
         self.auth = auth
         self.playbooks = playbooks
         self.box = box
-        self.throttle = LoginThrottle()
+        self.throttle = LoginThrottle(clock)
         self.registry = registry  # REGISTRY_URL's client
 
     def resource(self) -> Any:

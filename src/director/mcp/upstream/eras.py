@@ -11,9 +11,10 @@ server may be upgraded in place).
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
+
+from director.clock import Clock
 
 #: How long a verdict holds before the server is probed again.
 ERA_MEMORY_SECONDS = 3600.0
@@ -26,7 +27,7 @@ class EraMemory:
     "modern" or "legacy"), ``("stdio", command, args, cwd)`` (does that command line speak
     2026-07-28)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, clock: Clock,
                  lifetime: float = ERA_MEMORY_SECONDS, limit: int = ERA_MEMORY_LIMIT) -> None:
         self._clock = clock
         self._lifetime = lifetime
@@ -38,13 +39,13 @@ class EraMemory:
         entry = self._verdicts.get(key)
         if entry is None:
             return None
-        if self._clock() - entry[1] > self._lifetime:
+        if self._clock.seconds() - entry[1] > self._lifetime:
             del self._verdicts[key]
             return None
         return entry[0]
 
     def learnt(self, key: Hashable, verdict: bool) -> None:
-        self._verdicts[key] = (verdict, self._clock())
+        self._verdicts[key] = (verdict, self._clock.seconds())
         self._verdicts.move_to_end(key)
         while len(self._verdicts) > self._limit:
             self._verdicts.popitem(last=False)

@@ -93,7 +93,7 @@ class ModernHttpUpstream(StreamableHttpUpstream):
     def __init__(self, *arguments: Any, eras: EraMemory | None = None, **options: Any) -> None:
         super().__init__(*arguments, **options)
         #: What this and the other sessions learnt of the servers' eras (the service's).
-        self.eras = eras if eras is not None else EraMemory()
+        self.eras = eras if eras is not None else EraMemory(self._reactor)
         #: "modern" once ``server/discover`` succeeded, "legacy" after a handshake.
         self.era: str | None = None
         self.log_level: str | None = None

@@ -429,7 +429,7 @@ class StdioUpstream:
         self.client_capabilities = client_capabilities
         self.prefer_modern = prefer_modern
         #: What the probes of this and other command lines found (the service's).
-        self.eras = eras if eras is not None else EraMemory()
+        self.eras = eras if eras is not None else EraMemory(reactor)
         #: Who the child runs as (None: as the daemon, which must not then be root).
         self.account = account
         #: How the child is boxed (``director.sandbox``); by default as ``account``.

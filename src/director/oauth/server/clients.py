@@ -296,16 +296,17 @@ class Registration:
         return body
 
 
-def new_registration(body: dict[str, Any]) -> Registration:
+def new_registration(body: dict[str, Any], now: datetime.datetime) -> Registration:
     """A client for a registration request; RFC 7591's default authentication method is
-    ``client_secret_basic`` (a secret is then issued), MCP clients usually ask for ``none``."""
+    ``client_secret_basic`` (a secret is then issued), MCP clients usually ask for ``none``.
+    ``now`` (the service clock's) is its ``client_id_issued_at``."""
     metadata = checked_metadata(body, "client_secret_basic")
     secret = None
     if metadata["token_endpoint_auth_method"] in SECRET_METHODS:
         secret = secrets.token_urlsafe(32)
     client = client_of("dc_" + secrets.token_urlsafe(18), REGISTERED, metadata,
                        hash_token(secret) if secret is not None else None)
-    return Registration(client, secret, datetime.datetime.now(datetime.UTC))
+    return Registration(client, secret, now)
 
 
 def secret_matches(client: Client, presented: str) -> bool:

@@ -18,13 +18,13 @@ Fetching a URL a stranger names is a server-side request forgery risk (the draft
 A document is kept as its ``Cache-Control`` says (``max-age``, between one minute and a day;
 ``no-store`` and ``no-cache``: fetched again each time), five minutes when it says nothing; a
 failure is remembered for ``FAILURE_SECONDS``, so that a flood of authorization requests naming
-one bad URL costs one fetch.
+one bad URL costs one fetch. Those times are the service's clock's
+(``director.clock``).
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -37,6 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from director import __version__, jsontext
+from director.clock import Clock
 from director.mcp.upstream.connect import CheckedEndpoints, Refused
 from director.oauth.server.clients import (
     METADATA_DOCUMENT,
@@ -178,9 +179,10 @@ class DocumentFetcher:
     """Fetches, checks and caches metadata documents (module docstring)."""
 
     def __init__(self, reactor: Any, *, allow_insecure: bool, tls: Any = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Clock | None = None) -> None:
         self.reactor = reactor
-        self.clock = clock
+        #: What the cache's times are read from: the reactor, unless a test moves its own.
+        self.clock: Clock = reactor if clock is None else clock
         endpoints = CheckedEndpoints(reactor, allow_insecure=allow_insecure, tls=tls,
                                      timeout=FETCH_SECONDS)
         # Not persistent: documents are fetched rarely, from hosts seen once.
@@ -193,7 +195,7 @@ class DocumentFetcher:
         refusal = url_refusal(client_id)
         if refusal is not None:
             raise DocumentError(f"a client id that is a URL {refusal}")
-        now = self.clock()
+        now = self.clock.seconds()
         cached = self._cache.get(client_id)
         if cached is not None and cached.until > now:
             if cached.client is None:
@@ -202,10 +204,10 @@ class DocumentFetcher:
         try:
             client, keep = await self._fetch(client_id)
         except DocumentError as problem:
-            self._store(client_id, _Cached(None, str(problem), self.clock() + FAILURE_SECONDS))
+            self._store(client_id, _Cached(None, str(problem), self.clock.seconds() + FAILURE_SECONDS))
             raise
         if keep > 0:
-            self._store(client_id, _Cached(client, None, self.clock() + keep))
+            self._store(client_id, _Cached(client, None, self.clock.seconds() + keep))
         else:
             self._cache.pop(client_id, None)
         return client

@@ -29,6 +29,7 @@ from twisted.web.server import Request
 
 from director import jsontext
 from director.accounts.ratelimit import Limit
+from director.clock import Clock, utc_now
 from director.db.database import DatabaseUnavailable
 from director.oauth.server import clients as client_store
 from director.oauth.server import grants
@@ -114,6 +115,7 @@ class ServerBase:
     auth: Authenticator
     playbooks: PlaybookCache
     studio: Studio
+    reactor: Clock
     tokens: TokenCache
     documents: DocumentFetcher
     lifetimes: grants.Lifetimes
@@ -310,7 +312,7 @@ class OAuthEndpoints(ServerBase):
     async def register(self, request: Request) -> bytes:
         body = _registration_body(request)
         try:
-            registration = client_store.new_registration(body)
+            registration = client_store.new_registration(body, utc_now(self.reactor))
         except ClientMetadataError as problem:
             raise OAuthError(problem.error, problem.description) from None
         address = self.auth.client_address(request)

@@ -5,6 +5,8 @@ Unlike keys, tokens are many and short-lived, so they are not all loaded at star
 seen for the first time on this instance is read once from the database and kept until it
 expires (at most ``MAX_TOKENS``, least recently used first out); an unknown one is remembered
 briefly, so that a client hammering with a wrong token costs no query per request.
+Expiries (epoch seconds from the database) are compared with the service's clock
+(``director.clock``, a wall clock), which tests move.
 
 Revocation reaches every instance through ``oauth_grant:<id>`` on ``director_changes``: the
 grant's tokens are dropped at once and every ``CredentialHolder`` (the MCP engine) is told
@@ -16,15 +18,14 @@ lost, everything cached is dropped and the grants the holders still hold are che
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from typing import Any
 from uuid import UUID
 
 from twisted.logger import Logger
 
 from director.accounts.cache import CredentialHolder, Revocation
 from director.accounts.credentials import hash_token
+from director.clock import Clock
 from director.db.database import Database
 from director.db.interactions import CHANGES_CHANNEL
 from director.oauth.server import grants
@@ -41,7 +42,7 @@ REVOKED_MEMORY = 10_000
 
 
 class TokenCache:
-    def __init__(self, database: Database, clock: Any = time.time) -> None:
+    def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
         self.clock = clock
         self._tokens: OrderedDict[bytes, AccessGrant] = OrderedDict()
@@ -68,7 +69,7 @@ class TokenCache:
         """What ``token`` grants, or None: unknown, expired, or revoked."""
         digest = hash_token(token)
         found = self._tokens.get(digest)
-        now = self.clock()
+        now = self.clock.seconds()
         if found is not None:
             if found.expires_at > now:
                 return found
@@ -99,7 +100,7 @@ class TokenCache:
             self._forget(next(iter(self._tokens)))
 
     def _remember_unknown(self, digest: bytes) -> None:
-        self._unknown[digest] = self.clock()
+        self._unknown[digest] = self.clock.seconds()
         self._unknown.move_to_end(digest)
         while len(self._unknown) > UNKNOWN_TOKEN_CACHE_SIZE:
             self._unknown.popitem(last=False)
