@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from twisted.internet import defer, task
 
+from director.mcp.channels import LIST_CHANGED, SessionChannel, list_changed_encoded
 from director.mcp.slices import SLICE
-from director.mcp.streams import EventStream, StreamRegistry
+from director.mcp.streams import EventStream, StreamRegistry, frame, json_bytes
 
 
 class Transport:
@@ -189,3 +190,36 @@ def test_a_heartbeat_writes_a_slice_of_the_streams_per_reactor_turn() -> None:
     assert [request.through_twisted for request in requests].count([b": ping\n\n"]) == \
         len(requests) - 1
     assert ended.through_twisted == []
+
+
+def test_a_playbook_change_writes_its_notifications_to_a_stream_at_once(pair: Any) -> None:
+    """A change of servers tells each session three ``list_changed``: one chunk, one
+    ``send(2)``, three events with consecutive ids, each kept for ``Last-Event-ID``."""
+    server, client = pair
+    stream, request, _ = stream_on(server)
+    channel = SessionChannel("abcdefgh-session")
+    channel.stream = stream
+    sent: list[bytes] = []
+    real_send = server.send
+
+    class CountingSocket:
+        def send(self, data: bytes) -> int:
+            sent.append(data)
+            return real_send(data)
+
+    stream._raw_transport().socket = CountingSocket()
+    channel.send_encoded(list_changed_encoded(LIST_CHANGED), derived=True)
+    events = b"".join(
+        b"id: abcdefgh-%d\nevent: message\ndata: %b\n\n"
+        % (number, json_bytes({"jsonrpc": "2.0", "method": method}))
+        for number, method in enumerate(LIST_CHANGED, start=1))
+    assert received(client) == chunk(events)
+    assert len(sent) == 1 and request.through_twisted == []
+    assert b"".join(channel.replay.after("abcdefgh-0") or []) == events
+    assert channel.replay.after("abcdefgh-2") == [events.split(b"\n\n")[2] + b"\n\n"]
+
+
+def test_a_message_with_a_line_break_is_framed_as_several_data_lines() -> None:
+    assert frame(b'{"a":\n1}', "s-1") == b'id: s-1\nevent: message\ndata: {"a":\ndata: 1}\n\n'
+    assert frame(b"{}", "s-2") == b"id: s-2\nevent: message\ndata: {}\n\n"
+    assert frame(b"{}") == b"event: message\ndata: {}\n\n"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Protocol
 
 from director.mcp import jsonrpc
@@ -29,9 +30,13 @@ if TYPE_CHECKING:
 
 LIST_CHANGED = ("notifications/tools/list_changed", "notifications/prompts/list_changed",
                 "notifications/resources/list_changed")
-#: Each as ``SessionChannel`` writes it, encoded once for a fan-out to every session.
-LIST_CHANGED_ENCODED = {method: json_bytes(jsonrpc.notification(method))
-                        for method in LIST_CHANGED}
+
+
+@functools.cache
+def list_changed_encoded(methods: tuple[str, ...]) -> tuple[bytes, ...]:
+    """``list_changed`` notifications as ``SessionChannel`` writes them: encoded once for a
+    fan-out to every session (and for every later one: there are a handful of combinations)."""
+    return tuple(json_bytes(jsonrpc.notification(method)) for method in methods)
 
 
 class Channel(Protocol):
@@ -101,22 +106,33 @@ class SessionChannel:
         return self.stream is not None and self.stream.open
 
     def send(self, message: Message) -> None:
-        self.send_encoded(response_bytes(message) if jsonrpc.is_response(message)
-                          else json_bytes(message))
+        self.send_encoded((response_bytes(message) if jsonrpc.is_response(message)
+                           else json_bytes(message),))
 
-    def send_encoded(self, data: bytes, derived: bool = False) -> None:
-        """``send`` of a message already encoded (``json_bytes``). ``derived``: every instance
-        produces it by itself (a playbook change), so only one with the stream sends it."""
-        chunk = self.replay.record(data)
-        shared = self.shared
-        if self.stream is not None and self.stream.open:
-            self.stream.send(chunk)
-            if shared is not None:  # logged at once: the stream may be dead already, unseen
-                shared.events.append(self.key, self.replay.last_id, data, False)
-        elif shared is not None and not derived:  # the stream is elsewhere, or nowhere yet
-            shared.events.append(self.key, self.replay.last_id, data, True)
-        elif shared is not None and self.last_holder:  # every instance has it: one keeps it
-            shared.events.append(self.key, self.replay.last_id, data, False)
+    def send_encoded(self, encoded: tuple[bytes, ...], derived: bool = False) -> None:
+        """``send`` of messages already encoded (``json_bytes``), in one write to the stream
+        (a playbook change's notifications: one system call a stream, not one an event).
+        ``derived``: every instance produces them by itself (a playbook change), so only one
+        with the stream sends them."""
+        replay, shared, stream = self.replay, self.shared, self.stream
+        streaming = stream is not None and stream.open
+        chunks = []
+        for data in encoded:
+            chunks.append(replay.record(data))
+            if shared is not None:
+                self._log(shared, replay.last_id, data, streaming, derived)
+        if streaming:
+            assert stream is not None
+            stream.send(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _log(self, shared: SharedSessions, event_id: str, data: bytes, streaming: bool,
+             derived: bool) -> None:
+        if streaming:  # logged at once: the stream may be dead already, unseen
+            shared.events.append(self.key, event_id, data, False)
+        elif not derived:  # the stream is elsewhere, or nowhere yet
+            shared.events.append(self.key, event_id, data, True)
+        elif self.last_holder:  # every instance has it: one keeps it
+            shared.events.append(self.key, event_id, data, False)
 
     def write_relayed(self, event_id: str, data: bytes) -> None:
         """An event another instance produced for this stream (already in the event log)."""

@@ -20,7 +20,7 @@ from director import tracing
 from director.accounts.cache import Credential
 from director.mcp import jsonrpc
 from director.mcp.capabilities import describe, missing, relayed
-from director.mcp.channels import LIST_CHANGED_ENCODED, CallChannel, Channel, SessionChannel
+from director.mcp.channels import CallChannel, Channel, SessionChannel, list_changed_encoded
 from director.mcp.dispatch import dispatch
 from director.mcp.jsonrpc import (
     INTERNAL_ERROR,
@@ -158,7 +158,7 @@ class DownstreamSession:
     def _list_grew(self, method: str) -> None:
         """A server left out of this session's last ``method`` answer (not ready yet) has
         entries now: the client is told to list again."""
-        self.notify_list_changed(LIST_METHODS[method][1])
+        self.notify_list_changed((LIST_METHODS[method][1],))
 
     # --- requests from the client ---------------------------------------------------------
 
@@ -336,13 +336,15 @@ class DownstreamSession:
         if not self.closed:
             self.channel.send(message)
 
-    def notify_list_changed(self, method: str, derived: bool = False) -> None:
-        """``notify`` of a parameterless ``list_changed``, encoded once for all sessions
-        (``derived``: as ``SessionChannel.send_encoded``)."""
+    def notify_list_changed(self, methods: tuple[str, ...], derived: bool = False) -> None:
+        """``notify`` of parameterless ``list_changed`` notifications, encoded once for all
+        sessions and written to the stream at once (``derived``: as
+        ``SessionChannel.send_encoded``)."""
         if type(self).notify is not DownstreamSession.notify:  # a subclass routes its own
-            self.notify(jsonrpc.notification(method))
+            for method in methods:
+                self.notify(jsonrpc.notification(method))
         elif not self.closed:
-            self.channel.send_encoded(LIST_CHANGED_ENCODED[method], derived)
+            self.channel.send_encoded(list_changed_encoded(methods), derived)
 
     # --- end ------------------------------------------------------------------------------
 

@@ -245,12 +245,8 @@ class McpEngine:
                    if servers_changed else ()) + \
             (("notifications/prompts/list_changed",) if prompts_changed else ())
         if methods:
-            self.streams.slicer.run(affected, lambda session: tell(session, methods))
-
-
-def tell(session: DownstreamSession, methods: tuple[str, ...]) -> None:
-    for method in methods:
-        session.notify_list_changed(method, True)
+            self.streams.slicer.run(
+                affected, lambda session: session.notify_list_changed(methods, derived=True))
 
 
 def remember(memory: dict[Any, float], key: Any, seconds: float, now: float) -> None:

@@ -53,5 +53,4 @@ def sessions_follow(engine: McpEngine, oauth: UpstreamAuthorizations, user_id: U
                 engine.upstreams.release(None, {name: upstream})
                 touched = True
         if touched:
-            for method in LIST_CHANGED:
-                session.notify_list_changed(method)
+            session.notify_list_changed(LIST_CHANGED)
