@@ -10,11 +10,18 @@ comment is written at once and the response never finishes), and ``POST /fanout`
 holding and notifying streams costs Twisted itself, with no session behind them.
 ``POST /fanout-raw`` writes the same bytes (chunk framing included) with one ``send(2)`` per
 socket at once, bypassing Twisted's buffered write path: the floor of a fan-out on this machine.
+
+For the call figures it answers MCP itself on any path ending in ``/mcp``: the JSON body is
+parsed, ``initialize`` gets a result and an ``Mcp-Session-Id``, a notification 202, and any
+other request the result ``bench.echo_server`` would give to ``echo``. Loaded by
+``bench.mcpload gateway`` like the daemon, it is what twisted.web alone costs per call, with
+no upstream behind it: the floor under "gateway CPU per proxied tools/call".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -48,6 +55,8 @@ class Health(resource.Resource):
         return BODY
 
     def render_POST(self, request: server.Request) -> bytes:
+        if request.path.endswith(b"/mcp"):
+            return answer_mcp(request)
         if request.path == b"/fanout":
             for stream in list(self.streams):
                 stream.write(EVENT)
@@ -66,6 +75,26 @@ class Health(resource.Resource):
         self.streams.add(request)
         request.notifyFinish().addBoth(lambda _: self.streams.discard(request))
         return server.NOT_DONE_YET
+
+
+def answer_mcp(request: server.Request) -> bytes:
+    """The least an MCP server on twisted.web does for a POST (see the module docstring)."""
+    assert request.content is not None
+    message = json.loads(request.content.read())
+    if "id" not in message:
+        request.setResponseCode(202)
+        return b""
+    if message.get("method") == "initialize":
+        request.setHeader(b"mcp-session-id", b"baseline")
+        result: dict[str, Any] = {"protocolVersion": message["params"]["protocolVersion"],
+                                  "capabilities": {"tools": {}},
+                                  "serverInfo": {"name": "baseline", "version": "1"}}
+    else:
+        text = message.get("params", {}).get("arguments", {}).get("text", "")
+        result = {"content": [{"type": "text", "text": text}], "isError": False}
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result},
+                      separators=(",", ":")).encode()
 
 
 def send_now(stream: server.Request, data: bytes) -> None:

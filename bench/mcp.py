@@ -6,7 +6,9 @@
   (``bench.mcpload direct``), alternately in the same run; added = the gateway's percentile
   minus the direct one.
 * Gateway CPU per proxied call: the daemon's ``utime + stime`` over a run divided by every
-  call of the run (the echo server's own CPU is its own process, reported apart).
+  call of the run (the echo server's own CPU is its own process, reported apart). Its floor:
+  ``bench.baseline_server`` answering the same POSTs itself (plain twisted.web, no upstream),
+  loaded and measured the same way in the same rounds.
 * Throughput with 1, 8 and 32 sessions, one connection and one call in flight each; the echo
   server with as many calls in flight on its pipe is the baseline.
 * Idle sessions: ``bench.streams`` opens ``sessions`` sessions (``initialize``,
@@ -118,8 +120,10 @@ def calls(reaper: Reaper, workdir: Path, database_url: str, rounds: int, duratio
     key = str(client.key)
     _checked(gateway_load(server.port, playbook, key, 1, 0.5, 0.5), "priming call")
     echo = _echo_pid(server.pid)
+    base = start_baseline(reaper, workdir / "baseline-calls.log")
     direct: dict[int, list[dict[str, Any]]] = {1: [], 32: []}
     gateway: dict[int, list[LoadRun]] = {count: [] for count in SESSION_COUNTS}
+    floor: dict[int, list[LoadRun]] = {1: [], 32: []}
     for _ in range(rounds):
         for count in SESSION_COUNTS:
             if count in direct:
@@ -130,12 +134,15 @@ def calls(reaper: Reaper, workdir: Path, database_url: str, rounds: int, duratio
                                 f"gateway, {sessions} sessions")
 
             gateway[count].append(measure(server, echo, load))
+            if count in floor:
+                floor[count].append(measure(base, None, load))
     server.stop()
-    return _call_figures(direct, gateway, echo is not None)
+    base.stop()
+    return _call_figures(direct, gateway, floor, echo is not None)
 
 
 def _call_figures(direct: dict[int, list[dict[str, Any]]], gateway: dict[int, list[LoadRun]],
-                  echo_found: bool) -> list[Figure]:
+                  floor: dict[int, list[LoadRun]], echo_found: bool) -> list[Figure]:
     def direct_ms(stat: str) -> list[float]:
         return [float(load["latency_ms"][stat]) for load in direct[1]]
 
@@ -152,8 +159,8 @@ def _call_figures(direct: dict[int, list[dict[str, Any]]], gateway: dict[int, li
     def rate(count: int) -> tuple[float, ...]:
         return tuple(run.rate for run in gateway[count])
 
-    def cpu(count: int) -> tuple[float, ...]:
-        return tuple(run.server_cpu_us for run in gateway[count])
+    def cpu(count: int, runs: dict[int, list[LoadRun]] = gateway) -> tuple[float, ...]:
+        return tuple(run.server_cpu_us for run in runs[count])
 
     echo_cpu = statistics.median(run.database_cpu_us or 0.0 for run in gateway[32])
     details = {
@@ -175,6 +182,11 @@ def _call_figures(direct: dict[int, list[dict[str, Any]]], gateway: dict[int, li
                f"1 session {formatted(statistics.median(cpu(1)), 'µs')}; echo server "
                + (formatted(echo_cpu, 'µs') if echo_found else "not found")
                + "; original ≈5-6.5 ms"),
+        Figure("mcp_cpu_floor", "  plain twisted.web answering those POSTs itself", "µs",
+               cpu(32, floor), baseline=f"1 session {formatted(statistics.median(cpu(1, floor)), 'µs')}"
+               "; no upstream: the HTTP server's own cost per call",
+               details={"floor": {count: [run.load for run in runs]
+                                  for count, runs in floor.items()}}),
         Figure("mcp_rps_1", "tools/call throughput, 1 session", "calls/s", rate(1),
                baseline=f"direct stdio 1 in flight {formatted(direct_one, 'calls/s')}"),
         Figure("mcp_rps_8", "  8 sessions", "calls/s", rate(8),
