@@ -139,3 +139,23 @@ def test_on_the_real_gc_a_sweep_reclaims_garbage_that_was_frozen(monkeypatch: An
         collector.stop()
         gc.unfreeze()
         assert gc.get_threshold() == thresholds
+
+
+def test_the_free_heap_goes_back_to_the_system_at_start_and_after_each_sweep_only() -> None:
+    clock, recording, trims = task.Clock(), RecordingGc(1_000_000), []
+    collector = Collector(clock, lambda: False, recording, trim_heap=lambda: trims.append(1))
+    collector.start()
+    assert len(trims) == 1
+    recording.young = 5_000
+    clock.advance(YOUNG_SECONDS)  # a young turn: nothing given back
+    assert len(trims) == 1
+    recording.young = 1_000_000
+    turns(clock, 2)  # frozen doubled on the first, swept on the second
+    assert collector.sweeps == 1 and len(trims) == 2
+
+
+def test_the_daemon_finds_malloc_trim_in_the_c_library() -> None:
+    """Debian and Ubuntu run glibc: the daemon must not silently lose the trim there."""
+    trim = collector_module.heap_trimmer()
+    assert trim is not None
+    assert trim() in (0, 1)  # glibc: 1 if memory was given back, else 0

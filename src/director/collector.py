@@ -19,10 +19,17 @@ fan-out to every stream. So:
   the next turn of the check.
 
 What is loaded at start is frozen by the service before this starts.
+
+When it starts and after each sweep, the heap that is free again goes back to the system
+(glibc's ``malloc_trim``): freed memory in the middle of the heap otherwise stays resident,
+counted in the daemon's RSS for good. At start that is what loading left behind (1.3 MiB of
+the idle RSS, bench ``memory``); after a sweep, what ended sessions held. It costs a walk of
+malloc's free lists (0.04 ms with a 240 MB heap here), at those moments only.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -42,11 +49,23 @@ SWEEP_MINIMUM_GROWTH = 200_000
 NEVER = 2**30
 
 
+def heap_trimmer() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)`` (gives back every free page of the heap), or None where the C
+    library has none (musl)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
 class Collector:
-    def __init__(self, clock: Any, busy: Callable[[], bool], collector: Any = gc) -> None:
+    def __init__(self, clock: Any, busy: Callable[[], bool], collector: Any = gc,
+                 trim_heap: Callable[[], object] | None = None) -> None:
         self.clock = clock
         self.busy = busy
         self.gc = collector
+        self.trim_heap = trim_heap
         self.swept_at = 0  # the frozen count after the last sweep
         self.sweeps = 0
         self._loop: task.LoopingCall | None = None
@@ -57,6 +76,7 @@ class Collector:
         young, middle = self._thresholds[:2]
         self.gc.set_threshold(young, middle, NEVER)
         self.swept_at = self.gc.get_freeze_count()
+        self._give_back()
         self._loop = repeating(self.clock, YOUNG_SECONDS, self.turn)
 
     def stop(self) -> None:
@@ -75,9 +95,14 @@ class Collector:
             self.gc.freeze()
             self.swept_at = self.gc.get_freeze_count()
             self.sweeps += 1
+            self._give_back()
             log.debug("collector sweep: {found} unreachable, {kept} kept, {ms:.0f} ms",
                       found=found, kept=self.swept_at,
                       ms=(self.clock.seconds() - started) * 1000)
             return
         self.gc.collect()
         self.gc.freeze()
+
+    def _give_back(self) -> None:
+        if self.trim_heap is not None:
+            self.trim_heap()

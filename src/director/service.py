@@ -38,7 +38,7 @@ from director import __version__, state, systemd, tracing
 from director.accounts.cache import AccountCache
 from director.accounts.purge import SessionPurge
 from director.accounts.ratelimit import RateLimiter
-from director.collector import Collector
+from director.collector import Collector, heap_trimmer
 from director.config import Settings, dangerous_settings, host_is_loopback
 from director.crypto import SecretBox, SecretUnreadable
 from director.db import migrate
@@ -159,7 +159,8 @@ class DirectorService(MultiService):
                              max_sessions_per_user=settings.mcp_max_sessions_per_user,
                              idle_seconds=settings.mcp_session_idle_seconds,
                              metrics=self.metrics)
-        self.collector = Collector(reactor, lambda: self.mcp.streams.slicer.running > 0)
+        self.collector = Collector(reactor, lambda: self.mcp.streams.slicer.running > 0,
+                                   trim_heap=heap_trimmer())
         #: Handshake-era and /sse sessions served by any instance (issue 17).
         self.shared_sessions = SharedSessions(self.database, reactor, self.mcp,
                                               settings.mcp_event_log_events,
