@@ -128,14 +128,20 @@ def _registry_url(raw: str) -> str:
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or \
                 parts.query or parts.fragment:
             raise Invalid("is not a file URL of an absolute path",
-                           "use file:///etc/director/catalogue.json")
+                          "use file:///etc/director/catalogue.json")
         return f"file://{parts.path}"
     try:
         return _http_url(value)
     except Invalid:
         raise Invalid("is not an http(s) or file URL",
-                       "use https://registry.modelcontextprotocol.io or "
-                       "file:///etc/director/catalogue.json") from None
+                      "use https://registry.modelcontextprotocol.io or "
+                      "file:///etc/director/catalogue.json") from None
+
+
+def _comma_items(raw: str) -> list[str]:
+    """The items of a comma-separated list, stripped; empty ones (``a,,b``, a trailing comma)
+    are left out."""
+    return [item for part in raw.split(",") if (item := part.strip())]
 
 
 _REGISTRY_NAME = re.compile(r"[a-zA-Z0-9.-]+/(\*|[a-zA-Z0-9._-]+)")
@@ -143,14 +149,11 @@ _REGISTRY_NAME = re.compile(r"[a-zA-Z0-9.-]+/(\*|[a-zA-Z0-9._-]+)")
 
 def _registry_names(raw: str) -> tuple[str, ...]:
     names = []
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in _comma_items(raw):
         if not _REGISTRY_NAME.fullmatch(item):
             raise Invalid(f"contains {item!r}, which is not a server name or namespace",
-                           "list names such as io.github.acme/weather or namespaces such as "
-                           "io.github.acme/*, separated by commas")
+                          "list names such as io.github.acme/weather or namespaces such as "
+                          "io.github.acme/*, separated by commas")
         names.append(item)
     return tuple(names)
 
@@ -201,7 +204,7 @@ def _libpq_reading(dsn: str) -> dict[str, str]:
         reason = _QUOTED.sub(_unquoted, " ".join(str(error).split()))
         reason = reason.removeprefix("invalid dsn: ")
         raise Invalid(f"cannot be parsed ({reason})",
-                       "use postgres://user:password@host:5432/dbname") from None
+                      "use postgres://user:password@host:5432/dbname") from None
 
 
 def _misread(dsn: str, reading: Mapping[str, str]) -> bool:
@@ -251,10 +254,7 @@ def _secret(raw: str) -> str:
 
 def _origin_list(raw: str) -> tuple[str, ...]:
     origins = []
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in _comma_items(raw):
         parts = urlsplit(item)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
             raise Invalid(
@@ -267,10 +267,7 @@ def _origin_list(raw: str) -> tuple[str, ...]:
 
 def _host_list(raw: str) -> tuple[str, ...]:
     hosts = []
-    for item in raw.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
+    for item in _comma_items(raw.lower()):
         if "/" in item or " " in item:
             raise Invalid(
                 f"contains {item!r}, which is not a host name",
@@ -282,10 +279,7 @@ def _host_list(raw: str) -> tuple[str, ...]:
 
 def _network_list(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
+    for item in _comma_items(raw):
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
@@ -343,7 +337,7 @@ def _stdio_sandbox(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("auto", "systemd", "account"):
         raise Invalid("is not auto, systemd or account", "use auto (the default), systemd or "
-                       "account")
+                      "account")
     return value
 
 
@@ -380,7 +374,7 @@ def _otlp_url(raw: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Invalid("is not an http(s) URL",
-                       "give the collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318")
+                      "give the collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318")
     return url
 
 
@@ -394,7 +388,7 @@ def _otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise Invalid("is not a list of key=value pairs",
-                           "write it as name=value,name2=value2 (values percent-encoded)")
+                          "write it as name=value,name2=value2 (values percent-encoded)")
         headers[key.strip().lower()] = unquote(value.strip())
     return tuple(headers.items())
 
