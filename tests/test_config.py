@@ -559,3 +559,14 @@ def test_tracing_is_on_only_with_an_endpoint() -> None:
                          ).tracing_endpoint == "https://b/traces"
     assert load_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://a:4318",
                           "OTEL_SDK_DISABLED": "true"}).tracing_endpoint is None
+
+
+def test_every_problem_is_listed_in_a_fixed_order() -> None:
+    """A value its parser rejects first, then the checks across variables, in one order."""
+    problems = problems_for({"NODE_ENV": "production", "PORT": "0",
+                             "METRICS_LISTEN": "0.0.0.0:9464", "REGISTRY_TRUST": "allowlist",
+                             "DANGEROUSLY_ENABLE_SEEDING": "true", "OIDC_ISSUER":
+                             "https://issuer.example.com"})
+    assert [problem.split(" ", 1)[0] for problem in problems] == [
+        "PORT='0'", "METRICS_LISTEN='0.0.0.0:9464'", "REGISTRY_TRUST=allowlist", "FATAL:",
+        "OIDC_CLIENT_ID,", "DATABASE_URL", "BETTER_AUTH_SECRET", "BASE_URL"]

@@ -47,7 +47,7 @@ QUIET_LOGGERS = ("opentelemetry.exporter.otlp.proto.http", "opentelemetry.sdk._s
 
 
 def sampler_of(name: str, argument: float | None) -> Sampler:
-    """The sampler ``OTEL_TRACES_SAMPLER`` names (``config.SAMPLERS``)."""
+    """The sampler ``OTEL_TRACES_SAMPLER`` names (``config_variables.SAMPLERS``)."""
     ratio = 1.0 if argument is None else argument
     fixed = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}
     root: Sampler = fixed.get(name.removeprefix("parentbased_")) or TraceIdRatioBased(ratio)

@@ -64,7 +64,7 @@ text and the same playbook.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 import attrs
@@ -377,16 +377,40 @@ def parse_document(document: str | bytes) -> ParsedPlaybook:
         raise locator.invalid({ROOT: "must be a mapping with version, name, servers and "
                                      "prompts"})
     problems: dict[str, str] = {}
+    version_problem = _version_problem(data)
+    if version_problem is not None:  # another version's document: the rest would only be noise
+        raise locator.invalid({"version": version_problem})
+    top = _known(data, TOP_FIELDS, ROOT, problems)
+    fields, playbook_id = _playbook_fields(top, problems)
+    redacted: list[RedactedSecret] = []
+    choices: dict[str, str | None] = {}
+    servers = [_server(item, index, problems, redacted, choices)
+               for index, item in enumerate(_list(top, "servers", MAX_SERVERS, problems))]
+    prompts = [_prompt(item, index, problems)
+               for index, item in enumerate(_list(top, "prompts", MAX_PROMPTS, problems))]
+    _unique(_names(servers), "server", problems)
+    _unique(_names(prompts), "prompt", problems)
+    if problems:
+        raise locator.invalid(problems)
+    assert fields is not None and playbook_id is not None
+    return ParsedPlaybook(playbook_id, fields, _present(servers), _present(prompts),
+                          tuple(redacted), locator, choices)
+
+
+def _version_problem(data: Mapping[str, Any]) -> str | None:
     version = data.get("version")
     if "version" not in data or version is None:
-        problems["version"] = f"is required: write `version: {DOCUMENT_VERSION}` first"
-    elif isinstance(version, bool) or not isinstance(version, int) \
+        return f"is required: write `version: {DOCUMENT_VERSION}` first"
+    if isinstance(version, bool) or not isinstance(version, int) \
             or version != DOCUMENT_VERSION:
-        problems["version"] = (f"must be {DOCUMENT_VERSION}: this Director reads version "
-                               f"{DOCUMENT_VERSION} playbook documents only")
-    if problems:  # another version's document: the rest would only be noise
-        raise locator.invalid(problems)
-    top = _known(data, TOP_FIELDS, ROOT, problems)
+        return (f"must be {DOCUMENT_VERSION}: this Director reads version "
+                f"{DOCUMENT_VERSION} playbook documents only")
+    return None
+
+
+def _playbook_fields(top: Mapping[str, Any], problems: dict[str, str]
+                     ) -> tuple[PlaybookFields | None, str | None]:
+    """The playbook's own fields and its id, each None when ``problems`` says why."""
     body = {key: top[key] for key in ("id", "name", "description", "position") if key in top}
     fields = _attempt(problems, model.parse_playbook_fields, body)
     playbook_id = None
@@ -394,21 +418,18 @@ def parse_document(document: str | bytes) -> ParsedPlaybook:
         playbook_id = _attempt(problems, model.playbook_id_from, body, fields.name)
     elif "id" in body:  # still check an explicit id
         _attempt(problems, model.playbook_id_from, body, "-")
+    return fields, playbook_id
 
-    redacted: list[RedactedSecret] = []
-    choices: dict[str, str | None] = {}
-    servers = [_server(item, index, problems, redacted, choices)
-               for index, item in enumerate(_list(top, "servers", MAX_SERVERS, problems))]
-    prompts = [_prompt(item, index, problems)
-               for index, item in enumerate(_list(top, "prompts", MAX_PROMPTS, problems))]
-    _unique([(i, s.name) for i, s in enumerate(servers) if s is not None], "server", problems)
-    _unique([(i, p.name) for i, p in enumerate(prompts) if p is not None], "prompt", problems)
-    if problems:
-        raise locator.invalid(problems)
-    assert fields is not None and playbook_id is not None
-    return ParsedPlaybook(playbook_id, fields, tuple(s for s in servers if s is not None),
-                          tuple(p for p in prompts if p is not None), tuple(redacted), locator,
-                          choices)
+
+_Named = TypeVar("_Named", Server, Prompt)
+
+
+def _names(items: list[_Named | None]) -> list[tuple[int, str]]:
+    return [(index, item.name) for index, item in enumerate(items) if item is not None]
+
+
+def _present(items: list[_Named | None]) -> tuple[_Named, ...]:
+    return tuple(item for item in items if item is not None)
 
 
 # --- exporting ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -263,74 +263,87 @@ def parse_server(body: Mapping[str, Any], base: Server | None = None, path: str 
         raise ValidationFailed({path.rstrip(".") or "body": "must be an object"})
     reject_unknown(body, SERVER_FIELDS, path)
     values: dict[str, Any] = attrs.asdict(base, recurse=False) if base is not None else {}
-    server_type = body.get("type", values.get("type"))
+    server_type = _server_type(body, base, values.get("type"), path)
+    values["type"] = server_type
+    _collect(_server_checks(body, base, values, path, server_type))
+    if values.get("include") is not None and values.get("exclude") is not None:
+        raise ValidationFailed({f"{path}include": "cannot be combined with exclude; use one"})
+    return Server(**values)
+
+
+def _server_type(body: Mapping[str, Any], base: Server | None, current: Any, path: str) -> Any:
+    """The server's type, once ``body`` changes nothing a registry entry or the type fixes."""
+    server_type = body.get("type", current)
     if base is not None and base.registry is not None:
-        derived = sorted(REGISTRY_DERIVED & {key for key in body if body[key] is not None})
-        if derived:
-            raise ValidationFailed({f"{path}{key}": (
-                f"comes from the registry entry {base.registry.name} {base.registry.version}; "
-                "change its inputs by updating it from the registry") for key in derived})
+        _refuse_registry_derived(body, base.registry, path)
     if base is not None and "type" in body and body["type"] != base.type:
         raise ValidationFailed({f"{path}type": "cannot change; remove the server and add it "
                                                "again"})
     if server_type not in SERVER_TYPES:
         raise ValidationFailed({f"{path}type": "must be one of stdio, http, sse"})
-    values["type"] = server_type
+    return server_type
 
-    def field(name: str, parse: Any) -> Any:
-        return lambda: values.__setitem__(name, parse(body[name], f"{path}{name}"))
 
-    checks: list[tuple[str, Any]] = []
+def _refuse_registry_derived(body: Mapping[str, Any], registry: RegistrySource,
+                             path: str) -> None:
+    derived = sorted(REGISTRY_DERIVED & {key for key in body if body[key] is not None})
+    if derived:
+        raise ValidationFailed({f"{path}{key}": (
+            f"comes from the registry entry {registry.name} {registry.version}; "
+            "change its inputs by updating it from the registry") for key in derived})
+
+
+Check = tuple[str, Callable[[], None]]
+Parsers = tuple[tuple[str, Callable[[Any, str], Any]], ...]
+
+
+def _assign(values: dict[str, Any], name: str, parse: Callable[[], Any]) -> Check:
+    """A check for ``_collect`` that stores what ``parse`` returns as ``values[name]``."""
+    return name, lambda: values.__setitem__(name, parse())
+
+
+def _given(body: Mapping[str, Any], values: dict[str, Any], path: str, parsers: Parsers
+           ) -> list[Check]:
+    """A check for each of ``parsers``' fields that ``body`` has, in the table's order."""
+    return [_field(body, values, path, name, parse) for name, parse in parsers if name in body]
+
+
+def _field(body: Mapping[str, Any], values: dict[str, Any], path: str, name: str,
+           parse: Callable[[Any, str], Any]) -> Check:
+    return _assign(values, name, lambda: parse(body[name], f"{path}{name}"))
+
+
+def _server_checks(body: Mapping[str, Any], base: Server | None, values: dict[str, Any],
+                   path: str, server_type: str) -> list[Check]:
+    """Every field's check, in the order the problems are reported."""
+    checks: list[Check] = []
     if base is None or "name" in body:
-        checks.append(("name", lambda: values.__setitem__("name", _name(body.get("name"),
-                                                                        f"{path}name"))))
-    stdio_only, http_only = ("command", "args", "env", "cwd", "isolate_sessions"), ("url",
-                                                                                     "headers")
-    for name in stdio_only if server_type != "stdio" else http_only:
-        if name in body and body[name] is not None:
-            checks.append((name, lambda n=name: _refuse(
-                {f"{path}{n}": f"does not apply to a {server_type} server"})))
+        checks.append(_assign(values, "name", lambda: _name(body.get("name"), f"{path}name")))
+    checks += _inapplicable(body, path, server_type)
     if server_type == "stdio":
         if base is None or "command" in body:
-            checks.append(("command", lambda: values.__setitem__("command", _text(
+            checks.append(_assign(values, "command", lambda: _text(
                 body.get("command"), f"{path}command", required=True, limit=4096,
-                allow_empty=False))))
-        if "args" in body:
-            checks.append(("args", field("args", _string_list)))
-        if "env" in body:
-            checks.append(("env", lambda: values.__setitem__("env", _secret_map(
-                body["env"], f"{path}env", ENV_NAME_PATTERN,
-                "must be an environment variable name"))))
-        if "cwd" in body:
-            checks.append(("cwd", lambda: values.__setitem__("cwd", _cwd(body["cwd"],
-                                                                         f"{path}cwd"))))
-        if "isolate_sessions" in body:
-            checks.append(("isolate_sessions", field("isolate_sessions", _bool)))
+                allow_empty=False)))
+        checks += _given(body, values, path, _STDIO_PARSERS)
     else:
         if base is None or "url" in body:
-            checks.append(("url", lambda: values.__setitem__("url", _url(body.get("url"),
-                                                                         f"{path}url"))))
-        if "headers" in body:
-            checks.append(("headers", lambda: values.__setitem__("headers", _secret_map(
-                body["headers"], f"{path}headers", HEADER_NAME_PATTERN,
-                "must be an HTTP header name"))))
-    for name in ("disabled", "expose_prompts"):
-        if name in body:
-            checks.append((name, field(name, _bool)))
-    if "prefix" in body:
-        checks.append(("prefix", lambda: values.__setitem__("prefix", _text(
-            body["prefix"], f"{path}prefix", limit=64))))
-    for name in ("include", "exclude"):
-        if name in body:
-            checks.append((name, lambda n=name: values.__setitem__(
-                n, None if body[n] is None else _string_list(body[n], f"{path}{n}"))))
-    if "timeout_seconds" in body:
-        checks.append(("timeout_seconds", lambda: values.__setitem__(
-            "timeout_seconds", _timeout(body["timeout_seconds"], f"{path}timeout_seconds"))))
-    _collect(checks)
-    if values.get("include") is not None and values.get("exclude") is not None:
-        raise ValidationFailed({f"{path}include": "cannot be combined with exclude; use one"})
-    return Server(**values)
+            checks.append(_assign(values, "url", lambda: _url(body.get("url"), f"{path}url")))
+        checks += _given(body, values, path, _HTTP_PARSERS)
+    return checks + _given(body, values, path, _COMMON_PARSERS)
+
+
+def _inapplicable(body: Mapping[str, Any], path: str, server_type: str) -> list[Check]:
+    """A refusal for each field given that belongs to the other kind of server."""
+    stdio_only, http_only = ("command", "args", "env", "cwd", "isolate_sessions"), ("url",
+                                                                                     "headers")
+    return [_refusal(name, f"{path}{name}", f"does not apply to a {server_type} server")
+            for name in (stdio_only if server_type != "stdio" else http_only)
+            if name in body and body[name] is not None]
+
+
+def _refusal(name: str, where: str, problem: str) -> Check:
+    return name, lambda: _refuse({where: problem})
 
 
 def _url(value: Any, path: str) -> str:
@@ -359,6 +372,31 @@ def _timeout(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
         raise ValidationFailed({path: "must be a number of seconds from 0 to 3600"})
     return float(value)
+
+
+def _env(value: Any, path: str) -> tuple[tuple[str, SecretValue], ...]:
+    return _secret_map(value, path, ENV_NAME_PATTERN, "must be an environment variable name")
+
+
+def _headers(value: Any, path: str) -> tuple[tuple[str, SecretValue], ...]:
+    return _secret_map(value, path, HEADER_NAME_PATTERN, "must be an HTTP header name")
+
+
+def _prefix(value: Any, path: str) -> str:
+    return _text(value, path, limit=64)
+
+
+def _optional_list(value: Any, path: str) -> tuple[str, ...] | None:
+    return None if value is None else _string_list(value, path)
+
+
+#: How each optional field is parsed, in the order its problems are reported.
+_STDIO_PARSERS: Parsers = (
+    ("args", _string_list), ("env", _env), ("cwd", _cwd), ("isolate_sessions", _bool))
+_HTTP_PARSERS: Parsers = (("headers", _headers),)
+_COMMON_PARSERS: Parsers = (
+    ("disabled", _bool), ("expose_prompts", _bool), ("prefix", _prefix),
+    ("include", _optional_list), ("exclude", _optional_list), ("timeout_seconds", _timeout))
 
 
 # --- prompts ------------------------------------------------------------------------------

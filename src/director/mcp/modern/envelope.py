@@ -157,9 +157,8 @@ def duplicated_routing_header(request: Any) -> str | None:
     return None
 
 
-def classify(message: Message, header: Callable[[str], str | None]) -> Envelope:
-    """The request's envelope, or ``Rejection`` for the first rung of the ladder it fails."""
-    params = message.get("params")
+def _envelope_meta(params: Any) -> dict[str, Any]:
+    """``params._meta``, once it is an object carrying both required envelope keys."""
     meta = params.get("_meta") if isinstance(params, dict) else None
     if not isinstance(meta, dict):
         raise Rejection(INVALID_PARAMS, f"params._meta must be an object carrying the required "
@@ -169,8 +168,12 @@ def classify(message: Message, header: Callable[[str], str | None]) -> Envelope:
     if missing:
         raise Rejection(INVALID_PARAMS, f"params._meta is missing the required envelope key(s): "
                                         f"{', '.join(missing)}")
-    assert isinstance(params, dict)
-    version = meta[PROTOCOL_VERSION_META]
+    return meta
+
+
+def _check_headers(message: Message, params: dict[str, Any], version: Any,
+                   header: Callable[[str], str | None]) -> None:
+    """The routing headers repeat the body: version, then method, then the name it bears."""
     if header(PROTOCOL_VERSION_HEADER) != version:
         raise Rejection(HEADER_MISMATCH, "MCP-Protocol-Version header is missing or does not "
                                          "match the request envelope's protocol version")
@@ -183,22 +186,54 @@ def classify(message: Message, header: Callable[[str], str | None]) -> Envelope:
             decode_header_value(header(NAME_HEADER)) != params[name_key]:
         raise Rejection(HEADER_MISMATCH, f"Mcp-Name header is missing or does not match the "
                                          f"request body's {name_key!r} parameter")
+
+
+def _check_version(version: Any) -> str:
     if not isinstance(version, str):
         raise Rejection(INVALID_PARAMS, "the protocol-version envelope value must be a string")
     if version not in MODERN_VERSIONS:
         raise unsupported(version)
+    return version
+
+
+def _capabilities(meta: dict[str, Any]) -> dict[str, Any]:
     capabilities = meta[CLIENT_CAPABILITIES_META]
     if not isinstance(capabilities, dict):
         raise Rejection(INVALID_PARAMS, f"{CLIENT_CAPABILITIES_META} must be an object")
+    return capabilities
+
+
+def _client_info(meta: dict[str, Any]) -> Any:
     info = meta.get(CLIENT_INFO_META)
     if info is not None and not (isinstance(info, dict) and isinstance(info.get("name"), str)
                                  and isinstance(info.get("version"), str)):
         raise Rejection(INVALID_PARAMS, f"{CLIENT_INFO_META} must be an object with a name and "
                                         f"a version")
+    return info
+
+
+def _log_level(meta: dict[str, Any]) -> Any:
     level = meta.get(LOG_LEVEL_META)
     if level is not None and level not in LOG_LEVELS:
         raise Rejection(INVALID_PARAMS, f"{LOG_LEVEL_META} must be one of {', '.join(LOG_LEVELS)}")
-    return Envelope(version, capabilities, info, level)
+    return level
+
+
+def classify(message: Message, header: Callable[[str], str | None]) -> Envelope:
+    """The request's envelope, or ``Rejection`` for the first rung of the ladder it fails.
+
+    The rungs run in this order, each helper raising for its own: the envelope's presence,
+    the routing headers, the version, then the capabilities, client info and log level.
+    """
+    params = message.get("params")
+    meta = _envelope_meta(params)
+    assert isinstance(params, dict)
+    version = meta[PROTOCOL_VERSION_META]
+    _check_headers(message, params, version, header)
+    checked = _check_version(version)
+    capabilities = _capabilities(meta)
+    info = _client_info(meta)
+    return Envelope(checked, capabilities, info, _log_level(meta))
 
 
 def legacy_params(params: Any) -> dict[str, Any]:
