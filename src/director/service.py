@@ -218,6 +218,10 @@ class DirectorService(MultiService):
             return "shutting down"
         if not self.schema_ready or not self.accounts.loaded or not self.playbooks.loaded:
             return "database: not connected yet"
+        if not self.ready.called:
+            # The caches are loaded but the rest of the start (sessions, Studio, OAuth) is still
+            # under way: a balancer must not send traffic, nor a supervisor call it started.
+            return "starting"
         try:
             await self.database.ping()
         except Exception as error:
