@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from codecs import BOM_UTF8
 from typing import Any
 
 #: Deepest nesting of arrays and objects accepted. Real MCP messages (schemas included) stay
@@ -47,9 +48,11 @@ class JsonTextError(ValueError):
 def loads(raw: bytes | str, *, repair: bool = False) -> Any:
     """The value of one JSON text, strict unless ``repair`` (module docstring)."""
     text = _text(raw, repair)
+    if text.startswith("\ufeff"):  # what json.loads says of it; bytes had theirs dropped
+        raise JsonTextError("Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 "
+                            "(char 0)")
     try:
-        value = json.loads(text, parse_constant=_nothing if repair else _refuse_constant,
-                           parse_float=_finite_or_none if repair else _finite)
+        value = (_REPAIRING if repair else _STRICT).decode(text)
     except RecursionError:
         raise JsonTextError(f"nested more than {MAX_DEPTH} levels deep") from None
     except ValueError as failure:
@@ -85,10 +88,13 @@ def _text(raw: bytes | str, repair: bool) -> str:
                 raise JsonTextError("the text holds a lone surrogate: it is not valid Unicode")
             return _SURROGATE.sub(_REPLACEMENT, raw)
         return raw
+    if raw[:3] == BOM_UTF8:  # a byte order mark is ignored (RFC 8259 §8.1)
+        raw = raw[3:]
+    # (not the "utf-8-sig" codec: its Python-level decode costs ~1 µs more, twice a call)
     if repair:
-        return raw.decode("utf-8-sig", errors="replace")
+        return raw.decode(errors="replace")
     try:
-        return raw.decode("utf-8-sig")  # a byte order mark is ignored (RFC 8259 §8.1)
+        return raw.decode()
     except UnicodeDecodeError as failure:
         raise JsonTextError(f"not UTF-8: {failure.reason} at byte {failure.start}") from None
 
@@ -111,6 +117,11 @@ def _finite(literal: str) -> float:
 def _finite_or_none(literal: str) -> float | None:
     value = float(literal)
     return None if math.isinf(value) else value
+
+
+# One decoder each, made once: ``json.loads`` with any option builds a new one per call.
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+_REPAIRING = json.JSONDecoder(parse_constant=_nothing, parse_float=_finite_or_none)
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

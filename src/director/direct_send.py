@@ -1,0 +1,47 @@
+"""Bytes for a connection written to its socket at once, when nothing can be overtaken.
+
+Twisted's ``transport.write`` only buffers: it registers the socket with epoll for writing
+and sends on the reactor's next turn, then unregisters it. For a small response to a socket
+that has room, that is two ``epoll_ctl(2)`` calls and a reactor dispatch around the one
+``send(2)`` that does the work (about 6 % of a proxied ``tools/call``'s CPU, bench ``mcp``;
+a fan-out pays it on every stream). Sending at once is safe only on a plain TCP or unix socket
+(TLS frames its own records) whose transport holds nothing unsent (what we send would
+overtake it) and is not closing; what the socket does not take goes to Twisted's buffer,
+behind which everything later queues as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def plain_socket(transport: Any) -> bool:
+    """Whether ``transport`` is a TCP or unix transport that TLS does not wrap. That cannot
+    change later: ``startTLS`` is never called on a connection we serve."""
+    return getattr(transport, "socket", None) is not None and \
+        getattr(transport, "TLS", True) is False
+
+
+def idle(transport: Any) -> bool:
+    """Whether a plain ``transport`` has nothing waiting to be sent and is open."""
+    return bool(transport.connected and not transport.disconnecting
+                and not transport.dataBuffer and not transport._tempDataBuffer)
+
+
+def send(transport: Any, data: bytes) -> None:
+    """``data`` on a plain, idle ``transport``: what the socket takes now, the rest (or all,
+    if the socket is full or broken, which Twisted then finds out) through its buffer."""
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+
+
+def write(transport: Any, data: bytes) -> None:
+    """``data`` on ``transport``: sent at once when that is safe, else as Twisted does."""
+    if plain_socket(transport) and idle(transport):
+        send(transport, data)
+    else:
+        transport.write(data)

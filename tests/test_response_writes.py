@@ -1,0 +1,229 @@
+"""How a response leaves the edge, in process: its head, body and end in one ``send(2)`` on the
+socket when nothing of the connection waits in Twisted's buffer, else through that buffer in
+order (``director.direct_send``, ``DirectorChannel.hold_writes``).
+
+The channel is Director's own on its site; the transport is Twisted's ``StringTransport``
+(what goes through Twisted's buffer) with a real socket pair under it (what is sent at once),
+both writing to one ordered record of what the client receives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from director import direct_send
+from director.config import Settings
+from director.web.edge import DirectorChannel, DirectorSite, RandomHex
+
+GET = b"GET /answer HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+class Answer(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        if request.path == b"/chunks":  # no length: chunked, written in two parts
+            request.write(b"first")
+            request.write(b"second")
+            request.finish()
+            return NOT_DONE_YET
+        return b"answered"
+
+
+class Wire:
+    """What the client receives, in order, and by which way each piece went."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[str, bytes]] = []
+
+    def received(self) -> bytes:
+        return b"".join(data for _, data in self.pieces)
+
+    def ways(self) -> list[str]:
+        return [way for way, _ in self.pieces]
+
+
+class CountingSocket:
+    """A real socket's ``send``, recorded; ``room`` bytes at most are taken, like a socket
+    whose buffer is nearly full (0: full, ``BlockingIOError``)."""
+
+    def __init__(self, sock: socket.socket, wire: Wire, room: int | None = None) -> None:
+        self.sock = sock
+        self.wire = wire
+        self.room = room
+
+    def send(self, data: bytes) -> int:
+        if self.room == 0:
+            raise BlockingIOError
+        sent = self.sock.send(data if self.room is None else data[:self.room])
+        self.wire.pieces.append(("send", bytes(data[:sent])))
+        return sent
+
+
+class SocketTransport(StringTransport):
+    """``StringTransport`` with what ``direct_send`` reads of a plain TCP transport."""
+
+    TLS = False
+
+    def __init__(self, sock: CountingSocket, wire: Wire) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.socket = sock
+        self.wire = wire
+        self.connected = True
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.host_asked = 0
+
+    def write(self, data: bytes) -> None:
+        self.wire.pieces.append(("buffer", data))
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def getHost(self) -> Any:
+        self.host_asked += 1
+        return super().getHost()
+
+
+@pytest.fixture
+def site() -> Iterator[DirectorSite]:
+    settings = attrs.evolve(Settings(), max_connections_per_address=0)
+    started = DirectorSite(Answer(), settings, reactor=task.Clock())
+    started.doStart()
+    yield started
+    started.doStop()
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    server, client = socket.socketpair()
+    client.setblocking(False)
+    yield server, client
+    server.close()
+    client.close()
+
+
+def connect(site: DirectorSite, server: socket.socket,
+            room: int | None = None) -> tuple[DirectorChannel, SocketTransport, Wire]:
+    wire = Wire()
+    transport = SocketTransport(CountingSocket(server, wire, room), wire)
+    channel = site.buildProtocol(transport.getPeer())
+    channel.makeConnection(transport)
+    return channel, transport, wire
+
+
+def test_a_response_leaves_in_one_send_straight_to_the_socket(site: DirectorSite,
+                                                              sockets: Any) -> None:
+    channel, transport, wire = connect(site, sockets[0])
+    channel.dataReceived(GET)
+    assert wire.ways() == ["send"]
+    response = wire.received()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nanswered")
+    assert b"\r\nContent-Length: 8\r\n" in response
+    assert sockets[1].recv(65536) == response  # what the client reads
+    assert transport.value() == b""
+
+
+def test_a_chunked_response_sends_each_write_with_its_framing(site: DirectorSite,
+                                                              sockets: Any) -> None:
+    channel, _, wire = connect(site, sockets[0])
+    channel.dataReceived(GET.replace(b"/answer", b"/chunks"))
+    # head + first chunk, the second chunk, the last chunk: one send each call that wrote
+    assert wire.ways() == ["send", "send", "send"]
+    response = wire.received()
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in response
+    assert response.endswith(b"\r\n\r\n5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n")
+
+
+def test_what_twisted_holds_for_the_connection_goes_first(site: DirectorSite,
+                                                          sockets: Any) -> None:
+    channel, transport, wire = connect(site, sockets[0])
+    transport._tempDataBuffer.append(b"earlier")
+    channel.dataReceived(GET)
+    assert wire.ways() == ["buffer"]  # behind what waits, never past it
+    assert wire.received().startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("room", [0, 20])
+def test_what_the_socket_does_not_take_goes_through_twisteds_buffer(site: DirectorSite,
+                                                                    sockets: Any,
+                                                                    room: int) -> None:
+    channel, transport, wire = connect(site, sockets[0], room=room)
+    channel.dataReceived(GET)
+    assert wire.ways() == (["buffer"] if room == 0 else ["send", "buffer"])
+    response = wire.received()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"answered")
+    assert transport.value() == response[room:]
+
+
+@pytest.mark.parametrize("way", ["TLS", "closed", "no socket"])
+def test_a_connection_that_cannot_take_a_direct_send_gets_twisteds_path(site: DirectorSite,
+                                                                       sockets: Any,
+                                                                       way: str) -> None:
+    channel, transport, wire = connect(site, sockets[0])
+    if way == "TLS":
+        transport.TLS = True  # type: ignore[misc]
+    elif way == "closed":
+        transport.connected = False
+    else:
+        del transport.socket
+    channel.dataReceived(GET)
+    assert wire.ways() == ["buffer"]
+    assert wire.received().endswith(b"answered")
+
+
+def test_a_closing_transport_is_not_idle(sockets: Any) -> None:
+    transport = SocketTransport(CountingSocket(sockets[0], Wire()), Wire())
+    assert direct_send.plain_socket(transport) and direct_send.idle(transport)
+    transport.disconnecting = True  # what it holds must go out before it closes
+    assert not direct_send.idle(transport)
+
+
+def test_pipelined_answers_keep_their_order_and_a_bad_request_comes_last(
+        site: DirectorSite, sockets: Any) -> None:
+    channel, _, wire = connect(site, sockets[0])
+    # Three requests in one read: two good ones, then one with a header line without a colon,
+    # which Twisted answers 400 itself, past the channel's writes.
+    channel.dataReceived(GET + GET + b"GET /answer HTTP/1.1\r\nNo colon here\r\n\r\n")
+    response = wire.received()
+    assert response.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert response.index(b"HTTP/1.1 400 Bad Request") > response.rindex(b"answered")
+
+
+def test_the_local_address_is_asked_of_the_socket_once_per_connection(site: DirectorSite,
+                                                                      sockets: Any) -> None:
+    channel, transport, wire = connect(site, sockets[0])
+    channel.dataReceived(GET)
+    channel.dataReceived(GET)
+    assert wire.received().count(b"answered") == 2
+    assert transport.host_asked == 1
+
+
+def test_random_ids_are_fresh_across_refills_and_in_a_forked_child() -> None:
+    ids = RandomHex(size=64)
+    drawn = [ids.hex(16) for _ in range(100)]  # 25 refills of 4 ids each
+    assert len(set(drawn)) == 100 and all(len(i) == 32 for i in drawn)
+    int(drawn[0], 16)
+    ids.hex(16)  # the pool now holds 2 more ids that the parent will draw
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's own process
+        os.write(writer, ids.hex(16).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    in_child = os.read(reader, 64).decode()
+    os.close(reader)
+    assert len(in_child) == 32 and in_child != ids.hex(16)
