@@ -4,11 +4,13 @@ order (``director.direct_send``, ``DirectorChannel.hold_writes``).
 
 The channel is Director's own on its site; the transport is Twisted's ``StringTransport``
 (what goes through Twisted's buffer) with a real socket pair under it (what is sent at once),
-both writing to one ordered record of what the client receives.
+both writing to one ordered record of what the client receives. The same rule for the lines a
+stdio server reads, on a real pipe (``direct_send.write_pipe``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -227,3 +229,59 @@ def test_random_ids_are_fresh_across_refills_and_in_a_forked_child() -> None:
     in_child = os.read(reader, 64).decode()
     os.close(reader)
     assert len(in_child) == 32 and in_child != ids.hex(16)
+
+
+# --- a stdio server's stdin pipe ------------------------------------------------------------
+
+
+class PipeWriter:
+    """What ``direct_send.write_pipe`` reads of Twisted's ``ProcessWriter``; ``write`` is
+    its buffer."""
+
+    connected = True
+    disconnecting = False
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.buffered: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.buffered.append(data)
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    yield reader, writer
+    os.close(reader)
+    os.close(writer)
+
+
+def test_a_line_for_an_idle_pipe_is_written_at_once(pipe: tuple[int, int]) -> None:
+    writer = PipeWriter(pipe[1])
+    direct_send.write_pipe(writer, b'{"jsonrpc":"2.0"}\n')
+    assert os.read(pipe[0], 100) == b'{"jsonrpc":"2.0"}\n' and writer.buffered == []
+
+
+def test_a_line_for_a_pipe_with_a_backlog_queues_behind_it(pipe: tuple[int, int]) -> None:
+    writer = PipeWriter(pipe[1])
+    writer._tempDataBuffer.append(b"earlier\n")
+    direct_send.write_pipe(writer, b"later\n")
+    assert writer.buffered == [b"later\n"]
+    os.set_blocking(pipe[0], False)
+    with pytest.raises(BlockingIOError):
+        os.read(pipe[0], 100)
+
+
+def test_what_a_full_pipe_does_not_take_goes_to_the_writers_buffer(
+        pipe: tuple[int, int]) -> None:
+    writer = PipeWriter(pipe[1])
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(pipe[1], b"x" * 4096)
+    direct_send.write_pipe(writer, b"line\n")
+    assert writer.buffered == [b"line\n"]  # nothing written past the full pipe, nothing lost

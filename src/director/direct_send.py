@@ -1,4 +1,4 @@
-"""Bytes for a connection written to its socket at once, when nothing can be overtaken.
+"""Bytes for a connection or a pipe written at once, when nothing can be overtaken.
 
 Twisted's ``transport.write`` only buffers: it registers the socket with epoll for writing
 and sends on the reactor's next turn, then unregisters it. For a small response to a socket
@@ -8,10 +8,15 @@ a fan-out pays it on every stream). Sending at once is safe only on a plain TCP 
 (TLS frames its own records) whose transport holds nothing unsent (what we send would
 overtake it) and is not closing; what the socket does not take goes to Twisted's buffer,
 behind which everything later queues as before.
+
+A stdio server's stdin pipe is the same case, and dearer: Twisted's writer of a pipe also stops
+and restarts watching it for the child's end, four ``epoll_ctl(2)`` calls around each
+request's ``write(2)`` when calls come one at a time.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -45,3 +50,17 @@ def write(transport: Any, data: bytes) -> None:
         send(transport, data)
     else:
         transport.write(data)
+
+
+def write_pipe(writer: Any, data: bytes) -> None:
+    """``data`` on a pipe's Twisted writer (``process.ProcessWriter``): written at once when it
+    is idle, the rest (all, if the pipe is full or the child gone) through its buffer."""
+    if not idle(writer):
+        writer.write(data)
+        return
+    try:
+        written = os.write(writer.fd, data)
+    except OSError:
+        written = 0
+    if written < len(data):
+        writer.write(data[written:] if written else data)

@@ -104,7 +104,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from director import tracing
+from director import direct_send, tracing
 from director.mcp import jsonrpc
 from director.mcp.jsonrpc import Message, ProtocolError
 from director.mcp.upstream.account import StdioAccount
@@ -261,12 +261,15 @@ class _Process(protocol.ProcessProtocol):
         self._exit_waiters: list[defer.Deferred[None]] = []
         self._end_waiters: list[defer.Deferred[None]] = []
         self.stdin = _StdinPressure()
+        #: Twisted's writer of the child's stdin pipe (``direct_send.write_pipe``).
+        self.stdin_pipe: Any = None
 
     def connectionMade(self) -> None:
         self.pid = cast(Any, self.transport).pid
         writer = getattr(self.transport, "pipes", {}).get(0)  # the child's stdin
         if writer is not None:
             writer.registerProducer(self.stdin, True)
+            self.stdin_pipe = writer
 
     # --- output ------------------------------------------------------------------------------
 
@@ -885,7 +888,10 @@ class StdioUpstream:
         data = encoded(self.name, message) + b"\n"
         if process.stdin.paused:
             process.stdin.backlog += len(data)
-        cast(Any, process.transport).write(data)
+        if process.stdin_pipe is not None:
+            direct_send.write_pipe(process.stdin_pipe, data)
+        else:
+            cast(Any, process.transport).write(data)
 
     # --- what the child says -----------------------------------------------------------------
 
