@@ -435,7 +435,9 @@ def main() -> int:
     if per_port is not None:
         result.update(calls_per_port=per_port,
                       ok_in_window=tally.statuses.get(200, 0) - counts.bad_answers)
-    print(json.dumps(result))
+    # One write: the echo server (direct mode) shares this pipe for its stderr, and print()
+    # unbuffered (PYTHONUNBUFFERED) writes the line and its end apart, which it can split.
+    sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 

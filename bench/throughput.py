@@ -79,7 +79,13 @@ def finish_json(process: subprocess.Popen[bytes], timeout: float, name: str) -> 
     if process.returncode != 0:
         raise RuntimeError(f"{name} failed ({process.returncode}): "
                            f"{output.decode(errors='replace')[-2000:]}")
-    return dict(json.loads(output.decode().strip().splitlines()[-1]))
+    # The last line that starts a JSON object, read up to that object's end: a child of the
+    # load process that shares its output (its stderr) may have written after it.
+    for line in reversed(output.decode(errors="replace").strip().splitlines()):
+        if line.startswith("{"):
+            return dict(json.JSONDecoder().raw_decode(line)[0])
+    raise RuntimeError(f"{name} printed no JSON summary: "
+                       f"{output.decode(errors='replace')[-2000:]}")
 
 
 def run_json(argv: list[str], timeout: float, name: str) -> dict[str, Any]:

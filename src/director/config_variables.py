@@ -694,7 +694,8 @@ VARIABLES: tuple[Variable, ...] = (
              "client's traceparent flag when there is one.",
              _one_of(SAMPLERS), "otel_traces_sampler"),
     Variable("OTEL_TRACES_SAMPLER_ARG", None,
-             "The ratio of the *traceidratio samplers (0 to 1; default 1), e.g. 0.01.",
+             "The ratio of the traceidratio and parentbased_traceidratio samplers (0 to 1; "
+             "default 1), e.g. 0.01.",
              _sampler_ratio, "otel_traces_sampler_arg"),
     Variable("OTEL_SDK_DISABLED", "false", "true: tracing off, whatever the endpoints say.",
              _boolean, "otel_sdk_disabled"),
