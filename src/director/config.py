@@ -388,7 +388,8 @@ def configuration_table() -> str:
         default = "(unset)" if variable.default is None else f"``{variable.default}``"
         if variable.default == "":
             default = "(empty)"
-        rows.append((f"``{variable.name}``", default, variable.description))
+        # A description's asterisks are text ("io.github.acme/*"), not emphasis.
+        rows.append((f"``{variable.name}``", default, variable.description.replace("*", r"\*")))
     # A simple table's last column may run past its rule, so it stays as wide as its title.
     widths = [max(len(row[i]) for row in rows) for i in range(2)] + [len(rows[0][2])]
     rule = " ".join("=" * width for width in widths)

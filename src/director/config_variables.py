@@ -690,7 +690,7 @@ VARIABLES: tuple[Variable, ...] = (
              "service.name of the spans (OTEL_RESOURCE_ATTRIBUTES adds other resource "
              "attributes, e.g. deployment.environment.name=prod).", _text, "otel_service_name"),
     Variable("OTEL_TRACES_SAMPLER", "parentbased_always_on",
-             f"Which traces are kept: {', '.join(SAMPLERS)}. parentbased_* follow the "
+             f"Which traces are kept: {', '.join(SAMPLERS)}. The parentbased ones follow the "
              "client's traceparent flag when there is one.",
              _one_of(SAMPLERS), "otel_traces_sampler"),
     Variable("OTEL_TRACES_SAMPLER_ARG", None,
