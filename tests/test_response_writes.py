@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from director import direct_send
 from director.config import Settings
-from director.web.edge import DirectorChannel, DirectorSite, RandomHex
+from director.web.edge import DirectorChannel, DirectorSite, EdgeResource, RandomHex
 
 GET = b"GET /answer HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -103,6 +103,15 @@ class SocketTransport(StringTransport):
 def site() -> Iterator[DirectorSite]:
     settings = attrs.evolve(Settings(), max_connections_per_address=0)
     started = DirectorSite(Answer(), settings, reactor=task.Clock())
+    started.doStart()
+    yield started
+    started.doStop()
+
+
+@pytest.fixture
+def edge_site() -> Iterator[DirectorSite]:
+    settings = attrs.evolve(Settings(), max_connections_per_address=0)
+    started = DirectorSite(EdgeResource(Answer(), settings), settings, reactor=task.Clock())
     started.doStart()
     yield started
     started.doStop()
@@ -202,6 +211,19 @@ def test_pipelined_answers_keep_their_order_and_a_bad_request_comes_last(
     response = wire.received()
     assert response.count(b"HTTP/1.1 200 OK\r\n") == 2
     assert response.index(b"HTTP/1.1 400 Bad Request") > response.rindex(b"answered")
+
+
+def test_the_edges_headers_are_each_sent_once_under_their_usual_names(
+        edge_site: DirectorSite, sockets: Any) -> None:
+    channel, _, wire = connect(edge_site, sockets[0])
+    channel.dataReceived(GET)
+    head = wire.received().split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    names = [line.split(b": ", 1)[0] for line in head]
+    assert len(names) == len(set(names))  # Twisted's own Server header replaced, not doubled
+    headers = dict(line.split(b": ", 1) for line in head)
+    assert headers[b"Server"] == b"director" and headers[b"X-Frame-Options"] == b"DENY"
+    assert headers[b"X-XSS-Protection"] == b"0" and len(headers[b"X-Trace-Id"]) == 32
+    assert {b"X-Content-Type-Options", b"Referrer-Policy", b"Permissions-Policy"} <= set(names)
 
 
 def test_the_local_address_is_asked_of_the_socket_once_per_connection(site: DirectorSite,

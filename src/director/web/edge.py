@@ -58,10 +58,19 @@ SECURITY_HEADERS = {
 EXPOSED_HEADERS = (b"Mcp-Session-Id, Mcp-Protocol-Version, WWW-Authenticate, X-Trace-Id, "
                    b"Retry-After, RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset")
 ALLOWED_METHODS = b"GET, HEAD, PUT, PATCH, POST, DELETE"
-#: What every response the application renders carries, each name as ``Headers`` spells it.
-EVERY_RESPONSE_HEADERS = tuple((name, values[0]) for name, values in Headers(
-    {b"server": [b"director"], **{name: [value] for name, value in SECURITY_HEADERS.items()}},
-).getAllRawHeaders())
+
+
+def _stored_name(name: bytes) -> bytes:
+    """``name`` as this Twisted's ``Headers`` keys it in its dictionary (``EdgeResource``)."""
+    headers = Headers()
+    headers.setRawHeaders(name, [b""])
+    return next(iter(headers._rawHeaders))
+
+
+#: What every response the application renders carries, each name as ``Headers`` keys it.
+EVERY_RESPONSE_HEADERS = tuple((_stored_name(name), value) for name, value in
+                               {b"server": b"director", **SECURITY_HEADERS}.items())
+TRACE_ID_HEADER = _stored_name(b"x-trace-id")
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -646,7 +655,7 @@ class EdgeResource(Resource):
         # line-break scrubbing of eight ``setHeader`` calls (2.2 % of a proxied call's CPU)
         # checks nothing.
         stored = request.responseHeaders._rawHeaders
-        stored[b"X-Trace-Id"] = [request.trace_id.encode()]
+        stored[TRACE_ID_HEADER] = [request.trace_id.encode()]
         for name, value in EVERY_RESPONSE_HEADERS:
             stored[name] = [value]
 
