@@ -21,10 +21,12 @@ from typing import Any
 
 
 def plain_socket(transport: Any) -> bool:
-    """Whether ``transport`` is a TCP or unix transport that TLS does not wrap. That cannot
-    change later: ``startTLS`` is never called on a connection we serve."""
-    return getattr(transport, "socket", None) is not None and \
-        getattr(transport, "TLS", True) is False
+    """Whether ``transport`` is a TCP or unix transport that TLS does not wrap. The socket
+    must be the transport's own attribute: a TLS listener's transport is a protocol wrapper
+    (``TLSMemoryBIOProtocol``) that lends its socket, ``TLS`` flag and buffers from the TCP
+    transport under it, and bytes sent on that socket would bypass the encryption. That
+    cannot change later: ``startTLS`` is never called on a connection we serve."""
+    return "socket" in vars(transport) and getattr(transport, "TLS", True) is False
 
 
 def idle(transport: Any) -> bool:

@@ -79,9 +79,13 @@ class CallChannel:
             self.stream.send(frame(response_bytes(response)))
             self.stream.finish()
             return
+        body = response_bytes(response)
         self.request.setResponseCode(200)
         self.request.setHeader(b"content-type", b"application/json")
-        self.request.write(response_bytes(response))
+        # A known length: the response is whole with this write, which sends it at once
+        # (``DirectorRequest.write``), with no chunk framing to end.
+        self.request.setHeader(b"content-length", b"%d" % len(body))
+        self.request.write(body)
         self.request.finish()
 
 

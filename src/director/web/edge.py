@@ -23,7 +23,7 @@ import ipaddress
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet import task
@@ -217,7 +217,10 @@ class DirectorRequest(server.Request):
         super()._cleanup()
 
     # A response's head, body and end are sent together, in one ``send(2)`` when the socket
-    # has room (``DirectorChannel.hold_writes``).
+    # has room (``DirectorChannel.hold_writes``): a write that completes a response of known
+    # length, or ``finish``. Any other write (a chunk; more may follow in this turn, and the
+    # end with ``finish``) goes through Twisted's buffer, which sends what the turn wrote as
+    # one: sending it at once would cost a ``send(2)`` and a packet per part.
 
     def write(self, data: bytes) -> None:
         channel: Any = self.channel
@@ -227,7 +230,14 @@ class DirectorRequest(server.Request):
         try:
             super().write(data)
         finally:
-            channel.send_held()
+            channel.send_held(at_once=self._complete())
+
+    def _complete(self) -> bool:
+        """Whether all of a response of known length has been written."""
+        if self.chunked or self.finished:
+            return False
+        length = self.responseHeaders.getRawHeaders(b"content-length") or [b""]
+        return length[0].isdigit() and self.sentLength >= int(length[0])
 
     def finish(self) -> None:
         channel: Any = self.channel
@@ -393,10 +403,17 @@ class DirectorChannel(http.HTTPChannel):
         self._held = []
         return True
 
-    def send_held(self) -> None:
+    def send_held(self, at_once: bool = True) -> None:
+        """Send what was held: at once when that is safe (``at_once``), else (or also then,
+        when it is not safe) through Twisted's buffer."""
         held, self._held = self._held, None
-        if held:
-            direct_send.write(self.transport, b"".join(held))
+        if not held:
+            return
+        data, transport = b"".join(held), self.transport
+        if at_once:
+            direct_send.write(transport, data)
+        else:
+            cast(Any, transport).write(data)
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         held = self._held
