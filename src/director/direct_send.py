@@ -42,8 +42,7 @@ def send(transport: Any, data: bytes) -> None:
         sent = transport.socket.send(data)
     except OSError:
         sent = 0
-    if sent < len(data):
-        transport.write(data[sent:] if sent else data)
+    _rest_through_buffer(transport, data, sent)
 
 
 def write(transport: Any, data: bytes) -> None:
@@ -64,5 +63,11 @@ def write_pipe(writer: Any, data: bytes) -> None:
         written = os.write(writer.fd, data)
     except OSError:
         written = 0
-    if written < len(data):
-        writer.write(data[written:] if written else data)
+    _rest_through_buffer(writer, data, written)
+
+
+def _rest_through_buffer(writer: Any, data: bytes, done: int) -> None:
+    """What the kernel did not take of ``data`` (``done`` bytes of it), to Twisted's buffer,
+    which sends it when there is room or finds out that the other end is gone."""
+    if done < len(data):
+        writer.write(data[done:] if done else data)
