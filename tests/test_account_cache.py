@@ -8,6 +8,7 @@ only when an entry expires, which is what is under test.
 
 from __future__ import annotations
 
+import datetime
 import time
 from uuid import UUID
 
@@ -21,6 +22,7 @@ from director.accounts.cache import (
     AccountCache,
 )
 from director.accounts.credentials import KEY_VISIBLE_LENGTH, generate_api_key, hash_token
+from director.accounts.usage import KeyUsage
 from director.db.database import Database
 from tests.accounts_helpers import until_available
 
@@ -90,3 +92,48 @@ async def test_a_cached_session_is_not_served_past_its_expiry(database: Database
     assert await cache.session(token) == session
     clock.advance(1.0)
     assert await cache.session(token) is None  # expired by the clock: read again, and gone
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_found_key_remembered_by_its_value_is_still_refused_once_revoked(
+        database: Database) -> None:
+    clock, cache = await cache_on_wall_clock(database)
+    user_id = await new_user(database, "memo@example.com")
+    value = generate_api_key()
+    await database.runOperation(
+        "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)",
+        (str(user_id), "memo", value[:KEY_VISIBLE_LENGTH], hash_token(value)))
+    found = await cache.key(value)
+    assert found is not None and await cache.key(value) == found  # the second by its value
+    await database.runOperation("UPDATE api_keys SET revoked_at = now() WHERE id = %s",
+                                (str(found.id),))
+    cache.key_revoked(found.id)
+    assert await cache.key(value) is None
+    assert cache.refusal(value) == "revoked"
+    # A made-up key is never remembered by its value, however often it is tried.
+    for _ in range(3):
+        assert await cache.key(generate_api_key()) is None
+    assert list(cache._digests) == [value]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keys_last_use_is_the_clocks_time_read_before_and_after_it_is_written(
+        database: Database) -> None:
+    clock, cache = await cache_on_wall_clock(database)
+    user_id = await new_user(database, "usage@example.com")
+    value = generate_api_key()
+    await database.runOperation(
+        "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)",
+        (str(user_id), "used", value[:KEY_VISIBLE_LENGTH], hash_token(value)))
+    key = await cache.key(value)
+    assert key is not None
+    usage = KeyUsage(database, clock)
+    clock.advance(0.25)
+    usage.used(key)
+    expected = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+    assert await usage.last_used(user_id) == {key.id: expected}  # noted, not written yet
+    await usage.flush()
+    assert await usage.last_used(user_id) == {key.id: expected}  # read back from the row
+    rows = await database.runQuery("SELECT last_used_at FROM api_keys WHERE id = %s",
+                                   (str(key.id),))
+    assert rows[0][0] == expected

@@ -45,6 +45,8 @@ log = Logger(namespace="accounts")
 SESSION_CACHE_SECONDS = 60.0
 UNKNOWN_KEY_CACHE_SECONDS = 5.0
 UNKNOWN_KEY_CACHE_SIZE = 10_000
+#: Presented keys whose hash was looked up and found; emptied when it grows past this.
+KEY_DIGEST_MEMO_SIZE = 10_000
 
 
 @attrs.frozen
@@ -95,6 +97,11 @@ class AccountCache:
         self._sessions: dict[bytes, CachedSession] = {}
         # Unknown key hash -> (when looked up, whether it is a revoked key's).
         self._unknown_keys: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
+        # A presented key -> its hash, for keys that were found: a client sends the same key
+        # with every request, and SHA-256 through OpenSSL was 2 % of a proxied call's CPU. Only
+        # found keys are kept, so a stream of made-up keys cannot fill it; what is found is
+        # still looked up by hash each time, so a revoked key is refused as before.
+        self._digests: dict[str, bytes] = {}
         self._holders: list[CredentialHolder] = []
         # Bumped by every change notification of a key or user: a re-read that started before
         # a later change must not store what it read (it could resurrect a revoked key).
@@ -232,9 +239,15 @@ class AccountCache:
     # --- lookups on the request path ---------------------------------------------------------
 
     async def key(self, value: str) -> store.ApiKey | None:
-        digest = hash_token(value)
+        digest = self._digests.get(value)
+        if digest is None:
+            digest = hash_token(value)
         found = self.keys_by_hash.get(digest)
         if found is not None:
+            if value not in self._digests:
+                if len(self._digests) >= KEY_DIGEST_MEMO_SIZE:
+                    self._digests.clear()
+                self._digests[value] = digest
             return found
         now = self.clock.seconds()
         seen = self._unknown_keys.get(digest)

@@ -16,7 +16,6 @@ from uuid import UUID
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from director.clock import utc_now
 from director.db.database import Database
 from director.db.interactions import Interaction, Query
 
@@ -39,16 +38,21 @@ def uses_of(user_id: UUID) -> Interaction[dict[UUID, datetime.datetime]]:
     return {UUID(str(row[0])): row[1] for row in rows}
 
 
+def _as_datetimes(uses: dict[UUID, float]) -> dict[UUID, datetime.datetime]:
+    return {key_id: datetime.datetime.fromtimestamp(at, datetime.UTC) for key_id, at in uses.items()}
+
+
 class KeyUsage:
     def __init__(self, database: Database, reactor: Any) -> None:
         self.database = database
         self.reactor = reactor
-        self._pending: dict[UUID, datetime.datetime] = {}
+        # Clock seconds, made datetimes only when written or read: a request pays for a float.
+        self._pending: dict[UUID, float] = {}
         self._loop: task.LoopingCall | None = None
 
     def used(self, key: Any) -> None:
         """An authenticated request with ``key`` (an ``ApiKey``): a dictionary store."""
-        self._pending[key.id] = utc_now(self.reactor)
+        self._pending[key.id] = self.reactor.seconds()
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self.flush)
@@ -71,13 +75,13 @@ class KeyUsage:
                     self._pending[key_id] = at
             log.warn("recording API key uses failed: {error}", error=failure.getErrorMessage())
 
-        d = self.database.run(write_uses(uses))
+        d = self.database.run(write_uses(_as_datetimes(uses)))
         d.addCallbacks(lambda _: None, failed)
         return d
 
     async def last_used(self, user_id: UUID) -> dict[UUID, datetime.datetime]:
         written = await self.database.run(uses_of(user_id))
-        for key_id, at in self._pending.items():
+        for key_id, at in _as_datetimes(self._pending).items():
             if key_id not in written or written[key_id] < at:
                 written[key_id] = at
         return written

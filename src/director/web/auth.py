@@ -44,6 +44,7 @@ from director.db.database import Database
 from director.oauth.server.grants import AccessGrant, looks_like_access_token
 from director.web.errors import ApiError, Forbidden, TooManyRequests, Unauthorized
 from director.web.querykey import query_keys
+from director.web.stored_headers import put, stored_name
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
     from director.oauth.server.tokens import TokenCache
 
 SAFE_METHODS = (b"GET", b"HEAD", b"OPTIONS")
+#: Every authenticated response says where its caller stands (``Decision.headers``' names).
+_RATELIMIT_LIMIT = stored_name(b"RateLimit-Limit")
+_RATELIMIT_REMAINING = stored_name(b"RateLimit-Remaining")
+_RATELIMIT_RESET = stored_name(b"RateLimit-Reset")
 
 
 @attrs.frozen
@@ -291,8 +296,10 @@ class Authenticator:
 
     async def _rate_limit(self, request: Request, principal: Principal) -> None:
         decision = await self.limiter.check(*self._limits(principal))
-        for name, value in decision.headers().items():
-            request.setHeader(name.encode(), value.encode())
+        headers = request.responseHeaders
+        put(headers, _RATELIMIT_LIMIT, b"%d" % decision.limit.max_requests)
+        put(headers, _RATELIMIT_REMAINING, b"%d" % decision.remaining)
+        put(headers, _RATELIMIT_RESET, b"%d" % decision.reset_seconds)
         if not decision.allowed:
             if self.metrics is not None:
                 self.metrics.rate_limited.inc()
