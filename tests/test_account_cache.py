@@ -42,6 +42,16 @@ async def new_user(database: Database, email: str) -> UUID:
     return user.id
 
 
+async def new_key(database: Database, email: str) -> str:
+    """A new user's key, written as another instance would (this cache hears nothing)."""
+    user_id = await new_user(database, email)
+    value = generate_api_key()
+    await database.runOperation(
+        "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)",
+        (str(user_id), "key", value[:KEY_VISIBLE_LENGTH], hash_token(value)))
+    return value
+
+
 async def new_session(database: Database, email: str) -> tuple[str, store.Session]:
     token = generate_api_key()
     user_id = await new_user(database, email)
@@ -97,12 +107,8 @@ async def test_a_cached_session_is_not_served_past_its_expiry(database: Database
 @pytest_twisted.ensureDeferred
 async def test_a_found_key_remembered_by_its_value_is_still_refused_once_revoked(
         database: Database) -> None:
-    clock, cache = await cache_on_wall_clock(database)
-    user_id = await new_user(database, "memo@example.com")
-    value = generate_api_key()
-    await database.runOperation(
-        "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)",
-        (str(user_id), "memo", value[:KEY_VISIBLE_LENGTH], hash_token(value)))
+    _, cache = await cache_on_wall_clock(database)
+    value = await new_key(database, "memo@example.com")
     found = await cache.key(value)
     assert found is not None and await cache.key(value) == found  # the second by its value
     await database.runOperation("UPDATE api_keys SET revoked_at = now() WHERE id = %s",
@@ -120,13 +126,9 @@ async def test_a_found_key_remembered_by_its_value_is_still_refused_once_revoked
 async def test_a_keys_last_use_is_the_clocks_time_read_before_and_after_it_is_written(
         database: Database) -> None:
     clock, cache = await cache_on_wall_clock(database)
-    user_id = await new_user(database, "usage@example.com")
-    value = generate_api_key()
-    await database.runOperation(
-        "INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s)",
-        (str(user_id), "used", value[:KEY_VISIBLE_LENGTH], hash_token(value)))
-    key = await cache.key(value)
+    key = await cache.key(await new_key(database, "usage@example.com"))
     assert key is not None
+    user_id = key.user_id
     usage = KeyUsage(database, clock)
     clock.advance(0.25)
     usage.used(key)
