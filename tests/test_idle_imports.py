@@ -28,3 +28,16 @@ def test_the_service_tree_imports_no_yaml_nor_multipart() -> None:
     loaded = director_modules_after("import director.service")
     assert "director.playbooks.documents" in loaded  # the modules that use them are loaded
     assert not {"yaml", "multipart", "director.playbooks.yaml_text"} & loaded
+
+
+def test_serves_twistd_options_know_our_plugin_and_unpickle_no_other_plugin_cache() -> None:
+    """twistd's own plugin search would import the interfaces that every cache on the path
+    names (twisted.trial's, and unittest with it)."""
+    loaded = director_modules_after(
+        "from director.cli.serve import server_options\n"
+        "config = server_options()\n"
+        "commands = [command[0] for command in config.subCommands]\n"
+        "assert commands == ['director'], commands\n"
+        "assert config.loadedPlugins['director'].tapname == 'director'")
+    assert "twisted.plugins.director_plugin" in loaded
+    assert not {"twisted.trial", "unittest", "twisted.plugins.twisted_web"} & loaded
