@@ -84,6 +84,24 @@ def test_writing_refuses_what_has_no_json_form(value: Any, reason: str) -> None:
         jsontext.dumps(value)
 
 
+def test_writing_refuses_a_value_that_contains_itself_or_a_key_that_is_no_string() -> None:
+    looped: list[Any] = []
+    looped.append({"again": looped})
+    with pytest.raises(JsonTextError, match="nested too deeply"):
+        jsontext.dumps(looped)
+    with pytest.raises(JsonTextError, match="keys must be str"):
+        jsontext.dumps({(1, 2): "tuple"})
+
+
+@pytest.mark.parametrize("value", [
+    {"jsonrpc": "2.0", "id": 7, "result": {"content": [{"type": "text", "text": "é \u2028 \""}]}},
+    [1, 2.5, -0.0, 1e308, None, True, False, "", {}, []], "\x00\x1f", 2**70, {"1": {"2": 3}},
+])
+def test_writing_is_compact_utf8_as_json_dumps_would_write_it(value: Any) -> None:
+    assert jsontext.dumps(value) == json.dumps(
+        value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def test_a_client_message_is_strict_an_upstream_one_repaired() -> None:
     line = b'{"jsonrpc":"2.0","id":1,"result":{"text":"\\ud800"}}'
     with pytest.raises(ProtocolError) as refused:

@@ -27,9 +27,11 @@ the text holds a surrogate escape, or more brackets than ``MAX_DEPTH``.
 from __future__ import annotations
 
 import json
+import json.encoder
 import math
 import re
 from codecs import BOM_UTF8
+from collections.abc import Callable
 from typing import Any
 
 #: Deepest nesting of arrays and objects accepted. Real MCP messages (schemas included) stay
@@ -67,11 +69,32 @@ def loads(raw: bytes | str, *, repair: bool = False) -> Any:
     return value
 
 
+def _compact_encoder() -> Callable[[Any], str]:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)``.
+
+    ``json.dumps`` with options builds a ``JSONEncoder``, which builds the C encoder, for each
+    value: 2.2 µs of its 3.7 µs, twice a proxied call. The C encoder keeps nothing between
+    calls, so one serves them all. It skips the check for a value that contains itself
+    (nothing parsed from JSON can): such a value ends in ``RecursionError``, as one nested too
+    deeply does, which ``dumps`` refuses alike.
+    """
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # a Python built without the json accelerator
+        encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return encoder.encode
+    encode_chunks = c_make_encoder(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, False)  # markers, default, …, sort_keys, skipkeys, allow_nan
+    return lambda value: "".join(encode_chunks(value, 0))
+
+
+_encode = _compact_encoder()
+
+
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON; ``JsonTextError`` for what has no interoperable JSON form."""
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False).encode()
+        return _encode(value).encode()
     except RecursionError:
         raise JsonTextError("nested too deeply to encode") from None
     except UnicodeEncodeError:
