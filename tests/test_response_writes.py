@@ -20,14 +20,17 @@ import attrs
 import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols import policies
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from director import direct_send
 from director.config import Settings
+from director.request_end import when_done
 from director.web.edge import DirectorChannel, DirectorSite, EdgeResource, RandomHex
 
 GET = b"GET /answer HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -43,6 +46,22 @@ class Answer(Resource):
             request.finish()
             return NOT_DONE_YET
         return b"answered"
+
+
+class Held(Resource):
+    """Answers nothing yet: the test finishes the request, or the client goes away first."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+        self.told: list[tuple[bytes, bool]] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        when_done(request, lambda lost: self.told.append((request.path, lost)))
+        return NOT_DONE_YET
 
 
 class Wire:
@@ -244,6 +263,32 @@ def test_the_edges_headers_are_each_sent_once_under_their_usual_names(
     assert headers[b"Server"] == b"director" and headers[b"X-Frame-Options"] == b"DENY"
     assert headers[b"X-XSS-Protection"] == b"0" and len(headers[b"X-Trace-Id"]) == 32
     assert {b"X-Content-Type-Options", b"Referrer-Policy", b"Permissions-Policy"} <= set(names)
+    # By the site's clock (a test's task.Clock at 1970), made once a second.
+    assert headers[b"Date"] == b"Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def test_the_date_is_the_sites_clocks_second() -> None:
+    clock = task.Clock()
+    site = DirectorSite(Answer(), Settings(), reactor=clock)
+    clock.advance(1_765_000_000.75)
+    assert site.http_date() == b"Sat, 06 Dec 2025 05:46:40 GMT"
+    clock.advance(0.2)
+    assert site.http_date() == b"Sat, 06 Dec 2025 05:46:40 GMT"
+    clock.advance(0.05)
+    assert site.http_date() == b"Sat, 06 Dec 2025 05:46:41 GMT"
+
+
+@pytest.mark.parametrize(("method", "status"), [(b"OPTIONS", b"200 OK"),
+                                                (b"GET", b"405 Method Not Allowed")])
+def test_a_request_for_star_is_answered_as_twisted_does_without_naming_it(
+        site: DirectorSite, sockets: Any, method: bytes, status: bytes) -> None:
+    channel, _, wire = connect(site, sockets[0])
+    channel.dataReceived(method + b" * HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    response = wire.received()
+    assert response.startswith(b"HTTP/1.1 " + status + b"\r\n")
+    assert b"\r\nServer: director\r\n" in response and b"Twisted" not in response
+    assert response.endswith(b"\r\nContent-Length: 0\r\n\r\n")
+    assert (b"\r\nAllow: OPTIONS\r\n" in response) is (method != b"OPTIONS")
 
 
 def test_the_local_address_is_asked_of_the_socket_once_per_connection(site: DirectorSite,
@@ -327,3 +372,36 @@ def test_what_a_full_pipe_does_not_take_goes_to_the_writers_buffer(
             filled += os.write(pipe[1], b"x" * 4096)
     direct_send.write_pipe(writer, b"line\n")
     assert writer.buffered == [b"line\n"]  # nothing written past the full pipe, nothing lost
+
+
+def held_site() -> tuple[DirectorSite, Held]:
+    held = Held()
+    settings = attrs.evolve(Settings(), max_connections_per_address=0)
+    started = DirectorSite(held, settings, reactor=task.Clock())
+    started.doStart()
+    return started, held
+
+
+def test_a_request_tells_once_that_its_response_finished(sockets: Any) -> None:
+    site, held = held_site()
+    channel, _, _ = connect(site, sockets[0])
+    channel.dataReceived(GET + GET.replace(b"/answer", b"/second"))  # pipelined
+    assert [request.path for request in held.requests] == [b"/answer"] and held.told == []
+    held.requests[0].write(b"one")
+    held.requests[0].finish()
+    # Told after the channel moved on to the next request, as notifyFinish is.
+    assert held.told == [(b"/answer", False)]
+    assert [request.path for request in held.requests] == [b"/answer", b"/second"]
+    held.requests[1].finish()
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert held.told == [(b"/answer", False), (b"/second", False)]  # nothing more, once each
+    site.doStop()
+
+
+def test_a_request_tells_once_that_its_client_went_away_first(sockets: Any) -> None:
+    site, held = held_site()
+    channel, _, _ = connect(site, sockets[0])
+    channel.dataReceived(GET)
+    channel.connectionLost(Failure(ConnectionLost()))
+    assert held.told == [(b"/answer", True)]
+    site.doStop()

@@ -24,6 +24,7 @@ from director.mcp.streams import (
     json_bytes,
     response_bytes,
 )
+from director.request_end import when_done
 
 if TYPE_CHECKING:
     from director.mcp.shared_sessions import SharedSessions
@@ -58,9 +59,9 @@ class CallChannel:
         self.streams = streams
         self.stream: EventStream | None = None
         self.open = True
-        request.notifyFinish().addBoth(self._gone)
+        when_done(request, self._gone)
 
-    def _gone(self, _: object) -> None:
+    def _gone(self, _lost: bool) -> None:
         self.open = False
 
     def send(self, message: Message) -> None:

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -62,9 +63,11 @@ ALLOWED_METHODS = b"GET, HEAD, PUT, PATCH, POST, DELETE"
 
 
 #: What every response the application renders carries, each name as ``Headers`` keys it.
-EVERY_RESPONSE_HEADERS = tuple((stored_name(name), value) for name, value in
-                               {b"server": b"director", **SECURITY_HEADERS}.items())
+EVERY_RESPONSE_HEADERS = tuple((stored_name(name), value)
+                               for name, value in SECURITY_HEADERS.items())
 TRACE_ID_HEADER = stored_name(b"x-trace-id")
+SERVER_HEADER = stored_name(b"server")
+DATE_HEADER = stored_name(b"date")
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -198,7 +201,25 @@ class DirectorRequest(server.Request):
     def process(self) -> None:
         site: Any = self.channel.site  # type: ignore[attr-defined]
         site.in_flight.add(self)
-        super().process()
+        # Twisted's ``process``, with its ``Server`` and ``Date`` put as ours: a ``setHeader``
+        # each, and a date formatted per request (``DirectorSite.http_date``), were 2 % of a
+        # proxied call's CPU. No resource here takes an encoder (``_IEncodingResource``).
+        self.site = site
+        put(self.responseHeaders, SERVER_HEADER, b"director")
+        put(self.responseHeaders, DATE_HEADER, site.http_date())
+        if self.path == b"*":  # as Twisted answers it: OPTIONS * is 200, anything else 405
+            if self.method != b"OPTIONS":
+                self.setResponseCode(http.NOT_ALLOWED)
+                self.setHeader(b"allow", b"OPTIONS")
+            self.setHeader(b"content-length", b"0")
+            self.finish()
+            return
+        self.prepath = []
+        self.postpath = list(map(http.unquote, self.path[1:].split(b"/")))
+        try:
+            self.render(site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     # Leaving ``site.in_flight`` where Twisted fires ``notifyFinish`` (finished, or the
     # connection lost), not through a Deferred of its own: an open stream held one for its life.
@@ -209,6 +230,24 @@ class DirectorRequest(server.Request):
         # own 400 for it, written past us) must follow this one.
         self.channel.send_held()  # type: ignore[attr-defined]
         super()._cleanup()
+        self._done(lost=False)
+
+    # ``notifyFinish`` without Deferreds: a proxied call wanted two (one to cancel its handler
+    # when the client goes away, one to stop writing to it), 2 % of its CPU to make and fire.
+    _when_done: list[Callable[[bool], object]] | None = None
+
+    def when_done(self, call: Callable[[bool], object]) -> None:
+        """``call(lost)`` once: when the response is finished (``lost`` False), or when the
+        connection is lost before (True), where ``notifyFinish`` fires."""
+        if self._when_done is None:
+            self._when_done = [call]
+        else:
+            self._when_done.append(call)
+
+    def _done(self, lost: bool) -> None:
+        calls, self._when_done = self._when_done, None
+        for call in calls or ():
+            call(lost)
 
     # A response's head, body and end are sent together, in one ``send(2)`` when the socket
     # has room (``DirectorChannel.hold_writes``): a write that completes a response of known
@@ -246,6 +285,7 @@ class DirectorRequest(server.Request):
     def connectionLost(self, reason: Any) -> None:
         self._leave_in_flight()
         super().connectionLost(reason)
+        self._done(lost=True)
         if self.span is not None and not self.finished:  # the client went away
             self.end_span(answered=False)
 
@@ -517,6 +557,15 @@ class DirectorSite(server.Site):
         #: Connections receiving a request's head or body, each with its ``deadline_at``.
         self.receiving: set[DirectorChannel] = set()
         self._sweeper = task.LoopingCall(self.sweep)
+        self._date: tuple[int, bytes] = (-1, b"")
+
+    def http_date(self) -> bytes:
+        """A response's ``Date`` now, by this site's clock: made once a second."""
+        reactor: Any = self.reactor
+        second = int(reactor.seconds())
+        if second != self._date[0]:
+            self._date = (second, http.datetimeToString(second))
+        return self._date[1]
 
     def startFactory(self) -> None:
         super().startFactory()

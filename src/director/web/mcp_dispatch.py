@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from director.mcp.protocol import SERVER_ERROR
+from director.request_end import when_done
 from director.web.mcp_errors import McpHttpError, as_mcp_error, error_response
 
 #: A route's handler: called with the request and the playbook id of its path; returns the
@@ -63,11 +64,12 @@ class McpResource(Resource):
             return self._answered(handling, request)
         gone: list[bool] = []
 
-        def went_away(_: Failure) -> None:
-            gone.append(True)
-            handling.cancel()
+        def done(lost: bool) -> None:
+            if lost:  # the client went away
+                gone.append(True)
+                handling.cancel()
 
-        request.notifyFinish().addErrback(went_away)
+        when_done(request, done)
         handling.addBoth(self._write, request, gone)
         return NOT_DONE_YET
 

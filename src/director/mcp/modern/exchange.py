@@ -69,8 +69,8 @@ class ModernCallChannel(CallChannel):
         self.exchange: Exchange | None = None
         self._keepalive = reactor.callLater(KEEPALIVE_SECONDS, self._commit)
 
-    def _gone(self, _: object) -> None:
-        super()._gone(_)
+    def _gone(self, lost: bool) -> None:
+        super()._gone(lost)
         self._stop_keepalive()
 
     def _stop_keepalive(self) -> None:
