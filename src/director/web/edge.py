@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.internet import task
 from twisted.internet.protocol import connectionDone
@@ -215,7 +215,7 @@ class DirectorRequest(server.Request):
             self.finish()
             return
         self.prepath = []
-        self.postpath = list(map(http.unquote, self.path[1:].split(b"/")))
+        self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
         try:
             self.render(site.getResourceFor(self))
         except BaseException:
