@@ -379,8 +379,10 @@ class DirectorService(MultiService):
         whole service (systemd's ``Restart=on-failure``) starts both afresh, through the one
         start path that is tested, instead of a second one that would have to re-adopt,
         re-migrate and race the old backends still exiting."""
-        if self.stopping or self.embedded is None:
+        if self.stopping or self.exit_code or self.embedded is None:
             return
+        if self.postmaster_watch is not None:
+            self.postmaster_watch.stop()
         self.database_lost = f"the private PostgreSQL exited ({self.embedded.reap()})"
         self._exit(f"{self.database_lost}; it was stopped from outside or crashed (see "
                    f"{self.embedded.log_file}). Exiting, so that the service manager restarts "
@@ -428,9 +430,18 @@ class DirectorService(MultiService):
             self._exit(str(failure.value), failure.value.exit_code)
         elif failure.check(SecretUnreadable):  # only the operator can fix this: no restarts
             self._exit(f"SecretUnreadable: {failure.value}", EX_CONFIG)
+        elif self._private_database_died():
+            # What failed was talking to it: its exit is the cause, to be named (the watch on
+            # it may not have fired yet).
+            self._postmaster_exited()
         else:
             log.failure("FATAL: unexpected error while starting", failure)
             self._exit(None, 1)
+
+    def _private_database_died(self) -> bool:
+        """Whether the private cluster this start launched has exited."""
+        return (self.postmaster_watch is not None and self.embedded is not None
+                and self.embedded.owned_postmaster() is None)
 
     def _exit(self, reason: str | None, code: int) -> None:
         """Log ``FATAL: reason`` (once: nothing else is reported as fatal after it), stop
