@@ -405,3 +405,35 @@ def test_a_request_tells_once_that_its_client_went_away_first(sockets: Any) -> N
     channel.connectionLost(Failure(ConnectionLost()))
     assert held.told == [(b"/answer", True)]
     site.doStop()
+
+
+class HeaderReader(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: dict[bytes, tuple[Any, Any]] = {}
+
+    def render(self, request: Request) -> Any:
+        for name in (b"host", b"accept", b"authorization", b"x-api-key", b"mcp-session-id",
+                     b"cookie", b"x-other", b"Accept", "accept"):
+            key = name if isinstance(name, bytes) else b"str:" + name.encode()
+            self.read[key] = (request.getHeader(name), Request.getHeader(request, name))
+        return b"read"
+
+
+def test_the_headers_read_on_every_request_read_as_twisted_reads_them(sockets: Any) -> None:
+    reader = HeaderReader()
+    settings = attrs.evolve(Settings(), max_connections_per_address=0)
+    site = DirectorSite(reader, settings, reactor=task.Clock())
+    site.doStart()
+    channel, _, _ = connect(site, sockets[0])
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHOST: localhost\r\nAccept: text/event-stream\r\n"
+                         b"accept: application/json\r\nAUTHORIZATION: Bearer k\r\n"
+                         b"Mcp-Session-Id: abc\r\nX-Other: 1\r\n\r\n")
+    assert reader.read[b"accept"][0] == b"application/json"  # the last of two, as Twisted
+    assert reader.read[b"host"][0] == b"localhost" and reader.read[b"x-api-key"][0] is None
+    assert reader.read[b"str:accept"][0] == "application/json"
+    for ours, twisteds in reader.read.values():
+        assert ours == twisteds
+    site.doStop()

@@ -67,6 +67,11 @@ EVERY_RESPONSE_HEADERS = tuple((stored_name(name), value)
                                for name, value in SECURITY_HEADERS.items())
 TRACE_ID_HEADER = stored_name(b"x-trace-id")
 SERVER_HEADER = stored_name(b"server")
+#: Request headers read on every request (the edge, authentication, the MCP routes), each with
+#: the name ``Headers`` keys it under (``DirectorRequest.getHeader``).
+_READ_ON_EVERY_REQUEST = {name: stored_name(name) for name in (
+    b"host", b"origin", b"traceparent", b"x-api-key", b"authorization", b"cookie", b"accept",
+    b"content-type", b"mcp-session-id", b"mcp-protocol-version", b"last-event-id")}
 DATE_HEADER = stored_name(b"date")
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
@@ -192,6 +197,16 @@ class DirectorRequest(server.Request):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
         self.started = self.now()
+
+    def getHeader(self, key: Any) -> Any:
+        # Twisted's goes through ``Headers.getRawHeaders`` and its name encoder, three calls
+        # for one dictionary read; a proxied call reads a dozen headers (~2 % of its CPU). The
+        # names read on every request are looked up in that dictionary directly.
+        stored = _READ_ON_EVERY_REQUEST.get(key)
+        if stored is None:
+            return super().getHeader(key)
+        values = self.requestHeaders._rawHeaders.get(stored)
+        return values[-1] if values else None
 
     def now(self) -> float:
         """Its site's clock (see the module docstring)."""
