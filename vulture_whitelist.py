@@ -90,3 +90,6 @@ _.get_tokens
 _.set_tokens
 _.get_client_info
 _.set_client_info
+
+# twistd's ServerOptions: how it finds service makers, read by its subCommands (cli/serve.py).
+_._getPlugins
