@@ -240,11 +240,12 @@ class AccountCache:
 
     async def key(self, value: str) -> store.ApiKey | None:
         digest = self._digests.get(value)
+        remembered = digest is not None
         if digest is None:
             digest = hash_token(value)
         found = self.keys_by_hash.get(digest)
         if found is not None:
-            if value not in self._digests:
+            if not remembered:
                 if len(self._digests) >= KEY_DIGEST_MEMO_SIZE:
                     self._digests.clear()
                 self._digests[value] = digest

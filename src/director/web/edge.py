@@ -38,6 +38,7 @@ from twisted.web.resource import Resource
 from director import direct_send, tracing
 from director.config import Settings, origin_of
 from director.logs import THRESHOLD
+from director.web import stored_headers
 from director.web.errors import error_body
 from director.web.hosts import host_name, is_loopback_name
 from director.web.querykey import redact
@@ -67,12 +68,12 @@ EVERY_RESPONSE_HEADERS = tuple((stored_name(name), value)
                                for name, value in SECURITY_HEADERS.items())
 TRACE_ID_HEADER = stored_name(b"x-trace-id")
 SERVER_HEADER = stored_name(b"server")
+DATE_HEADER = stored_name(b"date")
 #: Request headers read on every request (the edge, authentication, the MCP routes), each with
 #: the name ``Headers`` keys it under (``DirectorRequest.getHeader``).
 _READ_ON_EVERY_REQUEST = {name: stored_name(name) for name in (
     b"host", b"origin", b"traceparent", b"x-api-key", b"authorization", b"cookie", b"accept",
     b"content-type", b"mcp-session-id", b"mcp-protocol-version", b"last-event-id")}
-DATE_HEADER = stored_name(b"date")
 #: Paths exempt from the Host check: load balancers probe health by IP address.
 HOST_CHECK_EXEMPT = (b"/api/health",)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
@@ -205,8 +206,7 @@ class DirectorRequest(server.Request):
         stored = _READ_ON_EVERY_REQUEST.get(key)
         if stored is None:
             return super().getHeader(key)
-        values = self.requestHeaders._rawHeaders.get(stored)
-        return values[-1] if values else None
+        return stored_headers.get(self.requestHeaders, stored)
 
     def now(self) -> float:
         """Its site's clock (see the module docstring)."""

@@ -1,4 +1,4 @@
-"""Response headers of our own, put straight into Twisted's ``Headers`` dictionary.
+"""Headers read and written straight in Twisted's ``Headers`` dictionary.
 
 ``Request.setHeader`` encodes the name and value and scrubs line breaks from them on every
 call. For a value Director made itself (a constant, a number, a hex id) that checks nothing,
@@ -22,3 +22,9 @@ def stored_name(name: bytes) -> bytes:
 def put(headers: Headers, name: bytes, value: bytes) -> None:
     """Set ``name`` (from ``stored_name``) to ``value``, which must hold no line break."""
     headers._rawHeaders[name] = [value]
+
+
+def get(headers: Headers, name: bytes) -> bytes | None:
+    """The last value of ``name`` (from ``stored_name``), as ``Request.getHeader`` gives it."""
+    values = headers._rawHeaders.get(name)
+    return values[-1] if values else None
