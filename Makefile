@@ -27,13 +27,18 @@ $(NPM_STAMP): tests/npm/package.json tests/npm/package-lock.json
 	touch $@
 
 # The suite under coverage, the daemons and commands it starts included (setup.cfg, [coverage:*];
-# tests/harness.py). Their data files go to a directory every account may write in (a root-run
-# suite may run a command as nobody). The total is printed whatever the outcome; .ci/run
-# refuses a drop below its floor.
+# tests/harness.py). It runs in one pytest worker per CPU (pytest-xdist, a test file to a
+# worker: most of a test's time is a daemon starting, so two workers keep two cores busy).
+# Every process, pytest's and its workers' included, measures itself through the .pth file
+# coverage installs, started by COVERAGE_PROCESS_START. The data files go to a directory every
+# account may write in (a root-run suite may run a command as nobody). The total is printed
+# whatever the outcome; .ci/run refuses a drop below its floor. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= auto
 test: export COVERAGE_FILE := $(CURDIR)/.coverage-data/coverage
+test: export COVERAGE_PROCESS_START := $(CURDIR)/setup.cfg
 test: $(STAMP) $(NPM_STAMP) lint
 	rm -rf .coverage-data && mkdir -m 1777 .coverage-data
-	$(BIN)/coverage run -m pytest; status=$$?; \
+	$(BIN)/python -m pytest --numprocesses=$(TEST_WORKERS) --dist=loadfile; status=$$?; \
 	$(BIN)/coverage combine --quiet && echo "coverage: $$($(BIN)/coverage report \
 	    --format=total)% of the statements of src/director (daemons and commands included)"; \
 	exit $$status

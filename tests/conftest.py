@@ -51,6 +51,20 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[pytest.C
     return report
 
 
+# --- coverage: daemons and commands, not every child ----------------------------------------
+# `make test` sets COVERAGE_PROCESS_START so that pytest-xdist's workers measure themselves.
+# A process that runs tests hands it on only to the `director` daemons and commands it starts
+# (harness.coverage_environment): the fixture servers and tools it runs stay unmeasured, as
+# quick to start as before, and write no data files of their own.
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    spawns_workers = bool(getattr(config.option, "numprocesses", None)) and not hasattr(
+        config, "workerinput")
+    if not spawns_workers:
+        os.environ.pop("COVERAGE_PROCESS_START", None)
+
+
 # --- root: stdio servers run as nobody ---------------------------------------------------
 #: The account a root daemon runs stdio servers as (the default STDIO_USER).
 STDIO_USER = "nobody"

@@ -46,9 +46,36 @@ def make_temp_dir(prefix: str, mode: int = 0o755) -> Path:
 
 
 def free_port() -> int:
+    """A loopback port no one listens on, for a daemon or server the test starts next."""
+    if _WORKER_PORTS is not None:
+        return next(_WORKER_PORTS)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _worker_ports(worker: str, workers: int) -> Iterator[int]:
+    """Under pytest-xdist, each worker's ports from a range of its own below the kernel's
+    ephemeral ones: two workers asking the kernel for a free port could both be told the same
+    one before either listens on it. In turn, so that a port is not handed out twice in a row."""
+    span = PORT_RANGE_SIZE // workers
+    first = PORT_RANGE_START + int(worker.removeprefix("gw")) * span
+    offset = uuid.uuid4().int % span  # a rerun does not start on ports the last one left
+    while True:
+        offset = (offset + 1) % span
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", first + offset))
+            except OSError:
+                continue
+        yield first + offset
+
+
+#: The ports handed to pytest-xdist's workers: under Linux's ephemeral range (32768 on).
+PORT_RANGE_START, PORT_RANGE_SIZE = 12000, 20000
+_WORKER_PORTS = (_worker_ports(os.environ["PYTEST_XDIST_WORKER"],
+                               int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+                 if "PYTEST_XDIST_WORKER" in os.environ else None)
 
 
 class PostgresServer:
