@@ -73,8 +73,9 @@ _.do_POST
 _.log_message
 _.daemon_threads
 
-# pytest: module marks, and a fixture requested by name only.
+# pytest: module marks, a fixture requested by name only, hooks in conftest.py.
 pytestmark
+pytest_configure
 broken_migration
 
 # Selenium's ChromeOptions.binary_location, set for the driver.
