@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -568,7 +569,8 @@ def test_a_registry_server_in_a_document_is_its_provenance_never_its_command(
     assert document["servers"] == [{"name": "everything", "type": "registry", "registry": {
         "url": catalogue_url, "name": rc.EVERYTHING, "version": rc.OLD,
         "inputs": {"env.EVERYTHING_MODE": "calm", "env.EVERYTHING_TOKEN": {"secret": True}}}}]
-    assert "npx" not in text and TOKEN not in text
+    # (as a word: the catalogue's temporary directory has a random name that may contain it)
+    assert not re.search(r"\bnpx\b", text) and TOKEN not in text
     assert load(text) == (200, load(text)[1]) and load(text)[1]["result"] == "unchanged"
 
     # A newer version is fetched from the registry; the redacted secret is kept.

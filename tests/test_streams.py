@@ -16,7 +16,7 @@ import pytest
 from twisted.internet import defer, task
 
 from director.mcp.channels import LIST_CHANGED, SessionChannel, list_changed_encoded
-from director.mcp.slices import SLICE
+from director.mcp.slices import SLICE, SLICE_SECONDS, Slicer
 from director.mcp.streams import EventStream, StreamRegistry, frame, json_bytes
 
 
@@ -223,3 +223,48 @@ def test_a_message_with_a_line_break_is_framed_as_several_data_lines() -> None:
     assert frame(b'{"a":\n1}', "s-1") == b'id: s-1\nevent: message\ndata: {"a":\ndata: 1}\n\n'
     assert frame(b"{}", "s-2") == b"id: s-2\nevent: message\ndata: {}\n\n"
     assert frame(b"{}") == b"event: message\ndata: {}\n\n"
+
+
+class SlowClock(task.Clock):
+    """A clock on which each item's work takes ``per_item`` seconds."""
+
+    def __init__(self, per_item: float) -> None:
+        super().__init__()
+        self.per_item = per_item
+
+    def act(self, item: int, done: list[int]) -> None:
+        self.advance(self.per_item)
+        done.append(item)
+
+
+def test_a_slice_ends_when_its_time_is_up_on_a_slow_machine() -> None:
+    clock = SlowClock(per_item=SLICE_SECONDS / 40)  # 40 items take a slice's time
+    slicer = Slicer(clock)
+    done: list[int] = []
+    slicer.run(range(SLICE), lambda item: clock.act(item, done))
+    # the clock is read every 16 items: the first read past the deadline ends the slice
+    assert done == list(range(48))
+    assert slicer.running == 1
+    while clock.getDelayedCalls():
+        clock.advance(0)
+    assert done == list(range(SLICE))
+    assert slicer.running == 0
+
+
+def test_an_item_that_raises_does_not_stop_or_repeat_the_others() -> None:
+    clock = task.Clock()
+    slicer = Slicer(clock)
+    done: list[int] = []
+
+    def act(item: int) -> None:
+        if item == 3:
+            raise ValueError(item)
+        done.append(item)
+
+    with pytest.raises(ValueError):
+        slicer.run(range(SLICE + 5), act)
+    assert done == [0, 1, 2]
+    clock.advance(0)  # the rest of the first slice
+    clock.advance(0)  # and the next
+    assert done == [item for item in range(SLICE + 5) if item != 3]
+    assert slicer.running == 0
